@@ -1,0 +1,1 @@
+"""he layer of MedBlindTuner."""

@@ -1,0 +1,216 @@
+"""Batched, cached feature extraction: `Dataset` -> `FeatureSet`.
+
+Extraction is the slowest hospital-side step on a CPU, and it is deterministic given the data
+and the weights, so results are cached on disk keyed by dataset md5 + backbone + weights hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from tqdm import tqdm
+
+from ..data.dataset import SPLITS, Dataset
+from .backbones import Backbone, BackboneInfo, load_backbone
+
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "medblindtuner" / "features"
+
+
+@dataclass
+class FeatureSet:
+    """Per-split float32 features + int64 labels, with the provenance needed to reuse them."""
+
+    dataset_name: str
+    dataset_md5: str
+    n_classes: int
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    backbone: BackboneInfo
+    class_names: list[str] | None = None
+    seconds: float = 0.0  # wall time of the original extraction (not of a cache load)
+    from_cache: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of every feature vector."""
+        return int(self.splits["train"][0].shape[1])
+
+    def sizes(self) -> dict[str, int]:
+        """Number of vectors per split."""
+        return {s: int(y.shape[0]) for s, (_, y) in self.splits.items()}
+
+    @property
+    def images_per_s(self) -> float:
+        """Extraction throughput of the original computation."""
+        n = sum(self.sizes().values())
+        return n / self.seconds if self.seconds > 0 else float("nan")
+
+    def meta(self) -> dict[str, object]:
+        """JSON-serialisable provenance (stored inside the .npz)."""
+        return {
+            "cache_version": CACHE_VERSION,
+            "dataset_name": self.dataset_name,
+            "dataset_md5": self.dataset_md5,
+            "n_classes": self.n_classes,
+            "class_names": self.class_names,
+            "backbone": self.backbone.to_dict(),
+            "seconds": self.seconds,
+            "splits": self.sizes(),
+            "feature_dim": self.feature_dim,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write an .npz ({split}_features, {split}_labels, meta JSON) atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        for s, (x, y) in self.splits.items():
+            arrays[f"{s}_features"] = x
+            arrays[f"{s}_labels"] = y
+        arrays["meta"] = np.asarray(json.dumps(self.meta()))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FeatureSet:
+        """Read a file written by `save` (raises ValueError/OSError on a broken file)."""
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            splits = {
+                s: (z[f"{s}_features"].astype(np.float32), z[f"{s}_labels"].astype(np.int64))
+                for s in meta["splits"]
+            }
+        for s, (x, y) in splits.items():
+            if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] != meta["splits"][s]:
+                raise ValueError(f"{path}: split {s} has inconsistent shapes")
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"{path}: split {s} contains non-finite features")
+        return cls(
+            dataset_name=meta["dataset_name"],
+            dataset_md5=meta["dataset_md5"],
+            n_classes=int(meta["n_classes"]),
+            splits=splits,
+            backbone=BackboneInfo.from_dict(meta["backbone"]),
+            class_names=meta.get("class_names"),
+            seconds=float(meta.get("seconds", 0.0)),
+            extra=meta.get("extra", {}),
+        )
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (respects affinity/cgroup pinning, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cache_key(dataset_md5: str, info: BackboneInfo) -> str:
+    """Everything that changes the features: data, backbone, weights, preprocessing."""
+    text = (
+        f"v{CACHE_VERSION}|{dataset_md5}|{info.name}|{info.arch}|{info.weights_sha256}|"
+        f"{info.input_size}|{info.mean}|{info.std}|{info.interpolation}"
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@torch.no_grad()
+def embed(
+    backbone: Backbone,
+    images: np.ndarray,
+    batch_size: int = 64,
+    desc: str = "",
+    progress: bool = True,
+) -> np.ndarray:
+    """Features for uint8 images (N,H,W,C), batch by batch, as float32 (N, D)."""
+    backbone.eval()
+    out = np.empty((images.shape[0], backbone.info.feature_dim), dtype=np.float32)
+    bar = tqdm(total=images.shape[0], desc=desc, unit="img", disable=not progress, leave=False)
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size]
+        feats = backbone(backbone.prepare(batch))
+        out[start : start + len(batch)] = feats.float().cpu().numpy()
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def extract_features(
+    dataset: Dataset,
+    backbone: str | Backbone = "auto",
+    weights: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE_DIR,
+    num_threads: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> FeatureSet:
+    """Extract features for every split, reusing the on-disk cache when possible.
+
+    cache_dir=None disables caching. A cache file that cannot be read or does not match is
+    reported and recomputed.
+    """
+    console = console or Console(stderr=True)
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    torch.set_num_threads(num_threads or available_cores())
+    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, console)
+    info = bb.info
+    cache_path: Path | None = None
+    if cache_dir is not None:
+        key = cache_key(dataset.md5, info)
+        cache_path = Path(cache_dir).expanduser() / f"{dataset.name}-{info.name}-{key[:24]}.npz"
+        if cache_path.is_file():
+            try:
+                fs = FeatureSet.load(cache_path)
+                if fs.dataset_md5 != dataset.md5 or fs.backbone != info or fs.sizes() != {
+                    s: dataset.sizes()[s] for s in fs.splits
+                }:
+                    raise ValueError("provenance does not match the request")
+            except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                console.print(f"[yellow]feature cache {cache_path} unusable ({exc}); recomputing")
+            else:
+                fs.from_cache = True
+                console.print(f"feature cache hit: {cache_path} (skipping extraction)")
+                return fs
+
+    start = time.perf_counter()
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for s in SPLITS:
+        images, labels = dataset.splits[s]
+        feats = embed(bb, images, batch_size, desc=f"{dataset.name}/{s}", progress=progress)
+        splits[s] = (feats, labels.astype(np.int64))
+    seconds = time.perf_counter() - start
+    fs = FeatureSet(
+        dataset_name=dataset.name,
+        dataset_md5=dataset.md5,
+        n_classes=dataset.n_classes,
+        splits=splits,
+        backbone=info,
+        class_names=dataset.class_names,
+        seconds=seconds,
+        extra={"batch_size": batch_size, "threads": torch.get_num_threads(),
+               "dataset_source": dataset.source},
+    )
+    n = sum(fs.sizes().values())
+    console.print(
+        f"extracted {n} images in {seconds:.1f} s ({fs.images_per_s:.1f} img/s, "
+        f"{torch.get_num_threads()} threads)"
+    )
+    if cache_path is not None:
+        fs.save(cache_path)
+    return fs

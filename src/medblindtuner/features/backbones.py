@@ -76,6 +76,10 @@ class Backbone(nn.Module):
         self.model = model.eval()
         self.info = info
         self._pool = pool
+        # Channels-last lets oneDNN run the depthwise convolutions of the ConvNet several times
+        # faster on CPU (measured ~3x on 2 cores); a ViT gains nothing from it.
+        self._memory_format = torch.channels_last if pool else torch.contiguous_format
+        self.model.to(memory_format=self._memory_format)
         self.register_buffer("_mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
         for p in self.model.parameters():
@@ -92,7 +96,7 @@ class Backbone(nn.Module):
         size = self.info.input_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return (x - self._mean) / self._std
+        return ((x - self._mean) / self._std).contiguous(memory_format=self._memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images -> (B, feature_dim) features."""

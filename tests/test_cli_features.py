@@ -1,0 +1,81 @@
+"""`medblindtuner features` CLI smoke tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+from typer.testing import CliRunner
+
+from medblindtuner.cli.features_cmd import register
+from medblindtuner.features import FeatureSet
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    """A multi-command app like main.py's once all roles have registered their commands."""
+    app = typer.Typer(add_completion=False)
+
+    @app.callback()
+    def _root() -> None:
+        """Test root."""
+
+    register(app)
+    return app
+
+
+def _toy_npz(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for s in ("train", "val", "test"):
+        arrays[f"{s}_images"] = rng.integers(0, 256, (2, 28, 28), dtype=np.uint8)
+        arrays[f"{s}_labels"] = np.array([[0], [1]], dtype=np.uint8)
+    p = tmp_path / "toymnist.npz"
+    np.savez(p, **arrays)
+    return p
+
+
+def test_features_help() -> None:
+    result = runner.invoke(_app(), ["features", "--help"])
+    assert result.exit_code == 0, result.output
+    for opt in ("--dataset", "--data-dir", "--image-folder", "--backbone", "--weights",
+                "--batch-size", "--cache-dir", "--out", "--json"):
+        assert opt in result.output
+
+
+def test_main_app_help() -> None:
+    from medblindtuner.cli.main import app
+
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+
+
+def test_features_tiny_run_with_json(tmp_path: Path) -> None:
+    npz, out, js = _toy_npz(tmp_path), tmp_path / "f.npz", tmp_path / "s.json"
+    args = ["features", "--dataset", str(npz), "--backbone", "deit_tiny", "--weights", "random",
+            "--batch-size", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--json", str(js), "--no-progress"]
+    result = runner.invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(js.read_text())
+    assert summary["dataset"] == "toymnist"
+    assert summary["splits"] == {"train": 2, "val": 2, "test": 2}
+    assert summary["feature_dim"] == 192
+    assert summary["backbone"]["pretrained"] is False
+    assert "RANDOM" in summary["backbone"]["weights_source"]
+    assert summary["images_per_s"] > 0 and summary["extraction_seconds"] > 0
+    fs = FeatureSet.load(out)
+    assert fs.splits["train"][0].shape == (2, 192) and fs.backbone.name == "deit_tiny"
+
+    again = runner.invoke(_app(), args)
+    assert again.exit_code == 0 and json.loads(js.read_text())["from_cache"] is True
+
+
+def test_features_bad_dataset_exits_cleanly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, train_images=np.zeros((1, 28, 28), np.uint8))
+    result = runner.invoke(_app(), ["features", "--dataset", str(bad), "--no-cache"])
+    assert result.exit_code == 2
+    assert "missing key" in result.output

@@ -1,0 +1,59 @@
+"""Ciphertext files: OpenFHE binary serialization plus a manifest with checksums."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import openfhe as ofhe
+
+from medblindtuner.he.keys import BundleError, sha256_file
+
+
+def save_ciphertext(path: Path, ct: ofhe.Ciphertext) -> dict:
+    path = Path(path)
+    if not ofhe.SerializeToFile(str(path), ct, ofhe.BINARY):
+        raise BundleError(f"OpenFHE failed to write ciphertext {path}")
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size, "level": ct.GetLevel()}
+
+
+def load_ciphertext(path: Path, expected: dict | None = None) -> ofhe.Ciphertext:
+    """Read one ciphertext; with `expected` (manifest entry) its checksum must match first."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"missing ciphertext file {path}")
+    if expected is not None and sha256_file(path) != expected["sha256"]:
+        raise BundleError(f"{path} does not match its checksum (tampered or truncated)")
+    try:
+        ct, ok = ofhe.DeserializeCiphertext(str(path), ofhe.BINARY)
+    except Exception as exc:  # noqa: BLE001 - OpenFHE raises RuntimeError with C++ text
+        raise BundleError(f"{path} is not a ciphertext: {exc}") from exc
+    if not ok:
+        raise BundleError(f"{path} is not a ciphertext")
+    return ct
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    """Write JSON so a crash leaves either the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written directory into place (old one removed only after)."""
+    final_dir = Path(final_dir)
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)

@@ -1,0 +1,152 @@
+"""Homomorphic evaluator with operation counters and a level-aware bootstrapping manager.
+
+Every encrypted computation goes through `Evaluator` so benchmarks can report bootstraps,
+rotations and multiplications per step, and so bootstrapping happens in exactly one place:
+`ensure_levels` refreshes a ciphertext only when the next operation needs more levels than
+remain (OpenFHE, FLEXIBLEAUTO: one multiplicative level per ct x ct, ct x plaintext or
+non-integer scalar product).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import openfhe as ofhe
+
+from medblindtuner.he.params import CkksParams
+
+
+@dataclass
+class OpCounter:
+    """Counts of homomorphic operations and time spent bootstrapping."""
+
+    counts: Counter = field(default_factory=Counter)
+    bootstrap_seconds: float = 0.0
+
+    def snapshot(self) -> dict:
+        data = {name: int(value) for name, value in sorted(self.counts.items())}
+        data["bootstrap_seconds"] = round(self.bootstrap_seconds, 3)
+        return data
+
+    def load(self, data: dict) -> None:
+        self.bootstrap_seconds = float(data.get("bootstrap_seconds", 0.0))
+        self.counts = Counter(
+            {k: int(v) for k, v in data.items() if k != "bootstrap_seconds"}
+        )
+
+    def __getitem__(self, name: str) -> int:
+        return int(self.counts[name])
+
+
+# After a bootstrap with level budget (3, 3) at depth 24 OpenFHE leaves the ciphertext at level
+# 15, and it can bootstrap inputs up to level 23: 8 multiplicative levels per refresh (measured
+# in tests/test_he_engine.py::test_levels_between_bootstraps).
+BOOTSTRAP_MAX_INPUT_LEVEL_MARGIN = 1
+
+
+class Evaluator:
+    """Thin, counted wrapper over an OpenFHE CryptoContext holding only evaluation keys."""
+
+    def __init__(self, context: ofhe.CryptoContext, params: CkksParams) -> None:
+        self.context = context
+        self.params = params
+        self.ops = OpCounter()
+        self._plain_cache: dict[tuple, ofhe.Plaintext] = {}
+
+    # ---- levels ----------------------------------------------------------------------------
+    @property
+    def max_level(self) -> int:
+        """Highest level a ciphertext may reach and still be bootstrapped."""
+        return self.params.depth - BOOTSTRAP_MAX_INPUT_LEVEL_MARGIN
+
+    def levels_left(self, ct: ofhe.Ciphertext) -> int:
+        """Levels usable before a refresh, counting a pending (lazy) rescale as spent."""
+        return self.max_level - (ct.GetLevel() + ct.GetNoiseScaleDeg() - 1)
+
+    def ensure_levels(self, ct: ofhe.Ciphertext, needed: int, period: int | None = None):
+        """Bootstrap `ct` only if fewer than `needed` levels remain.
+
+        `period`: the ciphertext's values repeat with this period, so it is bootstrapped as a
+        sparsely packed ciphertext of `period` slots (cheaper); must be one of the parameter
+        set's bootstrap slot counts.
+        """
+        if self.levels_left(ct) >= needed:
+            return ct
+        return self.bootstrap(ct, period)
+
+    def bootstrap(self, ct: ofhe.Ciphertext, period: int | None = None) -> ofhe.Ciphertext:
+        slots = period or self.params.slots
+        if slots not in self.params.bootstrap_slots:
+            raise ValueError(
+                f"no bootstrapping keys for {slots} slots (have {self.params.bootstrap_slots})"
+            )
+        work = ct.Clone()
+        work.SetSlots(slots)
+        start = time.perf_counter()
+        fresh = self.context.EvalBootstrap(work)
+        self.ops.bootstrap_seconds += time.perf_counter() - start
+        fresh.SetSlots(self.params.slots)
+        self.ops.counts["bootstraps"] += 1
+        self.ops.counts[f"bootstraps_{slots}_slots"] += 1
+        return fresh
+
+    # ---- arithmetic --------------------------------------------------------------------------
+    def plaintext(self, values: np.ndarray, key: tuple | None = None) -> ofhe.Plaintext:
+        """Encode a full-slot vector; masks are cached by `key` because they repeat every step."""
+        if key is not None and key in self._plain_cache:
+            return self._plain_cache[key]
+        plain = self.context.MakeCKKSPackedPlaintext(
+            np.ascontiguousarray(values, dtype=np.float64), 1, 0, None, self.params.slots
+        )
+        if key is not None:
+            self._plain_cache[key] = plain
+        return plain
+
+    def add(self, a, b):
+        self.ops.counts["additions"] += 1
+        return self.context.EvalAdd(a, b)
+
+    def sub(self, a, b):
+        self.ops.counts["additions"] += 1
+        return self.context.EvalSub(a, b)
+
+    def add_many(self, cts: Sequence[ofhe.Ciphertext]) -> ofhe.Ciphertext:
+        self.ops.counts["additions"] += max(len(cts) - 1, 0)
+        return self.context.EvalAddMany(list(cts))
+
+    def mul(self, a: ofhe.Ciphertext, b: ofhe.Ciphertext) -> ofhe.Ciphertext:
+        self.ops.counts["ct_ct_multiplications"] += 1
+        return self.context.EvalMult(a, b)
+
+    def mul_plain(self, a: ofhe.Ciphertext, plain: ofhe.Plaintext) -> ofhe.Ciphertext:
+        self.ops.counts["ct_pt_multiplications"] += 1
+        return self.context.EvalMult(a, plain)
+
+    def mul_scalar(self, a: ofhe.Ciphertext, scalar: float) -> ofhe.Ciphertext:
+        self.ops.counts["scalar_multiplications"] += 1
+        return self.context.EvalMult(a, float(scalar))
+
+    def linear_combination(self, cts: Sequence[ofhe.Ciphertext], weights: Iterable[float]):
+        """sum_i w_i ct_i for one level (each term is a scalar product)."""
+        terms = [self.mul_scalar(ct, w) for ct, w in zip(cts, weights, strict=True)]
+        return self.add_many(terms)
+
+    def rotate(self, ct: ofhe.Ciphertext, steps: int) -> ofhe.Ciphertext:
+        self.ops.counts["rotations"] += 1
+        return self.context.EvalRotate(ct, int(steps))
+
+    def rotate_and_sum(self, ct: ofhe.Ciphertext, strides: Sequence[int]) -> ofhe.Ciphertext:
+        """ct + rot(ct, s) for each stride s in turn: a log-depth slot sum costing no level."""
+        total = ct
+        for stride in strides:
+            total = self.add(total, self.rotate(total, stride))
+        return total
+
+    def chebyshev(self, ct: ofhe.Ciphertext, coefficients: Sequence[float], a: float, b: float):
+        """OpenFHE's Chebyshev series (Paterson-Stockmeyer): the polynomial's depth in levels."""
+        self.ops.counts["polynomial_evaluations"] += 1
+        return self.context.EvalChebyshevSeries(ct, list(map(float, coefficients)), a, b)

@@ -1,0 +1,276 @@
+"""Key roles: the hospital makes keys; only a *public bundle* ever leaves it.
+
+Hospital side (`HospitalKeys`): context + key pair; writes the public bundle (context, public
+key, relinearisation key, rotation + bootstrapping keys for exactly the indices the training
+plan needs) and, separately, the secret key.
+
+Cloud side (`CloudCrypto`): loads a public bundle. It holds no secret key and has no decrypt
+method; it can only evaluate. OpenFHE writes each key file straight to disk (keys are GBs), and
+checksums are computed by streaming, so no key is held twice in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openfhe as ofhe
+
+from medblindtuner.he.params import (
+    CkksParams,
+    ParameterError,
+    build_context,
+    require_secure,
+    setup_bootstrapping,
+)
+
+BUNDLE_FORMAT = "medblindtuner-public-bundle/1"
+SECRET_FORMAT = "medblindtuner-secret-key/1"
+_PUBLIC_FILES = {
+    "context": "context.bin",
+    "public_key": "public_key.bin",
+    "mult_key": "mult_key.bin",
+    "rotation_keys": "rotation_keys.bin",
+}
+_SECRET_FILE = "secret_key.bin"
+
+
+class BundleError(ValueError):
+    """A bundle or key file is missing, tampered with, or of the wrong kind."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Streamed SHA-256 (key files are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reset_openfhe_state() -> None:
+    """Drop OpenFHE's process-wide key maps so a load never mixes in keys from elsewhere."""
+    ofhe.ClearEvalMultKeys()
+    ofhe.CryptoContext.ClearEvalAutomorphismKeys()
+    ofhe.ReleaseAllContexts()
+
+
+@dataclass
+class HospitalKeys:
+    """Key holder's material. Never serialise this object to the cloud."""
+
+    params: CkksParams
+    context: ofhe.CryptoContext
+    public_key: ofhe.PublicKey
+    secret_key: ofhe.PrivateKey
+    rotation_indices: tuple[int, ...]
+    keygen_seconds: float = 0.0
+
+    @classmethod
+    def generate(
+        cls,
+        params: CkksParams,
+        rotation_indices: list[int] | tuple[int, ...],
+        allow_insecure: bool = False,
+    ) -> HospitalKeys:
+        """Make a context and keys: relinearisation, the plan's rotations, bootstrapping."""
+        require_secure(params, allow_insecure)
+        start = time.perf_counter()
+        _reset_openfhe_state()
+        context = build_context(params)
+        setup_bootstrapping(context, params)
+        pair = context.KeyGen()
+        context.EvalMultKeyGen(pair.secretKey)
+        indices = tuple(sorted({int(i) for i in rotation_indices if int(i) % params.slots}))
+        if indices:
+            context.EvalRotateKeyGen(pair.secretKey, list(indices))
+        for slots in params.bootstrap_slots:
+            context.EvalBootstrapKeyGen(pair.secretKey, slots)
+        return cls(
+            params=params,
+            context=context,
+            public_key=pair.publicKey,
+            secret_key=pair.secretKey,
+            rotation_indices=indices,
+            keygen_seconds=time.perf_counter() - start,
+        )
+
+    # ---- hospital-only operations -------------------------------------------------------
+    def encrypt(self, values: np.ndarray, level: int = 0) -> ofhe.Ciphertext:
+        """Encrypt a full-slot vector at `level` (data is encrypted at the level it is used)."""
+        plaintext = self.context.MakeCKKSPackedPlaintext(
+            np.ascontiguousarray(values, dtype=np.float64), 1, level, None, self.params.slots
+        )
+        return self.context.Encrypt(self.public_key, plaintext)
+
+    def decrypt(self, ciphertext: ofhe.Ciphertext, length: int | None = None) -> np.ndarray:
+        plaintext = self.context.Decrypt(self.secret_key, ciphertext)
+        plaintext.SetLength(length or ciphertext.GetSlots())
+        return np.asarray(plaintext.GetRealPackedValue(), dtype=np.float64)
+
+    # ---- files --------------------------------------------------------------------------
+    def save_public_bundle(self, directory: Path) -> dict:
+        """Write everything the cloud needs and nothing that can decrypt. Returns the manifest."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {key: directory / name for key, name in _PUBLIC_FILES.items()}
+        ok = [
+            ofhe.SerializeToFile(str(paths["context"]), self.context, ofhe.BINARY),
+            ofhe.SerializeToFile(str(paths["public_key"]), self.public_key, ofhe.BINARY),
+            self.context.SerializeEvalMultKey(str(paths["mult_key"]), ofhe.BINARY),
+            self.context.SerializeEvalAutomorphismKey(str(paths["rotation_keys"]), ofhe.BINARY),
+        ]
+        if not all(ok):
+            raise BundleError(f"OpenFHE failed to serialise the public bundle into {directory}")
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "params": self.params.to_dict(),
+            "params_fingerprint": self.params.fingerprint(),
+            "rotation_indices": list(self.rotation_indices),
+            "files": {
+                name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+                for name, path in ((p.name, p) for p in paths.values())
+            },
+        }
+        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return manifest
+
+    def save_secret_key(self, path: Path) -> None:
+        """Secret key in its own file (mode 0600), with a sidecar naming its parameters."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not ofhe.SerializeToFile(str(path), self.secret_key, ofhe.BINARY):
+            raise BundleError(f"OpenFHE failed to write the secret key to {path}")
+        path.chmod(0o600)
+        meta = {"format": SECRET_FORMAT, "params_fingerprint": self.params.fingerprint()}
+        path.with_suffix(".json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, bundle_dir: Path, secret_key_path: Path, allow_insecure: bool = False):
+        """Hospital reload: its own public bundle plus the secret key kept at home."""
+        cloud = CloudCrypto.load(bundle_dir, allow_insecure=allow_insecure, setup_bootstrap=False)
+        meta_path = Path(secret_key_path).with_suffix(".json")
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("params_fingerprint") != cloud.params.fingerprint():
+                raise ParameterError(
+                    f"secret key {secret_key_path} belongs to another parameter set "
+                    f"({meta.get('params_fingerprint')} vs {cloud.params.fingerprint()})"
+                )
+        secret_key, ok = ofhe.DeserializePrivateKey(str(secret_key_path), ofhe.BINARY)
+        if not ok:
+            raise BundleError(f"{secret_key_path} is not an OpenFHE secret key")
+        return cls(
+            params=cloud.params,
+            context=cloud.context,
+            public_key=cloud.public_key,
+            secret_key=secret_key,
+            rotation_indices=cloud.rotation_indices,
+        )
+
+
+def read_manifest(bundle_dir: Path) -> dict:
+    path = Path(bundle_dir) / "manifest.json"
+    if not path.exists():
+        raise BundleError(f"{bundle_dir} has no manifest.json: not a public bundle")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: unknown bundle format {manifest.get('format')!r}")
+    return manifest
+
+
+def verify_public_bundle(bundle_dir: Path, allow_insecure: bool = False) -> dict:
+    """Check a public bundle before any use: format, parameters, file set and checksums.
+
+    Refuses bundles with insecure parameters (unless allowed), extra or missing files, and any
+    file that deserialises as a secret key. Returns the manifest.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    params = CkksParams.from_dict(manifest["params"])
+    if params.fingerprint() != manifest.get("params_fingerprint"):
+        raise BundleError("manifest parameters do not match their fingerprint (tampered?)")
+    require_secure(params, allow_insecure)
+    expected = set(_PUBLIC_FILES.values())
+    present = {p.name for p in bundle_dir.iterdir() if p.name != "manifest.json"}
+    if present != expected or set(manifest["files"]) != expected:
+        raise BundleError(
+            f"public bundle must hold exactly {sorted(expected)}; found {sorted(present)}"
+        )
+    for name, info in manifest["files"].items():
+        path = bundle_dir / name
+        if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            raise BundleError(f"{path} does not match its checksum in the manifest (tampered?)")
+    for path in bundle_dir.iterdir():
+        if path.name != "manifest.json" and looks_like_secret_key(path):
+            raise BundleError(f"{path} is a secret key: refusing a bundle that can decrypt")
+    return manifest
+
+
+def looks_like_secret_key(path: Path) -> bool:
+    """True if the file deserialises as an OpenFHE private key (a secret must never upload)."""
+    try:
+        _key, ok = ofhe.DeserializePrivateKey(str(path), ofhe.BINARY)
+    except Exception:  # noqa: BLE001 - any parse failure means "not a secret key"
+        return False
+    return bool(ok)
+
+
+@dataclass
+class CloudCrypto:
+    """The untrusted side's view: evaluation keys only. There is no way to decrypt here."""
+
+    params: CkksParams
+    context: ofhe.CryptoContext
+    public_key: ofhe.PublicKey
+    rotation_indices: tuple[int, ...]
+    manifest: dict
+
+    @classmethod
+    def load(
+        cls, bundle_dir: Path, allow_insecure: bool = False, setup_bootstrap: bool = True
+    ) -> CloudCrypto:
+        bundle_dir = Path(bundle_dir)
+        manifest = verify_public_bundle(bundle_dir, allow_insecure=allow_insecure)
+        params = CkksParams.from_dict(manifest["params"])
+        _reset_openfhe_state()
+        context, ok = ofhe.DeserializeCryptoContext(str(bundle_dir / "context.bin"), ofhe.BINARY)
+        if not ok:
+            raise BundleError(f"{bundle_dir / 'context.bin'} is not an OpenFHE crypto context")
+        public_key, ok = ofhe.DeserializePublicKey(str(bundle_dir / "public_key.bin"), ofhe.BINARY)
+        if not ok:
+            raise BundleError(f"{bundle_dir / 'public_key.bin'} is not an OpenFHE public key")
+        if not context.DeserializeEvalMultKey(str(bundle_dir / "mult_key.bin"), ofhe.BINARY):
+            raise BundleError(f"{bundle_dir / 'mult_key.bin'} is not a relinearisation key")
+        rotation_file = str(bundle_dir / "rotation_keys.bin")
+        if not context.DeserializeEvalAutomorphismKey(rotation_file, ofhe.BINARY):
+            raise BundleError(f"{rotation_file} is not a rotation-key file")
+        if context.GetRingDimension() != params.ring_dim:
+            raise ParameterError("context ring dimension differs from the manifest's parameters")
+        if setup_bootstrap:
+            setup_bootstrapping(context, params)
+        return cls(
+            params=params,
+            context=context,
+            public_key=public_key,
+            rotation_indices=tuple(manifest.get("rotation_indices", ())),
+            manifest=manifest,
+        )
+
+    def encrypt(self, values: np.ndarray, level: int = 0) -> ofhe.Ciphertext:
+        """Public-key encryption (the cloud may encrypt constants; it can never decrypt)."""
+        plaintext = self.context.MakeCKKSPackedPlaintext(
+            np.ascontiguousarray(values, dtype=np.float64), 1, level, None, self.params.slots
+        )
+        return self.context.Encrypt(self.public_key, plaintext)
+
+
+def bundle_size_bytes(bundle_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(bundle_dir).iterdir() if p.is_file())

@@ -1,0 +1,157 @@
+"""Polynomial approximations, defined once for the encrypted step and its plaintext mirror.
+
+Each approximation is a Chebyshev series on an interval [a, b] in OpenFHE's convention
+p(x) = c0/2 + sum_k c_k T_k(t), t = (2x - a - b) / (b - a). The encrypted trainer passes the same
+coefficients to `EvalChebyshevSeries`; the mirror evaluates them with numpy in float64, so the
+two differ only by CKKS noise. Outside [a, b] a polynomial diverges: the hospital keeps inputs
+inside by construction (feature rows have L2 norm <= 1, so |logit| <= ||w||) and checks the
+plan with the mirror before anything is encrypted (`check_ranges`).
+
+Depths (levels including OpenFHE's pending lazy rescale, measured with OpenFHE 1.6, see
+tests/test_he_engine.py): degree <= 5: 4, <= 13: 5, <= 27: 6, <= 59: 7. Between two
+bootstraps of the model (sparse, level budget (1, 1)) 11 levels are usable; after the
+full-slot refresh of the softmax denominator, 7. That fixes the default degrees below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def chebyshev_depth(degree: int) -> int:
+    """Multiplicative levels OpenFHE's EvalChebyshevSeries consumes for this degree."""
+    for limit, depth in ((5, 4), (13, 5), (27, 6), (59, 7), (119, 8)):
+        if degree <= limit:
+            return depth
+    raise ValueError(f"degree {degree} too high")
+
+
+@dataclass(frozen=True)
+class ChebyshevApprox:
+    """f(x) ~ Chebyshev series on [a, b]; `scale` multiplies the result at no level cost."""
+
+    name: str
+    a: float
+    b: float
+    degree: int
+    scale: float = 1.0
+
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        """Interpolation at Chebyshev nodes, in OpenFHE's c0/2 convention, times `scale`."""
+        nodes = np.cos(np.pi * (np.arange(self.degree + 1) + 0.5) / (self.degree + 1))
+        x = 0.5 * (self.b - self.a) * nodes + 0.5 * (self.b + self.a)
+        values = _FUNCTIONS[self.name](x)
+        coeffs = np.polynomial.chebyshev.chebfit(nodes, values, self.degree)
+        coeffs[0] *= 2.0
+        return tuple(float(c) * self.scale for c in coeffs)
+
+    @property
+    def depth(self) -> int:
+        return chebyshev_depth(self.degree)
+
+    def scaled(self, factor: float) -> ChebyshevApprox:
+        return ChebyshevApprox(self.name, self.a, self.b, self.degree, self.scale * factor)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Evaluate exactly the polynomial the encrypted path evaluates (no clipping)."""
+        coeffs = np.array(self.coefficients)
+        t = (2.0 * np.asarray(x, dtype=np.float64) - self.a - self.b) / (self.b - self.a)
+        return np.polynomial.chebyshev.chebval(t, coeffs) - 0.5 * coeffs[0]
+
+    def exact(self, x: np.ndarray) -> np.ndarray:
+        return self.scale * _FUNCTIONS[self.name](np.asarray(x, dtype=np.float64))
+
+    def max_error(self, samples: int = 4001) -> float:
+        x = np.linspace(self.a, self.b, samples)
+        return float(np.max(np.abs(self(x) - self.exact(x))))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "interval": [self.a, self.b], "degree": self.degree,
+                "scale": self.scale, "depth": self.depth, "max_error": self.max_error()}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+_FUNCTIONS = {"sigmoid": _sigmoid, "exp": np.exp, "inverse": lambda x: 1.0 / x}
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """Which approximations a head uses: sigmoid for 2 classes, exp + inverse for softmax.
+
+    `logit_bound` R: logits must stay in [-R, R]. For softmax the class weights start at zero
+    and the exact gradient sums to zero over classes, so the mean logit stays ~0 and the sum
+    of exponentials S satisfies e^0 <= S <= c e^R; the inverse is fitted on [0.8, 1.1 c e^R].
+    Slots that hold no sample's logit (see `he.packing`) are replaced by c before the inverse.
+    A wide interval makes 1/S inaccurate, hence a smaller default R for softmax.
+    """
+
+    n_classes: int
+    logit_bound: float = 12.0
+    sigmoid_degree: int = 27
+    exp_degree: int = 13
+    inverse_degree: int = 5
+
+    @property
+    def binary(self) -> bool:
+        return self.n_classes == 2
+
+    @property
+    def sigmoid(self) -> ChebyshevApprox:
+        return ChebyshevApprox("sigmoid", -self.logit_bound, self.logit_bound, self.sigmoid_degree)
+
+    @property
+    def exp(self) -> ChebyshevApprox:
+        return ChebyshevApprox("exp", -self.logit_bound, self.logit_bound, self.exp_degree)
+
+    @property
+    def inverse(self) -> ChebyshevApprox:
+        low = 0.8
+        high = 1.1 * self.n_classes * math.exp(self.logit_bound)
+        return ChebyshevApprox("inverse", low, high, self.inverse_degree)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Mirror of the encrypted head: (n, 1) sigmoid or (n, c) approximate softmax."""
+        if self.binary:
+            return self.sigmoid(logits)
+        e = self.exp(logits)
+        return e * self.inverse(e.sum(axis=1, keepdims=True))
+
+    @classmethod
+    def default(cls, n_classes: int) -> ActivationPlan:
+        return cls(n_classes=n_classes, logit_bound=12.0 if n_classes == 2 else 3.0)
+
+    def to_dict(self) -> dict:
+        parts = {"sigmoid": self.sigmoid} if self.binary else {
+            "exp": self.exp, "inverse": self.inverse}
+        return {"n_classes": self.n_classes, "logit_bound": self.logit_bound,
+                **{k: v.to_dict() for k, v in parts.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ActivationPlan:
+        return cls(
+            n_classes=int(data["n_classes"]),
+            logit_bound=float(data["logit_bound"]),
+            sigmoid_degree=int(data.get("sigmoid", {}).get("degree", 27)),
+            exp_degree=int(data.get("exp", {}).get("degree", 13)),
+            inverse_degree=int(data.get("inverse", {}).get("degree", 5)),
+        )
+
+
+def exact_probabilities(logits: np.ndarray, n_classes: int) -> np.ndarray:
+    """Reference head: exact sigmoid (binary, (n,1)) or exact softmax."""
+    if n_classes == 2:
+        return _sigmoid(logits)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class RangeError(ValueError):
+    """Logits left the approximation interval: the encrypted polynomial would diverge."""

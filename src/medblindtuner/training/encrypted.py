@@ -1,0 +1,488 @@
+"""Encrypted training of the classifier head on the cloud: CKKS ciphertexts only.
+
+Hospital side: `TrainingPlan.create` (public schedule, approximations, layout) and
+`encrypt_dataset` (features and labels, encrypted once, reused every epoch).
+Cloud side: `EncryptedTrainer` runs Nesterov steps with only a public bundle loaded; the one
+interactive bit per epoch is the hospital's answer to the encrypted validation loss.
+
+Per step and weight row (see `he.packing` for the layout), levels after a refresh:
+    V = (1+m) W - m W_prev      1 level
+    Z = rotsum(x_dup * V)       1 level, log2(d) rotations
+    binary:  A = (lr/n) sigmoid~(Z)                     5 levels (degree 27)
+    softmax: e = exp~(Z); S = sum_j e_j; refresh S once; A_j = e_j * ((lr/n) inverse~(S))
+    G = rotsum((A - (lr/n) Y) * x_grad)  1 level, log2(slots/d) rotations
+    W_new = V - G, then refreshed as a d-slot sparse ciphertext
+Binary tasks: 1 bootstrap per step; c-class softmax: c sparse + 1 full-slot bootstrap.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openfhe as ofhe
+
+from medblindtuner.he.ciphertexts import (
+    atomic_write_json,
+    load_ciphertext,
+    replace_dir,
+    save_ciphertext,
+)
+from medblindtuner.he.engine import Evaluator
+from medblindtuner.he.keys import BundleError, HospitalKeys
+from medblindtuner.he.packing import PackingLayout
+from medblindtuner.he.params import CkksParams
+from medblindtuner.training.approx import ActivationPlan, RangeError
+from medblindtuner.training.plain import (
+    TrainConfig,
+    epoch_batch_order,
+    make_batches,
+    n_weight_rows,
+    one_hot,
+    train_head,
+)
+
+# OpenFHE (depth 24, sparse level budget (1, 1)) returns bootstrapped model ciphertexts at level
+# 11; data is encrypted at that level so it is no larger than it needs to be.
+LEVELS_CONSUMED_BY_BOOTSTRAP = 11
+DATASET_FORMAT = "medblindtuner-encrypted-dataset/1"
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything public about a training job: fixed by the hospital, shared with the cloud."""
+
+    n_classes: int
+    n_features: int  # incl. bias
+    slots: int
+    config: TrainConfig
+    activation: ActivationPlan
+    train_batch_sizes: tuple[int, ...]
+    val_batch_sizes: tuple[int, ...]
+
+    @property
+    def layout(self) -> PackingLayout:
+        return PackingLayout(self.slots, self.n_features)
+
+    @property
+    def rows(self) -> int:
+        return n_weight_rows(self.n_classes)
+
+    @property
+    def bootstrap_slots(self) -> tuple[int, ...]:
+        slots = {self.layout.block}
+        if not self.activation.binary:
+            slots.add(self.slots)
+        return tuple(sorted(slots))
+
+    @property
+    def rotation_indices(self) -> list[int]:
+        return self.layout.rotation_indices
+
+    def padding_loss(self, n_padding: int) -> float:
+        """Brier contribution of all-zero padding samples (public; subtracted by the hospital)."""
+        probs = self.activation.probabilities(np.zeros((1, self.rows)))
+        return float(n_padding * np.sum(probs**2))
+
+    def to_dict(self) -> dict:
+        return {
+            "n_classes": self.n_classes,
+            "n_features": self.n_features,
+            "slots": self.slots,
+            "config": self.config.to_dict(),
+            "activation": self.activation.to_dict(),
+            "train_batch_sizes": list(self.train_batch_sizes),
+            "val_batch_sizes": list(self.val_batch_sizes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingPlan:
+        return cls(
+            n_classes=int(data["n_classes"]),
+            n_features=int(data["n_features"]),
+            slots=int(data["slots"]),
+            config=TrainConfig(**data["config"]),
+            activation=ActivationPlan.from_dict(data["activation"]),
+            train_batch_sizes=tuple(data["train_batch_sizes"]),
+            val_batch_sizes=tuple(data["val_batch_sizes"]),
+        )
+
+    @classmethod
+    def create(
+        cls,
+        params: CkksParams,
+        x_train: np.ndarray,
+        x_val: np.ndarray,
+        n_classes: int,
+        config: TrainConfig,
+        activation: ActivationPlan | None = None,
+    ) -> TrainingPlan:
+        layout = PackingLayout(params.slots, x_train.shape[1])
+        batch = min(config.batch_size, layout.samples_per_ct)
+        if batch != config.batch_size:
+            config = TrainConfig(**{**config.to_dict(), "batch_size": batch})
+        train_sizes = tuple(len(b) for b in make_batches(len(x_train), batch, config.seed))
+        val_sizes = tuple(
+            min(layout.samples_per_ct, len(x_val) - i)
+            for i in range(0, len(x_val), layout.samples_per_ct)
+        )
+        return cls(
+            n_classes=n_classes,
+            n_features=x_train.shape[1],
+            slots=params.slots,
+            config=config,
+            activation=activation or ActivationPlan.default(n_classes),
+            train_batch_sizes=train_sizes,
+            val_batch_sizes=val_sizes,
+        )
+
+    def check_ranges(self, x_train, y_train, x_val, y_val, margin: float = 0.9):
+        """Hospital-side check with the mirror: logits stay inside the approximation interval.
+
+        The encrypted run equals the mirror up to CKKS noise, so if the mirror's logits (and
+        softmax sums) stay inside the fitted intervals, so do the encrypted ones.
+        """
+        mirror = train_head(x_train, y_train, x_val, y_val, self.n_classes, self.config,
+                            activation=self.activation, layout=self.layout)
+        bound = margin * self.activation.logit_bound
+        if mirror.max_abs_logit > bound:
+            raise RangeError(
+                f"logits reach {mirror.max_abs_logit:.2f} but the approximations are fitted on "
+                f"[-{self.activation.logit_bound}, {self.activation.logit_bound}] (margin "
+                f"{margin}): lower the learning rate/epochs or raise the logit bound"
+            )
+        if not self.activation.binary:
+            inverse = self.activation.inverse
+            if mirror.max_softmax_sum > inverse.b or mirror.min_softmax_sum < inverse.a:
+                raise RangeError(
+                    f"softmax sums span [{mirror.min_softmax_sum:.3f}, "
+                    f"{mirror.max_softmax_sum:.3f}], outside [{inverse.a:.3f}, {inverse.b:.3f}]"
+                )
+        return mirror
+
+
+@dataclass
+class EncryptedBatch:
+    n_samples: int
+    x_dup: ofhe.Ciphertext
+    x_grad: ofhe.Ciphertext
+    labels: list[ofhe.Ciphertext]
+
+
+@dataclass
+class EncryptedDataset:
+    plan: TrainingPlan
+    train: list[EncryptedBatch]
+    val: list[EncryptedBatch]
+
+    _KINDS = ("x_dup", "x_grad")
+
+    def save(self, directory: Path, params: CkksParams) -> dict:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files: dict[str, dict] = {}
+        for split, batches in (("train", self.train), ("val", self.val)):
+            for b, batch in enumerate(batches):
+                cts = {"x_dup": batch.x_dup, "x_grad": batch.x_grad}
+                cts.update({f"y{j}": ct for j, ct in enumerate(batch.labels)})
+                for kind, ct in cts.items():
+                    name = f"{split}_{b:04d}_{kind}.bin"
+                    files[name] = save_ciphertext(directory / name, ct)
+        manifest = {
+            "format": DATASET_FORMAT,
+            "params_fingerprint": params.fingerprint(),
+            "plan": self.plan.to_dict(),
+            "files": files,
+        }
+        atomic_write_json(directory / "manifest.json", manifest)
+        return manifest
+
+    @classmethod
+    def load(cls, directory: Path, params: CkksParams) -> EncryptedDataset:
+        directory = Path(directory)
+        manifest = read_dataset_manifest(directory, params)
+        plan = TrainingPlan.from_dict(manifest["plan"])
+        files = manifest["files"]
+
+        def batches(split: str, sizes: tuple[int, ...]) -> list[EncryptedBatch]:
+            out = []
+            for b, n in enumerate(sizes):
+                def ct(kind: str, b: int = b) -> ofhe.Ciphertext:
+                    name = f"{split}_{b:04d}_{kind}.bin"
+                    if name not in files:
+                        raise BundleError(f"encrypted dataset lacks {name}")
+                    return load_ciphertext(directory / name, files[name])
+
+                labels = [ct(f"y{j}") for j in range(plan.rows)]
+                out.append(EncryptedBatch(n, ct("x_dup"), ct("x_grad"), labels))
+            return out
+
+        return cls(plan, batches("train", plan.train_batch_sizes),
+                   batches("val", plan.val_batch_sizes))
+
+
+def read_dataset_manifest(directory: Path, params: CkksParams) -> dict:
+    path = Path(directory) / "manifest.json"
+    if not path.exists():
+        raise BundleError(f"{directory} has no manifest.json: not an encrypted dataset")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != DATASET_FORMAT:
+        raise BundleError(f"{path}: unknown dataset format {manifest.get('format')!r}")
+    if manifest.get("params_fingerprint") != params.fingerprint():
+        raise BundleError(
+            "encrypted dataset was made with other CKKS parameters "
+            f"({manifest.get('params_fingerprint')} vs {params.fingerprint()})"
+        )
+    return manifest
+
+
+def encrypt_dataset(
+    keys: HospitalKeys,
+    plan: TrainingPlan,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    progress: Callable[[int], None] | None = None,
+) -> EncryptedDataset:
+    """Hospital: encrypt the fixed batches (and validation chunks) at the post-refresh level."""
+    layout = plan.layout
+    level = LEVELS_CONSUMED_BY_BOOTSTRAP
+
+    def encrypt_batch(x: np.ndarray, y: np.ndarray) -> EncryptedBatch:
+        targets = one_hot(y, plan.n_classes)
+        labels = [keys.encrypt(layout.encode_per_sample(targets[:, j]), level)
+                  for j in range(plan.rows)]
+        batch = EncryptedBatch(
+            len(x),
+            keys.encrypt(layout.encode_x_dup(x), level),
+            keys.encrypt(layout.encode_x_grad(x), level),
+            labels,
+        )
+        if progress:
+            progress(1)
+        return batch
+
+    train_batches = make_batches(len(x_train), plan.config.batch_size, plan.config.seed)
+    train = [encrypt_batch(x_train[idx], y_train[idx]) for idx in train_batches]
+    step = layout.samples_per_ct
+    val = [encrypt_batch(x_val[i : i + step], y_val[i : i + step])
+           for i in range(0, len(x_val), step)]
+    return EncryptedDataset(plan, train, val)
+
+
+@dataclass
+class Decision:
+    """The hospital's answer after reading one epoch's validation loss."""
+
+    continue_training: bool
+    best_epoch: int
+
+
+@dataclass
+class EncryptedState:
+    epoch: int = 0
+    steps: int = 0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    stopped: bool = False
+    wall_time_s: float = 0.0
+
+
+class EncryptedTrainer:
+    """Cloud-side trainer. Needs only an evaluation context (public bundle) and ciphertexts."""
+
+    def __init__(self, evaluator: Evaluator, dataset: EncryptedDataset, checkpoint_dir: Path):
+        self.ev = evaluator
+        self.data = dataset
+        self.plan = dataset.plan
+        self.layout = dataset.plan.layout
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.state = EncryptedState()
+        self.weights: list[ofhe.Ciphertext] = []
+        self.previous: list[ofhe.Ciphertext] = []
+
+    # ---- the step ---------------------------------------------------------------------------
+    def _zero_weights(self) -> list[ofhe.Ciphertext]:
+        """Encrypted zeros (public-key encryption of a constant: no secret involved)."""
+        zero = self.ev.context.MakeCKKSPackedPlaintext(
+            np.zeros(self.plan.slots), 1, LEVELS_CONSUMED_BY_BOOTSTRAP, None, self.plan.slots)
+        public_key = self._public_key
+        return [self.ev.context.Encrypt(public_key, zero) for _ in range(self.plan.rows)]
+
+    def logits(self, batch: EncryptedBatch, weights: list[ofhe.Ciphertext]):
+        return [self.ev.rotate_and_sum(self.ev.mul(batch.x_dup, w), self.layout.logit_strides)
+                for w in weights]
+
+    def scaled_probabilities(self, logits: list[ofhe.Ciphertext], scale: float):
+        """scale * head(logits), per weight row, with the shared polynomial approximations."""
+        act = self.plan.activation
+        if act.binary:
+            sig = act.sigmoid.scaled(scale)
+            return [self.ev.chebyshev(logits[0], sig.coefficients, sig.a, sig.b)]
+        exp = act.exp
+        exps = [self.ev.chebyshev(z, exp.coefficients, exp.a, exp.b) for z in logits]
+        inverse = act.inverse.scaled(scale)
+        total = self.ev.ensure_levels(self.ev.add_many(exps), inverse.depth + 3)
+        # Slots holding no sample get the constant c (inside the inverse's interval).
+        sample_slots = self.layout.encode_per_sample(np.ones(self.layout.samples_per_ct))
+        keep = self.ev.plaintext(sample_slots, key=("sample_slots",))
+        total = self.ev.add(self.ev.mul_plain(total, keep),
+                            self.ev.plaintext(act.n_classes * (1.0 - sample_slots),
+                                              key=("filler",)))
+        inv = self.ev.chebyshev(total, inverse.coefficients, inverse.a, inverse.b)
+        return [self.ev.mul(e, inv) for e in exps]
+
+    def step(self, batch: EncryptedBatch) -> None:
+        m = self.plan.config.momentum
+        scale = self.plan.config.learning_rate / batch.n_samples
+        lookahead = [self.ev.linear_combination([w, p], [1 + m, -m])
+                     for w, p in zip(self.weights, self.previous, strict=True)]
+        probs = self.scaled_probabilities(self.logits(batch, lookahead), scale)
+        new_weights = []
+        for j, (v, a) in enumerate(zip(lookahead, probs, strict=True)):
+            error = self.ev.sub(a, self.ev.mul_scalar(batch.labels[j], scale))
+            gradient = self.ev.rotate_and_sum(self.ev.mul(error, batch.x_grad),
+                                              self.layout.gradient_strides)
+            updated = self.ev.sub(v, gradient)
+            new_weights.append(self.ev.bootstrap(updated, period=self.layout.block))
+        self.previous, self.weights = self.weights, new_weights
+        self.state.steps += 1
+
+    def validation_loss_ciphertext(self) -> ofhe.Ciphertext:
+        """Encrypted sum over validation samples of sum_j (p_j - y_j)^2, in slot 0."""
+        totals = []
+        for batch in self.data.val:
+            probs = self.scaled_probabilities(self.logits(batch, self.weights), 1.0)
+            for j, p in enumerate(probs):
+                diff = self.ev.sub(p, batch.labels[j])
+                totals.append(self.ev.rotate_and_sum(self.ev.mul(diff, diff),
+                                                     self.layout.sample_sum_strides))
+        return self.ev.add_many(totals)
+
+    # ---- epochs, checkpoints ----------------------------------------------------------------
+    @property
+    def _public_key(self):
+        return self._pk
+
+    def attach_public_key(self, public_key) -> None:
+        self._pk = public_key
+
+    def initialise_or_resume(self) -> bool:
+        """Load the last checkpoint if there is one; returns True when resumed."""
+        state_path = self.checkpoint_dir / "state.json"
+        if state_path.exists():
+            saved = json.loads(state_path.read_text())
+            self.state = EncryptedState(**saved["state"])
+            self.ev.ops.load(saved["ops"])
+            epoch_dir = self.checkpoint_dir / f"epoch_{self.state.epoch:04d}"
+            files = saved["files"]
+            self.weights = [load_ciphertext(epoch_dir / f"w{j}.bin", files[f"w{j}.bin"])
+                            for j in range(self.plan.rows)]
+            self.previous = [load_ciphertext(epoch_dir / f"p{j}.bin", files[f"p{j}.bin"])
+                             for j in range(self.plan.rows)]
+            return True
+        self.weights = self._zero_weights()
+        self.previous = self._zero_weights()
+        return False
+
+    def _checkpoint(self) -> None:
+        epoch_dir = self.checkpoint_dir / f"epoch_{self.state.epoch:04d}"
+        tmp = self.checkpoint_dir / f".tmp_epoch_{self.state.epoch:04d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files = {}
+        for j in range(self.plan.rows):
+            files[f"w{j}.bin"] = save_ciphertext(tmp / f"w{j}.bin", self.weights[j])
+            files[f"p{j}.bin"] = save_ciphertext(tmp / f"p{j}.bin", self.previous[j])
+        replace_dir(tmp, epoch_dir)
+        atomic_write_json(self.checkpoint_dir / "state.json", {
+            "state": self.state.__dict__, "ops": self.ev.ops.snapshot(), "files": files,
+            "epoch_files": {str(self.state.epoch): files},
+        })
+        keep = {self.state.epoch, self.state.best_epoch}
+        for old in self.checkpoint_dir.glob("epoch_*"):
+            if int(old.name.split("_")[1]) not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def weights_of_epoch(self, epoch: int) -> list[ofhe.Ciphertext]:
+        epoch_dir = self.checkpoint_dir / f"epoch_{epoch:04d}"
+        return [load_ciphertext(epoch_dir / f"w{j}.bin") for j in range(self.plan.rows)]
+
+    def train(
+        self,
+        decide: Callable[[int, ofhe.Ciphertext], Decision] | None = None,
+        on_step: Callable[[dict], None] | None = None,
+        stop_after_epochs: int | None = None,
+    ) -> EncryptedState:
+        """Run (or resume) training. `decide=None`: fixed number of epochs, no interaction."""
+        self.initialise_or_resume()
+        config = self.plan.config
+        n_batches = len(self.data.train)
+        done_now = 0
+        while not self.state.stopped and self.state.epoch < config.epochs:
+            epoch = self.state.epoch + 1
+            started = time.perf_counter()
+            for position, b in enumerate(epoch_batch_order(n_batches, config.seed, epoch)):
+                step_start = time.perf_counter()
+                self.step(self.data.train[b])
+                if on_step:
+                    on_step({"epoch": epoch, "step_in_epoch": position + 1,
+                             "steps_per_epoch": n_batches, "steps": self.state.steps,
+                             "step_seconds": time.perf_counter() - step_start,
+                             "bootstraps": self.ev.ops["bootstraps"]})
+            record = {"epoch": epoch, "epoch_seconds": time.perf_counter() - started}
+            if decide is not None:
+                decision = decide(epoch, self.validation_loss_ciphertext())
+                self.state.best_epoch = decision.best_epoch
+                self.state.stopped = not decision.continue_training
+            else:
+                self.state.best_epoch = epoch
+            self.state.epoch = epoch
+            self.state.wall_time_s += time.perf_counter() - started
+            self.state.history.append(record)
+            self._checkpoint()
+            done_now += 1
+            if stop_after_epochs is not None and done_now >= stop_after_epochs:
+                break
+        return self.state
+
+
+class HospitalJudge:
+    """Key holder's side of early stopping: decrypts one scalar per epoch."""
+
+    def __init__(self, keys: HospitalKeys, plan: TrainingPlan, n_val: int):
+        self.keys = keys
+        self.plan = plan
+        self.n_val = n_val
+        padding = sum(plan.layout.samples_per_ct - n for n in plan.val_batch_sizes)
+        self.padding_loss = plan.padding_loss(padding)
+        self.best_loss = float("inf")
+        self.best_epoch = 0
+        self.since_best = 0
+        self.losses: dict[int, float] = {}
+
+    def validation_loss(self, loss_ct: ofhe.Ciphertext) -> float:
+        total = float(self.keys.decrypt(loss_ct, length=1)[0])
+        return (total - self.padding_loss) / self.n_val
+
+    def __call__(self, epoch: int, loss_ct: ofhe.Ciphertext) -> Decision:
+        loss = self.validation_loss(loss_ct)
+        self.losses[epoch] = loss
+        if loss < self.best_loss - 1e-12:
+            self.best_loss, self.best_epoch, self.since_best = loss, epoch, 0
+        else:
+            self.since_best += 1
+        keep_going = self.since_best < self.plan.config.patience
+        return Decision(continue_training=keep_going, best_epoch=self.best_epoch)
+
+
+def decrypt_weights(keys: HospitalKeys, plan: TrainingPlan, cts: list[ofhe.Ciphertext]):
+    return np.vstack([plan.layout.decode_weights(keys.decrypt(ct, plan.layout.block))
+                      for ct in cts])

@@ -1,0 +1,188 @@
+"""Plaintext softmax/sigmoid head trainer in numpy: the reference and the encrypted step's mirror.
+
+The update is exactly the one the encrypted trainer performs, in the same order, on the same
+fixed batches (the hospital fixes the batches when it encrypts; the epoch's batch order comes
+from the seed):
+
+    V  = (1 + m) W - m W_prev                    (Nesterov look-ahead)
+    Z  = X_b V^T                                 (logits)
+    P  = head(Z)                                 (exact, or the shared polynomial mirror)
+    W_prev, W = W, V - (lr / n_b) (P - Y_b)^T X_b
+
+Binary tasks use one weight row and a sigmoid (the 2-class softmax in its minimal form);
+c > 2 classes use c rows and softmax. Early stopping watches the validation Brier loss
+sum_j (p_j - y_j)^2 because the encrypted side can evaluate it with polynomials only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from medblindtuner.he.packing import PackingLayout
+from medblindtuner.training.approx import ActivationPlan, exact_probabilities
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters shared by the exact, mirror and encrypted trainers."""
+
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+    epochs: int = 20
+    batch_size: int = 128
+    patience: int = 3
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def add_bias(x: np.ndarray) -> np.ndarray:
+    """Append the constant-1 bias feature (the model is affine)."""
+    return np.hstack([np.asarray(x, dtype=np.float64), np.ones((len(x), 1))])
+
+
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Targets per weight row: (n, 1) for binary, (n, c) one-hot otherwise."""
+    labels = np.asarray(labels).reshape(-1).astype(int)
+    if n_classes == 2:
+        return labels[:, None].astype(np.float64)
+    return np.eye(n_classes)[labels]
+
+
+def n_weight_rows(n_classes: int) -> int:
+    return 1 if n_classes == 2 else n_classes
+
+
+def make_batches(n_samples: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Fixed batches: one shuffle by the hospital before encryption, then contiguous chunks."""
+    order = np.random.default_rng(seed).permutation(n_samples)
+    return [order[i : i + batch_size] for i in range(0, n_samples, batch_size)]
+
+
+def epoch_batch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
+    """Order of the fixed batches in `epoch` (public schedule, same for every trainer)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_batches)
+
+
+def brier_loss(probabilities: np.ndarray, targets: np.ndarray) -> float:
+    return float(np.mean(np.sum((probabilities - targets) ** 2, axis=1)))
+
+
+def class_probabilities(weights: np.ndarray, x_bias: np.ndarray, n_classes: int) -> np.ndarray:
+    """Exact (n, c) class probabilities of a trained head (used for all reported metrics)."""
+    logits = x_bias @ weights.T
+    probs = exact_probabilities(logits, n_classes)
+    if n_classes == 2:
+        probs = np.hstack([1.0 - probs, probs])
+    return probs
+
+
+def evaluate(weights: np.ndarray, x_bias: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
+    """ACC and AUC (one-vs-rest macro for multi-class) with sklearn's metrics."""
+    labels = np.asarray(labels).reshape(-1).astype(int)
+    probs = class_probabilities(weights, x_bias, n_classes)
+    predictions = probs.argmax(axis=1)
+    if n_classes == 2:
+        auc = roc_auc_score(labels, probs[:, 1])
+    else:
+        auc = roc_auc_score(labels, probs, multi_class="ovr", labels=list(range(n_classes)))
+    return {
+        "acc": float(accuracy_score(labels, predictions)),
+        "auc": float(auc),
+        "y_true": labels.tolist(),
+        "y_pred": predictions.tolist(),
+        "y_score": probs.tolist(),
+    }
+
+
+@dataclass
+class TrainResult:
+    weights: np.ndarray  # best epoch's weights, (rows, n_features incl. bias)
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    epochs_run: int = 0
+    steps: int = 0
+    wall_time_s: float = 0.0
+    max_abs_logit: float = 0.0  # over every slot of the logit ciphertexts (with a layout)
+    max_softmax_sum: float = 0.0
+    min_softmax_sum: float = float("inf")
+
+
+def train_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    config: TrainConfig,
+    activation: ActivationPlan | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    layout: PackingLayout | None = None,
+) -> TrainResult:
+    """Train on bias-augmented features. `activation=None`: exact head; else the mirror.
+
+    With `layout`, the range of every slot the encrypted logits would occupy is tracked too.
+    """
+    start = time.perf_counter()
+    rows = n_weight_rows(n_classes)
+    targets = one_hot(y_train, n_classes)
+    val_targets = one_hot(y_val, n_classes)
+    weights = np.zeros((rows, x_train.shape[1]))
+    previous = weights.copy()
+    result = TrainResult(weights=weights.copy())
+    batches = make_batches(len(x_train), config.batch_size, config.seed)
+
+    def track_slots(x: np.ndarray, w: np.ndarray) -> None:
+        if layout is None:
+            return
+        for start in range(0, len(x), layout.samples_per_ct):
+            chunk = x[start : start + layout.samples_per_ct]
+            for row in w:
+                peak = float(np.max(np.abs(layout.logit_slots(chunk, row))))
+                result.max_abs_logit = max(result.max_abs_logit, peak)
+
+    def head(logits: np.ndarray) -> np.ndarray:
+        result.max_abs_logit = max(result.max_abs_logit, float(np.max(np.abs(logits))))
+        if activation is None:
+            return exact_probabilities(logits, n_classes)
+        if not activation.binary:
+            sums = activation.exp(logits).sum(axis=1)
+            result.max_softmax_sum = max(result.max_softmax_sum, float(sums.max()))
+            result.min_softmax_sum = min(result.min_softmax_sum, float(sums.min()))
+        return activation.probabilities(logits)
+
+    best_loss = float("inf")
+    since_best = 0
+    for epoch in range(1, config.epochs + 1):
+        for batch_index in epoch_batch_order(len(batches), config.seed, epoch):
+            idx = batches[batch_index]
+            lookahead = (1 + config.momentum) * weights - config.momentum * previous
+            track_slots(x_train[idx], lookahead)
+            probs = head(x_train[idx] @ lookahead.T)
+            gradient = (probs - targets[idx]).T @ x_train[idx]
+            previous, weights = weights, lookahead - (config.learning_rate / len(idx)) * gradient
+            result.steps += 1
+        track_slots(x_val, weights)
+        val_loss = brier_loss(head(x_val @ weights.T), val_targets)
+        train_loss = brier_loss(head(x_train @ weights.T), targets)
+        record = {"epoch": epoch, "val_loss": val_loss, "train_loss": train_loss,
+                  "val_acc": evaluate(weights, x_val, y_val, n_classes)["acc"]}
+        result.history.append(record)
+        result.epochs_run = epoch
+        if on_epoch:
+            on_epoch(record)
+        if val_loss < best_loss - 1e-12:
+            best_loss, since_best = val_loss, 0
+            result.weights, result.best_epoch = weights.copy(), epoch
+        else:
+            since_best += 1
+            if since_best >= config.patience:
+                break
+    result.wall_time_s = time.perf_counter() - start
+    return result

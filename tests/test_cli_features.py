@@ -79,3 +79,22 @@ def test_features_bad_dataset_exits_cleanly(tmp_path: Path) -> None:
     result = runner.invoke(_app(), ["features", "--dataset", str(bad), "--no-cache"])
     assert result.exit_code == 2
     assert "missing key" in result.output
+
+
+def test_features_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{i}.png")
+    js = tmp_path / "s.json"
+    result = runner.invoke(_app(), [
+        "features", "--image-folder", str(tmp_path / "imgs"), "--val-fraction", "0.3",
+        "--test-fraction", "0.3", "--backbone", "deit_tiny", "--weights", "random",
+        "--no-cache", "--json", str(js), "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    assert json.loads(js.read_text())["splits"] == {"train": 2, "val": 2, "test": 2}

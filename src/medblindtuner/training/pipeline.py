@@ -1,0 +1,197 @@
+"""Experiment pipelines shared by the CLI and the benchmarks.
+
+`prepare_features`: hospital-side scaling (fit on train only) + bias column.
+`run_plain`: exact and mirror trainers with identical settings.
+`run_encrypted`: keys, encryption, encrypted training with early stopping, decryption and
+evaluation next to both plaintext trainers (single process, both roles: for experiments).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medblindtuner.features.extract import FeatureSet
+from medblindtuner.features.preprocess import FeatureScaler
+from medblindtuner.he.engine import Evaluator
+from medblindtuner.he.keys import HospitalKeys, bundle_size_bytes
+from medblindtuner.he.params import CkksParams
+from medblindtuner.training.approx import ActivationPlan
+from medblindtuner.training.encrypted import (
+    EncryptedDataset,
+    EncryptedTrainer,
+    HospitalJudge,
+    TrainingPlan,
+    decrypt_weights,
+    encrypt_dataset,
+)
+from medblindtuner.training.plain import TrainConfig, add_bias, evaluate, train_head
+
+
+@dataclass
+class PreparedData:
+    name: str
+    n_classes: int
+    x: dict[str, np.ndarray]  # split -> (n, k+1) with bias
+    y: dict[str, np.ndarray]
+    scaler: dict
+    backbone: dict
+
+
+def prepare_features(features: FeatureSet, pca_dims: int | None) -> PreparedData:
+    """Standardise, PCA to `pca_dims`, bound row norms by 1 (train-fitted), append bias."""
+    x_train, _ = features.splits["train"]
+    scaler = FeatureScaler(standardize=True, n_components=pca_dims).fit(x_train)
+    labels = np.concatenate([y for _, y in features.splits.values()])
+    meta = features.meta()
+    return PreparedData(
+        name=str(meta.get("dataset_name", "dataset")),
+        n_classes=int(meta.get("n_classes") or labels.max() + 1),
+        x={s: add_bias(scaler.transform(x)) for s, (x, _) in features.splits.items()},
+        y={s: np.asarray(y).astype(int) for s, (_, y) in features.splits.items()},
+        scaler=scaler.to_dict(),
+        backbone=dict(meta.get("backbone", {})),
+    )
+
+
+def _run_summary(label: str, result, data: PreparedData) -> dict:
+    return {
+        "label": label,
+        "test": evaluate(result.weights, data.x["test"], data.y["test"], data.n_classes),
+        "val": {k: v for k, v in evaluate(result.weights, data.x["val"], data.y["val"],
+                                          data.n_classes).items() if k in ("acc", "auc")},
+        "history": result.history,
+        "epochs": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "steps": result.steps,
+        "wall_time_s": result.wall_time_s,
+        "weights": result.weights.tolist(),
+    }
+
+
+def run_plain(data: PreparedData, config: TrainConfig, activation: ActivationPlan | None = None,
+              layout=None) -> dict:
+    """Exact head and polynomial mirror, same batches, same schedule."""
+    activation = activation or ActivationPlan.default(data.n_classes)
+    args = (data.x["train"], data.y["train"], data.x["val"], data.y["val"], data.n_classes, config)
+    exact = train_head(*args)
+    mirror = train_head(*args, activation=activation, layout=layout)
+    return {
+        "plaintext": _run_summary("Plaintext (exact head)", exact, data),
+        "mirror": {**_run_summary("Plaintext mirror (same polynomials)", mirror, data),
+                   "max_abs_logit_slot": mirror.max_abs_logit},
+    }
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run_encrypted(
+    data: PreparedData,
+    config: TrainConfig,
+    params: CkksParams,
+    workdir: Path,
+    allow_insecure: bool = False,
+    interactive: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Both roles in one process; returns a results dict in the report's schema."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes, config)
+    config = plan.config
+    log(f"plan: {len(plan.train_batch_sizes)} batches of <= {config.batch_size} samples, "
+        f"{plan.layout.n_features} features (block {plan.layout.block}), {plan.rows} weight "
+        f"row(s), sparse bootstrap slots {plan.bootstrap_slots}")
+    mirror = plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
+    log(f"range check passed: max |logit slot| {mirror.max_abs_logit:.2f} <= "
+        f"{plan.activation.logit_bound}")
+    plain = run_plain(data, config, plan.activation, plan.layout)
+
+    start = time.perf_counter()
+    keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
+    keys = HospitalKeys.generate(keyed, plan.rotation_indices, allow_insecure=allow_insecure)
+    timings["keygen"] = time.perf_counter() - start
+    log(f"keys generated in {timings['keygen']:.1f} s ({keyed.name}, ring {keyed.ring_dim})")
+    start = time.perf_counter()
+    keys.save_public_bundle(workdir / "public_bundle")
+    keys.save_secret_key(workdir / "hospital" / "secret_key.bin")
+    timings["serialize_keys"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    n_cts = len(plan.train_batch_sizes) + len(plan.val_batch_sizes)
+    with tqdm(total=n_cts, desc="encrypt batches", unit="batch") as bar:
+        dataset = encrypt_dataset(keys, plan, data.x["train"], data.y["train"], data.x["val"],
+                                  data.y["val"], progress=bar.update)
+    dataset.save(workdir / "encrypted_dataset", keyed)
+    timings["encrypt"] = time.perf_counter() - start
+    dataset = EncryptedDataset.load(workdir / "encrypted_dataset", keyed)
+
+    evaluator = Evaluator(keys.context, keyed)
+    trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints")
+    trainer.attach_public_key(keys.public_key)
+    judge = HospitalJudge(keys, plan, len(data.y["val"])) if interactive else None
+    total_steps = config.epochs * len(plan.train_batch_sizes)
+    start = time.perf_counter()
+    with tqdm(total=total_steps, desc="encrypted training", unit="step") as bar:
+        def on_step(info: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(epoch=info["epoch"], s_per_step=f"{info['step_seconds']:.1f}",
+                            bootstraps=info["bootstraps"])
+        state = trainer.train(decide=judge, on_step=on_step)
+    timings["training"] = time.perf_counter() - start
+    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(state.best_epoch))
+    timings["total"] = time.perf_counter() - t0
+
+    mirror_weights = np.asarray(plain["mirror"]["weights"])
+    history = []
+    for record in state.history:
+        entry = {"epoch": record["epoch"]}
+        if judge is not None:
+            entry["val_loss"] = judge.losses.get(record["epoch"])
+        history.append(entry)
+    ops = evaluator.ops.snapshot()
+    steps = max(state.steps, 1)
+    encrypted = {
+        "label": "Encrypted (CKKS, cloud)",
+        "test": evaluate(weights, data.x["test"], data.y["test"], data.n_classes),
+        "val": {k: v for k, v in evaluate(weights, data.x["val"], data.y["val"],
+                                          data.n_classes).items() if k in ("acc", "auc")},
+        "history": history,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "steps": state.steps,
+        "wall_time_s": timings["training"],
+        "seconds_per_step": timings["training"] / steps,
+        "ops": {**ops, "per_step": {k: v / steps for k, v in ops.items()
+                                    if isinstance(v, int | float)}},
+        "max_abs_weight_diff_vs_mirror": float(np.max(np.abs(weights - mirror_weights))),
+        "weights": weights.tolist(),
+    }
+    return {
+        "dataset": data.name,
+        "n_classes": data.n_classes,
+        "backbone": data.backbone,
+        "scaler": data.scaler,
+        "config": config.to_dict(),
+        "activation": plan.activation.to_dict(),
+        "ckks": {**keyed.to_dict(), "slots": keyed.slots, "secure": keyed.is_secure},
+        "sizes_bytes": {
+            "public_bundle": bundle_size_bytes(workdir / "public_bundle"),
+            "secret_key": (workdir / "hospital" / "secret_key.bin").stat().st_size,
+            "encrypted_dataset": bundle_size_bytes(workdir / "encrypted_dataset"),
+            "ciphertext": (workdir / "encrypted_dataset" / "train_0000_x_dup.bin").stat().st_size,
+        },
+        "peak_rss_bytes": {"process": peak_rss_bytes()},
+        "timings_s": timings,
+        "runs": {**plain, "encrypted": encrypted},
+    }

@@ -10,10 +10,13 @@ from medblindtuner.training.encrypted import TrainingPlan
 from medblindtuner.training.plain import TrainConfig, add_bias
 
 
-def toy_problem(n_classes: int, n_train: int = 120, n_val: int = 40, dim: int = 7, seed: int = 0):
+def toy_problem(
+    n_classes: int, n_train: int = 120, n_val: int = 40, dim: int = 7, seed: int = 0,
+    separation: float = 1.5,
+):
     """Gaussian blobs, rows scaled to norm <= 1, bias appended (what the hospital sends)."""
     rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(n_classes, dim)) * 1.5
+    centers = rng.normal(size=(n_classes, dim)) * separation
 
     def split(n: int):
         y = rng.integers(0, n_classes, n)

@@ -13,6 +13,13 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Fine-tune a classifier head on FHE-encrypted medical image features."""
+
+
 # Each module defines `register(app: typer.Typer) -> None`. Modules that do not exist yet are
 # skipped so that roles can be developed independently.
 _COMMAND_MODULES = [

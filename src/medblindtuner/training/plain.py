@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from medblindtuner.he.packing import PackingLayout
-from medblindtuner.training.approx import ActivationPlan, exact_probabilities
+from medblindtuner.training.approx import ActivationPlan, RangeError, exact_probabilities
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,15 @@ def train_head(
     result = TrainResult(weights=weights.copy())
     batches = make_batches(len(x_train), config.batch_size, config.seed)
 
+    def record_range(peak: float, where: str) -> None:
+        result.max_abs_logit = max(result.max_abs_logit, peak)
+        if activation is not None and not peak <= activation.logit_bound:
+            raise RangeError(
+                f"{where} reached {peak:.3g}, outside the approximation interval "
+                f"[-{activation.logit_bound}, {activation.logit_bound}]: the polynomial head "
+                "would diverge; lower the learning rate or raise the logit bound"
+            )
+
     def track_slots(x: np.ndarray, w: np.ndarray) -> None:
         if layout is None:
             return
@@ -145,10 +154,10 @@ def train_head(
             chunk = x[start : start + layout.samples_per_ct]
             for row in w:
                 peak = float(np.max(np.abs(layout.logit_slots(chunk, row))))
-                result.max_abs_logit = max(result.max_abs_logit, peak)
+                record_range(peak, "a logit-ciphertext slot")
 
     def head(logits: np.ndarray) -> np.ndarray:
-        result.max_abs_logit = max(result.max_abs_logit, float(np.max(np.abs(logits))))
+        record_range(float(np.max(np.abs(logits))), "a logit")
         if activation is None:
             return exact_probabilities(logits, n_classes)
         if not activation.binary:

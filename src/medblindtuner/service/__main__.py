@@ -1,0 +1,23 @@
+"""`python -m medblindtuner.service serve ...`: the `serve` command without the rest of the CLI.
+
+The full CLI imports the feature extractors (torch), which costs seconds per start; restarts of
+the service (supervisors, tests) do not need them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from medblindtuner.cli.service_cmd import register
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+register(app)
+
+
+@app.callback()
+def _main() -> None:
+    """MedBlindTuner cloud service."""
+
+
+if __name__ == "__main__":
+    app()

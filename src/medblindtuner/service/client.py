@@ -1,0 +1,249 @@
+"""Hospital-side HTTP client for the cloud service.
+
+The client only ever sends the public bundle and the encrypted dataset; decryption of the
+per-epoch validation loss and of the final weights happens locally with the secret key (see
+`answer_decisions`). Uploads are chunked with a SHA-256 per chunk and resumable: the server is
+asked which chunks it already holds and only the rest is sent, so a dropped connection costs at
+most one chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from medblindtuner.service.store import MANIFEST_NAME
+
+TERMINAL = ("finished", "failed", "cancelled")
+
+
+class ServiceError(RuntimeError):
+    """An HTTP error from the service, with its status code and message."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(f"HTTP {status_code}: {message}")
+        self.status_code = status_code
+        self.message = message
+
+
+class JobFailed(RuntimeError):
+    """The job ended as failed or cancelled instead of finishing."""
+
+
+class HospitalClient:
+    """Talks to one job (after `create_job`, or with a known job id and token)."""
+
+    def __init__(self, base_url: str, token: str | None = None, job_id: str | None = None,
+                 timeout: float = 120.0, progress: bool = True) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.job_id = job_id
+        self.progress = progress
+        self.chunk_bytes: int | None = None
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> HospitalClient:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    # ---- plumbing -------------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        headers = {**self._headers(), **kwargs.pop("headers", {})}
+        response = self.http.request(method, path, headers=headers, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except (json.JSONDecodeError, AttributeError):
+                detail = response.text
+            raise ServiceError(response.status_code, str(detail))
+        return response
+
+    def _job(self, suffix: str = "") -> str:
+        if not self.job_id:
+            raise RuntimeError("no job: call create_job() first or pass job_id")
+        return f"/jobs/{self.job_id}{suffix}"
+
+    # ---- jobs -----------------------------------------------------------------------------
+    def create_job(self) -> dict[str, Any]:
+        data = self._request("POST", "/jobs").json()
+        self.job_id, self.token = data["job_id"], data["token"]
+        self.chunk_bytes = data["chunk_bytes"]
+        return data
+
+    def status(self) -> dict[str, Any]:
+        return self._request("GET", self._job()).json()
+
+    def start(self) -> dict[str, Any]:
+        return self._request("POST", self._job("/start")).json()
+
+    def cancel(self) -> dict[str, Any]:
+        return self._request("POST", self._job("/cancel")).json()
+
+    def delete(self) -> dict[str, Any]:
+        return self._request("DELETE", self._job()).json()
+
+    # ---- uploads --------------------------------------------------------------------------
+    def artifact_status(self, kind: str) -> dict[str, Any]:
+        return self._request("GET", self._job(f"/artifacts/{kind}")).json()
+
+    def upload_manifest(self, kind: str, directory: Path) -> dict[str, Any]:
+        raw = (Path(directory) / MANIFEST_NAME).read_bytes()
+        return self._request("PUT", self._job(f"/artifacts/{kind}/manifest"), content=raw,
+                             headers={"Content-Type": "application/octet-stream"}).json()
+
+    def upload_chunk(self, kind: str, name: str, index: int, data: bytes,
+                     sha256: str | None = None) -> dict[str, Any]:
+        digest = sha256 or hashlib.sha256(data).hexdigest()
+        return self._request(
+            "PUT", self._job(f"/artifacts/{kind}/files/{name}/chunks/{index}"), content=data,
+            headers={"X-Chunk-SHA256": digest, "Content-Type": "application/octet-stream"},
+        ).json()
+
+    def finalize(self, kind: str, name: str) -> dict[str, Any]:
+        return self._request("POST", self._job(f"/artifacts/{kind}/files/{name}/finalize")).json()
+
+    def upload_dir(self, kind: str, directory: Path, max_chunks: int | None = None) -> dict:
+        """Upload an artifact directory (manifest first, then its files), resuming if possible.
+
+        `max_chunks` stops after sending that many chunks (used to test interrupted uploads).
+        Returns {"sent_chunks": n, "skipped_chunks": m}.
+        """
+        directory = Path(directory)
+        self.upload_manifest(kind, directory)
+        state = self.artifact_status(kind)
+        todo = {name: info for name, info in state["files"].items() if not info["complete"]}
+        remaining = sum(
+            info["bytes"] - len(info["received"]) * info["chunk_bytes"] for info in todo.values()
+        )
+        sent = skipped = 0
+        with tqdm(total=max(remaining, 0), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"upload {kind}", disable=not self.progress) as bar:
+            for name, info in sorted(todo.items()):
+                have = set(info["received"])
+                size, chunk = info["bytes"], info["chunk_bytes"]
+                with open(directory / name, "rb") as handle:
+                    for index in range(info["n_chunks"]):
+                        if index in have:
+                            skipped += 1
+                            continue
+                        if max_chunks is not None and sent >= max_chunks:
+                            return {"sent_chunks": sent, "skipped_chunks": skipped,
+                                    "interrupted": True}
+                        handle.seek(index * chunk)
+                        data = handle.read(min(chunk, size - index * chunk))
+                        self.upload_chunk(kind, name, index, data)
+                        sent += 1
+                        bar.update(len(data))
+                self.finalize(kind, name)
+        return {"sent_chunks": sent, "skipped_chunks": skipped, "interrupted": False}
+
+    # ---- early stopping -----------------------------------------------------------------------
+    def validation_loss_bytes(self) -> tuple[int, bytes]:
+        response = self._request("GET", self._job("/validation-loss"))
+        data = response.content
+        digest = response.headers.get("X-Content-SHA256")
+        if digest and hashlib.sha256(data).hexdigest() != digest:
+            raise ServiceError(502, "validation-loss ciphertext does not match its SHA-256")
+        return int(response.headers["X-Epoch"]), data
+
+    def decide(self, epoch: int, continue_training: bool, best_epoch: int) -> dict[str, Any]:
+        body = {"continue": continue_training, "best_epoch": best_epoch, "epoch": epoch}
+        return self._request("POST", self._job("/decision"), json=body).json()
+
+    def wait_for_decision(self, poll_s: float = 0.5, timeout_s: float | None = None,
+                          on_status: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        """Poll until the job awaits a decision or ends; returns the last status."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            current = self.status()
+            if on_status:
+                on_status(current)
+            if current["state"] == "awaiting_decision" or current["state"] in TERMINAL:
+                return current
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.job_id} still {current['state']}")
+            time.sleep(poll_s)
+
+    def answer_decisions(self, judge, poll_s: float = 0.5, timeout_s: float | None = None,
+                         on_status: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        """Answer every early-stopping question with `judge` (a `HospitalJudge`) until the end.
+
+        The loss ciphertext is decrypted here, at the hospital; only the one-bit decision and
+        the best epoch go back. Raises JobFailed unless the job finishes.
+        """
+        from medblindtuner.he.ciphertexts import load_ciphertext
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            current = self.wait_for_decision(poll_s, left, on_status)
+            if current["state"] == "finished":
+                return current
+            if current["state"] in TERMINAL:
+                raise JobFailed(f"job {self.job_id} {current['state']}: {current.get('error')}")
+            try:
+                epoch, data = self.validation_loss_bytes()
+            except ServiceError as exc:
+                if exc.status_code == 409:  # answered meanwhile (e.g. by a restarted worker)
+                    continue
+                raise
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "loss.bin"
+                path.write_bytes(data)
+                loss_ct = load_ciphertext(path)
+            decision = judge(epoch, loss_ct)
+            try:
+                self.decide(epoch, decision.continue_training, decision.best_epoch)
+            except ServiceError as exc:
+                if exc.status_code != 409:
+                    raise
+
+    # ---- results ------------------------------------------------------------------------------
+    def result_manifest(self) -> dict[str, Any]:
+        return self._request("GET", self._job("/result")).json()
+
+    def fetch_result(self, dest: Path) -> dict[str, Any]:
+        """Download the encrypted weights (best epoch) into `dest`, each file SHA-checked."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        manifest = self.result_manifest()
+        for name, info in manifest["files"].items():
+            if "/" in name or name.startswith("."):
+                raise ServiceError(502, f"result lists an unsafe file name {name!r}")
+            data = self._request("GET", self._job(f"/result/files/{name}")).content
+            if hashlib.sha256(data).hexdigest() != info["sha256"]:
+                raise ServiceError(502, f"downloaded {name} does not match its SHA-256")
+            tmp = dest / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, dest / name)
+        (dest / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        return manifest
+
+
+def load_result_weights(keys, plan, directory: Path):
+    """Decrypt downloaded result ciphertexts (hospital side) into a (rows, features) array."""
+    from medblindtuner.he.ciphertexts import load_ciphertext
+    from medblindtuner.training.encrypted import decrypt_weights
+
+    directory = Path(directory)
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    cts = [load_ciphertext(directory / f"w{j}.bin", manifest["files"][f"w{j}.bin"])
+           for j in range(manifest["rows"])]
+    return decrypt_weights(keys, plan, cts)

@@ -1,0 +1,56 @@
+"""Service configuration and upload limits.
+
+Limits exist because the service accepts multi-GB key material from clients it does not trust:
+without a cap on chunk, file and job sizes one client could fill the disk and starve the other
+jobs. Everything is checked *before* bytes are written.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Upper bounds on what one job may upload (production rotation keys are several GB)."""
+
+    max_upload_bytes: int = 64 * GIB  # one artifact file
+    max_job_bytes: int = 128 * GIB  # everything one job uploads, all files together
+    chunk_bytes: int = 8 * MIB  # chunk size the server asks clients to use
+    max_manifest_bytes: int = 16 * MIB
+    max_files_per_artifact: int = 100_000
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything the web process and its workers need to agree on."""
+
+    data_dir: Path
+    db_url: str | None = None  # default: SQLite file in data_dir
+    allow_insecure: bool = False  # accept INSECURE_TEST parameter bundles (tests only)
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    python: str = sys.executable  # interpreter that runs `-m medblindtuner.service.worker`
+    worker_poll_s: float = 0.25  # how often a waiting worker re-reads the DB
+    monitor_interval_s: float = 2.0  # how often the web process checks its workers
+    max_worker_restarts: int = 3
+
+    @property
+    def resolved_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{(Path(self.data_dir) / 'jobs.sqlite3').resolve()}"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return Path(self.data_dir) / "blobs"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return Path(self.data_dir) / "jobs"
+
+    @property
+    def staging_dir(self) -> Path:
+        return Path(self.data_dir) / "staging"

@@ -1,0 +1,190 @@
+"""Job store: SQLAlchemy 2.0 models for jobs, uploads, chunks and early-stopping decisions.
+
+The database holds only metadata (ids, token hashes, sizes, SHA-256 digests, counters and
+timestamps): never features, labels, weights or key material, so a leaked DB reveals nothing
+about patients. SQLite (WAL mode) is the default; any SQLAlchemy URL (e.g. PostgreSQL) works
+because only portable column types are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+# Job states. `queued`: start accepted, worker not yet reporting. Terminal states never change.
+CREATED = "created"
+QUEUED = "queued"
+RUNNING = "running"
+AWAITING_DECISION = "awaiting_decision"
+FINISHED = "finished"
+FAILED = "failed"
+CANCELLED = "cancelled"
+ACTIVE_STATES = (QUEUED, RUNNING, AWAITING_DECISION)
+TERMINAL_STATES = (FINISHED, FAILED, CANCELLED)
+
+ARTIFACT_KINDS = ("bundle", "dataset")
+MANIFEST_NAME = "manifest.json"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)  # noqa: UP017 - explicit for readers on older Pythons
+
+
+def hash_token(token: str) -> str:
+    """Only this digest is stored: a DB leak must not let anyone act as the hospital."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(token: str, digest: str) -> bool:
+    return hmac.compare_digest(hash_token(token), digest)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32), default=CREATED, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Public facts about the job (from the manifests): parameters and schedule.
+    params_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    params_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    params_secure: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    max_epochs: Mapped[int] = mapped_column(Integer, default=0)
+    steps_per_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    # Progress, written by the worker.
+    epoch: Mapped[int] = mapped_column(Integer, default=0)  # epoch being trained (1-based)
+    epochs_done: Mapped[int] = mapped_column(Integer, default=0)
+    step_in_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[int] = mapped_column(Integer, default=0)
+    bootstraps: Mapped[int] = mapped_column(Integer, default=0)
+    seconds_per_step: Mapped[float | None] = mapped_column(Float, nullable=True)
+    best_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    awaiting_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    loss_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    result_ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Supervision.
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    bytes_uploaded: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Upload(Base):
+    """One file of one artifact (bundle or dataset), announced by that artifact's manifest."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (UniqueConstraint("job_id", "kind", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    chunk_size: Mapped[int] = mapped_column(BigInteger)
+    finalized: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    @property
+    def n_chunks(self) -> int:
+        return max(1, -(-self.size // self.chunk_size))
+
+
+class UploadChunk(Base):
+    """A chunk that was checksum-verified and is durably on disk (resume point)."""
+
+    __tablename__ = "upload_chunks"
+
+    upload_id: Mapped[int] = mapped_column(
+        ForeignKey("uploads.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+class DecisionRow(Base):
+    """The hospital's early-stopping answer for one epoch (kept so a restarted worker reuses it)."""
+
+    __tablename__ = "decisions"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    continue_training: Mapped[bool] = mapped_column(Boolean)
+    best_epoch: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API object
+    """WAL lets the web process read while a worker writes; busy_timeout instead of errors."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Store:
+    """Engine + session factory shared by the web process and (separately) each worker."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict = {"future": True, "pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_all(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on any exception."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()

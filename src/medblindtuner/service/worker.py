@@ -1,0 +1,298 @@
+"""Training worker: one OS process per job, started by the web service.
+
+Why a separate process: OpenFHE keeps keys in process-wide static maps, training pins CPU cores
+for minutes to hours, and a crash (or OOM kill) in the C++ library must not take the API down.
+The worker loads *only* the job's public bundle (`CloudCrypto`, after `verify_public_bundle`),
+so it holds no secret key and cannot decrypt anything; the DB is its only channel to the web
+process: it writes progress counters and polls for the hospital's early-stopping decisions.
+
+An exclusive `flock` on `<job>/worker.lock` guarantees a single worker per job and lets the
+web process detect a dead worker (lock free) even across service restarts. Training resumes
+from the last epoch checkpoint (`EncryptedTrainer` does this itself).
+
+Run: python -m medblindtuner.service.worker --job ID --data-dir DIR [--db-url URL]
+     [--insecure-test-params]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from medblindtuner.service.limits import ServiceConfig
+from medblindtuner.service.store import (
+    AWAITING_DECISION,
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    TERMINAL_STATES,
+    DecisionRow,
+    Job,
+    Store,
+    utcnow,
+)
+
+log = logging.getLogger("medblindtuner.worker")
+RESULT_FORMAT = "medblindtuner-encrypted-result/1"
+LOCK_NAME = "worker.lock"
+
+
+class JobCancelled(Exception):
+    """The hospital cancelled (or deleted) the job while this worker was running it."""
+
+
+# ---- helpers shared with the web process ------------------------------------------------------
+def job_dir(config: ServiceConfig, job_id: str) -> Path:
+    return config.jobs_dir / job_id
+
+
+def worker_alive(directory: Path) -> bool:
+    """True while some process holds the job's worker lock (works for non-child processes)."""
+    lock_path = Path(directory) / LOCK_NAME
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def spawn_worker(config: ServiceConfig, job_id: str) -> subprocess.Popen:
+    """Start a detached worker (own session: it survives a restart of the web service)."""
+    directory = job_dir(config, job_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    command = [
+        config.python, "-m", "medblindtuner.service.worker", "--job", job_id,
+        "--data-dir", str(Path(config.data_dir).resolve()), "--db-url", config.resolved_db_url,
+    ]
+    if config.allow_insecure:
+        command.append("--insecure-test-params")
+    with open(directory / "worker.log", "ab") as log_file:
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+        )
+
+
+def _acquire_lock(directory: Path, wait_s: float = 15.0):
+    """Take the job lock, waiting briefly (the web process probes it for a split second)."""
+    handle = open(directory / LOCK_NAME, "a+")  # noqa: SIM115 - held for the process lifetime
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                return None
+            time.sleep(0.2)
+
+
+# ---- the worker itself ---------------------------------------------------------------------------
+class JobRunner:
+    """Runs one job's encrypted training against the DB-backed decision channel."""
+
+    def __init__(self, config: ServiceConfig, store: Store, job_id: str) -> None:
+        self.config = config
+        self.store = store
+        self.job_id = job_id
+        self.dir = job_dir(config, job_id)
+        self._last_step_time: float | None = None
+
+    def _update(self, **fields) -> Job:
+        with self.store.session() as session:
+            job = session.get(Job, self.job_id)
+            if job is None:
+                raise JobCancelled("job was deleted")
+            if job.state == CANCELLED:
+                raise JobCancelled("job was cancelled")
+            for key, value in fields.items():
+                setattr(job, key, value)
+            job.updated_at = utcnow()
+            return job
+
+    def _on_step(self, info: dict) -> None:
+        seconds = float(info["step_seconds"])
+        with self.store.session() as session:
+            job = session.get(Job, self.job_id)
+            if job is None or job.state == CANCELLED:
+                raise JobCancelled("job was cancelled")
+            average = job.seconds_per_step
+            job.seconds_per_step = seconds if not average else 0.7 * average + 0.3 * seconds
+            job.epoch = int(info["epoch"])
+            job.epochs_done = int(info["epoch"]) - 1
+            job.step_in_epoch = int(info["step_in_epoch"])
+            job.steps_per_epoch = int(info["steps_per_epoch"])
+            job.steps = int(info["steps"])
+            job.bootstraps = int(info["bootstraps"])
+            job.updated_at = utcnow()
+        log.info("job %s epoch %d step %d/%d (%.1f s)", self.job_id, info["epoch"],
+                 info["step_in_epoch"], info["steps_per_epoch"], seconds)
+
+    def _decide(self, epoch: int, loss_ct):
+        """Publish the encrypted loss and block until the hospital answers (or cancels)."""
+        from medblindtuner.he.ciphertexts import save_ciphertext
+        from medblindtuner.training.encrypted import Decision
+
+        decisions = self.dir / "decisions"
+        decisions.mkdir(exist_ok=True)
+        final = decisions / f"loss_epoch_{epoch:04d}.bin"
+        tmp = decisions / f".loss_epoch_{epoch:04d}.tmp"
+        info = save_ciphertext(tmp, loss_ct)
+        os.replace(tmp, final)
+        with self.store.session() as session:
+            job = session.get(Job, self.job_id)
+            if job is None or job.state == CANCELLED:
+                raise JobCancelled("job was cancelled")
+            known = session.get(DecisionRow, (self.job_id, epoch))
+            job.epochs_done = epoch - 1
+            job.loss_sha256 = info["sha256"]
+            job.updated_at = utcnow()
+            if known is None:
+                job.state = AWAITING_DECISION
+                job.awaiting_epoch = epoch
+        log.info("job %s epoch %d: encrypted validation loss published (%d bytes, sha256 %s)",
+                 self.job_id, epoch, info["bytes"], info["sha256"][:16])
+        while True:
+            with self.store.session() as session:
+                job = session.get(Job, self.job_id)
+                if job is None or job.state == CANCELLED:
+                    raise JobCancelled("job was cancelled while awaiting a decision")
+                row = session.get(DecisionRow, (self.job_id, epoch))
+                if row is not None:
+                    job.state = RUNNING
+                    job.awaiting_epoch = None
+                    job.best_epoch = row.best_epoch
+                    job.epochs_done = epoch
+                    job.updated_at = utcnow()
+                    decision = Decision(bool(row.continue_training), int(row.best_epoch))
+                    break
+            time.sleep(self.config.worker_poll_s)
+        log.info("job %s epoch %d: decision continue=%s best_epoch=%d", self.job_id, epoch,
+                 decision.continue_training, decision.best_epoch)
+        return decision
+
+    def _write_result(self, trainer, state) -> dict:
+        from medblindtuner.he.ciphertexts import atomic_write_json, replace_dir, save_ciphertext
+
+        tmp = self.dir / ".result_tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files = {}
+        for j, ct in enumerate(trainer.weights_of_epoch(state.best_epoch)):
+            files[f"w{j}.bin"] = save_ciphertext(tmp / f"w{j}.bin", ct)
+        manifest = {
+            "format": RESULT_FORMAT,
+            "job_id": self.job_id,
+            "best_epoch": state.best_epoch,
+            "epochs": state.epoch,
+            "steps": state.steps,
+            "rows": len(files),
+            "params_fingerprint": trainer.ev.params.fingerprint(),
+            "ops": trainer.ev.ops.snapshot(),
+            "files": files,
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+        replace_dir(tmp, self.dir / "result")
+        return manifest
+
+    def run(self) -> None:
+        from medblindtuner.he.engine import Evaluator
+        from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
+        from medblindtuner.training.encrypted import EncryptedDataset, EncryptedTrainer
+
+        with self.store.session() as session:
+            job = session.get(Job, self.job_id)
+            if job is None or job.state in TERMINAL_STATES:
+                log.info("job %s is %s: nothing to do", self.job_id,
+                         job.state if job else "gone")
+                return
+            if job.state == QUEUED:
+                job.state = RUNNING
+            job.worker_pid = os.getpid()
+            job.started_at = job.started_at or utcnow()
+            job.updated_at = utcnow()
+        bundle_dir = self.dir / "bundle"
+        allow = self.config.allow_insecure
+        verify_public_bundle(bundle_dir, allow_insecure=allow)
+        crypto = CloudCrypto.load(bundle_dir, allow_insecure=allow)
+        dataset = EncryptedDataset.load(self.dir / "dataset", crypto.params)
+        evaluator = Evaluator(crypto.context, crypto.params)
+        trainer = EncryptedTrainer(evaluator, dataset, self.dir / "checkpoints")
+        trainer.attach_public_key(crypto.public_key)
+        self._update(steps_per_epoch=len(dataset.train),
+                     max_epochs=dataset.plan.config.epochs)
+        log.info("job %s: loaded bundle %s and %d train / %d val batches; resuming: %s",
+                 self.job_id, crypto.params.fingerprint(), len(dataset.train),
+                 len(dataset.val), (self.dir / "checkpoints" / "state.json").exists())
+        state = trainer.train(decide=self._decide, on_step=self._on_step)
+        manifest = self._write_result(trainer, state)
+        self._update(state=FINISHED, result_ready=True, finished_at=utcnow(),
+                     epochs_done=state.epoch, best_epoch=state.best_epoch, steps=state.steps,
+                     bootstraps=int(manifest["ops"].get("bootstraps", 0)),
+                     awaiting_epoch=None, error=None)
+        log.info("job %s finished: %d epochs, best epoch %d", self.job_id, state.epoch,
+                 state.best_epoch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--db-url", default=None)
+    parser.add_argument("--insecure-test-params", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    config = ServiceConfig(data_dir=args.data_dir, db_url=args.db_url,
+                           allow_insecure=args.insecure_test_params)
+    store = Store(config.resolved_db_url)
+    directory = job_dir(config, args.job)
+    if not directory.is_dir():
+        log.error("job %s has no directory under %s", args.job, config.jobs_dir)
+        return 2
+    lock = _acquire_lock(directory)
+    if lock is None:
+        log.info("job %s: another worker holds the lock; exiting", args.job)
+        return 0
+    (directory / "worker.pid").write_text(str(os.getpid()))
+    runner = JobRunner(config, store, args.job)
+    try:
+        runner.run()
+    except JobCancelled as exc:
+        log.info("job %s: %s; worker exits", args.job, exc)
+    except Exception as exc:  # noqa: BLE001 - any failure must be reported, not lost
+        log.exception("job %s failed", args.job)
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+        try:
+            with store.session() as session:
+                job = session.get(Job, args.job)
+                if job is not None and job.state not in TERMINAL_STATES:
+                    job.state = FAILED
+                    job.error = message
+                    job.finished_at = utcnow()
+                    job.updated_at = utcnow()
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the failure of job %s", args.job)
+        return 1
+    finally:
+        store.dispose()
+        lock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

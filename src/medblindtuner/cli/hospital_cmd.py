@@ -1,0 +1,272 @@
+"""`medblindtuner hospital ...`: the key holder's side of a cloud training job.
+
+Everything lives in one hospital work directory (`--workdir`):
+
+    public_bundle/        uploaded: context + evaluation keys (no secret)
+    encrypted_dataset/    uploaded: CKKS ciphertexts of the features and labels
+    local/secret_key.bin  NEVER uploaded (mode 0600)
+    local/prepared.npz    NEVER uploaded: the scaled plaintext features (for encrypt/evaluate)
+    plan.json             public training plan + CKKS parameters
+    job.json              service URL, job id and bearer token (mode 0600)
+    result/               downloaded encrypted weights
+
+keygen -> encrypt -> submit -> fetch (answers the early-stopping questions, downloads the
+weights) -> evaluate (decrypts locally, compares with the plaintext trainers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+WorkDir = Annotated[Path, typer.Option(help="Hospital work directory (keys, plan, job).")]
+DEFAULT_WORKDIR = Path("hospital-job")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.exists():
+        _fail(f"{path} not found: run `medblindtuner hospital {what}` first")
+    return json.loads(path.read_text())
+
+
+def _load_plan(workdir: Path):
+    from medblindtuner.he.params import CkksParams
+    from medblindtuner.training.encrypted import TrainingPlan
+
+    meta = _read_json(workdir / "plan.json", "keygen")
+    return meta, TrainingPlan.from_dict(meta["plan"]), CkksParams.from_dict(meta["params"])
+
+
+def _load_prepared(workdir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    path = workdir / "local" / "prepared.npz"
+    if not path.exists():
+        _fail(f"{path} not found: run `medblindtuner hospital keygen` first")
+    with np.load(path, allow_pickle=False) as z:
+        splits = sorted({k.split("_", 1)[0] for k in z.files})
+        return ({s: z[f"{s}_x"] for s in splits}, {s: z[f"{s}_y"] for s in splits})
+
+
+def _load_keys(workdir: Path, insecure: bool):
+    from medblindtuner.he.keys import HospitalKeys
+
+    return HospitalKeys.load(workdir / "public_bundle", workdir / "local" / "secret_key.bin",
+                             allow_insecure=insecure)
+
+
+def _client(workdir: Path, progress: bool = True):
+    from medblindtuner.service.client import HospitalClient
+
+    job = _read_json(workdir / "job.json", "submit")
+    return HospitalClient(job["url"], token=job["token"], job_id=job["job_id"],
+                          progress=progress)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `hospital` command group to the main CLI app."""
+    hospital = typer.Typer(help="Hospital side: keys, encryption, submit, fetch, evaluate.",
+                           no_args_is_help=True)
+    app.add_typer(hospital, name="hospital")
+
+    @hospital.command("keygen")
+    def keygen(
+        features: Annotated[Path, typer.Option(help="Feature set (.npz from `features`).")],
+        workdir: WorkDir = DEFAULT_WORKDIR,
+        pca_dims: Annotated[int | None, typer.Option(help="PCA dimensions (None: all).")] = 16,
+        epochs: Annotated[int, typer.Option(min=1)] = 20,
+        learning_rate: Annotated[float, typer.Option()] = 1.0,
+        momentum: Annotated[float, typer.Option()] = 0.9,
+        batch_size: Annotated[int, typer.Option(min=1)] = 128,
+        patience: Annotated[int, typer.Option(min=1)] = 3,
+        seed: Annotated[int, typer.Option()] = 0,
+        insecure_test_params: Annotated[
+            bool, typer.Option(help="Tiny NOT-secure ring (tests/demos only).")
+        ] = False,
+    ) -> None:
+        """Plan the training, check approximation ranges, generate keys, write the bundle."""
+        from medblindtuner.features.extract import FeatureSet
+        from medblindtuner.he.keys import HospitalKeys, bundle_size_bytes
+        from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+        from medblindtuner.training.approx import RangeError
+        from medblindtuner.training.encrypted import TrainingPlan
+        from medblindtuner.training.pipeline import prepare_features
+        from medblindtuner.training.plain import TrainConfig
+
+        data = prepare_features(FeatureSet.load(features), pca_dims)
+        params = INSECURE_TEST if insecure_test_params else PRODUCTION
+        config = TrainConfig(learning_rate=learning_rate, momentum=momentum, epochs=epochs,
+                             batch_size=batch_size, patience=patience, seed=seed)
+        plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
+                                   config)
+        try:
+            plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
+        except RangeError as exc:
+            _fail(str(exc))
+        keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
+        console.print(f"generating {keyed.name} keys (ring {keyed.ring_dim}); production keys "
+                      "take minutes and several GB of RAM ...")
+        keys = HospitalKeys.generate(keyed, plan.rotation_indices,
+                                     allow_insecure=insecure_test_params)
+        workdir.mkdir(parents=True, exist_ok=True)
+        keys.save_public_bundle(workdir / "public_bundle")
+        (workdir / "local").mkdir(mode=0o700, exist_ok=True)
+        keys.save_secret_key(workdir / "local" / "secret_key.bin")
+        arrays = {f"{s}_x": x for s, x in data.x.items()}
+        arrays.update({f"{s}_y": y for s, y in data.y.items()})
+        np.savez(workdir / "local" / "prepared.npz", **arrays)
+        meta = {"plan": plan.to_dict(), "params": keyed.to_dict(),
+                "n_val": int(len(data.y["val"])), "n_classes": data.n_classes,
+                "dataset": data.name, "insecure": insecure_test_params,
+                "pca_dims": pca_dims, "features": str(features)}
+        (workdir / "plan.json").write_text(json.dumps(meta, indent=2))
+        console.print(f"public bundle: {workdir / 'public_bundle'} "
+                      f"({bundle_size_bytes(workdir / 'public_bundle') / 2**20:.1f} MiB); "
+                      f"secret key stays in {workdir / 'local'}")
+
+    @hospital.command("encrypt")
+    def encrypt(workdir: WorkDir = DEFAULT_WORKDIR) -> None:
+        """Encrypt the training and validation batches (once; reused every epoch)."""
+        from tqdm import tqdm
+
+        from medblindtuner.training.encrypted import encrypt_dataset
+
+        meta, plan, _params = _load_plan(workdir)
+        x, y = _load_prepared(workdir)
+        keys = _load_keys(workdir, meta["insecure"])
+        total = len(plan.train_batch_sizes) + len(plan.val_batch_sizes)
+        with tqdm(total=total, desc="encrypt batches", unit="batch") as bar:
+            dataset = encrypt_dataset(keys, plan, x["train"], y["train"], x["val"], y["val"],
+                                      progress=bar.update)
+        dataset.save(workdir / "encrypted_dataset", keys.params)
+        console.print(f"encrypted dataset: {workdir / 'encrypted_dataset'}")
+
+    @hospital.command("submit")
+    def submit(
+        url: Annotated[str, typer.Option(help="Service base URL.")] = "http://127.0.0.1:8000",
+        workdir: WorkDir = DEFAULT_WORKDIR,
+    ) -> None:
+        """Create a job, upload bundle + encrypted dataset (resumable), start training."""
+        from medblindtuner.service.client import HospitalClient, ServiceError
+
+        job_file = workdir / "job.json"
+        try:
+            if job_file.exists():  # resume an interrupted submit
+                client = _client(workdir)
+                console.print(f"resuming job {client.job_id}")
+            else:
+                client = HospitalClient(url)
+                client.create_job()
+                fd = os.open(job_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    json.dump({"url": url, "job_id": client.job_id, "token": client.token},
+                              handle)
+            client.upload_dir("bundle", workdir / "public_bundle")
+            client.upload_dir("dataset", workdir / "encrypted_dataset")
+            if client.status()["state"] == "created":
+                client.start()
+        except ServiceError as exc:
+            _fail(str(exc))
+        console.print(f"job {client.job_id} started; `medblindtuner hospital fetch` answers "
+                      "the early-stopping questions and downloads the result")
+
+    @hospital.command("status")
+    def status(
+        workdir: WorkDir = DEFAULT_WORKDIR,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """Show the job's state and progress."""
+        current = _client(workdir, progress=False).status()
+        if as_json:
+            sys.stdout.write(json.dumps(current, indent=2) + "\n")
+            return
+        table = Table(title=f"job {current['job_id']}")
+        table.add_column("field")
+        table.add_column("value")
+        for key in ("state", "epoch", "epochs_done", "max_epochs", "step", "steps_per_epoch",
+                    "steps", "bootstraps", "seconds_per_step", "eta_seconds", "best_epoch",
+                    "restarts", "error"):
+            table.add_row(key, str(current.get(key)))
+        Console().print(table)
+
+    @hospital.command("fetch")
+    def fetch(
+        workdir: WorkDir = DEFAULT_WORKDIR,
+        poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 1.0,
+    ) -> None:
+        """Answer early-stopping questions (decrypting locally) until done; download weights."""
+        from tqdm import tqdm
+
+        from medblindtuner.service.client import JobFailed
+        from medblindtuner.training.encrypted import HospitalJudge
+
+        meta, plan, _params = _load_plan(workdir)
+        keys = _load_keys(workdir, meta["insecure"])
+        judge = HospitalJudge(keys, plan, meta["n_val"])
+        client = _client(workdir)
+        total = plan.config.epochs * len(plan.train_batch_sizes)
+        with tqdm(total=total, desc="encrypted training", unit="step") as bar:
+            def on_status(current: dict) -> None:
+                bar.update(max(current["steps"] - bar.n, 0))
+                bar.set_postfix(state=current["state"], epoch=current["epoch"],
+                                bootstraps=current["bootstraps"])
+
+            try:
+                final = client.answer_decisions(judge, poll_s=poll, on_status=on_status)
+            except JobFailed as exc:
+                _fail(str(exc))
+        for epoch, loss in sorted(judge.losses.items()):
+            console.print(f"epoch {epoch}: validation Brier loss {loss:.5f}")
+        client.fetch_result(workdir / "result")
+        console.print(f"job finished after {final['epochs_done']} epochs (best epoch "
+                      f"{final['best_epoch']}); encrypted weights in {workdir / 'result'}")
+
+    @hospital.command("evaluate")
+    def evaluate_cmd(
+        workdir: WorkDir = DEFAULT_WORKDIR,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """Decrypt the weights and report test ACC/AUC next to the plaintext trainers."""
+        from medblindtuner.service.client import load_result_weights
+        from medblindtuner.training.pipeline import PreparedData, run_plain
+        from medblindtuner.training.plain import evaluate
+
+        meta, plan, _params = _load_plan(workdir)
+        x, y = _load_prepared(workdir)
+        keys = _load_keys(workdir, meta["insecure"])
+        weights = load_result_weights(keys, plan, workdir / "result")
+        data = PreparedData(meta["dataset"], plan.n_classes, x, y, {}, {})
+        plain = run_plain(data, plan.config, plan.activation, plan.layout)
+        mirror = np.asarray(plain["mirror"]["weights"])
+        split = "test" if "test" in x else "val"
+        report = {
+            "split": split,
+            "encrypted": evaluate(weights, x[split], y[split], plan.n_classes),
+            "plaintext": plain["plaintext"]["test"] if split == "test" else None,
+            "mirror": plain["mirror"]["test"] if split == "test" else None,
+            "max_abs_weight_diff_vs_mirror": float(np.max(np.abs(weights - mirror))),
+        }
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2, default=float) + "\n")
+            return
+        table = Table(title=f"{meta['dataset']}: {split} split")
+        table.add_column("model")
+        table.add_column("ACC")
+        table.add_column("AUC")
+        for name in ("encrypted", "plaintext", "mirror"):
+            if report[name]:
+                table.add_row(name, f"{report[name]['acc']:.4f}", f"{report[name]['auc']:.4f}")
+        Console().print(table)
+        console.print(f"max |w_enc - w_mirror| = {report['max_abs_weight_diff_vs_mirror']:.2e}")

@@ -585,6 +585,7 @@ async def _read_body(request: Request, limit: int, what: str) -> bytes:
 
 def _configure_logging(config: ServiceConfig) -> None:
     """Service log file in the data dir (ids, sizes and hashes only; never plaintext)."""
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     path = Path(config.data_dir) / "service.log"
     if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
         return

@@ -232,7 +232,6 @@ class JobRunner:
         dataset = EncryptedDataset.load(self.dir / "dataset", crypto.params)
         evaluator = Evaluator(crypto.context, crypto.params)
         trainer = EncryptedTrainer(evaluator, dataset, self.dir / "checkpoints")
-        trainer.attach_public_key(crypto.public_key)
         self._update(steps_per_epoch=len(dataset.train),
                      max_epochs=dataset.plan.config.epochs)
         log.info("job %s: loaded bundle %s and %d train / %d val batches; resuming: %s",

@@ -310,11 +310,10 @@ class EncryptedTrainer:
 
     # ---- the step ---------------------------------------------------------------------------
     def _zero_weights(self) -> list[ofhe.Ciphertext]:
-        """Encrypted zeros (public-key encryption of a constant: no secret involved)."""
-        zero = self.ev.context.MakeCKKSPackedPlaintext(
-            np.zeros(self.plan.slots), 1, LEVELS_CONSUMED_BY_BOOTSTRAP, None, self.plan.slots)
-        public_key = self._public_key
-        return [self.ev.context.Encrypt(public_key, zero) for _ in range(self.plan.rows)]
+        """Encrypted zeros derived from a data ciphertext (x * 0): no key needed, and no fresh
+        encryption randomness, so an interrupted and resumed run repeats the same numbers."""
+        zero = self.ev.mul_scalar(self.data.train[0].x_grad, 0.0)
+        return [zero.Clone() for _ in range(self.plan.rows)]
 
     def logits(self, batch: EncryptedBatch, weights: list[ofhe.Ciphertext]):
         return [self.ev.rotate_and_sum(self.ev.mul(batch.x_dup, w), self.layout.logit_strides)
@@ -367,13 +366,6 @@ class EncryptedTrainer:
         return self.ev.add_many(totals)
 
     # ---- epochs, checkpoints ----------------------------------------------------------------
-    @property
-    def _public_key(self):
-        return self._pk
-
-    def attach_public_key(self, public_key) -> None:
-        self._pk = public_key
-
     def initialise_or_resume(self) -> bool:
         """Load the last checkpoint if there is one; returns True when resumed."""
         state_path = self.checkpoint_dir / "state.json"

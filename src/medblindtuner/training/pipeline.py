@@ -138,7 +138,6 @@ def run_encrypted(
 
     evaluator = Evaluator(keys.context, keyed)
     trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints")
-    trainer.attach_public_key(keys.public_key)
     judge = HospitalJudge(keys, plan, len(data.y["val"])) if interactive else None
     total_steps = config.epochs * len(plan.train_batch_sizes)
     start = time.perf_counter()

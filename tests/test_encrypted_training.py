@@ -141,8 +141,8 @@ def test_tampered_dataset_is_refused(setup, tmp_path):
 
 def test_plan_range_check_refuses_divergent_settings(setup):
     data, plan, _, _ = setup
-    from medblindtuner.training.encrypted import TrainingPlan
     from medblindtuner.he.params import INSECURE_TEST
+    from medblindtuner.training.encrypted import TrainingPlan
     hot = TrainingPlan.create(INSECURE_TEST, data[0], data[2], 2,
                               TrainConfig(learning_rate=500.0, epochs=3, batch_size=64))
     with pytest.raises(RangeError):

@@ -6,12 +6,15 @@ Everything lives in one hospital work directory (`--workdir`):
     encrypted_dataset/    uploaded: CKKS ciphertexts of the features and labels
     local/secret_key.bin  NEVER uploaded (mode 0600)
     local/prepared.npz    NEVER uploaded: the scaled plaintext features (for encrypt/evaluate)
+    local/scaler.npz      NEVER uploaded: the train-fitted FeatureScaler (for `predict`)
     plan.json             public training plan + CKKS parameters
     job.json              service URL, job id and bearer token (mode 0600)
     result/               downloaded encrypted weights
+    queries/<query id>/   encrypted query sets sent for scoring and the encrypted scores
 
 keygen -> encrypt -> submit -> fetch (answers the early-stopping questions, downloads the
-weights) -> evaluate (decrypts locally, compares with the plaintext trainers).
+weights) -> evaluate (decrypts locally, compares with the plaintext trainers);
+predict: encrypted inference, the cloud scores encrypted rows with the encrypted weights.
 """
 
 from __future__ import annotations
@@ -65,6 +68,42 @@ def _load_keys(workdir: Path, insecure: bool):
 
     return HospitalKeys.load(workdir / "public_bundle", workdir / "local" / "secret_key.bin",
                              allow_insecure=insecure)
+
+
+def _load_scaler(workdir: Path, meta: dict):
+    """The train-fitted scaler: saved by keygen, or refitted from the keygen feature file
+    (work directories made before keygen saved it; the fit is deterministic)."""
+    from medblindtuner.features.preprocess import FeatureScaler
+
+    path = workdir / "local" / "scaler.npz"
+    if path.exists():
+        return FeatureScaler.load(path)
+    source = Path(meta.get("features", ""))
+    if not source.is_file():
+        _fail(f"{path} not found and the keygen feature file {source} is gone: cannot scale "
+              "new features the way the model was trained")
+    from medblindtuner.features.extract import FeatureSet
+
+    x_train = FeatureSet.load(source).splits["train"][0]
+    return FeatureScaler(standardize=True, n_components=meta.get("pca_dims")).fit(x_train)
+
+
+def _raw_features(path: Path, split: str | None) -> np.ndarray:
+    """Rows to score from a FeatureSet file (one split, or all) or an .npz with `x`."""
+    with np.load(path, allow_pickle=False) as z:
+        if "meta" not in z.files:
+            for key in ("x", "features"):
+                if key in z.files:
+                    return np.asarray(z[key], dtype=np.float64)
+            _fail(f"{path}: expected a FeatureSet file or an .npz with an 'x' array")
+    from medblindtuner.features.extract import FeatureSet
+
+    feature_set = FeatureSet.load(path)
+    if split is not None:
+        if split not in feature_set.splits:
+            _fail(f"{path} has no split {split!r} ({sorted(feature_set.splits)})")
+        return feature_set.splits[split][0].astype(np.float64)
+    return np.vstack([x for x, _ in feature_set.splits.values()]).astype(np.float64)
 
 
 def _client(workdir: Path, progress: bool = True):
@@ -127,6 +166,13 @@ def register(app: typer.Typer) -> None:
         arrays = {f"{s}_x": x for s, x in data.x.items()}
         arrays.update({f"{s}_y": y for s, y in data.y.items()})
         np.savez(workdir / "local" / "prepared.npz", **arrays)
+        # The same deterministic train-only fit as prepare_features: `predict --features`
+        # must scale new rows exactly like the training rows.
+        from medblindtuner.features.preprocess import FeatureScaler
+
+        x_train = FeatureSet.load(features).splits["train"][0]
+        FeatureScaler(standardize=True, n_components=pca_dims).fit(x_train).save(
+            workdir / "local" / "scaler.npz")
         meta = {"plan": plan.to_dict(), "params": keyed.to_dict(),
                 "n_val": int(len(data.y["val"])), "n_classes": data.n_classes,
                 "dataset": data.name, "insecure": insecure_test_params,
@@ -270,3 +316,116 @@ def register(app: typer.Typer) -> None:
                 table.add_row(name, f"{report[name]['acc']:.4f}", f"{report[name]['auc']:.4f}")
         Console().print(table)
         console.print(f"max |w_enc - w_mirror| = {report['max_abs_weight_diff_vs_mirror']:.2e}")
+
+    @hospital.command("predict")
+    def predict(
+        workdir: WorkDir = DEFAULT_WORKDIR,
+        split: Annotated[str | None, typer.Option(
+            help="Score this prepared split (default: test); reports agreement with the "
+                 "plaintext predictions of the decrypted weights.")] = None,
+        features: Annotated[Path | None, typer.Option(
+            help="Score new rows: a FeatureSet .npz (from `features`) or an .npz with 'x', "
+                 "scaled with the keygen scaler.")] = None,
+        features_split: Annotated[str | None, typer.Option(
+            help="With --features (a FeatureSet file): only this split.")] = None,
+        json_path: Annotated[Path | None, typer.Option(
+            "--json", help="Write predictions and the report to this JSON file.")] = None,
+        poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 0.5,
+        timeout: Annotated[float | None, typer.Option(help="Give up after seconds.")] = None,
+    ) -> None:
+        """Encrypted inference: encrypt rows here, the cloud scores them, decrypt here."""
+        import time
+
+        from medblindtuner.he.keys import BundleError
+        from medblindtuner.service.client import JobFailed, ServiceError, load_result_weights
+        from medblindtuner.training.inference import decrypt_scores, encrypt_queries, load_scores
+        from medblindtuner.training.plain import add_bias, class_probabilities
+
+        if split is not None and features is not None:
+            _fail("give either --split or --features, not both")
+        meta, plan, _params = _load_plan(workdir)
+        labels = None
+        if features is None:
+            split = split or "test"
+            x_all, y_all = _load_prepared(workdir)
+            if split not in x_all:
+                _fail(f"no prepared split {split!r} (have {sorted(x_all)})")
+            x, labels, source = x_all[split], y_all[split], f"split {split}"
+        else:
+            raw = _raw_features(features, features_split)
+            scaler = _load_scaler(workdir, meta)
+            if raw.ndim != 2 or raw.shape[1] != scaler.n_features_in_:
+                _fail(f"{features}: expected rows of {scaler.n_features_in_} features, got "
+                      f"shape {raw.shape}")
+            x = add_bias(scaler.transform(raw))
+            source = f"{features}" + (f" [{features_split}]" if features_split else "")
+        if x.shape[1] != plan.n_features or len(x) == 0:
+            _fail(f"rows have {x.shape[1]} columns (with bias); the model expects "
+                  f"{plan.n_features}")
+        keys = _load_keys(workdir, meta["insecure"])
+        client = _client(workdir)
+        timings: dict[str, float] = {}
+        try:
+            started = time.perf_counter()
+            queries = encrypt_queries(keys, plan, x)
+            timings["encrypt_s"] = time.perf_counter() - started
+            query_id = client.create_query()
+            query_root = workdir / "queries" / query_id
+            queries.save(query_root / "encrypted", keys.params)
+            started = time.perf_counter()
+            client.upload_queries(query_root / "encrypted", query_id=query_id)
+            timings["upload_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            client.score(query_id)
+            final = client.wait_scores(query_id, poll_s=poll, timeout_s=timeout)
+            timings["cloud_scoring_wait_s"] = time.perf_counter() - started
+            client.fetch_scores(query_id, query_root / "scores")
+            if features is None and not (workdir / "result" / "manifest.json").exists():
+                client.fetch_result(workdir / "result")
+        except (ServiceError, JobFailed, TimeoutError) as exc:
+            _fail(str(exc))
+        try:
+            scores, sizes = load_scores(query_root / "scores", keys.params)
+        except BundleError as exc:
+            _fail(str(exc))
+        started = time.perf_counter()
+        probs = decrypt_scores(keys, plan, scores, sizes)
+        timings["decrypt_s"] = time.perf_counter() - started
+        predicted = probs.argmax(axis=1)
+        report: dict = {
+            "job_id": client.job_id, "query_id": query_id, "source": source,
+            "n": int(len(x)), "n_classes": plan.n_classes,
+            "cloud_seconds": final.get("seconds"),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        if labels is not None:
+            report["accuracy"] = float(np.mean(predicted == labels))
+            weights = load_result_weights(keys, plan, workdir / "result")
+            plain = class_probabilities(weights, x, plan.n_classes)
+            report["agreement"] = {
+                "identical_class_fraction": float(np.mean(plain.argmax(axis=1) == predicted)),
+                "max_abs_prob_diff": float(np.max(np.abs(plain - probs))),
+            }
+        report["predictions"] = predicted.tolist()
+        report["probabilities"] = probs.tolist()
+        if labels is not None:
+            report["labels"] = np.asarray(labels).astype(int).tolist()
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+        else:
+            sys.stdout.write("row\tclass\t" + "\t".join(
+                f"p{c}" for c in range(probs.shape[1])) + "\n")
+            for i, (c, row) in enumerate(zip(predicted, probs, strict=True)):
+                sys.stdout.write(f"{i}\t{c}\t" + "\t".join(f"{p:.6f}" for p in row) + "\n")
+        counts = np.bincount(predicted, minlength=probs.shape[1]).tolist()
+        console.print(f"{len(x)} rows from {source} scored under encryption (query set "
+                      f"{query_id}); predicted class counts {counts}")
+        if "agreement" in report:
+            agreement = report["agreement"]
+            console.print(f"accuracy {report['accuracy']:.4f}; agreement with plaintext "
+                          f"predictions of the decrypted weights: "
+                          f"{agreement['identical_class_fraction']:.4f} identical classes, "
+                          f"max |prob diff| {agreement['max_abs_prob_diff']:.2e}")
+        if json_path is not None:
+            console.print(f"report: {json_path}")

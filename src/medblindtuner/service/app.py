@@ -8,7 +8,8 @@ Trust model: the cloud is untrusted, and so is every client. The service therefo
     datasets made for other parameters and oversized uploads *before* any training starts,
   * never sees plaintext: logs and DB hold ids, sizes, hashes and counters only.
 OpenFHE work (secret-key detection, bundle verification) runs under one lock in this process;
-training runs in `medblindtuner.service.worker` processes.
+training and the scoring of encrypted query sets (encrypted inference with the trained
+weights) run in `medblindtuner.service.worker` processes.
 """
 
 from __future__ import annotations
@@ -59,21 +60,37 @@ from medblindtuner.service.store import (
     FAILED,
     FINISHED,
     MANIFEST_NAME,
+    Q_ACTIVE_STATES,
+    Q_DONE,
+    Q_FAILED,
+    Q_QUEUED,
+    Q_UPLOADING,
+    QUERY_KIND_PREFIX,
     QUEUED,
     TERMINAL_STATES,
     DecisionRow,
     Job,
+    QuerySet,
     Store,
     Upload,
     UploadChunk,
     hash_token,
     new_job_id,
+    new_query_id,
     new_token,
+    query_kind,
     token_matches,
     utcnow,
 )
-from medblindtuner.service.worker import job_dir, spawn_worker, worker_alive
+from medblindtuner.service.worker import (
+    SCORE_LOCK_NAME,
+    job_dir,
+    query_dir,
+    spawn_worker,
+    worker_alive,
+)
 from medblindtuner.training.encrypted import DATASET_FORMAT, TrainingPlan, read_dataset_manifest
+from medblindtuner.training.inference import QUERIES_FORMAT, SCORES_FORMAT
 
 log = logging.getLogger("medblindtuner.service")
 # The exact file set of a public bundle (the keys module's definition, so the two never drift).
@@ -132,6 +149,28 @@ class CloudService:
     def staging_path(self, job_id: str, kind: str, name: str) -> Path:
         return self.config.staging_dir / job_id / kind / f"{name}.part"
 
+    def query_dir(self, job_id: str, query_id: str) -> Path:
+        return query_dir(self.config, job_id, query_id)
+
+    def artifact_dir(self, job_id: str, kind: str) -> Path:
+        """Where OpenFHE will read an artifact: `<job>/<kind>/` or `<job>/queries/<q>/input/`."""
+        if kind.startswith(QUERY_KIND_PREFIX):
+            return self.query_dir(job_id, kind[len(QUERY_KIND_PREFIX):]) / "input"
+        return self.job_dir(job_id) / kind
+
+    def _check_uploads_open(self, session, job: Job, kind: str, closed: str) -> QuerySet | None:
+        """Bundle/dataset change only before start; a query set only while it is uploading."""
+        if not kind.startswith(QUERY_KIND_PREFIX):
+            if job.state != CREATED:
+                raise _fail(409, f"job is {job.state}: {closed}")
+            return None
+        query = session.get(QuerySet, kind[len(QUERY_KIND_PREFIX):])
+        if query is None or query.job_id != job.id:
+            raise _fail(404, "no such query set")
+        if query.state != Q_UPLOADING:
+            raise _fail(409, f"query set is {query.state}: {closed}")
+        return query
+
     # ---- supervision -----------------------------------------------------------------------
     def start_worker(self, job_id: str) -> int:
         with self.spawn_lock:
@@ -139,6 +178,53 @@ class CloudService:
             self.children[job_id] = (process, time.monotonic())
         log.info("job %s: worker started (pid %d)", job_id, process.pid)
         return process.pid
+
+    def start_scorer(self, job_id: str, query_id: str) -> int:
+        """Scoring loads the bundle's keys: like training, never in the web process."""
+        with self.spawn_lock:
+            process = spawn_worker(self.config, job_id, query_id)
+            self.children[f"{job_id}/{query_id}"] = (process, time.monotonic())
+        log.info("job %s query set %s: scoring worker started (pid %d)", job_id, query_id,
+                 process.pid)
+        return process.pid
+
+    def scorer_running(self, job_id: str, query_id: str) -> bool:
+        child = self.children.get(f"{job_id}/{query_id}")
+        if child is not None and child[0].poll() is None:
+            return True
+        return worker_alive(self.query_dir(job_id, query_id), SCORE_LOCK_NAME)
+
+    def check_scorers(self) -> None:
+        """Restart scoring workers that died (max restarts as for training), else fail the set."""
+        with self.store.session() as session:
+            active = session.execute(select(QuerySet.job_id, QuerySet.id).where(
+                QuerySet.state.in_(Q_ACTIVE_STATES))).all()
+        for job_id, query_id in active:
+            if self.scorer_running(job_id, query_id):
+                continue
+            restart = False
+            with self.store.session() as session:
+                query = session.get(QuerySet, query_id)
+                if query is None or query.state not in Q_ACTIVE_STATES:
+                    continue
+                if query.restarts >= self.config.max_worker_restarts:
+                    query.state = Q_FAILED
+                    query.error = f"scoring worker died {query.restarts + 1} times; giving up"
+                    query.finished_at = utcnow()
+                    log.error("job %s query set %s: scoring worker died again; failed",
+                              job_id, query_id)
+                else:
+                    query.restarts += 1
+                    restart = True
+                    log.warning("job %s query set %s: scoring worker gone; restarting",
+                                job_id, query_id)
+                query.updated_at = utcnow()
+            if restart:
+                pid = self.start_scorer(job_id, query_id)
+                with self.store.session() as session:
+                    query = session.get(QuerySet, query_id)
+                    if query is not None:
+                        query.worker_pid = pid
 
     def worker_running(self, job_id: str) -> bool:
         """Own child still running, or any process (e.g. from a previous run) holds the lock."""
@@ -149,9 +235,10 @@ class CloudService:
 
     def check_workers(self) -> None:
         """Restart workers of active jobs that died (crash, OOM kill, service restart)."""
-        for job_id, (process, _started) in list(self.children.items()):
+        for key, (process, _started) in list(self.children.items()):
             if process.poll() is not None:  # reap, so no zombies accumulate
-                self.children.pop(job_id, None)
+                self.children.pop(key, None)
+        self.check_scorers()
         with self.store.session() as session:
             active = session.scalars(select(Job.id).where(Job.state.in_(ACTIVE_STATES))).all()
         for job_id in active:
@@ -325,8 +412,8 @@ class CloudService:
         digest = sha256_bytes(raw)
         with self.store.session() as session:
             job = session.get(Job, job_id)
-            if job.state != CREATED:
-                raise _fail(409, f"job is {job.state}: artifacts can only change before start")
+            query = self._check_uploads_open(session, job, kind,
+                                             "artifacts can only change before start")
             existing = session.scalars(select(Upload).where(
                 Upload.job_id == job_id, Upload.kind == kind, Upload.name == MANIFEST_NAME)
             ).first()
@@ -334,7 +421,7 @@ class CloudService:
                 if existing.sha256 == digest:
                     return {"accepted": True, "resumed": True}
                 raise _fail(409, f"a different {kind} manifest was already uploaded; delete "
-                                 "the job and create a new one to change it")
+                                 "the job (or query set) and create a new one to change it")
             other = session.scalars(select(Upload).where(
                 Upload.job_id == job_id, Upload.kind != kind, Upload.name != MANIFEST_NAME)
             ).all()
@@ -343,9 +430,11 @@ class CloudService:
                                  f"bytes; the per-job limit is {limits.max_job_bytes}")
             if kind == "bundle":
                 self._check_bundle_manifest(manifest, job)
-            else:
+            elif kind == "dataset":
                 self._check_dataset_manifest(manifest, job)
-            atomic_write_bytes(self.job_dir(job_id) / kind / MANIFEST_NAME, raw)
+            else:
+                self._check_queries_manifest(manifest, job, query)
+            atomic_write_bytes(self.artifact_dir(job_id, kind) / MANIFEST_NAME, raw)
             session.add(Upload(job_id=job_id, kind=kind, name=MANIFEST_NAME, size=len(raw),
                                sha256=digest, chunk_size=max(len(raw), 1), finalized=True,
                                finalized_at=utcnow()))
@@ -396,6 +485,29 @@ class CloudService:
         job.max_epochs = plan.config.epochs
         job.steps_per_epoch = len(plan.train_batch_sizes)
 
+    def _check_queries_manifest(self, manifest: dict, job: Job, query: QuerySet) -> None:
+        """Queries must fit the job: same CKKS parameters, `samples_per_ct` rows per file."""
+        if manifest.get("format") != QUERIES_FORMAT:
+            raise _fail(400, f"not an encrypted query-set manifest ({manifest.get('format')!r})")
+        if manifest.get("params_fingerprint") != job.params_fingerprint:
+            raise _fail(400, "encrypted queries were made with other CKKS parameters than the "
+                             f"job's bundle ({manifest.get('params_fingerprint')} vs "
+                             f"{job.params_fingerprint})")
+        sizes = manifest.get("sizes")
+        plan_manifest = json.loads((self.job_dir(job.id) / "dataset" / MANIFEST_NAME).read_text())
+        per_ct = TrainingPlan.from_dict(plan_manifest["plan"]).layout.samples_per_ct
+        if (not isinstance(sizes, list) or not sizes
+                or not all(isinstance(n, int) and 1 <= n <= per_ct for n in sizes)):
+            raise _fail(400, f"query manifest 'sizes' must be a non-empty list of row counts "
+                             f"between 1 and {per_ct} (rows per ciphertext)")
+        expected = {f"query_{i:04d}.bin" for i in range(len(sizes))}
+        if set(manifest["files"]) != expected:
+            raise _fail(400, f"query manifest must list exactly query_0000.bin .. "
+                             f"query_{len(sizes) - 1:04d}.bin")
+        query.n_rows = sum(sizes)
+        query.n_ciphertexts = len(sizes)
+        query.updated_at = utcnow()
+
     def _upload_row(self, session, job_id: str, kind: str, name: str) -> Upload:
         upload = session.scalars(select(Upload).where(
             Upload.job_id == job_id, Upload.kind == kind, Upload.name == name)).first()
@@ -407,8 +519,7 @@ class CloudService:
                      chunk_sha: str) -> dict[str, Any]:
         with self.store.session() as session:
             job = session.get(Job, job_id)
-            if job.state != CREATED:
-                raise _fail(409, f"job is {job.state}: uploads are closed")
+            self._check_uploads_open(session, job, kind, "uploads are closed")
             upload = self._upload_row(session, job_id, kind, name)
             if upload.finalized:
                 return {"index": index, "complete": True}
@@ -432,8 +543,7 @@ class CloudService:
     def finalize(self, job_id: str, kind: str, name: str) -> dict[str, Any]:
         with self.store.session() as session:
             job = session.get(Job, job_id)
-            if job.state != CREATED:
-                raise _fail(409, f"job is {job.state}: uploads are closed")
+            self._check_uploads_open(session, job, kind, "uploads are closed")
             upload = self._upload_row(session, job_id, kind, name)
             if upload.finalized:
                 return {"name": name, "complete": True, "sha256": upload.sha256}
@@ -465,7 +575,7 @@ class CloudService:
             raise reject(400, f"{name} is an OpenFHE secret key: refusing it. The secret key "
                               "must never leave the hospital")
         self.blobs.ingest(staged, digest)
-        self.blobs.link_into(digest, self.job_dir(job_id) / kind / name)
+        self.blobs.link_into(digest, self.artifact_dir(job_id, kind) / name)
         with self.store.session() as session:
             upload = session.get(Upload, upload_id)
             upload.finalized = True
@@ -548,6 +658,112 @@ class CloudService:
         with self.store.session() as session:
             return self.status_of(session.get(Job, job_id))
 
+    # ---- encrypted inference ---------------------------------------------------------------
+    @staticmethod
+    def query_status_of(query: QuerySet) -> dict[str, Any]:
+        def iso(value):
+            return value.isoformat() if value else None
+
+        return {
+            "query_id": query.id,
+            "job_id": query.job_id,
+            "state": query.state,
+            "n_rows": query.n_rows,
+            "n_ciphertexts": query.n_ciphertexts,
+            "scores_ready": query.state == Q_DONE,
+            "seconds": query.seconds,
+            "restarts": query.restarts,
+            "error": query.error,
+            "created_at": iso(query.created_at),
+            "started_at": iso(query.started_at),
+            "finished_at": iso(query.finished_at),
+        }
+
+    def create_query(self, job_id: str) -> dict[str, Any]:
+        """A new (empty) query set; only a finished job has weights to score with."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job.state != FINISHED or not job.result_ready:
+                raise _fail(409, f"job is {job.state}: encrypted inference needs a finished job")
+            query = QuerySet(id=new_query_id(), job_id=job_id, state=Q_UPLOADING)
+            session.add(query)
+            session.flush()
+            self.query_dir(job_id, query.id).mkdir(parents=True, exist_ok=True)
+            status_ = self.query_status_of(query)
+        log.info("job %s: query set %s created", job_id, status_["query_id"])
+        return status_
+
+    def query_status(self, job_id: str, query_id: str) -> dict[str, Any]:
+        with self.store.session() as session:
+            status_ = self.query_status_of(session.get(QuerySet, query_id))
+        return {**status_, **self.artifact_status(job_id, query_kind(query_id))}
+
+    def start_scoring(self, job_id: str, query_id: str) -> dict[str, Any]:
+        """All query files finalized -> spawn the scoring worker (idempotent once started)."""
+        kind = query_kind(query_id)
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id)
+            if query.state in (*Q_ACTIVE_STATES, Q_DONE):
+                return self.query_status_of(query)
+        artifact = self.artifact_status(job_id, kind)
+        if artifact["manifest"] is None:
+            raise _fail(409, "the query manifest has not been uploaded")
+        pending = [n for n, f in artifact["files"].items() if not f["complete"]]
+        if pending:
+            raise _fail(409, f"query files not finalized: {sorted(pending)[:20]}")
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id)
+            if query.state not in (Q_UPLOADING, Q_FAILED):
+                return self.query_status_of(query)
+            query.state = Q_QUEUED
+            query.error = None
+            query.restarts = 0
+            query.started_at = utcnow()
+            query.finished_at = None
+            query.updated_at = utcnow()
+        pid = self.start_scorer(job_id, query_id)
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id)
+            query.worker_pid = pid
+            return self.query_status_of(query)
+
+    def scores_manifest(self, job_id: str, query_id: str) -> dict[str, Any]:
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id)
+            if query.state != Q_DONE:
+                raise _fail(409, f"query set is {query.state}; the scores are not ready")
+        manifest = json.loads(
+            (self.query_dir(job_id, query_id) / "scores" / MANIFEST_NAME).read_text())
+        if manifest.get("format") != SCORES_FORMAT:
+            raise _fail(500, "scores manifest has an unexpected format")
+        return manifest
+
+    def delete_query(self, job_id: str, query_id: str) -> None:
+        """Stop its scorer, drop its DB rows, files, staging and unreferenced blobs."""
+        kind = query_kind(query_id)
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id)
+            query.state = Q_FAILED
+            query.error = "deleted"
+        pid_file = self.query_dir(job_id, query_id) / "worker.pid"
+        if self.scorer_running(job_id, query_id) and pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        with self.store.session() as session:
+            digests = set(session.scalars(select(Upload.sha256).where(
+                Upload.job_id == job_id, Upload.kind == kind,
+                Upload.name != MANIFEST_NAME)).all())
+            upload_ids = select(Upload.id).where(Upload.job_id == job_id, Upload.kind == kind)
+            session.execute(delete(UploadChunk).where(UploadChunk.upload_id.in_(upload_ids)))
+            session.execute(delete(Upload).where(Upload.job_id == job_id, Upload.kind == kind))
+            session.execute(delete(QuerySet).where(QuerySet.id == query_id))
+        shutil.rmtree(self.query_dir(job_id, query_id), ignore_errors=True)
+        shutil.rmtree(self.config.staging_dir / job_id / kind, ignore_errors=True)
+        self.blobs.collect(digests)
+        log.info("job %s: query set %s deleted", job_id, query_id)
+
     def delete_job(self, job_id: str) -> None:
         with self.store.session() as session:
             job = session.get(Job, job_id)
@@ -561,7 +777,17 @@ class CloudService:
             session.execute(delete(UploadChunk).where(UploadChunk.upload_id.in_(upload_ids)))
             session.execute(delete(Upload).where(Upload.job_id == job_id))
             session.execute(delete(DecisionRow).where(DecisionRow.job_id == job_id))
+            queries = session.scalars(select(QuerySet.id).where(
+                QuerySet.job_id == job_id)).all()
+            session.execute(delete(QuerySet).where(QuerySet.job_id == job_id))
             session.execute(delete(Job).where(Job.id == job_id))
+        for query_id in queries:  # scorers of this job: their sets are gone, stop them
+            pid_file = self.query_dir(job_id, query_id) / "worker.pid"
+            if self.scorer_running(job_id, query_id) and pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         shutil.rmtree(self.config.staging_dir / job_id, ignore_errors=True)
         removed = self.blobs.collect(digests)
@@ -625,6 +851,23 @@ def check_kind(kind: str) -> str:
 
 JobId = Annotated[str, Depends(authorised)]
 Kind = Annotated[str, Depends(check_kind)]
+
+
+def query_of_job(job_id: JobId, query_id: str, request: Request) -> str:
+    """The Upload kind of an existing query set of this (authorised) job, else 404."""
+    service: CloudService = request.app.state.service
+    with service.store.session() as session:
+        query = session.get(QuerySet, query_id) if is_safe_name(query_id) else None
+        if query is None or query.job_id != job_id:
+            raise _fail(404, "no such query set")
+    return query_kind(query_id)
+
+
+QueryKind = Annotated[str, Depends(query_of_job)]
+
+
+def _query_id(kind: str) -> str:
+    return kind[len(QUERY_KIND_PREFIX):]
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
@@ -748,6 +991,79 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return FileResponse(service.job_dir(job_id) / "result" / name,
                             media_type="application/octet-stream",
                             headers={"X-Content-SHA256": manifest["files"][name]["sha256"]})
+
+    # ---- encrypted inference: query sets -----------------------------------------------------
+    @app.post("/jobs/{job_id}/queries", status_code=201, tags=["inference"])
+    def create_query(job_id: JobId) -> dict[str, Any]:
+        """New encrypted query set for a finished job -> {query_id, state, ...}."""
+        return service.create_query(job_id)
+
+    @app.get("/jobs/{job_id}/queries", tags=["inference"])
+    def list_queries(job_id: JobId) -> dict[str, Any]:
+        with service.store.session() as session:
+            rows = session.scalars(select(QuerySet).where(QuerySet.job_id == job_id)
+                                   .order_by(QuerySet.created_at)).all()
+            return {"queries": [service.query_status_of(q) for q in rows]}
+
+    @app.get("/jobs/{job_id}/queries/{query_id}", tags=["inference"])
+    def query_status(job_id: JobId, kind: QueryKind) -> dict[str, Any]:
+        """Scoring state plus the upload resume point (same fields as GET artifacts/{kind})."""
+        return service.query_status(job_id, _query_id(kind))
+
+    @app.put("/jobs/{job_id}/queries/{query_id}/manifest", tags=["inference"],
+             openapi_extra=_OCTET_BODY)
+    async def put_query_manifest(job_id: JobId, kind: QueryKind,
+                                 request: Request) -> dict[str, Any]:
+        """The query set's manifest.json: format, params fingerprint, rows per ciphertext."""
+        raw = await _read_body(request, config.limits.max_manifest_bytes, "manifest")
+        return await run_in_threadpool(service.accept_manifest, job_id, kind, raw)
+
+    @app.put("/jobs/{job_id}/queries/{query_id}/files/{name}/chunks/{index}",
+             tags=["inference"], openapi_extra=_OCTET_BODY)
+    async def put_query_chunk(
+        job_id: JobId,
+        kind: QueryKind,
+        name: str,
+        index: int,
+        request: Request,
+        chunk_sha256: Annotated[str | None, Header(alias=CHUNK_SHA_HEADER)] = None,
+    ) -> dict[str, Any]:
+        if not chunk_sha256 or not is_sha256(chunk_sha256.lower()):
+            raise _fail(400, f"the {CHUNK_SHA_HEADER} header (hex SHA-256 of the chunk) is "
+                             "required")
+        data = await _read_body(request, config.limits.chunk_bytes, "chunk")
+        return await run_in_threadpool(service.accept_chunk, job_id, kind, name, index, data,
+                                       chunk_sha256.lower())
+
+    @app.post("/jobs/{job_id}/queries/{query_id}/files/{name}/finalize", tags=["inference"])
+    def finalize_query_file(job_id: JobId, kind: QueryKind, name: str) -> dict[str, Any]:
+        return service.finalize(job_id, kind, name)
+
+    @app.post("/jobs/{job_id}/queries/{query_id}/score", tags=["inference"])
+    def score(job_id: JobId, kind: QueryKind) -> dict[str, Any]:
+        """Start scoring in a worker process (the web process never loads keys)."""
+        return service.start_scoring(job_id, _query_id(kind))
+
+    @app.get("/jobs/{job_id}/queries/{query_id}/scores", tags=["inference"])
+    def scores(job_id: JobId, kind: QueryKind) -> dict[str, Any]:
+        """Manifest of the encrypted scores (files with SHA-256); 409 until scoring is done."""
+        return service.scores_manifest(job_id, _query_id(kind))
+
+    @app.get("/jobs/{job_id}/queries/{query_id}/scores/files/{name}", tags=["inference"],
+             response_class=FileResponse)
+    def score_file(job_id: JobId, kind: QueryKind, name: str) -> FileResponse:
+        manifest = service.scores_manifest(job_id, _query_id(kind))
+        if name not in manifest["files"]:
+            raise _fail(404, f"{name!r} is not part of the scores")
+        return FileResponse(service.query_dir(job_id, _query_id(kind)) / "scores" / name,
+                            media_type="application/octet-stream",
+                            headers={"X-Content-SHA256": manifest["files"][name]["sha256"]})
+
+    @app.delete("/jobs/{job_id}/queries/{query_id}", tags=["inference"])
+    def delete_query(job_id: JobId, kind: QueryKind) -> dict[str, Any]:
+        """Remove a query set, its ciphertexts and its scores."""
+        service.delete_query(job_id, _query_id(kind))
+        return {"deleted": True, "query_id": _query_id(kind)}
 
     @app.post("/jobs/{job_id}/cancel", tags=["jobs"])
     def cancel(job_id: JobId) -> dict[str, Any]:

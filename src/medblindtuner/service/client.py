@@ -5,6 +5,11 @@ per-epoch validation loss and of the final weights happens locally with the secr
 `answer_decisions`). Uploads are chunked with a SHA-256 per chunk and resumable: the server is
 asked which chunks it already holds and only the rest is sent, so a dropped connection costs at
 most one chunk.
+
+Encrypted inference uses the same upload protocol: `upload_queries` sends a query set (made by
+`medblindtuner.training.inference.encrypt_queries`), `score` starts the cloud-side scoring,
+`wait_scores` polls and `fetch_scores` downloads the encrypted scores, which only the
+hospital can decrypt (`decrypt_scores`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from tqdm import tqdm
 from medblindtuner.service.store import MANIFEST_NAME
 
 TERMINAL = ("finished", "failed", "cancelled")
+QUERY_TERMINAL = ("done", "failed")
 
 
 class ServiceError(RuntimeError):
@@ -103,18 +109,25 @@ class HospitalClient:
     def artifact_status(self, kind: str) -> dict[str, Any]:
         return self._request("GET", self._job(f"/artifacts/{kind}")).json()
 
-    def upload_manifest(self, kind: str, directory: Path) -> dict[str, Any]:
+    def _upload_manifest(self, base: str, directory: Path) -> dict[str, Any]:
         raw = (Path(directory) / MANIFEST_NAME).read_bytes()
-        return self._request("PUT", self._job(f"/artifacts/{kind}/manifest"), content=raw,
+        return self._request("PUT", f"{base}/manifest", content=raw,
                              headers={"Content-Type": "application/octet-stream"}).json()
+
+    def _upload_chunk(self, base: str, name: str, index: int, data: bytes,
+                      sha256: str | None = None) -> dict[str, Any]:
+        digest = sha256 or hashlib.sha256(data).hexdigest()
+        return self._request(
+            "PUT", f"{base}/files/{name}/chunks/{index}", content=data,
+            headers={"X-Chunk-SHA256": digest, "Content-Type": "application/octet-stream"},
+        ).json()
+
+    def upload_manifest(self, kind: str, directory: Path) -> dict[str, Any]:
+        return self._upload_manifest(self._job(f"/artifacts/{kind}"), directory)
 
     def upload_chunk(self, kind: str, name: str, index: int, data: bytes,
                      sha256: str | None = None) -> dict[str, Any]:
-        digest = sha256 or hashlib.sha256(data).hexdigest()
-        return self._request(
-            "PUT", self._job(f"/artifacts/{kind}/files/{name}/chunks/{index}"), content=data,
-            headers={"X-Chunk-SHA256": digest, "Content-Type": "application/octet-stream"},
-        ).json()
+        return self._upload_chunk(self._job(f"/artifacts/{kind}"), name, index, data, sha256)
 
     def finalize(self, kind: str, name: str) -> dict[str, Any]:
         return self._request("POST", self._job(f"/artifacts/{kind}/files/{name}/finalize")).json()
@@ -125,16 +138,23 @@ class HospitalClient:
         `max_chunks` stops after sending that many chunks (used to test interrupted uploads).
         Returns {"sent_chunks": n, "skipped_chunks": m}.
         """
+        return self._upload_dir(self._job(f"/artifacts/{kind}"), directory, kind, max_chunks)
+
+    def _upload_dir(self, base: str, directory: Path, label: str,
+                    max_chunks: int | None = None) -> dict:
+        """The resumable protocol against `base` (an artifact or a query set): GET base tells
+        which chunks the server holds, PUT base/manifest, base/files/{name}/chunks/{i},
+        POST base/files/{name}/finalize."""
         directory = Path(directory)
-        self.upload_manifest(kind, directory)
-        state = self.artifact_status(kind)
+        self._upload_manifest(base, directory)
+        state = self._request("GET", base).json()
         todo = {name: info for name, info in state["files"].items() if not info["complete"]}
         remaining = sum(
             info["bytes"] - len(info["received"]) * info["chunk_bytes"] for info in todo.values()
         )
         sent = skipped = 0
         with tqdm(total=max(remaining, 0), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"upload {kind}", disable=not self.progress) as bar:
+                  desc=f"upload {label}", disable=not self.progress) as bar:
             for name, info in sorted(todo.items()):
                 have = set(info["received"])
                 size, chunk = info["bytes"], info["chunk_bytes"]
@@ -148,10 +168,10 @@ class HospitalClient:
                                     "interrupted": True}
                         handle.seek(index * chunk)
                         data = handle.read(min(chunk, size - index * chunk))
-                        self.upload_chunk(kind, name, index, data)
+                        self._upload_chunk(base, name, index, data)
                         sent += 1
                         bar.update(len(data))
-                self.finalize(kind, name)
+                self._request("POST", f"{base}/files/{name}/finalize")
         return {"sent_chunks": sent, "skipped_chunks": skipped, "interrupted": False}
 
     # ---- early stopping -----------------------------------------------------------------------
@@ -221,20 +241,85 @@ class HospitalClient:
 
     def fetch_result(self, dest: Path) -> dict[str, Any]:
         """Download the encrypted weights (best epoch) into `dest`, each file SHA-checked."""
+        return self._download(self._job("/result"), self.result_manifest(), dest, "result")
+
+    def _download(self, base: str, manifest: dict[str, Any], dest: Path,
+                  label: str) -> dict[str, Any]:
+        """Fetch every file of `manifest` from base/files/{name}, SHA-256 checked; the
+        manifest is written last, so its presence means the directory is complete."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        manifest = self.result_manifest()
-        for name, info in manifest["files"].items():
-            if "/" in name or name.startswith("."):
-                raise ServiceError(502, f"result lists an unsafe file name {name!r}")
-            data = self._request("GET", self._job(f"/result/files/{name}")).content
-            if hashlib.sha256(data).hexdigest() != info["sha256"]:
-                raise ServiceError(502, f"downloaded {name} does not match its SHA-256")
-            tmp = dest / f".{name}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, dest / name)
+        total = sum(int(info.get("bytes", 0)) for info in manifest["files"].values())
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"download {label}", disable=not self.progress) as bar:
+            for name, info in manifest["files"].items():
+                if "/" in name or name.startswith("."):
+                    raise ServiceError(502, f"{label} lists an unsafe file name {name!r}")
+                data = self._request("GET", f"{base}/files/{name}").content
+                if hashlib.sha256(data).hexdigest() != info["sha256"]:
+                    raise ServiceError(502, f"downloaded {name} does not match its SHA-256")
+                tmp = dest / f".{name}.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, dest / name)
+                bar.update(len(data))
         (dest / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         return manifest
+
+    # ---- encrypted inference -------------------------------------------------------------------
+    def _query(self, query_id: str, suffix: str = "") -> str:
+        return self._job(f"/queries/{query_id}{suffix}")
+
+    def create_query(self) -> str:
+        """A new, empty query set of this (finished) job; returns its id."""
+        return self._request("POST", self._job("/queries")).json()["query_id"]
+
+    def query_status(self, query_id: str) -> dict[str, Any]:
+        return self._request("GET", self._query(query_id)).json()
+
+    def upload_queries(self, directory: Path, query_id: str | None = None,
+                       max_chunks: int | None = None) -> str:
+        """Upload an encrypted query set (`EncryptedQueries.save` output); returns its id.
+
+        Pass the `query_id` of an interrupted upload to resume it instead of starting anew.
+        """
+        query_id = query_id or self.create_query()
+        self._upload_dir(self._query(query_id), directory, "queries", max_chunks)
+        return query_id
+
+    def score(self, query_id: str) -> dict[str, Any]:
+        """Ask the cloud to score the uploaded queries with the job's encrypted weights."""
+        return self._request("POST", self._query(query_id, "/score")).json()
+
+    def wait_scores(self, query_id: str, poll_s: float = 0.5, timeout_s: float | None = None,
+                    on_status: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        """Poll until scoring is done; raises JobFailed if it failed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with tqdm(desc="encrypted scoring", disable=not self.progress, unit="poll") as bar:
+            while True:
+                current = self.query_status(query_id)
+                bar.set_postfix(state=current["state"])
+                bar.update(1)
+                if on_status:
+                    on_status(current)
+                if current["state"] == "done":
+                    return current
+                if current["state"] == "failed":
+                    raise JobFailed(f"scoring of query set {query_id} failed: "
+                                    f"{current.get('error')}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"query set {query_id} still {current['state']}")
+                time.sleep(poll_s)
+
+    def scores_manifest(self, query_id: str) -> dict[str, Any]:
+        return self._request("GET", self._query(query_id, "/scores")).json()
+
+    def fetch_scores(self, query_id: str, dest: Path) -> dict[str, Any]:
+        """Download the encrypted scores into `dest` (read with `inference.load_scores`)."""
+        return self._download(self._query(query_id, "/scores"), self.scores_manifest(query_id),
+                              dest, "scores")
+
+    def delete_query(self, query_id: str) -> dict[str, Any]:
+        return self._request("DELETE", self._query(query_id)).json()
 
 
 def load_result_weights(keys, plan, directory: Path):

@@ -46,6 +46,26 @@ TERMINAL_STATES = (FINISHED, FAILED, CANCELLED)
 ARTIFACT_KINDS = ("bundle", "dataset")
 MANIFEST_NAME = "manifest.json"
 
+# Query-set (encrypted inference) states. `uploading`: files may still arrive; `queued`: scoring
+# requested, worker not yet reporting; `done`: encrypted scores ready for download.
+Q_UPLOADING = "uploading"
+Q_QUEUED = "queued"
+Q_SCORING = "scoring"
+Q_DONE = "done"
+Q_FAILED = "failed"
+Q_ACTIVE_STATES = (Q_QUEUED, Q_SCORING)
+QUERY_KIND_PREFIX = "q-"  # Upload.kind of a query set's files: "q-<query id>" (<= 16 chars)
+
+
+def query_kind(query_id: str) -> str:
+    """The Upload.kind under which a query set's files are recorded (reuses the upload tables)."""
+    return f"{QUERY_KIND_PREFIX}{query_id}"
+
+
+def new_query_id() -> str:
+    """12 hex digits: short enough for the Upload.kind column, unguessable enough per job."""
+    return secrets.token_hex(6)
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)  # noqa: UP017 - explicit for readers on older Pythons
@@ -138,6 +158,29 @@ class UploadChunk(Base):
     )
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64))
+
+
+class QuerySet(Base):
+    """One encrypted query set of a finished job and the state of its scoring worker.
+
+    Metadata only (ids, counts, states): the query and score ciphertexts live on disk.
+    """
+
+    __tablename__ = "query_sets"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default=Q_UPLOADING, index=True)
+    n_rows: Mapped[int] = mapped_column(Integer, default=0)
+    n_ciphertexts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class DecisionRow(Base):

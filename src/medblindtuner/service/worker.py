@@ -10,14 +10,20 @@ An exclusive `flock` on `<job>/worker.lock` guarantees a single worker per job a
 web process detect a dead worker (lock free) even across service restarts. Training resumes
 from the last epoch checkpoint (`EncryptedTrainer` does this itself).
 
+Scoring (encrypted inference) of an uploaded query set runs in a worker of its own, for the
+same reasons: `--score QUERY_ID` loads the bundle, the job's best-epoch encrypted weights
+(`result/`) and the encrypted queries, and writes the encrypted scores atomically to
+`<job>/queries/<query id>/scores/`. Its lock is `<job>/queries/<query id>/score.lock`.
+
 Run: python -m medblindtuner.service.worker --job ID --data-dir DIR [--db-url URL]
-     [--insecure-test-params]
+     [--score QUERY_ID] [--insecure-test-params]
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -32,11 +38,17 @@ from medblindtuner.service.store import (
     CANCELLED,
     FAILED,
     FINISHED,
+    Q_ACTIVE_STATES,
+    Q_DONE,
+    Q_FAILED,
+    Q_QUEUED,
+    Q_SCORING,
     QUEUED,
     RUNNING,
     TERMINAL_STATES,
     DecisionRow,
     Job,
+    QuerySet,
     Store,
     utcnow,
 )
@@ -44,6 +56,7 @@ from medblindtuner.service.store import (
 log = logging.getLogger("medblindtuner.worker")
 RESULT_FORMAT = "medblindtuner-encrypted-result/1"
 LOCK_NAME = "worker.lock"
+SCORE_LOCK_NAME = "score.lock"
 
 
 class JobCancelled(Exception):
@@ -55,9 +68,14 @@ def job_dir(config: ServiceConfig, job_id: str) -> Path:
     return config.jobs_dir / job_id
 
 
-def worker_alive(directory: Path) -> bool:
+def query_dir(config: ServiceConfig, job_id: str, query_id: str) -> Path:
+    """`<job>/queries/<query id>/`: `input/` (uploaded queries) and `scores/` (result)."""
+    return job_dir(config, job_id) / "queries" / query_id
+
+
+def worker_alive(directory: Path, lock_name: str = LOCK_NAME) -> bool:
     """True while some process holds the job's worker lock (works for non-child processes)."""
-    lock_path = Path(directory) / LOCK_NAME
+    lock_path = Path(directory) / lock_name
     if not lock_path.exists():
         return False
     with open(lock_path, "a+") as handle:
@@ -69,14 +87,21 @@ def worker_alive(directory: Path) -> bool:
         return False
 
 
-def spawn_worker(config: ServiceConfig, job_id: str) -> subprocess.Popen:
-    """Start a detached worker (own session: it survives a restart of the web service)."""
-    directory = job_dir(config, job_id)
+def spawn_worker(config: ServiceConfig, job_id: str,
+                 query_id: str | None = None) -> subprocess.Popen:
+    """Start a detached worker (own session: it survives a restart of the web service).
+
+    With `query_id` the worker scores that query set instead of training.
+    """
+    directory = job_dir(config, job_id) if query_id is None else query_dir(config, job_id,
+                                                                          query_id)
     directory.mkdir(parents=True, exist_ok=True)
     command = [
         config.python, "-m", "medblindtuner.service.worker", "--job", job_id,
         "--data-dir", str(Path(config.data_dir).resolve()), "--db-url", config.resolved_db_url,
     ]
+    if query_id is not None:
+        command += ["--score", query_id]
     if config.allow_insecure:
         command.append("--insecure-test-params")
     with open(directory / "worker.log", "ab") as log_file:
@@ -86,9 +111,9 @@ def spawn_worker(config: ServiceConfig, job_id: str) -> subprocess.Popen:
         )
 
 
-def _acquire_lock(directory: Path, wait_s: float = 15.0):
+def _acquire_lock(directory: Path, wait_s: float = 15.0, lock_name: str = LOCK_NAME):
     """Take the job lock, waiting briefly (the web process probes it for a split second)."""
-    handle = open(directory / LOCK_NAME, "a+")  # noqa: SIM115 - held for the process lifetime
+    handle = open(directory / lock_name, "a+")  # noqa: SIM115 - held for the process lifetime
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -247,11 +272,123 @@ class JobRunner:
                  state.best_epoch)
 
 
+class ScoreRunner:
+    """Scores one uploaded query set with the job's best-epoch encrypted weights."""
+
+    def __init__(self, config: ServiceConfig, store: Store, job_id: str, query_id: str) -> None:
+        self.config = config
+        self.store = store
+        self.job_id = job_id
+        self.query_id = query_id
+        self.dir = query_dir(config, job_id, query_id)
+
+    def _set(self, **fields) -> None:
+        with self.store.session() as session:
+            query = session.get(QuerySet, self.query_id)
+            if query is None or query.job_id != self.job_id:
+                raise JobCancelled("query set was deleted")
+            for key, value in fields.items():
+                setattr(query, key, value)
+            query.updated_at = utcnow()
+
+    def run(self) -> None:
+        from medblindtuner.he.ciphertexts import load_ciphertext, replace_dir
+        from medblindtuner.he.engine import Evaluator
+        from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
+        from medblindtuner.training.encrypted import TrainingPlan, read_dataset_manifest
+        from medblindtuner.training.inference import (
+            EncryptedQueries,
+            save_scores,
+            score_queries,
+        )
+
+        with self.store.session() as session:
+            query = session.get(QuerySet, self.query_id)
+            job = session.get(Job, self.job_id)
+            if query is None or job is None or query.job_id != self.job_id:
+                log.info("query set %s of job %s is gone: nothing to do", self.query_id,
+                         self.job_id)
+                return
+            if query.state not in Q_ACTIVE_STATES:
+                log.info("query set %s is %s: nothing to do", self.query_id, query.state)
+                return
+            if job.state != FINISHED or not job.result_ready:
+                raise RuntimeError(f"job is {job.state}: no trained weights to score with")
+            query.state = Q_SCORING
+            query.worker_pid = os.getpid()
+            query.started_at = query.started_at or utcnow()
+            query.updated_at = utcnow()
+        started = time.monotonic()
+        job_root = job_dir(self.config, self.job_id)
+        bundle_dir = job_root / "bundle"
+        allow = self.config.allow_insecure
+        verify_public_bundle(bundle_dir, allow_insecure=allow)
+        crypto = CloudCrypto.load(bundle_dir, allow_insecure=allow)
+        params = crypto.params
+        plan = TrainingPlan.from_dict(read_dataset_manifest(job_root / "dataset", params)["plan"])
+        result = json.loads((job_root / "result" / "manifest.json").read_text())
+        if result.get("params_fingerprint") != params.fingerprint():
+            raise RuntimeError("the job's result was made with other CKKS parameters")
+        weights = [load_ciphertext(job_root / "result" / f"w{j}.bin",
+                                   result["files"][f"w{j}.bin"])
+                   for j in range(result["rows"])]
+        queries = EncryptedQueries.load(self.dir / "input", params)
+        evaluator = Evaluator(crypto.context, params)
+        log.info("job %s query set %s: scoring %d ciphertexts (%d rows) against %d weight "
+                 "rows (best epoch %s)", self.job_id, self.query_id, len(queries.cts),
+                 sum(queries.sizes), len(weights), result.get("best_epoch"))
+        scores = score_queries(evaluator, plan, weights, queries)
+        tmp = self.dir / ".scores_tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_scores(tmp, scores, queries.sizes, params)
+        replace_dir(tmp, self.dir / "scores")
+        seconds = time.monotonic() - started
+        self._set(state=Q_DONE, finished_at=utcnow(), seconds=round(seconds, 3), error=None)
+        log.info("job %s query set %s: scores written (%.1f s)", self.job_id, self.query_id,
+                 seconds)
+
+
+def _score_main(config: ServiceConfig, store: Store, job_id: str, query_id: str) -> int:
+    """Worker entry for `--score`: one process per query set, guarded by its own lock."""
+    directory = query_dir(config, job_id, query_id)
+    if not directory.is_dir():
+        log.error("query set %s of job %s has no directory", query_id, job_id)
+        return 2
+    lock = _acquire_lock(directory, lock_name=SCORE_LOCK_NAME)
+    if lock is None:
+        log.info("query set %s: another worker holds the lock; exiting", query_id)
+        return 0
+    (directory / "worker.pid").write_text(str(os.getpid()))
+    try:
+        ScoreRunner(config, store, job_id, query_id).run()
+    except JobCancelled as exc:
+        log.info("query set %s: %s; worker exits", query_id, exc)
+    except Exception as exc:  # noqa: BLE001 - any failure must be reported, not lost
+        log.exception("scoring query set %s of job %s failed", query_id, job_id)
+        try:
+            with store.session() as session:
+                query = session.get(QuerySet, query_id)
+                if query is not None and query.state in (Q_QUEUED, Q_SCORING):
+                    query.state = Q_FAILED
+                    query.error = f"{type(exc).__name__}: {exc}"[:2000]
+                    query.finished_at = utcnow()
+                    query.updated_at = utcnow()
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the failure of query set %s", query_id)
+        return 1
+    finally:
+        store.dispose()
+        lock.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True)
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--db-url", default=None)
+    parser.add_argument("--score", default=None, metavar="QUERY_ID",
+                        help="Score this uploaded query set instead of training.")
     parser.add_argument("--insecure-test-params", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -259,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ServiceConfig(data_dir=args.data_dir, db_url=args.db_url,
                            allow_insecure=args.insecure_test_params)
     store = Store(config.resolved_db_url)
+    if args.score is not None:
+        return _score_main(config, store, args.job, args.score)
     directory = job_dir(config, args.job)
     if not directory.is_dir():
         log.error("job %s has no directory under %s", args.job, config.jobs_dir)

@@ -150,9 +150,15 @@ class HospitalKeys:
         path.with_suffix(".json").write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, bundle_dir: Path, secret_key_path: Path, allow_insecure: bool = False):
-        """Hospital reload: its own public bundle plus the secret key kept at home."""
-        cloud = CloudCrypto.load(bundle_dir, allow_insecure=allow_insecure, setup_bootstrap=False)
+    def load(cls, bundle_dir: Path, secret_key_path: Path, allow_insecure: bool = False,
+             with_eval_keys: bool = True):
+        """Hospital reload: its own public bundle plus the secret key kept at home.
+
+        `with_eval_keys=False` skips the (GB-sized) relinearisation/rotation keys: enough to
+        encrypt and decrypt, which is all the hospital does while the cloud trains.
+        """
+        cloud = CloudCrypto.load(bundle_dir, allow_insecure=allow_insecure, setup_bootstrap=False,
+                                 with_eval_keys=with_eval_keys)
         meta_path = Path(secret_key_path).with_suffix(".json")
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
@@ -235,7 +241,8 @@ class CloudCrypto:
 
     @classmethod
     def load(
-        cls, bundle_dir: Path, allow_insecure: bool = False, setup_bootstrap: bool = True
+        cls, bundle_dir: Path, allow_insecure: bool = False, setup_bootstrap: bool = True,
+        with_eval_keys: bool = True,
     ) -> CloudCrypto:
         bundle_dir = Path(bundle_dir)
         manifest = verify_public_bundle(bundle_dir, allow_insecure=allow_insecure)
@@ -247,14 +254,16 @@ class CloudCrypto:
         public_key, ok = ofhe.DeserializePublicKey(str(bundle_dir / "public_key.bin"), ofhe.BINARY)
         if not ok:
             raise BundleError(f"{bundle_dir / 'public_key.bin'} is not an OpenFHE public key")
-        if not context.DeserializeEvalMultKey(str(bundle_dir / "mult_key.bin"), ofhe.BINARY):
-            raise BundleError(f"{bundle_dir / 'mult_key.bin'} is not a relinearisation key")
+        mult_file = str(bundle_dir / "mult_key.bin")
+        if with_eval_keys and not context.DeserializeEvalMultKey(mult_file, ofhe.BINARY):
+            raise BundleError(f"{mult_file} is not a relinearisation key")
         rotation_file = str(bundle_dir / "rotation_keys.bin")
-        if not context.DeserializeEvalAutomorphismKey(rotation_file, ofhe.BINARY):
+        if with_eval_keys and not context.DeserializeEvalAutomorphismKey(rotation_file,
+                                                                         ofhe.BINARY):
             raise BundleError(f"{rotation_file} is not a rotation-key file")
         if context.GetRingDimension() != params.ring_dim:
             raise ParameterError("context ring dimension differs from the manifest's parameters")
-        if setup_bootstrap:
+        if setup_bootstrap and with_eval_keys:
             setup_bootstrapping(context, params)
         return cls(
             params=params,

@@ -75,6 +75,29 @@ def _run_summary(label: str, result, data: PreparedData) -> dict:
     }
 
 
+def encrypted_run_summary(weights: np.ndarray, data: PreparedData, *, history: list[dict],
+                          epochs: int, best_epoch: int, steps: int, wall_time_s: float,
+                          ops: dict, mirror_weights: np.ndarray) -> dict:
+    """Report entry of an encrypted run from the hospital's decrypted weights."""
+    steps_nonzero = max(steps, 1)
+    return {
+        "label": "Encrypted (CKKS, cloud)",
+        "test": evaluate(weights, data.x["test"], data.y["test"], data.n_classes),
+        "val": {k: v for k, v in evaluate(weights, data.x["val"], data.y["val"],
+                                          data.n_classes).items() if k in ("acc", "auc")},
+        "history": history,
+        "epochs": epochs,
+        "best_epoch": best_epoch,
+        "steps": steps,
+        "wall_time_s": wall_time_s,
+        "seconds_per_step": wall_time_s / steps_nonzero,
+        "ops": {**ops, "per_step": {k: v / steps_nonzero for k, v in ops.items()
+                                    if isinstance(v, int | float)}},
+        "max_abs_weight_diff_vs_mirror": float(np.max(np.abs(weights - mirror_weights))),
+        "weights": np.asarray(weights).tolist(),
+    }
+
+
 def run_plain(data: PreparedData, config: TrainConfig, activation: ActivationPlan | None = None,
               layout=None) -> dict:
     """Exact head and polynomial mirror, same batches, same schedule."""
@@ -151,31 +174,12 @@ def run_encrypted(
     weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(state.best_epoch))
     timings["total"] = time.perf_counter() - t0
 
-    mirror_weights = np.asarray(plain["mirror"]["weights"])
-    history = []
-    for record in state.history:
-        entry = {"epoch": record["epoch"]}
-        if judge is not None:
-            entry["val_loss"] = judge.losses.get(record["epoch"])
-        history.append(entry)
-    ops = evaluator.ops.snapshot()
-    steps = max(state.steps, 1)
-    encrypted = {
-        "label": "Encrypted (CKKS, cloud)",
-        "test": evaluate(weights, data.x["test"], data.y["test"], data.n_classes),
-        "val": {k: v for k, v in evaluate(weights, data.x["val"], data.y["val"],
-                                          data.n_classes).items() if k in ("acc", "auc")},
-        "history": history,
-        "epochs": state.epoch,
-        "best_epoch": state.best_epoch,
-        "steps": state.steps,
-        "wall_time_s": timings["training"],
-        "seconds_per_step": timings["training"] / steps,
-        "ops": {**ops, "per_step": {k: v / steps for k, v in ops.items()
-                                    if isinstance(v, int | float)}},
-        "max_abs_weight_diff_vs_mirror": float(np.max(np.abs(weights - mirror_weights))),
-        "weights": weights.tolist(),
-    }
+    history = [{"epoch": r["epoch"], **({"val_loss": judge.losses.get(r["epoch"])}
+                                        if judge is not None else {})} for r in state.history]
+    encrypted = encrypted_run_summary(
+        weights, data, history=history, epochs=state.epoch, best_epoch=state.best_epoch,
+        steps=state.steps, wall_time_s=timings["training"], ops=evaluator.ops.snapshot(),
+        mirror_weights=np.asarray(plain["mirror"]["weights"]))
     return {
         "dataset": data.name,
         "n_classes": data.n_classes,

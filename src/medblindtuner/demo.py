@@ -1,0 +1,298 @@
+"""End-to-end demo: hospital and cloud as separate processes on loopback, real data, real CKKS.
+
+Phases (each timed and shown with progress):
+  1. hospital: load MedMNIST, extract features with a frozen pretrained backbone, scale/PCA
+  2. hospital: plaintext reference trainers (exact head and polynomial mirror), range check
+  3. hospital: CKKS keys; public bundle (evaluation keys only) and secret key (stays home)
+  4. hospital: encrypt features and labels
+  5. cloud:    start `medblindtuner.service` as its own process on 127.0.0.1
+  6. hospital: upload bundle + ciphertexts, start the job, answer the per-epoch early-stopping
+               question by decrypting one scalar, download the encrypted weights
+  7. hospital: decrypt, evaluate on the test split, encrypted inference on the test split
+  8. report:   report.md / report.html with tables and plots
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from rich.console import Console
+
+from medblindtuner.training.plain import TrainConfig
+
+console = Console()
+
+
+@dataclass
+class DemoOptions:
+    dataset: str = "breastmnist"
+    data_dir: Path | None = None
+    backbone: str = "auto"
+    pca_dims: int = 63
+    config: TrainConfig = field(default_factory=TrainConfig)
+    workdir: Path = Path("runs/demo")
+    report_dir: Path | None = None
+    limit: int | None = None  # images per split (quick runs)
+    insecure_test_params: bool = False
+    inference: bool = True
+
+
+@dataclass
+class PhaseClock:
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    first_output_s: float | None = None
+
+    @contextmanager
+    def phase(self, key: str, title: str):
+        console.rule(f"[bold]{title}")
+        start = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - start
+        console.print(f"[green]done[/] {title} in {self.timings[key]:.1f} s "
+                      f"(elapsed {time.perf_counter() - self.started:.0f} s)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalCloud:
+    """The cloud service as a separate OS process on loopback (as a user would deploy it)."""
+
+    def __init__(self, data_dir: Path, insecure: bool) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.insecure = insecure
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalCloud:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "medblindtuner.service", "serve", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        if self.insecure:
+            command.append("--insecure-test-params")
+        log = open(self.data_dir / "service.log", "ab")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("cloud service exited:\n"
+                                   + (self.data_dir / "service.log").read_text()[-2000:])
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    console.print(f"cloud service pid {self.process.pid} on {self.url} "
+                                  f"(API docs: {self.url}/docs)")
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("cloud service did not start within 120 s")
+
+    def __exit__(self, *_exc) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        for pid_file in (self.data_dir / "jobs").glob("*/worker.pid"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError, PermissionError):
+                pass
+
+
+def _release_openfhe_keys() -> None:
+    import openfhe as ofhe
+
+    ofhe.ClearEvalMultKeys()
+    ofhe.CryptoContext.ClearEvalAutomorphismKeys()
+    ofhe.ReleaseAllContexts()
+    gc.collect()
+
+
+def run_demo(options: DemoOptions) -> dict:
+    """Run every phase; returns the results dict (report schema) and writes the report."""
+    from medblindtuner.data import load_medmnist
+    from medblindtuner.features import extract_features
+    from medblindtuner.he.keys import HospitalKeys, bundle_size_bytes
+    from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+    from medblindtuner.report import build_report
+    from medblindtuner.service.client import HospitalClient, load_result_weights
+    from medblindtuner.training.encrypted import HospitalJudge, TrainingPlan, encrypt_dataset
+    from medblindtuner.training.pipeline import (
+        encrypted_run_summary,
+        peak_rss_bytes,
+        prepare_features,
+        run_plain,
+    )
+
+    clock = PhaseClock()
+    workdir = Path(options.workdir)
+    hospital_dir, cloud_dir = workdir / "hospital", workdir / "cloud"
+    report_dir = Path(options.report_dir or workdir / "report")
+    params = INSECURE_TEST if options.insecure_test_params else PRODUCTION
+    if options.insecure_test_params:
+        console.print("[bold red]INSECURE test parameters (ring 4096): a demo of the "
+                      "mechanics only, no security.[/]")
+
+    with clock.phase("features", "1/8 hospital: data and frozen-backbone features"):
+        dataset = load_medmnist(options.dataset, data_dir=options.data_dir)
+        if options.limit:
+            dataset = dataset.subset(options.limit)
+        features = extract_features(dataset, backbone=options.backbone)
+        data = prepare_features(features, options.pca_dims)
+        console.print(f"{data.name}: {data.n_classes} classes, splits "
+                      f"{ {s: len(y) for s, y in data.y.items()} }, features "
+                      f"{features.feature_dim} -> PCA {options.pca_dims} + bias")
+
+    with clock.phase("plaintext", "2/8 hospital: plaintext reference and range check"):
+        plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
+                                   options.config)
+        mirror = plan.check_ranges(data.x["train"], data.y["train"], data.x["val"],
+                                   data.y["val"])
+        plain = run_plain(data, plan.config, plan.activation, plan.layout)
+        clock.first_output_s = time.perf_counter() - clock.started
+        console.print(f"plaintext test ACC {plain['plaintext']['test']['acc']:.4f} "
+                      f"(mirror {plain['mirror']['test']['acc']:.4f}); logits stay within "
+                      f"{mirror.max_abs_logit:.2f} <= {plan.activation.logit_bound}")
+
+    with clock.phase("keygen", "3/8 hospital: CKKS keys"):
+        keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
+        keys = HospitalKeys.generate(keyed, plan.rotation_indices,
+                                     allow_insecure=options.insecure_test_params)
+        keys.save_public_bundle(hospital_dir / "public_bundle")
+        keys.save_secret_key(hospital_dir / "local" / "secret_key.bin")
+        console.print(f"{keyed.name}: ring {keyed.ring_dim}, public bundle "
+                      f"{bundle_size_bytes(hospital_dir / 'public_bundle') / 2**20:.0f} MiB")
+
+    with clock.phase("encrypt", "4/8 hospital: encrypt features and labels"):
+        encrypt_dataset(keys, plan, data.x["train"], data.y["train"], data.x["val"],
+                        data.y["val"]).save(hospital_dir / "encrypted_dataset", keyed)
+        hospital_rss = peak_rss_bytes()
+        del keys
+        _release_openfhe_keys()
+        # the hospital only decrypts from now on: no evaluation keys in memory
+        keys = HospitalKeys.load(hospital_dir / "public_bundle",
+                                 hospital_dir / "local" / "secret_key.bin",
+                                 allow_insecure=options.insecure_test_params,
+                                 with_eval_keys=False)
+
+    with LocalCloud(cloud_dir, options.insecure_test_params) as cloud:
+        with clock.phase("upload", "5/8 hospital -> cloud: upload bundle and ciphertexts"):
+            client = HospitalClient(cloud.url)
+            client.create_job()
+            client.upload_dir("bundle", hospital_dir / "public_bundle")
+            client.upload_dir("dataset", hospital_dir / "encrypted_dataset")
+            client.start()
+
+        with clock.phase("training", "6/8 cloud: encrypted training (hospital answers "
+                                     "one early-stopping bit per epoch)"):
+            judge = HospitalJudge(keys, plan, len(data.y["val"]))
+            last = {"line": ""}
+
+            def on_status(status: dict) -> None:
+                line = (f"state {status.get('state')} epoch {status.get('epoch')} step "
+                        f"{status.get('step')}/{status.get('steps_per_epoch')} bootstraps "
+                        f"{status.get('bootstraps')} ETA {status.get('eta_seconds')} s")
+                if line != last["line"]:
+                    console.print(line)
+                    last["line"] = line
+
+            client.answer_decisions(judge, poll_s=1.0, on_status=on_status)
+            result = client.fetch_result(hospital_dir / "result")
+
+        with clock.phase("evaluate", "7/8 hospital: decrypt, evaluate, encrypted inference"):
+            weights = load_result_weights(keys, plan, hospital_dir / "result")
+            inference = _encrypted_inference(client, keys, plan, data, weights, hospital_dir,
+                                             options.inference)
+        client.close()
+
+    history = [{"epoch": e, "val_loss": loss} for e, loss in sorted(judge.losses.items())]
+    encrypted = encrypted_run_summary(
+        weights, data, history=history, epochs=int(result["epochs"]),
+        best_epoch=int(result["best_epoch"]), steps=int(result["steps"]),
+        wall_time_s=clock.timings["training"], ops=result.get("ops", {}),
+        mirror_weights=np.asarray(plain["mirror"]["weights"]))
+    if inference:
+        encrypted["inference"] = inference
+    results = {
+        "dataset": data.name,
+        "n_classes": data.n_classes,
+        "class_names": dataset.class_names,
+        "backbone": data.backbone,
+        "command": "medblindtuner demo --dataset " + options.dataset
+        + (" --insecure-test-params" if options.insecure_test_params else ""),
+        "config": plan.config.to_dict(),
+        "activation": plan.activation.to_dict(),
+        "ckks": {**keyed.to_dict(), "slots": keyed.slots, "secure": keyed.is_secure},
+        "sizes_bytes": {
+            "public_bundle": bundle_size_bytes(hospital_dir / "public_bundle"),
+            "secret_key": (hospital_dir / "local" / "secret_key.bin").stat().st_size,
+            "encrypted_dataset": bundle_size_bytes(hospital_dir / "encrypted_dataset"),
+            "ciphertext": (hospital_dir / "encrypted_dataset"
+                           / "train_0000_x_dup.bin").stat().st_size,
+        },
+        "peak_rss_bytes": {"hospital": hospital_rss,
+                           "cloud": result.get("peak_rss_bytes")},
+        "timings_s": {**clock.timings, "total": time.perf_counter() - clock.started,
+                      "time_to_first_result": clock.first_output_s},
+        "runs": {**plain, "encrypted": encrypted},
+    }
+    paths = build_report(json.loads(json.dumps(results, default=float)), report_dir)
+    _print_summary(results, paths)
+    return results
+
+
+def _encrypted_inference(client, keys, plan, data, weights, hospital_dir: Path, enabled: bool):
+    """Cloud scores the encrypted test split; compare with plaintext predictions."""
+    from medblindtuner.training.plain import class_probabilities
+
+    if not enabled or not hasattr(client, "upload_queries"):
+        return None
+    from medblindtuner.training.inference import decrypt_scores, encrypt_queries, load_scores
+
+    x_test = data.x["test"]
+    queries_dir = hospital_dir / "queries_test"
+    encrypt_queries(keys, plan, x_test).save(queries_dir, keys.params)
+    query_id = client.upload_queries(queries_dir)
+    client.score(query_id)
+    client.wait_scores(query_id)
+    client.fetch_scores(query_id, hospital_dir / "scores_test")
+    scores, sizes = load_scores(hospital_dir / "scores_test", keys.params)
+    encrypted_probs = decrypt_scores(keys, plan, scores, sizes)
+    plain_probs = class_probabilities(weights, x_test, data.n_classes)
+    agree = float(np.mean(encrypted_probs.argmax(1) == plain_probs.argmax(1)))
+    diff = float(np.max(np.abs(encrypted_probs - plain_probs)))
+    console.print(f"encrypted inference on {len(x_test)} test images: predictions agree with "
+                  f"plaintext on {agree:.1%}, max |prob diff| {diff:.1e}")
+    return {"n": len(x_test), "agreement": agree, "max_abs_prob_diff": diff}
+
+
+def _print_summary(results: dict, paths: dict) -> None:
+    runs = results["runs"]
+    console.rule("[bold]8/8 summary")
+    for name in ("plaintext", "mirror", "encrypted"):
+        run = runs[name]
+        console.print(f"{run['label']:45s} test ACC {run['test']['acc']:.4f} "
+                      f"AUC {run['test']['auc']:.4f}  epochs {run['epochs']}")
+    gap = 100 * (runs["encrypted"]["test"]["acc"] - runs["plaintext"]["test"]["acc"])
+    console.print(f"encrypted - plaintext accuracy: {gap:+.2f} points; total wall time "
+                  f"{results['timings_s']['total'] / 60:.1f} min")
+    console.print(f"report: {paths.get('markdown')} and {paths.get('html')}")

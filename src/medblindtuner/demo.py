@@ -47,6 +47,7 @@ class DemoOptions:
     limit: int | None = None  # images per split (quick runs)
     insecure_test_params: bool = False
     inference: bool = True
+    feature_cache: Path | None = None  # None: the default cache folder
 
 
 @dataclass
@@ -156,7 +157,8 @@ def run_demo(options: DemoOptions) -> dict:
         dataset = load_medmnist(options.dataset, data_dir=options.data_dir)
         if options.limit:
             dataset = dataset.subset(options.limit)
-        features = extract_features(dataset, backbone=options.backbone)
+        cache = {"cache_dir": options.feature_cache} if options.feature_cache else {}
+        features = extract_features(dataset, backbone=options.backbone, **cache)
         data = prepare_features(features, options.pca_dims)
         console.print(f"{data.name}: {data.n_classes} classes, splits "
                       f"{ {s: len(y) for s, y in data.y.items()} }, features "

@@ -1,0 +1,34 @@
+"""The main job end to end on insecure test parameters (real BreastMNIST subset)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import SHARED_DATA, SMALL_SUBSET
+
+from medblindtuner.demo import DemoOptions, run_demo
+from medblindtuner.training.plain import TrainConfig
+
+
+def test_demo_pipeline_writes_report_and_matches_plaintext(
+    breast_features_small, feature_cache_dir, tmp_path
+):
+    options = DemoOptions(
+        dataset="breastmnist", data_dir=SHARED_DATA, backbone="efficientnet_lite0",
+        pca_dims=15, config=TrainConfig(learning_rate=4.0, epochs=2, batch_size=64, patience=2),
+        workdir=tmp_path / "demo", limit=SMALL_SUBSET, insecure_test_params=True,
+        feature_cache=feature_cache_dir,
+    )
+    results = run_demo(options)
+    report = tmp_path / "demo" / "report"
+    for name in ("report.md", "report.html", "loss_curves.png", "roc.png", "results.json",
+                 "confusion_encrypted.png"):
+        assert (report / name).stat().st_size > 500, name
+    runs = results["runs"]
+    assert runs["encrypted"]["max_abs_weight_diff_vs_mirror"] < 2e-3
+    assert abs(runs["encrypted"]["test"]["acc"] - runs["mirror"]["test"]["acc"]) <= 1 / 160
+    assert runs["encrypted"]["ops"]["per_step"]["bootstraps"] == 1.0
+    assert json.loads((report / "results.json").read_text())["dataset"] == "breastmnist"
+    inference = runs["encrypted"].get("inference")
+    if inference is not None:  # encrypted scoring by the cloud
+        assert inference["agreement"] == 1.0 and inference["max_abs_prob_diff"] < 1e-3

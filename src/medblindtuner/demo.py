@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 from rich.console import Console
 
-from medblindtuner.training.plain import TrainConfig
+from medblindtuner.training.plain import VALIDATION_LOSS_NAME, TrainConfig
 
 console = Console()
 
@@ -241,6 +241,7 @@ def run_demo(options: DemoOptions) -> dict:
         "backbone": data.backbone,
         "command": "medblindtuner demo --dataset " + options.dataset
         + (" --insecure-test-params" if options.insecure_test_params else ""),
+        "loss_name": VALIDATION_LOSS_NAME,
         "config": plan.config.to_dict(),
         "activation": plan.activation.to_dict(),
         "ckks": {**keyed.to_dict(), "slots": keyed.slots, "secure": keyed.is_secure},

@@ -403,7 +403,7 @@ def _plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
                         label=label,
                     )
         ax.set_xlabel("Epoch")
-        ax.set_ylabel("Cross-entropy loss")
+        ax.set_ylabel(str(results.get("loss_name") or "Loss"))
         ax.set_title("Loss per epoch")
         # Compact legend: one colour entry per run plus line-style keys, instead of 2 x runs.
         handles = [

@@ -31,7 +31,13 @@ from medblindtuner.training.encrypted import (
     decrypt_weights,
     encrypt_dataset,
 )
-from medblindtuner.training.plain import TrainConfig, add_bias, evaluate, train_head
+from medblindtuner.training.plain import (
+    VALIDATION_LOSS_NAME,
+    TrainConfig,
+    add_bias,
+    evaluate,
+    train_head,
+)
 
 
 @dataclass
@@ -185,6 +191,7 @@ def run_encrypted(
         "n_classes": data.n_classes,
         "backbone": data.backbone,
         "scaler": data.scaler,
+        "loss_name": VALIDATION_LOSS_NAME,
         "config": config.to_dict(),
         "activation": plan.activation.to_dict(),
         "ckks": {**keyed.to_dict(), "slots": keyed.slots, "secure": keyed.is_secure},

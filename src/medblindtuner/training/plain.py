@@ -71,6 +71,9 @@ def epoch_batch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_batches)
 
 
+VALIDATION_LOSS_NAME = "Brier loss (sum over classes of (p - y)^2)"
+
+
 def brier_loss(probabilities: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean(np.sum((probabilities - targets) ** 2, axis=1)))
 

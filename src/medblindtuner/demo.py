@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 from rich.console import Console
 
-from medblindtuner.training.plain import VALIDATION_LOSS_NAME, TrainConfig
+from medblindtuner.training.plain import TrainConfig
 
 console = Console()
 
@@ -138,7 +138,9 @@ def run_demo(options: DemoOptions) -> dict:
     from medblindtuner.service.client import HospitalClient, load_result_weights
     from medblindtuner.training.encrypted import HospitalJudge, TrainingPlan, encrypt_dataset
     from medblindtuner.training.pipeline import (
+        artifact_sizes,
         encrypted_run_summary,
+        experiment_header,
         peak_rss_bytes,
         prepare_features,
         run_plain,
@@ -235,23 +237,13 @@ def run_demo(options: DemoOptions) -> dict:
     if inference:
         encrypted["inference"] = inference
     results = {
-        "dataset": data.name,
-        "n_classes": data.n_classes,
+        **experiment_header(data, plan, keyed),
         "class_names": dataset.class_names,
-        "backbone": data.backbone,
         "command": "medblindtuner demo --dataset " + options.dataset
         + (" --insecure-test-params" if options.insecure_test_params else ""),
-        "loss_name": VALIDATION_LOSS_NAME,
-        "config": plan.config.to_dict(),
-        "activation": plan.activation.to_dict(),
-        "ckks": {**keyed.to_dict(), "slots": keyed.slots, "secure": keyed.is_secure},
-        "sizes_bytes": {
-            "public_bundle": bundle_size_bytes(hospital_dir / "public_bundle"),
-            "secret_key": (hospital_dir / "local" / "secret_key.bin").stat().st_size,
-            "encrypted_dataset": bundle_size_bytes(hospital_dir / "encrypted_dataset"),
-            "ciphertext": (hospital_dir / "encrypted_dataset"
-                           / "train_0000_x_dup.bin").stat().st_size,
-        },
+        "sizes_bytes": artifact_sizes(hospital_dir / "public_bundle",
+                                      hospital_dir / "local" / "secret_key.bin",
+                                      hospital_dir / "encrypted_dataset"),
         "peak_rss_bytes": {"hospital": hospital_rss,
                            "cloud": result.get("peak_rss_bytes")},
         "timings_s": {**clock.timings, "total": time.perf_counter() - clock.started,

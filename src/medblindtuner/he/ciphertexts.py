@@ -35,6 +35,25 @@ def load_ciphertext(path: Path, expected: dict | None = None) -> ofhe.Ciphertext
     return ct
 
 
+def read_artifact_manifest(directory: Path, fmt: str, params_fingerprint: str) -> dict:
+    """Manifest of a ciphertext artifact, refused unless its format and parameters match."""
+    path = Path(directory) / "manifest.json"
+    if not path.exists():
+        raise BundleError(f"{directory} has no manifest.json: not a {fmt} artifact")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != fmt:
+        raise BundleError(f"{path}: expected format {fmt}, got {manifest.get('format')!r}")
+    if manifest.get("params_fingerprint") != params_fingerprint:
+        raise BundleError(
+            f"{path} was made with other CKKS parameters "
+            f"({manifest.get('params_fingerprint')} vs {params_fingerprint})"
+        )
+    return manifest
+
+
 def atomic_write_json(path: Path, data: dict) -> None:
     """Write JSON so a crash leaves either the old or the new file, never half of one."""
     path = Path(path)

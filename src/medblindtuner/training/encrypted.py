@@ -30,6 +30,7 @@ import openfhe as ofhe
 from medblindtuner.he.ciphertexts import (
     atomic_write_json,
     load_ciphertext,
+    read_artifact_manifest,
     replace_dir,
     save_ciphertext,
 )
@@ -227,18 +228,7 @@ class EncryptedDataset:
 
 
 def read_dataset_manifest(directory: Path, params: CkksParams) -> dict:
-    path = Path(directory) / "manifest.json"
-    if not path.exists():
-        raise BundleError(f"{directory} has no manifest.json: not an encrypted dataset")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != DATASET_FORMAT:
-        raise BundleError(f"{path}: unknown dataset format {manifest.get('format')!r}")
-    if manifest.get("params_fingerprint") != params.fingerprint():
-        raise BundleError(
-            "encrypted dataset was made with other CKKS parameters "
-            f"({manifest.get('params_fingerprint')} vs {params.fingerprint()})"
-        )
-    return manifest
+    return read_artifact_manifest(directory, DATASET_FORMAT, params.fingerprint())
 
 
 def encrypt_dataset(

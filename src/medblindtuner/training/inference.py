@@ -7,16 +7,20 @@ the scores. Cost per query ciphertext and row: 1 ct x ct product, log2(d) rotati
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import openfhe as ofhe
 
-from medblindtuner.he.ciphertexts import atomic_write_json, load_ciphertext, save_ciphertext
+from medblindtuner.he.ciphertexts import (
+    atomic_write_json,
+    load_ciphertext,
+    read_artifact_manifest,
+    save_ciphertext,
+)
 from medblindtuner.he.engine import Evaluator
-from medblindtuner.he.keys import BundleError, HospitalKeys
+from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import CkksParams
 from medblindtuner.training.approx import exact_probabilities
 from medblindtuner.training.encrypted import LEVELS_CONSUMED_BY_BOOTSTRAP, TrainingPlan
@@ -53,15 +57,7 @@ class EncryptedQueries:
 
 
 def _read_manifest(directory: Path, fmt: str, params: CkksParams) -> dict:
-    path = Path(directory) / "manifest.json"
-    if not path.exists():
-        raise BundleError(f"{directory} has no manifest.json")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != fmt:
-        raise BundleError(f"{path}: expected {fmt}, got {manifest.get('format')!r}")
-    if manifest.get("params_fingerprint") != params.fingerprint():
-        raise BundleError(f"{path} was made with other CKKS parameters")
-    return manifest
+    return read_artifact_manifest(directory, fmt, params.fingerprint())
 
 
 def encrypt_queries(keys: HospitalKeys, plan: TrainingPlan, x: np.ndarray) -> EncryptedQueries:

@@ -118,6 +118,30 @@ def run_plain(data: PreparedData, config: TrainConfig, activation: ActivationPla
     }
 
 
+def artifact_sizes(bundle: Path, secret_key: Path, dataset: Path) -> dict[str, int]:
+    """Sizes the report shows: what is uploaded, what stays home, one data ciphertext."""
+    return {
+        "public_bundle": bundle_size_bytes(bundle),
+        "secret_key": Path(secret_key).stat().st_size,
+        "encrypted_dataset": bundle_size_bytes(dataset),
+        "ciphertext": (Path(dataset) / "train_0000_x_dup.bin").stat().st_size,
+    }
+
+
+def experiment_header(data: PreparedData, plan: TrainingPlan, params: CkksParams) -> dict:
+    """The parts of a results dict that describe the run (report schema)."""
+    return {
+        "dataset": data.name,
+        "n_classes": data.n_classes,
+        "backbone": data.backbone,
+        "scaler": data.scaler,
+        "loss_name": VALIDATION_LOSS_NAME,
+        "config": plan.config.to_dict(),
+        "activation": plan.activation.to_dict(),
+        "ckks": {**params.to_dict(), "slots": params.slots, "secure": params.is_secure},
+    }
+
+
 def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -187,20 +211,10 @@ def run_encrypted(
         steps=state.steps, wall_time_s=timings["training"], ops=evaluator.ops.snapshot(),
         mirror_weights=np.asarray(plain["mirror"]["weights"]))
     return {
-        "dataset": data.name,
-        "n_classes": data.n_classes,
-        "backbone": data.backbone,
-        "scaler": data.scaler,
-        "loss_name": VALIDATION_LOSS_NAME,
-        "config": config.to_dict(),
-        "activation": plan.activation.to_dict(),
-        "ckks": {**keyed.to_dict(), "slots": keyed.slots, "secure": keyed.is_secure},
-        "sizes_bytes": {
-            "public_bundle": bundle_size_bytes(workdir / "public_bundle"),
-            "secret_key": (workdir / "hospital" / "secret_key.bin").stat().st_size,
-            "encrypted_dataset": bundle_size_bytes(workdir / "encrypted_dataset"),
-            "ciphertext": (workdir / "encrypted_dataset" / "train_0000_x_dup.bin").stat().st_size,
-        },
+        **experiment_header(data, plan, keyed),
+        "sizes_bytes": artifact_sizes(workdir / "public_bundle",
+                                      workdir / "hospital" / "secret_key.bin",
+                                      workdir / "encrypted_dataset"),
         "peak_rss_bytes": {"process": peak_rss_bytes()},
         "timings_s": timings,
         "runs": {**plain, "encrypted": encrypted},

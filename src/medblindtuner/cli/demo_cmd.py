@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..training.plain import TrainConfig
+from ..training.plain import DEFAULT_PCA_DIMS, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
         backbone: Annotated[str, typer.Option(
             help="auto (DeiT when weights are reachable, else EfficientNet-Lite0), "
                  "deit_tiny|deit_small|deit_base, efficientnet_lite0.")] = "auto",
-        pca: Annotated[int, typer.Option(help="PCA dimensions (hospital side).")] = 63,
+        pca: Annotated[int, typer.Option(help="PCA dimensions (hospital side).")] = (
+            DEFAULT_PCA_DIMS),
         lr: Annotated[float, typer.Option(help="Learning rate.")] = _DEFAULTS.learning_rate,
         epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = _DEFAULTS.epochs,
         batch_size: Annotated[int, typer.Option(help="Batch size.")] = _DEFAULTS.batch_size,

@@ -30,7 +30,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medblindtuner.training.plain import DEFAULT_PCA_DIMS, TrainConfig
+
 console = Console(stderr=True)
+_D = TrainConfig()
 WorkDir = Annotated[Path, typer.Option(help="Hospital work directory (keys, plan, job).")]
 DEFAULT_WORKDIR = Path("hospital-job")
 
@@ -124,13 +127,14 @@ def register(app: typer.Typer) -> None:
     def keygen(
         features: Annotated[Path, typer.Option(help="Feature set (.npz from `features`).")],
         workdir: WorkDir = DEFAULT_WORKDIR,
-        pca_dims: Annotated[int | None, typer.Option(help="PCA dimensions (None: all).")] = 16,
-        epochs: Annotated[int, typer.Option(min=1)] = 20,
-        learning_rate: Annotated[float, typer.Option()] = 1.0,
-        momentum: Annotated[float, typer.Option()] = 0.9,
-        batch_size: Annotated[int, typer.Option(min=1)] = 128,
-        patience: Annotated[int, typer.Option(min=1)] = 3,
-        seed: Annotated[int, typer.Option()] = 0,
+        pca_dims: Annotated[int | None, typer.Option(help="PCA dimensions (None: all).")] = (
+            DEFAULT_PCA_DIMS),
+        epochs: Annotated[int, typer.Option(min=1)] = _D.epochs,
+        learning_rate: Annotated[float, typer.Option()] = _D.learning_rate,
+        momentum: Annotated[float, typer.Option()] = _D.momentum,
+        batch_size: Annotated[int, typer.Option(min=1)] = _D.batch_size,
+        patience: Annotated[int, typer.Option(min=1)] = _D.patience,
+        seed: Annotated[int, typer.Option()] = _D.seed,
         insecure_test_params: Annotated[
             bool, typer.Option(help="Tiny NOT-secure ring (tests/demos only).")
         ] = False,

@@ -28,6 +28,7 @@ _COMMAND_MODULES = [
     "medblindtuner.cli.service_cmd",
     "medblindtuner.cli.hospital_cmd",
     "medblindtuner.cli.demo_cmd",
+    "medblindtuner.cli.experiment_cmd",
 ]
 
 for _name in _COMMAND_MODULES:

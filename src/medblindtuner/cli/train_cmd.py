@@ -15,9 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..training.plain import TrainConfig
+from ..training.plain import DEFAULT_PCA_DIMS, TrainConfig
 
 console = Console()
+_D = TrainConfig()
 
 FeaturesOpt = Annotated[Path | None, typer.Option(
     help="Feature file written by `medblindtuner features --out` (.npz).")]
@@ -77,13 +78,13 @@ def register(app: typer.Typer) -> None:
         features: FeaturesOpt = None,
         dataset: DatasetOpt = "breastmnist",
         backbone: BackboneOpt = "efficientnet_lite0",
-        pca: PcaOpt = 63,
-        lr: LrOpt = 8.0,
-        momentum: MomentumOpt = 0.9,
-        epochs: EpochsOpt = 15,
-        batch_size: BatchOpt = 256,
-        patience: PatienceOpt = 4,
-        seed: SeedOpt = 0,
+        pca: PcaOpt = DEFAULT_PCA_DIMS,
+        lr: LrOpt = _D.learning_rate,
+        momentum: MomentumOpt = _D.momentum,
+        epochs: EpochsOpt = _D.epochs,
+        batch_size: BatchOpt = _D.batch_size,
+        patience: PatienceOpt = _D.patience,
+        seed: SeedOpt = _D.seed,
         json_path: JsonOpt = None,
     ) -> None:
         """Train the plaintext head (exact and polynomial mirror) and report ACC/AUC."""
@@ -102,13 +103,13 @@ def register(app: typer.Typer) -> None:
         features: FeaturesOpt = None,
         dataset: DatasetOpt = "breastmnist",
         backbone: BackboneOpt = "efficientnet_lite0",
-        pca: PcaOpt = 63,
-        lr: LrOpt = 8.0,
-        momentum: MomentumOpt = 0.9,
-        epochs: EpochsOpt = 15,
-        batch_size: BatchOpt = 256,
-        patience: PatienceOpt = 4,
-        seed: SeedOpt = 0,
+        pca: PcaOpt = DEFAULT_PCA_DIMS,
+        lr: LrOpt = _D.learning_rate,
+        momentum: MomentumOpt = _D.momentum,
+        epochs: EpochsOpt = _D.epochs,
+        batch_size: BatchOpt = _D.batch_size,
+        patience: PatienceOpt = _D.patience,
+        seed: SeedOpt = _D.seed,
         fixed_epochs: Annotated[bool, typer.Option(
             help="No interaction: train all epochs, keep the last.")] = False,
         workdir: Annotated[Path, typer.Option(help="Keys, ciphertexts, checkpoints.")] = Path(

@@ -26,6 +26,9 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.training.approx import ActivationPlan, RangeError, exact_probabilities
 
+# Hospital-side PCA width: 63 + bias = 64 = one power-of-two weight block (see he.packing).
+DEFAULT_PCA_DIMS = 63
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -34,7 +37,7 @@ class TrainConfig:
     # Defaults chosen on BreastMNIST features (PCA 63, rows with norm <= 1): see docs/results.md.
     learning_rate: float = 8.0
     momentum: float = 0.9
-    epochs: int = 15
+    epochs: int = 10
     batch_size: int = 256
     patience: int = 4
     seed: int = 0

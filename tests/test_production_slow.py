@@ -24,13 +24,13 @@ def test_production_sparse_bootstrap_and_products():
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (layout.samples_per_ct, 64)) / 8
     w = rng.uniform(-1, 1, 64)
-    logits = ev.rotate_and_sum(ev.mul(keys.encrypt(layout.encode_x_dup(x), 11),
-                                      keys.encrypt(layout.encode_weights(w), 11)),
+    logits = ev.rotate_and_sum(ev.mul(keys.encrypt(layout.encode_x_dup(x), 13),
+                                      keys.encrypt(layout.encode_weights(w), 13)),
                                layout.logit_strides)
     assert np.max(np.abs(layout.decode_per_sample(keys.decrypt(logits), len(x)) - x @ w)) < 1e-6
-    ct = keys.encrypt(layout.encode_weights(w), 11)
+    ct = keys.encrypt(layout.encode_weights(w), 13)
     while ev.levels_left(ct) > 1:
         ct = ev.mul_scalar(ct, 1.0)
     fresh = ev.bootstrap(ct, period=layout.block)
-    assert ev.levels_left(fresh) >= 10
+    assert ev.levels_left(fresh) == 9
     assert np.max(np.abs(layout.decode_weights(keys.decrypt(fresh)) - w)) < 1e-3

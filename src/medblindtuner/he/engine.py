@@ -42,9 +42,8 @@ class OpCounter:
         return int(self.counts[name])
 
 
-# After a bootstrap with level budget (3, 3) at depth 24 OpenFHE leaves the ciphertext at level
-# 15, and it can bootstrap inputs up to level 23: 8 multiplicative levels per refresh (measured
-# in tests/test_he_engine.py::test_levels_between_bootstraps).
+# OpenFHE bootstraps inputs up to level depth - 1 (23 at depth 24); see BOOTSTRAP_OUTPUT_LEVEL in
+# he/params.py for where refreshed ciphertexts start (tests/test_he_engine.py checks both).
 BOOTSTRAP_MAX_INPUT_LEVEL_MARGIN = 1
 
 

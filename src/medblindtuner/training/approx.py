@@ -9,7 +9,7 @@ plan with the mirror before anything is encrypted (`check_ranges`).
 
 Depths (levels including OpenFHE's pending lazy rescale, measured with OpenFHE 1.6, see
 tests/test_he_engine.py): degree <= 5: 4, <= 13: 5, <= 27: 6, <= 59: 7. Between two
-bootstraps of the model (sparse, level budget (1, 1)) 11 levels are usable; after the
+bootstraps of the model (sparse, level budget (2, 2)) 9 levels are usable; after the
 full-slot refresh of the softmax denominator, 7. That fixes the default degrees below.
 """
 

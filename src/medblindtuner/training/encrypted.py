@@ -37,7 +37,7 @@ from medblindtuner.he.ciphertexts import (
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import BundleError, HospitalKeys
 from medblindtuner.he.packing import PackingLayout
-from medblindtuner.he.params import CkksParams
+from medblindtuner.he.params import CkksParams, data_level
 from medblindtuner.training.approx import ActivationPlan, RangeError
 from medblindtuner.training.plain import (
     TrainConfig,
@@ -48,9 +48,6 @@ from medblindtuner.training.plain import (
     train_head,
 )
 
-# OpenFHE (depth 24, sparse level budget (1, 1)) returns bootstrapped model ciphertexts at level
-# 11; data is encrypted at that level so it is no larger than it needs to be.
-LEVELS_CONSUMED_BY_BOOTSTRAP = 11
 DATASET_FORMAT = "medblindtuner-encrypted-dataset/1"
 
 
@@ -242,7 +239,7 @@ def encrypt_dataset(
 ) -> EncryptedDataset:
     """Hospital: encrypt the fixed batches (and validation chunks) at the post-refresh level."""
     layout = plan.layout
-    level = LEVELS_CONSUMED_BY_BOOTSTRAP
+    level = data_level(keys.params)
 
     def encrypt_batch(x: np.ndarray, y: np.ndarray) -> EncryptedBatch:
         targets = one_hot(y, plan.n_classes)

@@ -21,9 +21,9 @@ from medblindtuner.he.ciphertexts import (
 )
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import HospitalKeys
-from medblindtuner.he.params import CkksParams
+from medblindtuner.he.params import CkksParams, data_level
 from medblindtuner.training.approx import exact_probabilities
-from medblindtuner.training.encrypted import LEVELS_CONSUMED_BY_BOOTSTRAP, TrainingPlan
+from medblindtuner.training.encrypted import TrainingPlan
 
 QUERIES_FORMAT = "medblindtuner-encrypted-queries/1"
 SCORES_FORMAT = "medblindtuner-encrypted-scores/1"
@@ -65,7 +65,7 @@ def encrypt_queries(keys: HospitalKeys, plan: TrainingPlan, x: np.ndarray) -> En
     layout = plan.layout
     step = layout.samples_per_ct
     chunks = [x[i : i + step] for i in range(0, len(x), step)]
-    cts = [keys.encrypt(layout.encode_x_dup(c), LEVELS_CONSUMED_BY_BOOTSTRAP) for c in chunks]
+    cts = [keys.encrypt(layout.encode_x_dup(c), data_level(keys.params)) for c in chunks]
     return EncryptedQueries(tuple(len(c) for c in chunks), cts)
 
 

@@ -88,11 +88,17 @@ def register(app: typer.Typer) -> None:
         json_path: JsonOpt = None,
     ) -> None:
         """Train the plaintext head (exact and polynomial mirror) and report ACC/AUC."""
+        from ..training.approx import RangeError
         from ..training.pipeline import run_plain
 
         data = load_prepared(features, dataset, backbone, pca)
         config = TrainConfig(lr, momentum, epochs, batch_size, patience, seed)
-        runs = run_plain(data, config)
+        try:
+            runs = run_plain(data, config)
+        except RangeError as exc:
+            console.print(f"[red]the polynomial mirror left its interval:[/] {exc}\n"
+                          "These settings cannot be trained encrypted; lower --lr/--epochs.")
+            raise typer.Exit(2) from exc
         _print_runs(runs)
         _write_json(json_path, {"dataset": data.name, "n_classes": data.n_classes,
                                 "backbone": data.backbone, "config": config.to_dict(),

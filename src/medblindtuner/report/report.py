@@ -137,6 +137,11 @@ def _fmt_metric(value: Any) -> str:
     return DASH if v is None else f"{v:.4f}"
 
 
+def _fmt_rate(value: Any) -> str:
+    """Per-step averages: one decimal, or a dash when missing."""
+    return f"{value:.1f}" if isinstance(value, int | float) else DASH
+
+
 def _fmt_int(value: Any) -> str:
     v = _num(value)
     return DASH if v is None else f"{int(round(v)):,}"
@@ -901,12 +906,21 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
         )
     ops = _get(results, "runs", "encrypted", "ops")
     if isinstance(ops, Mapping) and ops:
+        per_step = ops.get("per_step") if isinstance(ops.get("per_step"), Mapping) else {}
         blocks.append(_Block("h3", "Homomorphic operations (encrypted run)"))
         blocks.append(
             _Block(
                 "table",
-                headers=["Operation", "Count"],
-                rows=[[str(k).replace("_", " ").capitalize(), _fmt_int(v)] for k, v in ops.items()],
+                headers=["Operation", "Total", "Per step"],
+                rows=[
+                    [
+                        str(k).replace("_", " ").capitalize(),
+                        _fmt_int(v),
+                        _fmt_rate(per_step.get(k)),
+                    ]
+                    for k, v in ops.items()
+                    if not isinstance(v, Mapping)
+                ],
             )
         )
 

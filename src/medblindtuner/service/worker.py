@@ -59,6 +59,13 @@ LOCK_NAME = "worker.lock"
 SCORE_LOCK_NAME = "score.lock"
 
 
+def peak_rss_bytes() -> int:
+    """This worker's peak resident memory (the cloud's cost of holding the public bundle)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 class JobCancelled(Exception):
     """The hospital cancelled (or deleted) the job while this worker was running it."""
 
@@ -228,6 +235,7 @@ class JobRunner:
             "rows": len(files),
             "params_fingerprint": trainer.ev.params.fingerprint(),
             "ops": trainer.ev.ops.snapshot(),
+            "peak_rss_bytes": peak_rss_bytes(),
             "files": files,
         }
         atomic_write_json(tmp / "manifest.json", manifest)

@@ -147,3 +147,21 @@ def test_plan_range_check_refuses_divergent_settings(setup):
                               TrainConfig(learning_rate=500.0, epochs=3, batch_size=64))
     with pytest.raises(RangeError):
         hot.check_ranges(*data)
+
+
+@pytest.mark.slow
+def test_softmax_training_matches_mirror(tmp_path):
+    """5-class softmax: c sparse + 1 full-slot bootstrap per step (minutes on the test ring)."""
+    data = toy_problem(5, n_train=100, n_val=30, seed=5)
+    config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=1, batch_size=64, patience=2)
+    plan, keys = plan_and_keys(5, config, data)
+    mirror = plan.check_ranges(*data)
+    trainer = make_trainer(keys, encrypt_dataset(keys, plan, *data), tmp_path)
+    judge = HospitalJudge(keys, plan, len(data[3]))
+    trainer.train(decide=judge)
+    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(1))
+    assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
+    assert abs(judge.losses[1] - mirror.history[0]["val_loss"]) < 1e-3
+    steps = len(plan.train_batch_sizes)
+    assert trainer.ev.ops["bootstraps_2048_slots"] == steps + 1  # + validation
+    assert trainer.ev.ops[f"bootstraps_{plan.layout.block}_slots"] == 5 * steps

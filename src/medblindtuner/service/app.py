@@ -927,6 +927,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """Which chunks the server holds: the client resumes from here."""
         return service.artifact_status(job_id, kind)
 
+    async def accept_chunk_request(job_id: str, kind: str, name: str, index: int,
+                                   request: Request, chunk_sha256: str | None) -> dict[str, Any]:
+        """Shared by artifact and query uploads: header check, bounded read, store."""
+        if not chunk_sha256 or not is_sha256(chunk_sha256.lower()):
+            raise _fail(400, f"the {CHUNK_SHA_HEADER} header (hex SHA-256 of the chunk) is "
+                             "required")
+        data = await _read_body(request, config.limits.chunk_bytes, "chunk")
+        return await run_in_threadpool(service.accept_chunk, job_id, kind, name, index, data,
+                                       chunk_sha256.lower())
+
     @app.put("/jobs/{job_id}/artifacts/{kind}/files/{name}/chunks/{index}", tags=["uploads"],
              openapi_extra=_OCTET_BODY)
     async def put_chunk(
@@ -938,12 +948,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         chunk_sha256: Annotated[str | None, Header(alias=CHUNK_SHA_HEADER)] = None,
     ) -> dict[str, Any]:
         """One chunk (offset index * chunk_bytes) with its SHA-256 in the X-Chunk-SHA256 header."""
-        if not chunk_sha256 or not is_sha256(chunk_sha256.lower()):
-            raise _fail(400, f"the {CHUNK_SHA_HEADER} header (hex SHA-256 of the chunk) is "
-                             "required")
-        data = await _read_body(request, config.limits.chunk_bytes, "chunk")
-        return await run_in_threadpool(service.accept_chunk, job_id, kind, name, index, data,
-                                       chunk_sha256.lower())
+        return await accept_chunk_request(job_id, kind, name, index, request, chunk_sha256)
 
     @app.post("/jobs/{job_id}/artifacts/{kind}/files/{name}/finalize", tags=["uploads"])
     def finalize(job_id: JobId, kind: Kind, name: str) -> dict[str, Any]:
@@ -1028,12 +1033,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         request: Request,
         chunk_sha256: Annotated[str | None, Header(alias=CHUNK_SHA_HEADER)] = None,
     ) -> dict[str, Any]:
-        if not chunk_sha256 or not is_sha256(chunk_sha256.lower()):
-            raise _fail(400, f"the {CHUNK_SHA_HEADER} header (hex SHA-256 of the chunk) is "
-                             "required")
-        data = await _read_body(request, config.limits.chunk_bytes, "chunk")
-        return await run_in_threadpool(service.accept_chunk, job_id, kind, name, index, data,
-                                       chunk_sha256.lower())
+        return await accept_chunk_request(job_id, kind, name, index, request, chunk_sha256)
 
     @app.post("/jobs/{job_id}/queries/{query_id}/files/{name}/finalize", tags=["inference"])
     def finalize_query_file(job_id: JobId, kind: QueryKind, name: str) -> dict[str, Any]:

@@ -178,8 +178,6 @@ class EncryptedDataset:
     train: list[EncryptedBatch]
     val: list[EncryptedBatch]
 
-    _KINDS = ("x_dup", "x_grad")
-
     def save(self, directory: Path, params: CkksParams) -> dict:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -380,10 +378,10 @@ class EncryptedTrainer:
         for j in range(self.plan.rows):
             files[f"w{j}.bin"] = save_ciphertext(tmp / f"w{j}.bin", self.weights[j])
             files[f"p{j}.bin"] = save_ciphertext(tmp / f"p{j}.bin", self.previous[j])
+        atomic_write_json(tmp / "manifest.json", {"epoch": self.state.epoch, "files": files})
         replace_dir(tmp, epoch_dir)
         atomic_write_json(self.checkpoint_dir / "state.json", {
             "state": self.state.__dict__, "ops": self.ev.ops.snapshot(), "files": files,
-            "epoch_files": {str(self.state.epoch): files},
         })
         keep = {self.state.epoch, self.state.best_epoch}
         for old in self.checkpoint_dir.glob("epoch_*"):
@@ -391,8 +389,14 @@ class EncryptedTrainer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def weights_of_epoch(self, epoch: int) -> list[ofhe.Ciphertext]:
+        """Encrypted weights kept for `epoch` (the latest and the best are kept), checksummed."""
         epoch_dir = self.checkpoint_dir / f"epoch_{epoch:04d}"
-        return [load_ciphertext(epoch_dir / f"w{j}.bin") for j in range(self.plan.rows)]
+        manifest_path = epoch_dir / "manifest.json"
+        if not manifest_path.exists():
+            raise BundleError(f"no checkpoint kept for epoch {epoch} in {self.checkpoint_dir}")
+        files = json.loads(manifest_path.read_text())["files"]
+        return [load_ciphertext(epoch_dir / f"w{j}.bin", files[f"w{j}.bin"])
+                for j in range(self.plan.rows)]
 
     def train(
         self,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,24 +23,45 @@ from medblindtuner.he.params import CkksParams
 
 @dataclass
 class OpCounter:
-    """Counts of homomorphic operations and time spent bootstrapping."""
+    """Counts of homomorphic operations and the wall time spent in each kind.
+
+    `seconds` keys are op kinds ("rotations", "chebyshev", ...); snapshots flatten them to
+    `seconds_<kind>` so benchmarks can report where a step's time goes.
+    """
 
     counts: Counter = field(default_factory=Counter)
-    bootstrap_seconds: float = 0.0
+    seconds: Counter = field(default_factory=Counter)
+
+    @property
+    def bootstrap_seconds(self) -> float:
+        return float(self.seconds["bootstraps"])
 
     def snapshot(self) -> dict:
-        data = {name: int(value) for name, value in sorted(self.counts.items())}
+        data: dict = {name: int(value) for name, value in sorted(self.counts.items())}
         data["bootstrap_seconds"] = round(self.bootstrap_seconds, 3)
+        data.update({f"seconds_{kind}": round(float(value), 3)
+                     for kind, value in sorted(self.seconds.items())})
         return data
 
     def load(self, data: dict) -> None:
-        self.bootstrap_seconds = float(data.get("bootstrap_seconds", 0.0))
-        self.counts = Counter(
-            {k: int(v) for k, v in data.items() if k != "bootstrap_seconds"}
-        )
+        self.counts = Counter({k: int(v) for k, v in data.items()
+                               if k != "bootstrap_seconds" and not k.startswith("seconds_")})
+        self.seconds = Counter({k[len("seconds_"):]: float(v) for k, v in data.items()
+                                if k.startswith("seconds_")})
+        if "bootstraps" not in self.seconds and "bootstrap_seconds" in data:
+            self.seconds["bootstraps"] = float(data["bootstrap_seconds"])
 
     def __getitem__(self, name: str) -> int:
         return int(self.counts[name])
+
+    @contextmanager
+    def timed(self, kind: str, count: int = 1):
+        self.counts[kind] += count
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[kind] += time.perf_counter() - start
 
 
 # OpenFHE bootstraps inputs up to level depth - 1 (23 at depth 24); see BOOTSTRAP_OUTPUT_LEVEL in
@@ -85,12 +107,9 @@ class Evaluator:
             )
         work = ct.Clone()
         work.SetSlots(slots)
-        start = time.perf_counter()
-        fresh = self.context.EvalBootstrap(work)
-        self.ops.bootstrap_seconds += time.perf_counter() - start
+        with self.ops.timed("bootstraps"), self.ops.timed(f"bootstraps_{slots}_slots"):
+            fresh = self.context.EvalBootstrap(work)
         fresh.SetSlots(self.params.slots)
-        self.ops.counts["bootstraps"] += 1
-        self.ops.counts[f"bootstraps_{slots}_slots"] += 1
         return fresh
 
     # ---- arithmetic --------------------------------------------------------------------------
@@ -105,29 +124,39 @@ class Evaluator:
             self._plain_cache[key] = plain
         return plain
 
+    def cached_plaintext(self, key: tuple, make: Callable[[], np.ndarray]) -> ofhe.Plaintext:
+        """A mask encoded once per process (`make` runs only on the first request)."""
+        if key not in self._plain_cache:
+            self._plain_cache[key] = self.plaintext(make())
+        return self._plain_cache[key]
+
     def add(self, a, b):
-        self.ops.counts["additions"] += 1
-        return self.context.EvalAdd(a, b)
+        with self.ops.timed("additions"):
+            return self.context.EvalAdd(a, b)
 
     def sub(self, a, b):
-        self.ops.counts["additions"] += 1
-        return self.context.EvalSub(a, b)
+        with self.ops.timed("additions"):
+            return self.context.EvalSub(a, b)
+
+    def add_scalar(self, a: ofhe.Ciphertext, value: float) -> ofhe.Ciphertext:
+        with self.ops.timed("additions"):
+            return self.context.EvalAdd(a, float(value))
 
     def add_many(self, cts: Sequence[ofhe.Ciphertext]) -> ofhe.Ciphertext:
-        self.ops.counts["additions"] += max(len(cts) - 1, 0)
-        return self.context.EvalAddMany(list(cts))
+        with self.ops.timed("additions", max(len(cts) - 1, 0)):
+            return self.context.EvalAddMany(list(cts))
 
     def mul(self, a: ofhe.Ciphertext, b: ofhe.Ciphertext) -> ofhe.Ciphertext:
-        self.ops.counts["ct_ct_multiplications"] += 1
-        return self.context.EvalMult(a, b)
+        with self.ops.timed("ct_ct_multiplications"):
+            return self.context.EvalMult(a, b)
 
     def mul_plain(self, a: ofhe.Ciphertext, plain: ofhe.Plaintext) -> ofhe.Ciphertext:
-        self.ops.counts["ct_pt_multiplications"] += 1
-        return self.context.EvalMult(a, plain)
+        with self.ops.timed("ct_pt_multiplications"):
+            return self.context.EvalMult(a, plain)
 
     def mul_scalar(self, a: ofhe.Ciphertext, scalar: float) -> ofhe.Ciphertext:
-        self.ops.counts["scalar_multiplications"] += 1
-        return self.context.EvalMult(a, float(scalar))
+        with self.ops.timed("scalar_multiplications"):
+            return self.context.EvalMult(a, float(scalar))
 
     def linear_combination(self, cts: Sequence[ofhe.Ciphertext], weights: Iterable[float]):
         """sum_i w_i ct_i for one level (each term is a scalar product)."""
@@ -135,8 +164,8 @@ class Evaluator:
         return self.add_many(terms)
 
     def rotate(self, ct: ofhe.Ciphertext, steps: int) -> ofhe.Ciphertext:
-        self.ops.counts["rotations"] += 1
-        return self.context.EvalRotate(ct, int(steps))
+        with self.ops.timed("rotations"):
+            return self.context.EvalRotate(ct, int(steps))
 
     def rotate_and_sum(self, ct: ofhe.Ciphertext, strides: Sequence[int]) -> ofhe.Ciphertext:
         """ct + rot(ct, s) for each stride s in turn: a log-depth slot sum costing no level."""
@@ -147,5 +176,5 @@ class Evaluator:
 
     def chebyshev(self, ct: ofhe.Ciphertext, coefficients: Sequence[float], a: float, b: float):
         """OpenFHE's Chebyshev series (Paterson-Stockmeyer): the polynomial's depth in levels."""
-        self.ops.counts["polynomial_evaluations"] += 1
-        return self.context.EvalChebyshevSeries(ct, list(map(float, coefficients)), a, b)
+        with self.ops.timed("polynomial_evaluations"):
+            return self.context.EvalChebyshevSeries(ct, list(map(float, coefficients)), a, b)

@@ -135,3 +135,141 @@ class PackingLayout:
 
     def decode_per_sample(self, slots: np.ndarray, n_samples: int) -> np.ndarray:
         return np.asarray(slots)[: n_samples * self.stride : self.stride].copy()
+
+
+@dataclass(frozen=True)
+class SoftmaxLayout:
+    """Class-rotation ("diagonal") layout: a c-class softmax step with two sparse bootstraps.
+
+    Let C = next_pow2(c) and Q = 2d C. The model is ONE ciphertext with period Q: block b of
+    each period holds weight row b in both halves (rows b >= c are zero). Rotating it by 2d k
+    puts row (i + k) mod C under sample i, so `C` products give every logit, each sample seeing
+    each class exactly once (the class of sample i in rotation k is `class_of(i, k)`). The sum
+    of exponentials over the C rotations is the softmax denominator plus a known constant for
+    the zero rows; the gradient terms are rotated back by -2d k and summed per period, which
+    lands class b's gradient on block b: the model layout again, with no mask.
+
+    Softmax denominators: one value per sample is selected into a compact vector of period
+    P = max(2d, slots / d): sample i = g R + r (R = P / 2d blocks per period) keeps S_i at slot
+    2d r + g of its block, distinct for every sample because g < slots / P <= d. Folding
+    (rotate-and-sum over P, 2P, ..., slots/2) makes it P-periodic for a P-slot bootstrap.
+    After the refresh, a right shift by d puts each sample's own 1/S_i in the second half of its
+    block at offset g, from where a rotate-and-sum over strides 1..d covers the first half.
+    """
+
+    layout: PackingLayout
+    n_classes: int
+
+    def __post_init__(self) -> None:
+        if self.n_classes < 3:
+            raise ValueError("the softmax layout is for 3 or more classes (binary: sigmoid)")
+        if self.model_period >= self.layout.slots:
+            raise ValueError(
+                f"a {self.n_classes}-class model needs 2·d·{self.class_slots} = "
+                f"{self.model_period} < {self.layout.slots} slots: reduce the feature width"
+            )
+
+    @property
+    def class_slots(self) -> int:
+        """C: classes padded to a power of two (rotations must wrap within the period)."""
+        return next_power_of_two(self.n_classes)
+
+    @property
+    def model_period(self) -> int:
+        """Q: period (and sparse bootstrap slot count) of the model ciphertext."""
+        return self.layout.stride * self.class_slots
+
+    def class_of(self, sample: int | np.ndarray, rotation: int):
+        """Class whose logit sample i sees in rotation k (>= n_classes: a zero row)."""
+        return (np.asarray(sample) + rotation) % self.class_slots
+
+    @property
+    def class_shifts(self) -> list[int]:
+        """2d k: rotation k of the model. Rotating the gradient terms back by -2d k is the same
+        as by 2d (C - k) once the period sum adds all shifts by multiples of Q."""
+        return [self.layout.stride * k for k in range(self.class_slots)]
+
+    # ---- encoders / decoders (hospital side and tests) ---------------------------------------
+    def encode_model(self, weights: np.ndarray) -> np.ndarray:
+        weights = np.asarray(weights, dtype=np.float64)
+        d, n = self.layout.block, self.layout.n_features
+        period = np.zeros((self.class_slots, 2, d))
+        period[: self.n_classes, 0, :n] = weights
+        period[: self.n_classes, 1, :n] = weights
+        return np.tile(period.reshape(-1), self.layout.slots // self.model_period)
+
+    def decode_model(self, slots: np.ndarray) -> np.ndarray:
+        d, n = self.layout.block, self.layout.n_features
+        blocks = np.asarray(slots)[: self.model_period].reshape(self.class_slots, 2, d)
+        return blocks[: self.n_classes, 0, :n].copy()
+
+    def encode_labels(self, targets: np.ndarray) -> list[np.ndarray]:
+        """One label vector per rotation k: sample i holds y[i, class_of(i, k)] (0 if padded)."""
+        targets = np.asarray(targets, dtype=np.float64)
+        padded = np.zeros((len(targets), self.class_slots))
+        padded[:, : self.n_classes] = targets
+        rows = np.arange(len(targets))
+        return [self.layout.encode_per_sample(padded[rows, self.class_of(rows, k)])
+                for k in range(self.class_slots)]
+
+    def row_mask(self, row: int) -> np.ndarray:
+        """1 on block `row` of every period: extracting one weight row (d-periodic after the
+        rotate-and-sum over `row_strides`)."""
+        period = np.zeros((self.class_slots, self.layout.stride))
+        period[row] = 1.0
+        return np.tile(period.reshape(-1), self.layout.slots // self.model_period)
+
+    @property
+    def row_strides(self) -> list[int]:
+        return [self.layout.stride << k for k in range(self.class_slots.bit_length() - 1)]
+
+    def valid_mask(self, rotation: int) -> np.ndarray:
+        """1 on the first half of sample i's block when rotation k shows it a real class."""
+        real = self.class_of(np.arange(self.layout.samples_per_ct), rotation) < self.n_classes
+        return self.layout.encode_per_sample(real.astype(np.float64))
+
+    @property
+    def period_sum_strides(self) -> list[int]:
+        """Sum the model-period blocks of all samples: strides Q, 2Q, ..., slots/2."""
+        q, slots = self.model_period, self.layout.slots
+        return [q << k for k in range((slots // q).bit_length() - 1)]
+
+    # ---- compact softmax denominators --------------------------------------------------------
+    @property
+    def compact_period(self) -> int:
+        """P: smallest period whose groups (slots / P) fit in the d slots of a half block."""
+        return max(self.layout.stride, self.layout.slots // self.layout.block)
+
+    @property
+    def blocks_per_period(self) -> int:
+        return self.compact_period // self.layout.stride
+
+    def compact_offset(self, sample: int) -> int:
+        return sample // self.blocks_per_period
+
+    def select_mask(self) -> np.ndarray:
+        """1 at each sample's compact slot (inside the first half of its block)."""
+        out = np.zeros(self.layout.slots)
+        for i in range(self.layout.samples_per_ct):
+            out[i * self.layout.stride + self.compact_offset(i)] = 1.0
+        return out
+
+    @property
+    def fold_strides(self) -> list[int]:
+        p, slots = self.compact_period, self.layout.slots
+        return [p << k for k in range((slots // p).bit_length() - 1)]
+
+    def unfold_mask(self) -> np.ndarray:
+        """After the right shift by d: 1 where each block's own value sits (second half)."""
+        return np.roll(self.select_mask(), self.layout.block)
+
+    @property
+    def spread_strides(self) -> list[int]:
+        """Rotate-and-sum over 1..d: a value at 2d i + d + g covers [2d i, 2d i + d)."""
+        return [1 << k for k in range(self.layout.block.bit_length())]
+
+    @property
+    def rotation_indices(self) -> list[int]:
+        return sorted(set(self.class_shifts[1:] + self.row_strides
+                          + self.period_sum_strides + self.fold_strides + self.spread_strides
+                          + [-self.layout.block]))

@@ -5,14 +5,27 @@ Hospital side: `TrainingPlan.create` (public schedule, approximations, layout) a
 Cloud side: `EncryptedTrainer` runs Nesterov steps with only a public bundle loaded; the one
 interactive bit per epoch is the hospital's answer to the encrypted validation loss.
 
-Per step and weight row (see `he.packing` for the layout), levels after a refresh:
-    V = (1+m) W - m W_prev      1 level
-    Z = rotsum(x_dup * V)       1 level, log2(d) rotations
-    binary:  A = (lr/n) sigmoid~(Z)                     5 levels (degree 27)
-    softmax: e = exp~(Z); S = sum_j e_j; refresh S once; A_j = e_j * ((lr/n) inverse~(S))
-    G = rotsum((A - (lr/n) Y) * x_grad)  1 level, log2(slots/d) rotations
-    W_new = V - G, then refreshed as a d-slot sparse ciphertext
-Binary tasks: 1 bootstrap per step; c-class softmax: c sparse + 1 full-slot bootstrap.
+Levels are counted from a sparse (2, 2) bootstrap, which leaves 9 (see `he.params`).
+
+Binary head (model = [W, W_prev], each d-periodic; ONE d-slot bootstrap per step):
+    V = (1+m) W - m W_prev                    1
+    Z = rotsum(x_dup * V)                     2   log2(d) rotations
+    A = (lr/n) sigmoid~(Z)                    8   degree 27
+    G = rotsum((A - (lr/n) Y) * x_grad)       9   log2(slots/d) rotations
+    W_new = V - G  -> d-slot bootstrap
+
+c-class softmax (model = [M, M_prev] in the class-rotation layout of `he.packing.SoftmaxLayout`,
+C = next_pow2(c) rotations; TWO sparse bootstraps per step, whatever c):
+    V = (1+m) M - m M_prev                                  1
+    Z_k = rotsum(x_dup * rot(V, 2d k)), k < C               2   sample i sees class (i+k) mod C
+    e_k = exp~(Z_k); S = sum_k e_k - (C - c) exp~(0)         7   degree 9
+    compact = fold(S * select)                              8   -> P-slot bootstrap
+    inv = (lr/n) inverse~(rot(compact, -d))                 5   degree 13
+    inv_k = spread(inv * unfold) * valid_k                  7   0 where class (i+k) is padding
+    A_k = e_k * inv_k                                       8
+    G = periodsum(sum_k rot((A_k - (lr/n) Y_k) * x_grad, 2d (C-k)))   9   class b -> block b
+    M_new = V - (G + rot(G, -d))  -> Q-slot bootstrap        9
+Measured costs per step are in docs/results.md.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ from medblindtuner.he.ciphertexts import (
 )
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import BundleError, HospitalKeys
-from medblindtuner.he.packing import PackingLayout
+from medblindtuner.he.packing import PackingLayout, SoftmaxLayout
 from medblindtuner.he.params import CkksParams, data_level
 from medblindtuner.training.approx import ActivationPlan, RangeError
 from medblindtuner.training.plain import (
@@ -72,15 +85,34 @@ class TrainingPlan:
         return n_weight_rows(self.n_classes)
 
     @property
+    def softmax_layout(self) -> SoftmaxLayout | None:
+        """Class-rotation layout of a softmax head (None for a binary head)."""
+        return None if self.activation.binary else SoftmaxLayout(self.layout, self.n_classes)
+
+    @property
     def bootstrap_slots(self) -> tuple[int, ...]:
-        slots = {self.layout.block}
-        if not self.activation.binary:
-            slots.add(self.slots)
-        return tuple(sorted(slots))
+        softmax = self.softmax_layout
+        if softmax is None:
+            return (self.layout.block,)
+        return tuple(sorted({softmax.model_period, softmax.compact_period}))
 
     @property
     def rotation_indices(self) -> list[int]:
-        return self.layout.rotation_indices
+        softmax = self.softmax_layout
+        extra = softmax.rotation_indices if softmax is not None else []
+        return sorted(set(self.layout.rotation_indices + extra))
+
+    def label_vectors(self, targets: np.ndarray) -> list[np.ndarray]:
+        """Slot vectors of one batch's labels: one (binary) or one per class rotation."""
+        softmax = self.softmax_layout
+        if softmax is None:
+            return [self.layout.encode_per_sample(targets[:, 0])]
+        return softmax.encode_labels(targets)
+
+    @property
+    def label_cts(self) -> int:
+        softmax = self.softmax_layout
+        return 1 if softmax is None else softmax.class_slots
 
     def padding_loss(self, n_padding: int) -> float:
         """Brier contribution of all-zero padding samples (public; subtracted by the hospital)."""
@@ -214,7 +246,7 @@ class EncryptedDataset:
                         raise BundleError(f"encrypted dataset lacks {name}")
                     return load_ciphertext(directory / name, files[name])
 
-                labels = [ct(f"y{j}") for j in range(plan.rows)]
+                labels = [ct(f"y{j}") for j in range(plan.label_cts)]
                 out.append(EncryptedBatch(n, ct("x_dup"), ct("x_grad"), labels))
             return out
 
@@ -240,9 +272,8 @@ def encrypt_dataset(
     level = data_level(keys.params)
 
     def encrypt_batch(x: np.ndarray, y: np.ndarray) -> EncryptedBatch:
-        targets = one_hot(y, plan.n_classes)
-        labels = [keys.encrypt(layout.encode_per_sample(targets[:, j]), level)
-                  for j in range(plan.rows)]
+        labels = [keys.encrypt(vector, level)
+                  for vector in plan.label_vectors(one_hot(y, plan.n_classes))]
         batch = EncryptedBatch(
             len(x),
             keys.encrypt(layout.encode_x_dup(x), level),
@@ -287,63 +318,102 @@ class EncryptedTrainer:
         self.data = dataset
         self.plan = dataset.plan
         self.layout = dataset.plan.layout
+        self.softmax = dataset.plan.softmax_layout
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.state = EncryptedState()
-        self.weights: list[ofhe.Ciphertext] = []
-        self.previous: list[ofhe.Ciphertext] = []
+        # [W, W_prev]: d-periodic weight rows (binary) or class-rotation model cts (softmax)
+        self.model: list[ofhe.Ciphertext] = []
 
-    # ---- the step ---------------------------------------------------------------------------
-    def _zero_weights(self) -> list[ofhe.Ciphertext]:
+    # ---- model layout -------------------------------------------------------------------------
+    def _masked(self, ct: ofhe.Ciphertext, key: tuple, make: Callable[[], np.ndarray]):
+        """ct times a constant mask (one level); the mask is encoded once per process."""
+        return self.ev.mul_plain(ct, self.ev.cached_plaintext(key, make))
+
+    def rows(self, model: list[ofhe.Ciphertext]) -> list[ofhe.Ciphertext]:
+        """The d-periodic weight rows the hospital decrypts and inference uses (softmax: one
+        mask and log2(C) rotations per row, one level)."""
+        if self.softmax is None:
+            return [model[0]]
+        return [
+            self.ev.rotate_and_sum(
+                self._masked(model[0], ("row", j), lambda j=j: self.softmax.row_mask(j)),
+                self.softmax.row_strides)
+            for j in range(self.plan.n_classes)
+        ]
+
+    @property
+    def weights(self) -> list[ofhe.Ciphertext]:
+        """Current encrypted weight rows (d-periodic), as returned to the hospital."""
+        return self.rows(self.model)
+
+    def _zero_model(self) -> list[ofhe.Ciphertext]:
         """Encrypted zeros derived from a data ciphertext (x * 0): no key needed, and no fresh
         encryption randomness, so an interrupted and resumed run repeats the same numbers."""
         zero = self.ev.mul_scalar(self.data.train[0].x_grad, 0.0)
-        return [zero.Clone() for _ in range(self.plan.rows)]
+        return [zero, zero.Clone()]
 
-    def logits(self, batch: EncryptedBatch, weights: list[ofhe.Ciphertext]):
+    # ---- the step ---------------------------------------------------------------------------
+    def logits(self, batch: EncryptedBatch, model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
+        """Binary: [z]. Softmax: one logit ciphertext per class rotation k (see SoftmaxLayout)."""
+        shifted = [model] if self.softmax is None else [
+            self.ev.rotate(model, shift) if shift else model
+            for shift in self.softmax.class_shifts]
         return [self.ev.rotate_and_sum(self.ev.mul(batch.x_dup, w), self.layout.logit_strides)
-                for w in weights]
+                for w in shifted]
 
     def scaled_probabilities(self, logits: list[ofhe.Ciphertext], scale: float):
-        """scale * head(logits), per weight row, with the shared polynomial approximations."""
+        """scale * head(logits), per logit ciphertext, with the shared approximations."""
         act = self.plan.activation
         if act.binary:
             sig = act.sigmoid.scaled(scale)
             return [self.ev.chebyshev(logits[0], sig.coefficients, sig.a, sig.b)]
+        softmax = self.softmax
         exp = act.exp
         exps = [self.ev.chebyshev(z, exp.coefficients, exp.a, exp.b) for z in logits]
+        padding_rows = softmax.class_slots - softmax.n_classes
+        total = self.ev.add_scalar(self.ev.add_many(exps),
+                                   -padding_rows * float(exp(np.zeros(1))[0]))
+        selected = self._masked(total, ("select",), softmax.select_mask)
+        compact = self.ev.bootstrap(self.ev.rotate_and_sum(selected, softmax.fold_strides),
+                                    period=softmax.compact_period)
+        # Each sample's own 1/S_i goes to the second half of its block, then covers the first.
+        compact = self.ev.rotate(compact, -self.layout.block)
         inverse = act.inverse.scaled(scale)
-        total = self.ev.ensure_levels(self.ev.add_many(exps), inverse.depth + 3)
-        # Slots holding no sample get the constant c (inside the inverse's interval).
-        sample_slots = self.layout.encode_per_sample(np.ones(self.layout.samples_per_ct))
-        keep = self.ev.plaintext(sample_slots, key=("sample_slots",))
-        total = self.ev.add(self.ev.mul_plain(total, keep),
-                            self.ev.plaintext(act.n_classes * (1.0 - sample_slots),
-                                              key=("filler",)))
-        inv = self.ev.chebyshev(total, inverse.coefficients, inverse.a, inverse.b)
-        return [self.ev.mul(e, inv) for e in exps]
+        inv = self.ev.chebyshev(compact, inverse.coefficients, inverse.a, inverse.b)
+        spread = self.ev.rotate_and_sum(self._masked(inv, ("unfold",), softmax.unfold_mask),
+                                        softmax.spread_strides)
+        return [
+            self.ev.mul(e, self._masked(spread, ("valid", k), lambda k=k: softmax.valid_mask(k)))
+            for k, e in enumerate(exps)
+        ]
 
     def step(self, batch: EncryptedBatch) -> None:
         m = self.plan.config.momentum
         scale = self.plan.config.learning_rate / batch.n_samples
-        lookahead = [self.ev.linear_combination([w, p], [1 + m, -m])
-                     for w, p in zip(self.weights, self.previous, strict=True)]
+        lookahead = self.ev.linear_combination(self.model, [1 + m, -m])
         probs = self.scaled_probabilities(self.logits(batch, lookahead), scale)
-        new_weights = []
-        for j, (v, a) in enumerate(zip(lookahead, probs, strict=True)):
-            error = self.ev.sub(a, self.ev.mul_scalar(batch.labels[j], scale))
-            gradient = self.ev.rotate_and_sum(self.ev.mul(error, batch.x_grad),
-                                              self.layout.gradient_strides)
-            updated = self.ev.sub(v, gradient)
-            new_weights.append(self.ev.bootstrap(updated, period=self.layout.block))
-        self.previous, self.weights = self.weights, new_weights
+        terms = [self.ev.mul(self.ev.sub(a, self.ev.mul_scalar(batch.labels[k], scale)),
+                             batch.x_grad)
+                 for k, a in enumerate(probs)]
+        if self.softmax is None:
+            gradient = self.ev.rotate_and_sum(terms[0], self.layout.gradient_strides)
+            period = self.layout.block
+        else:
+            shifts = self.softmax.class_shifts
+            back = [self.ev.rotate(t, shifts[-k]) if k else t for k, t in enumerate(terms)]
+            half = self.ev.rotate_and_sum(self.ev.add_many(back), self.softmax.period_sum_strides)
+            gradient = self.ev.add(half, self.ev.rotate(half, -self.layout.block))
+            period = self.softmax.model_period
+        updated = self.ev.bootstrap(self.ev.sub(lookahead, gradient), period=period)
+        self.model = [updated, self.model[0]]
         self.state.steps += 1
 
     def validation_loss_ciphertext(self) -> ofhe.Ciphertext:
         """Encrypted sum over validation samples of sum_j (p_j - y_j)^2, in slot 0."""
         totals = []
         for batch in self.data.val:
-            probs = self.scaled_probabilities(self.logits(batch, self.weights), 1.0)
+            probs = self.scaled_probabilities(self.logits(batch, self.model[0]), 1.0)
             for j, p in enumerate(probs):
                 diff = self.ev.sub(p, batch.labels[j])
                 totals.append(self.ev.rotate_and_sum(self.ev.mul(diff, diff),
@@ -351,6 +421,12 @@ class EncryptedTrainer:
         return self.ev.add_many(totals)
 
     # ---- epochs, checkpoints ----------------------------------------------------------------
+    def _load_model(self, epoch_dir: Path, files: dict) -> list[ofhe.Ciphertext]:
+        names = sorted(name for name in files if name.startswith("model_"))
+        if not names:
+            raise BundleError(f"checkpoint {epoch_dir} holds no model ciphertexts")
+        return [load_ciphertext(epoch_dir / name, files[name]) for name in names]
+
     def initialise_or_resume(self) -> bool:
         """Load the last checkpoint if there is one; returns True when resumed."""
         state_path = self.checkpoint_dir / "state.json"
@@ -359,14 +435,9 @@ class EncryptedTrainer:
             self.state = EncryptedState(**saved["state"])
             self.ev.ops.load(saved["ops"])
             epoch_dir = self.checkpoint_dir / f"epoch_{self.state.epoch:04d}"
-            files = saved["files"]
-            self.weights = [load_ciphertext(epoch_dir / f"w{j}.bin", files[f"w{j}.bin"])
-                            for j in range(self.plan.rows)]
-            self.previous = [load_ciphertext(epoch_dir / f"p{j}.bin", files[f"p{j}.bin"])
-                             for j in range(self.plan.rows)]
+            self.model = self._load_model(epoch_dir, saved["files"])
             return True
-        self.weights = self._zero_weights()
-        self.previous = self._zero_weights()
+        self.model = self._zero_model()
         return False
 
     def _checkpoint(self) -> None:
@@ -374,10 +445,8 @@ class EncryptedTrainer:
         tmp = self.checkpoint_dir / f".tmp_epoch_{self.state.epoch:04d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        files = {}
-        for j in range(self.plan.rows):
-            files[f"w{j}.bin"] = save_ciphertext(tmp / f"w{j}.bin", self.weights[j])
-            files[f"p{j}.bin"] = save_ciphertext(tmp / f"p{j}.bin", self.previous[j])
+        files = {f"model_{k}.bin": save_ciphertext(tmp / f"model_{k}.bin", ct)
+                 for k, ct in enumerate(self.model)}
         atomic_write_json(tmp / "manifest.json", {"epoch": self.state.epoch, "files": files})
         replace_dir(tmp, epoch_dir)
         atomic_write_json(self.checkpoint_dir / "state.json", {
@@ -389,14 +458,13 @@ class EncryptedTrainer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def weights_of_epoch(self, epoch: int) -> list[ofhe.Ciphertext]:
-        """Encrypted weights kept for `epoch` (the latest and the best are kept), checksummed."""
+        """Encrypted weight rows kept for `epoch` (the latest and the best), checksummed."""
         epoch_dir = self.checkpoint_dir / f"epoch_{epoch:04d}"
         manifest_path = epoch_dir / "manifest.json"
         if not manifest_path.exists():
             raise BundleError(f"no checkpoint kept for epoch {epoch} in {self.checkpoint_dir}")
         files = json.loads(manifest_path.read_text())["files"]
-        return [load_ciphertext(epoch_dir / f"w{j}.bin", files[f"w{j}.bin"])
-                for j in range(self.plan.rows)]
+        return self.rows(self._load_model(epoch_dir, files))
 
     def train(
         self,

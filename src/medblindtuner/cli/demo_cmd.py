@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
                  "deit_tiny|deit_small|deit_base, efficientnet_lite0.")] = "auto",
         pca: Annotated[int, typer.Option(help="PCA dimensions (hospital side).")] = (
             DEFAULT_PCA_DIMS),
-        lr: Annotated[float, typer.Option(help="Learning rate.")] = _DEFAULTS.learning_rate,
+        lr: Annotated[float | None, typer.Option(
+            help="Learning rate (default: 8 for a binary head, 2 for softmax).")] = None,
         epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = _DEFAULTS.epochs,
         batch_size: Annotated[int, typer.Option(help="Batch size.")] = _DEFAULTS.batch_size,
         patience: Annotated[int, typer.Option(help="Early stopping.")] = _DEFAULTS.patience,

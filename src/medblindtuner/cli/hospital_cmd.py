@@ -130,7 +130,8 @@ def register(app: typer.Typer) -> None:
         pca_dims: Annotated[int | None, typer.Option(help="PCA dimensions (None: all).")] = (
             DEFAULT_PCA_DIMS),
         epochs: Annotated[int, typer.Option(min=1)] = _D.epochs,
-        learning_rate: Annotated[float, typer.Option()] = _D.learning_rate,
+        learning_rate: Annotated[float | None, typer.Option(
+            help="Learning rate (default: 8 for a binary head, 2 for softmax).")] = None,
         momentum: Annotated[float, typer.Option()] = _D.momentum,
         batch_size: Annotated[int, typer.Option(min=1)] = _D.batch_size,
         patience: Annotated[int, typer.Option(min=1)] = _D.patience,

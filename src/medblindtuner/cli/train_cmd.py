@@ -26,7 +26,8 @@ DatasetOpt = Annotated[str, typer.Option(
     help="MedMNIST flag or .npz, used when --features is not given (features are cached).")]
 BackboneOpt = Annotated[str, typer.Option(help="Backbone for --dataset extraction.")]
 PcaOpt = Annotated[int, typer.Option(help="PCA dimensions (hospital side, fitted on train).")]
-LrOpt = Annotated[float, typer.Option(help="Learning rate.")]
+LrOpt = Annotated[float | None, typer.Option(
+    help="Learning rate (default: 8 for a binary head, 2 for softmax).")]
 MomentumOpt = Annotated[float, typer.Option(help="Nesterov momentum.")]
 EpochsOpt = Annotated[int, typer.Option(help="Maximum epochs.")]
 BatchOpt = Annotated[int, typer.Option(help="Mini-batch size (capped by one ciphertext).")]
@@ -79,7 +80,7 @@ def register(app: typer.Typer) -> None:
         dataset: DatasetOpt = "breastmnist",
         backbone: BackboneOpt = "efficientnet_lite0",
         pca: PcaOpt = DEFAULT_PCA_DIMS,
-        lr: LrOpt = _D.learning_rate,
+        lr: LrOpt = None,
         momentum: MomentumOpt = _D.momentum,
         epochs: EpochsOpt = _D.epochs,
         batch_size: BatchOpt = _D.batch_size,
@@ -92,7 +93,8 @@ def register(app: typer.Typer) -> None:
         from ..training.pipeline import run_plain
 
         data = load_prepared(features, dataset, backbone, pca)
-        config = TrainConfig(lr, momentum, epochs, batch_size, patience, seed)
+        config = TrainConfig(lr, momentum, epochs, batch_size, patience, seed).for_classes(
+            data.n_classes)
         try:
             runs = run_plain(data, config)
         except RangeError as exc:
@@ -110,7 +112,7 @@ def register(app: typer.Typer) -> None:
         dataset: DatasetOpt = "breastmnist",
         backbone: BackboneOpt = "efficientnet_lite0",
         pca: PcaOpt = DEFAULT_PCA_DIMS,
-        lr: LrOpt = _D.learning_rate,
+        lr: LrOpt = None,
         momentum: MomentumOpt = _D.momentum,
         epochs: EpochsOpt = _D.epochs,
         batch_size: BatchOpt = _D.batch_size,
@@ -133,7 +135,8 @@ def register(app: typer.Typer) -> None:
             console.print("[bold red]WARNING: insecure test parameters (ring 4096): "
                           "no security at all.[/]")
         data = load_prepared(features, dataset, backbone, pca)
-        config = TrainConfig(lr, momentum, epochs, batch_size, patience, seed)
+        config = TrainConfig(lr, momentum, epochs, batch_size, patience, seed).for_classes(
+            data.n_classes)
         params = INSECURE_TEST if insecure_test_params else PRODUCTION
         try:
             results = run_encrypted(data, config, params, workdir,

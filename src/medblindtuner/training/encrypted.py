@@ -153,6 +153,7 @@ class TrainingPlan:
         activation: ActivationPlan | None = None,
     ) -> TrainingPlan:
         layout = PackingLayout(params.slots, x_train.shape[1])
+        config = config.for_classes(n_classes)
         batch = min(config.batch_size, layout.samples_per_ct)
         if batch != config.batch_size:
             config = TrainConfig(**{**config.to_dict(), "batch_size": batch})
@@ -410,15 +411,18 @@ class EncryptedTrainer:
         self.state.steps += 1
 
     def validation_loss_ciphertext(self) -> ofhe.Ciphertext:
-        """Encrypted sum over validation samples of sum_j (p_j - y_j)^2, in slot 0."""
-        totals = []
+        """Encrypted sum over validation samples of sum_j (p_j - y_j)^2, in slot 0.
+
+        Squares of every chunk and class are added first (slot-wise), so the sum over samples
+        costs one rotate-and-sum in total.
+        """
+        squares = []
         for batch in self.data.val:
             probs = self.scaled_probabilities(self.logits(batch, self.model[0]), 1.0)
             for j, p in enumerate(probs):
                 diff = self.ev.sub(p, batch.labels[j])
-                totals.append(self.ev.rotate_and_sum(self.ev.mul(diff, diff),
-                                                     self.layout.sample_sum_strides))
-        return self.ev.add_many(totals)
+                squares.append(self.ev.mul(diff, diff))
+        return self.ev.rotate_and_sum(self.ev.add_many(squares), self.layout.sample_sum_strides)
 
     # ---- epochs, checkpoints ----------------------------------------------------------------
     def _load_model(self, epoch_dir: Path, files: dict) -> list[ofhe.Ciphertext]:

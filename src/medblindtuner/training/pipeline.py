@@ -108,6 +108,7 @@ def run_plain(data: PreparedData, config: TrainConfig, activation: ActivationPla
               layout=None) -> dict:
     """Exact head and polynomial mirror, same batches, same schedule."""
     activation = activation or ActivationPlan.default(data.n_classes)
+    config = config.for_classes(data.n_classes)
     args = (data.x["train"], data.y["train"], data.x["val"], data.y["val"], data.n_classes, config)
     exact = train_head(*args)
     mirror = train_head(*args, activation=activation, layout=layout)

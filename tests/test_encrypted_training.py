@@ -39,7 +39,8 @@ def setup():
 
 
 def make_trainer(keys, dataset, directory):
-    trainer = EncryptedTrainer(Evaluator(keys.context, keys.params), dataset, directory)
+    trainer = EncryptedTrainer(Evaluator(keys.context, keys.params, keys.public_key), dataset,
+                               directory)
     return trainer
 
 
@@ -107,7 +108,7 @@ def test_trainer_runs_with_only_the_public_bundle(setup, tmp_path):
         from medblindtuner.training.encrypted import EncryptedDataset, EncryptedTrainer
         cloud = CloudCrypto.load({str(tmp_path / 'bundle')!r}, allow_insecure=True)
         data = EncryptedDataset.load(Path({str(tmp_path / 'data')!r}), cloud.params)
-        trainer = EncryptedTrainer(Evaluator(cloud.context, cloud.params), data,
+        trainer = EncryptedTrainer(Evaluator(cloud.context, cloud.params, cloud.public_key), data,
                                    Path({str(tmp_path / 'ckpt')!r}))
         state = trainer.train()
         print(json.dumps({{"epoch": state.epoch, "ops": trainer.ev.ops.snapshot()}}))

@@ -263,7 +263,7 @@ class JobRunner:
         verify_public_bundle(bundle_dir, allow_insecure=allow)
         crypto = CloudCrypto.load(bundle_dir, allow_insecure=allow)
         dataset = EncryptedDataset.load(self.dir / "dataset", crypto.params)
-        evaluator = Evaluator(crypto.context, crypto.params)
+        evaluator = Evaluator(crypto.context, crypto.params, crypto.public_key)
         trainer = EncryptedTrainer(evaluator, dataset, self.dir / "checkpoints")
         self._update(steps_per_epoch=len(dataset.train),
                      max_epochs=dataset.plan.config.epochs)
@@ -341,7 +341,7 @@ class ScoreRunner:
                                    result["files"][f"w{j}.bin"])
                    for j in range(result["rows"])]
         queries = EncryptedQueries.load(self.dir / "input", params)
-        evaluator = Evaluator(crypto.context, params)
+        evaluator = Evaluator(crypto.context, params, crypto.public_key)
         log.info("job %s query set %s: scoring %d ciphertexts (%d rows) against %d weight "
                  "rows (best epoch %s)", self.job_id, self.query_id, len(queries.cts),
                  sum(queries.sizes), len(weights), result.get("best_epoch"))

@@ -211,6 +211,15 @@ class EncryptedDataset:
     train: list[EncryptedBatch]
     val: list[EncryptedBatch]
 
+    def adopted(self, adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext]) -> EncryptedDataset:
+        """The same dataset with every ciphertext passed through `adopt` (Evaluator.adopt)."""
+        def batch(b: EncryptedBatch) -> EncryptedBatch:
+            return EncryptedBatch(b.n_samples, adopt(b.x_dup), adopt(b.x_grad),
+                                  [adopt(y) for y in b.labels])
+
+        return EncryptedDataset(self.plan, [batch(b) for b in self.train],
+                                [batch(b) for b in self.val])
+
     def save(self, directory: Path, params: CkksParams) -> dict:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -316,7 +325,7 @@ class EncryptedTrainer:
 
     def __init__(self, evaluator: Evaluator, dataset: EncryptedDataset, checkpoint_dir: Path):
         self.ev = evaluator
-        self.data = dataset
+        self.data = dataset.adopted(evaluator.adopt)  # ciphertexts read from disk: see adopt
         self.plan = dataset.plan
         self.layout = dataset.plan.layout
         self.softmax = dataset.plan.softmax_layout
@@ -429,7 +438,8 @@ class EncryptedTrainer:
         names = sorted(name for name in files if name.startswith("model_"))
         if not names:
             raise BundleError(f"checkpoint {epoch_dir} holds no model ciphertexts")
-        return [load_ciphertext(epoch_dir / name, files[name]) for name in names]
+        return [self.ev.adopt(load_ciphertext(epoch_dir / name, files[name]))
+                for name in names]
 
     def initialise_or_resume(self) -> bool:
         """Load the last checkpoint if there is one; returns True when resumed."""

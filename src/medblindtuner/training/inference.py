@@ -73,7 +73,9 @@ def score_queries(evaluator: Evaluator, plan: TrainingPlan, weights: list[ofhe.C
                   queries: EncryptedQueries) -> list[list[ofhe.Ciphertext]]:
     """Cloud: encrypted logits, [query ciphertext][weight row]. No key beyond rotations."""
     strides = plan.layout.logit_strides
-    return [[evaluator.rotate_and_sum(evaluator.mul(q, w), strides) for w in weights]
+    weights = [evaluator.adopt(w) for w in weights]
+    return [[evaluator.rotate_and_sum(evaluator.mul(evaluator.adopt(q), w), strides)
+             for w in weights]
             for q in queries.cts]
 
 

@@ -190,7 +190,7 @@ def run_encrypted(
     timings["encrypt"] = time.perf_counter() - start
     dataset = EncryptedDataset.load(workdir / "encrypted_dataset", keyed)
 
-    evaluator = Evaluator(keys.context, keyed)
+    evaluator = Evaluator(keys.context, keyed, keys.public_key)
     trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints")
     judge = HospitalJudge(keys, plan, len(data.y["val"])) if interactive else None
     total_steps = config.epochs * len(plan.train_batch_sizes)

@@ -87,7 +87,7 @@ class Evaluator:
         OpenFHE gives a deserialized ciphertext its own copies of the ring parameters, and every
         operation on it, and on results that inherit parameters from their first operand, runs
         1.6-2x slower: measured at ring 2^16, a binary step took 28.7 s instead of 17.8 s
-        (bootstrap 23.4 s vs 14.4 s; runs/probe/loaded_ab.py). Adding an encryption of zero made
+        (bootstrap 23.4 s vs 14.4 s; benchmarks/probe_step.py). Adding an encryption of zero made
         in this context, as the first operand, gives the same values with the context's
         parameters. Needs only the public key; without one the ciphertext is returned as is.
         """

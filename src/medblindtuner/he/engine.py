@@ -86,10 +86,11 @@ class Evaluator:
 
         OpenFHE gives a deserialized ciphertext its own copies of the ring parameters, and every
         operation on it, and on results that inherit parameters from their first operand, runs
-        1.6-2x slower: measured at ring 2^16, a binary step took 28.7 s instead of 17.8 s
-        (bootstrap 23.4 s vs 14.4 s; benchmarks/probe_step.py). Adding an encryption of zero made
-        in this context, as the first operand, gives the same values with the context's
-        parameters. Needs only the public key; without one the ciphertext is returned as is.
+        1.6-2x slower: at ring 2^16 a binary step took 29.4 s loaded vs 18.4 s loaded and
+        adopted (bootstrap 24.3 s vs 15.0 s; benchmarks/probe_step.py --compare-loaded).
+        Adding an encryption of zero made in this context, as the first operand, gives the
+        same values with the context's parameters. Needs only the public key; without one the
+        ciphertext is returned as is.
         """
         if self.public_key is None:
             return ct
@@ -135,19 +136,15 @@ class Evaluator:
         return fresh
 
     # ---- arithmetic --------------------------------------------------------------------------
-    def plaintext(self, values: np.ndarray, key: tuple | None = None) -> ofhe.Plaintext:
-        """Encode a full-slot vector; masks are cached by `key` because they repeat every step."""
-        if key is not None and key in self._plain_cache:
-            return self._plain_cache[key]
-        plain = self.context.MakeCKKSPackedPlaintext(
+    def plaintext(self, values: np.ndarray) -> ofhe.Plaintext:
+        """Encode a full-slot vector."""
+        return self.context.MakeCKKSPackedPlaintext(
             np.ascontiguousarray(values, dtype=np.float64), 1, 0, None, self.params.slots
         )
-        if key is not None:
-            self._plain_cache[key] = plain
-        return plain
 
     def cached_plaintext(self, key: tuple, make: Callable[[], np.ndarray]) -> ofhe.Plaintext:
-        """A mask encoded once per process (`make` runs only on the first request)."""
+        """A mask encoded once per process, since masks repeat every step (`make` runs only
+        on the first request for `key`)."""
         if key not in self._plain_cache:
             self._plain_cache[key] = self.plaintext(make())
         return self._plain_cache[key]

@@ -358,8 +358,7 @@ class EncryptedTrainer:
         return self.rows(self.model)
 
     def _zero_model(self) -> list[ofhe.Ciphertext]:
-        """Encrypted zeros derived from a data ciphertext (x * 0): no key needed, and no fresh
-        encryption randomness, so an interrupted and resumed run repeats the same numbers."""
+        """Encrypted zeros derived from a data ciphertext (x * 0): no key needed."""
         zero = self.ev.mul_scalar(self.data.train[0].x_grad, 0.0)
         return [zero, zero.Clone()]
 

@@ -74,9 +74,9 @@ def score_queries(evaluator: Evaluator, plan: TrainingPlan, weights: list[ofhe.C
     """Cloud: encrypted logits, [query ciphertext][weight row]. No key beyond rotations."""
     strides = plan.layout.logit_strides
     weights = [evaluator.adopt(w) for w in weights]
-    return [[evaluator.rotate_and_sum(evaluator.mul(evaluator.adopt(q), w), strides)
-             for w in weights]
-            for q in queries.cts]
+    cts = [evaluator.adopt(q) for q in queries.cts]
+    return [[evaluator.rotate_and_sum(evaluator.mul(q, w), strides) for w in weights]
+            for q in cts]
 
 
 def save_scores(directory: Path, scores: list[list[ofhe.Ciphertext]], sizes, params) -> dict:

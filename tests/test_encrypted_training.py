@@ -150,6 +150,21 @@ def test_plan_range_check_refuses_divergent_settings(setup):
         hot.check_ranges(*data)
 
 
+def test_plan_hints_at_part_empty_ciphertexts():
+    """A batch smaller than a ciphertext holds costs a full step: the plan says so."""
+    from medblindtuner.he.params import INSECURE_TEST
+    from medblindtuner.training.encrypted import TrainingPlan
+    x_train, _, x_val, _ = toy_problem(2, n_train=200, dim=7)  # 8 features: 128 per ct
+    def plan(batch: int) -> TrainingPlan:
+        config = TrainConfig(learning_rate=1.0, epochs=1, batch_size=batch)
+        return TrainingPlan.create(INSECURE_TEST, x_train, x_val, 2, config)
+    assert plan(128).layout.samples_per_ct == 128
+    hint = plan(32).batch_hint()
+    assert hint is not None and "25%" in hint and "--batch-size 128" in hint
+    assert plan(128).batch_hint() is None
+    assert plan(1000).batch_hint() is None  # clamped to a full ciphertext
+
+
 def test_softmax_training_matches_mirror(tmp_path):
     """5-class softmax, class-rotation layout: 2 sparse bootstraps per step (model + 1/S)."""
     data = toy_problem(5, n_train=64, n_val=30, seed=5)

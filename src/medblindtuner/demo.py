@@ -176,6 +176,8 @@ def run_demo(options: DemoOptions) -> dict:
         console.print(f"plaintext test ACC {plain['plaintext']['test']['acc']:.4f} "
                       f"(mirror {plain['mirror']['test']['acc']:.4f}); logits stay within "
                       f"{mirror.max_abs_logit:.2f} <= {plan.activation.logit_bound}")
+        if (hint := plan.batch_hint()) is not None:
+            console.print(f"[yellow]note:[/yellow] {hint}")
 
     with clock.phase("keygen", "3/8 hospital: CKKS keys"):
         keyed = params.with_bootstrap_slots(plan.bootstrap_slots)

@@ -159,6 +159,8 @@ def register(app: typer.Typer) -> None:
             plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
         except RangeError as exc:
             _fail(str(exc))
+        if (hint := plan.batch_hint()) is not None:
+            console.print(f"[yellow]note:[/yellow] {hint}")
         keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
         console.print(f"generating {keyed.name} keys (ring {keyed.ring_dim}); production keys "
                       "take minutes and several GB of RAM ...")

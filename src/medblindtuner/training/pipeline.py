@@ -166,6 +166,8 @@ def run_encrypted(
     log(f"plan: {len(plan.train_batch_sizes)} batches of <= {config.batch_size} samples, "
         f"{plan.layout.n_features} features (block {plan.layout.block}), {plan.rows} weight "
         f"row(s), sparse bootstrap slots {plan.bootstrap_slots}")
+    if (hint := plan.batch_hint()) is not None:
+        log(f"note: {hint}")
     mirror = plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
     log(f"range check passed: max |logit slot| {mirror.max_abs_logit:.2f} <= "
         f"{plan.activation.logit_bound}")

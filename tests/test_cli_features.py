@@ -52,6 +52,18 @@ def test_main_app_help() -> None:
     assert runner.invoke(app, ["--help"]).exit_code == 0
 
 
+def test_cli_starts_without_torch_or_sklearn() -> None:
+    """`medblindtuner --help` must not pay for torch/scikit-learn imports (6 s -> 0.8 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, medblindtuner.cli.main; "
+            "print(sorted(m for m in ('torch', 'sklearn', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
 def test_features_tiny_run_with_json(tmp_path: Path) -> None:
     npz, out, js = _toy_npz(tmp_path), tmp_path / "f.npz", tmp_path / "s.json"
     args = ["features", "--dataset", str(npz), "--backbone", "deit_tiny", "--weights", "random",

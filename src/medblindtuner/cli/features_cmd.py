@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from ..data import Dataset, DatasetError, load_image_folder, load_medmnist
-from ..features import DEFAULT_CACHE_DIR, BackboneError, extract_features
+from ..features.cache import DEFAULT_CACHE_DIR
 
 
 def _load_dataset(
@@ -83,6 +83,8 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     ) -> None:
         """Extract frozen-backbone features for a dataset (cached) and save them."""
+        from ..features import BackboneError, extract_features  # torch: only when extracting
+
         console = Console(stderr=True)
         t0 = time.perf_counter()
         try:

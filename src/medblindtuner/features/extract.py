@@ -21,9 +21,7 @@ from tqdm import tqdm
 
 from ..data.dataset import SPLITS, Dataset
 from .backbones import Backbone, BackboneInfo, load_backbone
-
-CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "medblindtuner" / "features"
+from .cache import CACHE_VERSION, DEFAULT_CACHE_DIR
 
 
 @dataclass

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-from sklearn.metrics import accuracy_score, roc_auc_score
 
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.training.approx import ActivationPlan, RangeError, exact_probabilities
@@ -105,6 +104,8 @@ def class_probabilities(weights: np.ndarray, x_bias: np.ndarray, n_classes: int)
 
 def evaluate(weights: np.ndarray, x_bias: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
     """ACC and AUC (one-vs-rest macro for multi-class) with sklearn's metrics."""
+    from sklearn.metrics import accuracy_score, roc_auc_score  # 1 s import: only when used
+
     labels = np.asarray(labels).reshape(-1).astype(int)
     probs = class_probabilities(weights, x_bias, n_classes)
     predictions = probs.argmax(axis=1)

@@ -32,3 +32,16 @@ def test_demo_pipeline_writes_report_and_matches_plaintext(
     inference = runs["encrypted"].get("inference")
     if inference is not None:  # encrypted scoring by the cloud
         assert inference["agreement"] == 1.0 and inference["max_abs_prob_diff"] < 1e-3
+
+
+def test_demo_cli_reports_bad_input_without_traceback(tmp_path):
+    """A missing dataset is the user's mistake: one `error:` line and exit code 2."""
+    from typer.testing import CliRunner
+
+    from medblindtuner.cli.main import app
+
+    result = CliRunner().invoke(app, ["demo", "--dataset", str(tmp_path / "missing.npz"),
+                                      "--insecure-test-params", "--workdir",
+                                      str(tmp_path / "demo")])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "Traceback" not in result.output

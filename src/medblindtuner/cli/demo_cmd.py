@@ -40,11 +40,22 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the whole system: features, keys, encryption, cloud service, encrypted
         training, decryption, evaluation, encrypted inference and a report."""
+        from rich.console import Console
+
+        from ..data import DatasetError
         from ..demo import DemoOptions, run_demo
+        from ..features import BackboneError
+        from ..he.params import ParameterError
+        from ..training.approx import RangeError
 
         config = TrainConfig(learning_rate=lr, momentum=_DEFAULTS.momentum, epochs=epochs,
                              batch_size=batch_size, patience=patience, seed=_DEFAULTS.seed)
-        run_demo(DemoOptions(dataset=dataset, data_dir=data_dir, backbone=backbone,
-                             pca_dims=pca, config=config, workdir=workdir,
-                             report_dir=report_dir, limit=limit,
-                             insecure_test_params=insecure_test_params))
+        try:
+            run_demo(DemoOptions(dataset=dataset, data_dir=data_dir, backbone=backbone,
+                                 pca_dims=pca, config=config, workdir=workdir,
+                                 report_dir=report_dir, limit=limit,
+                                 insecure_test_params=insecure_test_params))
+        except (DatasetError, BackboneError, ParameterError, RangeError) as exc:
+            # the user's settings or data, not a bug: one clear line, no traceback
+            Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(code=2) from exc

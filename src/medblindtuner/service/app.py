@@ -870,6 +870,15 @@ def _query_id(kind: str) -> str:
     return kind[len(QUERY_KIND_PREFIX):]
 
 
+def _listed_file(manifest: dict[str, Any], directory: Path, name: str, what: str) -> FileResponse:
+    """A file that `manifest` lists (result weights, scores), with its SHA-256 as a header;
+    names not listed are refused, so no other file of the job can be read this way."""
+    if name not in manifest["files"]:
+        raise _fail(404, f"{name!r} is not part of the {what}")
+    return FileResponse(directory / name, media_type="application/octet-stream",
+                        headers={"X-Content-SHA256": manifest["files"][name]["sha256"]})
+
+
 def create_app(config: ServiceConfig) -> FastAPI:
     """Build the FastAPI application for one data directory."""
     _configure_logging(config)
@@ -990,12 +999,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/jobs/{job_id}/result/files/{name}", tags=["results"],
              response_class=FileResponse)
     def result_file(job_id: JobId, name: str) -> FileResponse:
-        manifest = result(job_id)
-        if name not in manifest["files"]:
-            raise _fail(404, f"{name!r} is not part of the result")
-        return FileResponse(service.job_dir(job_id) / "result" / name,
-                            media_type="application/octet-stream",
-                            headers={"X-Content-SHA256": manifest["files"][name]["sha256"]})
+        return _listed_file(result(job_id), service.job_dir(job_id) / "result", name, "result")
 
     # ---- encrypted inference: query sets -----------------------------------------------------
     @app.post("/jobs/{job_id}/queries", status_code=201, tags=["inference"])
@@ -1052,12 +1056,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/jobs/{job_id}/queries/{query_id}/scores/files/{name}", tags=["inference"],
              response_class=FileResponse)
     def score_file(job_id: JobId, kind: QueryKind, name: str) -> FileResponse:
-        manifest = service.scores_manifest(job_id, _query_id(kind))
-        if name not in manifest["files"]:
-            raise _fail(404, f"{name!r} is not part of the scores")
-        return FileResponse(service.query_dir(job_id, _query_id(kind)) / "scores" / name,
-                            media_type="application/octet-stream",
-                            headers={"X-Content-SHA256": manifest["files"][name]["sha256"]})
+        query_id = _query_id(kind)
+        return _listed_file(service.scores_manifest(job_id, query_id),
+                            service.query_dir(job_id, query_id) / "scores", name, "scores")
 
     @app.delete("/jobs/{job_id}/queries/{query_id}", tags=["inference"])
     def delete_query(job_id: JobId, kind: QueryKind) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from helpers_he import plan_and_keys, toy_problem
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.training.approx import RangeError
 from medblindtuner.training.encrypted import (
+    Decision,
     EncryptedDataset,
     EncryptedTrainer,
     HospitalJudge,
@@ -182,5 +183,42 @@ def test_softmax_training_matches_mirror(tmp_path):
     steps = 2 * len(plan.train_batch_sizes)
     ops = trainer.ev.ops
     assert ops[f"bootstraps_{softmax.model_period}_slots"] == steps
-    assert ops[f"bootstraps_{softmax.compact_period}_slots"] == steps + 2  # + validations
-    assert ops["bootstraps"] == 2 * steps + 2
+    # epoch 1's validation rode in epoch 2's first denominator bootstrap; epoch 2's (the last)
+    # needs its own
+    assert ops[f"bootstraps_{softmax.compact_period}_slots"] == steps + 1
+    assert ops["bootstraps"] == 2 * steps + 1
+
+
+def test_softmax_validation_resumes_and_stops_on_the_ridden_step(tmp_path):
+    """Killed with epoch 1's validation pending: the resumed run asks for it in epoch 2's first
+    step and matches an uninterrupted run; a stop there rolls that step back."""
+    data = toy_problem(5, n_train=64, n_val=30, seed=5)
+    config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=3, batch_size=64, patience=2)
+    plan, keys = plan_and_keys(5, config, data)
+    dataset = encrypt_dataset(keys, plan, *data)
+    straight_judge = HospitalJudge(keys, plan, len(data[3]))
+    straight = make_trainer(keys, dataset, tmp_path / "straight")
+    straight.train(decide=straight_judge)
+
+    judge = HospitalJudge(keys, plan, len(data[3]))
+    state = make_trainer(keys, dataset, tmp_path / "resumed").train(decide=judge,
+                                                                    stop_after_epochs=1)
+    assert state.epoch == 1 and state.validation_pending and judge.losses == {}
+    resumed = make_trainer(keys, dataset, tmp_path / "resumed")
+    state = resumed.train(decide=judge)
+    assert state.epoch == 3 and not state.validation_pending
+    assert sorted(judge.losses) == [1, 2, 3]
+    for epoch in (1, 2, 3):
+        assert abs(judge.losses[epoch] - straight_judge.losses[epoch]) < 1e-4
+    a, b = (decrypt_weights(keys, plan, t.weights) for t in (straight, resumed))
+    assert np.max(np.abs(a - b)) < WEIGHT_TOL
+
+    stopper = make_trainer(keys, dataset, tmp_path / "stop")
+    state = stopper.train(decide=lambda epoch, loss: Decision(False, epoch))
+    steps_per_epoch = len(plan.train_batch_sizes)
+    assert (state.epoch, state.steps, state.best_epoch) == (1, steps_per_epoch, 1)
+    assert state.stopped and not state.validation_pending
+    kept = decrypt_weights(keys, plan, stopper.weights_of_epoch(1))
+    current = decrypt_weights(keys, plan, stopper.weights)
+    assert np.max(np.abs(current - kept)) < 1e-4  # noise of the reload (adopt) only
+    assert np.max(np.abs(current - a)) > 1e-2  # the ridden step was rolled back

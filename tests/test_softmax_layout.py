@@ -27,26 +27,49 @@ def rotsum(v: np.ndarray, strides: list[int]) -> np.ndarray:
     return v
 
 
-def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weights, scale):
-    """Slot-level replay of EncryptedTrainer.scaled_probabilities + the softmax gradient."""
-    layout = softmax.layout
-    model = softmax.encode_model(weights)
-    x_dup, x_grad = layout.encode_x_dup(x), layout.encode_x_grad(x)
-    labels = softmax.encode_labels(targets)
-    exps = [act.exp(rotsum(x_dup * rot(model, s), layout.logit_strides))
-            for s in softmax.class_shifts]
-    total = sum(exps) - (softmax.class_slots - softmax.n_classes) * act.exp(np.zeros(1))[0]
-    compact = rotsum(total * softmax.select_mask(), softmax.fold_strides)
+def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weights, scale,
+                  x_val=None, weights_val=None):
+    """Slot-level replay of EncryptedTrainer._probabilities + the softmax gradient; with
+    `x_val`, a validation chunk (model `weights_val`) rides in the same compact vector."""
+    layout, d = softmax.layout, softmax.layout.block
+    padding = (softmax.class_slots - softmax.n_classes) * act.exp(np.zeros(1))[0]
+    groups = [(x, weights, scale)] + ([] if x_val is None else [(x_val, weights_val, 1.0)])
+    exps, selected = [], []
+    for half, (xs, ws, _) in enumerate(groups):
+        model = softmax.encode_model(ws)
+        x_dup = layout.encode_x_dup(xs)
+        exps.append([act.exp(rotsum(x_dup * rot(model, s), layout.logit_strides))
+                     for s in softmax.class_shifts])
+        picked = (sum(exps[-1]) - padding) * softmax.select_mask()
+        selected.append(rot(picked, -d) if half else picked)
+    compact = rotsum(sum(selected), softmax.fold_strides)
     period = softmax.compact_period
     assert np.allclose(compact, np.tile(compact[:period], layout.slots // period))
-    inv = act.inverse.scaled(scale)(rot(compact, -layout.block))
-    spread = rotsum(inv * softmax.unfold_mask(), softmax.spread_strides)
-    probs = [e * spread * softmax.valid_mask(k) for k, e in enumerate(exps)]
-    terms = [(a - scale * y) * x_grad for a, y in zip(probs, labels, strict=True)]
+    inv = act.inverse(np.where(compact == 0, 1.0, compact))  # the empty slots are masked off
+    probs = []
+    for half, ((_, _, s), group_exps) in enumerate(zip(groups, exps, strict=True)):
+        own = inv if half else rot(inv, -d)
+        spread = rotsum(own * (s * softmax.unfold_mask()), softmax.spread_strides)
+        probs.append([e * spread * softmax.valid_mask(k) for k, e in enumerate(group_exps)])
+    labels = softmax.encode_labels(targets)
+    x_grad = layout.encode_x_grad(x)
+    terms = [(a - scale * y) * x_grad for a, y in zip(probs[0], labels, strict=True)]
     back = sum(rot(t, softmax.class_shifts[-k]) if k else t for k, t in enumerate(terms))
     half = rotsum(back, softmax.period_sum_strides)
-    gradient = half + rot(half, -layout.block)
+    gradient = half + rot(half, -d)
     return softmax.decode_model(gradient), gradient, probs
+
+
+def per_sample_probabilities(softmax: SoftmaxLayout, probs, n_samples: int) -> np.ndarray:
+    """Collect p[i, class] from the rotation ciphertexts; padding rotations must hold 0."""
+    seen = np.zeros((n_samples, softmax.n_classes))
+    for k, p in enumerate(probs):
+        classes = softmax.class_of(np.arange(n_samples), k)
+        values = softmax.layout.decode_per_sample(p, n_samples)
+        real = classes < softmax.n_classes
+        seen[np.arange(n_samples)[real], classes[real]] += values[real]
+        assert np.all(values[~real] == 0)
+    return seen
 
 
 @pytest.mark.parametrize(("slots", "n_features", "n_classes", "n_samples"),
@@ -71,14 +94,32 @@ def test_layout_reproduces_the_mirror_gradient(slots, n_features, n_classes, n_s
     # the update is already in the model layout: Q-periodic, padding rows zero
     assert np.max(np.abs(gradient - softmax.encode_model(expected))) < 1e-12
     # every sample sees each real class exactly once over the rotations
-    seen = np.zeros((n_samples, n_classes))
-    for k, p in enumerate(probs):
-        classes = softmax.class_of(np.arange(n_samples), k)
-        values = layout.decode_per_sample(p, n_samples)
-        real = classes < n_classes
-        seen[np.arange(n_samples)[real], classes[real]] += values[real]
-        assert np.all(values[~real] == 0)
+    seen = per_sample_probabilities(softmax, probs[0], n_samples)
     assert np.allclose(seen, scale * act.probabilities(x @ weights.T))
+
+
+@pytest.mark.parametrize(("slots", "n_features", "n_classes", "n_samples", "n_val"),
+                         [(2048, 8, 5, 64, 64), (2048, 16, 3, 50, 7), (32768, 32, 5, 512, 120)])
+def test_validation_chunk_rides_in_the_second_halves(slots, n_features, n_classes, n_samples,
+                                                     n_val):
+    """One compact vector carries a training batch and a validation chunk (two models): the
+    step's gradient and the chunk's probabilities are both exact."""
+    rng = np.random.default_rng(n_val)
+    softmax = SoftmaxLayout(PackingLayout(slots, n_features), n_classes)
+    act = ActivationPlan.default(n_classes)
+    x, x_val = (rng.normal(size=(n, n_features)) for n in (n_samples, n_val))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x_val /= np.linalg.norm(x_val, axis=1, keepdims=True)
+    targets = one_hot(rng.integers(0, n_classes, n_samples), n_classes)
+    weights, weights_val = (rng.normal(scale=0.8, size=(n_classes, n_features)) for _ in "ab")
+    scale = 0.7 / n_samples
+
+    got, _, probs = simulate_step(softmax, act, x, targets, weights, scale, x_val, weights_val)
+
+    expected = (scale * act.probabilities(x @ weights.T) - scale * targets).T @ x
+    assert np.max(np.abs(got - expected)) < 1e-12
+    assert np.allclose(per_sample_probabilities(softmax, probs[1], n_val),
+                       act.probabilities(x_val @ weights_val.T))
 
 
 def test_compact_offsets_are_distinct_and_inside_the_first_half():

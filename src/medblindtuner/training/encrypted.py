@@ -329,6 +329,8 @@ class EncryptedState:
     history: list[dict] = field(default_factory=list)
     stopped: bool = False
     wall_time_s: float = 0.0
+    # the last epoch's validation rides in the next step's denominator bootstrap (softmax)
+    validation_pending: bool = False
 
 
 class EncryptedTrainer:
@@ -384,35 +386,60 @@ class EncryptedTrainer:
 
     def scaled_probabilities(self, logits: list[ofhe.Ciphertext], scale: float):
         """scale * head(logits), per logit ciphertext, with the shared approximations."""
+        return self._probabilities([(logits, scale)])[0]
+
+    def _probabilities(self, groups: list[tuple[list[ofhe.Ciphertext], float]]):
+        """`scaled_probabilities` for one or two logit sets (a training batch and a validation
+        chunk): a softmax refreshes the denominators of both in ONE compact bootstrap, the
+        first set's in the first half of each block's compact slots, the second's in the
+        second half (`SoftmaxLayout`: they never collide)."""
         act = self.plan.activation
         if act.binary:
-            sig = act.sigmoid.scaled(scale)
-            return [self.ev.chebyshev(logits[0], sig.coefficients, sig.a, sig.b)]
+            sigmoids = [act.sigmoid.scaled(scale) for _, scale in groups]
+            return [[self.ev.chebyshev(logits[0], sig.coefficients, sig.a, sig.b)]
+                    for (logits, _), sig in zip(groups, sigmoids, strict=True)]
+        if len(groups) > 2:
+            raise ValueError("at most two logit sets share a denominator bootstrap")
         softmax = self.softmax
-        exp = act.exp
-        exps = [self.ev.chebyshev(z, exp.coefficients, exp.a, exp.b) for z in logits]
-        padding_rows = softmax.class_slots - softmax.n_classes
-        total = self.ev.add_scalar(self.ev.add_many(exps),
-                                   -padding_rows * float(exp(np.zeros(1))[0]))
-        selected = self._masked(total, ("select",), softmax.select_mask)
-        compact = self.ev.bootstrap(self.ev.rotate_and_sum(selected, softmax.fold_strides),
-                                    period=softmax.compact_period)
-        # Each sample's own 1/S_i goes to the second half of its block, then covers the first.
-        compact = self.ev.rotate(compact, -self.layout.block)
-        inverse = act.inverse.scaled(scale)
-        inv = self.ev.chebyshev(compact, inverse.coefficients, inverse.a, inverse.b)
-        spread = self.ev.rotate_and_sum(self._masked(inv, ("unfold",), softmax.unfold_mask),
-                                        softmax.spread_strides)
-        return [
-            self.ev.mul(e, self._masked(spread, ("valid", k), lambda k=k: softmax.valid_mask(k)))
-            for k, e in enumerate(exps)
-        ]
+        exp, d = act.exp, self.layout.block
+        padding = (softmax.class_slots - softmax.n_classes) * float(exp(np.zeros(1))[0])
+        exps, selected = [], []
+        for half, (logits, _) in enumerate(groups):
+            exps.append([self.ev.chebyshev(z, exp.coefficients, exp.a, exp.b) for z in logits])
+            total = self.ev.add_scalar(self.ev.add_many(exps[-1]), -padding)
+            picked = self._masked(total, ("select",), softmax.select_mask)
+            selected.append(self.ev.rotate(picked, -d) if half else picked)
+        folded = self.ev.rotate_and_sum(self.ev.add_many(selected), softmax.fold_strides)
+        inverse = act.inverse
+        inv = self.ev.chebyshev(self.ev.bootstrap(folded, period=softmax.compact_period),
+                                inverse.coefficients, inverse.a, inverse.b)
+        out = []
+        for half, ((_, scale), group_exps) in enumerate(zip(groups, exps, strict=True)):
+            # Each sample's own 1/S_i sits (or is shifted) in the second half of its block;
+            # the mask carries the scale (no extra level), then it covers the first half.
+            own = inv if half else self.ev.rotate(inv, -d)
+            unfold = self._masked(own, ("unfold", scale),
+                                  lambda scale=scale: scale * softmax.unfold_mask())
+            spread = self.ev.rotate_and_sum(unfold, softmax.spread_strides)
+            out.append([
+                self.ev.mul(e, self._masked(spread, ("valid", k),
+                                            lambda k=k: softmax.valid_mask(k)))
+                for k, e in enumerate(group_exps)
+            ])
+        return out
 
-    def step(self, batch: EncryptedBatch) -> None:
+    def step(self, batch: EncryptedBatch, validation: EncryptedBatch | None = None):
+        """One Nesterov step on `batch`. With `validation` (softmax only), the validation
+        chunk's loss under the current model is computed in the same denominator bootstrap
+        and returned (encrypted); otherwise returns None."""
         m = self.plan.config.momentum
         scale = self.plan.config.learning_rate / batch.n_samples
         lookahead = self.ev.linear_combination(self.model, [1 + m, -m])
-        probs = self.scaled_probabilities(self.logits(batch, lookahead), scale)
+        groups = [(self.logits(batch, lookahead), scale)]
+        if validation is not None:
+            groups.append((self.logits(validation, self.model[0]), 1.0))
+        probabilities = self._probabilities(groups)
+        probs = probabilities[0]
         terms = [self.ev.mul(self.ev.sub(a, self.ev.mul_scalar(batch.labels[k], scale)),
                              batch.x_grad)
                  for k, a in enumerate(probs)]
@@ -428,6 +455,17 @@ class EncryptedTrainer:
         updated = self.ev.bootstrap(self.ev.sub(lookahead, gradient), period=period)
         self.model = [updated, self.model[0]]
         self.state.steps += 1
+        return probabilities[1] if validation is not None else None
+
+    def step_and_validate(self, batch: EncryptedBatch) -> ofhe.Ciphertext:
+        """A step on `batch` whose denominator bootstrap also carries the first validation
+        chunk under the current (pre-step) model: the encrypted validation loss of that model
+        costs no bootstrap of its own (its compact slots are the free second halves)."""
+        current = self.model[0]
+        first = self.step(batch, validation=self.data.val[0])
+        rest = [(chunk, self.scaled_probabilities(self.logits(chunk, current), 1.0))
+                for chunk in self.data.val[1:]]
+        return self._sum_of_squares([(self.data.val[0], first), *rest])
 
     def validation_loss_ciphertext(self) -> ofhe.Ciphertext:
         """Encrypted sum over validation samples of sum_j (p_j - y_j)^2, in slot 0.
@@ -435,9 +473,14 @@ class EncryptedTrainer:
         Squares of every chunk and class are added first (slot-wise), so the sum over samples
         costs one rotate-and-sum in total.
         """
+        return self._sum_of_squares([
+            (batch, self.scaled_probabilities(self.logits(batch, self.model[0]), 1.0))
+            for batch in self.data.val])
+
+    def _sum_of_squares(self, chunks) -> ofhe.Ciphertext:
+        """(chunk, probabilities) pairs -> the summed squared errors in slot 0."""
         squares = []
-        for batch in self.data.val:
-            probs = self.scaled_probabilities(self.logits(batch, self.model[0]), 1.0)
+        for batch, probs in chunks:
             for j, p in enumerate(probs):
                 diff = self.ev.sub(p, batch.labels[j])
                 squares.append(self.ev.mul(diff, diff))
@@ -506,19 +549,27 @@ class EncryptedTrainer:
             started = time.perf_counter()
             for position, b in enumerate(epoch_batch_order(n_batches, config.seed, epoch)):
                 step_start = time.perf_counter()
-                self.step(self.data.train[b])
+                if position == 0 and self.state.validation_pending:
+                    if not self._validated_step(self.data.train[b], decide):
+                        break  # stopped: this step belongs to an epoch that never runs
+                else:
+                    self.step(self.data.train[b])
                 if on_step:
                     on_step({"epoch": epoch, "step_in_epoch": position + 1,
                              "steps_per_epoch": n_batches, "steps": self.state.steps,
                              "step_seconds": time.perf_counter() - step_start,
                              "bootstraps": self.ev.ops["bootstraps"]})
+            if self.state.stopped:
+                self.state.wall_time_s += time.perf_counter() - started
+                self._checkpoint()
+                break
             record = {"epoch": epoch, "epoch_seconds": time.perf_counter() - started}
-            if decide is not None:
-                decision = decide(epoch, self.validation_loss_ciphertext())
-                self.state.best_epoch = decision.best_epoch
-                self.state.stopped = not decision.continue_training
-            else:
+            if decide is None:
                 self.state.best_epoch = epoch
+            elif self.softmax is not None and epoch < config.epochs:
+                self.state.validation_pending = True  # decided in the next epoch's first step
+            else:
+                self._apply(decide(epoch, self.validation_loss_ciphertext()))
             self.state.epoch = epoch
             self.state.wall_time_s += time.perf_counter() - started
             self.state.history.append(record)
@@ -527,6 +578,26 @@ class EncryptedTrainer:
             if stop_after_epochs is not None and done_now >= stop_after_epochs:
                 break
         return self.state
+
+    def _apply(self, decision: Decision) -> None:
+        self.state.best_epoch = decision.best_epoch
+        self.state.stopped = not decision.continue_training
+        self.state.validation_pending = False
+
+    def _validated_step(self, batch: EncryptedBatch, decide) -> bool:
+        """First step of an epoch carrying the previous epoch's validation; False (and the
+        model and step count rolled back) when the hospital stops training there."""
+        if decide is None:  # resumed without a judge: nobody asks for the validation
+            self._apply(Decision(True, self.state.epoch))
+            self.step(batch)
+            return True
+        before = (list(self.model), self.state.steps)
+        loss = self.step_and_validate(batch)
+        self._apply(decide(self.state.epoch, loss))
+        if self.state.stopped:
+            self.model, self.state.steps = before
+            return False
+        return True
 
 
 class HospitalJudge:

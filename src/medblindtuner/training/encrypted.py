@@ -20,11 +20,13 @@ C = next_pow2(c) rotations; TWO sparse bootstraps per step, whatever c):
     Z_k = rotsum(x_dup * rot(V, 2d k)), k < C               2   sample i sees class (i+k) mod C
     e_k = exp~(Z_k); S = sum_k e_k - (C - c) exp~(0)         7   degree 9
     compact = fold(S * select)                              8   -> P-slot bootstrap
-    inv = (lr/n) inverse~(rot(compact, -d))                 5   degree 13
-    inv_k = spread(inv * unfold) * valid_k                  7   0 where class (i+k) is padding
+    inv = rot(inverse~(compact), -d)                        5   degree 13
+    inv_k = spread(inv * (lr/n) unfold) * valid_k           7   0 where class (i+k) is padding
     A_k = e_k * inv_k                                       8
     G = periodsum(sum_k rot((A_k - (lr/n) Y_k) * x_grad, 2d (C-k)))   9   class b -> block b
     M_new = V - (G + rot(G, -d))  -> Q-slot bootstrap        9
+The previous epoch's validation chunk rides in the first step's compact bootstrap (second
+halves of the compact slots; `step_and_validate`), so it needs no bootstrap of its own.
 Measured costs per step are in docs/results.md.
 """
 

@@ -155,6 +155,8 @@ class SoftmaxLayout:
     (rotate-and-sum over P, 2P, ..., slots/2) makes it P-periodic for a P-slot bootstrap.
     After the refresh, a right shift by d puts each sample's own 1/S_i in the second half of its
     block at offset g, from where a rotate-and-sum over strides 1..d covers the first half.
+    Only first halves hold compact values, so a second set (the previous epoch's validation
+    chunk) fits in the second halves: shifted right by d before the fold, already in place after.
     """
 
     layout: PackingLayout

@@ -568,7 +568,7 @@ class EncryptedTrainer:
             record = {"epoch": epoch, "epoch_seconds": time.perf_counter() - started}
             if decide is None:
                 self.state.best_epoch = epoch
-            elif self.softmax is not None and epoch < config.epochs:
+            elif self.softmax is not None and self.data.val and epoch < config.epochs:
                 self.state.validation_pending = True  # decided in the next epoch's first step
             else:
                 self._apply(decide(epoch, self.validation_loss_ciphertext()))

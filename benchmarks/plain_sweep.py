@@ -21,6 +21,7 @@ from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION
 from medblindtuner.training.approx import ActivationPlan, RangeError
+from medblindtuner.training.encrypted import RANGE_MARGIN
 from medblindtuner.training.pipeline import prepare_features
 from medblindtuner.training.plain import TrainConfig, evaluate, train_head
 
@@ -69,12 +70,14 @@ def main() -> None:
                 row["mirror"] = evaluate(mirror.weights, data.x["test"], data.y["test"],
                                          data.n_classes)
                 row["max_abs_logit_slot"] = mirror.max_abs_logit
-                row["passes_range_check"] = mirror.max_abs_logit <= 0.9 * activation.logit_bound
+                bound = RANGE_MARGIN * activation.logit_bound
+                row["passes_range_check"] = mirror.max_abs_logit <= bound
             rows.append(row)
             mirror_text = ("leaves the interval" if row["mirror"] is None else
                            f"{row['mirror']['acc']:.4f} / {row['mirror']['auc']:.4f}, max |logit "
                            f"slot| {row['max_abs_logit_slot']:.2f}"
-                           + ("" if row["passes_range_check"] else " (over the 0.9 margin)"))
+                           + ("" if row["passes_range_check"]
+                              else f" (over the {RANGE_MARGIN} margin)"))
             print(f"PCA {pca:3d} batch {batch:4d} ({row['steps_per_epoch']} steps/epoch) "
                   f"lr {lr:g}: "
                   f"exact {row['exact']['acc']:.4f} / {row['exact']['auc']:.4f}; mirror "

@@ -1,8 +1,9 @@
 """Encrypted vs plaintext training on real MedMNIST features (production 128-bit parameters).
 
-Example (BreastMNIST, EfficientNet-Lite0 features made by `medblindtuner features`):
+Example (BreastMNIST, EfficientNet-Lite0 features made by `medblindtuner features`; every
+setting not given is derived from the data as the product does):
     python benchmarks/encrypted_training.py --features runs/features/breastmnist.npz \
-        --pca 63 --lr 8 --batch-size 256 --epochs 15 --patience 4 --out runs/bench/breast.json
+        --out runs/bench/breast.json
 
 Prints accuracy/AUC of exact plaintext, plaintext mirror and encrypted training, wall time per
 step, bootstraps/rotations/multiplications per step, bundle sizes and peak RSS, and writes the
@@ -17,18 +18,20 @@ from pathlib import Path
 
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
-from medblindtuner.training.pipeline import prepare_features, run_encrypted
-from medblindtuner.training.plain import TrainConfig
+from medblindtuner.training.pipeline import run_encrypted
+from medblindtuner.training.recipe import Overrides, derive_recipe
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", required=True, type=Path)
-    parser.add_argument("--pca", type=int, default=63)
-    parser.add_argument("--lr", type=float, default=8.0)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=15)
+    # settings left out are derived from the data, as the product does (training.recipe)
+    parser.add_argument("--pca", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--momentum", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench/work"))
@@ -36,11 +39,12 @@ def main() -> None:
     parser.add_argument("--insecure-test-params", action="store_true")
     args = parser.parse_args()
 
-    data = prepare_features(FeatureSet.load(args.features), args.pca)
-    config = TrainConfig(learning_rate=args.lr, momentum=args.momentum, epochs=args.epochs,
-                         batch_size=args.batch_size, patience=args.patience, seed=args.seed)
     params = INSECURE_TEST if args.insecure_test_params else PRODUCTION
-    results = run_encrypted(data, config, params, args.workdir,
+    given = Overrides(pca_dims=args.pca, learning_rate=args.lr, momentum=args.momentum,
+                      weight_decay=args.weight_decay, epochs=args.epochs,
+                      batch_size=args.batch_size, patience=args.patience, seed=args.seed)
+    data, recipe = derive_recipe(FeatureSet.load(args.features), params, given, log=print)
+    results = run_encrypted(data, recipe, params, args.workdir,
                             allow_insecure=args.insecure_test_params)
     results["command"] = "python benchmarks/encrypted_training.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False))
@@ -49,6 +53,10 @@ def main() -> None:
     args.out.write_text(json.dumps(slim, indent=2))
     runs = results["runs"]
     print(f"\n== {results['dataset']} ({results['ckks']['name']}) ==")
+    for name in ("published", "probe"):
+        if name in runs:
+            print(f"{name:10s} ACC {runs[name]['test']['acc']:.4f} "
+                  f"AUC {runs[name]['test']['auc']:.4f}")
     for name in ("plaintext", "mirror", "encrypted"):
         run = runs[name]
         print(f"{name:10s} ACC {run['test']['acc']:.4f} AUC {run['test']['auc']:.4f} "

@@ -1,10 +1,10 @@
 """Sparse bootstrap time and output level per slot count and level budget (production ring).
 
-    python benchmarks/probe_bootstrap.py --slots 512,1024 --budget 2,2
+    python benchmarks/probe_bootstrap.py --slots 512,1024 --budget 2,2 [--magnitudes 1,20,50]
 
 Generates keys (minutes, ~11-20 GB of RAM: run nothing else that holds keys), then bootstraps
-a ciphertext of values in [-20, 20] twice per slot count and prints time, output level,
-levels left and max error.
+a ciphertext of values in [-M, M] twice per slot count and magnitude M (default 20) and
+prints time, output level, levels left and max error.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", default="512,1024")
     parser.add_argument("--budget", default="2,2", help="sparse level budget, e.g. 3,2")
+    parser.add_argument("--magnitudes", default="20", help="value bounds M, e.g. 1,20,50")
     args = parser.parse_args()
     slot_counts = tuple(int(v) for v in args.slots.split(","))
     budget = tuple(int(v) for v in args.budget.split(","))
@@ -36,8 +37,10 @@ def main() -> None:
     print(f"budget {budget}: keys {time.perf_counter() - start:.1f} s, RSS {rss:.1f} GB",
           flush=True)
     ev = Evaluator(keys.context, params, keys.public_key)
-    for slots in slot_counts:
-        values = np.tile(np.random.default_rng(0).uniform(-20, 20, slots), params.slots // slots)
+    magnitudes = [float(v) for v in args.magnitudes.split(",")]
+    for slots, bound in ((s, m) for s in slot_counts for m in magnitudes):
+        values = np.tile(np.random.default_rng(0).uniform(-bound, bound, slots),
+                         params.slots // slots)
         ct = keys.encrypt(values, 13)
         for _ in range(8):  # bring it near the bottom of the chain, as in training
             ct = ev.mul_scalar(ct, 1.0001)
@@ -46,7 +49,7 @@ def main() -> None:
             out = ev.bootstrap(ct, period=slots)
             seconds = time.perf_counter() - start
             error = float(np.max(np.abs(keys.decrypt(out) - values * 1.0001**8)))
-            print(f"{slots} slots: {seconds:.2f} s, output level {out.GetLevel()} "
+            print(f"{slots} slots, |x| <= {bound:g}: {seconds:.2f} s, output level {out.GetLevel()} "
                   f"(scale degree {out.GetNoiseScaleDeg()}), {ev.levels_left(out)} levels left, "
                   f"max error {error:.1e}", flush=True)
 

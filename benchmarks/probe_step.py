@@ -27,8 +27,7 @@ from medblindtuner.training.encrypted import (
     TrainingPlan,
     encrypt_dataset,
 )
-from medblindtuner.training.pipeline import prepare_features
-from medblindtuner.training.plain import DEFAULT_PCA_DIMS, TrainConfig
+from medblindtuner.training.recipe import derive_recipe
 
 
 def timed_step(trainer: EncryptedTrainer, batch_index: int) -> dict:
@@ -46,9 +45,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--compare-loaded", action="store_true")
     args = parser.parse_args()
-    data = prepare_features(FeatureSet.load(args.features), DEFAULT_PCA_DIMS)
+    data, recipe = derive_recipe(FeatureSet.load(args.features), PRODUCTION)  # product defaults
     plan = TrainingPlan.create(PRODUCTION, data.x["train"], data.x["val"], data.n_classes,
-                               TrainConfig())
+                               recipe.config, recipe.activation)
     params = PRODUCTION.with_bootstrap_slots(plan.bootstrap_slots)
     start = time.perf_counter()
     keys = HospitalKeys.generate(params, plan.rotation_indices)

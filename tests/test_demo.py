@@ -7,7 +7,7 @@ import json
 from conftest import SHARED_DATA, SMALL_SUBSET
 
 from medblindtuner.demo import DemoOptions, run_demo
-from medblindtuner.training.plain import TrainConfig
+from medblindtuner.training.recipe import Overrides
 
 
 def test_demo_pipeline_writes_report_and_matches_plaintext(
@@ -15,7 +15,7 @@ def test_demo_pipeline_writes_report_and_matches_plaintext(
 ):
     options = DemoOptions(
         dataset="breastmnist", data_dir=SHARED_DATA, backbone="efficientnet_lite0",
-        pca_dims=15, config=TrainConfig(learning_rate=4.0, epochs=2, batch_size=64, patience=2),
+        given=Overrides(pca_dims=15, epochs=2, patience=2),  # the rest derived, as by default
         workdir=tmp_path / "demo", limit=SMALL_SUBSET, insecure_test_params=True,
         feature_cache=feature_cache_dir,
     )
@@ -25,6 +25,10 @@ def test_demo_pipeline_writes_report_and_matches_plaintext(
                  "confusion_encrypted.png"):
         assert (report / name).stat().st_size > 500, name
     runs = results["runs"]
+    assert {"probe", "published", "plaintext", "mirror", "encrypted"} <= set(runs)
+    assert runs["published"]["test"] == {"acc": 0.863, "auc": 0.901}
+    assert results["recipe"]["config"]["learning_rate"] > 0
+    assert "Probe" in (report / "report.md").read_text()
     assert runs["encrypted"]["max_abs_weight_diff_vs_mirror"] < 2e-3
     assert abs(runs["encrypted"]["test"]["acc"] - runs["mirror"]["test"]["acc"]) <= 1 / 160
     assert runs["encrypted"]["ops"]["per_step"]["bootstraps"] == 1.0

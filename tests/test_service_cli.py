@@ -39,8 +39,8 @@ def test_hospital_cli_round_trip(tmp_path):
         assert result.exit_code == 0, (args, result.output, result.exception)
         return result.stdout
 
-    run("keygen", "--features", str(tmp_path / "features.npz"), "--pca-dims", "6",
-        "--epochs", "2", "--batch-size", "128", "--patience", "5", "--learning-rate", "1.0",
+    run("keygen", "--features", str(tmp_path / "features.npz"), "--pca", "6",
+        "--epochs", "2", "--batch-size", "128", "--patience", "5", "--lr", "1.0",
         "--insecure-test-params")
     assert (work / "public_bundle" / "manifest.json").exists()
     assert looks_like_secret_key(work / "local" / "secret_key.bin")

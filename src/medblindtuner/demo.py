@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 from rich.console import Console
 
-from medblindtuner.training.plain import TrainConfig
+from medblindtuner.training.recipe import Overrides
 
 console = Console()
 
@@ -40,8 +40,7 @@ class DemoOptions:
     dataset: str = "breastmnist"
     data_dir: Path | None = None
     backbone: str = "auto"
-    pca_dims: int = 63
-    config: TrainConfig = field(default_factory=TrainConfig)
+    given: Overrides = field(default_factory=Overrides)  # settings the user gave
     workdir: Path = Path("runs/demo")
     report_dir: Path | None = None
     limit: int | None = None  # images per split (quick runs)
@@ -142,9 +141,10 @@ def run_demo(options: DemoOptions) -> dict:
         encrypted_run_summary,
         experiment_header,
         peak_rss_bytes,
-        prepare_features,
+        reference_runs,
         run_plain,
     )
+    from medblindtuner.training.recipe import derive_recipe
 
     clock = PhaseClock()
     workdir = Path(options.workdir)
@@ -161,20 +161,25 @@ def run_demo(options: DemoOptions) -> dict:
             dataset = dataset.subset(options.limit)
         cache = {"cache_dir": options.feature_cache} if options.feature_cache else {}
         features = extract_features(dataset, backbone=options.backbone, **cache)
-        data = prepare_features(features, options.pca_dims)
-        console.print(f"{data.name}: {data.n_classes} classes, splits "
-                      f"{ {s: len(y) for s, y in data.y.items()} }, features "
-                      f"{features.feature_dim} -> PCA {options.pca_dims} + bias")
+        console.print(f"{features.dataset_name}: {features.n_classes} classes, splits "
+                      f"{features.sizes()}, {features.feature_dim}-d features")
 
-    with clock.phase("plaintext", "2/8 hospital: plaintext reference and range check"):
+    with clock.phase("plaintext", "2/8 hospital: tuned probe, training settings, plaintext "
+                                  "reference and range check"):
+        console.print("training settings (derived from train/validation unless given):")
+        data, recipe = derive_recipe(features, params, options.given, log=console.print)
         plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
-                                   options.config)
+                                   recipe.config, recipe.activation)
         mirror = plan.check_ranges(data.x["train"], data.y["train"], data.x["val"],
                                    data.y["val"])
-        plain = run_plain(data, plan.config, plan.activation, plan.layout)
+        plain = {**reference_runs(data, recipe),
+                 **run_plain(data, plan.config, plan.activation, plan.layout)}
         clock.first_output_s = time.perf_counter() - clock.started
-        console.print(f"plaintext test ACC {plain['plaintext']['test']['acc']:.4f} "
-                      f"(mirror {plain['mirror']['test']['acc']:.4f}); logits stay within "
+        probe = recipe.probe.test
+        console.print(f"probe (scikit-learn, full features) test ACC {probe['acc']:.4f} AUC "
+                      f"{probe['auc']:.4f}; plaintext head ACC "
+                      f"{plain['plaintext']['test']['acc']:.4f} (mirror "
+                      f"{plain['mirror']['test']['acc']:.4f}); logits stay within "
                       f"{mirror.max_abs_logit:.2f} <= {plan.activation.logit_bound}")
         if (hint := plan.batch_hint()) is not None:
             console.print(f"[yellow]note:[/yellow] {hint}")
@@ -239,10 +244,12 @@ def run_demo(options: DemoOptions) -> dict:
     if inference:
         encrypted["inference"] = inference
     results = {
-        **experiment_header(data, plan, keyed),
+        **experiment_header(data, plan, keyed, recipe),
         "class_names": dataset.class_names,
-        "command": "medblindtuner demo --dataset " + options.dataset
-        + (" --insecure-test-params" if options.insecure_test_params else ""),
+        "command": " ".join(part for part in (
+            "medblindtuner demo --dataset", options.dataset, options.given.command_line(),
+            "--insecure-test-params" if options.insecure_test_params else "",
+            f"--limit {options.limit}" if options.limit else "") if part),
         "sizes_bytes": artifact_sizes(hospital_dir / "public_bundle",
                                       hospital_dir / "local" / "secret_key.bin",
                                       hospital_dir / "encrypted_dataset"),
@@ -285,11 +292,19 @@ def _encrypted_inference(client, keys, plan, data, weights, hospital_dir: Path, 
 def _print_summary(results: dict, paths: dict) -> None:
     runs = results["runs"]
     console.rule("[bold]8/8 summary")
-    for name in ("plaintext", "mirror", "encrypted"):
+    for name in ("published", "probe", "plaintext", "mirror", "encrypted"):
+        if name not in runs:
+            continue
         run = runs[name]
-        console.print(f"{run['label']:45s} test ACC {run['test']['acc']:.4f} "
-                      f"AUC {run['test']['auc']:.4f}  epochs {run['epochs']}")
-    gap = 100 * (runs["encrypted"]["test"]["acc"] - runs["plaintext"]["test"]["acc"])
-    console.print(f"encrypted - plaintext accuracy: {gap:+.2f} points; total wall time "
-                  f"{results['timings_s']['total'] / 60:.1f} min")
+        epochs = f"  epochs {run['epochs']}" if "epochs" in run else ""
+        console.print(f"{run['label'][:60]:60s} test ACC {run['test']['acc']:.4f} "
+                      f"AUC {run['test']['auc']:.4f}{epochs}")
+    enc = runs["encrypted"]["test"]
+
+    def gap(ref: str, metric: str) -> str:
+        return f"{100 * (enc[metric] - runs[ref]['test'][metric]):+.2f}"
+
+    console.print(f"encrypted - probe: ACC {gap('probe', 'acc')} / AUC {gap('probe', 'auc')} "
+                  f"points; encrypted - plaintext: ACC {gap('plaintext', 'acc')} points; "
+                  f"total wall time {results['timings_s']['total'] / 60:.1f} min")
     console.print(f"report: {paths.get('markdown')} and {paths.get('html')}")

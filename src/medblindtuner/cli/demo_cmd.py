@@ -7,9 +7,16 @@ from typing import Annotated
 
 import typer
 
-from ..training.plain import DEFAULT_PCA_DIMS, TrainConfig
-
-_DEFAULTS = TrainConfig()
+from .options import (
+    BatchOpt,
+    EpochsOpt,
+    LrOpt,
+    MomentumOpt,
+    PatienceOpt,
+    PcaOpt,
+    WeightDecayOpt,
+    overrides,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -22,13 +29,13 @@ def register(app: typer.Typer) -> None:
         backbone: Annotated[str, typer.Option(
             help="auto (DeiT when weights are reachable, else EfficientNet-Lite0), "
                  "deit_tiny|deit_small|deit_base, efficientnet_lite0.")] = "auto",
-        pca: Annotated[int, typer.Option(help="PCA dimensions (hospital side).")] = (
-            DEFAULT_PCA_DIMS),
-        lr: Annotated[float | None, typer.Option(
-            help="Learning rate (default: 8 for a binary head, 2 for softmax).")] = None,
-        epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = _DEFAULTS.epochs,
-        batch_size: Annotated[int, typer.Option(help="Batch size.")] = _DEFAULTS.batch_size,
-        patience: Annotated[int, typer.Option(help="Early stopping.")] = _DEFAULTS.patience,
+        pca: PcaOpt = None,
+        lr: LrOpt = None,
+        momentum: MomentumOpt = None,
+        weight_decay: WeightDecayOpt = None,
+        epochs: EpochsOpt = None,
+        batch_size: BatchOpt = None,
+        patience: PatienceOpt = 4,
         workdir: Annotated[Path, typer.Option(help="Keys, ciphertexts, service data.")] = Path(
             "runs/demo"),
         report_dir: Annotated[Path | None, typer.Option(
@@ -47,15 +54,15 @@ def register(app: typer.Typer) -> None:
         from ..features import BackboneError
         from ..he.params import ParameterError
         from ..training.approx import RangeError
+        from ..training.recipe import RecipeError
 
-        config = TrainConfig(learning_rate=lr, momentum=_DEFAULTS.momentum, epochs=epochs,
-                             batch_size=batch_size, patience=patience, seed=_DEFAULTS.seed)
+        given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience)
         try:
             run_demo(DemoOptions(dataset=dataset, data_dir=data_dir, backbone=backbone,
-                                 pca_dims=pca, config=config, workdir=workdir,
+                                 given=given, workdir=workdir,
                                  report_dir=report_dir, limit=limit,
                                  insecure_test_params=insecure_test_params))
-        except (DatasetError, BackboneError, ParameterError, RangeError) as exc:
+        except (DatasetError, BackboneError, ParameterError, RangeError, RecipeError) as exc:
             # the user's settings or data, not a bug: one clear line, no traceback
             Console(stderr=True).print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(code=2) from exc

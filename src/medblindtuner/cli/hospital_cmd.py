@@ -30,10 +30,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medblindtuner.training.plain import DEFAULT_PCA_DIMS, TrainConfig
+from .options import (
+    BatchOpt,
+    EpochsOpt,
+    LrOpt,
+    MomentumOpt,
+    PatienceOpt,
+    PcaOpt,
+    SeedOpt,
+    WeightDecayOpt,
+    overrides,
+)
 
 console = Console(stderr=True)
-_D = TrainConfig()
 WorkDir = Annotated[Path, typer.Option(help="Hospital work directory (keys, plan, job).")]
 DEFAULT_WORKDIR = Path("hospital-job")
 
@@ -127,15 +136,14 @@ def register(app: typer.Typer) -> None:
     def keygen(
         features: Annotated[Path, typer.Option(help="Feature set (.npz from `features`).")],
         workdir: WorkDir = DEFAULT_WORKDIR,
-        pca_dims: Annotated[int | None, typer.Option(help="PCA dimensions (None: all).")] = (
-            DEFAULT_PCA_DIMS),
-        epochs: Annotated[int, typer.Option(min=1)] = _D.epochs,
-        learning_rate: Annotated[float | None, typer.Option(
-            help="Learning rate (default: 8 for a binary head, 2 for softmax).")] = None,
-        momentum: Annotated[float, typer.Option()] = _D.momentum,
-        batch_size: Annotated[int, typer.Option(min=1)] = _D.batch_size,
-        patience: Annotated[int, typer.Option(min=1)] = _D.patience,
-        seed: Annotated[int, typer.Option()] = _D.seed,
+        pca: PcaOpt = None,
+        epochs: EpochsOpt = None,
+        lr: LrOpt = None,
+        momentum: MomentumOpt = None,
+        weight_decay: WeightDecayOpt = None,
+        batch_size: BatchOpt = None,
+        patience: PatienceOpt = 4,
+        seed: SeedOpt = 0,
         insecure_test_params: Annotated[
             bool, typer.Option(help="Tiny NOT-secure ring (tests/demos only).")
         ] = False,
@@ -146,18 +154,18 @@ def register(app: typer.Typer) -> None:
         from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
         from medblindtuner.training.approx import RangeError
         from medblindtuner.training.encrypted import TrainingPlan
-        from medblindtuner.training.pipeline import prepare_features
-        from medblindtuner.training.plain import TrainConfig
+        from medblindtuner.training.recipe import RecipeError, derive_recipe
 
-        data = prepare_features(FeatureSet.load(features), pca_dims)
         params = INSECURE_TEST if insecure_test_params else PRODUCTION
-        config = TrainConfig(learning_rate=learning_rate, momentum=momentum, epochs=epochs,
-                             batch_size=batch_size, patience=patience, seed=seed)
-        plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
-                                   config)
+        given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
+        console.print("training settings (derived from train/validation unless given):")
         try:
+            data, recipe = derive_recipe(FeatureSet.load(features), params, given,
+                                         log=console.print)
+            plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
+                                       recipe.config, recipe.activation)
             plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
-        except RangeError as exc:
+        except (RangeError, RecipeError) as exc:
             _fail(str(exc))
         if (hint := plan.batch_hint()) is not None:
             console.print(f"[yellow]note:[/yellow] {hint}")
@@ -173,17 +181,13 @@ def register(app: typer.Typer) -> None:
         arrays = {f"{s}_x": x for s, x in data.x.items()}
         arrays.update({f"{s}_y": y for s, y in data.y.items()})
         np.savez(workdir / "local" / "prepared.npz", **arrays)
-        # The same deterministic train-only fit as prepare_features: `predict --features`
-        # must scale new rows exactly like the training rows.
-        from medblindtuner.features.preprocess import FeatureScaler
-
-        x_train = FeatureSet.load(features).splits["train"][0]
-        FeatureScaler(standardize=True, n_components=pca_dims).fit(x_train).save(
-            workdir / "local" / "scaler.npz")
+        # `predict --features` scales new rows with the very transform of the training rows
+        data.feature_scaler.save(workdir / "local" / "scaler.npz")
         meta = {"plan": plan.to_dict(), "params": keyed.to_dict(),
                 "n_val": int(len(data.y["val"])), "n_classes": data.n_classes,
                 "dataset": data.name, "insecure": insecure_test_params,
-                "pca_dims": pca_dims, "features": str(features)}
+                "pca_dims": recipe.pca_dims, "features": str(features),
+                "recipe": recipe.to_dict()}
         (workdir / "plan.json").write_text(json.dumps(meta, indent=2))
         console.print(f"public bundle: {workdir / 'public_bundle'} "
                       f"({bundle_size_bytes(workdir / 'public_bundle') / 2**20:.1f} MiB); "
@@ -346,7 +350,7 @@ def register(app: typer.Typer) -> None:
         from medblindtuner.he.keys import BundleError
         from medblindtuner.service.client import JobFailed, ServiceError, load_result_weights
         from medblindtuner.training.inference import decrypt_scores, encrypt_queries, load_scores
-        from medblindtuner.training.plain import add_bias, class_probabilities
+        from medblindtuner.training.plain import class_probabilities
 
         if split is not None and features is not None:
             _fail("give either --split or --features, not both")
@@ -364,7 +368,7 @@ def register(app: typer.Typer) -> None:
             if raw.ndim != 2 or raw.shape[1] != scaler.n_features_in_:
                 _fail(f"{features}: expected rows of {scaler.n_features_in_} features, got "
                       f"shape {raw.shape}")
-            x = add_bias(scaler.transform(raw))
+            x = scaler.augment(raw)
             source = f"{features}" + (f" [{features_split}]" if features_split else "")
         if x.shape[1] != plan.n_features or len(x) == 0:
             _fail(f"rows have {x.shape[1]} columns (with bias); the model expects "

@@ -15,31 +15,34 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..training.plain import DEFAULT_PCA_DIMS, TrainConfig
+from .options import (
+    BatchOpt,
+    EpochsOpt,
+    LrOpt,
+    MomentumOpt,
+    PatienceOpt,
+    PcaOpt,
+    SeedOpt,
+    WeightDecayOpt,
+    overrides,
+)
 
 console = Console()
-_D = TrainConfig()
 
 FeaturesOpt = Annotated[Path | None, typer.Option(
     help="Feature file written by `medblindtuner features --out` (.npz).")]
 DatasetOpt = Annotated[str, typer.Option(
     help="MedMNIST flag or .npz, used when --features is not given (features are cached).")]
 BackboneOpt = Annotated[str, typer.Option(help="Backbone for --dataset extraction.")]
-PcaOpt = Annotated[int, typer.Option(help="PCA dimensions (hospital side, fitted on train).")]
-LrOpt = Annotated[float | None, typer.Option(
-    help="Learning rate (default: 8 for a binary head, 2 for softmax).")]
-MomentumOpt = Annotated[float, typer.Option(help="Nesterov momentum.")]
-EpochsOpt = Annotated[int, typer.Option(help="Maximum epochs.")]
-BatchOpt = Annotated[int, typer.Option(help="Mini-batch size (capped by one ciphertext).")]
-PatienceOpt = Annotated[int, typer.Option(help="Early-stopping patience in epochs.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the batch schedule.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write machine-readable results.")]
 
 
-def load_prepared(features: Path | None, dataset: str, backbone: str, pca: int):
-    """Features from a file, or extracted (cached) from a MedMNIST dataset; then scaled."""
+def load_prepared(features: Path | None, dataset: str, backbone: str, given, params=None):
+    """Features from a file, or extracted (cached) from a MedMNIST dataset; then the hospital's
+    recipe (probe, scaling, settings), printed with its reasons. Returns (data, recipe)."""
     from ..features import FeatureSet, extract_features
-    from ..training.pipeline import prepare_features
+    from ..he.params import PRODUCTION
+    from ..training.recipe import derive_recipe
 
     if features is not None:
         if not features.exists():
@@ -49,17 +52,21 @@ def load_prepared(features: Path | None, dataset: str, backbone: str, pca: int):
         from ..data import load_medmnist
 
         feature_set = extract_features(load_medmnist(dataset), backbone=backbone)
-    return prepare_features(feature_set, pca if pca > 0 else None)
+    console.print("training settings (derived from train/validation unless given):")
+    return derive_recipe(feature_set, params or PRODUCTION, given, log=console.print)
 
 
 def _print_runs(runs: dict) -> None:
     table = Table(title="Test results")
     for column in ("run", "ACC", "AUC", "epochs", "best", "steps", "wall s"):
         table.add_column(column)
+    def cell(run: dict, key: str, fmt: str = "{}") -> str:
+        return fmt.format(run[key]) if run.get(key) is not None else "-"
+
     for run in runs.values():
         table.add_row(run["label"], f"{run['test']['acc']:.4f}", f"{run['test']['auc']:.4f}",
-                      str(run["epochs"]), str(run["best_epoch"]), str(run["steps"]),
-                      f"{run['wall_time_s']:.1f}")
+                      cell(run, "epochs"), cell(run, "best_epoch"), cell(run, "steps"),
+                      cell(run, "wall_time_s", "{:.1f}"))
     console.print(table)
 
 
@@ -79,45 +86,48 @@ def register(app: typer.Typer) -> None:
         features: FeaturesOpt = None,
         dataset: DatasetOpt = "breastmnist",
         backbone: BackboneOpt = "efficientnet_lite0",
-        pca: PcaOpt = DEFAULT_PCA_DIMS,
+        pca: PcaOpt = None,
         lr: LrOpt = None,
-        momentum: MomentumOpt = _D.momentum,
-        epochs: EpochsOpt = _D.epochs,
-        batch_size: BatchOpt = _D.batch_size,
-        patience: PatienceOpt = _D.patience,
-        seed: SeedOpt = _D.seed,
+        momentum: MomentumOpt = None,
+        weight_decay: WeightDecayOpt = None,
+        epochs: EpochsOpt = None,
+        batch_size: BatchOpt = None,
+        patience: PatienceOpt = 4,
+        seed: SeedOpt = 0,
         json_path: JsonOpt = None,
     ) -> None:
-        """Train the plaintext head (exact and polynomial mirror) and report ACC/AUC."""
+        """Train the plaintext head (exact and polynomial mirror) next to the tuned probe."""
         from ..training.approx import RangeError
-        from ..training.pipeline import run_plain
+        from ..training.pipeline import reference_runs, run_plain
 
-        data = load_prepared(features, dataset, backbone, pca)
-        config = TrainConfig(lr, momentum, epochs, batch_size, patience, seed).for_classes(
-            data.n_classes)
+        given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
         try:
-            runs = run_plain(data, config)
+            data, recipe = load_prepared(features, dataset, backbone, given)
+            runs = run_plain(data, recipe.config, recipe.activation)
         except RangeError as exc:
             console.print(f"[red]the polynomial mirror left its interval:[/] {exc}\n"
                           "These settings cannot be trained encrypted; lower --lr/--epochs.")
             raise typer.Exit(2) from exc
+        runs = {**reference_runs(data, recipe), **runs}
         _print_runs(runs)
         _write_json(json_path, {"dataset": data.name, "n_classes": data.n_classes,
-                                "backbone": data.backbone, "config": config.to_dict(),
-                                "scaler": data.scaler, "runs": runs})
+                                "backbone": data.backbone, "config": recipe.config.to_dict(),
+                                "recipe": recipe.to_dict(), "scaler": data.scaler,
+                                "runs": runs})
 
     @app.command("train-encrypted")
     def train_encrypted(
         features: FeaturesOpt = None,
         dataset: DatasetOpt = "breastmnist",
         backbone: BackboneOpt = "efficientnet_lite0",
-        pca: PcaOpt = DEFAULT_PCA_DIMS,
+        pca: PcaOpt = None,
         lr: LrOpt = None,
-        momentum: MomentumOpt = _D.momentum,
-        epochs: EpochsOpt = _D.epochs,
-        batch_size: BatchOpt = _D.batch_size,
-        patience: PatienceOpt = _D.patience,
-        seed: SeedOpt = _D.seed,
+        momentum: MomentumOpt = None,
+        weight_decay: WeightDecayOpt = None,
+        epochs: EpochsOpt = None,
+        batch_size: BatchOpt = None,
+        patience: PatienceOpt = 4,
+        seed: SeedOpt = 0,
         fixed_epochs: Annotated[bool, typer.Option(
             help="No interaction: train all epochs, keep the last.")] = False,
         workdir: Annotated[Path, typer.Option(help="Keys, ciphertexts, checkpoints.")] = Path(
@@ -134,12 +144,11 @@ def register(app: typer.Typer) -> None:
         if insecure_test_params:
             console.print("[bold red]WARNING: insecure test parameters (ring 4096): "
                           "no security at all.[/]")
-        data = load_prepared(features, dataset, backbone, pca)
-        config = TrainConfig(lr, momentum, epochs, batch_size, patience, seed).for_classes(
-            data.n_classes)
         params = INSECURE_TEST if insecure_test_params else PRODUCTION
+        given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
         try:
-            results = run_encrypted(data, config, params, workdir,
+            data, recipe = load_prepared(features, dataset, backbone, given, params)
+            results = run_encrypted(data, recipe, params, workdir,
                                     allow_insecure=insecure_test_params,
                                     interactive=not fixed_epochs, log=console.print)
         except RangeError as exc:

@@ -22,6 +22,11 @@ class FeatureScaler:
     """Train-only fitted transform: [standardise] -> [PCA to k dims] -> scale/clip to a norm ball.
 
     Guarantee: after `transform`, every feature vector has L2 norm <= max_norm (default 1.0).
+    `augment` appends the bias column. Its value `bias_` is the square root of the largest
+    eigenvalue of the scaled training second-moment matrix (<= max_norm), so the intercept has
+    the same curvature as the steepest feature direction: with a constant 1 the intercept
+    dominated the curvature and fixed a step size far too small for the features
+    (docs/results.md). The model is the same; only the gradient steps are better conditioned.
     On the training split this holds because the global scale factor is max_norm divided by the
     largest training-row norm; for unseen data (val/test/new patients) a row that would exceed
     max_norm after scaling is clipped, i.e. shrunk onto the sphere of radius max_norm (its
@@ -46,6 +51,7 @@ class FeatureScaler:
         self.scale_: float | None = None
         self.n_features_in_: int | None = None
         self.n_train_: int | None = None
+        self.bias_: float = 1.0
 
     @property
     def fitted(self) -> bool:
@@ -61,7 +67,8 @@ class FeatureScaler:
             raise RuntimeError("FeatureScaler is not fitted")
         return self.n_features_in_
 
-    def _project(self, x: np.ndarray) -> np.ndarray:
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """Standardised (and PCA-projected) features before the norm scaling, float64."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.n_features_in_:
             raise ValueError(f"expected (N, {self.n_features_in_}) features, got {x.shape}")
@@ -93,17 +100,24 @@ class FeatureScaler:
             z = (z - self.pca_mean_) @ self.components_.T
         largest = float(np.linalg.norm(z, axis=1).max())
         self.scale_ = self.max_norm * (1 - _MARGIN) / largest if largest > 0 else 1.0
+        top_singular = float(np.linalg.norm(z * self.scale_, ord=2))
+        self.bias_ = top_singular / np.sqrt(x.shape[0]) if top_singular > 0 else 1.0
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Apply the fitted transform; rows are clipped to L2 norm <= max_norm. Returns float32."""
         if not self.fitted:
             raise RuntimeError("FeatureScaler is not fitted")
-        z = self._project(x) * self.scale_
+        z = self.project(x) * self.scale_
         bound = self.max_norm * (1 - _MARGIN)
         norms = np.linalg.norm(z, axis=1, keepdims=True)
         z = np.where(norms > bound, z * (bound / np.maximum(norms, 1e-300)), z)
         return z.astype(np.float32)
+
+    def augment(self, x: np.ndarray) -> np.ndarray:
+        """`transform` plus the constant bias column (value `bias_`), float64."""
+        z = self.transform(x).astype(np.float64)
+        return np.hstack([z, np.full((len(z), 1), self.bias_)])
 
     def fit_transform(self, x_train: np.ndarray) -> np.ndarray:
         """fit() then transform() on the same training matrix."""
@@ -111,7 +125,7 @@ class FeatureScaler:
 
     def clipped_fraction(self, x: np.ndarray) -> float:
         """Share of rows that transform() would clip (a drift indicator for unseen data)."""
-        z = self._project(x) * self.scale_
+        z = self.project(x) * self.scale_
         return float(np.mean(np.linalg.norm(z, axis=1) > self.max_norm * (1 - _MARGIN)))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -124,6 +138,7 @@ class FeatureScaler:
             "standardize": np.asarray(self.standardize),
             "max_norm": np.asarray(self.max_norm),
             "scale": np.asarray(self.scale_),
+            "bias": np.asarray(self.bias_),
             "n_train": np.asarray(self.n_train_),
             "mean": self.mean_,  # type: ignore[dict-item]
             "std": self.std_,  # type: ignore[dict-item]
@@ -148,6 +163,7 @@ class FeatureScaler:
             )
             sc.mean_, sc.std_ = z["mean"], z["std"]
             sc.scale_, sc.n_train_ = float(z["scale"]), int(z["n_train"])
+            sc.bias_ = float(z["bias"]) if "bias" in z.files else 1.0
             sc.n_features_in_ = int(sc.mean_.shape[0])
             if comps is not None:
                 sc.components_, sc.pca_mean_ = comps, z["pca_mean"]
@@ -164,6 +180,7 @@ class FeatureScaler:
             "n_features_out": self.n_features_out if self.fitted else None,
             "max_norm": self.max_norm,
             "scale": self.scale_,
+            "bias": self.bias_,
             "n_train": self.n_train_,
             "pca_explained_variance": None if evr is None else float(np.sum(evr)),
         }

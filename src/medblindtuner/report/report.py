@@ -64,15 +64,19 @@ from matplotlib.lines import Line2D
 
 DASH = "—"
 
-#: Canonical order and styling of the three runs compared in the paper; unknown runs follow.
-RUN_ORDER = ("plaintext", "mirror", "encrypted")
+#: Canonical order and styling of the runs compared: the bar (published, probe), then the
+#: three trainers of the paper; unknown runs follow.
+RUN_ORDER = ("published", "probe", "plaintext", "mirror", "encrypted")
 _RUN_STYLE = {
+    "probe": {"color": "#7f7f7f", "marker": "D"},
     "plaintext": {"color": "#1f77b4", "marker": "o"},
     "mirror": {"color": "#ff7f0e", "marker": "s"},
     "encrypted": {"color": "#2ca02c", "marker": "^"},
 }
 _EXTRA_COLORS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 _DEFAULT_LABELS = {
+    "published": "MedMNIST v2 ResNet-18 (28), published",
+    "probe": "Probe (scikit-learn, full features)",
     "plaintext": "Plaintext (exact)",
     "mirror": "Plaintext mirror",
     "encrypted": "Encrypted (CKKS)",
@@ -783,9 +787,10 @@ def _generated_line() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _gap_points(results: Mapping[str, Any], metric: str) -> float | None:
-    """Encrypted minus plaintext (exact) test metric, in percentage points."""
-    plain = _as_fraction(_get(results, "runs", "plaintext", "test", metric))
+def _gap_points(results: Mapping[str, Any], metric: str, reference: str = "plaintext"
+                ) -> float | None:
+    """Encrypted minus a reference run's test metric, in percentage points."""
+    plain = _as_fraction(_get(results, "runs", reference, "test", metric))
     enc = _as_fraction(_get(results, "runs", "encrypted", "test", metric))
     if plain is None or enc is None:
         return None
@@ -902,6 +907,30 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
                     "Encrypted minus plaintext (exact) on the test split: "
                     f"ACC {_fmt_points(gap_acc)} points, AUC {_fmt_points(gap_auc)} points."
                 ),
+            )
+        )
+    probe_acc, probe_auc = (_gap_points(results, m, "probe") for m in ("acc", "auc"))
+    if probe_acc is not None or probe_auc is not None:
+        blocks.append(
+            _Block(
+                "p",
+                (
+                    "Encrypted minus the tuned probe (the bar: what scikit-learn gives in the "
+                    f"clear on the same features): ACC {_fmt_points(probe_acc)} points, "
+                    f"AUC {_fmt_points(probe_auc)} points."
+                ),
+            )
+        )
+    choices = _get(results, "recipe", "choices")
+    if isinstance(choices, list) and choices:
+        blocks.append(_Block("h3", "Training settings and why"))
+        blocks.append(
+            _Block(
+                "table",
+                headers=["Setting", "Value", "Source", "Reason"],
+                rows=[[str(c.get("name")), _fmt_value(c.get("value")), str(c.get("source")),
+                       str(c.get("why"))] for c in choices if isinstance(c, Mapping)],
+                numeric_from=4,
             )
         )
     ops = _get(results, "runs", "encrypted", "ops")

@@ -90,8 +90,10 @@ class ActivationPlan:
     Then S = sum_j e^z_j >= c (Jensen) and S <= max_softmax_sum (half the classes at +R, half
     at -R), and the inverse is fitted on [c/2, 1.2 max_softmax_sum]: for c = 5, R = 3 that is
     [2.5, 49.5], where degree 13 has a relative error of 3.4e-3 (degree 5 on the naive
-    [0.8, 1.1 c e^R] was off by up to 64 %). The hospital's range check verifies both intervals
-    on the mirror before anything is encrypted.
+    [0.8, 1.1 c e^R] was off by up to 64 %). `sum_bound`, when the hospital derived it from
+    the data (`training.recipe`), replaces that worst case: a narrower interval is a more
+    accurate inverse. The hospital's range check verifies both intervals on the mirror before
+    anything is encrypted.
     """
 
     n_classes: int
@@ -99,6 +101,7 @@ class ActivationPlan:
     sigmoid_degree: int = 27
     exp_degree: int = 9
     inverse_degree: int = 13
+    sum_bound: float | None = None  # upper end of the inverse's interval (softmax)
 
     @property
     def binary(self) -> bool:
@@ -120,8 +123,8 @@ class ActivationPlan:
 
     @property
     def inverse(self) -> ChebyshevApprox:
-        return ChebyshevApprox("inverse", 0.5 * self.n_classes, 1.2 * self.max_softmax_sum,
-                               self.inverse_degree)
+        upper = self.sum_bound if self.sum_bound is not None else 1.2 * self.max_softmax_sum
+        return ChebyshevApprox("inverse", 0.5 * self.n_classes, upper, self.inverse_degree)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Mirror of the encrypted head: (n, 1) sigmoid or (n, c) approximate softmax."""
@@ -138,7 +141,7 @@ class ActivationPlan:
         parts = {"sigmoid": self.sigmoid} if self.binary else {
             "exp": self.exp, "inverse": self.inverse}
         return {"n_classes": self.n_classes, "logit_bound": self.logit_bound,
-                **{k: v.to_dict() for k, v in parts.items()}}
+                "sum_bound": self.sum_bound, **{k: v.to_dict() for k, v in parts.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> ActivationPlan:
@@ -148,6 +151,7 @@ class ActivationPlan:
             sigmoid_degree=int(data.get("sigmoid", {}).get("degree", 27)),
             exp_degree=int(data.get("exp", {}).get("degree", 9)),
             inverse_degree=int(data.get("inverse", {}).get("degree", 13)),
+            sum_bound=None if data.get("sum_bound") is None else float(data["sum_bound"]),
         )
 
 

@@ -12,7 +12,8 @@ Binary head (model = [W, W_prev], each d-periodic; ONE d-slot bootstrap per step
     Z = rotsum(x_dup * V)                     2   log2(d) rotations
     A = (lr/n) sigmoid~(Z)                    8   degree 27
     G = rotsum((A - (lr/n) Y) * x_grad)       9   log2(slots/d) rotations
-    W_new = V - G  -> d-slot bootstrap
+    W_new = (1 - lr wd) V - G  -> d-slot bootstrap  (the decay is a second combination of
+                                                 the model, level 1: no extra level)
 
 c-class softmax (model = [M, M_prev] in the class-rotation layout of `he.packing.SoftmaxLayout`,
 C = next_pow2(c) rotations; TWO sparse bootstraps per step, whatever c):
@@ -169,7 +170,7 @@ class TrainingPlan:
         activation: ActivationPlan | None = None,
     ) -> TrainingPlan:
         layout = PackingLayout(params.slots, x_train.shape[1])
-        config = config.for_classes(n_classes)
+        config = config.checked()
         batch = min(config.batch_size, layout.samples_per_ct)
         if batch != config.batch_size:
             config = TrainConfig(**{**config.to_dict(), "batch_size": batch})
@@ -457,7 +458,10 @@ class EncryptedTrainer:
             half = self.ev.rotate_and_sum(self.ev.add_many(back), self.softmax.period_sum_strides)
             gradient = self.ev.add(half, self.ev.rotate(half, -self.layout.block))
             period = self.softmax.model_period
-        updated = self.ev.bootstrap(self.ev.sub(lookahead, gradient), period=period)
+        decay = self.plan.config.decay_factor
+        decayed = lookahead if decay == 1.0 else self.ev.linear_combination(
+            self.model, [(1 + m) * decay, -m * decay])
+        updated = self.ev.bootstrap(self.ev.sub(decayed, gradient), period=period)
         self.model = [updated, self.model[0]]
         self.state.steps += 1
         return probabilities[1] if validation is not None else None

@@ -1,6 +1,6 @@
 """Experiment pipelines shared by the CLI and the benchmarks.
 
-`prepare_features`: hospital-side scaling (fit on train only) + bias column.
+`prepare_features` / `derive_recipe` (training.recipe): hospital-side scaling and settings.
 `run_plain`: exact and mirror trainers with identical settings.
 `run_encrypted`: keys, encryption, encrypted training with early stopping, decryption and
 evaluation next to both plaintext trainers (single process, both roles: for experiments).
@@ -11,14 +11,11 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from medblindtuner.features.extract import FeatureSet
-from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import HospitalKeys, bundle_size_bytes
 from medblindtuner.he.params import CkksParams
@@ -34,36 +31,15 @@ from medblindtuner.training.encrypted import (
 from medblindtuner.training.plain import (
     VALIDATION_LOSS_NAME,
     TrainConfig,
-    add_bias,
     evaluate,
     train_head,
 )
-
-
-@dataclass
-class PreparedData:
-    name: str
-    n_classes: int
-    x: dict[str, np.ndarray]  # split -> (n, k+1) with bias
-    y: dict[str, np.ndarray]
-    scaler: dict
-    backbone: dict
-
-
-def prepare_features(features: FeatureSet, pca_dims: int | None) -> PreparedData:
-    """Standardise, PCA to `pca_dims`, bound row norms by 1 (train-fitted), append bias."""
-    x_train, _ = features.splits["train"]
-    scaler = FeatureScaler(standardize=True, n_components=pca_dims).fit(x_train)
-    labels = np.concatenate([y for _, y in features.splits.values()])
-    meta = features.meta()
-    return PreparedData(
-        name=str(meta.get("dataset_name", "dataset")),
-        n_classes=int(meta.get("n_classes") or labels.max() + 1),
-        x={s: add_bias(scaler.transform(x)) for s, (x, _) in features.splits.items()},
-        y={s: np.asarray(y).astype(int) for s, (_, y) in features.splits.items()},
-        scaler=scaler.to_dict(),
-        backbone=dict(meta.get("backbone", {})),
-    )
+from medblindtuner.training.recipe import (  # noqa: F401 (prepare_features: API)
+    PreparedData,
+    Recipe,
+    prepare_features,
+)
+from medblindtuner.training.reference import published_run
 
 
 def _run_summary(label: str, result, data: PreparedData) -> dict:
@@ -108,7 +84,6 @@ def run_plain(data: PreparedData, config: TrainConfig, activation: ActivationPla
               layout=None) -> dict:
     """Exact head and polynomial mirror, same batches, same schedule."""
     activation = activation or ActivationPlan.default(data.n_classes)
-    config = config.for_classes(data.n_classes)
     args = (data.x["train"], data.y["train"], data.x["val"], data.y["val"], data.n_classes, config)
     exact = train_head(*args)
     mirror = train_head(*args, activation=activation, layout=layout)
@@ -117,6 +92,15 @@ def run_plain(data: PreparedData, config: TrainConfig, activation: ActivationPla
         "mirror": {**_run_summary("Plaintext mirror (same polynomials)", mirror, data),
                    "max_abs_logit_slot": mirror.max_abs_logit},
     }
+
+
+def reference_runs(data: PreparedData, recipe: Recipe) -> dict:
+    """The bar the encrypted run is judged against: the tuned probe and, for a MedMNIST flag,
+    the published ResNet-18 (28) row (`runs` entries of the report schema)."""
+    runs = {"probe": recipe.probe.to_run()}
+    if (published := published_run(data.name)) is not None:
+        runs["published"] = published
+    return runs
 
 
 def artifact_sizes(bundle: Path, secret_key: Path, dataset: Path) -> dict[str, int]:
@@ -129,9 +113,11 @@ def artifact_sizes(bundle: Path, secret_key: Path, dataset: Path) -> dict[str, i
     }
 
 
-def experiment_header(data: PreparedData, plan: TrainingPlan, params: CkksParams) -> dict:
+def experiment_header(data: PreparedData, plan: TrainingPlan, params: CkksParams,
+                      recipe: Recipe | None = None) -> dict:
     """The parts of a results dict that describe the run (report schema)."""
     return {
+        **({"recipe": recipe.to_dict()} if recipe is not None else {}),
         "dataset": data.name,
         "n_classes": data.n_classes,
         "backbone": data.backbone,
@@ -149,7 +135,7 @@ def peak_rss_bytes() -> int:
 
 def run_encrypted(
     data: PreparedData,
-    config: TrainConfig,
+    recipe: Recipe,
     params: CkksParams,
     workdir: Path,
     allow_insecure: bool = False,
@@ -161,7 +147,8 @@ def run_encrypted(
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes, config)
+    plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
+                               recipe.config, recipe.activation)
     config = plan.config
     log(f"plan: {len(plan.train_batch_sizes)} batches of <= {config.batch_size} samples, "
         f"{plan.layout.n_features} features (block {plan.layout.block}), {plan.rows} weight "
@@ -214,11 +201,11 @@ def run_encrypted(
         steps=state.steps, wall_time_s=timings["training"], ops=evaluator.ops.snapshot(),
         mirror_weights=np.asarray(plain["mirror"]["weights"]))
     return {
-        **experiment_header(data, plan, keyed),
+        **experiment_header(data, plan, keyed, recipe),
         "sizes_bytes": artifact_sizes(workdir / "public_bundle",
                                       workdir / "hospital" / "secret_key.bin",
                                       workdir / "encrypted_dataset"),
         "peak_rss_bytes": {"process": peak_rss_bytes()},
         "timings_s": timings,
-        "runs": {**plain, "encrypted": encrypted},
+        "runs": {**reference_runs(data, recipe), **plain, "encrypted": encrypted},
     }

@@ -7,7 +7,7 @@ from the seed):
     V  = (1 + m) W - m W_prev                    (Nesterov look-ahead)
     Z  = X_b V^T                                 (logits)
     P  = head(Z)                                 (exact, or the shared polynomial mirror)
-    W_prev, W = W, V - (lr / n_b) (P - Y_b)^T X_b
+    W_prev, W = W, (1 - lr wd) V - (lr / n_b) (P - Y_b)^T X_b     (wd: L2 weight decay)
 
 Binary tasks use one weight row and a sigmoid (the 2-class softmax in its minimal form);
 c > 2 classes use c rows and softmax. Early stopping watches the validation Brier loss
@@ -18,49 +18,55 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.training.approx import ActivationPlan, RangeError, exact_probabilities
 
-# Hospital-side PCA width: 63 + bias = 64 = one power-of-two weight block (see he.packing).
-DEFAULT_PCA_DIMS = 63
-
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters shared by the exact, mirror and encrypted trainers."""
+    """Hyperparameters shared by the exact, mirror and encrypted trainers.
 
-    # Defaults chosen on MedMNIST features (PCA 63, rows with norm <= 1): see docs/results.md.
-    # None: the head's default (`default_learning_rate`), filled in by `for_classes`.
+    The product derives them from the data (`training.recipe.derive_recipe`); a config built
+    by hand must give the learning rate.
+    """
+
     learning_rate: float | None = None
     momentum: float = 0.9
     epochs: int = 10
     batch_size: int = 256
     patience: int = 4
     seed: int = 0
+    weight_decay: float = 0.0  # L2 penalty (wd/2)||W||^2 per sample, applied as a decay
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def for_classes(self, n_classes: int) -> TrainConfig:
-        """This config with the learning rate resolved for an n-class head."""
-        if self.learning_rate is not None:
-            return self
-        return replace(self, learning_rate=default_learning_rate(n_classes))
+    def checked(self) -> TrainConfig:
+        """This config, after refusing values no trainer can use."""
+        if self.learning_rate is None:
+            raise ValueError("TrainConfig.learning_rate is not set: build the config with "
+                             "training.recipe.derive_recipe or give a learning rate")
+        if not (self.learning_rate > 0 and 0 <= self.momentum < 1 and self.epochs >= 1
+                and self.batch_size >= 1 and self.patience >= 1 and self.weight_decay >= 0):
+            raise ValueError(f"invalid training settings: {self.to_dict()}")
+        if self.learning_rate * self.weight_decay >= 1:
+            raise ValueError(f"learning rate x weight decay = "
+                             f"{self.learning_rate * self.weight_decay:.3g} must stay below 1")
+        return self
+
+    @property
+    def decay_factor(self) -> float:
+        """Multiplier of the look-ahead weights in each step (1 - lr wd)."""
+        return 1.0 - self.learning_rate * self.weight_decay
 
 
-def default_learning_rate(n_classes: int) -> float:
-    """8 for a binary (sigmoid) head; 2 for softmax, whose logits must stay in the exp
-    interval [-3, 3] (lr 2 reaches 2.35 on RetinaMNIST in 10 epochs, lr 4 leaves it)."""
-    return 8.0 if n_classes == 2 else 2.0
-
-
-def add_bias(x: np.ndarray) -> np.ndarray:
-    """Append the constant-1 bias feature (the model is affine)."""
-    return np.hstack([np.asarray(x, dtype=np.float64), np.ones((len(x), 1))])
+def add_bias(x: np.ndarray, value: float = 1.0) -> np.ndarray:
+    """Append the constant bias feature (the model is affine); see FeatureScaler.augment."""
+    return np.hstack([np.asarray(x, dtype=np.float64), np.full((len(x), 1), float(value))])
 
 
 def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -76,9 +82,11 @@ def n_weight_rows(n_classes: int) -> int:
 
 
 def make_batches(n_samples: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    """Fixed batches: one shuffle by the hospital before encryption, then contiguous chunks."""
+    """Fixed batches: one shuffle by the hospital before encryption, then as few batches of at
+    most `batch_size` as possible, of equal size (+-1): a short remainder batch would take a
+    full step on a few samples' noisy gradient."""
     order = np.random.default_rng(seed).permutation(n_samples)
-    return [order[i : i + batch_size] for i in range(0, n_samples, batch_size)]
+    return np.array_split(order, -(-n_samples // batch_size))
 
 
 def epoch_batch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
@@ -125,6 +133,7 @@ def evaluate(weights: np.ndarray, x_bias: np.ndarray, labels: np.ndarray, n_clas
 @dataclass
 class TrainResult:
     weights: np.ndarray  # best epoch's weights, (rows, n_features incl. bias)
+    final_weights: np.ndarray | None = None  # the last epoch's
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     epochs_run: int = 0
@@ -151,7 +160,7 @@ def train_head(
     With `layout`, the range of every slot the encrypted logits would occupy is tracked too.
     """
     start = time.perf_counter()
-    config = config.for_classes(n_classes)
+    config = config.checked()
     rows = n_weight_rows(n_classes)
     targets = one_hot(y_train, n_classes)
     val_targets = one_hot(y_val, n_classes)
@@ -180,12 +189,13 @@ def train_head(
 
     def head(logits: np.ndarray) -> np.ndarray:
         record_range(float(np.max(np.abs(logits))), "a logit")
-        if activation is None:
-            return exact_probabilities(logits, n_classes)
-        if not activation.binary:
-            sums = activation.exp(logits).sum(axis=1)
+        if n_classes > 2:  # sums of exponentials: the softmax inverse's input range
+            exp = np.exp if activation is None else activation.exp
+            sums = exp(logits).sum(axis=1)
             result.max_softmax_sum = max(result.max_softmax_sum, float(sums.max()))
             result.min_softmax_sum = min(result.min_softmax_sum, float(sums.min()))
+        if activation is None:
+            return exact_probabilities(logits, n_classes)
         return activation.probabilities(logits)
 
     best_loss = float("inf")
@@ -197,7 +207,8 @@ def train_head(
             track_slots(x_train[idx], lookahead)
             probs = head(x_train[idx] @ lookahead.T)
             gradient = (probs - targets[idx]).T @ x_train[idx]
-            previous, weights = weights, lookahead - (config.learning_rate / len(idx)) * gradient
+            previous, weights = weights, (config.decay_factor * lookahead
+                                          - (config.learning_rate / len(idx)) * gradient)
             result.steps += 1
         track_slots(x_val, weights)
         val_loss = brier_loss(head(x_val @ weights.T), val_targets)
@@ -215,5 +226,6 @@ def train_head(
             since_best += 1
             if since_best >= config.patience:
                 break
+    result.final_weights = weights
     result.wall_time_s = time.perf_counter() - start
     return result

@@ -1,0 +1,37 @@
+"""Training options shared by every command that trains (declared once).
+
+Every setting defaults to "derive it from the data" (`training.recipe`); a value given here
+is kept as given, and refused with a clear error if it fails the range check.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+PcaOpt = Annotated[int | None, typer.Option(
+    "--pca", help="PCA dimensions (default: chosen on validation; 0: no PCA).")]
+LrOpt = Annotated[float | None, typer.Option(
+    "--lr", help="Learning rate (default: 0.5 / the loss's curvature bound).")]
+MomentumOpt = Annotated[float | None, typer.Option(
+    help="Nesterov momentum (default: from the conditioning, at most 0.9).")]
+WeightDecayOpt = Annotated[float | None, typer.Option(
+    help="L2 weight decay (default: the tuned probe's penalty).")]
+EpochsOpt = Annotated[int | None, typer.Option(
+    help="Maximum epochs (default: about 30 steps).")]
+BatchOpt = Annotated[int | None, typer.Option(
+    help="Mini-batch size, capped by one ciphertext (default: one full ciphertext).")]
+PatienceOpt = Annotated[int, typer.Option(help="Early-stopping patience in epochs.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the batch schedule.")]
+
+
+def overrides(pca: int | None, lr: float | None, momentum: float | None,
+              weight_decay: float | None, epochs: int | None, batch_size: int | None,
+              patience: int = 4, seed: int = 0):
+    """The user's settings as `training.recipe.Overrides` (None: derived)."""
+    from ..training.recipe import Overrides
+
+    return Overrides(pca_dims=pca, learning_rate=lr, momentum=momentum,
+                     weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
+                     patience=patience, seed=seed)

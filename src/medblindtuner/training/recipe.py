@@ -1,0 +1,339 @@
+"""Hospital side, in the clear: every training setting the product chooses, derived from data.
+
+The cloud runs a fixed number of encrypted gradient steps, so the settings must be right before
+anything is encrypted, on any dataset. Each one follows from train/validation statistics (the
+test split is never read here) and is recorded with its reason:
+
+- **Reference probe** (`training.reference`): scikit-learn logistic regression on the
+  standardised full features, `C` chosen on validation. Its `C` is the L2 prior of the head.
+- **PCA width**: the smallest of `PCA_CANDIDATES` whose probe (same `C`) has a validation
+  log-loss within `PCA_LOSS_TOLERANCE` of the best candidate's. Narrower features put more
+  samples in one ciphertext, and a step costs the same whatever it holds.
+- **Weight decay** `wd = s^2 / (C n)`: the probe's penalty ||w||^2 / (2 C n) per sample,
+  expressed in the scaled coordinates (features multiplied by `s`).
+- **Step size** `lr = STEP_SIZE_FRACTION / L`, `L = h * lambda_max(X^T X / n) + wd`, the
+  curvature bound of the loss (`h` = 1/4 for the sigmoid, 1/2 for softmax). The bias column is
+  balanced with the features (`FeatureScaler.bias_`), so L is set by the data, not the 1s.
+- **Momentum** `(1 - sqrt(q)) / (1 + sqrt(q))`, `q = wd / L` (Nesterov's constant for a
+  q-conditioned problem), at most `MAX_MOMENTUM`.
+- **Batch**: one full data ciphertext, split into equal batches (`plain.make_batches`).
+- **Epochs**: about `STEP_BUDGET` steps, between `MIN_EPOCHS` and `MAX_EPOCHS`.
+- **Approximation intervals**: the smallest rung of a ladder that leaves `LOGIT_HEADROOM`
+  above the exact head's largest logit slot (and, for softmax, `SUM_HEADROOM` above its
+  largest sum of exponentials); the range check on the polynomial mirror then confirms them,
+  and a failed check moves up the ladder. A setting the user gave is never changed: if it
+  fails the check, the refusal stands.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from medblindtuner.features.extract import FeatureSet
+from medblindtuner.features.preprocess import FeatureScaler
+from medblindtuner.he.packing import PackingLayout
+from medblindtuner.he.params import PRODUCTION, CkksParams
+from medblindtuner.training.approx import ActivationPlan, RangeError
+from medblindtuner.training.plain import TrainConfig, make_batches, train_head
+from medblindtuner.training.reference import (
+    ProbeResult,
+    fit_logistic,
+    fit_probe,
+    val_log_loss,
+)
+
+PCA_CANDIDATES = (31, 63, 127, 255, 511)
+PCA_LOSS_TOLERANCE = 0.02
+STEP_SIZE_FRACTION = 0.5
+MAX_MOMENTUM = 0.9
+STEP_BUDGET = 30
+MIN_EPOCHS, MAX_EPOCHS = 2, 10
+LOGIT_HEADROOM = 0.8
+SUM_HEADROOM = 1.5
+SIGMOID_BOUNDS = (8.0, 12.0, 16.0, 20.0, 24.0)  # degree 27: max error 1.4e-5 ... 1.6e-2
+EXP_BOUNDS = (3.0, 3.5, 4.0, 4.5, 5.0)  # degree 9: max abs error 5e-5 ... 1.4e-2
+# Rows are scaled to L2 norm <= FEATURE_NORM. The logits do not depend on it (the step size
+# scales with 1 / FEATURE_NORM^2), but the weights the cloud bootstraps shrink with it, and the
+# sparse bootstrap's error grows fast with its inputs (benchmarks/probe_bootstrap.py).
+FEATURE_NORM = 4.0
+
+
+class RecipeError(ValueError):
+    """No settings that keep the encrypted run inside its approximations were found."""
+
+
+@dataclass
+class PreparedData:
+    """Scaled, bias-augmented splits, ready for the plaintext and encrypted trainers."""
+
+    name: str
+    n_classes: int
+    x: dict[str, np.ndarray]  # split -> (n, k+1) with bias
+    y: dict[str, np.ndarray]
+    scaler: dict
+    backbone: dict
+    feature_scaler: FeatureScaler | None = None  # the fitted transform (new images, predict)
+
+
+def prepare_features(features: FeatureSet, pca_dims: int | None,
+                     max_norm: float = FEATURE_NORM) -> PreparedData:
+    """Standardise, PCA to `pca_dims`, bound row norms by `max_norm`, append the balanced
+    bias column (every statistic fitted on the training split only)."""
+    x_train, _ = features.splits["train"]
+    scaler = FeatureScaler(standardize=True, n_components=pca_dims,
+                           max_norm=max_norm).fit(x_train)
+    labels = np.concatenate([y for _, y in features.splits.values()])
+    meta = features.meta()
+    return PreparedData(
+        name=str(meta.get("dataset_name", "dataset")),
+        n_classes=int(meta.get("n_classes") or labels.max() + 1),
+        x={s: scaler.augment(x) for s, (x, _) in features.splits.items()},
+        y={s: np.asarray(y).astype(int) for s, (_, y) in features.splits.items()},
+        scaler=scaler.to_dict(),
+        backbone=dict(meta.get("backbone", {})),
+        feature_scaler=scaler,
+    )
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Settings the user gave; None: derive it. `pca_dims=0` keeps every feature."""
+
+    pca_dims: int | None = None
+    learning_rate: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    patience: int = 4
+    seed: int = 0
+
+    def command_line(self) -> str:
+        """The options that reproduce these overrides (for reports)."""
+        names = {"pca_dims": "--pca", "learning_rate": "--lr", "momentum": "--momentum",
+                 "weight_decay": "--weight-decay", "epochs": "--epochs",
+                 "batch_size": "--batch-size"}
+        parts = [f"{flag} {getattr(self, name)}" for name, flag in names.items()
+                 if getattr(self, name) is not None]
+        parts += [f"--patience {self.patience}"] if self.patience != 4 else []
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One setting, where it came from ("derived" or "given") and why."""
+
+    name: str
+    value: object
+    source: str
+    why: str
+
+
+@dataclass
+class Recipe:
+    """Everything chosen for one dataset, with the reasons."""
+
+    pca_dims: int | None
+    config: TrainConfig
+    activation: ActivationPlan
+    probe: ProbeResult
+    choices: list[Choice] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"{c.name} = {_fmt(c.value)} ({c.source}: {c.why})" for c in self.choices]
+
+    def to_dict(self) -> dict:
+        return {"pca_dims": self.pca_dims, "config": self.config.to_dict(),
+                "activation": self.activation.to_dict(), "probe_c": self.probe.c,
+                "choices": [asdict(c) for c in self.choices]}
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def choose_pca_dims(features: FeatureSet, n_classes: int, c: float, slots: int,
+                    candidates: tuple[int, ...] = PCA_CANDIDATES) -> tuple[int | None, str]:
+    """Smallest affordable width whose probe (same C) is within the tolerance of the best.
+
+    Affordable: one epoch takes at most `STEP_BUDGET` steps (a ciphertext holds
+    slots / (2 next_pow2(k + 1)) samples), so the run stays near the budget whatever the width.
+    """
+    x_train, y_train = features.splits["train"]
+    x_val, y_val = features.splits["val"]
+    n = len(x_train)
+
+    def steps_per_epoch(k: int) -> int:
+        return -(-n // PackingLayout(slots, k + 1).samples_per_ct)
+
+    usable = [k for k in candidates if k < min(x_train.shape[1], n)
+              and (k == candidates[0] or steps_per_epoch(k) <= STEP_BUDGET)]
+    if not usable:
+        return None, f"{x_train.shape[1]} features: no PCA needed"
+    losses = {}
+    for k in usable:
+        scaler = FeatureScaler(standardize=True, n_components=k).fit(x_train)
+        model = fit_logistic(scaler.project(x_train), np.asarray(y_train).astype(int), c,
+                             n_classes)
+        losses[k] = val_log_loss(model, scaler.project(x_val), np.asarray(y_val).astype(int),
+                                 n_classes)
+    best = min(losses.values())
+    chosen = min(k for k, loss in losses.items() if loss <= best * (1 + PCA_LOSS_TOLERANCE))
+    table = ", ".join(f"{k}: {loss:.4f}" for k, loss in losses.items())
+    return chosen, (f"smallest width whose probe's validation log-loss is within "
+                    f"{PCA_LOSS_TOLERANCE:.0%} of the best ({table})")
+
+
+def _ladder_start(ladder: tuple[float, ...], needed: float) -> int:
+    for i, bound in enumerate(ladder):
+        if bound >= needed:
+            return i
+    return len(ladder) - 1
+
+
+def derive_recipe(
+    features: FeatureSet,
+    params: CkksParams = PRODUCTION,
+    given: Overrides | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[PreparedData, Recipe]:
+    """Probe, PCA width, scaling and every training setting not `given`.
+
+    Raises `RangeError` when a given setting fails the range check and `RecipeError` when no
+    derived setting passes it.
+    """
+    given = given or Overrides()
+    pca_dims, learning_rate, momentum = given.pca_dims, given.learning_rate, given.momentum
+    weight_decay, epochs, batch_size = given.weight_decay, given.epochs, given.batch_size
+    patience, seed = given.patience, given.seed
+    n_classes = int(features.n_classes or 1 + max(int(np.max(y)) for _, y in
+                                                  features.splits.values()))
+    choices: list[Choice] = []
+
+    def note(name: str, value: object, given: bool, why: str) -> None:
+        choices.append(Choice(name, value, "given" if given else "derived", why))
+        if log is not None:
+            log(f"  {choices[-1].name} = {_fmt(value)}: {why}")
+
+    probe = fit_probe(features.splits, n_classes)
+    note("probe_C", probe.c, False, f"validation log-loss {probe.val_log_loss:.4f} (best of "
+         "the grid); the probe is the reference and its C the head's L2 prior")
+
+    if pca_dims is None:
+        dims, why = choose_pca_dims(features, n_classes, probe.c, params.slots)
+        note("pca_dims", dims, False, why)
+    else:
+        dims = pca_dims if pca_dims > 0 else None
+        note("pca_dims", dims, True, "given")
+    data = prepare_features(features, dims)
+    scaler = data.feature_scaler
+    x_train, n = data.x["train"], len(data.x["train"])
+
+    curvature = (0.25 if n_classes == 2 else 0.5) * float(np.linalg.norm(x_train, ord=2)**2 / n)
+    layout = PackingLayout(params.slots, x_train.shape[1])
+    if batch_size is None:
+        batch_size = layout.samples_per_ct
+    steps_per_epoch = len(make_batches(n, min(batch_size, layout.samples_per_ct), seed))
+    if epochs is None:
+        epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(STEP_BUDGET / steps_per_epoch))))
+    derived_wd = scaler.scale_**2 / (probe.c * n)
+    wd_why = (f"the probe's penalty in scaled units, s^2/(C n) with s = {scaler.scale_:.4g}, "
+              f"n = {n}")
+
+    def settings(wd: float) -> TrainConfig:
+        """Step size and momentum follow from the curvature and the weight decay."""
+        smoothness = curvature + wd
+        lr = learning_rate if learning_rate is not None else STEP_SIZE_FRACTION / smoothness
+        q = wd / smoothness
+        mom = momentum if momentum is not None else min(
+            MAX_MOMENTUM, (1 - math.sqrt(q)) / (1 + math.sqrt(q)))
+        try:
+            return TrainConfig(learning_rate=float(lr), momentum=float(mom), epochs=int(epochs),
+                               batch_size=int(batch_size), patience=patience, seed=seed,
+                               weight_decay=float(wd)).checked()
+        except ValueError as err:
+            raise RecipeError(str(err)) from err
+
+    wd = weight_decay if weight_decay is not None else derived_wd
+    failure = ""
+    for _attempt in range(6):
+        config = settings(wd)
+        try:
+            activation = _confirmed_activation(data, config, layout, params, n_classes)
+            break
+        except RangeError as err:
+            failure = str(err)
+            overshoot = getattr(err, "overshoot", 1.0)
+        if weight_decay is None:  # a stronger prior shrinks the logits into the intervals
+            wd *= max(4.0, overshoot**2)
+            wd_why = (f"raised from the probe's penalty s^2/(C n) = {derived_wd:.3g}: with "
+                      f"less, the logits leave every approximation interval ({failure})")
+        else:
+            raise RangeError(f"the given settings leave the approximation intervals: "
+                             f"{failure}")
+    else:
+        raise RecipeError(f"no settings keep this dataset's logits inside the approximation "
+                          f"intervals: {failure}")
+
+    smoothness = curvature + config.weight_decay
+    note("weight_decay", config.weight_decay, weight_decay is not None, wd_why)
+    note("learning_rate", config.learning_rate, learning_rate is not None,
+         f"{STEP_SIZE_FRACTION} / L, L = {smoothness:.4g} (curvature bound of the loss on "
+         "these features)")
+    q = config.weight_decay / smoothness
+    note("momentum", config.momentum, momentum is not None,
+         f"Nesterov's (1 - sqrt q)/(1 + sqrt q) for q = wd / L = {q:.3g}, at most "
+         f"{MAX_MOMENTUM}")
+    note("batch_size", config.batch_size, given.batch_size is not None,
+         f"one full data ciphertext holds {layout.samples_per_ct} samples ({params.slots} "
+         f"slots / {2 * layout.block}); batches are split evenly")
+    note("epochs", config.epochs, given.epochs is not None,
+         f"about {STEP_BUDGET} steps at {steps_per_epoch} steps per epoch (between "
+         f"{MIN_EPOCHS} and {MAX_EPOCHS})")
+    note("logit_bound", activation.logit_bound, False,
+         "smallest rung of the ladder with headroom above the exact head's largest logit "
+         "slot, confirmed by the mirror's range check")
+    if activation.sum_bound is not None:
+        note("softmax_sum_bound", activation.sum_bound, False,
+             f"{SUM_HEADROOM} x the exact head's largest sum of exponentials, confirmed by "
+             "the mirror")
+    recipe = Recipe(pca_dims=dims, config=config, activation=activation, probe=probe,
+                    choices=choices)
+    return data, recipe
+
+
+def _confirmed_activation(data: PreparedData, config: TrainConfig, layout: PackingLayout,
+                          params: CkksParams, n_classes: int) -> ActivationPlan:
+    """Intervals from the exact head, confirmed (or widened along the ladder) by the mirror's
+    range check; RangeError when the top of the ladder fails too."""
+    from medblindtuner.training.encrypted import RANGE_MARGIN, TrainingPlan
+
+    splits = (data.x["train"], data.y["train"], data.x["val"], data.y["val"])
+    exact = train_head(*splits, n_classes, config, layout=layout)
+    ladder = SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS
+    if exact.max_abs_logit > RANGE_MARGIN * ladder[-1]:
+        err = RangeError(f"the exact head's logits reach {exact.max_abs_logit:.2f}, beyond "
+                         f"the widest interval [-{ladder[-1]}, {ladder[-1]}]")
+        err.overshoot = exact.max_abs_logit / (LOGIT_HEADROOM * ladder[-1])
+        raise err
+    sum_bound = None
+    if n_classes > 2:
+        sum_bound = max(2.0 * n_classes, SUM_HEADROOM * exact.max_softmax_sum)
+    failure = ""
+    for bound in ladder[_ladder_start(ladder, exact.max_abs_logit / LOGIT_HEADROOM):]:
+        activation = ActivationPlan(n_classes=n_classes, logit_bound=bound,
+                                    sum_bound=sum_bound)
+        plan = TrainingPlan.create(params, data.x["train"], data.x["val"], n_classes, config,
+                                   activation)
+        try:
+            plan.check_ranges(*splits)
+            return activation
+        except RangeError as err:
+            failure = str(err)
+            if sum_bound is not None:
+                sum_bound *= SUM_HEADROOM
+    raise RangeError(failure)

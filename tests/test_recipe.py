@@ -1,0 +1,128 @@
+"""The hospital's derived settings: a reference probe, and defaults that pass the range check
+on data they were not tuned on (synthetic scales and class balances, an image folder)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+
+from medblindtuner.data.dataset import Dataset
+from medblindtuner.features.backbones import BackboneInfo
+from medblindtuner.features.extract import FeatureSet
+from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+from medblindtuner.training.approx import RangeError
+from medblindtuner.training.encrypted import TrainingPlan
+from medblindtuner.training.pipeline import reference_runs, run_plain
+from medblindtuner.training.recipe import (
+    EXP_BOUNDS,
+    SIGMOID_BOUNDS,
+    Overrides,
+    RecipeError,
+    derive_recipe,
+)
+from medblindtuner.training.reference import fit_probe, published_run
+
+
+def synthetic_features(n: int, dim: int, n_classes: int, scale: float, shift: float,
+                       weights: list[float], separation: float = 1.5, seed: int = 0,
+                       name: str = "synthetic") -> FeatureSet:
+    """Gaussian classes with unequal priors, features of an arbitrary scale and offset."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, separation, (n_classes, dim))
+    splits = {}
+    for split, size in (("train", n), ("val", n // 4), ("test", n // 4)):
+        labels = rng.choice(n_classes, size=size, p=np.asarray(weights) / np.sum(weights))
+        labels[:n_classes] = np.arange(n_classes)  # every class present in every split
+        x = means[labels] + rng.normal(0, 1, (size, dim)) * rng.uniform(0.2, 3.0, dim)
+        splits[split] = ((scale * x + shift).astype(np.float32), labels.astype(np.int64))
+    info = BackboneInfo(name="synthetic", arch="none", feature_dim=dim, weights_source="test",
+                        weights_sha256="-", pretrained=False, input_size=28,
+                        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return FeatureSet(dataset_name=name, dataset_md5="-", n_classes=n_classes,
+                      splits=splits, backbone=info)
+
+
+def check_plan(data, recipe, params=PRODUCTION):
+    plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
+                               recipe.config, recipe.activation)
+    return plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
+
+
+@pytest.mark.parametrize("n_classes,scale,shift,weights", [
+    (2, 1000.0, -50.0, [0.9, 0.1]),     # large raw scale, 9:1 imbalance
+    (2, 1e-3, 3.0, [0.5, 0.5]),         # tiny scale, big offset
+    (4, 30.0, 0.0, [0.55, 0.25, 0.15, 0.05]),
+    (7, 1.0, 0.0, [1.0] * 7),
+])
+def test_defaults_pass_the_range_check_on_unseen_data(n_classes, scale, shift, weights):
+    features = synthetic_features(600, 160, n_classes, scale, shift, weights)
+    data, recipe = derive_recipe(features, PRODUCTION)
+    mirror = check_plan(data, recipe)  # raises RangeError if the product's choice is refused
+    assert mirror.max_abs_logit <= 0.9 * recipe.activation.logit_bound
+    ladder = SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS
+    assert recipe.activation.logit_bound in ladder
+    assert recipe.pca_dims in (31, 63, 127)
+    assert all(c.source == "derived" for c in recipe.choices)
+    # the encrypted model's plaintext twin is not far below the probe on easy data
+    runs = run_plain(data, recipe.config, recipe.activation)
+    assert runs["mirror"]["test"]["acc"] >= recipe.probe.test["acc"] - 0.08
+
+
+def test_given_settings_are_kept_and_refused_when_out_of_range():
+    features = synthetic_features(400, 40, 2, 1.0, 0.0, [0.5, 0.5], separation=3.0)
+    data, recipe = derive_recipe(features, PRODUCTION, Overrides(pca_dims=0, epochs=3,
+                                                                 batch_size=100))
+    assert recipe.pca_dims is None and data.x["train"].shape[1] == 41
+    assert recipe.config.epochs == 3 and recipe.config.batch_size == 100
+    given = {c.name: c.source for c in recipe.choices}
+    assert given["epochs"] == "given" and given["learning_rate"] == "derived"
+    with pytest.raises(RangeError, match="given settings"):
+        derive_recipe(features, PRODUCTION, Overrides(learning_rate=30.0, weight_decay=0.0,
+                                                      epochs=5))
+    with pytest.raises(RecipeError, match="must stay below 1"):
+        derive_recipe(features, PRODUCTION, Overrides(learning_rate=1e6, weight_decay=0.1))
+
+
+def test_derived_batches_fill_a_ciphertext_and_split_evenly():
+    features = synthetic_features(1030, 20, 3, 1.0, 0.0, [1, 1, 1])
+    data, recipe = derive_recipe(features, INSECURE_TEST)
+    plan = TrainingPlan.create(INSECURE_TEST, data.x["train"], data.x["val"], 3,
+                               recipe.config, recipe.activation)
+    assert recipe.config.batch_size == plan.layout.samples_per_ct
+    sizes = plan.train_batch_sizes
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 1030
+
+
+def test_probe_and_published_reference():
+    features = synthetic_features(300, 30, 2, 1.0, 0.0, [0.5, 0.5], separation=2.0)
+    probe = fit_probe(features.splits, 2)
+    assert probe.test["acc"] > 0.9 and probe.c > 0
+    assert published_run("BreastMNIST")["test"] == {"acc": 0.863, "auc": 0.901}
+    assert published_run("my-folder") is None
+    data, recipe = derive_recipe(features, PRODUCTION)
+    runs = reference_runs(data, recipe)
+    assert set(runs) == {"probe"} and runs["probe"]["c"] == probe.c
+
+
+def test_defaults_pass_on_an_image_folder(tmp_path, feature_cache_dir):
+    """A user's own image folder (3 classes of real retina images, saved as PNG files)."""
+    if not (SHARED_DATA / "retinamnist.npz").exists():
+        pytest.skip("RetinaMNIST not available in ../shared/data/medmnist")
+    from PIL import Image
+
+    from medblindtuner.data import load_image_folder
+    from medblindtuner.features import extract_features
+
+    with np.load(SHARED_DATA / "retinamnist.npz") as z:
+        images, labels = z["train_images"], z["train_labels"].reshape(-1)
+    for cls, name in ((0, "normal"), (2, "moderate"), (4, "proliferative")):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i, index in enumerate(np.flatnonzero(labels == cls)[:40]):
+            Image.fromarray(images[index]).save(tmp_path / "imgs" / name / f"{i}.png")
+    dataset: Dataset = load_image_folder(tmp_path / "imgs", val_fraction=0.2, test_fraction=0.2)
+    features = extract_features(dataset, backbone="efficientnet_lite0",
+                                cache_dir=feature_cache_dir, progress=False)
+    data, recipe = derive_recipe(features, PRODUCTION)
+    check_plan(data, recipe)
+    assert data.n_classes == 3 and recipe.activation.sum_bound is not None

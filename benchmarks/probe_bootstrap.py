@@ -49,7 +49,8 @@ def main() -> None:
             out = ev.bootstrap(ct, period=slots)
             seconds = time.perf_counter() - start
             error = float(np.max(np.abs(keys.decrypt(out) - values * 1.0001**8)))
-            print(f"{slots} slots, |x| <= {bound:g}: {seconds:.2f} s, output level {out.GetLevel()} "
+            print(f"{slots} slots, |x| <= {bound:g}: {seconds:.2f} s, output level "
+                  f"{out.GetLevel()} "
                   f"(scale degree {out.GetNoiseScaleDeg()}), {ev.levels_left(out)} levels left, "
                   f"max error {error:.1e}", flush=True)
 

@@ -16,10 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
+from medblindtuner.experiment import run_encrypted
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
-from medblindtuner.training.pipeline import run_encrypted
-from medblindtuner.training.recipe import Overrides, derive_recipe
+from medblindtuner.hospital.hospital import Hospital
+from medblindtuner.training.recipe import Overrides
 
 
 def main() -> None:
@@ -43,9 +44,9 @@ def main() -> None:
     given = Overrides(pca_dims=args.pca, learning_rate=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, epochs=args.epochs,
                       batch_size=args.batch_size, patience=args.patience, seed=args.seed)
-    data, recipe = derive_recipe(FeatureSet.load(args.features), params, given, log=print)
-    results = run_encrypted(data, recipe, params, args.workdir,
-                            allow_insecure=args.insecure_test_params)
+    hospital = Hospital(args.workdir, params, allow_insecure=args.insecure_test_params, log=print)
+    hospital.prepare(FeatureSet.load(args.features), given)
+    results = run_encrypted(hospital)
     results["command"] = "python benchmarks/encrypted_training.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,10 @@ from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import PRODUCTION
-from medblindtuner.training.encrypted import (
-    EncryptedDataset,
-    EncryptedTrainer,
-    TrainingPlan,
-    encrypt_dataset,
-)
+from medblindtuner.hospital.crypto import encrypt_dataset
+from medblindtuner.training.artifacts import EncryptedDataset
+from medblindtuner.training.encrypted import EncryptedTrainer
+from medblindtuner.training.plan import TrainingPlan
 from medblindtuner.training.recipe import derive_recipe
 
 

@@ -27,9 +27,10 @@ import numpy as np
 
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import INSECURE_TEST
+from medblindtuner.hospital.crypto import HospitalJudge, encrypt_dataset
 from medblindtuner.service.client import HospitalClient
-from medblindtuner.training.encrypted import HospitalJudge, TrainingPlan, encrypt_dataset
 from medblindtuner.training.plain import TrainConfig, add_bias
+from medblindtuner.training.plan import TrainingPlan
 
 
 def toy(n_train: int = 240, n_val: int = 40, dim: int = 7, seed: int = 0):

@@ -6,8 +6,8 @@ import numpy as np
 
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import INSECURE_TEST
-from medblindtuner.training.encrypted import TrainingPlan
 from medblindtuner.training.plain import TrainConfig, add_bias
+from medblindtuner.training.plan import TrainingPlan
 
 
 def toy_problem(

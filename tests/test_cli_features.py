@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from typer.testing import CliRunner
 
-from medblindtuner.cli.features_cmd import register
+from medblindtuner.cli.features_cmd import app as features_app
 from medblindtuner.features import FeatureSet
 
 runner = CliRunner()
@@ -23,7 +23,7 @@ def _app() -> typer.Typer:
     def _root() -> None:
         """Test root."""
 
-    register(app)
+    app.add_typer(features_app)
     return app
 
 

@@ -16,15 +16,10 @@ import pytest
 from helpers_he import plan_and_keys, toy_problem
 
 from medblindtuner.he.engine import Evaluator
+from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
 from medblindtuner.training.approx import RangeError
-from medblindtuner.training.encrypted import (
-    Decision,
-    EncryptedDataset,
-    EncryptedTrainer,
-    HospitalJudge,
-    decrypt_weights,
-    encrypt_dataset,
-)
+from medblindtuner.training.artifacts import EncryptedDataset
+from medblindtuner.training.encrypted import Decision, EncryptedTrainer
 from medblindtuner.training.plain import TrainConfig, train_head
 
 WEIGHT_TOL = 2e-3
@@ -106,7 +101,8 @@ def test_trainer_runs_with_only_the_public_bundle(setup, tmp_path):
         from pathlib import Path
         from medblindtuner.he.keys import CloudCrypto
         from medblindtuner.he.engine import Evaluator
-        from medblindtuner.training.encrypted import EncryptedDataset, EncryptedTrainer
+        from medblindtuner.training.artifacts import EncryptedDataset
+        from medblindtuner.training.encrypted import EncryptedTrainer
         cloud = CloudCrypto.load({str(tmp_path / 'bundle')!r}, allow_insecure=True)
         data = EncryptedDataset.load(Path({str(tmp_path / 'data')!r}), cloud.params)
         trainer = EncryptedTrainer(Evaluator(cloud.context, cloud.params, cloud.public_key), data,
@@ -144,7 +140,7 @@ def test_tampered_dataset_is_refused(setup, tmp_path):
 def test_plan_range_check_refuses_divergent_settings(setup):
     data, plan, _, _ = setup
     from medblindtuner.he.params import INSECURE_TEST
-    from medblindtuner.training.encrypted import TrainingPlan
+    from medblindtuner.training.plan import TrainingPlan
     hot = TrainingPlan.create(INSECURE_TEST, data[0], data[2], 2,
                               TrainConfig(learning_rate=500.0, epochs=3, batch_size=64))
     with pytest.raises(RangeError):
@@ -154,7 +150,7 @@ def test_plan_range_check_refuses_divergent_settings(setup):
 def test_plan_hints_at_part_empty_ciphertexts():
     """A batch smaller than a ciphertext holds costs a full step: the plan says so."""
     from medblindtuner.he.params import INSECURE_TEST
-    from medblindtuner.training.encrypted import TrainingPlan
+    from medblindtuner.training.plan import TrainingPlan
     x_train, _, x_val, _ = toy_problem(2, n_train=200, dim=7)  # 8 features: 128 per ct
     def plan(batch: int) -> TrainingPlan:
         config = TrainConfig(learning_rate=1.0, epochs=1, batch_size=batch)

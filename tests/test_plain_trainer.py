@@ -7,6 +7,7 @@ import pytest
 from helpers_he import toy_problem
 from sklearn.linear_model import LogisticRegression
 
+from medblindtuner.experiment import prepare_features, run_plain
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION
 from medblindtuner.training.approx import (
@@ -15,7 +16,6 @@ from medblindtuner.training.approx import (
     RangeError,
     chebyshev_depth,
 )
-from medblindtuner.training.pipeline import prepare_features, run_plain
 from medblindtuner.training.plain import TrainConfig, evaluate, train_head
 from medblindtuner.training.recipe import Overrides, derive_recipe
 

@@ -8,12 +8,12 @@ import pytest
 from conftest import SHARED_DATA
 
 from medblindtuner.data.dataset import Dataset
+from medblindtuner.experiment import reference_runs, run_plain
 from medblindtuner.features.backbones import BackboneInfo
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
 from medblindtuner.training.approx import RangeError
-from medblindtuner.training.encrypted import TrainingPlan
-from medblindtuner.training.pipeline import reference_runs, run_plain
+from medblindtuner.training.plan import TrainingPlan
 from medblindtuner.training.recipe import (
     EXP_BOUNDS,
     SIGMOID_BOUNDS,

@@ -25,9 +25,10 @@ import pytest
 from helpers_he import plan_and_keys, toy_problem
 
 from medblindtuner.he.keys import HospitalKeys, looks_like_secret_key
+from medblindtuner.hospital.crypto import HospitalJudge, encrypt_dataset
 from medblindtuner.service.client import HospitalClient, ServiceError, load_result_weights
-from medblindtuner.training.encrypted import HospitalJudge, TrainingPlan, encrypt_dataset
 from medblindtuner.training.plain import TrainConfig
+from medblindtuner.training.plan import TrainingPlan
 
 CHUNK = 4 << 20  # 4 MiB: the key files span several chunks
 MAX_UPLOAD = 256 << 20

@@ -14,7 +14,6 @@ Phases (each timed and shown with progress):
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import signal
@@ -118,25 +117,10 @@ class LocalCloud:
                 pass
 
 
-def _release_openfhe_keys() -> None:
-    import openfhe as ofhe
-
-    ofhe.ClearEvalMultKeys()
-    ofhe.CryptoContext.ClearEvalAutomorphismKeys()
-    ofhe.ReleaseAllContexts()
-    gc.collect()
-
-
 def run_demo(options: DemoOptions) -> dict:
     """Run every phase; returns the results dict (report schema) and writes the report."""
     from medblindtuner.data import load_medmnist
-    from medblindtuner.features import extract_features
-    from medblindtuner.he.keys import HospitalKeys, bundle_size_bytes
-    from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
-    from medblindtuner.report import build_report
-    from medblindtuner.service.client import HospitalClient, load_result_weights
-    from medblindtuner.training.encrypted import HospitalJudge, TrainingPlan, encrypt_dataset
-    from medblindtuner.training.pipeline import (
+    from medblindtuner.experiment import (
         artifact_sizes,
         encrypted_run_summary,
         experiment_header,
@@ -144,11 +128,16 @@ def run_demo(options: DemoOptions) -> dict:
         reference_runs,
         run_plain,
     )
-    from medblindtuner.training.recipe import derive_recipe
+    from medblindtuner.features import extract_features
+    from medblindtuner.he.keys import bundle_size_bytes
+    from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+    from medblindtuner.hospital.hospital import Hospital
+    from medblindtuner.report import build_report
+    from medblindtuner.service.client import HospitalClient
 
     clock = PhaseClock()
     workdir = Path(options.workdir)
-    hospital_dir, cloud_dir = workdir / "hospital", workdir / "cloud"
+    hospital_dir, cloud_dir = workdir / "hospital", workdir / "cloud"  # the two roles
     report_dir = Path(options.report_dir or workdir / "report")
     params = INSECURE_TEST if options.insecure_test_params else PRODUCTION
     if options.insecure_test_params:
@@ -167,11 +156,10 @@ def run_demo(options: DemoOptions) -> dict:
     with clock.phase("plaintext", "2/8 hospital: tuned probe, training settings, plaintext "
                                   "reference and range check"):
         console.print("training settings (derived from train/validation unless given):")
-        data, recipe = derive_recipe(features, params, options.given, log=console.print)
-        plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
-                                   recipe.config, recipe.activation)
-        mirror = plan.check_ranges(data.x["train"], data.y["train"], data.x["val"],
-                                   data.y["val"])
+        hospital = Hospital(hospital_dir, params, allow_insecure=options.insecure_test_params,
+                            log=console.print)
+        recipe = hospital.prepare(features, options.given)
+        data, plan = hospital.data, hospital.plan
         plain = {**reference_runs(data, recipe),
                  **run_plain(data, plan.config, plan.activation, plan.layout)}
         clock.first_output_s = time.perf_counter() - clock.started
@@ -180,42 +168,34 @@ def run_demo(options: DemoOptions) -> dict:
                       f"{probe['auc']:.4f}; plaintext head ACC "
                       f"{plain['plaintext']['test']['acc']:.4f} (mirror "
                       f"{plain['mirror']['test']['acc']:.4f}); logits stay within "
-                      f"{mirror.max_abs_logit:.2f} <= {plan.activation.logit_bound}")
+                      f"{plain['mirror']['max_abs_logit_slot']:.2f} <= "
+                      f"{plan.activation.logit_bound}")
         if (hint := plan.batch_hint()) is not None:
             console.print(f"[yellow]note:[/yellow] {hint}")
 
     with clock.phase("keygen", "3/8 hospital: CKKS keys"):
-        keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
-        keys = HospitalKeys.generate(keyed, plan.rotation_indices,
-                                     allow_insecure=options.insecure_test_params)
-        keys.save_public_bundle(hospital_dir / "public_bundle")
-        keys.save_secret_key(hospital_dir / "local" / "secret_key.bin")
+        keyed = hospital.keyed
+        hospital.generate_keys()
         console.print(f"{keyed.name}: ring {keyed.ring_dim}, public bundle "
-                      f"{bundle_size_bytes(hospital_dir / 'public_bundle') / 2**20:.0f} MiB")
+                      f"{bundle_size_bytes(hospital.folder.public_bundle) / 2**20:.0f} MiB")
 
     with clock.phase("encrypt", "4/8 hospital: encrypt features and labels"):
-        encrypt_dataset(keys, plan, data.x["train"], data.y["train"], data.x["val"],
-                        data.y["val"]).save(hospital_dir / "encrypted_dataset", keyed)
+        hospital.encrypt_dataset()
         hospital_rss = peak_rss_bytes()
-        del keys
-        _release_openfhe_keys()
         # the hospital only decrypts from now on: no evaluation keys in memory
-        keys = HospitalKeys.load(hospital_dir / "public_bundle",
-                                 hospital_dir / "local" / "secret_key.bin",
-                                 allow_insecure=options.insecure_test_params,
-                                 with_eval_keys=False)
+        hospital.release_evaluation_keys()
 
     with LocalCloud(cloud_dir, options.insecure_test_params) as cloud:
         with clock.phase("upload", "5/8 hospital -> cloud: upload bundle and ciphertexts"):
             client = HospitalClient(cloud.url)
             client.create_job()
-            client.upload_dir("bundle", hospital_dir / "public_bundle")
-            client.upload_dir("dataset", hospital_dir / "encrypted_dataset")
+            client.upload_dir("bundle", hospital.folder.public_bundle)
+            client.upload_dir("dataset", hospital.folder.encrypted_dataset)
             client.start()
 
         with clock.phase("training", "6/8 cloud: encrypted training (hospital answers "
                                      "one early-stopping bit per epoch)"):
-            judge = HospitalJudge(keys, plan, len(data.y["val"]))
+            judge = hospital.judge()
             last = {"line": ""}
 
             def on_status(status: dict) -> None:
@@ -227,12 +207,11 @@ def run_demo(options: DemoOptions) -> dict:
                     last["line"] = line
 
             client.answer_decisions(judge, poll_s=1.0, on_status=on_status)
-            result = client.fetch_result(hospital_dir / "result")
+            result = client.fetch_result(hospital.folder.result)
 
         with clock.phase("evaluate", "7/8 hospital: decrypt, evaluate, encrypted inference"):
-            weights = load_result_weights(keys, plan, hospital_dir / "result")
-            inference = _encrypted_inference(client, keys, plan, data, weights, hospital_dir,
-                                             options.inference)
+            weights = hospital.decrypt_result()
+            inference = _encrypted_inference(client, hospital, weights, options.inference)
         client.close()
 
     history = [{"epoch": e, "val_loss": loss} for e, loss in sorted(judge.losses.items())]
@@ -250,9 +229,9 @@ def run_demo(options: DemoOptions) -> dict:
             "medblindtuner demo --dataset", options.dataset, options.given.command_line(),
             "--insecure-test-params" if options.insecure_test_params else "",
             f"--limit {options.limit}" if options.limit else "") if part),
-        "sizes_bytes": artifact_sizes(hospital_dir / "public_bundle",
-                                      hospital_dir / "local" / "secret_key.bin",
-                                      hospital_dir / "encrypted_dataset"),
+        "sizes_bytes": artifact_sizes(hospital.folder.public_bundle,
+                                      hospital.folder.secret_key,
+                                      hospital.folder.encrypted_dataset),
         "peak_rss_bytes": {"hospital": hospital_rss,
                            "cloud": result.get("peak_rss_bytes")},
         "timings_s": {**clock.timings, "total": time.perf_counter() - clock.started,
@@ -264,24 +243,20 @@ def run_demo(options: DemoOptions) -> dict:
     return results
 
 
-def _encrypted_inference(client, keys, plan, data, weights, hospital_dir: Path, enabled: bool):
+def _encrypted_inference(client, hospital, weights, enabled: bool):
     """Cloud scores the encrypted test split; compare with plaintext predictions."""
-    from medblindtuner.training.plain import class_probabilities
-
     if not enabled or not hasattr(client, "upload_queries"):
         return None
-    from medblindtuner.training.inference import decrypt_scores, encrypt_queries, load_scores
-
-    x_test = data.x["test"]
-    queries_dir = hospital_dir / "queries_test"
-    encrypt_queries(keys, plan, x_test).save(queries_dir, keys.params)
-    query_id = client.upload_queries(queries_dir)
+    x_test = hospital.data.x["test"]
+    query_id = client.create_query()
+    queries = hospital.encrypt_queries(x_test, hospital.folder.query(query_id) / "encrypted")
+    client.upload_queries(queries, query_id=query_id)
     client.score(query_id)
     client.wait_scores(query_id)
-    client.fetch_scores(query_id, hospital_dir / "scores_test")
-    scores, sizes = load_scores(hospital_dir / "scores_test", keys.params)
-    encrypted_probs = decrypt_scores(keys, plan, scores, sizes)
-    plain_probs = class_probabilities(weights, x_test, data.n_classes)
+    scores_dir = hospital.folder.query(query_id) / "scores"
+    client.fetch_scores(query_id, scores_dir)
+    encrypted_probs = hospital.decrypt_scores(scores_dir)
+    plain_probs = hospital.probabilities(weights, x_test)
     agree = float(np.mean(encrypted_probs.argmax(1) == plain_probs.argmax(1)))
     diff = float(np.max(np.abs(encrypted_probs - plain_probs)))
     console.print(f"encrypted inference on {len(x_test)} test images: predictions agree with "

@@ -18,51 +18,37 @@ from .options import (
     overrides,
 )
 
+app = typer.Typer()
 
-def register(app: typer.Typer) -> None:
-    """Add the `demo` command."""
+@app.command("demo")
+def demo(
+    dataset: Annotated[str, typer.Option(help="MedMNIST flag or .npz path.")] = "breastmnist",
+    data_dir: Annotated[Path | None, typer.Option(help="Folder with <flag>.npz.")] = None,
+    backbone: Annotated[str, typer.Option(
+        help="auto (DeiT when weights are reachable, else EfficientNet-Lite0), "
+             "deit_tiny|deit_small|deit_base, efficientnet_lite0.")] = "auto",
+    pca: PcaOpt = None,
+    lr: LrOpt = None,
+    momentum: MomentumOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    patience: PatienceOpt = 4,
+    workdir: Annotated[Path, typer.Option(help="Keys, ciphertexts, service data.")] = Path(
+        "runs/demo"),
+    report_dir: Annotated[Path | None, typer.Option(
+        help="Report folder (default WORKDIR/report).")] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="Use only the first N images per split (quick look).")] = None,
+    insecure_test_params: Annotated[bool, typer.Option(
+        help="Tiny INSECURE ring: shows the mechanics in minutes, no security.")] = False,
+) -> None:
+    """Run the whole system: features, keys, encryption, cloud service, encrypted
+    training, decryption, evaluation, encrypted inference and a report."""
+    from ..demo import DemoOptions, run_demo
 
-    @app.command("demo")
-    def demo(
-        dataset: Annotated[str, typer.Option(help="MedMNIST flag or .npz path.")] = "breastmnist",
-        data_dir: Annotated[Path | None, typer.Option(help="Folder with <flag>.npz.")] = None,
-        backbone: Annotated[str, typer.Option(
-            help="auto (DeiT when weights are reachable, else EfficientNet-Lite0), "
-                 "deit_tiny|deit_small|deit_base, efficientnet_lite0.")] = "auto",
-        pca: PcaOpt = None,
-        lr: LrOpt = None,
-        momentum: MomentumOpt = None,
-        weight_decay: WeightDecayOpt = None,
-        epochs: EpochsOpt = None,
-        batch_size: BatchOpt = None,
-        patience: PatienceOpt = 4,
-        workdir: Annotated[Path, typer.Option(help="Keys, ciphertexts, service data.")] = Path(
-            "runs/demo"),
-        report_dir: Annotated[Path | None, typer.Option(
-            help="Report folder (default WORKDIR/report).")] = None,
-        limit: Annotated[int | None, typer.Option(
-            help="Use only the first N images per split (quick look).")] = None,
-        insecure_test_params: Annotated[bool, typer.Option(
-            help="Tiny INSECURE ring: shows the mechanics in minutes, no security.")] = False,
-    ) -> None:
-        """Run the whole system: features, keys, encryption, cloud service, encrypted
-        training, decryption, evaluation, encrypted inference and a report."""
-        from rich.console import Console
-
-        from ..data import DatasetError
-        from ..demo import DemoOptions, run_demo
-        from ..features import BackboneError
-        from ..he.params import ParameterError
-        from ..training.approx import RangeError
-        from ..training.recipe import RecipeError
-
-        given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience)
-        try:
-            run_demo(DemoOptions(dataset=dataset, data_dir=data_dir, backbone=backbone,
-                                 given=given, workdir=workdir,
-                                 report_dir=report_dir, limit=limit,
-                                 insecure_test_params=insecure_test_params))
-        except (DatasetError, BackboneError, ParameterError, RangeError, RecipeError) as exc:
-            # the user's settings or data, not a bug: one clear line, no traceback
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(code=2) from exc
+    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience)
+    # bad data or refused settings end as one `error:` line, exit 2 (cli.main)
+    run_demo(DemoOptions(dataset=dataset, data_dir=data_dir, backbone=backbone, given=given,
+                         workdir=workdir, report_dir=report_dir, limit=limit,
+                         insecure_test_params=insecure_test_params))

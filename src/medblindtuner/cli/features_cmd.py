@@ -36,99 +36,98 @@ def _load_dataset(
     return load_medmnist(dataset, data_dir=data_dir, download=download)
 
 
-def register(app: typer.Typer) -> None:
-    """Add the `features` command to the main CLI app."""
+app = typer.Typer()
 
-    @app.command("features")
-    def features(
-        dataset: Annotated[
-            str, typer.Option(help="MedMNIST flag (e.g. breastmnist) or path to an .npz.")
-        ] = "breastmnist",
-        data_dir: Annotated[
-            Path | None, typer.Option(help="Folder holding <flag>.npz (searched first).")
-        ] = None,
-        image_folder: Annotated[
-            Path | None, typer.Option(help="Use ROOT/<class>/*.png|jpg instead of MedMNIST.")
-        ] = None,
-        val_fraction: Annotated[
-            float, typer.Option(help="Image folder: validation share per class.")
-        ] = 0.1,
-        test_fraction: Annotated[
-            float, typer.Option(help="Image folder: test share per class.")
-        ] = 0.2,
-        seed: Annotated[int, typer.Option(help="Image folder: split seed.")] = 0,
-        image_size: Annotated[
-            int, typer.Option(help="Image folder: images are resized to this size.")
-        ] = 28,
-        backbone: Annotated[
-            str, typer.Option(help="auto | deit_tiny | deit_small | deit_base | efficientnet_lite0")
-        ] = "auto",
-        weights: Annotated[
-            str | None,
-            typer.Option(help="Local weight file, or 'random' for an explicitly random network."),
-        ] = None,
-        batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
-        cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = DEFAULT_CACHE_DIR,
-        no_cache: Annotated[bool, typer.Option(help="Neither read nor write the cache.")] = False,
-        download: Annotated[
-            bool, typer.Option(help="Download missing MedMNIST files from Zenodo (MD5-checked).")
-        ] = True,
-        limit: Annotated[
-            int | None, typer.Option(min=1, help="Only the first N images of each split.")
-        ] = None,
-        out: Annotated[Path | None, typer.Option(help="Write the feature set (.npz) here.")] = None,
-        json_path: Annotated[
-            Path | None, typer.Option("--json", help="Write a machine-readable summary here.")
-        ] = None,
-        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    ) -> None:
-        """Extract frozen-backbone features for a dataset (cached) and save them."""
-        from ..features import BackboneError, extract_features  # torch: only when extracting
+@app.command("features")
+def features(
+    dataset: Annotated[
+        str, typer.Option(help="MedMNIST flag (e.g. breastmnist) or path to an .npz.")
+    ] = "breastmnist",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder holding <flag>.npz (searched first).")
+    ] = None,
+    image_folder: Annotated[
+        Path | None, typer.Option(help="Use ROOT/<class>/*.png|jpg instead of MedMNIST.")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Image folder: validation share per class.")
+    ] = 0.1,
+    test_fraction: Annotated[
+        float, typer.Option(help="Image folder: test share per class.")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option(help="Image folder: split seed.")] = 0,
+    image_size: Annotated[
+        int, typer.Option(help="Image folder: images are resized to this size.")
+    ] = 28,
+    backbone: Annotated[
+        str, typer.Option(help="auto | deit_tiny | deit_small | deit_base | efficientnet_lite0")
+    ] = "auto",
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Local weight file, or 'random' for an explicitly random network."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
+    cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = DEFAULT_CACHE_DIR,
+    no_cache: Annotated[bool, typer.Option(help="Neither read nor write the cache.")] = False,
+    download: Annotated[
+        bool, typer.Option(help="Download missing MedMNIST files from Zenodo (MD5-checked).")
+    ] = True,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Only the first N images of each split.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the feature set (.npz) here.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write a machine-readable summary here.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Extract frozen-backbone features for a dataset (cached) and save them."""
+    from ..features import BackboneError, extract_features  # torch: only when extracting
 
-        console = Console(stderr=True)
-        t0 = time.perf_counter()
-        try:
-            ds = _load_dataset(
-                dataset, data_dir, image_folder, download, val_fraction, test_fraction, seed,
-                image_size,
-            )
-            if limit is not None:
-                ds = ds.subset(limit)
-            console.print(
-                f"dataset [bold]{ds.name}[/] {ds.sizes()} images {ds.image_shape} "
-                f"classes={ds.n_classes} md5={ds.md5} from {ds.source}"
-            )
-            fs = extract_features(
-                ds, backbone=backbone, weights=weights, batch_size=batch_size,
-                cache_dir=None if no_cache else cache_dir, progress=progress, console=console,
-            )
-        except (DatasetError, BackboneError) as exc:
-            console.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(code=2) from exc
-        if out is not None:
-            fs.save(out)
-            console.print(f"features written to {out}")
-        wall = time.perf_counter() - t0
-        n = sum(fs.sizes().values())
-        summary = {
-            "dataset": ds.name,
-            "dataset_source": ds.source,
-            "dataset_md5": ds.md5,
-            "n_classes": ds.n_classes,
-            "splits": fs.sizes(),
-            "backbone": fs.backbone.to_dict(),
-            "feature_dim": fs.feature_dim,
-            "from_cache": fs.from_cache,
-            "extraction_seconds": round(fs.seconds, 3),
-            "images_per_s": round(n / fs.seconds, 3) if fs.seconds > 0 else None,
-            "wall_seconds": round(wall, 3),
-            "batch_size": batch_size,
-            "out": str(out) if out is not None else None,
-        }
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(summary, indent=2) + "\n")
-        console.print(
-            f"{n} feature vectors of dim {fs.feature_dim}; extraction {fs.seconds:.1f} s"
-            + (" (from cache)" if fs.from_cache else "")
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    try:
+        ds = _load_dataset(
+            dataset, data_dir, image_folder, download, val_fraction, test_fraction, seed,
+            image_size,
         )
+        if limit is not None:
+            ds = ds.subset(limit)
+        console.print(
+            f"dataset [bold]{ds.name}[/] {ds.sizes()} images {ds.image_shape} "
+            f"classes={ds.n_classes} md5={ds.md5} from {ds.source}"
+        )
+        fs = extract_features(
+            ds, backbone=backbone, weights=weights, batch_size=batch_size,
+            cache_dir=None if no_cache else cache_dir, progress=progress, console=console,
+        )
+    except (DatasetError, BackboneError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from exc
+    if out is not None:
+        fs.save(out)
+        console.print(f"features written to {out}")
+    wall = time.perf_counter() - t0
+    n = sum(fs.sizes().values())
+    summary = {
+        "dataset": ds.name,
+        "dataset_source": ds.source,
+        "dataset_md5": ds.md5,
+        "n_classes": ds.n_classes,
+        "splits": fs.sizes(),
+        "backbone": fs.backbone.to_dict(),
+        "feature_dim": fs.feature_dim,
+        "from_cache": fs.from_cache,
+        "extraction_seconds": round(fs.seconds, 3),
+        "images_per_s": round(n / fs.seconds, 3) if fs.seconds > 0 else None,
+        "wall_seconds": round(wall, 3),
+        "batch_size": batch_size,
+        "out": str(out) if out is not None else None,
+    }
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(
+        f"{n} feature vectors of dim {fs.feature_dim}; extraction {fs.seconds:.1f} s"
+        + (" (from cache)" if fs.from_cache else "")
+    )

@@ -30,6 +30,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import EXIT_USER_ERROR
 from .options import (
     BatchOpt,
     EpochsOpt,
@@ -47,7 +48,7 @@ WorkDir = Annotated[Path, typer.Option(help="Hospital work directory (keys, plan
 DEFAULT_WORKDIR = Path("hospital-job")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
 
@@ -58,46 +59,18 @@ def _read_json(path: Path, what: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _load_plan(workdir: Path):
-    from medblindtuner.he.params import CkksParams
-    from medblindtuner.training.encrypted import TrainingPlan
+def _open(workdir: Path):
+    """The prepared hospital folder (`Hospital.open`), or a clear error."""
+    from medblindtuner.hospital.hospital import Hospital, HospitalError
 
-    meta = _read_json(workdir / "plan.json", "keygen")
-    return meta, TrainingPlan.from_dict(meta["plan"]), CkksParams.from_dict(meta["params"])
-
-
-def _load_prepared(workdir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    path = workdir / "local" / "prepared.npz"
-    if not path.exists():
-        _fail(f"{path} not found: run `medblindtuner hospital keygen` first")
-    with np.load(path, allow_pickle=False) as z:
-        splits = sorted({k.split("_", 1)[0] for k in z.files})
-        return ({s: z[f"{s}_x"] for s in splits}, {s: z[f"{s}_y"] for s in splits})
-
-
-def _load_keys(workdir: Path, insecure: bool):
-    from medblindtuner.he.keys import HospitalKeys
-
-    return HospitalKeys.load(workdir / "public_bundle", workdir / "local" / "secret_key.bin",
-                             allow_insecure=insecure)
-
-
-def _load_scaler(workdir: Path, meta: dict):
-    """The train-fitted scaler: saved by keygen, or refitted from the keygen feature file
-    (work directories made before keygen saved it; the fit is deterministic)."""
-    from medblindtuner.features.preprocess import FeatureScaler
-
-    path = workdir / "local" / "scaler.npz"
-    if path.exists():
-        return FeatureScaler.load(path)
-    source = Path(meta.get("features", ""))
-    if not source.is_file():
-        _fail(f"{path} not found and the keygen feature file {source} is gone: cannot scale "
-              "new features the way the model was trained")
-    from medblindtuner.features.extract import FeatureSet
-
-    x_train = FeatureSet.load(source).splits["train"][0]
-    return FeatureScaler(standardize=True, n_components=meta.get("pca_dims")).fit(x_train)
+    try:
+        hospital = Hospital.open(workdir, log=console.print)
+    except HospitalError as exc:
+        _fail(str(exc))
+    if hospital.data is None:
+        _fail(f"{hospital.folder.prepared} not found: run `medblindtuner hospital keygen` "
+              "first")
+    return hospital
 
 
 def _raw_features(path: Path, split: str | None) -> np.ndarray:
@@ -126,317 +99,286 @@ def _client(workdir: Path, progress: bool = True):
                           progress=progress)
 
 
-def register(app: typer.Typer) -> None:
-    """Add the `hospital` command group to the main CLI app."""
-    hospital = typer.Typer(help="Hospital side: keys, encryption, submit, fetch, evaluate.",
-                           no_args_is_help=True)
-    app.add_typer(hospital, name="hospital")
+app = typer.Typer(name="hospital", help="Hospital side: keys, encryption, submit, fetch, evaluate.",
+                  no_args_is_help=True)
 
-    @hospital.command("keygen")
-    def keygen(
-        features: Annotated[Path, typer.Option(help="Feature set (.npz from `features`).")],
-        workdir: WorkDir = DEFAULT_WORKDIR,
-        pca: PcaOpt = None,
-        epochs: EpochsOpt = None,
-        lr: LrOpt = None,
-        momentum: MomentumOpt = None,
-        weight_decay: WeightDecayOpt = None,
-        batch_size: BatchOpt = None,
-        patience: PatienceOpt = 4,
-        seed: SeedOpt = 0,
-        insecure_test_params: Annotated[
-            bool, typer.Option(help="Tiny NOT-secure ring (tests/demos only).")
-        ] = False,
-    ) -> None:
-        """Plan the training, check approximation ranges, generate keys, write the bundle."""
-        from medblindtuner.features.extract import FeatureSet
-        from medblindtuner.he.keys import HospitalKeys, bundle_size_bytes
-        from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
-        from medblindtuner.training.approx import RangeError
-        from medblindtuner.training.encrypted import TrainingPlan
-        from medblindtuner.training.recipe import RecipeError, derive_recipe
+@app.command("keygen")
+def keygen(
+    features: Annotated[Path, typer.Option(help="Feature set (.npz from `features`).")],
+    workdir: WorkDir = DEFAULT_WORKDIR,
+    pca: PcaOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    momentum: MomentumOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    batch_size: BatchOpt = None,
+    patience: PatienceOpt = 4,
+    seed: SeedOpt = 0,
+    insecure_test_params: Annotated[
+        bool, typer.Option(help="Tiny NOT-secure ring (tests/demos only).")
+    ] = False,
+) -> None:
+    """Plan the training, check approximation ranges, generate keys, write the bundle."""
+    from medblindtuner.features.extract import FeatureSet
+    from medblindtuner.he.keys import bundle_size_bytes
+    from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+    from medblindtuner.hospital.hospital import Hospital
+    from medblindtuner.training.approx import RangeError
+    from medblindtuner.training.recipe import RecipeError
 
-        params = INSECURE_TEST if insecure_test_params else PRODUCTION
-        given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
-        console.print("training settings (derived from train/validation unless given):")
-        try:
-            data, recipe = derive_recipe(FeatureSet.load(features), params, given,
-                                         log=console.print)
-            plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
-                                       recipe.config, recipe.activation)
-            plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
-        except (RangeError, RecipeError) as exc:
-            _fail(str(exc))
-        if (hint := plan.batch_hint()) is not None:
-            console.print(f"[yellow]note:[/yellow] {hint}")
-        keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
-        console.print(f"generating {keyed.name} keys (ring {keyed.ring_dim}); production keys "
-                      "take minutes and several GB of RAM ...")
-        keys = HospitalKeys.generate(keyed, plan.rotation_indices,
-                                     allow_insecure=insecure_test_params)
-        workdir.mkdir(parents=True, exist_ok=True)
-        keys.save_public_bundle(workdir / "public_bundle")
-        (workdir / "local").mkdir(mode=0o700, exist_ok=True)
-        keys.save_secret_key(workdir / "local" / "secret_key.bin")
-        arrays = {f"{s}_x": x for s, x in data.x.items()}
-        arrays.update({f"{s}_y": y for s, y in data.y.items()})
-        np.savez(workdir / "local" / "prepared.npz", **arrays)
-        # `predict --features` scales new rows with the very transform of the training rows
-        data.feature_scaler.save(workdir / "local" / "scaler.npz")
-        meta = {"plan": plan.to_dict(), "params": keyed.to_dict(),
-                "n_val": int(len(data.y["val"])), "n_classes": data.n_classes,
-                "dataset": data.name, "insecure": insecure_test_params,
-                "pca_dims": recipe.pca_dims, "features": str(features),
-                "recipe": recipe.to_dict()}
-        (workdir / "plan.json").write_text(json.dumps(meta, indent=2))
-        console.print(f"public bundle: {workdir / 'public_bundle'} "
-                      f"({bundle_size_bytes(workdir / 'public_bundle') / 2**20:.1f} MiB); "
-                      f"secret key stays in {workdir / 'local'}")
+    params = INSECURE_TEST if insecure_test_params else PRODUCTION
+    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
+    hospital = Hospital(workdir, params, allow_insecure=insecure_test_params,
+                        log=console.print)
+    console.print("training settings (derived from train/validation unless given):")
+    try:
+        hospital.prepare(FeatureSet.load(features), given)
+    except (RangeError, RecipeError) as exc:
+        _fail(str(exc))
+    if (hint := hospital.plan.batch_hint()) is not None:
+        console.print(f"[yellow]note:[/yellow] {hint}")
+    console.print(f"generating {hospital.keyed.name} keys (ring {hospital.keyed.ring_dim}); "
+                  "production keys take minutes and several GB of RAM ...")
+    hospital.generate_keys()
+    bundle = hospital.folder.public_bundle
+    console.print(f"public bundle: {bundle} ({bundle_size_bytes(bundle) / 2**20:.1f} MiB); "
+                  f"secret key stays in {hospital.folder.local}")
 
-    @hospital.command("encrypt")
-    def encrypt(workdir: WorkDir = DEFAULT_WORKDIR) -> None:
-        """Encrypt the training and validation batches (once; reused every epoch)."""
-        from tqdm import tqdm
+@app.command("encrypt")
+def encrypt(workdir: WorkDir = DEFAULT_WORKDIR) -> None:
+    """Encrypt the training and validation batches (once; reused every epoch)."""
+    from tqdm import tqdm
 
-        from medblindtuner.training.encrypted import encrypt_dataset
+    hospital = _open(workdir)
+    plan = hospital.plan
+    total = len(plan.train_batch_sizes) + len(plan.val_batch_sizes)
+    with tqdm(total=total, desc="encrypt batches", unit="batch") as bar:
+        path = hospital.encrypt_dataset(progress=bar.update)
+    console.print(f"encrypted dataset: {path}")
 
-        meta, plan, _params = _load_plan(workdir)
-        x, y = _load_prepared(workdir)
-        keys = _load_keys(workdir, meta["insecure"])
-        total = len(plan.train_batch_sizes) + len(plan.val_batch_sizes)
-        with tqdm(total=total, desc="encrypt batches", unit="batch") as bar:
-            dataset = encrypt_dataset(keys, plan, x["train"], y["train"], x["val"], y["val"],
-                                      progress=bar.update)
-        dataset.save(workdir / "encrypted_dataset", keys.params)
-        console.print(f"encrypted dataset: {workdir / 'encrypted_dataset'}")
+@app.command("submit")
+def submit(
+    url: Annotated[str, typer.Option(help="Service base URL.")] = "http://127.0.0.1:8000",
+    workdir: WorkDir = DEFAULT_WORKDIR,
+) -> None:
+    """Create a job, upload bundle + encrypted dataset (resumable), start training."""
+    from medblindtuner.hospital.hospital import HospitalFolder
+    from medblindtuner.service.client import HospitalClient, ServiceError
 
-    @hospital.command("submit")
-    def submit(
-        url: Annotated[str, typer.Option(help="Service base URL.")] = "http://127.0.0.1:8000",
-        workdir: WorkDir = DEFAULT_WORKDIR,
-    ) -> None:
-        """Create a job, upload bundle + encrypted dataset (resumable), start training."""
-        from medblindtuner.service.client import HospitalClient, ServiceError
-
-        job_file = workdir / "job.json"
-        try:
-            if job_file.exists():  # resume an interrupted submit
-                client = _client(workdir)
-                console.print(f"resuming job {client.job_id}")
-            else:
-                client = HospitalClient(url)
-                client.create_job()
-                fd = os.open(job_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as handle:
-                    json.dump({"url": url, "job_id": client.job_id, "token": client.token},
-                              handle)
-            client.upload_dir("bundle", workdir / "public_bundle")
-            client.upload_dir("dataset", workdir / "encrypted_dataset")
-            if client.status()["state"] == "created":
-                client.start()
-        except ServiceError as exc:
-            _fail(str(exc))
-        console.print(f"job {client.job_id} started; `medblindtuner hospital fetch` answers "
-                      "the early-stopping questions and downloads the result")
-
-    @hospital.command("status")
-    def status(
-        workdir: WorkDir = DEFAULT_WORKDIR,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    ) -> None:
-        """Show the job's state and progress."""
-        current = _client(workdir, progress=False).status()
-        if as_json:
-            sys.stdout.write(json.dumps(current, indent=2) + "\n")
-            return
-        table = Table(title=f"job {current['job_id']}")
-        table.add_column("field")
-        table.add_column("value")
-        for key in ("state", "epoch", "epochs_done", "max_epochs", "step", "steps_per_epoch",
-                    "steps", "bootstraps", "seconds_per_step", "eta_seconds", "best_epoch",
-                    "restarts", "error"):
-            table.add_row(key, str(current.get(key)))
-        Console().print(table)
-
-    @hospital.command("fetch")
-    def fetch(
-        workdir: WorkDir = DEFAULT_WORKDIR,
-        poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 1.0,
-    ) -> None:
-        """Answer early-stopping questions (decrypting locally) until done; download weights."""
-        from tqdm import tqdm
-
-        from medblindtuner.service.client import JobFailed
-        from medblindtuner.training.encrypted import HospitalJudge
-
-        meta, plan, _params = _load_plan(workdir)
-        keys = _load_keys(workdir, meta["insecure"])
-        judge = HospitalJudge(keys, plan, meta["n_val"])
-        client = _client(workdir)
-        total = plan.config.epochs * len(plan.train_batch_sizes)
-        with tqdm(total=total, desc="encrypted training", unit="step") as bar:
-            def on_status(current: dict) -> None:
-                bar.update(max(current["steps"] - bar.n, 0))
-                bar.set_postfix(state=current["state"], epoch=current["epoch"],
-                                bootstraps=current["bootstraps"])
-
-            try:
-                final = client.answer_decisions(judge, poll_s=poll, on_status=on_status)
-            except JobFailed as exc:
-                _fail(str(exc))
-        for epoch, loss in sorted(judge.losses.items()):
-            console.print(f"epoch {epoch}: validation Brier loss {loss:.5f}")
-        client.fetch_result(workdir / "result")
-        console.print(f"job finished after {final['epochs_done']} epochs (best epoch "
-                      f"{final['best_epoch']}); encrypted weights in {workdir / 'result'}")
-
-    @hospital.command("evaluate")
-    def evaluate_cmd(
-        workdir: WorkDir = DEFAULT_WORKDIR,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    ) -> None:
-        """Decrypt the weights and report test ACC/AUC next to the plaintext trainers."""
-        from medblindtuner.service.client import load_result_weights
-        from medblindtuner.training.pipeline import PreparedData, run_plain
-        from medblindtuner.training.plain import evaluate
-
-        meta, plan, _params = _load_plan(workdir)
-        x, y = _load_prepared(workdir)
-        keys = _load_keys(workdir, meta["insecure"])
-        weights = load_result_weights(keys, plan, workdir / "result")
-        data = PreparedData(meta["dataset"], plan.n_classes, x, y, {}, {})
-        plain = run_plain(data, plan.config, plan.activation, plan.layout)
-        mirror = np.asarray(plain["mirror"]["weights"])
-        split = "test" if "test" in x else "val"
-        report = {
-            "split": split,
-            "encrypted": evaluate(weights, x[split], y[split], plan.n_classes),
-            "plaintext": plain["plaintext"]["test"] if split == "test" else None,
-            "mirror": plain["mirror"]["test"] if split == "test" else None,
-            "max_abs_weight_diff_vs_mirror": float(np.max(np.abs(weights - mirror))),
-        }
-        if as_json:
-            sys.stdout.write(json.dumps(report, indent=2, default=float) + "\n")
-            return
-        table = Table(title=f"{meta['dataset']}: {split} split")
-        table.add_column("model")
-        table.add_column("ACC")
-        table.add_column("AUC")
-        for name in ("encrypted", "plaintext", "mirror"):
-            if report[name]:
-                table.add_row(name, f"{report[name]['acc']:.4f}", f"{report[name]['auc']:.4f}")
-        Console().print(table)
-        console.print(f"max |w_enc - w_mirror| = {report['max_abs_weight_diff_vs_mirror']:.2e}")
-
-    @hospital.command("predict")
-    def predict(
-        workdir: WorkDir = DEFAULT_WORKDIR,
-        split: Annotated[str | None, typer.Option(
-            help="Score this prepared split (default: test); reports agreement with the "
-                 "plaintext predictions of the decrypted weights.")] = None,
-        features: Annotated[Path | None, typer.Option(
-            help="Score new rows: a FeatureSet .npz (from `features`) or an .npz with 'x', "
-                 "scaled with the keygen scaler.")] = None,
-        features_split: Annotated[str | None, typer.Option(
-            help="With --features (a FeatureSet file): only this split.")] = None,
-        json_path: Annotated[Path | None, typer.Option(
-            "--json", help="Write predictions and the report to this JSON file.")] = None,
-        poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 0.5,
-        timeout: Annotated[float | None, typer.Option(help="Give up after seconds.")] = None,
-    ) -> None:
-        """Encrypted inference: encrypt rows here, the cloud scores them, decrypt here."""
-        import time
-
-        from medblindtuner.he.keys import BundleError
-        from medblindtuner.service.client import JobFailed, ServiceError, load_result_weights
-        from medblindtuner.training.inference import decrypt_scores, encrypt_queries, load_scores
-        from medblindtuner.training.plain import class_probabilities
-
-        if split is not None and features is not None:
-            _fail("give either --split or --features, not both")
-        meta, plan, _params = _load_plan(workdir)
-        labels = None
-        if features is None:
-            split = split or "test"
-            x_all, y_all = _load_prepared(workdir)
-            if split not in x_all:
-                _fail(f"no prepared split {split!r} (have {sorted(x_all)})")
-            x, labels, source = x_all[split], y_all[split], f"split {split}"
+    folder = HospitalFolder(workdir)
+    job_file = folder.job
+    try:
+        if job_file.exists():  # resume an interrupted submit
+            client = _client(workdir)
+            console.print(f"resuming job {client.job_id}")
         else:
-            raw = _raw_features(features, features_split)
-            scaler = _load_scaler(workdir, meta)
-            if raw.ndim != 2 or raw.shape[1] != scaler.n_features_in_:
-                _fail(f"{features}: expected rows of {scaler.n_features_in_} features, got "
-                      f"shape {raw.shape}")
-            x = scaler.augment(raw)
-            source = f"{features}" + (f" [{features_split}]" if features_split else "")
-        if x.shape[1] != plan.n_features or len(x) == 0:
-            _fail(f"rows have {x.shape[1]} columns (with bias); the model expects "
-                  f"{plan.n_features}")
-        keys = _load_keys(workdir, meta["insecure"])
-        client = _client(workdir)
-        timings: dict[str, float] = {}
+            client = HospitalClient(url)
+            client.create_job()
+            fd = os.open(job_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"url": url, "job_id": client.job_id, "token": client.token},
+                          handle)
+        client.upload_dir("bundle", folder.public_bundle)
+        client.upload_dir("dataset", folder.encrypted_dataset)
+        if client.status()["state"] == "created":
+            client.start()
+    except ServiceError as exc:
+        _fail(str(exc))
+    console.print(f"job {client.job_id} started; `medblindtuner hospital fetch` answers "
+                  "the early-stopping questions and downloads the result")
+
+@app.command("status")
+def status(
+    workdir: WorkDir = DEFAULT_WORKDIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show the job's state and progress."""
+    current = _client(workdir, progress=False).status()
+    if as_json:
+        sys.stdout.write(json.dumps(current, indent=2) + "\n")
+        return
+    table = Table(title=f"job {current['job_id']}")
+    table.add_column("field")
+    table.add_column("value")
+    for key in ("state", "epoch", "epochs_done", "max_epochs", "step", "steps_per_epoch",
+                "steps", "bootstraps", "seconds_per_step", "eta_seconds", "best_epoch",
+                "restarts", "error"):
+        table.add_row(key, str(current.get(key)))
+    Console().print(table)
+
+@app.command("fetch")
+def fetch(
+    workdir: WorkDir = DEFAULT_WORKDIR,
+    poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 1.0,
+) -> None:
+    """Answer early-stopping questions (decrypting locally) until done; download weights."""
+    from tqdm import tqdm
+
+    from medblindtuner.service.client import JobFailed
+
+    hospital = _open(workdir)
+    plan, judge = hospital.plan, hospital.judge()
+    client = _client(workdir)
+    total = plan.config.epochs * len(plan.train_batch_sizes)
+    with tqdm(total=total, desc="encrypted training", unit="step") as bar:
+        def on_status(current: dict) -> None:
+            bar.update(max(current["steps"] - bar.n, 0))
+            bar.set_postfix(state=current["state"], epoch=current["epoch"],
+                            bootstraps=current["bootstraps"])
+
         try:
-            started = time.perf_counter()
-            queries = encrypt_queries(keys, plan, x)
-            timings["encrypt_s"] = time.perf_counter() - started
-            query_id = client.create_query()
-            query_root = workdir / "queries" / query_id
-            queries.save(query_root / "encrypted", keys.params)
-            started = time.perf_counter()
-            client.upload_queries(query_root / "encrypted", query_id=query_id)
-            timings["upload_s"] = time.perf_counter() - started
-            started = time.perf_counter()
-            client.score(query_id)
-            final = client.wait_scores(query_id, poll_s=poll, timeout_s=timeout)
-            timings["cloud_scoring_wait_s"] = time.perf_counter() - started
-            client.fetch_scores(query_id, query_root / "scores")
-            if features is None and not (workdir / "result" / "manifest.json").exists():
-                client.fetch_result(workdir / "result")
-        except (ServiceError, JobFailed, TimeoutError) as exc:
+            final = client.answer_decisions(judge, poll_s=poll, on_status=on_status)
+        except JobFailed as exc:
             _fail(str(exc))
+    for epoch, loss in sorted(judge.losses.items()):
+        console.print(f"epoch {epoch}: validation Brier loss {loss:.5f}")
+    client.fetch_result(hospital.folder.result)
+    console.print(f"job finished after {final['epochs_done']} epochs (best epoch "
+                  f"{final['best_epoch']}); encrypted weights in {hospital.folder.result}")
+
+@app.command("evaluate")
+def evaluate_cmd(
+    workdir: WorkDir = DEFAULT_WORKDIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Decrypt the weights and report test ACC/AUC next to the plaintext trainers."""
+    from medblindtuner.experiment import run_plain
+    from medblindtuner.he.keys import BundleError
+    from medblindtuner.training.plain import evaluate
+
+    hospital = _open(workdir)
+    plan, data, meta = hospital.plan, hospital.data, hospital.meta
+    x, y = data.x, data.y
+    try:
+        weights = hospital.decrypt_result()
+    except (BundleError, FileNotFoundError) as exc:
+        _fail(f"{exc} (run `medblindtuner hospital fetch` first)")
+    plain = run_plain(data, plan.config, plan.activation, plan.layout)
+    mirror = np.asarray(plain["mirror"]["weights"])
+    split = "test" if "test" in x else "val"
+    report = {
+        "split": split,
+        "encrypted": evaluate(weights, x[split], y[split], plan.n_classes),
+        "plaintext": plain["plaintext"]["test"] if split == "test" else None,
+        "mirror": plain["mirror"]["test"] if split == "test" else None,
+        "max_abs_weight_diff_vs_mirror": float(np.max(np.abs(weights - mirror))),
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=float) + "\n")
+        return
+    table = Table(title=f"{meta['dataset']}: {split} split")
+    table.add_column("model")
+    table.add_column("ACC")
+    table.add_column("AUC")
+    for name in ("encrypted", "plaintext", "mirror"):
+        if report[name]:
+            table.add_row(name, f"{report[name]['acc']:.4f}", f"{report[name]['auc']:.4f}")
+    Console().print(table)
+    console.print(f"max |w_enc - w_mirror| = {report['max_abs_weight_diff_vs_mirror']:.2e}")
+
+@app.command("predict")
+def predict(
+    workdir: WorkDir = DEFAULT_WORKDIR,
+    split: Annotated[str | None, typer.Option(
+        help="Score this prepared split (default: test); reports agreement with the "
+             "plaintext predictions of the decrypted weights.")] = None,
+    features: Annotated[Path | None, typer.Option(
+        help="Score new rows: a FeatureSet .npz (from `features`) or an .npz with 'x', "
+             "scaled with the keygen scaler.")] = None,
+    features_split: Annotated[str | None, typer.Option(
+        help="With --features (a FeatureSet file): only this split.")] = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write predictions and the report to this JSON file.")] = None,
+    poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 0.5,
+    timeout: Annotated[float | None, typer.Option(help="Give up after seconds.")] = None,
+) -> None:
+    """Encrypted inference: encrypt rows here, the cloud scores them, decrypt here."""
+    import time
+
+    from medblindtuner.he.keys import BundleError
+    from medblindtuner.service.client import JobFailed, ServiceError
+
+    if split is not None and features is not None:
+        _fail("give either --split or --features, not both")
+    hospital = _open(workdir)
+    plan = hospital.plan
+    labels = None
+    if features is None:
+        split = split or "test"
+        x_all, y_all = hospital.data.x, hospital.data.y
+        if split not in x_all:
+            _fail(f"no prepared split {split!r} (have {sorted(x_all)})")
+        x, labels, source = x_all[split], y_all[split], f"split {split}"
+    else:
+        raw = _raw_features(features, features_split)
         try:
-            scores, sizes = load_scores(query_root / "scores", keys.params)
-        except BundleError as exc:
-            _fail(str(exc))
+            x = hospital.scale(raw)
+        except ValueError as exc:
+            _fail(f"{features}: {exc}")
+        source = f"{features}" + (f" [{features_split}]" if features_split else "")
+    if x.shape[1] != plan.n_features or len(x) == 0:
+        _fail(f"rows have {x.shape[1]} columns (with bias); the model expects "
+              f"{plan.n_features}")
+    client = _client(workdir)
+    timings: dict[str, float] = {}
+    try:
+        query_id = client.create_query()
+        query_root = hospital.folder.query(query_id)
         started = time.perf_counter()
-        probs = decrypt_scores(keys, plan, scores, sizes)
-        timings["decrypt_s"] = time.perf_counter() - started
-        predicted = probs.argmax(axis=1)
-        report: dict = {
-            "job_id": client.job_id, "query_id": query_id, "source": source,
-            "n": int(len(x)), "n_classes": plan.n_classes,
-            "cloud_seconds": final.get("seconds"),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
+        hospital.encrypt_queries(x, query_root / "encrypted")
+        timings["encrypt_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        client.upload_queries(query_root / "encrypted", query_id=query_id)
+        timings["upload_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        client.score(query_id)
+        final = client.wait_scores(query_id, poll_s=poll, timeout_s=timeout)
+        timings["cloud_scoring_wait_s"] = time.perf_counter() - started
+        client.fetch_scores(query_id, query_root / "scores")
+        if features is None and not (hospital.folder.result / "manifest.json").exists():
+            client.fetch_result(hospital.folder.result)
+    except (ServiceError, JobFailed, TimeoutError) as exc:
+        _fail(str(exc))
+    started = time.perf_counter()
+    try:
+        probs = hospital.decrypt_scores(query_root / "scores")
+    except BundleError as exc:
+        _fail(str(exc))
+    timings["decrypt_s"] = time.perf_counter() - started
+    predicted = probs.argmax(axis=1)
+    report: dict = {
+        "job_id": client.job_id, "query_id": query_id, "source": source,
+        "n": int(len(x)), "n_classes": plan.n_classes,
+        "cloud_seconds": final.get("seconds"),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    if labels is not None:
+        report["accuracy"] = float(np.mean(predicted == labels))
+        plain = hospital.probabilities(hospital.decrypt_result(), x)
+        report["agreement"] = {
+            "identical_class_fraction": float(np.mean(plain.argmax(axis=1) == predicted)),
+            "max_abs_prob_diff": float(np.max(np.abs(plain - probs))),
         }
-        if labels is not None:
-            report["accuracy"] = float(np.mean(predicted == labels))
-            weights = load_result_weights(keys, plan, workdir / "result")
-            plain = class_probabilities(weights, x, plan.n_classes)
-            report["agreement"] = {
-                "identical_class_fraction": float(np.mean(plain.argmax(axis=1) == predicted)),
-                "max_abs_prob_diff": float(np.max(np.abs(plain - probs))),
-            }
-        report["predictions"] = predicted.tolist()
-        report["probabilities"] = probs.tolist()
-        if labels is not None:
-            report["labels"] = np.asarray(labels).astype(int).tolist()
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
-        else:
-            sys.stdout.write("row\tclass\t" + "\t".join(
-                f"p{c}" for c in range(probs.shape[1])) + "\n")
-            for i, (c, row) in enumerate(zip(predicted, probs, strict=True)):
-                sys.stdout.write(f"{i}\t{c}\t" + "\t".join(f"{p:.6f}" for p in row) + "\n")
-        counts = np.bincount(predicted, minlength=probs.shape[1]).tolist()
-        console.print(f"{len(x)} rows from {source} scored under encryption (query set "
-                      f"{query_id}); predicted class counts {counts}")
-        if "agreement" in report:
-            agreement = report["agreement"]
-            console.print(f"accuracy {report['accuracy']:.4f}; agreement with plaintext "
-                          f"predictions of the decrypted weights: "
-                          f"{agreement['identical_class_fraction']:.4f} identical classes, "
-                          f"max |prob diff| {agreement['max_abs_prob_diff']:.2e}")
-        if json_path is not None:
-            console.print(f"report: {json_path}")
+    report["predictions"] = predicted.tolist()
+    report["probabilities"] = probs.tolist()
+    if labels is not None:
+        report["labels"] = np.asarray(labels).astype(int).tolist()
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    else:
+        sys.stdout.write("row\tclass\t" + "\t".join(
+            f"p{c}" for c in range(probs.shape[1])) + "\n")
+        for i, (c, row) in enumerate(zip(predicted, probs, strict=True)):
+            sys.stdout.write(f"{i}\t{c}\t" + "\t".join(f"{p:.6f}" for p in row) + "\n")
+    counts = np.bincount(predicted, minlength=probs.shape[1]).tolist()
+    console.print(f"{len(x)} rows from {source} scored under encryption (query set "
+                  f"{query_id}); predicted class counts {counts}")
+    if "agreement" in report:
+        agreement = report["agreement"]
+        console.print(f"accuracy {report['accuracy']:.4f}; agreement with plaintext "
+                      f"predictions of the decrypted weights: "
+                      f"{agreement['identical_class_fraction']:.4f} identical classes, "
+                      f"max |prob diff| {agreement['max_abs_prob_diff']:.2e}")
+    if json_path is not None:
+        console.print(f"report: {json_path}")

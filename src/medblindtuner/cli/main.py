@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import importlib
 
+import click
 import typer
+from typer.core import TyperGroup
+
+from medblindtuner.errors import EXIT_USER_ERROR, MedBlindTunerError
+
+
+class _Commands(TyperGroup):
+    """Every command's user-actionable errors are handled here, once: one `error:` line on
+    stderr and exit code 2, for all commands alike."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MedBlindTunerError as exc:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+            ctx.exit(EXIT_USER_ERROR)
+
 
 app = typer.Typer(
     name="medblindtuner",
     help="Fine-tune a classifier head on FHE-encrypted medical image features.",
     no_args_is_help=True,
     add_completion=False,
+    cls=_Commands,
 )
-
 
 
 @app.callback()
@@ -20,8 +39,8 @@ def _root() -> None:
     """Fine-tune a classifier head on FHE-encrypted medical image features."""
 
 
-# Each module defines `register(app: typer.Typer) -> None`. Modules that do not exist yet are
-# skipped so that roles can be developed independently.
+# Each module defines a module-level Typer `app`; a named one (`hospital`) becomes a command
+# group, the others' commands are added at the top level.
 _COMMAND_MODULES = [
     "medblindtuner.cli.features_cmd",
     "medblindtuner.cli.train_cmd",
@@ -32,13 +51,8 @@ _COMMAND_MODULES = [
 ]
 
 for _name in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as exc:  # only tolerate the module itself being absent
-        if exc.name != _name:
-            raise
-        continue
-    _module.register(app)
+    _commands = importlib.import_module(_name).app
+    app.add_typer(_commands, name=_commands.info.name)
 
 
 if __name__ == "__main__":

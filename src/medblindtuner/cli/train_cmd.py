@@ -37,23 +37,17 @@ BackboneOpt = Annotated[str, typer.Option(help="Backbone for --dataset extractio
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write machine-readable results.")]
 
 
-def load_prepared(features: Path | None, dataset: str, backbone: str, given, params=None):
-    """Features from a file, or extracted (cached) from a MedMNIST dataset; then the hospital's
-    recipe (probe, scaling, settings), printed with its reasons. Returns (data, recipe)."""
+def load_features(features: Path | None, dataset: str, backbone: str):
+    """Features from a file, or extracted (cached) from a MedMNIST dataset."""
     from ..features import FeatureSet, extract_features
-    from ..he.params import PRODUCTION
-    from ..training.recipe import derive_recipe
 
     if features is not None:
         if not features.exists():
             raise typer.BadParameter(f"{features} does not exist", param_hint="--features")
-        feature_set = FeatureSet.load(features)
-    else:
-        from ..data import load_medmnist
+        return FeatureSet.load(features)
+    from ..data import load_medmnist
 
-        feature_set = extract_features(load_medmnist(dataset), backbone=backbone)
-    console.print("training settings (derived from train/validation unless given):")
-    return derive_recipe(feature_set, params or PRODUCTION, given, log=console.print)
+    return extract_features(load_medmnist(dataset), backbone=backbone)
 
 
 def _print_runs(runs: dict) -> None:
@@ -78,85 +72,90 @@ def _write_json(path: Path | None, results: dict) -> None:
     console.print(f"results written to {path}")
 
 
-def register(app: typer.Typer) -> None:
-    """Add `train-plain` and `train-encrypted`."""
+app = typer.Typer()
 
-    @app.command("train-plain")
-    def train_plain(
-        features: FeaturesOpt = None,
-        dataset: DatasetOpt = "breastmnist",
-        backbone: BackboneOpt = "efficientnet_lite0",
-        pca: PcaOpt = None,
-        lr: LrOpt = None,
-        momentum: MomentumOpt = None,
-        weight_decay: WeightDecayOpt = None,
-        epochs: EpochsOpt = None,
-        batch_size: BatchOpt = None,
-        patience: PatienceOpt = 4,
-        seed: SeedOpt = 0,
-        json_path: JsonOpt = None,
-    ) -> None:
-        """Train the plaintext head (exact and polynomial mirror) next to the tuned probe."""
-        from ..training.approx import RangeError
-        from ..training.pipeline import reference_runs, run_plain
+@app.command("train-plain")
+def train_plain(
+    features: FeaturesOpt = None,
+    dataset: DatasetOpt = "breastmnist",
+    backbone: BackboneOpt = "efficientnet_lite0",
+    pca: PcaOpt = None,
+    lr: LrOpt = None,
+    momentum: MomentumOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    patience: PatienceOpt = 4,
+    seed: SeedOpt = 0,
+    json_path: JsonOpt = None,
+) -> None:
+    """Train the plaintext head (exact and polynomial mirror) next to the tuned probe."""
+    from ..experiment import reference_runs, run_plain
+    from ..training.approx import RangeError
+    from ..training.recipe import derive_recipe
 
-        given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
-        try:
-            data, recipe = load_prepared(features, dataset, backbone, given)
-            runs = run_plain(data, recipe.config, recipe.activation)
-        except RangeError as exc:
-            console.print(f"[red]the polynomial mirror left its interval:[/] {exc}\n"
-                          "These settings cannot be trained encrypted; lower --lr/--epochs.")
-            raise typer.Exit(2) from exc
-        runs = {**reference_runs(data, recipe), **runs}
-        _print_runs(runs)
-        _write_json(json_path, {"dataset": data.name, "n_classes": data.n_classes,
-                                "backbone": data.backbone, "config": recipe.config.to_dict(),
-                                "recipe": recipe.to_dict(), "scaler": data.scaler,
-                                "runs": runs})
+    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
+    feature_set = load_features(features, dataset, backbone)
+    console.print("training settings (derived from train/validation unless given):")
+    try:
+        data, recipe = derive_recipe(feature_set, given=given, log=console.print)
+        runs = run_plain(data, recipe.config, recipe.activation)
+    except RangeError as exc:
+        console.print(f"[red]the polynomial mirror left its interval:[/] {exc}\n"
+                      "These settings cannot be trained encrypted; lower --lr/--epochs.")
+        raise typer.Exit(2) from exc
+    runs = {**reference_runs(data, recipe), **runs}
+    _print_runs(runs)
+    _write_json(json_path, {"dataset": data.name, "n_classes": data.n_classes,
+                            "backbone": data.backbone, "config": recipe.config.to_dict(),
+                            "recipe": recipe.to_dict(), "scaler": data.scaler,
+                            "runs": runs})
 
-    @app.command("train-encrypted")
-    def train_encrypted(
-        features: FeaturesOpt = None,
-        dataset: DatasetOpt = "breastmnist",
-        backbone: BackboneOpt = "efficientnet_lite0",
-        pca: PcaOpt = None,
-        lr: LrOpt = None,
-        momentum: MomentumOpt = None,
-        weight_decay: WeightDecayOpt = None,
-        epochs: EpochsOpt = None,
-        batch_size: BatchOpt = None,
-        patience: PatienceOpt = 4,
-        seed: SeedOpt = 0,
-        fixed_epochs: Annotated[bool, typer.Option(
-            help="No interaction: train all epochs, keep the last.")] = False,
-        workdir: Annotated[Path, typer.Option(help="Keys, ciphertexts, checkpoints.")] = Path(
-            "runs/train-encrypted"),
-        insecure_test_params: Annotated[bool, typer.Option(
-            help="Tiny INSECURE ring for tests/quick looks; never for real data.")] = False,
-        json_path: JsonOpt = None,
-    ) -> None:
-        """Encrypted training (both roles, one process) next to the plaintext trainers."""
-        from ..he.params import INSECURE_TEST, PRODUCTION
-        from ..training.approx import RangeError
-        from ..training.pipeline import run_encrypted
+@app.command("train-encrypted")
+def train_encrypted(
+    features: FeaturesOpt = None,
+    dataset: DatasetOpt = "breastmnist",
+    backbone: BackboneOpt = "efficientnet_lite0",
+    pca: PcaOpt = None,
+    lr: LrOpt = None,
+    momentum: MomentumOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    patience: PatienceOpt = 4,
+    seed: SeedOpt = 0,
+    fixed_epochs: Annotated[bool, typer.Option(
+        help="No interaction: train all epochs, keep the last.")] = False,
+    workdir: Annotated[Path, typer.Option(help="Keys, ciphertexts, checkpoints.")] = Path(
+        "runs/train-encrypted"),
+    insecure_test_params: Annotated[bool, typer.Option(
+        help="Tiny INSECURE ring for tests/quick looks; never for real data.")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Encrypted training (both roles, one process) next to the plaintext trainers."""
+    from ..experiment import run_encrypted
+    from ..he.params import INSECURE_TEST, PRODUCTION
+    from ..hospital.hospital import Hospital
+    from ..training.approx import RangeError
 
-        if insecure_test_params:
-            console.print("[bold red]WARNING: insecure test parameters (ring 4096): "
-                          "no security at all.[/]")
-        params = INSECURE_TEST if insecure_test_params else PRODUCTION
-        given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
-        try:
-            data, recipe = load_prepared(features, dataset, backbone, given, params)
-            results = run_encrypted(data, recipe, params, workdir,
-                                    allow_insecure=insecure_test_params,
-                                    interactive=not fixed_epochs, log=console.print)
-        except RangeError as exc:
-            console.print(f"[red]refused:[/] {exc}")
-            raise typer.Exit(2) from exc
-        _print_runs(results["runs"])
-        enc = results["runs"]["encrypted"]
-        console.print(f"bootstraps/step {enc['ops']['per_step'].get('bootstraps', 0):.2f}, "
-                      f"s/step {enc['seconds_per_step']:.1f}, max |w_enc - w_mirror| "
-                      f"{enc['max_abs_weight_diff_vs_mirror']:.2e}")
-        _write_json(json_path, results)
+    if insecure_test_params:
+        console.print("[bold red]WARNING: insecure test parameters (ring 4096): "
+                      "no security at all.[/]")
+    params = INSECURE_TEST if insecure_test_params else PRODUCTION
+    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
+    feature_set = load_features(features, dataset, backbone)
+    hospital = Hospital(workdir, params, allow_insecure=insecure_test_params,
+                        log=console.print)
+    console.print("training settings (derived from train/validation unless given):")
+    try:
+        hospital.prepare(feature_set, given)
+        results = run_encrypted(hospital, interactive=not fixed_epochs, log=console.print)
+    except RangeError as exc:
+        console.print(f"[red]refused:[/] {exc}")
+        raise typer.Exit(2) from exc
+    _print_runs(results["runs"])
+    enc = results["runs"]["encrypted"]
+    console.print(f"bootstraps/step {enc['ops']['per_step'].get('bootstraps', 0):.2f}, "
+                  f"s/step {enc['seconds_per_step']:.1f}, max |w_enc - w_mirror| "
+                  f"{enc['max_abs_weight_diff_vs_mirror']:.2e}")
+    _write_json(json_path, results)

@@ -6,6 +6,8 @@ files while programmatic callers can still catch plain ValueError.
 
 from __future__ import annotations
 
+from medblindtuner.errors import MedBlindTunerError
 
-class DatasetError(ValueError):
+
+class DatasetError(MedBlindTunerError, ValueError):
     """A dataset file or folder is missing, unreadable or malformed (message names the file)."""

@@ -22,6 +22,8 @@ from rich.markup import escape
 from torch import nn
 from torch.nn import functional as F
 
+from medblindtuner.errors import MedBlindTunerError
+
 DEIT_ARCHS: dict[str, str] = {
     "deit_tiny": "deit_tiny_patch16_224",
     "deit_small": "deit_small_patch16_224",
@@ -34,7 +36,7 @@ RANDOM = "random"
 RANDOM_LABEL = "RANDOM INIT (NOT PRETRAINED: features carry no ImageNet knowledge)"
 
 
-class BackboneError(RuntimeError):
+class BackboneError(MedBlindTunerError, RuntimeError):
     """Backbone weights are unavailable or do not fit the architecture."""
 
 

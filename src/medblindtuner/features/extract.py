@@ -84,6 +84,31 @@ class FeatureSet:
         return path
 
     @classmethod
+    def from_arrays(cls, splits: dict[str, tuple[np.ndarray, np.ndarray]], n_classes: int,
+                    name: str = "features") -> FeatureSet:
+        """Features computed elsewhere (the Python API): `split -> (x, y)`, checked."""
+        checked = {}
+        for split, (x, y) in splits.items():
+            x = np.asarray(x, dtype=np.float32)
+            y = np.asarray(y).reshape(-1)
+            if x.ndim != 2 or len(x) != len(y) or len(x) == 0:
+                raise ValueError(f"{split}: expected (n, d) features and n labels, got "
+                                 f"{x.shape} and {y.shape}")
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"{split}: features contain NaN/inf")
+            if not np.array_equal(y, np.round(y)) or y.min() < 0 or y.max() >= n_classes:
+                raise ValueError(f"{split}: labels must be integers in [0, {n_classes})")
+            checked[split] = (x, y.astype(np.int64))
+        dims = {x.shape[1] for x, _ in checked.values()}
+        if len(dims) != 1:
+            raise ValueError(f"splits have different feature widths: {sorted(dims)}")
+        info = BackboneInfo(name="given", arch="given features", feature_dim=dims.pop(),
+                            weights_source="caller", weights_sha256="-", pretrained=False,
+                            input_size=0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        return cls(dataset_name=name, dataset_md5="-", n_classes=n_classes, splits=checked,
+                   backbone=info)
+
+    @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FeatureSet:
         """Read a file written by `save` (raises ValueError/OSError on a broken file)."""
         with np.load(path, allow_pickle=False) as z:

@@ -86,8 +86,7 @@ class Evaluator:
 
         OpenFHE gives a deserialized ciphertext its own copies of the ring parameters, and every
         operation on it, and on results that inherit parameters from their first operand, runs
-        1.6-2x slower: at ring 2^16 a binary step took 29.4 s loaded vs 18.4 s loaded and
-        adopted (bootstrap 24.3 s vs 15.0 s; benchmarks/probe_step.py --compare-loaded).
+        markedly slower (docs/results.md: benchmarks/probe_step.py --compare-loaded).
         Adding an encryption of zero made in this context, as the first operand, gives the
         same values with the context's parameters. Needs only the public key; without one the
         ciphertext is returned as is.

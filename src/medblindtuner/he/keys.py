@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import openfhe as ofhe
 
+from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.he.params import (
     CkksParams,
     ParameterError,
@@ -39,7 +40,7 @@ _PUBLIC_FILES = {
 _SECRET_FILE = "secret_key.bin"
 
 
-class BundleError(ValueError):
+class BundleError(MedBlindTunerError, ValueError):
     """A bundle or key file is missing, tampered with, or of the wrong kind."""
 
 

@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 import openfhe as ofhe
 
+from medblindtuner.errors import MedBlindTunerError
 
-class ParameterError(ValueError):
+
+class ParameterError(MedBlindTunerError, ValueError):
     """Raised when CKKS parameters are unsafe or do not match an artifact."""
 
 
@@ -141,8 +143,8 @@ BOOTSTRAP_OUTPUT_LEVEL = {(1, 1): 11, (2, 2): 13, (3, 3): 15}
 
 
 def level_budget_for(params: CkksParams, slots: int) -> tuple[int, int]:
-    """Few slots: budget (2, 2) leaves 9 levels (vs 7 for (3, 3)) and, measured at ring 2^16
-    with 64 slots, bootstraps in 12.4 s with 40% smaller keys than (1, 1) (14.1 s, 11 levels)."""
+    """Few slots: budget (2, 2) leaves 9 levels (vs 7 for (3, 3)), bootstraps faster and
+    with smaller keys than (1, 1) (measurements: docs/results.md, "CKKS engine")."""
     return params.sparse_level_budget if slots < params.slots else params.level_budget
 
 

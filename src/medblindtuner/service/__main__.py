@@ -6,12 +6,7 @@ the service (supervisors, tests) do not need them.
 
 from __future__ import annotations
 
-import typer
-
-from medblindtuner.cli.service_cmd import register
-
-app = typer.Typer(add_completion=False, no_args_is_help=True)
-register(app)
+from medblindtuner.service.command import app
 
 
 @app.callback()

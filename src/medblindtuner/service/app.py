@@ -89,8 +89,13 @@ from medblindtuner.service.worker import (
     spawn_worker,
     worker_alive,
 )
-from medblindtuner.training.encrypted import DATASET_FORMAT, TrainingPlan, read_dataset_manifest
-from medblindtuner.training.inference import QUERIES_FORMAT, SCORES_FORMAT
+from medblindtuner.training.artifacts import (
+    DATASET_FORMAT,
+    QUERIES_FORMAT,
+    SCORES_FORMAT,
+    read_dataset_manifest,
+)
+from medblindtuner.training.plan import TrainingPlan
 
 log = logging.getLogger("medblindtuner.service")
 # The exact file set of a public bundle (the keys module's definition, so the two never drift).

@@ -325,7 +325,7 @@ class HospitalClient:
 def load_result_weights(keys, plan, directory: Path):
     """Decrypt downloaded result ciphertexts (hospital side) into a (rows, features) array."""
     from medblindtuner.he.ciphertexts import load_ciphertext
-    from medblindtuner.training.encrypted import decrypt_weights
+    from medblindtuner.hospital.crypto import decrypt_weights
 
     directory = Path(directory)
     manifest = json.loads((directory / MANIFEST_NAME).read_text())

@@ -245,7 +245,8 @@ class JobRunner:
     def run(self) -> None:
         from medblindtuner.he.engine import Evaluator
         from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
-        from medblindtuner.training.encrypted import EncryptedDataset, EncryptedTrainer
+        from medblindtuner.training.artifacts import EncryptedDataset
+        from medblindtuner.training.encrypted import EncryptedTrainer
 
         with self.store.session() as session:
             job = session.get(Job, self.job_id)
@@ -303,12 +304,13 @@ class ScoreRunner:
         from medblindtuner.he.ciphertexts import load_ciphertext, replace_dir
         from medblindtuner.he.engine import Evaluator
         from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
-        from medblindtuner.training.encrypted import TrainingPlan, read_dataset_manifest
-        from medblindtuner.training.inference import (
+        from medblindtuner.training.artifacts import (
             EncryptedQueries,
+            read_dataset_manifest,
             save_scores,
-            score_queries,
         )
+        from medblindtuner.training.inference import score_queries
+        from medblindtuner.training.plan import TrainingPlan
 
         with self.store.session() as session:
             query = session.get(QuerySet, self.query_id)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medblindtuner.errors import MedBlindTunerError
+
 
 def chebyshev_depth(degree: int) -> int:
     """Multiplicative levels OpenFHE's EvalChebyshevSeries consumes for this degree."""
@@ -164,5 +166,5 @@ def exact_probabilities(logits: np.ndarray, n_classes: int) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class RangeError(ValueError):
+class RangeError(MedBlindTunerError, ValueError):
     """Logits left the approximation interval: the encrypted polynomial would diverge."""

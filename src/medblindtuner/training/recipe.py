@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.packing import PackingLayout
@@ -62,7 +63,7 @@ EXP_BOUNDS = (3.0, 3.5, 4.0, 4.5, 5.0)  # degree 9: max abs error 5e-5 ... 1.4e-
 FEATURE_NORM = 4.0
 
 
-class RecipeError(ValueError):
+class RecipeError(MedBlindTunerError, ValueError):
     """No settings that keep the encrypted run inside its approximations were found."""
 
 
@@ -310,7 +311,7 @@ def _confirmed_activation(data: PreparedData, config: TrainConfig, layout: Packi
                           params: CkksParams, n_classes: int) -> ActivationPlan:
     """Intervals from the exact head, confirmed (or widened along the ladder) by the mirror's
     range check; RangeError when the top of the ladder fails too."""
-    from medblindtuner.training.encrypted import RANGE_MARGIN, TrainingPlan
+    from medblindtuner.training.plan import RANGE_MARGIN, TrainingPlan
 
     splits = (data.x["train"], data.y["train"], data.x["val"], data.y["val"])
     exact = train_head(*splits, n_classes, config, layout=layout)

@@ -43,7 +43,7 @@ class ProbeResult:
     c: float
     val_log_loss: float
     val: dict
-    test: dict
+    test: dict  # empty when there is no test split (e.g. the Python API's fit)
     seconds: float
 
     def to_run(self) -> dict:
@@ -119,5 +119,6 @@ def fit_probe(splits: dict[str, tuple[np.ndarray, np.ndarray]], n_classes: int,
     return ProbeResult(
         c=float(c), val_log_loss=loss,
         val={k: val[k] for k in ("acc", "auc")},
-        test=scores(model.predict_proba(z["test"]), y["test"], n_classes),
+        test=(scores(model.predict_proba(z["test"]), y["test"], n_classes)
+              if "test" in z else {}),
         seconds=time.perf_counter() - start)

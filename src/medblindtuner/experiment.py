@@ -17,23 +17,20 @@ import numpy as np
 from tqdm import tqdm
 
 from medblindtuner.he.engine import Evaluator
-from medblindtuner.he.keys import HospitalKeys, bundle_size_bytes
+from medblindtuner.he.keys import bundle_size_bytes
 from medblindtuner.he.params import CkksParams
+from medblindtuner.hospital.crypto import decrypt_weights
+from medblindtuner.hospital.hospital import Hospital
 from medblindtuner.training.approx import ActivationPlan
-from medblindtuner.training.encrypted import (
-    EncryptedDataset,
-    EncryptedTrainer,
-    HospitalJudge,
-    TrainingPlan,
-    decrypt_weights,
-    encrypt_dataset,
-)
+from medblindtuner.training.artifacts import EncryptedDataset
+from medblindtuner.training.encrypted import EncryptedTrainer
 from medblindtuner.training.plain import (
     VALIDATION_LOSS_NAME,
     TrainConfig,
     evaluate,
     train_head,
 )
+from medblindtuner.training.plan import TrainingPlan
 from medblindtuner.training.recipe import (  # noqa: F401 (prepare_features: API)
     PreparedData,
     Recipe,
@@ -134,54 +131,44 @@ def peak_rss_bytes() -> int:
 
 
 def run_encrypted(
-    data: PreparedData,
-    recipe: Recipe,
-    params: CkksParams,
-    workdir: Path,
-    allow_insecure: bool = False,
+    hospital: Hospital,
     interactive: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Both roles in one process; returns a results dict in the report's schema."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Both roles in one process, after `hospital.prepare(...)`: keys, encryption, the cloud's
+    training (here, with only the public bundle's context), decryption, evaluation next to
+    the plaintext trainers; returns a results dict in the report's schema."""
+    data, recipe, plan = hospital.data, hospital.recipe, hospital.plan
+    if data is None or recipe is None or plan is None:
+        raise ValueError("run_encrypted needs a prepared hospital (Hospital.prepare)")
+    workdir = hospital.folder.root
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
-                               recipe.config, recipe.activation)
     config = plan.config
     log(f"plan: {len(plan.train_batch_sizes)} batches of <= {config.batch_size} samples, "
         f"{plan.layout.n_features} features (block {plan.layout.block}), {plan.rows} weight "
         f"row(s), sparse bootstrap slots {plan.bootstrap_slots}")
     if (hint := plan.batch_hint()) is not None:
         log(f"note: {hint}")
-    mirror = plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
-    log(f"range check passed: max |logit slot| {mirror.max_abs_logit:.2f} <= "
-        f"{plan.activation.logit_bound}")
     plain = run_plain(data, config, plan.activation, plan.layout)
 
     start = time.perf_counter()
-    keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
-    keys = HospitalKeys.generate(keyed, plan.rotation_indices, allow_insecure=allow_insecure)
+    keys = hospital.generate_keys()
+    keyed = hospital.keyed
     timings["keygen"] = time.perf_counter() - start
-    log(f"keys generated in {timings['keygen']:.1f} s ({keyed.name}, ring {keyed.ring_dim})")
-    start = time.perf_counter()
-    keys.save_public_bundle(workdir / "public_bundle")
-    keys.save_secret_key(workdir / "hospital" / "secret_key.bin")
-    timings["serialize_keys"] = time.perf_counter() - start
+    log(f"keys generated and saved in {timings['keygen']:.1f} s ({keyed.name}, ring "
+        f"{keyed.ring_dim})")
 
     start = time.perf_counter()
     n_cts = len(plan.train_batch_sizes) + len(plan.val_batch_sizes)
     with tqdm(total=n_cts, desc="encrypt batches", unit="batch") as bar:
-        dataset = encrypt_dataset(keys, plan, data.x["train"], data.y["train"], data.x["val"],
-                                  data.y["val"], progress=bar.update)
-    dataset.save(workdir / "encrypted_dataset", keyed)
+        hospital.encrypt_dataset(progress=bar.update)
     timings["encrypt"] = time.perf_counter() - start
-    dataset = EncryptedDataset.load(workdir / "encrypted_dataset", keyed)
+    dataset = EncryptedDataset.load(hospital.folder.encrypted_dataset, keyed)
 
     evaluator = Evaluator(keys.context, keyed, keys.public_key)
     trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints")
-    judge = HospitalJudge(keys, plan, len(data.y["val"])) if interactive else None
+    judge = hospital.judge() if interactive else None
     total_steps = config.epochs * len(plan.train_batch_sizes)
     start = time.perf_counter()
     with tqdm(total=total_steps, desc="encrypted training", unit="step") as bar:
@@ -202,9 +189,8 @@ def run_encrypted(
         mirror_weights=np.asarray(plain["mirror"]["weights"]))
     return {
         **experiment_header(data, plan, keyed, recipe),
-        "sizes_bytes": artifact_sizes(workdir / "public_bundle",
-                                      workdir / "hospital" / "secret_key.bin",
-                                      workdir / "encrypted_dataset"),
+        "sizes_bytes": artifact_sizes(hospital.folder.public_bundle, hospital.folder.secret_key,
+                                      hospital.folder.encrypted_dataset),
         "peak_rss_bytes": {"process": peak_rss_bytes()},
         "timings_s": timings,
         "runs": {**reference_runs(data, recipe), **plain, "encrypted": encrypted},

@@ -1,0 +1,1 @@
+"""The hospital (data owner, key holder): its work folder, keys, data and decisions."""

@@ -1,0 +1,56 @@
+"""`serve`: the cloud side (FastAPI + uvicorn; training in worker processes).
+
+Lives with the service so that `python -m medblindtuner.service serve` starts it without the
+rest of the CLI (whose feature commands import torch); `medblindtuner serve` adds the same
+Typer app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medblindtuner.service.limits import ServiceConfig, ServiceLimits
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+
+@app.command("serve")
+def serve(
+    data_dir: Annotated[Path, typer.Option(help="Jobs DB, blobs and job folders.")] = Path(
+        "medblindtuner-data"),
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    db_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in --data-dir).")
+    ] = None,
+    insecure_test_params: Annotated[
+        bool, typer.Option(help="Accept NOT-secure test parameter bundles (tests only).")
+    ] = False,
+    max_upload_bytes: Annotated[
+        int | None, typer.Option(help="Largest accepted artifact file, in bytes.")
+    ] = None,
+    max_job_bytes: Annotated[
+        int | None, typer.Option(help="Largest total upload of one job, in bytes.")
+    ] = None,
+    chunk_bytes: Annotated[
+        int | None, typer.Option(help="Upload chunk size clients must use, in bytes.")
+    ] = None,
+) -> None:
+    """Run the cloud training service (it never holds a secret key)."""
+    from medblindtuner.service.app import run_server
+
+    defaults = ServiceLimits()
+    limits = ServiceLimits(
+        max_upload_bytes=max_upload_bytes or defaults.max_upload_bytes,
+        max_job_bytes=max_job_bytes or defaults.max_job_bytes,
+        chunk_bytes=chunk_bytes or defaults.chunk_bytes,
+    )
+    if insecure_test_params:
+        typer.secho("WARNING: accepting INSECURE test parameters (never use with real "
+                    "patient data)", fg=typer.colors.RED, err=True)
+    config = ServiceConfig(data_dir=data_dir, db_url=db_url,
+                           allow_insecure=insecure_test_params, limits=limits)
+    run_server(config, host=host, port=port)

@@ -1,0 +1,169 @@
+"""The public plan of a training job: fixed by the hospital, shared with the cloud.
+
+Everything in it is public (batch sizes, schedule, layout, approximations); it travels inside
+the encrypted dataset's manifest. `check_ranges` is the hospital's proof, on the plaintext
+mirror, that the encrypted polynomials stay inside their intervals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medblindtuner.he.packing import PackingLayout, SoftmaxLayout
+from medblindtuner.he.params import CkksParams
+from medblindtuner.training.approx import ActivationPlan, RangeError
+from medblindtuner.training.plain import (
+    TrainConfig,
+    make_batches,
+    n_weight_rows,
+    train_head,
+)
+
+# The hospital refuses a plan whose mirror logits pass this share of the approximation interval.
+RANGE_MARGIN = 0.9
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything public about a training job: fixed by the hospital, shared with the cloud."""
+
+    n_classes: int
+    n_features: int  # incl. bias
+    slots: int
+    config: TrainConfig
+    activation: ActivationPlan
+    train_batch_sizes: tuple[int, ...]
+    val_batch_sizes: tuple[int, ...]
+
+    @property
+    def layout(self) -> PackingLayout:
+        return PackingLayout(self.slots, self.n_features)
+
+    @property
+    def rows(self) -> int:
+        return n_weight_rows(self.n_classes)
+
+    @property
+    def softmax_layout(self) -> SoftmaxLayout | None:
+        """Class-rotation layout of a softmax head (None for a binary head)."""
+        return None if self.activation.binary else SoftmaxLayout(self.layout, self.n_classes)
+
+    @property
+    def bootstrap_slots(self) -> tuple[int, ...]:
+        softmax = self.softmax_layout
+        if softmax is None:
+            return (self.layout.block,)
+        return tuple(sorted({softmax.model_period, softmax.compact_period}))
+
+    @property
+    def rotation_indices(self) -> list[int]:
+        softmax = self.softmax_layout
+        extra = softmax.rotation_indices if softmax is not None else []
+        return sorted(set(self.layout.rotation_indices + extra))
+
+    def label_vectors(self, targets: np.ndarray) -> list[np.ndarray]:
+        """Slot vectors of one batch's labels: one (binary) or one per class rotation."""
+        softmax = self.softmax_layout
+        if softmax is None:
+            return [self.layout.encode_per_sample(targets[:, 0])]
+        return softmax.encode_labels(targets)
+
+    @property
+    def label_cts(self) -> int:
+        softmax = self.softmax_layout
+        return 1 if softmax is None else softmax.class_slots
+
+    def batch_hint(self) -> str | None:
+        """Advice when the batch leaves data ciphertexts part-empty: a step costs the same
+        whatever its batch fills (the bootstraps dominate), so a full ciphertext is cheaper per
+        sample (measurements: docs/results.md)."""
+        full = self.layout.samples_per_ct
+        if self.config.batch_size >= full or len(self.train_batch_sizes) < 2:
+            return None
+        return (f"batches of {self.config.batch_size} fill {self.config.batch_size / full:.0%} "
+                f"of each ciphertext ({full} samples at {self.n_features} features): a step "
+                f"costs the same with --batch-size {full} (raise the learning rate with it)")
+
+    def padding_loss(self, n_padding: int) -> float:
+        """Brier contribution of all-zero padding samples (public; subtracted by the hospital)."""
+        probs = self.activation.probabilities(np.zeros((1, self.rows)))
+        return float(n_padding * np.sum(probs**2))
+
+    def to_dict(self) -> dict:
+        return {
+            "n_classes": self.n_classes,
+            "n_features": self.n_features,
+            "slots": self.slots,
+            "config": self.config.to_dict(),
+            "activation": self.activation.to_dict(),
+            "train_batch_sizes": list(self.train_batch_sizes),
+            "val_batch_sizes": list(self.val_batch_sizes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingPlan:
+        return cls(
+            n_classes=int(data["n_classes"]),
+            n_features=int(data["n_features"]),
+            slots=int(data["slots"]),
+            config=TrainConfig(**data["config"]),
+            activation=ActivationPlan.from_dict(data["activation"]),
+            train_batch_sizes=tuple(data["train_batch_sizes"]),
+            val_batch_sizes=tuple(data["val_batch_sizes"]),
+        )
+
+    @classmethod
+    def create(
+        cls,
+        params: CkksParams,
+        x_train: np.ndarray,
+        x_val: np.ndarray,
+        n_classes: int,
+        config: TrainConfig,
+        activation: ActivationPlan | None = None,
+    ) -> TrainingPlan:
+        layout = PackingLayout(params.slots, x_train.shape[1])
+        config = config.checked()
+        batch = min(config.batch_size, layout.samples_per_ct)
+        if batch != config.batch_size:
+            config = TrainConfig(**{**config.to_dict(), "batch_size": batch})
+        train_sizes = tuple(len(b) for b in make_batches(len(x_train), batch, config.seed))
+        val_sizes = tuple(
+            min(layout.samples_per_ct, len(x_val) - i)
+            for i in range(0, len(x_val), layout.samples_per_ct)
+        )
+        return cls(
+            n_classes=n_classes,
+            n_features=x_train.shape[1],
+            slots=params.slots,
+            config=config,
+            activation=activation or ActivationPlan.default(n_classes),
+            train_batch_sizes=train_sizes,
+            val_batch_sizes=val_sizes,
+        )
+
+    def check_ranges(self, x_train, y_train, x_val, y_val, margin: float = RANGE_MARGIN):
+        """Hospital-side check with the mirror: logits stay inside the approximation interval.
+
+        The encrypted run equals the mirror up to CKKS noise, so if the mirror's logits (and
+        softmax sums) stay inside the fitted intervals, so do the encrypted ones.
+        """
+        mirror = train_head(x_train, y_train, x_val, y_val, self.n_classes, self.config,
+                            activation=self.activation, layout=self.layout)
+        bound = margin * self.activation.logit_bound
+        if mirror.max_abs_logit > bound:
+            raise RangeError(
+                f"logits reach {mirror.max_abs_logit:.2f} but the approximations are fitted on "
+                f"[-{self.activation.logit_bound}, {self.activation.logit_bound}] (margin "
+                f"{margin}): lower the learning rate/epochs or raise the logit bound"
+            )
+        if not self.activation.binary:
+            inverse = self.activation.inverse
+            if mirror.max_softmax_sum > inverse.b or mirror.min_softmax_sum < inverse.a:
+                raise RangeError(
+                    f"softmax sums span [{mirror.min_softmax_sum:.3f}, "
+                    f"{mirror.max_softmax_sum:.3f}], outside [{inverse.a:.3f}, {inverse.b:.3f}]"
+                )
+        return mirror

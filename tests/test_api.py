@@ -59,6 +59,13 @@ def test_hospital_folder_reopens_and_refuses_a_foreign_result(example, tmp_path)
     manifest.write_text(manifest.read_text().replace('"rows": 1', '"rows": 2'))
     with pytest.raises(BundleError, match="weight rows"):
         reopened.decrypt_result(forged)
+    # a cloud that returns another epoch's weights than the one the hospital chose
+    from medblindtuner.hospital.crypto import JudgeRefusal
+
+    manifest.write_text((clf.hospital_.folder.result / "manifest.json").read_text().replace(
+        f'"best_epoch": {reopened.judge().best_epoch}', '"best_epoch": 99'))
+    with pytest.raises(JudgeRefusal, match="epoch 99"):
+        reopened.decrypt_result(forged)
 
 
 def test_estimator_conventions():

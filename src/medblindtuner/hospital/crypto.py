@@ -6,11 +6,15 @@ Only the hospital runs this (it needs the secret key). The cloud's counterpart i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import openfhe as ofhe
 
+from medblindtuner.errors import MedBlindTunerError
+from medblindtuner.he.ciphertexts import atomic_write_json
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import data_level
 from medblindtuner.training.approx import exact_probabilities
@@ -54,33 +58,83 @@ def encrypt_dataset(
     return EncryptedDataset(plan, train, val)
 
 
-class HospitalJudge:
-    """Key holder's side of early stopping: decrypts one scalar per epoch."""
+class JudgeRefusal(MedBlindTunerError):
+    """The cloud asked an early-stopping question outside the plan: not answered."""
 
-    def __init__(self, keys: HospitalKeys, plan: TrainingPlan, n_val: int):
+
+# CKKS noise on the decrypted validation loss is ~1e-4 of the per-sample Brier loss; anything
+# further outside [0, 2] did not come from the plan's computation.
+LOSS_TOLERANCE = 0.05
+
+
+class HospitalJudge:
+    """Key holder's side of early stopping: decrypts one scalar per epoch, strictly by plan.
+
+    Every answer leaks one bit about the decrypted value, so the judge is a state machine:
+    epochs must come 1, 2, 3, ... up to the plan's number of epochs and not after a stop; a
+    question about an epoch already answered gets the recorded answer again without a new
+    decryption; a loss outside the Brier range [0, 2] (plus CKKS noise) is refused. With
+    `state_path` the history is saved after every answer, so a repeated `fetch` (after a
+    crash or a restart) continues it instead of starting anew.
+    """
+
+    def __init__(self, keys: HospitalKeys, plan: TrainingPlan, n_val: int,
+                 state_path: Path | None = None):
         self.keys = keys
         self.plan = plan
         self.n_val = n_val
         padding = sum(plan.layout.samples_per_ct - n for n in plan.val_batch_sizes)
         self.padding_loss = plan.padding_loss(padding)
-        self.best_loss = float("inf")
-        self.best_epoch = 0
-        self.since_best = 0
+        self.state_path = Path(state_path) if state_path is not None else None
         self.losses: dict[int, float] = {}
+        self.answers: dict[int, Decision] = {}
+        if self.state_path is not None and self.state_path.exists():
+            saved = json.loads(self.state_path.read_text())
+            self.losses = {int(e): float(v) for e, v in saved["losses"].items()}
+            self.answers = {int(e): Decision(**d) for e, d in saved["answers"].items()}
+
+    @property
+    def best_epoch(self) -> int:
+        return self.answers[max(self.answers)].best_epoch if self.answers else 0
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.answers) and not self.answers[max(self.answers)].continue_training
 
     def validation_loss(self, loss_ct: ofhe.Ciphertext) -> float:
         total = float(self.keys.decrypt(loss_ct, length=1)[0])
         return (total - self.padding_loss) / self.n_val
 
     def __call__(self, epoch: int, loss_ct: ofhe.Ciphertext) -> Decision:
+        epoch = int(epoch)
+        if epoch in self.answers:  # asked again (a resumed cloud): same answer, no decryption
+            return self.answers[epoch]
+        expected = max(self.answers, default=0) + 1
+        if self.stopped:
+            raise JudgeRefusal(f"the cloud asked about epoch {epoch} after the hospital "
+                               f"stopped training at epoch {expected - 1}: refused")
+        if epoch != expected or epoch > self.plan.config.epochs:
+            raise JudgeRefusal(f"the cloud asked about epoch {epoch}; the plan allows only "
+                               f"epoch {expected} next (of {self.plan.config.epochs}): refused")
         loss = self.validation_loss(loss_ct)
+        if not -LOSS_TOLERANCE <= loss <= 2 + LOSS_TOLERANCE:
+            raise JudgeRefusal(f"the decrypted validation loss of epoch {epoch} is {loss:.4g}, "
+                               "outside the Brier range [0, 2]: the ciphertext did not come "
+                               "from the planned computation; refused")
+        best_loss = min(self.losses.values(), default=float("inf"))
+        best_epoch = epoch if loss < best_loss - 1e-12 else self.best_epoch
+        keep_going = epoch - best_epoch < self.plan.config.patience
+        decision = Decision(continue_training=keep_going, best_epoch=best_epoch)
         self.losses[epoch] = loss
-        if loss < self.best_loss - 1e-12:
-            self.best_loss, self.best_epoch, self.since_best = loss, epoch, 0
-        else:
-            self.since_best += 1
-        keep_going = self.since_best < self.plan.config.patience
-        return Decision(continue_training=keep_going, best_epoch=self.best_epoch)
+        self.answers[epoch] = decision
+        self._save()
+        return decision
+
+    def _save(self) -> None:
+        if self.state_path is not None:
+            atomic_write_json(self.state_path, {
+                "losses": {str(e): v for e, v in self.losses.items()},
+                "answers": {str(e): d.__dict__ for e, d in self.answers.items()}})
 
 
 def decrypt_weights(keys: HospitalKeys, plan: TrainingPlan, cts: list[ofhe.Ciphertext]):

@@ -28,6 +28,7 @@ from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import PRODUCTION, CkksParams
 from medblindtuner.hospital.crypto import (
     HospitalJudge,
+    JudgeRefusal,
     decrypt_scores,
     decrypt_weights,
     encrypt_dataset,
@@ -49,7 +50,8 @@ class HospitalFolder:
 
     public_bundle/        uploaded: context + evaluation keys (no secret)
     encrypted_dataset/    uploaded: CKKS ciphertexts of the features and labels
-    local/                NEVER uploaded (mode 0700): secret key, scaled features, scaler
+    local/                NEVER uploaded (mode 0700): secret key, scaled features, scaler,
+                          the early-stopping judge's answers (judge.json)
     plan.json             public training plan, CKKS parameters, recipe
     job.json              service URL, job id and bearer token (mode 0600)
     result/               downloaded encrypted weights
@@ -81,6 +83,10 @@ class HospitalFolder:
     @property
     def scaler(self) -> Path:
         return self.local / "scaler.npz"
+
+    @property
+    def judge_state(self) -> Path:
+        return self.local / "judge.json"
 
     @property
     def plan(self) -> Path:
@@ -127,6 +133,7 @@ class Hospital:
         self.keyed = self.params.with_bootstrap_slots(plan.bootstrap_slots)
         self._scaler = data.feature_scaler
         self.folder.local.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.folder.judge_state.unlink(missing_ok=True)  # a new plan is a new job
         arrays = {f"{s}_x": x for s, x in data.x.items()}
         arrays.update({f"{s}_y": y for s, y in data.y.items()})
         np.savez(self.folder.prepared, **arrays)
@@ -220,12 +227,20 @@ class Hospital:
     # ---- 4. training decisions and the result ---------------------------------------------
     def judge(self) -> HospitalJudge:
         """Decrypts one validation loss per epoch and answers continue/stop + best epoch."""
-        return HospitalJudge(self.keys, self._require_plan(), int(self.meta["n_val"]))
+        return HospitalJudge(self.keys, self._require_plan(), int(self.meta["n_val"]),
+                             state_path=self.folder.judge_state)
 
     def decrypt_result(self, directory: Path | None = None) -> np.ndarray:
-        """(rows, features) weights from the downloaded encrypted result."""
+        """(rows, features) weights from the downloaded encrypted result; refused when the
+        cloud claims a best epoch other than the one this hospital's judge chose."""
         plan = self._require_plan()
         result = EncryptedResult.load(directory or self.folder.result, self.keyed, plan.rows)
+        if self.folder.judge_state.exists():
+            chosen = self.judge().best_epoch
+            if chosen and result.best_epoch != chosen:
+                raise JudgeRefusal(f"the cloud returned the weights of epoch "
+                                   f"{result.best_epoch}, but the hospital chose epoch "
+                                   f"{chosen}: refused")
         return decrypt_weights(self.keys, plan, result.weights)
 
     # ---- 5. inference ---------------------------------------------------------------------

@@ -215,8 +215,8 @@ def derive_recipe(
                                                   features.splits.values()))
     choices: list[Choice] = []
 
-    def note(name: str, value: object, given: bool, why: str) -> None:
-        choices.append(Choice(name, value, "given" if given else "derived", why))
+    def note(name: str, value: object, was_given: bool, why: str) -> None:
+        choices.append(Choice(name, value, "given" if was_given else "derived", why))
         if log is not None:
             log(f"  {choices[-1].name} = {_fmt(value)}: {why}")
 

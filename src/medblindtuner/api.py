@@ -106,7 +106,8 @@ class EncryptedHeadClassifier:
         return self.hospital_.probabilities(self.coef_, self.hospital_.scale(x))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.classes_[self.predict_proba(x).argmax(axis=1)]
+        probabilities = self.predict_proba(x)
+        return self.classes_[probabilities.argmax(axis=1)]
 
     def score(self, x: np.ndarray, y: np.ndarray) -> float:
         """Mean accuracy, as scikit-learn classifiers report it."""

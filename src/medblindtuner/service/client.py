@@ -26,10 +26,22 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from medblindtuner.service.store import MANIFEST_NAME
+from medblindtuner.service.protocol import (
+    AWAITING_DECISION,
+    CHUNK_SHA_HEADER,
+    CONTENT_SHA_HEADER,
+    EPOCH_HEADER,
+    FINISHED,
+    MANIFEST_NAME,
+    Q_DONE,
+    Q_FAILED,
+    Q_TERMINAL_STATES,
+    TERMINAL_STATES,
+    bearer,
+)
 
-TERMINAL = ("finished", "failed", "cancelled")
-QUERY_TERMINAL = ("done", "failed")
+TERMINAL = TERMINAL_STATES
+QUERY_TERMINAL = Q_TERMINAL_STATES
 
 
 class ServiceError(RuntimeError):
@@ -68,7 +80,7 @@ class HospitalClient:
 
     # ---- plumbing -------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return bearer(self.token)
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         headers = {**self._headers(), **kwargs.pop("headers", {})}
@@ -119,7 +131,7 @@ class HospitalClient:
         digest = sha256 or hashlib.sha256(data).hexdigest()
         return self._request(
             "PUT", f"{base}/files/{name}/chunks/{index}", content=data,
-            headers={"X-Chunk-SHA256": digest, "Content-Type": "application/octet-stream"},
+            headers={CHUNK_SHA_HEADER: digest, "Content-Type": "application/octet-stream"},
         ).json()
 
     def upload_manifest(self, kind: str, directory: Path) -> dict[str, Any]:
@@ -178,10 +190,10 @@ class HospitalClient:
     def validation_loss_bytes(self) -> tuple[int, bytes]:
         response = self._request("GET", self._job("/validation-loss"))
         data = response.content
-        digest = response.headers.get("X-Content-SHA256")
+        digest = response.headers.get(CONTENT_SHA_HEADER)
         if digest and hashlib.sha256(data).hexdigest() != digest:
             raise ServiceError(502, "validation-loss ciphertext does not match its SHA-256")
-        return int(response.headers["X-Epoch"]), data
+        return int(response.headers[EPOCH_HEADER]), data
 
     def decide(self, epoch: int, continue_training: bool, best_epoch: int) -> dict[str, Any]:
         body = {"continue": continue_training, "best_epoch": best_epoch, "epoch": epoch}
@@ -195,7 +207,7 @@ class HospitalClient:
             current = self.status()
             if on_status:
                 on_status(current)
-            if current["state"] == "awaiting_decision" or current["state"] in TERMINAL:
+            if current["state"] == AWAITING_DECISION or current["state"] in TERMINAL:
                 return current
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.job_id} still {current['state']}")
@@ -214,7 +226,7 @@ class HospitalClient:
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             current = self.wait_for_decision(poll_s, left, on_status)
-            if current["state"] == "finished":
+            if current["state"] == FINISHED:
                 return current
             if current["state"] in TERMINAL:
                 raise JobFailed(f"job {self.job_id} {current['state']}: {current.get('error')}")
@@ -301,9 +313,9 @@ class HospitalClient:
                 bar.update(1)
                 if on_status:
                     on_status(current)
-                if current["state"] == "done":
+                if current["state"] == Q_DONE:
                     return current
-                if current["state"] == "failed":
+                if current["state"] == Q_FAILED:
                     raise JobFailed(f"scoring of query set {query_id} failed: "
                                     f"{current.get('error')}")
                 if deadline is not None and time.monotonic() > deadline:
@@ -323,12 +335,10 @@ class HospitalClient:
 
 
 def load_result_weights(keys, plan, directory: Path):
-    """Decrypt downloaded result ciphertexts (hospital side) into a (rows, features) array."""
-    from medblindtuner.he.ciphertexts import load_ciphertext
+    """Decrypt a downloaded result (hospital side) into a (rows, features) array; the format,
+    parameter fingerprint, checksums and row count are checked (`EncryptedResult.load`)."""
     from medblindtuner.hospital.crypto import decrypt_weights
+    from medblindtuner.training.artifacts import EncryptedResult
 
-    directory = Path(directory)
-    manifest = json.loads((directory / MANIFEST_NAME).read_text())
-    cts = [load_ciphertext(directory / f"w{j}.bin", manifest["files"][f"w{j}.bin"])
-           for j in range(manifest["rows"])]
-    return decrypt_weights(keys, plan, cts)
+    result = EncryptedResult.load(Path(directory), keys.params, plan.rows)
+    return decrypt_weights(keys, plan, result.weights)

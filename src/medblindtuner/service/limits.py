@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medblindtuner.service.protocol import query_dir
+
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -54,3 +56,10 @@ class ServiceConfig:
     @property
     def staging_dir(self) -> Path:
         return Path(self.data_dir) / "staging"
+
+    def job_dir(self, job_id: str) -> Path:
+        """`<data dir>/jobs/<job id>/`; its layout is in `protocol`."""
+        return self.jobs_dir / job_id
+
+    def query_dir(self, job_id: str, query_id: str) -> Path:
+        return query_dir(self.job_dir(job_id), query_id)

@@ -32,34 +32,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-# Job states. `queued`: start accepted, worker not yet reporting. Terminal states never change.
-CREATED = "created"
-QUEUED = "queued"
-RUNNING = "running"
-AWAITING_DECISION = "awaiting_decision"
-FINISHED = "finished"
-FAILED = "failed"
-CANCELLED = "cancelled"
-ACTIVE_STATES = (QUEUED, RUNNING, AWAITING_DECISION)
-TERMINAL_STATES = (FINISHED, FAILED, CANCELLED)
+from medblindtuner.service.protocol import CREATED, Q_UPLOADING
 
-ARTIFACT_KINDS = ("bundle", "dataset")
-MANIFEST_NAME = "manifest.json"
-
-# Query-set (encrypted inference) states. `uploading`: files may still arrive; `queued`: scoring
-# requested, worker not yet reporting; `done`: encrypted scores ready for download.
-Q_UPLOADING = "uploading"
-Q_QUEUED = "queued"
-Q_SCORING = "scoring"
-Q_DONE = "done"
-Q_FAILED = "failed"
-Q_ACTIVE_STATES = (Q_QUEUED, Q_SCORING)
-QUERY_KIND_PREFIX = "q-"  # Upload.kind of a query set's files: "q-<query id>" (<= 16 chars)
-
-
-def query_kind(query_id: str) -> str:
-    """The Upload.kind under which a query set's files are recorded (reuses the upload tables)."""
-    return f"{QUERY_KIND_PREFIX}{query_id}"
+# The states, upload kinds and file names these rows refer to are wire constants: `protocol`.
 
 
 def new_query_id() -> str:

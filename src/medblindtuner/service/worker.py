@@ -22,20 +22,21 @@ Run: python -m medblindtuner.service.worker --job ID --data-dir DIR [--db-url UR
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from medblindtuner.service.limits import ServiceConfig
-from medblindtuner.service.store import (
+from medblindtuner.service.locks import acquire_lock
+from medblindtuner.service.protocol import (
     AWAITING_DECISION,
+    BUNDLE,
     CANCELLED,
+    CHECKPOINTS_DIR,
+    DATASET,
     FAILED,
     FINISHED,
     Q_ACTIVE_STATES,
@@ -43,20 +44,21 @@ from medblindtuner.service.store import (
     Q_FAILED,
     Q_QUEUED,
     Q_SCORING,
+    QUERY_INPUT_DIR,
     QUEUED,
+    RESULT_DIR,
     RUNNING,
+    SCORE_LOCK,
+    SCORES_DIR,
+    SCORES_TMP_DIR,
     TERMINAL_STATES,
-    DecisionRow,
-    Job,
-    QuerySet,
-    Store,
-    utcnow,
+    WORKER_PID,
+    decision_path,
+    decision_tmp_path,
 )
+from medblindtuner.service.store import DecisionRow, Job, QuerySet, Store, utcnow
 
 log = logging.getLogger("medblindtuner.worker")
-RESULT_FORMAT = "medblindtuner-encrypted-result/1"
-LOCK_NAME = "worker.lock"
-SCORE_LOCK_NAME = "score.lock"
 
 
 def peak_rss_bytes() -> int:
@@ -70,69 +72,6 @@ class JobCancelled(Exception):
     """The hospital cancelled (or deleted) the job while this worker was running it."""
 
 
-# ---- helpers shared with the web process ------------------------------------------------------
-def job_dir(config: ServiceConfig, job_id: str) -> Path:
-    return config.jobs_dir / job_id
-
-
-def query_dir(config: ServiceConfig, job_id: str, query_id: str) -> Path:
-    """`<job>/queries/<query id>/`: `input/` (uploaded queries) and `scores/` (result)."""
-    return job_dir(config, job_id) / "queries" / query_id
-
-
-def worker_alive(directory: Path, lock_name: str = LOCK_NAME) -> bool:
-    """True while some process holds the job's worker lock (works for non-child processes)."""
-    lock_path = Path(directory) / lock_name
-    if not lock_path.exists():
-        return False
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
-def spawn_worker(config: ServiceConfig, job_id: str,
-                 query_id: str | None = None) -> subprocess.Popen:
-    """Start a detached worker (own session: it survives a restart of the web service).
-
-    With `query_id` the worker scores that query set instead of training.
-    """
-    directory = job_dir(config, job_id) if query_id is None else query_dir(config, job_id,
-                                                                          query_id)
-    directory.mkdir(parents=True, exist_ok=True)
-    command = [
-        config.python, "-m", "medblindtuner.service.worker", "--job", job_id,
-        "--data-dir", str(Path(config.data_dir).resolve()), "--db-url", config.resolved_db_url,
-    ]
-    if query_id is not None:
-        command += ["--score", query_id]
-    if config.allow_insecure:
-        command.append("--insecure-test-params")
-    with open(directory / "worker.log", "ab") as log_file:
-        return subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
-        )
-
-
-def _acquire_lock(directory: Path, wait_s: float = 15.0, lock_name: str = LOCK_NAME):
-    """Take the job lock, waiting briefly (the web process probes it for a split second)."""
-    handle = open(directory / lock_name, "a+")  # noqa: SIM115 - held for the process lifetime
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                handle.close()
-                return None
-            time.sleep(0.2)
-
-
 # ---- the worker itself ---------------------------------------------------------------------------
 class JobRunner:
     """Runs one job's encrypted training against the DB-backed decision channel."""
@@ -141,7 +80,7 @@ class JobRunner:
         self.config = config
         self.store = store
         self.job_id = job_id
-        self.dir = job_dir(config, job_id)
+        self.dir = config.job_dir(job_id)
         self._last_step_time: float | None = None
 
     def _update(self, **fields) -> Job:
@@ -179,10 +118,9 @@ class JobRunner:
         from medblindtuner.he.ciphertexts import save_ciphertext
         from medblindtuner.training.encrypted import Decision
 
-        decisions = self.dir / "decisions"
-        decisions.mkdir(exist_ok=True)
-        final = decisions / f"loss_epoch_{epoch:04d}.bin"
-        tmp = decisions / f".loss_epoch_{epoch:04d}.tmp"
+        final = decision_path(self.dir, epoch)
+        tmp = decision_tmp_path(self.dir, epoch)
+        final.parent.mkdir(exist_ok=True)
         info = save_ciphertext(tmp, loss_ct)
         os.replace(tmp, final)
         with self.store.session() as session:
@@ -218,29 +156,14 @@ class JobRunner:
         return decision
 
     def _write_result(self, trainer, state) -> dict:
-        from medblindtuner.he.ciphertexts import atomic_write_json, replace_dir, save_ciphertext
+        """The best epoch's encrypted weights as the result artifact (moved into place)."""
+        from medblindtuner.training.artifacts import EncryptedResult
 
-        tmp = self.dir / ".result_tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        files = {}
-        for j, ct in enumerate(trainer.weights_of_epoch(state.best_epoch)):
-            files[f"w{j}.bin"] = save_ciphertext(tmp / f"w{j}.bin", ct)
-        manifest = {
-            "format": RESULT_FORMAT,
-            "job_id": self.job_id,
-            "best_epoch": state.best_epoch,
-            "epochs": state.epoch,
-            "steps": state.steps,
-            "rows": len(files),
-            "params_fingerprint": trainer.ev.params.fingerprint(),
-            "ops": trainer.ev.ops.snapshot(),
-            "peak_rss_bytes": peak_rss_bytes(),
-            "files": files,
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
-        replace_dir(tmp, self.dir / "result")
-        return manifest
+        result = EncryptedResult(trainer.weights_of_epoch(state.best_epoch), state.best_epoch,
+                                 state.epoch, state.steps,
+                                 {"job_id": self.job_id, "ops": trainer.ev.ops.snapshot(),
+                                  "peak_rss_bytes": peak_rss_bytes()})
+        return result.save(self.dir / RESULT_DIR, trainer.ev.params)
 
     def run(self) -> None:
         from medblindtuner.he.engine import Evaluator
@@ -259,18 +182,18 @@ class JobRunner:
             job.worker_pid = os.getpid()
             job.started_at = job.started_at or utcnow()
             job.updated_at = utcnow()
-        bundle_dir = self.dir / "bundle"
+        bundle_dir = self.dir / BUNDLE
         allow = self.config.allow_insecure
         verify_public_bundle(bundle_dir, allow_insecure=allow)
         crypto = CloudCrypto.load(bundle_dir, allow_insecure=allow)
-        dataset = EncryptedDataset.load(self.dir / "dataset", crypto.params)
+        dataset = EncryptedDataset.load(self.dir / DATASET, crypto.params)
         evaluator = Evaluator(crypto.context, crypto.params, crypto.public_key)
-        trainer = EncryptedTrainer(evaluator, dataset, self.dir / "checkpoints")
+        trainer = EncryptedTrainer(evaluator, dataset, self.dir / CHECKPOINTS_DIR)
         self._update(steps_per_epoch=len(dataset.train),
                      max_epochs=dataset.plan.config.epochs)
         log.info("job %s: loaded bundle %s and %d train / %d val batches; resuming: %s",
                  self.job_id, crypto.params.fingerprint(), len(dataset.train),
-                 len(dataset.val), (self.dir / "checkpoints" / "state.json").exists())
+                 len(dataset.val), (self.dir / CHECKPOINTS_DIR / "state.json").exists())
         state = trainer.train(decide=self._decide, on_step=self._on_step)
         manifest = self._write_result(trainer, state)
         self._update(state=FINISHED, result_ready=True, finished_at=utcnow(),
@@ -289,7 +212,7 @@ class ScoreRunner:
         self.store = store
         self.job_id = job_id
         self.query_id = query_id
-        self.dir = query_dir(config, job_id, query_id)
+        self.dir = config.query_dir(job_id, query_id)
 
     def _set(self, **fields) -> None:
         with self.store.session() as session:
@@ -301,11 +224,12 @@ class ScoreRunner:
             query.updated_at = utcnow()
 
     def run(self) -> None:
-        from medblindtuner.he.ciphertexts import load_ciphertext, replace_dir
+        from medblindtuner.he.ciphertexts import replace_dir
         from medblindtuner.he.engine import Evaluator
         from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
         from medblindtuner.training.artifacts import (
             EncryptedQueries,
+            EncryptedResult,
             read_dataset_manifest,
             save_scores,
         )
@@ -329,29 +253,25 @@ class ScoreRunner:
             query.started_at = query.started_at or utcnow()
             query.updated_at = utcnow()
         started = time.monotonic()
-        job_root = job_dir(self.config, self.job_id)
-        bundle_dir = job_root / "bundle"
+        job_root = self.config.job_dir(self.job_id)
+        bundle_dir = job_root / BUNDLE
         allow = self.config.allow_insecure
         verify_public_bundle(bundle_dir, allow_insecure=allow)
         crypto = CloudCrypto.load(bundle_dir, allow_insecure=allow)
         params = crypto.params
-        plan = TrainingPlan.from_dict(read_dataset_manifest(job_root / "dataset", params)["plan"])
-        result = json.loads((job_root / "result" / "manifest.json").read_text())
-        if result.get("params_fingerprint") != params.fingerprint():
-            raise RuntimeError("the job's result was made with other CKKS parameters")
-        weights = [load_ciphertext(job_root / "result" / f"w{j}.bin",
-                                   result["files"][f"w{j}.bin"])
-                   for j in range(result["rows"])]
-        queries = EncryptedQueries.load(self.dir / "input", params)
+        plan = TrainingPlan.from_dict(read_dataset_manifest(job_root / DATASET, params)["plan"])
+        result = EncryptedResult.load(job_root / RESULT_DIR, params, plan.rows)
+        weights = result.weights
+        queries = EncryptedQueries.load(self.dir / QUERY_INPUT_DIR, params)
         evaluator = Evaluator(crypto.context, params, crypto.public_key)
         log.info("job %s query set %s: scoring %d ciphertexts (%d rows) against %d weight "
                  "rows (best epoch %s)", self.job_id, self.query_id, len(queries.cts),
-                 sum(queries.sizes), len(weights), result.get("best_epoch"))
+                 sum(queries.sizes), len(weights), result.best_epoch)
         scores = score_queries(evaluator, plan, weights, queries)
-        tmp = self.dir / ".scores_tmp"
+        tmp = self.dir / SCORES_TMP_DIR
         shutil.rmtree(tmp, ignore_errors=True)
         save_scores(tmp, scores, queries.sizes, params)
-        replace_dir(tmp, self.dir / "scores")
+        replace_dir(tmp, self.dir / SCORES_DIR)
         seconds = time.monotonic() - started
         self._set(state=Q_DONE, finished_at=utcnow(), seconds=round(seconds, 3), error=None)
         log.info("job %s query set %s: scores written (%.1f s)", self.job_id, self.query_id,
@@ -360,15 +280,15 @@ class ScoreRunner:
 
 def _score_main(config: ServiceConfig, store: Store, job_id: str, query_id: str) -> int:
     """Worker entry for `--score`: one process per query set, guarded by its own lock."""
-    directory = query_dir(config, job_id, query_id)
+    directory = config.query_dir(job_id, query_id)
     if not directory.is_dir():
         log.error("query set %s of job %s has no directory", query_id, job_id)
         return 2
-    lock = _acquire_lock(directory, lock_name=SCORE_LOCK_NAME)
+    lock = acquire_lock(directory, lock_name=SCORE_LOCK)
     if lock is None:
         log.info("query set %s: another worker holds the lock; exiting", query_id)
         return 0
-    (directory / "worker.pid").write_text(str(os.getpid()))
+    (directory / WORKER_PID).write_text(str(os.getpid()))
     try:
         ScoreRunner(config, store, job_id, query_id).run()
     except JobCancelled as exc:
@@ -408,15 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(config.resolved_db_url)
     if args.score is not None:
         return _score_main(config, store, args.job, args.score)
-    directory = job_dir(config, args.job)
+    directory = config.job_dir(args.job)
     if not directory.is_dir():
         log.error("job %s has no directory under %s", args.job, config.jobs_dir)
         return 2
-    lock = _acquire_lock(directory)
+    lock = acquire_lock(directory)
     if lock is None:
         log.info("job %s: another worker holds the lock; exiting", args.job)
         return 0
-    (directory / "worker.pid").write_text(str(os.getpid()))
+    (directory / WORKER_PID).write_text(str(os.getpid()))
     runner = JobRunner(config, store, args.job)
     try:
         runner.run()

@@ -18,6 +18,17 @@ from pathlib import Path
 
 import openfhe as ofhe
 
+from medblindtuner.formats import (
+    DATASET_FORMAT,
+    MANIFEST_NAME,
+    QUERIES_FORMAT,
+    RESULT_FORMAT,
+    SCORES_FORMAT,
+    dataset_file_name,
+    query_file_name,
+    result_weight_name,
+    score_file_name,
+)
 from medblindtuner.he.ciphertexts import (
     atomic_write_json,
     load_ciphertext,
@@ -29,12 +40,6 @@ from medblindtuner.he.keys import BundleError
 from medblindtuner.he.params import CkksParams
 from medblindtuner.training.plan import TrainingPlan
 
-DATASET_FORMAT = "medblindtuner-encrypted-dataset/1"
-QUERIES_FORMAT = "medblindtuner-encrypted-queries/1"
-SCORES_FORMAT = "medblindtuner-encrypted-scores/1"
-RESULT_FORMAT = "medblindtuner-encrypted-result/1"
-MANIFEST = "manifest.json"
-
 
 def write_artifact(directory: Path, fmt: str, params: CkksParams,
                    cts: dict[str, ofhe.Ciphertext], **fields) -> dict:
@@ -44,7 +49,7 @@ def write_artifact(directory: Path, fmt: str, params: CkksParams,
     files = {name: save_ciphertext(directory / name, ct) for name, ct in cts.items()}
     manifest = {"format": fmt, "params_fingerprint": params.fingerprint(), **fields,
                 "files": files}
-    atomic_write_json(directory / MANIFEST, manifest)
+    atomic_write_json(directory / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -93,7 +98,7 @@ class EncryptedDataset:
             for b, batch in enumerate(batches):
                 kinds = {"x_dup": batch.x_dup, "x_grad": batch.x_grad}
                 kinds.update({f"y{j}": ct for j, ct in enumerate(batch.labels)})
-                cts.update({f"{split}_{b:04d}_{kind}.bin": ct for kind, ct in kinds.items()})
+                cts.update({dataset_file_name(split, b, kind): ct for kind, ct in kinds.items()})
         return write_artifact(directory, DATASET_FORMAT, params, cts, plan=self.plan.to_dict())
 
     @classmethod
@@ -106,7 +111,7 @@ class EncryptedDataset:
             out = []
             for b, n in enumerate(sizes):
                 def ct(kind: str, b: int = b) -> ofhe.Ciphertext:
-                    return load_listed(directory, manifest, f"{split}_{b:04d}_{kind}.bin")
+                    return load_listed(directory, manifest, dataset_file_name(split, b, kind))
 
                 labels = [ct(f"y{j}") for j in range(plan.label_cts)]
                 out.append(EncryptedBatch(n, ct("x_dup"), ct("x_grad"), labels))
@@ -125,13 +130,13 @@ class EncryptedQueries:
 
     def save(self, directory: Path, params: CkksParams) -> dict:
         return write_artifact(directory, QUERIES_FORMAT, params,
-                              {f"query_{i:04d}.bin": ct for i, ct in enumerate(self.cts)},
+                              {query_file_name(i): ct for i, ct in enumerate(self.cts)},
                               sizes=list(self.sizes))
 
     @classmethod
     def load(cls, directory: Path, params: CkksParams) -> EncryptedQueries:
         manifest = read_artifact(directory, QUERIES_FORMAT, params)
-        cts = [load_listed(directory, manifest, f"query_{i:04d}.bin")
+        cts = [load_listed(directory, manifest, query_file_name(i))
                for i in range(len(manifest["sizes"]))]
         return cls(tuple(manifest["sizes"]), cts)
 
@@ -139,7 +144,7 @@ class EncryptedQueries:
 def save_scores(directory: Path, scores: list[list[ofhe.Ciphertext]], sizes,
                 params: CkksParams) -> dict:
     """Cloud: encrypted logits, [query ciphertext][weight row]."""
-    cts = {f"score_{i:04d}_{j}.bin": ct for i, row in enumerate(scores)
+    cts = {score_file_name(i, j): ct for i, row in enumerate(scores)
            for j, ct in enumerate(row)}
     return write_artifact(directory, SCORES_FORMAT, params, cts, sizes=list(sizes),
                           rows=len(scores[0]) if scores else 0)
@@ -147,7 +152,7 @@ def save_scores(directory: Path, scores: list[list[ofhe.Ciphertext]], sizes,
 
 def load_scores(directory: Path, params: CkksParams) -> tuple[list[list[ofhe.Ciphertext]], list]:
     manifest = read_artifact(directory, SCORES_FORMAT, params)
-    scores = [[load_listed(directory, manifest, f"score_{i:04d}_{j}.bin")
+    scores = [[load_listed(directory, manifest, score_file_name(i, j))
                for j in range(manifest["rows"])] for i in range(len(manifest["sizes"]))]
     return scores, manifest["sizes"]
 
@@ -167,7 +172,7 @@ class EncryptedResult:
         directory = Path(directory)
         tmp = directory.with_name(f".{directory.name}_tmp")
         manifest = write_artifact(tmp, RESULT_FORMAT, params,
-                                  {f"w{j}.bin": ct for j, ct in enumerate(self.weights)},
+                                  {result_weight_name(j): ct for j, ct in enumerate(self.weights)},
                                   best_epoch=self.best_epoch, epochs=self.epochs,
                                   steps=self.steps, rows=len(self.weights), **self.details)
         replace_dir(tmp, directory)
@@ -182,6 +187,6 @@ class EncryptedResult:
                               f"{rows}")
         details = {k: v for k, v in manifest.items() if k not in (
             "format", "params_fingerprint", "files", "rows", "best_epoch", "epochs", "steps")}
-        return cls([load_listed(directory, manifest, f"w{j}.bin") for j in range(rows)],
+        return cls([load_listed(directory, manifest, result_weight_name(j)) for j in range(rows)],
                    int(manifest["best_epoch"]), int(manifest["epochs"]),
                    int(manifest["steps"]), details)

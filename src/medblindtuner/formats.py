@@ -1,0 +1,35 @@
+"""Artifact format tags and file names, spelled once (standard library only).
+
+The hospital writes and reads these folders with `training.artifacts` (OpenFHE); the cloud
+service's wire protocol (`service.protocol`) and the hospital's HTTP client need the same
+names without OpenFHE, so they live here, below both.
+"""
+
+from __future__ import annotations
+
+MANIFEST_NAME = "manifest.json"  # every artifact directory (bundle, dataset, queries, result)
+
+DATASET_FORMAT = "medblindtuner-encrypted-dataset/1"
+QUERIES_FORMAT = "medblindtuner-encrypted-queries/1"
+SCORES_FORMAT = "medblindtuner-encrypted-scores/1"
+RESULT_FORMAT = "medblindtuner-encrypted-result/1"
+
+
+def dataset_file_name(split: str, batch: int, kind: str) -> str:
+    """Ciphertext `kind` (x_dup, x_grad, y<j>) of batch `batch` of `split` (train/val)."""
+    return f"{split}_{batch:04d}_{kind}.bin"
+
+
+def query_file_name(index: int) -> str:
+    """Query ciphertext `index` of a query set."""
+    return f"query_{index:04d}.bin"
+
+
+def score_file_name(index: int, row: int) -> str:
+    """Encrypted logits of query ciphertext `index` against weight row `row`."""
+    return f"score_{index:04d}_{row}.bin"
+
+
+def result_weight_name(row: int) -> str:
+    """Weight row `row` of the encrypted result."""
+    return f"w{row}.bin"

@@ -1,0 +1,68 @@
+"""Refusals of the cloud service's domain logic.
+
+The domain (jobs, uploads, supervision) knows nothing about HTTP frameworks, so it raises these;
+`app.py` turns each into a response with `status_code` and `{"detail": message}` in one
+exception handler. The status codes are the API's, so tests of the domain can assert them too.
+"""
+
+from __future__ import annotations
+
+
+class CloudError(Exception):
+    """A request the service refuses: what the client is told, and with which status."""
+
+    status_code: int = 400
+    headers: dict[str, str] | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(CloudError):
+    """Malformed or unacceptable input (bad manifest, checksum mismatch, secret key...)."""
+
+    status_code = 400
+
+
+class Unauthorized(CloudError):
+    """No bearer token at all."""
+
+    status_code = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(CloudError):
+    """A token that does not belong to this job."""
+
+    status_code = 403
+
+
+class NotFound(CloudError):
+    """Unknown job, query set, artifact kind or file."""
+
+    status_code = 404
+
+
+class Conflict(CloudError):
+    """Not in this state: uploads after start, a decision nobody asked for, scores too early."""
+
+    status_code = 409
+
+
+class TooLarge(CloudError):
+    """Over a size limit (chunk, file, job, manifest)."""
+
+    status_code = 413
+
+
+class Unprocessable(CloudError):
+    """Well-formed but semantically impossible (a best epoch the job does not keep)."""
+
+    status_code = 422
+
+
+class Internal(CloudError):
+    """The service's own files are not what it wrote."""
+
+    status_code = 500

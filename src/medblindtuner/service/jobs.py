@@ -1,0 +1,423 @@
+"""The cloud's domain logic: jobs and query sets from creation to deletion, without HTTP.
+
+Trust model: the cloud is untrusted, and so is every client. The service therefore
+  * authenticates each job with its own bearer token (only the SHA-256 is stored),
+  * verifies every chunk (SHA-256 header) and every finished file (manifest SHA-256),
+  * refuses secret keys, insecure parameters (unless started with --insecure-test-params),
+    datasets made for other parameters and oversized uploads *before* any training starts,
+  * never sees plaintext: logs and DB hold ids, sizes, hashes and counters only.
+OpenFHE work (secret-key detection, bundle verification) runs under one lock in this process;
+training and the scoring of encrypted query sets run in worker processes (`supervisor`).
+
+Every refusal is a `CloudError` carrying the HTTP status the API answers with, so this module
+runs (and is tested) in-process; `app.py` only maps routes onto it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from medblindtuner.he.keys import BundleError, verify_public_bundle
+from medblindtuner.he.params import CkksParams, ParameterError
+from medblindtuner.service.blobs import BlobStore, is_safe_name
+from medblindtuner.service.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Internal,
+    NotFound,
+    Unauthorized,
+    Unprocessable,
+)
+from medblindtuner.service.limits import ServiceConfig
+from medblindtuner.service.protocol import (
+    ACTIVE_STATES,
+    ARTIFACT_KINDS,
+    AWAITING_DECISION,
+    BUNDLE,
+    CANCELLED,
+    CREATED,
+    DATASET,
+    FAILED,
+    FINISHED,
+    MANIFEST_NAME,
+    Q_ACTIVE_STATES,
+    Q_DONE,
+    Q_FAILED,
+    Q_QUEUED,
+    Q_UPLOADING,
+    QUEUED,
+    RESULT_DIR,
+    SCORES_DIR,
+    TERMINAL_STATES,
+    decision_path,
+    query_kind,
+)
+from medblindtuner.service.store import (
+    DecisionRow,
+    Job,
+    QuerySet,
+    Store,
+    hash_token,
+    new_job_id,
+    new_query_id,
+    new_token,
+    token_matches,
+    utcnow,
+)
+from medblindtuner.service.supervisor import Spawner, Supervisor, WorkerRef, spawn_worker
+from medblindtuner.service.uploads import Uploads
+from medblindtuner.training.artifacts import SCORES_FORMAT, read_dataset_manifest
+
+log = logging.getLogger("medblindtuner.service")
+
+
+def configure_logging(config: ServiceConfig) -> None:
+    """Service log file in the data dir (ids, sizes and hashes only; never plaintext)."""
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(config.data_dir) / "service.log"
+    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _iso(value) -> str | None:  # noqa: ANN001 - datetime or None
+    return value.isoformat() if value else None
+
+
+def job_status(job: Job) -> dict[str, Any]:
+    """What `GET /jobs/{id}` shows: progress, ETA and public facts, never data."""
+    total = job.max_epochs * job.steps_per_epoch
+    eta = None
+    if job.state in TERMINAL_STATES:
+        eta = 0.0
+    elif job.seconds_per_step and total:
+        # Upper bound: early stopping may end the job sooner.
+        eta = round(max(total - job.steps, 0) * job.seconds_per_step, 1)
+    return {
+        "job_id": job.id,
+        "state": job.state,
+        "epoch": job.epoch,
+        "epochs_done": job.epochs_done,
+        "max_epochs": job.max_epochs,
+        "step": job.step_in_epoch,
+        "steps_per_epoch": job.steps_per_epoch,
+        "steps": job.steps,
+        "total_steps": total,
+        "seconds_per_step": job.seconds_per_step,
+        "eta_seconds": eta,
+        "bootstraps": job.bootstraps,
+        "best_epoch": job.best_epoch,
+        "awaiting_epoch": job.awaiting_epoch,
+        "result_ready": job.result_ready,
+        "restarts": job.restarts,
+        "error": job.error,
+        "params": {"name": job.params_name, "fingerprint": job.params_fingerprint,
+                   "secure": job.params_secure},
+        "bytes_uploaded": job.bytes_uploaded,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "updated_at": _iso(job.updated_at),
+    }
+
+
+def query_status(query: QuerySet) -> dict[str, Any]:
+    """The scoring state of one query set."""
+    return {
+        "query_id": query.id,
+        "job_id": query.job_id,
+        "state": query.state,
+        "n_rows": query.n_rows,
+        "n_ciphertexts": query.n_ciphertexts,
+        "scores_ready": query.state == Q_DONE,
+        "seconds": query.seconds,
+        "restarts": query.restarts,
+        "error": query.error,
+        "created_at": _iso(query.created_at),
+        "started_at": _iso(query.started_at),
+        "finished_at": _iso(query.finished_at),
+    }
+
+
+def listed_file(manifest: dict[str, Any], directory: Path, name: str,
+                what: str) -> tuple[Path, str]:
+    """Path and SHA-256 of a file that `manifest` lists (result weights, scores); names not
+    listed are refused, so no other file of the job can be read this way."""
+    if name not in manifest["files"]:
+        raise NotFound(f"{name!r} is not part of the {what}")
+    return directory / name, manifest["files"][name]["sha256"]
+
+
+class CloudService:
+    """Jobs, uploads, decisions and query sets of one data directory.
+
+    Methods taking a `job_id` expect one that `authorise` accepted (the app's dependency does
+    that for every job endpoint), and a `query_id` that `query_kind_of` accepted.
+    """
+
+    def __init__(self, config: ServiceConfig, spawn: Spawner = spawn_worker) -> None:
+        self.config = config
+        for directory in (config.data_dir, config.jobs_dir, config.staging_dir):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.resolved_db_url)
+        self.store.create_all()
+        self.blobs = BlobStore(config.blobs_dir)
+        self.fhe_lock = threading.Lock()  # OpenFHE calls from request threads, one at a time
+        self.uploads = Uploads(config, self.store, self.blobs, self.fhe_lock)
+        self.supervisor = Supervisor(config, self.store, spawn)
+
+    def start(self) -> None:
+        """Crash recovery (restart dead workers), then supervise in the background."""
+        self.supervisor.start()
+
+    def stop(self) -> None:
+        """Workers are left running on purpose: they survive an API restart."""
+        self.supervisor.shutdown()
+        self.store.dispose()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.config.job_dir(job_id)
+
+    def query_dir(self, job_id: str, query_id: str) -> Path:
+        return self.config.query_dir(job_id, query_id)
+
+    # ---- access ----------------------------------------------------------------------------
+    def create_job(self) -> dict[str, Any]:
+        """New job; the token is returned once (only its SHA-256 is stored)."""
+        job_id, token = new_job_id(), new_token()
+        self.job_dir(job_id).mkdir(parents=True)
+        with self.store.session() as session:
+            session.add(Job(id=job_id, token_hash=hash_token(token), state=CREATED))
+        log.info("job %s created", job_id)
+        limits = self.config.limits
+        return {"job_id": job_id, "token": token, "chunk_bytes": limits.chunk_bytes,
+                "max_upload_bytes": limits.max_upload_bytes,
+                "max_job_bytes": limits.max_job_bytes}
+
+    def authorise(self, job_id: str, token: str | None) -> str:
+        """401 without a bearer token, 404 for unknown jobs, 403 for another job's token."""
+        if not token:
+            raise Unauthorized("missing bearer token")
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise NotFound("no such job")
+            if not token_matches(token, job.token_hash):
+                raise Forbidden("this token does not grant access to this job")
+        return job_id
+
+    @staticmethod
+    def check_kind(kind: str) -> str:
+        if kind not in ARTIFACT_KINDS:
+            raise NotFound(f"unknown artifact kind {kind!r}; use one of {ARTIFACT_KINDS}")
+        return kind
+
+    def query_kind_of(self, job_id: str, query_id: str) -> str:
+        """The upload kind of an existing query set of this (authorised) job, else 404."""
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id) if is_safe_name(query_id) else None
+            if query is None or query.job_id != job_id:
+                raise NotFound("no such query set")
+        return query_kind(query_id)
+
+    # ---- training --------------------------------------------------------------------------
+    def status(self, job_id: str) -> dict[str, Any]:
+        with self.store.session() as session:
+            return job_status(session.get(Job, job_id))
+
+    def start_job(self, job_id: str) -> dict[str, Any]:
+        """Verify the bundle and the dataset against it, then start the training worker."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job.state != CREATED:
+                raise Conflict(f"job is already {job.state}")
+        for kind in ARTIFACT_KINDS:
+            self.uploads.require_complete(job_id, kind, kind)
+        directory = self.job_dir(job_id)
+        try:
+            with self.fhe_lock:
+                manifest = verify_public_bundle(directory / BUNDLE,
+                                                allow_insecure=self.config.allow_insecure)
+            params = CkksParams.from_dict(manifest["params"])
+            read_dataset_manifest(directory / DATASET, params)
+        except (BundleError, ParameterError) as exc:
+            raise BadRequest(f"refusing to train: {exc}") from exc
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job.state != CREATED:
+                raise Conflict(f"job is already {job.state}")
+            job.state = QUEUED
+            job.started_at = utcnow()
+            job.updated_at = utcnow()
+        self.supervisor.launch(WorkerRef(job_id))
+        return self.status(job_id)
+
+    def validation_loss(self, job_id: str) -> tuple[Path, int, str]:
+        """The encrypted loss awaiting a decision: (file, epoch, SHA-256 or "")."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job.state != AWAITING_DECISION or job.awaiting_epoch is None:
+                raise Conflict(f"job is {job.state}, not awaiting a decision")
+            epoch, digest = job.awaiting_epoch, job.loss_sha256
+        return decision_path(self.job_dir(job_id), epoch), epoch, digest or ""
+
+    def decide(self, job_id: str, continue_training: bool, best_epoch: int,
+               epoch: int | None = None) -> dict[str, Any]:
+        """Record the hospital's answer for the awaited epoch (the worker polls for it)."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job.state != AWAITING_DECISION or job.awaiting_epoch is None:
+                raise Conflict(f"job is {job.state}, not awaiting a decision")
+            awaited = job.awaiting_epoch
+            if epoch is not None and epoch != awaited:
+                raise Conflict(f"the job awaits the decision for epoch {awaited}, not {epoch}")
+            allowed = {awaited, job.best_epoch} - {0}
+            if best_epoch not in allowed:
+                raise Unprocessable(f"best_epoch must be one of {sorted(allowed)} (only the "
+                                    "current and the previous best epoch are kept)")
+            if session.get(DecisionRow, (job_id, awaited)) is not None:
+                raise Conflict(f"epoch {awaited} was already answered")
+            session.add(DecisionRow(job_id=job_id, epoch=awaited,
+                                    continue_training=continue_training,
+                                    best_epoch=best_epoch))
+            job.updated_at = utcnow()
+        log.info("job %s: decision for epoch %d recorded", job_id, awaited)
+        return {"accepted": True, "epoch": awaited}
+
+    def result_manifest(self, job_id: str) -> dict[str, Any]:
+        """Manifest of the encrypted best-epoch weights, once the job finished."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job.state != FINISHED or not job.result_ready:
+                raise Conflict(f"job is {job.state}; the result is not ready")
+        return json.loads((self.job_dir(job_id) / RESULT_DIR / MANIFEST_NAME).read_text())
+
+    def result_file(self, job_id: str, name: str) -> tuple[Path, str]:
+        return listed_file(self.result_manifest(job_id), self.job_dir(job_id) / RESULT_DIR,
+                           name, "result")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Stop the worker (SIGTERM, then SIGKILL); the job ends `cancelled`."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job.state in (FINISHED, FAILED):
+                raise Conflict(f"job already {job.state}")
+            job.state = CANCELLED
+            job.awaiting_epoch = None
+            job.finished_at = job.finished_at or utcnow()
+            job.updated_at = utcnow()
+        self.supervisor.stop(WorkerRef(job_id), job.worker_pid)
+        log.info("job %s cancelled", job_id)
+        return self.status(job_id)
+
+    def delete_job(self, job_id: str) -> None:
+        """Cancel, then drop DB rows, job files, staging and unreferenced blobs."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job.state in ACTIVE_STATES:
+                job.state = CANCELLED
+        self.supervisor.stop(WorkerRef(job_id), job.worker_pid)
+        with self.store.session() as session:
+            digests = self.uploads.drop_rows(session, job_id)
+            session.execute(delete(DecisionRow).where(DecisionRow.job_id == job_id))
+            queries = session.scalars(select(QuerySet.id).where(
+                QuerySet.job_id == job_id)).all()
+            session.execute(delete(QuerySet).where(QuerySet.job_id == job_id))
+            session.execute(delete(Job).where(Job.id == job_id))
+        for query_id in queries:  # scorers of this job: their sets are gone, stop them
+            self.supervisor.stop(WorkerRef(job_id, query_id), grace_s=0)
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        shutil.rmtree(self.config.staging_dir / job_id, ignore_errors=True)
+        removed = self.blobs.collect(digests)
+        log.info("job %s deleted (%d unreferenced blobs removed)", job_id, removed)
+
+    # ---- encrypted inference ---------------------------------------------------------------
+    def create_query(self, job_id: str) -> dict[str, Any]:
+        """A new (empty) query set; only a finished job has weights to score with."""
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job.state != FINISHED or not job.result_ready:
+                raise Conflict(f"job is {job.state}: encrypted inference needs a finished job")
+            query = QuerySet(id=new_query_id(), job_id=job_id, state=Q_UPLOADING)
+            session.add(query)
+            session.flush()
+            self.query_dir(job_id, query.id).mkdir(parents=True, exist_ok=True)
+            status = query_status(query)
+        log.info("job %s: query set %s created", job_id, status["query_id"])
+        return status
+
+    def list_queries(self, job_id: str) -> dict[str, Any]:
+        with self.store.session() as session:
+            rows = session.scalars(select(QuerySet).where(QuerySet.job_id == job_id)
+                                   .order_by(QuerySet.created_at)).all()
+            return {"queries": [query_status(q) for q in rows]}
+
+    def query_status(self, job_id: str, query_id: str) -> dict[str, Any]:
+        """Scoring state plus the upload resume point."""
+        with self.store.session() as session:
+            status = query_status(session.get(QuerySet, query_id))
+        return {**status, **self.uploads.status(job_id, query_kind(query_id))}
+
+    def start_scoring(self, job_id: str, query_id: str) -> dict[str, Any]:
+        """All query files finalized -> spawn the scoring worker (idempotent once started)."""
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id)
+            if query.state in (*Q_ACTIVE_STATES, Q_DONE):
+                return query_status(query)
+        self.uploads.require_complete(job_id, query_kind(query_id), "query")
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id)
+            if query.state not in (Q_UPLOADING, Q_FAILED):
+                return query_status(query)
+            query.state = Q_QUEUED
+            query.error = None
+            query.restarts = 0
+            query.started_at = utcnow()
+            query.finished_at = None
+            query.updated_at = utcnow()
+        self.supervisor.launch(WorkerRef(job_id, query_id))
+        with self.store.session() as session:
+            return query_status(session.get(QuerySet, query_id))
+
+    def scores_manifest(self, job_id: str, query_id: str) -> dict[str, Any]:
+        """Manifest of the encrypted scores; 409 until scoring is done."""
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id)
+            if query.state != Q_DONE:
+                raise Conflict(f"query set is {query.state}; the scores are not ready")
+        manifest = json.loads(
+            (self.query_dir(job_id, query_id) / SCORES_DIR / MANIFEST_NAME).read_text())
+        if manifest.get("format") != SCORES_FORMAT:
+            raise Internal("scores manifest has an unexpected format")
+        return manifest
+
+    def score_file(self, job_id: str, query_id: str, name: str) -> tuple[Path, str]:
+        return listed_file(self.scores_manifest(job_id, query_id),
+                           self.query_dir(job_id, query_id) / SCORES_DIR, name, "scores")
+
+    def delete_query(self, job_id: str, query_id: str) -> None:
+        """Stop its scorer, drop its DB rows, files, staging and unreferenced blobs."""
+        kind = query_kind(query_id)
+        with self.store.session() as session:
+            query = session.get(QuerySet, query_id)
+            query.state = Q_FAILED
+            query.error = "deleted"
+        self.supervisor.stop(WorkerRef(job_id, query_id), grace_s=0)
+        with self.store.session() as session:
+            digests = self.uploads.drop_rows(session, job_id, kind)
+            session.execute(delete(QuerySet).where(QuerySet.id == query_id))
+        shutil.rmtree(self.query_dir(job_id, query_id), ignore_errors=True)
+        shutil.rmtree(self.config.staging_dir / job_id / kind, ignore_errors=True)
+        self.blobs.collect(digests)
+        log.info("job %s: query set %s deleted", job_id, query_id)

@@ -44,6 +44,12 @@ TERMINAL = TERMINAL_STATES
 QUERY_TERMINAL = Q_TERMINAL_STATES
 
 
+# A download whose bytes do not hash to the SHA-256 the service sent with them. Retried a few
+# times while answering decisions (a restarted worker may be republishing the file), then fatal.
+MISMATCH_STATUS = 502
+MAX_MISMATCHES = 5
+
+
 class ServiceError(RuntimeError):
     """An HTTP error from the service, with its status code and message."""
 
@@ -192,7 +198,8 @@ class HospitalClient:
         data = response.content
         digest = response.headers.get(CONTENT_SHA_HEADER)
         if digest and hashlib.sha256(data).hexdigest() != digest:
-            raise ServiceError(502, "validation-loss ciphertext does not match its SHA-256")
+            raise ServiceError(MISMATCH_STATUS,
+                               "validation-loss ciphertext does not match its SHA-256")
         return int(response.headers[EPOCH_HEADER]), data
 
     def decide(self, epoch: int, continue_training: bool, best_epoch: int) -> dict[str, Any]:
@@ -223,6 +230,7 @@ class HospitalClient:
         from medblindtuner.he.ciphertexts import load_ciphertext
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        mismatches = 0
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             current = self.wait_for_decision(poll_s, left, on_status)
@@ -235,7 +243,13 @@ class HospitalClient:
             except ServiceError as exc:
                 if exc.status_code == 409:  # answered meanwhile (e.g. by a restarted worker)
                     continue
+                if exc.status_code == MISMATCH_STATUS and mismatches < MAX_MISMATCHES:
+                    # a restarted worker was republishing the loss between our two reads
+                    mismatches += 1
+                    time.sleep(poll_s)
+                    continue
                 raise
+            mismatches = 0
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "loss.bin"
                 path.write_bytes(data)

@@ -118,24 +118,25 @@ class JobRunner:
         from medblindtuner.he.ciphertexts import save_ciphertext
         from medblindtuner.training.encrypted import Decision
 
-        final = decision_path(self.dir, epoch)
-        tmp = decision_tmp_path(self.dir, epoch)
-        final.parent.mkdir(exist_ok=True)
-        info = save_ciphertext(tmp, loss_ct)
-        os.replace(tmp, final)
         with self.store.session() as session:
-            job = session.get(Job, self.job_id)
-            if job is None or job.state == CANCELLED:
-                raise JobCancelled("job was cancelled")
-            known = session.get(DecisionRow, (self.job_id, epoch))
-            job.epochs_done = epoch - 1
-            job.loss_sha256 = info["sha256"]
-            job.updated_at = utcnow()
-            if known is None:
+            known = session.get(DecisionRow, (self.job_id, epoch)) is not None
+        if not known:  # a resumed worker does not republish a question already answered
+            final = decision_path(self.dir, epoch)
+            tmp = decision_tmp_path(self.dir, epoch)
+            final.parent.mkdir(exist_ok=True)
+            info = save_ciphertext(tmp, loss_ct)
+            os.replace(tmp, final)
+            with self.store.session() as session:
+                job = session.get(Job, self.job_id)
+                if job is None or job.state == CANCELLED:
+                    raise JobCancelled("job was cancelled")
+                job.epochs_done = epoch - 1
+                job.loss_sha256 = info["sha256"]
+                job.updated_at = utcnow()
                 job.state = AWAITING_DECISION
                 job.awaiting_epoch = epoch
-        log.info("job %s epoch %d: encrypted validation loss published (%d bytes, sha256 %s)",
-                 self.job_id, epoch, info["bytes"], info["sha256"][:16])
+            log.info("job %s epoch %d: encrypted validation loss published (%d bytes, sha256 "
+                     "%s)", self.job_id, epoch, info["bytes"], info["sha256"][:16])
         while True:
             with self.store.session() as session:
                 job = session.get(Job, self.job_id)

@@ -7,7 +7,7 @@ import pytest
 from helpers_he import toy_problem
 from sklearn.linear_model import LogisticRegression
 
-from medblindtuner.experiment import prepare_features, run_plain
+from medblindtuner.experiment import run_plain
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION
 from medblindtuner.training.approx import (
@@ -17,7 +17,7 @@ from medblindtuner.training.approx import (
     chebyshev_depth,
 )
 from medblindtuner.training.plain import TrainConfig, evaluate, train_head
-from medblindtuner.training.recipe import Overrides, derive_recipe
+from medblindtuner.training.recipe import Overrides, derive_recipe, prepare_features
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])

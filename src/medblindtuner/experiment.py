@@ -1,6 +1,5 @@
 """Experiment pipelines shared by the CLI and the benchmarks.
 
-`prepare_features` / `derive_recipe` (training.recipe): hospital-side scaling and settings.
 `run_plain`: exact and mirror trainers with identical settings.
 `run_encrypted`: keys, encryption, encrypted training with early stopping, decryption and
 evaluation next to both plaintext trainers (single process, both roles: for experiments).
@@ -31,11 +30,7 @@ from medblindtuner.training.plain import (
     train_head,
 )
 from medblindtuner.training.plan import TrainingPlan
-from medblindtuner.training.recipe import (  # noqa: F401 (prepare_features: API)
-    PreparedData,
-    Recipe,
-    prepare_features,
-)
+from medblindtuner.training.recipe import PreparedData, Recipe
 from medblindtuner.training.reference import published_run
 
 

@@ -125,10 +125,10 @@ class Hospital:
     def prepare(self, features: FeatureSet, given: Overrides | None = None) -> Recipe:
         """Probe, derived settings, public plan and range check; writes plan.json and the
         local prepared data and scaler. Raises RangeError/RecipeError on refused settings."""
+        # derive_recipe has already run the range check on exactly this plan's mirror
         data, recipe = derive_recipe(features, self.params, given, log=self.log)
         plan = TrainingPlan.create(self.params, data.x["train"], data.x["val"],
                                    data.n_classes, recipe.config, recipe.activation)
-        plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
         self.data, self.recipe, self.plan = data, recipe, plan
         self.keyed = self.params.with_bootstrap_slots(plan.bootstrap_slots)
         self._scaler = data.feature_scaler

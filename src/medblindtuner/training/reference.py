@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from medblindtuner.data.errors import DatasetError
+
 # Test ACC / AUC of ResNet-18 (28) in the MedMNIST v2 paper (Yang et al., Scientific Data
 # 10:41, 2023, Table 3), per 2D flag.
 PUBLISHED_RESNET18_28: dict[str, tuple[float, float]] = {
@@ -87,7 +89,7 @@ def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, c: float, n_classes: 
     model = LogisticRegression(C=c, max_iter=3000)
     model.fit(x_train, y_train)
     if len(model.classes_) != n_classes:
-        raise ValueError(f"the training split holds {len(model.classes_)} of {n_classes} "
+        raise DatasetError(f"the training split holds {len(model.classes_)} of {n_classes} "
                          "classes: every class needs training samples")
     return model
 

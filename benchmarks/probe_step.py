@@ -31,7 +31,7 @@ from medblindtuner.training.recipe import derive_recipe
 def timed_step(trainer: EncryptedTrainer, batch_index: int) -> dict:
     before = trainer.ev.ops.snapshot()
     start = time.perf_counter()
-    trainer.step(trainer.data.train[batch_index])
+    trainer.step(batch_index)
     after = trainer.ev.ops.snapshot()
     seconds = {k: round(after[k] - before.get(k, 0), 2) for k in after if k.startswith("seconds_")}
     return {"step_s": round(time.perf_counter() - start, 2), **seconds}

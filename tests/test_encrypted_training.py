@@ -44,8 +44,9 @@ def test_one_step_equals_mirror(setup, tmp_path):
     data, plan, keys, dataset = setup
     trainer = make_trainer(keys, dataset, tmp_path)
     trainer.initialise_or_resume()
-    first = int(np.random.default_rng([plan.config.seed, 1]).permutation(len(dataset.train))[0])
-    trainer.step(dataset.train[first])
+    first = int(np.random.default_rng([plan.config.seed, 1]).permutation(
+        len(plan.train_batch_sizes))[0])
+    trainer.step(first)
     one_step = TrainConfig(**{**CONFIG.to_dict(), "epochs": 1})
     # mirror of exactly that step: train one epoch with one batch == the same first batch
     x, y = data[0], data[1]
@@ -157,9 +158,10 @@ def test_plan_hints_at_part_empty_ciphertexts():
         return TrainingPlan.create(INSECURE_TEST, x_train, x_val, 2, config)
     assert plan(128).layout.samples_per_ct == 128
     hint = plan(32).batch_hint()
-    assert hint is not None and "25%" in hint and "--batch-size 128" in hint
+    assert hint is not None and "25%" in hint and "over 128" in hint
     assert plan(128).batch_hint() is None
-    assert plan(1000).batch_hint() is None  # clamped to a full ciphertext
+    assert plan(1000).batch_hint() is None  # a batch of several ciphertexts
+    assert plan(1000).chunks_per_step == 2 and plan(1000).train_batch_sizes == (200,)
 
 
 def test_softmax_training_matches_mirror(tmp_path):
@@ -181,7 +183,7 @@ def test_softmax_training_matches_mirror(tmp_path):
     assert ops[f"bootstraps_{softmax.model_period}_slots"] == steps
     # epoch 1's validation rode in epoch 2's first denominator bootstrap; epoch 2's (the last)
     # needs its own
-    assert ops[f"bootstraps_{softmax.compact_period}_slots"] == steps + 1
+    assert ops[f"bootstraps_{softmax.step_compact_period}_slots"] == steps + 1
     assert ops["bootstraps"] == 2 * steps + 1
 
 
@@ -218,3 +220,39 @@ def test_softmax_validation_resumes_and_stops_on_the_ridden_step(tmp_path):
     current = decrypt_weights(keys, plan, stopper.weights)
     assert np.max(np.abs(current - kept)) < 1e-4  # noise of the reload (adopt) only
     assert np.max(np.abs(current - a)) > 1e-2  # the ridden step was rolled back
+
+
+def test_binary_step_over_several_chunks_matches_mirror(tmp_path):
+    """A batch of 300 at 128 samples per ciphertext: 3 chunks, still one bootstrap per step."""
+    data = toy_problem(2, n_train=300, n_val=40, seed=6)
+    config = TrainConfig(learning_rate=2.0, momentum=0.8, epochs=2, batch_size=300, patience=2)
+    plan, keys = plan_and_keys(2, config, data)
+    assert plan.chunk_sizes(300) == [128, 128, 44] and plan.chunks_per_step == 3
+    mirror = plan.check_ranges(*data)
+    trainer = make_trainer(keys, encrypt_dataset(keys, plan, *data), tmp_path)
+    judge = HospitalJudge(keys, plan, len(data[3]))
+    state = trainer.train(decide=judge)
+    assert state.steps == 2 and trainer.ev.ops["bootstraps"] == 2
+    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(2))
+    assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
+    for record in mirror.history:
+        assert abs(judge.losses[record["epoch"]] - record["val_loss"]) < 1e-3
+
+
+def test_softmax_step_over_several_chunks_matches_mirror(tmp_path):
+    """3 chunks per step: their denominators share one 4 P-slot bootstrap (with the ridden
+    validation chunk), so a step still costs two bootstraps."""
+    data = toy_problem(5, n_train=300, n_val=30, seed=7)
+    config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=300, patience=2)
+    plan, keys = plan_and_keys(5, config, data)
+    softmax = plan.softmax_layout
+    assert softmax.chunks == 3 and softmax.step_compact_period == 4 * softmax.compact_period
+    mirror = plan.check_ranges(*data)
+    trainer = make_trainer(keys, encrypt_dataset(keys, plan, *data), tmp_path)
+    judge = HospitalJudge(keys, plan, len(data[3]))
+    trainer.train(decide=judge)
+    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(2))
+    assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
+    for epoch in (1, 2):
+        assert abs(judge.losses[epoch] - mirror.history[epoch - 1]["val_loss"]) < 1e-3
+    assert trainer.ev.ops["bootstraps"] == 2 * 2 + 1  # 2 per step + the last validation

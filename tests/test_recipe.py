@@ -11,15 +11,18 @@ from medblindtuner.data.dataset import Dataset
 from medblindtuner.experiment import reference_runs, run_plain
 from medblindtuner.features.backbones import BackboneInfo
 from medblindtuner.features.extract import FeatureSet
+from medblindtuner.he.packing import PackingLayout, SoftmaxLayout
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
 from medblindtuner.training.approx import RangeError
 from medblindtuner.training.plan import TrainingPlan
 from medblindtuner.training.recipe import (
     EXP_BOUNDS,
+    MIN_BATCH,
     SIGMOID_BOUNDS,
     Overrides,
     RecipeError,
     derive_recipe,
+    derived_batch_size,
 )
 from medblindtuner.training.reference import fit_probe, published_run
 
@@ -84,14 +87,27 @@ def test_given_settings_are_kept_and_refused_when_out_of_range():
         derive_recipe(features, PRODUCTION, Overrides(learning_rate=1e6, weight_decay=0.1))
 
 
-def test_derived_batches_fill_a_ciphertext_and_split_evenly():
+def test_derived_batches_are_whole_ciphertexts_and_split_evenly():
     features = synthetic_features(1030, 20, 3, 1.0, 0.0, [1, 1, 1])
     data, recipe = derive_recipe(features, INSECURE_TEST)
     plan = TrainingPlan.create(INSECURE_TEST, data.x["train"], data.x["val"], 3,
                                recipe.config, recipe.activation)
-    assert recipe.config.batch_size == plan.layout.samples_per_ct
+    per_ct = plan.layout.samples_per_ct
+    assert recipe.config.batch_size == per_ct * -(-MIN_BATCH // per_ct)  # 8 of 32
     sizes = plan.train_batch_sizes
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 1030
+    assert plan.chunks_per_step == 7  # 206 samples a step
+
+
+def test_large_datasets_take_bigger_steps():
+    """At most STEP_BUDGET / MIN_EPOCHS steps an epoch: 20,000 samples at 128 per
+    ciphertext need 11 of them a step (binary), a softmax step at most what one denominator
+    bootstrap holds."""
+    layout = PackingLayout(INSECURE_TEST.slots, 8)
+    assert layout.samples_per_ct == 128
+    assert derived_batch_size(20_000, layout, 2) == 11 * 128
+    assert derived_batch_size(20_000, layout, 5) == SoftmaxLayout.max_chunks(layout) * 128
+    assert derived_batch_size(100, layout, 2) == 128  # never more than the data holds
 
 
 def test_probe_and_published_reference():

@@ -29,35 +29,50 @@ def rotsum(v: np.ndarray, strides: list[int]) -> np.ndarray:
 
 def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weights, scale,
                   x_val=None, weights_val=None):
-    """Slot-level replay of EncryptedTrainer._probabilities + the softmax gradient; with
+    """Slot-level replay of StepKernel's softmax phases and the driver's fold, refresh and
+    period sum; `x` is split into the step's chunks (consecutive full ciphertexts); with
     `x_val`, a validation chunk (model `weights_val`) rides in the same compact vector."""
     layout, d = softmax.layout, softmax.layout.block
+    per_ct = layout.samples_per_ct
     padding = (softmax.class_slots - softmax.n_classes) * act.exp(np.zeros(1))[0]
-    groups = [(x, weights, scale)] + ([] if x_val is None else [(x_val, weights_val, 1.0)])
-    exps, selected = [], []
-    for half, (xs, ws, _) in enumerate(groups):
-        model = softmax.encode_model(ws)
+    model = softmax.encode_model(weights)
+
+    def exps_of(xs, m):
         x_dup = layout.encode_x_dup(xs)
-        exps.append([act.exp(rotsum(x_dup * rot(model, s), layout.logit_strides))
-                     for s in softmax.class_shifts])
-        picked = (sum(exps[-1]) - padding) * softmax.select_mask()
-        selected.append(rot(picked, -d) if half else picked)
-    compact = rotsum(sum(selected), softmax.fold_strides)
-    period = softmax.compact_period
+        return [act.exp(rotsum(x_dup * rot(m, s), layout.logit_strides))
+                for s in softmax.class_shifts]
+
+    def picked(exps):
+        return (sum(exps) - padding) * softmax.select_mask()
+
+    starts = list(range(0, len(x), per_ct))
+    chunk_exps = [exps_of(x[i : i + per_ct], model) for i in starts]
+    compact = sum(rot(picked(e), -softmax.chunk_shift(j)) for j, e in enumerate(chunk_exps))
+    if x_val is not None:
+        val_exps = exps_of(x_val, softmax.encode_model(weights_val))
+        compact = compact + rot(picked(val_exps), -d)
+    compact = rotsum(compact, softmax.fold_strides)
+    period = softmax.step_compact_period
     assert np.allclose(compact, np.tile(compact[:period], layout.slots // period))
     inv = act.inverse(np.where(compact == 0, 1.0, compact))  # the empty slots are masked off
-    probs = []
-    for half, ((_, _, s), group_exps) in enumerate(zip(groups, exps, strict=True)):
-        own = inv if half else rot(inv, -d)
-        spread = rotsum(own * (s * softmax.unfold_mask()), softmax.spread_strides)
-        probs.append([e * spread * softmax.valid_mask(k) for k, e in enumerate(group_exps)])
-    labels = softmax.encode_labels(targets)
-    x_grad = layout.encode_x_grad(x)
-    terms = [(a - scale * y) * x_grad for a, y in zip(probs[0], labels, strict=True)]
-    back = sum(rot(t, softmax.class_shifts[-k]) if k else t for k, t in enumerate(terms))
+
+    def spread(rotation, s, exps):
+        own = rot(inv, rotation)
+        values = rotsum(own * (s * softmax.unfold_mask()), softmax.spread_strides)
+        return [e * values * softmax.valid_mask(k) for k, e in enumerate(exps)]
+
+    probs, back = [], 0
+    for j, (i, exps) in enumerate(zip(starts, chunk_exps, strict=True)):
+        probs.append(spread(softmax.chunk_shift(j) - d, scale, exps))
+        labels = softmax.encode_labels(targets[i : i + per_ct])
+        x_grad = layout.encode_x_grad(x[i : i + per_ct])
+        terms = [(a - scale * y) * x_grad for a, y in zip(probs[-1], labels, strict=True)]
+        back = back + sum(rot(t, softmax.class_shifts[-k]) if k else t
+                          for k, t in enumerate(terms))
     half = rotsum(back, softmax.period_sum_strides)
     gradient = half + rot(half, -d)
-    return softmax.decode_model(gradient), gradient, probs
+    ridden = None if x_val is None else spread(0, 1.0, val_exps)
+    return softmax.decode_model(gradient), gradient, probs, ridden
 
 
 def per_sample_probabilities(softmax: SoftmaxLayout, probs, n_samples: int) -> np.ndarray:
@@ -87,7 +102,7 @@ def test_layout_reproduces_the_mirror_gradient(slots, n_features, n_classes, n_s
     weights = rng.normal(scale=0.8, size=(n_classes, n_features))
     scale = 0.7 / n_samples
 
-    got, gradient, probs = simulate_step(softmax, act, x, targets, weights, scale)
+    got, gradient, probs, _ = simulate_step(softmax, act, x, targets, weights, scale)
 
     expected = (scale * act.probabilities(x @ weights.T) - scale * targets).T @ x
     assert np.max(np.abs(got - expected)) < 1e-12
@@ -114,12 +129,59 @@ def test_validation_chunk_rides_in_the_second_halves(slots, n_features, n_classe
     weights, weights_val = (rng.normal(scale=0.8, size=(n_classes, n_features)) for _ in "ab")
     scale = 0.7 / n_samples
 
-    got, _, probs = simulate_step(softmax, act, x, targets, weights, scale, x_val, weights_val)
+    got, _, _, ridden = simulate_step(softmax, act, x, targets, weights, scale, x_val,
+                                      weights_val)
 
     expected = (scale * act.probabilities(x @ weights.T) - scale * targets).T @ x
     assert np.max(np.abs(got - expected)) < 1e-12
-    assert np.allclose(per_sample_probabilities(softmax, probs[1], n_val),
+    assert np.allclose(per_sample_probabilities(softmax, ridden, n_val),
                        act.probabilities(x_val @ weights_val.T))
+
+
+@pytest.mark.parametrize(("slots", "n_features", "n_classes", "n_samples", "n_val"),
+                         [(2048, 8, 5, 300, 40), (2048, 8, 3, 512, 0), (4096, 16, 8, 700, 90),
+                          (32768, 32, 5, 3000, 400)])
+def test_a_step_over_several_chunks_shares_one_denominator_bootstrap(
+        slots, n_features, n_classes, n_samples, n_val):
+    """Chunks shifted by j P before one fold over K P: every chunk's gradient and the ridden
+    validation chunk's probabilities are exact, as for one chunk."""
+    rng = np.random.default_rng(n_samples)
+    layout = PackingLayout(slots, n_features)
+    chunks = -(-n_samples // layout.samples_per_ct)
+    softmax = SoftmaxLayout(layout, n_classes, chunks)
+    assert chunks > 1 and softmax.step_compact_period <= slots // 2
+    act = ActivationPlan.default(n_classes)
+    x = rng.normal(size=(n_samples, n_features))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    targets = one_hot(rng.integers(0, n_classes, n_samples), n_classes)
+    weights = rng.normal(scale=0.8, size=(n_classes, n_features))
+    x_val = weights_val = None
+    if n_val:
+        x_val = rng.normal(size=(n_val, n_features))
+        x_val /= np.linalg.norm(x_val, axis=1, keepdims=True)
+        weights_val = rng.normal(scale=0.8, size=(n_classes, n_features))
+    scale = 0.7 / n_samples
+
+    got, _, probs, ridden = simulate_step(softmax, act, x, targets, weights, scale, x_val,
+                                          weights_val)
+
+    expected = (scale * act.probabilities(x @ weights.T) - scale * targets).T @ x
+    assert np.max(np.abs(got - expected)) < 1e-12
+    per_ct = layout.samples_per_ct
+    for j, p in enumerate(probs):
+        part = x[j * per_ct : (j + 1) * per_ct]
+        assert np.allclose(per_sample_probabilities(softmax, p, len(part)),
+                           scale * act.probabilities(part @ weights.T))
+    if n_val:
+        assert np.allclose(per_sample_probabilities(softmax, ridden, n_val),
+                           act.probabilities(x_val @ weights_val.T))
+
+
+def test_layout_refuses_more_chunks_than_one_bootstrap_holds():
+    layout = PackingLayout(2048, 8)
+    assert SoftmaxLayout.max_chunks(layout) == 4
+    with pytest.raises(ValueError, match="smaller batches"):
+        SoftmaxLayout(layout, 5, chunks=5)
 
 
 def test_compact_offsets_are_distinct_and_inside_the_first_half():

@@ -157,10 +157,17 @@ class SoftmaxLayout:
     block at offset g, from where a rotate-and-sum over strides 1..d covers the first half.
     Only first halves hold compact values, so a second set (the previous epoch's validation
     chunk) fits in the second halves: shifted right by d before the fold, already in place after.
+
+    A step over several data ciphertexts ("chunks") refreshes all their denominators in ONE
+    bootstrap of K P slots (K = chunk_groups): chunk j's selected values are shifted left by j P
+    before the fold over K P. Sample i = g R + r of chunk j lands at (g + j mod K) P + 2d r + g,
+    distinct for every (i, j) because 2d r + g < P fixes (r, g), and then g + j mod K fixes j.
+    After the refresh, a rotation by j P - d puts chunk j's own values where chunk 0's are.
     """
 
     layout: PackingLayout
     n_classes: int
+    chunks: int = 1  # data ciphertexts per step (the most any batch of the plan has)
 
     def __post_init__(self) -> None:
         if self.n_classes < 3:
@@ -170,6 +177,17 @@ class SoftmaxLayout:
                 f"a {self.n_classes}-class model needs 2·d·{self.class_slots} = "
                 f"{self.model_period} < {self.layout.slots} slots: reduce the feature width"
             )
+        if not 1 <= self.chunks <= self.max_chunks(self.layout):
+            raise ValueError(
+                f"a step of {self.chunks} data ciphertexts is more than one denominator "
+                f"bootstrap holds (at most {self.max_chunks(self.layout)} at "
+                f"{self.layout.n_features} features): use smaller batches")
+
+    @staticmethod
+    def max_chunks(layout: PackingLayout) -> int:
+        """Most chunks per step whose compact values fit a sparse bootstrap (<= slots / 2)."""
+        compact = max(layout.stride, layout.slots // layout.block)
+        return max(1, layout.slots // (2 * compact))
 
     @property
     def class_slots(self) -> int:
@@ -243,6 +261,20 @@ class SoftmaxLayout:
         return max(self.layout.stride, self.layout.slots // self.layout.block)
 
     @property
+    def chunk_groups(self) -> int:
+        """K: chunks per step padded to a power of two (the fold must wrap evenly)."""
+        return next_power_of_two(self.chunks)
+
+    @property
+    def step_compact_period(self) -> int:
+        """K P: slot count of the denominator bootstrap of a whole step."""
+        return self.compact_period * self.chunk_groups
+
+    def chunk_shift(self, chunk: int) -> int:
+        """j P: chunk j's selected values are rotated by -j P before the fold."""
+        return self.compact_period * chunk
+
+    @property
     def blocks_per_period(self) -> int:
         return self.compact_period // self.layout.stride
 
@@ -258,7 +290,7 @@ class SoftmaxLayout:
 
     @property
     def fold_strides(self) -> list[int]:
-        p, slots = self.compact_period, self.layout.slots
+        p, slots = self.step_compact_period, self.layout.slots
         return [p << k for k in range((slots // p).bit_length() - 1)]
 
     def unfold_mask(self) -> np.ndarray:
@@ -272,6 +304,8 @@ class SoftmaxLayout:
 
     @property
     def rotation_indices(self) -> list[int]:
+        chunk_moves = [s for j in range(1, self.chunks)
+                       for s in (-self.chunk_shift(j), self.chunk_shift(j) - self.layout.block)]
         return sorted(set(self.class_shifts[1:] + self.row_strides
                           + self.period_sum_strides + self.fold_strides + self.spread_strides
-                          + [-self.layout.block]))
+                          + [-self.layout.block] + chunk_moves))

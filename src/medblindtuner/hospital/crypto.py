@@ -18,7 +18,7 @@ from medblindtuner.he.ciphertexts import atomic_write_json
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import data_level
 from medblindtuner.training.approx import exact_probabilities
-from medblindtuner.training.artifacts import EncryptedBatch, EncryptedDataset, EncryptedQueries
+from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset, EncryptedQueries
 from medblindtuner.training.encrypted import Decision
 from medblindtuner.training.plain import make_batches, one_hot
 from medblindtuner.training.plan import TrainingPlan
@@ -37,10 +37,10 @@ def encrypt_dataset(
     layout = plan.layout
     level = data_level(keys.params)
 
-    def encrypt_batch(x: np.ndarray, y: np.ndarray) -> EncryptedBatch:
+    def encrypt_chunk(x: np.ndarray, y: np.ndarray) -> EncryptedChunk:
         labels = [keys.encrypt(vector, level)
                   for vector in plan.label_vectors(one_hot(y, plan.n_classes))]
-        batch = EncryptedBatch(
+        chunk = EncryptedChunk(
             len(x),
             keys.encrypt(layout.encode_x_dup(x), level),
             keys.encrypt(layout.encode_x_grad(x), level),
@@ -48,12 +48,13 @@ def encrypt_dataset(
         )
         if progress:
             progress(1)
-        return batch
+        return chunk
 
-    train_batches = make_batches(len(x_train), plan.config.batch_size, plan.config.seed)
-    train = [encrypt_batch(x_train[idx], y_train[idx]) for idx in train_batches]
     step = layout.samples_per_ct
-    val = [encrypt_batch(x_val[i : i + step], y_val[i : i + step])
+    train = [encrypt_chunk(x_train[idx[i : i + step]], y_train[idx[i : i + step]])
+             for idx in make_batches(len(x_train), plan.config.batch_size, plan.config.seed)
+             for i in range(0, len(idx), step)]
+    val = [encrypt_chunk(x_val[i : i + step], y_val[i : i + step])
            for i in range(0, len(x_val), step)]
     return EncryptedDataset(plan, train, val)
 

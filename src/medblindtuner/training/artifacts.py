@@ -70,35 +70,57 @@ def read_dataset_manifest(directory: Path, params: CkksParams) -> dict:
 
 
 @dataclass
-class EncryptedBatch:
+class EncryptedChunk:
+    """The samples of one data ciphertext: features twice (logits), once (gradient), labels.
+
+    A training batch (one step) is one or more chunks (`TrainingPlan.batch_chunks`)."""
+
     n_samples: int
     x_dup: ofhe.Ciphertext
     x_grad: ofhe.Ciphertext
     labels: list[ofhe.Ciphertext]
 
+    def adopted(self, adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext]) -> EncryptedChunk:
+        return EncryptedChunk(self.n_samples, adopt(self.x_dup), adopt(self.x_grad),
+                              [adopt(y) for y in self.labels])
+
+    def files(self) -> dict[str, ofhe.Ciphertext]:
+        """Kind (x_dup, x_grad, y<j>) -> ciphertext."""
+        return {"x_dup": self.x_dup, "x_grad": self.x_grad,
+                **{f"y{j}": ct for j, ct in enumerate(self.labels)}}
+
+
+def load_chunk(directory: Path, manifest: dict, plan: TrainingPlan, split: str,
+               index: int, n_samples: int) -> EncryptedChunk:
+    """Chunk `index` of `split`, each file checked against the manifest's checksum."""
+    def ct(kind: str) -> ofhe.Ciphertext:
+        return load_listed(directory, manifest, dataset_file_name(split, index, kind))
+
+    return EncryptedChunk(n_samples, ct("x_dup"), ct("x_grad"),
+                          [ct(f"y{j}") for j in range(plan.label_cts)])
+
 
 @dataclass
 class EncryptedDataset:
     plan: TrainingPlan
-    train: list[EncryptedBatch]
-    val: list[EncryptedBatch]
+    train: list[EncryptedChunk]  # file order; `batch` groups them into steps
+    val: list[EncryptedChunk]
+
+    def batch(self, index: int) -> list[EncryptedChunk]:
+        """The chunks of training batch `index` (one step)."""
+        return [self.train[t] for t in self.plan.batch_chunks(index)]
 
     def adopted(self, adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext]) -> EncryptedDataset:
         """The same dataset with every ciphertext passed through `adopt` (Evaluator.adopt)."""
-        def batch(b: EncryptedBatch) -> EncryptedBatch:
-            return EncryptedBatch(b.n_samples, adopt(b.x_dup), adopt(b.x_grad),
-                                  [adopt(y) for y in b.labels])
-
-        return EncryptedDataset(self.plan, [batch(b) for b in self.train],
-                                [batch(b) for b in self.val])
+        return EncryptedDataset(self.plan, [c.adopted(adopt) for c in self.train],
+                                [c.adopted(adopt) for c in self.val])
 
     def save(self, directory: Path, params: CkksParams) -> dict:
         cts: dict[str, ofhe.Ciphertext] = {}
-        for split, batches in (("train", self.train), ("val", self.val)):
-            for b, batch in enumerate(batches):
-                kinds = {"x_dup": batch.x_dup, "x_grad": batch.x_grad}
-                kinds.update({f"y{j}": ct for j, ct in enumerate(batch.labels)})
-                cts.update({dataset_file_name(split, b, kind): ct for kind, ct in kinds.items()})
+        for split, chunks in (("train", self.train), ("val", self.val)):
+            for index, chunk in enumerate(chunks):
+                cts.update({dataset_file_name(split, index, kind): ct
+                            for kind, ct in chunk.files().items()})
         return write_artifact(directory, DATASET_FORMAT, params, cts, plan=self.plan.to_dict())
 
     @classmethod
@@ -107,18 +129,12 @@ class EncryptedDataset:
         manifest = read_dataset_manifest(directory, params)
         plan = TrainingPlan.from_dict(manifest["plan"])
 
-        def batches(split: str, sizes: tuple[int, ...]) -> list[EncryptedBatch]:
-            out = []
-            for b, n in enumerate(sizes):
-                def ct(kind: str, b: int = b) -> ofhe.Ciphertext:
-                    return load_listed(directory, manifest, dataset_file_name(split, b, kind))
+        def chunks(split: str, sizes: list[int]) -> list[EncryptedChunk]:
+            return [load_chunk(directory, manifest, plan, split, i, n)
+                    for i, n in enumerate(sizes)]
 
-                labels = [ct(f"y{j}") for j in range(plan.label_cts)]
-                out.append(EncryptedBatch(n, ct("x_dup"), ct("x_grad"), labels))
-            return out
-
-        return cls(plan, batches("train", plan.train_batch_sizes),
-                   batches("val", plan.val_batch_sizes))
+        return cls(plan, chunks("train", plan.train_chunk_sizes),
+                   chunks("val", list(plan.val_batch_sizes)))
 
 
 @dataclass

@@ -5,13 +5,17 @@ hospital encrypted once (`training.artifacts`, `hospital.crypto`) under a public
 (`training.plan`); the one interactive bit per epoch is the hospital's answer to the
 encrypted validation loss.
 
-Levels are counted from a sparse (2, 2) bootstrap, which leaves 9 (see `he.params`).
+A step's batch is one or more data ciphertexts ("chunks"); their arithmetic runs in
+`training.kernel.StepKernel` (here, or on Ray actors holding the chunks: `Shards`), and the
+driver below adds their partial results, bootstraps and updates the model, so a step costs its
+bootstraps once whatever the number of chunks. Levels are counted from a sparse (2, 2)
+bootstrap, which leaves 9 (see `he.params`).
 
 Binary head (model = [W, W_prev], each d-periodic; ONE d-slot bootstrap per step):
     V = (1+m) W - m W_prev                    1
     Z = rotsum(x_dup * V)                     2   log2(d) rotations
     A = (lr/n) sigmoid~(Z)                    8   degree 27
-    G = rotsum((A - (lr/n) Y) * x_grad)       9   log2(slots/d) rotations
+    G = rotsum(sum over chunks of (A - (lr/n) Y) * x_grad)    9   log2(slots/d) rotations
     W_new = (1 - lr wd) V - G  -> d-slot bootstrap  (the decay is a second combination of
                                                  the model, level 1: no extra level)
 
@@ -20,11 +24,11 @@ C = next_pow2(c) rotations; TWO sparse bootstraps per step, whatever c):
     V = (1+m) M - m M_prev                                  1
     Z_k = rotsum(x_dup * rot(V, 2d k)), k < C               2   sample i sees class (i+k) mod C
     e_k = exp~(Z_k); S = sum_k e_k - (C - c) exp~(0)         7   degree 9
-    compact = fold(S * select)                              8   -> P-slot bootstrap
-    inv = rot(inverse~(compact), -d)                        5   degree 13
+    compact = fold(sum_j rot(S_j * select, -jP))            8   -> K P-slot bootstrap
+    inv_j = rot(inverse~(compact), jP - d)                  5   degree 13; chunk j
     inv_k = spread(inv * (lr/n) unfold) * valid_k           7   0 where class (i+k) is padding
     A_k = e_k * inv_k                                       8
-    G = periodsum(sum_k rot((A_k - (lr/n) Y_k) * x_grad, 2d (C-k)))   9   class b -> block b
+    G = periodsum(sum_k rot(sum_j (A_jk - (lr/n) Y_jk) * x_grad_j, 2d (C-k)))  9  b -> block b
     M_new = V - (G + rot(G, -d))  -> Q-slot bootstrap        9
 The previous epoch's validation chunk rides in the first step's compact bootstrap (second
 halves of the compact slots; `step_and_validate`), so it needs no bootstrap of its own.
@@ -36,11 +40,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-import numpy as np
 import openfhe as ofhe
 
 from medblindtuner.he.ciphertexts import (
@@ -51,8 +55,22 @@ from medblindtuner.he.ciphertexts import (
 )
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import BundleError
-from medblindtuner.training.artifacts import EncryptedBatch, EncryptedDataset
+from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset
+from medblindtuner.training.kernel import PlacedChunk, StepKernel
 from medblindtuner.training.plain import epoch_batch_order
+
+
+class Shards(Protocol):
+    """Who computes a step's chunks: the local `StepKernel`, or actors on a cluster holding
+    the chunks (same methods, same results)."""
+
+    def binary_terms(self, lookahead: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
+                     scale: float) -> ofhe.Ciphertext: ...
+
+    def softmax_forward(self, lookahead: ofhe.Ciphertext,
+                        placed: Sequence[PlacedChunk]) -> ofhe.Ciphertext: ...
+
+    def softmax_backward(self, inverse: ofhe.Ciphertext, scale: float) -> ofhe.Ciphertext: ...
 
 
 @dataclass
@@ -78,10 +96,14 @@ class EncryptedState:
 class EncryptedTrainer:
     """Cloud-side trainer. Needs only an evaluation context (public bundle) and ciphertexts."""
 
-    def __init__(self, evaluator: Evaluator, dataset: EncryptedDataset, checkpoint_dir: Path):
+    def __init__(self, evaluator: Evaluator, dataset: EncryptedDataset, checkpoint_dir: Path,
+                 shards: Shards | None = None):
         self.ev = evaluator
         self.data = dataset.adopted(evaluator.adopt)  # ciphertexts read from disk: see adopt
         self.plan = dataset.plan
+        # the driver's own kernel (validation, masks); `shards` computes the batches' chunks
+        self.kernel = StepKernel(evaluator, self.plan, self.data.train)
+        self.shards: Shards = shards or self.kernel
         self.layout = dataset.plan.layout
         self.softmax = dataset.plan.softmax_layout
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -91,10 +113,6 @@ class EncryptedTrainer:
         self.model: list[ofhe.Ciphertext] = []
 
     # ---- model layout -------------------------------------------------------------------------
-    def _masked(self, ct: ofhe.Ciphertext, key: tuple, make: Callable[[], np.ndarray]):
-        """ct times a constant mask (one level); the mask is encoded once per process."""
-        return self.ev.mul_plain(ct, self.ev.cached_plaintext(key, make))
-
     def rows(self, model: list[ofhe.Ciphertext]) -> list[ofhe.Ciphertext]:
         """The d-periodic weight rows the hospital decrypts and inference uses (softmax: one
         mask and log2(C) rotations per row, one level)."""
@@ -102,7 +120,7 @@ class EncryptedTrainer:
             return [model[0]]
         return [
             self.ev.rotate_and_sum(
-                self._masked(model[0], ("row", j), lambda j=j: self.softmax.row_mask(j)),
+                self.kernel.masked(model[0], ("row", j), lambda j=j: self.softmax.row_mask(j)),
                 self.softmax.row_strides)
             for j in range(self.plan.n_classes)
         ]
@@ -118,81 +136,53 @@ class EncryptedTrainer:
         return [zero, zero.Clone()]
 
     # ---- the step ---------------------------------------------------------------------------
-    def logits(self, batch: EncryptedBatch, model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
-        """Binary: [z]. Softmax: one logit ciphertext per class rotation k (see SoftmaxLayout)."""
-        shifted = [model] if self.softmax is None else [
-            self.ev.rotate(model, shift) if shift else model
-            for shift in self.softmax.class_shifts]
-        return [self.ev.rotate_and_sum(self.ev.mul(batch.x_dup, w), self.layout.logit_strides)
-                for w in shifted]
+    def _refresh_inverse(self, compact: ofhe.Ciphertext) -> ofhe.Ciphertext:
+        """Fold a step's compact denominators, bootstrap them once, invert (softmax)."""
+        softmax, inverse = self.softmax, self.plan.activation.inverse
+        folded = self.ev.rotate_and_sum(compact, softmax.fold_strides)
+        fresh = self.ev.bootstrap(folded, period=softmax.step_compact_period)
+        return self.ev.chebyshev(fresh, inverse.coefficients, inverse.a, inverse.b)
 
-    def scaled_probabilities(self, logits: list[ofhe.Ciphertext], scale: float):
-        """scale * head(logits), per logit ciphertext, with the shared approximations."""
-        return self._probabilities([(logits, scale)])[0]
-
-    def _probabilities(self, groups: list[tuple[list[ofhe.Ciphertext], float]]):
-        """`scaled_probabilities` for one or two logit sets (a training batch and a validation
-        chunk): a softmax refreshes the denominators of both in ONE compact bootstrap, the
-        first set's in the first half of each block's compact slots, the second's in the
-        second half (`SoftmaxLayout`: they never collide)."""
-        act = self.plan.activation
-        if act.binary:
-            sigmoids = [act.sigmoid.scaled(scale) for _, scale in groups]
-            return [[self.ev.chebyshev(logits[0], sig.coefficients, sig.a, sig.b)]
-                    for (logits, _), sig in zip(groups, sigmoids, strict=True)]
-        if len(groups) > 2:
-            raise ValueError("at most two logit sets share a denominator bootstrap")
-        softmax = self.softmax
-        exp, d = act.exp, self.layout.block
-        padding = (softmax.class_slots - softmax.n_classes) * float(exp(np.zeros(1))[0])
-        exps, selected = [], []
-        for half, (logits, _) in enumerate(groups):
-            exps.append([self.ev.chebyshev(z, exp.coefficients, exp.a, exp.b) for z in logits])
-            total = self.ev.add_scalar(self.ev.add_many(exps[-1]), -padding)
-            picked = self._masked(total, ("select",), softmax.select_mask)
-            selected.append(self.ev.rotate(picked, -d) if half else picked)
-        folded = self.ev.rotate_and_sum(self.ev.add_many(selected), softmax.fold_strides)
-        inverse = act.inverse
-        inv = self.ev.chebyshev(self.ev.bootstrap(folded, period=softmax.compact_period),
-                                inverse.coefficients, inverse.a, inverse.b)
-        out = []
-        for half, ((_, scale), group_exps) in enumerate(zip(groups, exps, strict=True)):
-            # Each sample's own 1/S_i sits (or is shifted) in the second half of its block;
-            # the mask carries the scale (no extra level), then it covers the first half.
-            own = inv if half else self.ev.rotate(inv, -d)
-            unfold = self._masked(own, ("unfold", scale),
-                                  lambda scale=scale: scale * softmax.unfold_mask())
-            spread = self.ev.rotate_and_sum(unfold, softmax.spread_strides)
-            out.append([
-                self.ev.mul(e, self._masked(spread, ("valid", k),
-                                            lambda k=k: softmax.valid_mask(k)))
-                for k, e in enumerate(group_exps)
-            ])
-        return out
-
-    def step(self, batch: EncryptedBatch, validation: EncryptedBatch | None = None):
-        """One Nesterov step on `batch`. With `validation` (softmax only), that chunk's
-        probabilities under the current (pre-step) model are refreshed in the same denominator
-        bootstrap and returned; otherwise returns None."""
-        m = self.plan.config.momentum
-        scale = self.plan.config.learning_rate / batch.n_samples
-        lookahead = self.ev.linear_combination(self.model, [1 + m, -m])
-        groups = [(self.logits(batch, lookahead), scale)]
-        if validation is not None:
-            groups.append((self.logits(validation, self.model[0]), 1.0))
-        probabilities = self._probabilities(groups)
-        probs = probabilities[0]
-        terms = [self.ev.mul(self.ev.sub(a, self.ev.mul_scalar(batch.labels[k], scale)),
-                             batch.x_grad)
-                 for k, a in enumerate(probs)]
+    def probabilities(self, chunk: EncryptedChunk,
+                      model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
+        """Probabilities of one chunk under `model` (validation; softmax: its own bootstrap)."""
+        kernel = self.kernel
+        logits = kernel.logits(chunk, model)
         if self.softmax is None:
-            gradient = self.ev.rotate_and_sum(terms[0], self.layout.gradient_strides)
+            return [kernel.sigmoid(logits[0], 1.0)]
+        exps = kernel.exponentials(logits)
+        inverse = self._refresh_inverse(kernel.compact_sums(exps))
+        return kernel.spread_inverse(inverse, -self.layout.block, 1.0, exps)
+
+    def step(self, batch: int, validation: EncryptedChunk | None = None):
+        """One Nesterov step on training batch `batch` (its chunks: one bootstrap of the model
+        whatever their number). With `validation` (softmax only), that chunk's probabilities
+        under the current (pre-step) model ride in the step's denominator bootstrap (second
+        halves of the compact slots) and are returned; otherwise returns None."""
+        m = self.plan.config.momentum
+        chunk_ids = self.plan.batch_chunks(batch)
+        n_samples = sum(self.data.train[t].n_samples for t in chunk_ids)
+        scale = self.plan.config.learning_rate / n_samples
+        placed = list(enumerate(chunk_ids))
+        lookahead = self.ev.linear_combination(self.model, [1 + m, -m])
+        ridden = None
+        if self.softmax is None:
+            terms = self.shards.binary_terms(lookahead, placed, scale)
+            gradient = self.ev.rotate_and_sum(terms, self.layout.gradient_strides)
             period = self.layout.block
         else:
-            shifts = self.softmax.class_shifts
-            back = [self.ev.rotate(t, shifts[-k]) if k else t for k, t in enumerate(terms)]
-            half = self.ev.rotate_and_sum(self.ev.add_many(back), self.softmax.period_sum_strides)
-            gradient = self.ev.add(half, self.ev.rotate(half, -self.layout.block))
+            d = self.layout.block
+            compact = self.shards.softmax_forward(lookahead, placed)
+            if validation is not None:
+                val_exps = self.kernel.exponentials(self.kernel.logits(validation, self.model[0]))
+                shifted = self.ev.rotate(self.kernel.compact_sums(val_exps), -d)
+                compact = self.ev.add(compact, shifted)
+            inverse = self._refresh_inverse(compact)
+            terms = self.shards.softmax_backward(inverse, scale)
+            if validation is not None:  # the chunk's values are already in the second halves
+                ridden = self.kernel.spread_inverse(inverse, 0, 1.0, val_exps)
+            half = self.ev.rotate_and_sum(terms, self.softmax.period_sum_strides)
+            gradient = self.ev.add(half, self.ev.rotate(half, -d))
             period = self.softmax.model_period
         decay = self.plan.config.decay_factor
         decayed = lookahead if decay == 1.0 else self.ev.linear_combination(
@@ -200,16 +190,15 @@ class EncryptedTrainer:
         updated = self.ev.bootstrap(self.ev.sub(decayed, gradient), period=period)
         self.model = [updated, self.model[0]]
         self.state.steps += 1
-        return probabilities[1] if validation is not None else None
+        return ridden
 
-    def step_and_validate(self, batch: EncryptedBatch) -> ofhe.Ciphertext:
+    def step_and_validate(self, batch: int) -> ofhe.Ciphertext:
         """A step on `batch` whose denominator bootstrap also carries the first validation
         chunk under the current (pre-step) model: the encrypted validation loss of that model
         costs no bootstrap of its own (its compact slots are the free second halves)."""
         current = self.model[0]
         first = self.step(batch, validation=self.data.val[0])
-        rest = [(chunk, self.scaled_probabilities(self.logits(chunk, current), 1.0))
-                for chunk in self.data.val[1:]]
+        rest = [(chunk, self.probabilities(chunk, current)) for chunk in self.data.val[1:]]
         return self._sum_of_squares([(self.data.val[0], first), *rest])
 
     def validation_loss_ciphertext(self) -> ofhe.Ciphertext:
@@ -218,9 +207,8 @@ class EncryptedTrainer:
         Squares of every chunk and class are added first (slot-wise), so the sum over samples
         costs one rotate-and-sum in total.
         """
-        return self._sum_of_squares([
-            (batch, self.scaled_probabilities(self.logits(batch, self.model[0]), 1.0))
-            for batch in self.data.val])
+        return self._sum_of_squares([(chunk, self.probabilities(chunk, self.model[0]))
+                                     for chunk in self.data.val])
 
     def _sum_of_squares(self, chunks) -> ofhe.Ciphertext:
         """(chunk, probabilities) pairs -> the summed squared errors in slot 0."""
@@ -287,7 +275,7 @@ class EncryptedTrainer:
         """Run (or resume) training. `decide=None`: fixed number of epochs, no interaction."""
         self.initialise_or_resume()
         config = self.plan.config
-        n_batches = len(self.data.train)
+        n_batches = len(self.plan.train_batch_sizes)
         done_now = 0
         while not self.state.stopped and self.state.epoch < config.epochs:
             epoch = self.state.epoch + 1
@@ -295,10 +283,10 @@ class EncryptedTrainer:
             for position, b in enumerate(epoch_batch_order(n_batches, config.seed, epoch)):
                 step_start = time.perf_counter()
                 if position == 0 and self.state.validation_pending:
-                    if not self._validated_step(self.data.train[b], decide):
+                    if not self._validated_step(int(b), decide):
                         break  # stopped: this step belongs to an epoch that never runs
                 else:
-                    self.step(self.data.train[b])
+                    self.step(int(b))
                 if on_step:
                     on_step({"epoch": epoch, "step_in_epoch": position + 1,
                              "steps_per_epoch": n_batches, "steps": self.state.steps,
@@ -329,7 +317,7 @@ class EncryptedTrainer:
         self.state.stopped = not decision.continue_training
         self.state.validation_pending = False
 
-    def _validated_step(self, batch: EncryptedBatch, decide) -> bool:
+    def _validated_step(self, batch: int, decide) -> bool:
         """First step of an epoch carrying the previous epoch's validation; False (and the
         model and step count rolled back) when the hospital stops training there."""
         if decide is None:  # resumed without a judge: nobody asks for the validation

@@ -23,6 +23,21 @@ from medblindtuner.training.plain import (
 
 # The hospital refuses a plan whose mirror logits pass this share of the approximation interval.
 RANGE_MARGIN = 0.9
+# A step's transient ciphertexts grow with its chunks (a softmax keeps C exponentials each).
+MAX_CHUNKS_PER_STEP = 32
+
+
+def split_into_chunks(n_samples: int, per_chunk: int) -> list[int]:
+    """Consecutive chunks of `per_chunk` samples and a last, shorter one (the mirror's range
+    check walks the logit slots in the same pieces)."""
+    return [min(per_chunk, n_samples - start) for start in range(0, n_samples, per_chunk)]
+
+
+def max_batch_size(layout: PackingLayout, n_classes: int) -> int:
+    """Largest batch one step takes: a softmax step's denominators share one bootstrap."""
+    if n_classes == 2:
+        return MAX_CHUNKS_PER_STEP * layout.samples_per_ct
+    return min(MAX_CHUNKS_PER_STEP, SoftmaxLayout.max_chunks(layout)) * layout.samples_per_ct
 
 
 @dataclass(frozen=True)
@@ -48,14 +63,35 @@ class TrainingPlan:
     @property
     def softmax_layout(self) -> SoftmaxLayout | None:
         """Class-rotation layout of a softmax head (None for a binary head)."""
-        return None if self.activation.binary else SoftmaxLayout(self.layout, self.n_classes)
+        if self.activation.binary:
+            return None
+        return SoftmaxLayout(self.layout, self.n_classes, self.chunks_per_step)
+
+    # ---- batches and their chunks ---------------------------------------------------------
+    def chunk_sizes(self, batch_size: int) -> list[int]:
+        """A batch's data ciphertexts ("chunks"): consecutive full ones, then the rest."""
+        return split_into_chunks(batch_size, self.layout.samples_per_ct)
+
+    @property
+    def chunks_per_step(self) -> int:
+        return max(len(self.chunk_sizes(n)) for n in self.train_batch_sizes)
+
+    @property
+    def train_chunk_sizes(self) -> list[int]:
+        """Samples in each training chunk, in file order (batch by batch)."""
+        return [c for n in self.train_batch_sizes for c in self.chunk_sizes(n)]
+
+    def batch_chunks(self, batch: int) -> list[int]:
+        """File indices of the chunks of training batch `batch`."""
+        start = sum(len(self.chunk_sizes(n)) for n in self.train_batch_sizes[:batch])
+        return list(range(start, start + len(self.chunk_sizes(self.train_batch_sizes[batch]))))
 
     @property
     def bootstrap_slots(self) -> tuple[int, ...]:
         softmax = self.softmax_layout
         if softmax is None:
             return (self.layout.block,)
-        return tuple(sorted({softmax.model_period, softmax.compact_period}))
+        return tuple(sorted({softmax.model_period, softmax.step_compact_period}))
 
     @property
     def rotation_indices(self) -> list[int]:
@@ -76,15 +112,15 @@ class TrainingPlan:
         return 1 if softmax is None else softmax.class_slots
 
     def batch_hint(self) -> str | None:
-        """Advice when the batch leaves data ciphertexts part-empty: a step costs the same
-        whatever its batch fills (the bootstraps dominate), so a full ciphertext is cheaper per
-        sample (measurements: docs/results.md)."""
+        """Advice when the batch leaves data ciphertexts part-empty: a step's bootstraps cost
+        the same whatever its batch fills, so full ciphertexts are cheaper per sample
+        (measurements: docs/results.md)."""
         full = self.layout.samples_per_ct
         if self.config.batch_size >= full or len(self.train_batch_sizes) < 2:
             return None
         return (f"batches of {self.config.batch_size} fill {self.config.batch_size / full:.0%} "
-                f"of each ciphertext ({full} samples at {self.n_features} features): a step "
-                f"costs the same with --batch-size {full} (raise the learning rate with it)")
+                f"of a ciphertext ({full} samples at {self.n_features} features): a step "
+                f"over {full} or a multiple of it costs less per sample")
 
     def padding_loss(self, n_padding: int) -> float:
         """Brier contribution of all-zero padding samples (public; subtracted by the hospital)."""
@@ -126,7 +162,7 @@ class TrainingPlan:
     ) -> TrainingPlan:
         layout = PackingLayout(params.slots, x_train.shape[1])
         config = config.checked()
-        batch = min(config.batch_size, layout.samples_per_ct)
+        batch = min(config.batch_size, max_batch_size(layout, n_classes))
         if batch != config.batch_size:
             config = TrainConfig(**{**config.to_dict(), "batch_size": batch})
         train_sizes = tuple(len(b) for b in make_batches(len(x_train), batch, config.seed))

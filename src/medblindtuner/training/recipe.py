@@ -16,7 +16,10 @@ test split is never read here) and is recorded with its reason:
   balanced with the features (`FeatureScaler.bias_`), so L is set by the data, not the 1s.
 - **Momentum** `(1 - sqrt(q)) / (1 + sqrt(q))`, `q = wd / L` (Nesterov's constant for a
   q-conditioned problem), at most `MAX_MOMENTUM`.
-- **Batch**: one full data ciphertext, split into equal batches (`plain.make_batches`).
+- **Batch**: whole data ciphertexts, as few as hold `MIN_BATCH` samples (a step's gradient
+  averages enough samples) and as many as keep an epoch within `STEP_BUDGET / MIN_EPOCHS`
+  steps (a large dataset takes bigger steps: the model's bootstraps are paid once per step
+  whatever its chunks), split into equal batches (`plain.make_batches`).
 - **Epochs**: about `STEP_BUDGET` steps, between `MIN_EPOCHS` and `MAX_EPOCHS`.
 - **Approximation intervals**: the smallest rung of a ladder that leaves `LOGIT_HEADROOM`
   above the exact head's largest logit slot (and, for softmax, `SUM_HEADROOM` above its
@@ -40,6 +43,7 @@ from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION, CkksParams
 from medblindtuner.training.approx import ActivationPlan, RangeError
 from medblindtuner.training.plain import TrainConfig, make_batches, train_head
+from medblindtuner.training.plan import max_batch_size
 from medblindtuner.training.reference import (
     ProbeResult,
     fit_logistic,
@@ -53,6 +57,7 @@ STEP_SIZE_FRACTION = 0.5
 MAX_MOMENTUM = 0.9
 STEP_BUDGET = 30
 MIN_EPOCHS, MAX_EPOCHS = 2, 10
+MIN_BATCH = 256
 LOGIT_HEADROOM = 0.8
 SUM_HEADROOM = 1.5
 SIGMOID_BOUNDS = (8.0, 12.0, 16.0, 20.0, 24.0)  # degree 27: max error 1.4e-5 ... 1.6e-2
@@ -189,6 +194,16 @@ def choose_pca_dims(features: FeatureSet, n_classes: int, c: float, slots: int,
                     f"{PCA_LOSS_TOLERANCE:.0%} of the best ({table})")
 
 
+def derived_batch_size(n_samples: int, layout: PackingLayout, n_classes: int) -> int:
+    """Whole ciphertexts: at least MIN_BATCH samples, at most STEP_BUDGET / MIN_EPOCHS steps
+    an epoch, no more than a step takes (`plan.max_batch_size`) or the data holds."""
+    per_ct = layout.samples_per_ct
+    wanted = max(-(-MIN_BATCH // per_ct),
+                 -(-n_samples // (per_ct * (STEP_BUDGET // MIN_EPOCHS))))
+    chunks = min(wanted, max_batch_size(layout, n_classes) // per_ct, -(-n_samples // per_ct))
+    return chunks * per_ct
+
+
 def _ladder_start(ladder: tuple[float, ...], needed: float) -> int:
     for i, bound in enumerate(ladder):
         if bound >= needed:
@@ -237,8 +252,9 @@ def derive_recipe(
     curvature = (0.25 if n_classes == 2 else 0.5) * float(np.linalg.norm(x_train, ord=2)**2 / n)
     layout = PackingLayout(params.slots, x_train.shape[1])
     if batch_size is None:
-        batch_size = layout.samples_per_ct
-    steps_per_epoch = len(make_batches(n, min(batch_size, layout.samples_per_ct), seed))
+        batch_size = derived_batch_size(n, layout, n_classes)
+    batch_size = min(batch_size, max_batch_size(layout, n_classes))
+    steps_per_epoch = len(make_batches(n, batch_size, seed))
     if epochs is None:
         epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(STEP_BUDGET / steps_per_epoch))))
     derived_wd = scaler.scale_**2 / (probe.c * n)
@@ -290,8 +306,10 @@ def derive_recipe(
          f"Nesterov's (1 - sqrt q)/(1 + sqrt q) for q = wd / L = {q:.3g}, at most "
          f"{MAX_MOMENTUM}")
     note("batch_size", config.batch_size, given.batch_size is not None,
-         f"one full data ciphertext holds {layout.samples_per_ct} samples ({params.slots} "
-         f"slots / {2 * layout.block}); batches are split evenly")
+         f"{-(-config.batch_size // layout.samples_per_ct)} whole data ciphertexts of "
+         f"{layout.samples_per_ct} samples ({params.slots} slots / {2 * layout.block}): at "
+         f"least {MIN_BATCH} samples a step and at most {STEP_BUDGET // MIN_EPOCHS} steps an "
+         "epoch; batches are split evenly")
     note("epochs", config.epochs, given.epochs is not None,
          f"about {STEP_BUDGET} steps at {steps_per_epoch} steps per epoch (between "
          f"{MIN_EPOCHS} and {MAX_EPOCHS})")

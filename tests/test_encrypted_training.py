@@ -126,6 +126,27 @@ def test_trainer_runs_with_only_the_public_bundle(setup, tmp_path):
     assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
 
 
+def test_streamed_dataset_trains_like_the_one_in_memory(setup, tmp_path):
+    """A dataset too large to keep is read chunk by chunk at each step: same weights, and
+    the training chunks are not held between steps."""
+    _, plan, keys, dataset = setup
+    from medblindtuner.hospital.crypto import write_encrypted_dataset
+    from medblindtuner.training.artifacts import StoredChunks
+    write_encrypted_dataset(tmp_path / "data", keys, plan, *setup[0])
+    streamed = EncryptedDataset.load(tmp_path / "data", keys.params, resident=False)
+    assert isinstance(streamed.train, StoredChunks) and not streamed.train.resident
+    assert len(streamed.train) == len(dataset.train)
+    assert streamed.train[0] is not streamed.train[0]  # read again, not kept
+    results = []
+    for name, data in (("memory", dataset), ("streamed", streamed)):
+        trainer = make_trainer(keys, data, tmp_path / name)
+        trainer.initialise_or_resume()
+        for batch in range(len(plan.train_batch_sizes)):
+            trainer.step(batch)
+        results.append(decrypt_weights(keys, plan, trainer.weights))
+    assert np.max(np.abs(results[0] - results[1])) < 1e-4
+
+
 def test_tampered_dataset_is_refused(setup, tmp_path):
     _, _, keys, dataset = setup
     dataset.save(tmp_path / "data", keys.params)

@@ -7,7 +7,7 @@ Only the hospital runs this (it needs the secret key). The cloud's counterpart i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from medblindtuner.training.plain import make_batches, one_hot
 from medblindtuner.training.plan import TrainingPlan
 
 
-def encrypt_dataset(
+def encrypted_chunks(
     keys: HospitalKeys,
     plan: TrainingPlan,
     x_train: np.ndarray,
@@ -32,8 +32,9 @@ def encrypt_dataset(
     x_val: np.ndarray,
     y_val: np.ndarray,
     progress: Callable[[int], None] | None = None,
-) -> EncryptedDataset:
-    """Hospital: encrypt the fixed batches (and validation chunks) at the post-refresh level."""
+) -> tuple[Iterator[EncryptedChunk], Iterator[EncryptedChunk]]:
+    """Hospital: the fixed batches' chunks and the validation chunks, encrypted at the
+    post-refresh level one at a time as they are consumed."""
     layout = plan.layout
     level = data_level(keys.params)
 
@@ -51,12 +52,30 @@ def encrypt_dataset(
         return chunk
 
     step = layout.samples_per_ct
-    train = [encrypt_chunk(x_train[idx[i : i + step]], y_train[idx[i : i + step]])
+    train = (encrypt_chunk(x_train[idx[i : i + step]], y_train[idx[i : i + step]])
              for idx in make_batches(len(x_train), plan.config.batch_size, plan.config.seed)
-             for i in range(0, len(idx), step)]
-    val = [encrypt_chunk(x_val[i : i + step], y_val[i : i + step])
-           for i in range(0, len(x_val), step)]
-    return EncryptedDataset(plan, train, val)
+             for i in range(0, len(idx), step))
+    val = (encrypt_chunk(x_val[i : i + step], y_val[i : i + step])
+           for i in range(0, len(x_val), step))
+    return train, val
+
+
+def encrypt_dataset(keys: HospitalKeys, plan: TrainingPlan, x_train: np.ndarray,
+                    y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                    progress: Callable[[int], None] | None = None) -> EncryptedDataset:
+    """The whole encrypted dataset in memory (tests, benchmarks; the hospital streams it to
+    disk with `write_encrypted_dataset`)."""
+    train, val = encrypted_chunks(keys, plan, x_train, y_train, x_val, y_val, progress)
+    return EncryptedDataset(plan, list(train), list(val))
+
+
+def write_encrypted_dataset(directory: Path, keys: HospitalKeys, plan: TrainingPlan,
+                            x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                            y_val: np.ndarray,
+                            progress: Callable[[int], None] | None = None) -> dict:
+    """Encrypt and write chunk by chunk: memory stays one chunk whatever the dataset size."""
+    train, val = encrypted_chunks(keys, plan, x_train, y_train, x_val, y_val, progress)
+    return EncryptedDataset.write(directory, keys.params, plan, train, val)
 
 
 class JudgeRefusal(MedBlindTunerError):

@@ -31,8 +31,8 @@ from medblindtuner.hospital.crypto import (
     JudgeRefusal,
     decrypt_scores,
     decrypt_weights,
-    encrypt_dataset,
     encrypt_queries,
+    write_encrypted_dataset,
 )
 from medblindtuner.training.artifacts import EncryptedResult, load_scores
 from medblindtuner.training.plain import class_probabilities
@@ -219,9 +219,9 @@ class Hospital:
     def encrypt_dataset(self, progress: Callable[[int], None] | None = None) -> Path:
         """Encrypt the fixed training batches and validation chunks once."""
         plan, data = self._require_plan(), self._require_data()
-        dataset = encrypt_dataset(self.keys, plan, data.x["train"], data.y["train"],
-                                  data.x["val"], data.y["val"], progress=progress)
-        dataset.save(self.folder.encrypted_dataset, self.keyed)
+        write_encrypted_dataset(self.folder.encrypted_dataset, self.keys, plan,
+                                data.x["train"], data.y["train"], data.x["val"],
+                                data.y["val"], progress=progress)
         return self.folder.encrypted_dataset
 
     # ---- 4. training decisions and the result ---------------------------------------------

@@ -12,7 +12,7 @@ folder whose format, fingerprint or checksums do not match.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +42,14 @@ from medblindtuner.training.plan import TrainingPlan
 
 
 def write_artifact(directory: Path, fmt: str, params: CkksParams,
-                   cts: dict[str, ofhe.Ciphertext], **fields) -> dict:
-    """Save `cts` (file name -> ciphertext) and the manifest that lists and checksums them."""
+                   cts: dict[str, ofhe.Ciphertext] | Iterable[tuple[str, ofhe.Ciphertext]],
+                   **fields) -> dict:
+    """Save `cts` (file name -> ciphertext, or such pairs as they are made: each is written
+    and can be freed before the next) and the manifest that lists and checksums them."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    files = {name: save_ciphertext(directory / name, ct) for name, ct in cts.items()}
+    pairs = cts.items() if isinstance(cts, dict) else cts
+    files = {name: save_ciphertext(directory / name, ct) for name, ct in pairs}
     manifest = {"format": fmt, "params_fingerprint": params.fingerprint(), **fields,
                 "files": files}
     atomic_write_json(directory / MANIFEST_NAME, manifest)
@@ -100,11 +103,79 @@ def load_chunk(directory: Path, manifest: dict, plan: TrainingPlan, split: str,
                           [ct(f"y{j}") for j in range(plan.label_cts)])
 
 
+# a dataset's training chunks stay in memory up to this size; beyond it each step reads its
+# chunks from disk, so memory does not grow with the number of samples
+RESIDENT_TRAIN_BYTES = 2 << 30
+
+
+class StoredChunks(Sequence[EncryptedChunk]):
+    """A split's chunks as they lie in a dataset folder, read (and checksummed) when used.
+
+    `kept` holds them all once read (`open(..., resident=True)`); without it each access
+    reads the chunk again, so only the chunks of the current step are in memory."""
+
+    def __init__(self, directory: Path, manifest: dict, plan: TrainingPlan, split: str,
+                 sizes: Sequence[int],
+                 adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext] | None = None,
+                 kept: list[EncryptedChunk] | None = None) -> None:
+        self.directory, self.manifest, self.plan = Path(directory), manifest, plan
+        self.split, self.sizes, self.adopt, self.kept = split, list(sizes), adopt, kept
+
+    @classmethod
+    def open(cls, directory: Path, manifest: dict, plan: TrainingPlan, split: str,
+             sizes: Sequence[int], resident: bool) -> StoredChunks:
+        chunks = cls(directory, manifest, plan, split, sizes)
+        if resident:
+            chunks.kept = [chunks.read(i) for i in range(len(chunks))]
+        return chunks
+
+    @property
+    def resident(self) -> bool:
+        return self.kept is not None
+
+    def read(self, index: int) -> EncryptedChunk:
+        """Chunk `index` from disk (checksummed), adopted when this copy has an `adopt`."""
+        chunk = load_chunk(self.directory, self.manifest, self.plan, self.split, index,
+                           self.sizes[index])
+        return chunk.adopted(self.adopt) if self.adopt else chunk
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return self.kept[index] if self.kept is not None else self.read(index)
+
+    def __iter__(self) -> Iterator[EncryptedChunk]:
+        return (self[i] for i in range(len(self)))
+
+    def adopted(self, adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext]) -> StoredChunks:
+        kept = None if self.kept is None else [c.adopted(adopt) for c in self.kept]
+        return StoredChunks(self.directory, self.manifest, self.plan, self.split, self.sizes,
+                            adopt, kept)
+
+    def file_bytes(self) -> int:
+        """Bytes of this split's files on disk (from the manifest)."""
+        return sum(entry["bytes"] for name, entry in self.manifest["files"].items()
+                   if name.startswith(f"{self.split}_"))
+
+
+def _chunk_files(split: str, chunks: Iterable[EncryptedChunk]
+                 ) -> Iterator[tuple[str, ofhe.Ciphertext]]:
+    for index, chunk in enumerate(chunks):
+        for kind, ct in chunk.files().items():
+            yield dataset_file_name(split, index, kind), ct
+
+
 @dataclass
 class EncryptedDataset:
     plan: TrainingPlan
-    train: list[EncryptedChunk]  # file order; `batch` groups them into steps
-    val: list[EncryptedChunk]
+    train: Sequence[EncryptedChunk]  # file order; `batch` groups them into steps
+    val: Sequence[EncryptedChunk]
 
     def batch(self, index: int) -> list[EncryptedChunk]:
         """The chunks of training batch `index` (one step)."""
@@ -112,29 +183,42 @@ class EncryptedDataset:
 
     def adopted(self, adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext]) -> EncryptedDataset:
         """The same dataset with every ciphertext passed through `adopt` (Evaluator.adopt)."""
-        return EncryptedDataset(self.plan, [c.adopted(adopt) for c in self.train],
-                                [c.adopted(adopt) for c in self.val])
+        def each(chunks: Sequence[EncryptedChunk]) -> Sequence[EncryptedChunk]:
+            if isinstance(chunks, StoredChunks):
+                return chunks.adopted(adopt)
+            return [c.adopted(adopt) for c in chunks]
+
+        return EncryptedDataset(self.plan, each(self.train), each(self.val))
 
     def save(self, directory: Path, params: CkksParams) -> dict:
-        cts: dict[str, ofhe.Ciphertext] = {}
-        for split, chunks in (("train", self.train), ("val", self.val)):
-            for index, chunk in enumerate(chunks):
-                cts.update({dataset_file_name(split, index, kind): ct
-                            for kind, ct in chunk.files().items()})
-        return write_artifact(directory, DATASET_FORMAT, params, cts, plan=self.plan.to_dict())
+        return self.write(directory, params, self.plan, self.train, self.val)
+
+    @staticmethod
+    def write(directory: Path, params: CkksParams, plan: TrainingPlan,
+              train: Iterable[EncryptedChunk], val: Iterable[EncryptedChunk]) -> dict:
+        """Write chunks as they come (an iterator keeps only one chunk in memory)."""
+        def files() -> Iterator[tuple[str, ofhe.Ciphertext]]:
+            yield from _chunk_files("train", train)
+            yield from _chunk_files("val", val)
+
+        return write_artifact(directory, DATASET_FORMAT, params, files(), plan=plan.to_dict())
 
     @classmethod
-    def load(cls, directory: Path, params: CkksParams) -> EncryptedDataset:
+    def load(cls, directory: Path, params: CkksParams,
+             resident: bool | None = None) -> EncryptedDataset:
+        """The dataset in `directory`. `resident=None`: training chunks stay in memory when
+        their files total at most `RESIDENT_TRAIN_BYTES`, else are read at each step."""
         directory = Path(directory)
         manifest = read_dataset_manifest(directory, params)
         plan = TrainingPlan.from_dict(manifest["plan"])
-
-        def chunks(split: str, sizes: list[int]) -> list[EncryptedChunk]:
-            return [load_chunk(directory, manifest, plan, split, i, n)
-                    for i, n in enumerate(sizes)]
-
-        return cls(plan, chunks("train", plan.train_chunk_sizes),
-                   chunks("val", list(plan.val_batch_sizes)))
+        sizes = plan.train_chunk_sizes
+        if resident is None:
+            resident = StoredChunks(directory, manifest, plan, "train",
+                                    sizes).file_bytes() <= RESIDENT_TRAIN_BYTES
+        train = StoredChunks.open(directory, manifest, plan, "train", sizes, resident)
+        val = [load_chunk(directory, manifest, plan, "val", i, n)
+               for i, n in enumerate(plan.val_batch_sizes)]
+        return cls(plan, train, val)
 
 
 @dataclass

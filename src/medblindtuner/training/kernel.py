@@ -50,13 +50,21 @@ class StepKernel:
         return self.ev.mul_plain(ct, self.ev.cached_plaintext(key, make))
 
     # ---- shared by training and validation ---------------------------------------------------
-    def logits(self, chunk: EncryptedChunk, model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
-        """Binary: [z]. Softmax: one logit ciphertext per class rotation k (see SoftmaxLayout)."""
-        shifted = [model] if self.softmax is None else [
-            self.ev.rotate(model, shift) if shift else model
-            for shift in self.softmax.class_shifts]
+    def class_rotations(self, model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
+        """The model under each class rotation (softmax; binary: the model itself). A step
+        computes them once for all its chunks."""
+        if self.softmax is None:
+            return [model]
+        return [self.ev.rotate(model, shift) if shift else model
+                for shift in self.softmax.class_shifts]
+
+    def logits(self, chunk: EncryptedChunk, model: ofhe.Ciphertext,
+               rotated: list[ofhe.Ciphertext] | None = None) -> list[ofhe.Ciphertext]:
+        """Binary: [z]. Softmax: one logit ciphertext per class rotation k (see SoftmaxLayout).
+        `rotated`: `class_rotations(model)` when the caller has them already."""
+        rotated = rotated or self.class_rotations(model)
         return [self.ev.rotate_and_sum(self.ev.mul(chunk.x_dup, w), self.layout.logit_strides)
-                for w in shifted]
+                for w in rotated]
 
     def sigmoid(self, logit: ofhe.Ciphertext, scale: float) -> ofhe.Ciphertext:
         """scale * sigmoid~(logit), the scale folded into the coefficients (no level)."""
@@ -108,9 +116,10 @@ class StepKernel:
                         placed: Sequence[PlacedChunk]) -> ofhe.Ciphertext:
         """These chunks' share of the step's compact denominator vector (before the fold)."""
         self._pending, parts = [], []
+        rotated = self.class_rotations(lookahead)
         for position, index in placed:
             chunk = self.chunks[index]
-            exps = self.exponentials(self.logits(chunk, lookahead))
+            exps = self.exponentials(self.logits(chunk, lookahead, rotated))
             picked = self.compact_sums(exps)
             shift = self.softmax.chunk_shift(position)
             parts.append(self.ev.rotate(picked, -shift) if shift else picked)

@@ -1,0 +1,224 @@
+"""Encrypted training cost at hospital scale: ms per sample-epoch, bootstraps, memory.
+
+    python benchmarks/scale.py --out runs/bench/scale.json                 # local, all sizes
+    python benchmarks/scale.py --heads binary --sizes 2000 --steps 2       # one quick case
+    python benchmarks/scale.py --ray-nodes 1 2 --out runs/bench/scale_ray.json
+
+For each head (binary at PCA 63, 5-class softmax at PCA 31) and each training-set size N, it
+makes synthetic features of that width (cost does not depend on the values; accuracy is
+measured on the real sets by benchmarks/encrypted_training.py), lets the product derive the
+settings (batch size from N), generates production keys, encrypts and writes the dataset chunk
+by chunk, reloads it as the cloud does and times `--steps` steps. Each case runs in its own
+process, so its peak RSS is its own. `--ray-nodes S` also runs the steps on a local Ray cluster
+of S worker nodes (`training.cluster`). The per-step split into the chunks' part (parallel
+over nodes) and the driver's part (serial: update, bootstraps) gives a projection for more
+nodes, printed and stored as a projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HEADS = {"binary": (2, 63), "softmax": (5, 31)}
+PROJECTED_NODES = (4, 16, 64)
+
+
+def synthetic_features(n_train: int, n_classes: int, dim: int, seed: int = 0):
+    from medblindtuner.features.backbones import BackboneInfo
+    from medblindtuner.features.extract import FeatureSet
+
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 1.0, (n_classes, dim))
+    splits = {}
+    for split, size in (("train", n_train), ("val", max(n_classes, n_train // 10)),
+                        ("test", max(n_classes, n_train // 10))):
+        labels = rng.integers(0, n_classes, size)
+        labels[:n_classes] = np.arange(n_classes)
+        x = means[labels] + rng.normal(0, 1, (size, dim))
+        splits[split] = (x.astype(np.float32), labels.astype(np.int64))
+    info = BackboneInfo(name="synthetic", arch="none", feature_dim=dim, weights_source="none",
+                        weights_sha256="-", pretrained=False, input_size=0,
+                        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return FeatureSet(dataset_name=f"synthetic-{n_classes}", dataset_md5="-",
+                      n_classes=n_classes, splits=splits, backbone=info)
+
+
+class TimedShards:
+    """The local kernel, timing the chunks' part of each step (what nodes would share)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def _timed(self, name: str, *args):
+        start = time.perf_counter()
+        try:
+            return getattr(self.inner, name)(*args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def binary_terms(self, *args):
+        return self._timed("binary_terms", *args)
+
+    def softmax_forward(self, *args):
+        return self._timed("softmax_forward", *args)
+
+    def softmax_backward(self, *args):
+        return self._timed("softmax_backward", *args)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
+             insecure: bool) -> dict:
+    """One (head, N[, Ray nodes]) case in this process."""
+    from medblindtuner.he.engine import Evaluator
+    from medblindtuner.he.keys import HospitalKeys
+    from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+    from medblindtuner.hospital.crypto import write_encrypted_dataset
+    from medblindtuner.training.artifacts import EncryptedDataset
+    from medblindtuner.training.encrypted import EncryptedTrainer
+    from medblindtuner.training.plan import TrainingPlan
+    from medblindtuner.training.recipe import Overrides, derive_recipe
+
+    params = INSECURE_TEST if insecure else PRODUCTION
+    n_classes, dim = HEADS[head]
+    data, recipe = derive_recipe(synthetic_features(n_train, n_classes, dim), params,
+                                 Overrides(pca_dims=0))
+    plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
+                               recipe.config, recipe.activation)
+    keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
+    result: dict = {"head": head, "n_train": n_train, "features": dim, "params": keyed.name,
+                    "batch_size": plan.config.batch_size,
+                    "chunks_per_step": plan.chunks_per_step,
+                    "samples_per_ct": plan.layout.samples_per_ct,
+                    "steps_per_epoch": len(plan.train_batch_sizes), "ray_nodes": ray_nodes}
+    start = time.perf_counter()
+    keys = HospitalKeys.generate(keyed, plan.rotation_indices, allow_insecure=insecure)
+    result["keygen_s"] = round(time.perf_counter() - start, 1)
+    folder = workdir / f"{head}_{n_train}"
+    shutil.rmtree(folder, ignore_errors=True)
+    start = time.perf_counter()
+    manifest = write_encrypted_dataset(folder / "data", keys, plan, data.x["train"],
+                                       data.y["train"], data.x["val"], data.y["val"])
+    result["encrypt_s"] = round(time.perf_counter() - start, 1)
+    result["dataset_gb"] = round(sum(f["bytes"] for f in manifest["files"].values()) / 1e9, 2)
+    if ray_nodes:
+        keys.save_public_bundle(folder / "bundle")
+    dataset = EncryptedDataset.load(folder / "data", keyed)
+    result["resident"] = bool(getattr(dataset.train, "resident", True))
+    evaluator = Evaluator(keys.context, keyed, keys.public_key)
+    cluster = shards = None
+    if ray_nodes:
+        from medblindtuner.training.cluster import local_test_cluster, start_ray_shards
+        cluster = local_test_cluster(ray_nodes)
+        shards = start_ray_shards(cluster.address, folder / "data", folder / "bundle", keyed,
+                                  ray_nodes)
+    trainer = EncryptedTrainer(evaluator, dataset, folder / "ckpt", shards=shards)
+    timed = TimedShards(trainer.shards)
+    trainer.shards = timed
+    trainer.initialise_or_resume()
+    records = []
+    for step in range(steps):
+        batch = step % len(plan.train_batch_sizes)
+        before_boot, timed.seconds = trainer.ev.ops["bootstraps"], 0.0
+        start = time.perf_counter()
+        trainer.step(batch)
+        seconds = time.perf_counter() - start
+        records.append({"batch": batch, "samples": plan.train_batch_sizes[batch],
+                        "chunks": len(plan.batch_chunks(batch)), "step_s": round(seconds, 2),
+                        "chunk_part_s": round(timed.seconds, 2),
+                        "bootstraps": trainer.ev.ops["bootstraps"] - before_boot})
+        print(json.dumps({"head": head, "n": n_train, **records[-1]}), file=sys.stderr,
+              flush=True)
+    if shards is not None:
+        shards.close()
+        cluster.shutdown()
+    timed_records = records[1:] or records  # the first step also encodes the masks once
+    samples = sum(r["samples"] for r in timed_records)
+    step_s = sum(r["step_s"] for r in timed_records)
+    chunk_s = sum(r["chunk_part_s"] for r in timed_records)
+    chunks = sum(r["chunks"] for r in timed_records)
+    result.update({
+        "steps": records,
+        "ms_per_sample_epoch": round(1000 * step_s / samples, 2),
+        "bootstraps_per_1000_samples": round(
+            1000 * sum(r["bootstraps"] for r in timed_records) / samples, 2),
+        "serial_s_per_step": round((step_s - chunk_s) / len(timed_records), 2),
+        "chunk_s": round(chunk_s / chunks, 3),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+    })
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def projection(case: dict, nodes: int) -> float:
+    """ms per sample-epoch if each step's chunks were spread over `nodes` nodes (serial part
+    unchanged, transfers ignored): a projection, not a measurement."""
+    per_step = case["serial_s_per_step"] + math.ceil(case["chunks_per_step"] / nodes) * \
+        case["chunk_s"]
+    return round(1000 * per_step / case["batch_size"], 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[2000, 10000, 50000])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--ray-nodes", nargs="*", type=int, default=[0],
+                        help="0 = local process; S = a local Ray cluster of S worker nodes")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench/scale_work"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/scale.json"))
+    parser.add_argument("--insecure-test-params", action="store_true")
+    parser.add_argument("--one", nargs=3, metavar=("HEAD", "N", "NODES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        head, n, nodes = args.one
+        print(json.dumps(run_case(head, int(n), args.steps, int(nodes), args.workdir,
+                                  args.insecure_test_params)))
+        return
+    cases = []
+    for head in args.heads:
+        for n in args.sizes:
+            for nodes in args.ray_nodes:
+                command = [sys.executable, __file__, "--one", head, str(n), str(nodes),
+                           "--steps", str(args.steps), "--workdir", str(args.workdir)]
+                command += ["--insecure-test-params"] if args.insecure_test_params else []
+                done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+                if done.returncode != 0:
+                    print(f"{head} N={n} nodes={nodes}: failed (exit {done.returncode})")
+                    continue
+                case = json.loads(done.stdout.strip().splitlines()[-1])
+                if nodes == 0:
+                    case["projection_ms_per_sample_epoch"] = {
+                        str(k): projection(case, k) for k in PROJECTED_NODES}
+                cases.append(case)
+                where = f"Ray {nodes} node(s)" if nodes else "local"
+                print(f"{head:8s} N={n:6d} {where:14s} batch {case['batch_size']:5d} "
+                      f"({case['chunks_per_step']} cts) {case['ms_per_sample_epoch']:7.2f} "
+                      f"ms/sample-epoch, {case['bootstraps_per_1000_samples']:.2f} "
+                      f"bootstraps/1000 samples, peak RSS {case['peak_rss_gb']:.1f} GB",
+                      flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"command": " ".join(sys.argv),
+                                                "cases": cases}, indent=2))
+    for case in cases:
+        if "projection_ms_per_sample_epoch" in case:
+            print(f"projection {case['head']} N={case['n_train']}: " + ", ".join(
+                f"{k} nodes {v} ms" for k, v in case["projection_ms_per_sample_epoch"].items())
+                + " (serial part + chunks spread evenly; transfers not included)")
+
+
+if __name__ == "__main__":
+    main()

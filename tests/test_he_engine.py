@@ -100,7 +100,7 @@ def test_public_bundle_has_no_secret_and_is_verified(keys, tmp_path):
     manifest = keys.save_public_bundle(tmp_path / "bundle")
     keys.save_secret_key(tmp_path / "home" / "secret_key.bin")
     assert set(manifest["files"]) == {"context.bin", "public_key.bin", "mult_key.bin",
-                                      "rotation_keys.bin"}
+                                      "rotation_keys.bin", "shard_keys.bin"}
     # no file of the bundle contains the secret key's serialized polynomial
     secret = ofhe.Serialize(keys.secret_key, ofhe.BINARY)
     probe = secret[len(secret) // 2 : len(secret) // 2 + 64]

@@ -37,6 +37,9 @@ from medblindtuner.training.plan import TrainingPlan
 log = logging.getLogger("medblindtuner.cluster")
 
 LOCAL = "local"  # the `--ray-address` value that keeps the kernel in the trainer's process
+# the service's workers read the cluster address from here (`medblindtuner serve` passes its
+# environment on to them)
+RAY_ADDRESS_ENV = "MEDBLINDTUNER_RAY_ADDRESS"
 # how often one shard's part of a step is retried on a new actor before the step fails
 MAX_REPLACEMENTS = 3
 
@@ -279,3 +282,13 @@ class RayShards:
                                                   for shard in self._forward[1]})
         finally:
             self._forward = None
+
+
+def cluster_shards(address: str | None, dataset: EncryptedDataset, bundle_dir: Path,
+                   evaluator: Evaluator, allow_insecure: bool = False) -> RayShards | None:
+    """The `shards` of a trainer for `address`: None for `local` (or no address), which keeps
+    the kernel in the trainer's process; otherwise `RayShards` started on that cluster."""
+    if address is None or address.strip() in ("", LOCAL):
+        return None
+    return RayShards.start(address.strip(), dataset, bundle_dir, evaluator,
+                           allow_insecure=allow_insecure)

@@ -18,7 +18,12 @@ from medblindtuner.training.encrypted import EncryptedTrainer
 from medblindtuner.training.plain import TrainConfig
 
 ray = pytest.importorskip("ray")
-from medblindtuner.training.cluster import RayShards, chunk_owners  # noqa: E402
+from medblindtuner.training.cluster import (  # noqa: E402
+    LOCAL,
+    RayShards,
+    chunk_owners,
+    cluster_shards,
+)
 
 WEIGHT_TOL = 1e-3
 STORE_BYTES = 200 * 2**20  # object store per node: the shard keys and chunks are tens of MB
@@ -117,8 +122,15 @@ def test_lost_actor_is_replaced_and_its_part_redone(cluster, binary_job, binary_
 
 
 def test_softmax_head_on_ray_shards_equals_local(cluster, softmax_job, softmax_local, tmp_path):
-    assert softmax_job[1].chunks_per_step == 2
-    with _start(softmax_job) as shards:
+    """Through `cluster_shards`, as the CLI and the service's worker start them: by default
+    one actor per node, at most the chunks of a step (2 here, on 3 nodes)."""
+    _, plan, keys, dataset, bundle = softmax_job
+    assert plan.chunks_per_step == 2
+    evaluator = Evaluator(keys.context, keys.params, keys.public_key)
+    assert cluster_shards(LOCAL, dataset, bundle, evaluator) is None
+    shards = cluster_shards(cluster.address, dataset, bundle, evaluator, allow_insecure=True)
+    with shards:
+        assert len(shards.actors) == 2
         remote = _train(softmax_job, tmp_path / "ray", shards=shards)
     assert np.max(np.abs(remote - softmax_local)) < WEIGHT_TOL
 

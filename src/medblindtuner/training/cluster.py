@@ -80,6 +80,7 @@ class ShardWorker:
     kernel), so only one ciphertext per phase travels back."""
 
     def __init__(self, keys: ShardKeys, plan: dict, chunks: dict[int, Any]) -> None:
+        """`chunks`: training chunk index -> object ref of its `ChunkBlobs` (this shard's)."""
         import ray
 
         crypto = keys.load()
@@ -185,6 +186,7 @@ class RayShards:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        self._keys_ref, self._chunk_refs = None, {}  # their objects leave the store
         if self._owns_connection:
             ray.shutdown()
 

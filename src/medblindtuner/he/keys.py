@@ -7,7 +7,8 @@ the secret key.
 
 Cloud side (`CloudCrypto`): loads a public bundle. It holds no secret key and has no decrypt
 method; it can only evaluate. OpenFHE writes each key file straight to disk (keys are GBs), and
-checksums are computed by streaming, so no key is held twice in memory.
+checksums are computed by streaming, so no key is held twice in memory (except the step
+kernel's rotation keys at the hospital, kept as bytes from key generation to the bundle).
 
 Shard workers (`ShardKeys`, `training.cluster`): a node computing step kernels gets the context,
 public key, relinearisation key and the kernel's rotation keys as bytes, never the bootstrapping
@@ -348,6 +349,7 @@ class ShardKeys:
         for role, blob in self.blobs.items():
             if hashlib.sha256(blob).hexdigest() != self.checksums[role]:
                 raise BundleError(f"shard key blob {role!r} does not match its checksum")
+            # the rotation-key blob (GBs) passed the bundle's file check of the same bytes
             if role != "shard_keys" and _parses_as_secret_key(blob):
                 raise BundleError(f"shard key blob {role!r} is a secret key: refused")
 

@@ -48,7 +48,8 @@ def main() -> None:
                                recipe.config, recipe.activation)
     params = PRODUCTION.with_bootstrap_slots(plan.bootstrap_slots)
     start = time.perf_counter()
-    keys = HospitalKeys.generate(params, plan.rotation_indices)
+    keys = HospitalKeys.generate(params, plan.rotation_indices,
+                                 shard_rotation_indices=plan.kernel_rotation_indices)
     print(f"keys {time.perf_counter() - start:.1f} s", flush=True)
     in_memory = encrypt_dataset(keys, plan, data.x["train"], data.y["train"], data.x["val"],
                                 data.y["val"])

@@ -93,7 +93,8 @@ def main() -> None:
                          patience=5)
     plan = TrainingPlan.create(INSECURE_TEST, data[0], data[2], 2, config)
     params = INSECURE_TEST.with_bootstrap_slots(plan.bootstrap_slots)
-    keys = HospitalKeys.generate(params, plan.rotation_indices, allow_insecure=True)
+    keys = HospitalKeys.generate(params, plan.rotation_indices, allow_insecure=True,
+                                 shard_rotation_indices=plan.kernel_rotation_indices)
     keys.save_public_bundle(work / "bundle")
     encrypt_dataset(keys, plan, *data).save(work / "dataset", params)
     bundle_bytes = sum(p.stat().st_size for p in (work / "bundle").iterdir())

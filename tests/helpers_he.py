@@ -33,5 +33,6 @@ def plan_and_keys(n_classes: int, config: TrainConfig, data):
     x_train, _, x_val, _ = data
     plan = TrainingPlan.create(INSECURE_TEST, x_train, x_val, n_classes, config)
     params = INSECURE_TEST.with_bootstrap_slots(plan.bootstrap_slots)
-    keys = HospitalKeys.generate(params, plan.rotation_indices, allow_insecure=True)
+    keys = HospitalKeys.generate(params, plan.rotation_indices, allow_insecure=True,
+                                 shard_rotation_indices=plan.kernel_rotation_indices)
     return plan, keys

@@ -52,6 +52,14 @@ def test_main_app_help() -> None:
     assert runner.invoke(app, ["--help"]).exit_code == 0
 
 
+def test_train_encrypted_offers_a_ray_cluster() -> None:
+    from medblindtuner.cli.main import app
+
+    result = runner.invoke(app, ["train-encrypted", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "--ray-address" in result.output
+
+
 def test_cli_starts_without_torch_or_sklearn() -> None:
     """`medblindtuner --help` must not pay for torch/scikit-learn imports (6 s -> 0.8 s)."""
     import subprocess

@@ -11,7 +11,13 @@ import openfhe as ofhe
 import pytest
 
 from medblindtuner.he.engine import Evaluator
-from medblindtuner.he.keys import BundleError, CloudCrypto, HospitalKeys, verify_public_bundle
+from medblindtuner.he.keys import (
+    BundleError,
+    CloudCrypto,
+    HospitalKeys,
+    ShardKeys,
+    verify_public_bundle,
+)
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION, ParameterError, require_secure
 from medblindtuner.training.approx import ChebyshevApprox
@@ -22,6 +28,7 @@ PRODUCT_TOL = 1e-6
 BOOTSTRAP_TOL = 1e-3
 
 FEATURE_COUNTS = [5, 8, 13, 33]  # includes non-powers of two (padding)
+SHARD_ROTATIONS = [1, 2, 4]  # a step kernel's rotations at 8 features (its logit strides)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +37,8 @@ def keys():
     params = INSECURE_TEST.with_bootstrap_slots(tuple(blocks))
     rotations = sorted({r for n in FEATURE_COUNTS
                         for r in PackingLayout(params.slots, n).rotation_indices})
-    return HospitalKeys.generate(params, rotations, allow_insecure=True)
+    return HospitalKeys.generate(params, rotations, allow_insecure=True,
+                                 shard_rotation_indices=SHARD_ROTATIONS)
 
 
 def test_insecure_parameters_need_explicit_opt_in():
@@ -100,7 +108,7 @@ def test_public_bundle_has_no_secret_and_is_verified(keys, tmp_path):
     manifest = keys.save_public_bundle(tmp_path / "bundle")
     keys.save_secret_key(tmp_path / "home" / "secret_key.bin")
     assert set(manifest["files"]) == {"context.bin", "public_key.bin", "mult_key.bin",
-                                      "rotation_keys.bin"}
+                                      "rotation_keys.bin", "shard_keys.bin"}
     # no file of the bundle contains the secret key's serialized polynomial
     secret = ofhe.Serialize(keys.secret_key, ofhe.BINARY)
     probe = secret[len(secret) // 2 : len(secret) // 2 + 64]
@@ -109,6 +117,23 @@ def test_public_bundle_has_no_secret_and_is_verified(keys, tmp_path):
     verify_public_bundle(tmp_path / "bundle", allow_insecure=True)
     with pytest.raises(ParameterError):
         verify_public_bundle(tmp_path / "bundle")  # insecure params refused by default
+
+
+def test_shard_keys_are_the_kernel_rotations_alone(keys, tmp_path):
+    """The shard file holds the kernel's rotation keys only (a fraction of the bundle's
+    rotation and bootstrapping keys); its bytes are checked against the manifest."""
+    manifest = keys.save_public_bundle(tmp_path / "bundle")
+    assert manifest["shard_rotation_indices"] == SHARD_ROTATIONS
+    shard = ShardKeys.read(tmp_path / "bundle", allow_insecure=True)
+    assert shard.rotation_indices == tuple(SHARD_ROTATIONS)
+    assert set(shard.blobs) == {"context", "public_key", "mult_key", "shard_keys"}
+    sizes = {name: info["bytes"] for name, info in manifest["files"].items()}
+    assert sizes["shard_keys.bin"] < sizes["rotation_keys.bin"] / 4
+    tampered = ShardKeys(shard.params, shard.rotation_indices,
+                         {**shard.blobs, "shard_keys": shard.blobs["shard_keys"][:-1] + b"x"},
+                         shard.checksums)
+    with pytest.raises(BundleError, match="checksum"):
+        tampered.check()
 
 
 def test_bundle_with_secret_or_tampering_is_refused(keys, tmp_path):

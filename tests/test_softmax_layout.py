@@ -209,3 +209,16 @@ def test_layout_refuses_binary_heads_and_too_wide_models():
         SoftmaxLayout(PackingLayout(2048, 8), 2)
     with pytest.raises(ValueError, match="reduce the feature width"):
         SoftmaxLayout(PackingLayout(2048, 128), 5)
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_kernel_rotations_leave_the_drivers_to_the_driver(chunks):
+    """A shard worker's rotation keys (`kernel_rotation_indices`) are part of the plan's and
+    hold none of the driver's fold and period-sum strides; the cluster tests show a kernel
+    computes with these keys alone."""
+    layout = PackingLayout(4096, 8)
+    softmax = SoftmaxLayout(layout, 5, chunks)
+    kernel = set(softmax.kernel_rotation_indices)
+    assert kernel <= set(softmax.rotation_indices)
+    assert kernel.isdisjoint(softmax.fold_strides + softmax.period_sum_strides)
+    assert chunks == 1 or -softmax.chunk_shift(chunks - 1) in kernel

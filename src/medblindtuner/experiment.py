@@ -22,6 +22,7 @@ from medblindtuner.hospital.crypto import decrypt_weights
 from medblindtuner.hospital.hospital import Hospital
 from medblindtuner.training.approx import ActivationPlan
 from medblindtuner.training.artifacts import EncryptedDataset
+from medblindtuner.training.cluster import LOCAL, cluster_shards
 from medblindtuner.training.encrypted import EncryptedTrainer
 from medblindtuner.training.plain import (
     VALIDATION_LOSS_NAME,
@@ -129,10 +130,12 @@ def run_encrypted(
     hospital: Hospital,
     interactive: bool = True,
     log: Callable[[str], None] = print,
+    ray_address: str = LOCAL,
 ) -> dict:
     """Both roles in one process, after `hospital.prepare(...)`: keys, encryption, the cloud's
-    training (here, with only the public bundle's context), decryption, evaluation next to
-    the plaintext trainers; returns a results dict in the report's schema."""
+    training (here, with only the public bundle's context; the chunks' kernels on the Ray
+    cluster at `ray_address` unless `local`), decryption, evaluation next to the plaintext
+    trainers; returns a results dict in the report's schema."""
     data, recipe, plan = hospital.data, hospital.recipe, hospital.plan
     if data is None or recipe is None or plan is None:
         raise ValueError("run_encrypted needs a prepared hospital (Hospital.prepare)")
@@ -162,16 +165,24 @@ def run_encrypted(
     dataset = EncryptedDataset.load(hospital.folder.encrypted_dataset, keyed)
 
     evaluator = Evaluator(keys.context, keyed, keys.public_key)
-    trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints")
+    shards = cluster_shards(ray_address, dataset, hospital.folder.public_bundle, evaluator,
+                            allow_insecure=hospital.allow_insecure)
+    if shards is not None:
+        log(f"step kernels on {len(shards.actors)} Ray actors ({ray_address})")
+    trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints", shards=shards)
     judge = hospital.judge() if interactive else None
     total_steps = config.epochs * len(plan.train_batch_sizes)
     start = time.perf_counter()
-    with tqdm(total=total_steps, desc="encrypted training", unit="step") as bar:
-        def on_step(info: dict) -> None:
-            bar.update(1)
-            bar.set_postfix(epoch=info["epoch"], s_per_step=f"{info['step_seconds']:.1f}",
-                            bootstraps=info["bootstraps"])
-        state = trainer.train(decide=judge, on_step=on_step)
+    try:
+        with tqdm(total=total_steps, desc="encrypted training", unit="step") as bar:
+            def on_step(info: dict) -> None:
+                bar.update(1)
+                bar.set_postfix(epoch=info["epoch"], s_per_step=f"{info['step_seconds']:.1f}",
+                                bootstraps=info["bootstraps"])
+            state = trainer.train(decide=judge, on_step=on_step)
+    finally:
+        if shards is not None:
+            shards.close()
     timings["training"] = time.perf_counter() - start
     weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(state.best_epoch))
     timings["total"] = time.perf_counter() - t0

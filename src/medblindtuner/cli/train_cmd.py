@@ -130,6 +130,9 @@ def train_encrypted(
         "runs/train-encrypted"),
     insecure_test_params: Annotated[bool, typer.Option(
         help="Tiny INSECURE ring for tests/quick looks; never for real data.")] = False,
+    ray_address: Annotated[str, typer.Option(
+        help="Where the steps' chunks are computed: 'local' (this process), or a Ray cluster "
+             "('auto', 'host:port', 'ray://host:port'; one actor per node).")] = "local",
     json_path: JsonOpt = None,
 ) -> None:
     """Encrypted training (both roles, one process) next to the plaintext trainers."""
@@ -149,7 +152,8 @@ def train_encrypted(
     console.print("training settings (derived from train/validation unless given):")
     try:
         hospital.prepare(feature_set, given)
-        results = run_encrypted(hospital, interactive=not fixed_epochs, log=console.print)
+        results = run_encrypted(hospital, interactive=not fixed_epochs, log=console.print,
+                                ray_address=ray_address)
     except RangeError as exc:
         console.print(f"[red]refused:[/] {exc}")
         raise typer.Exit(2) from exc

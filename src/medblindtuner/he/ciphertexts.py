@@ -35,6 +35,19 @@ def load_ciphertext(path: Path, expected: dict | None = None) -> ofhe.Ciphertext
     return ct
 
 
+def ciphertext_to_bytes(ct: ofhe.Ciphertext) -> bytes:
+    """A ciphertext as OpenFHE binary bytes: what crosses the wire to a cluster's workers."""
+    return ofhe.Serialize(ct, ofhe.BINARY)
+
+
+def ciphertext_from_bytes(data: bytes) -> ofhe.Ciphertext:
+    """Inverse of `ciphertext_to_bytes`; needs this process's context of the same parameters."""
+    try:
+        return ofhe.DeserializeCiphertextString(data, ofhe.BINARY)
+    except Exception as exc:  # noqa: BLE001 - OpenFHE raises RuntimeError with C++ text
+        raise BundleError(f"{len(data)} bytes are not a ciphertext: {exc}") from exc
+
+
 def read_artifact_manifest(directory: Path, fmt: str, params_fingerprint: str) -> dict:
     """Manifest of a ciphertext artifact, refused unless its format and parameters match."""
     path = Path(directory) / "manifest.json"

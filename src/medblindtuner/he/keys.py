@@ -2,11 +2,18 @@
 
 Hospital side (`HospitalKeys`): context + key pair; writes the public bundle (context, public
 key, relinearisation key, rotation + bootstrapping keys for exactly the indices the training
-plan needs) and, separately, the secret key.
+plan needs, and the step kernel's rotation keys again in a file of their own) and, separately,
+the secret key.
 
 Cloud side (`CloudCrypto`): loads a public bundle. It holds no secret key and has no decrypt
 method; it can only evaluate. OpenFHE writes each key file straight to disk (keys are GBs), and
-checksums are computed by streaming, so no key is held twice in memory.
+checksums are computed by streaming, so no key is held twice in memory (except the step
+kernel's rotation keys at the hospital, kept as bytes from key generation to the bundle).
+
+Shard workers (`ShardKeys`, `training.cluster`): a node computing step kernels gets the context,
+public key, relinearisation key and the kernel's rotation keys as bytes, never the bootstrapping
+keys (OpenFHE keeps those in the same automorphism-key map as the rotations, which is why the
+kernel's subset is serialised at key generation, before any bootstrapping key exists).
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ _PUBLIC_FILES = {
     "public_key": "public_key.bin",
     "mult_key": "mult_key.bin",
     "rotation_keys": "rotation_keys.bin",
+    "shard_keys": "shard_keys.bin",
 }
+# What a shard worker loads: no bootstrapping key, no secret key.
+SHARD_KEY_ROLES = ("context", "public_key", "mult_key", "shard_keys")
 _SECRET_FILE = "secret_key.bin"
 
 
@@ -70,6 +80,9 @@ class HospitalKeys:
     secret_key: ofhe.PrivateKey
     rotation_indices: tuple[int, ...]
     keygen_seconds: float = 0.0
+    # the step kernel's rotation keys, serialised before the bootstrapping keys joined them
+    shard_rotation_indices: tuple[int, ...] = ()
+    shard_keys: bytes | None = None
 
     @classmethod
     def generate(
@@ -77,8 +90,14 @@ class HospitalKeys:
         params: CkksParams,
         rotation_indices: list[int] | tuple[int, ...],
         allow_insecure: bool = False,
+        shard_rotation_indices: list[int] | tuple[int, ...] = (),
     ) -> HospitalKeys:
-        """Make a context and keys: relinearisation, the plan's rotations, bootstrapping."""
+        """Make a context and keys: relinearisation, the plan's rotations, bootstrapping.
+
+        `shard_rotation_indices` (the step kernel's, `TrainingPlan.kernel_rotation_indices`)
+        are generated first and serialised on their own: OpenFHE adds bootstrapping keys to the
+        same key map, so this is the one moment the map holds the shard workers' keys alone.
+        """
         require_secure(params, allow_insecure)
         start = time.perf_counter()
         _reset_openfhe_state()
@@ -86,9 +105,19 @@ class HospitalKeys:
         setup_bootstrapping(context, params)
         pair = context.KeyGen()
         context.EvalMultKeyGen(pair.secretKey)
-        indices = tuple(sorted({int(i) for i in rotation_indices if int(i) % params.slots}))
-        if indices:
-            context.EvalRotateKeyGen(pair.secretKey, list(indices))
+
+        def nonzero(values) -> tuple[int, ...]:
+            return tuple(sorted({int(i) for i in values if int(i) % params.slots}))
+
+        shard_indices = nonzero(shard_rotation_indices)
+        if shard_indices:
+            context.EvalRotateKeyGen(pair.secretKey, list(shard_indices))
+        shard_keys = (ofhe.SerializeEvalAutomorphismKeyString(
+            ofhe.BINARY, pair.secretKey.GetKeyTag()) if shard_indices else b"")
+        indices = nonzero(tuple(rotation_indices) + shard_indices)
+        rest = sorted(set(indices) - set(shard_indices))
+        if rest:
+            context.EvalRotateKeyGen(pair.secretKey, rest)
         for slots in params.bootstrap_slots:
             context.EvalBootstrapKeyGen(pair.secretKey, slots)
         return cls(
@@ -98,6 +127,8 @@ class HospitalKeys:
             secret_key=pair.secretKey,
             rotation_indices=indices,
             keygen_seconds=time.perf_counter() - start,
+            shard_rotation_indices=shard_indices,
+            shard_keys=shard_keys,
         )
 
     # ---- hospital-only operations -------------------------------------------------------
@@ -116,9 +147,13 @@ class HospitalKeys:
     # ---- files --------------------------------------------------------------------------
     def save_public_bundle(self, directory: Path) -> dict:
         """Write everything the cloud needs and nothing that can decrypt. Returns the manifest."""
+        if self.shard_keys is None:
+            raise BundleError("these keys were reloaded without the shard keys, which exist "
+                              "only at key generation: generate the bundle anew")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = {key: directory / name for key, name in _PUBLIC_FILES.items()}
+        paths["shard_keys"].write_bytes(self.shard_keys)
         ok = [
             ofhe.SerializeToFile(str(paths["context"]), self.context, ofhe.BINARY),
             ofhe.SerializeToFile(str(paths["public_key"]), self.public_key, ofhe.BINARY),
@@ -132,6 +167,7 @@ class HospitalKeys:
             "params": self.params.to_dict(),
             "params_fingerprint": self.params.fingerprint(),
             "rotation_indices": list(self.rotation_indices),
+            "shard_rotation_indices": list(self.shard_rotation_indices),
             "files": {
                 name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
                 for name, path in ((p.name, p) for p in paths.values())
@@ -280,6 +316,68 @@ class CloudCrypto:
             np.ascontiguousarray(values, dtype=np.float64), 1, level, None, self.params.slots
         )
         return self.context.Encrypt(self.public_key, plaintext)
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """What a step-kernel worker loads, as bytes: the context, public key, relinearisation key
+    and the kernel's rotation keys (`SHARD_KEY_ROLES`). Bytes, because they travel to nodes
+    that may share no disk with the bundle; never a bootstrapping or a secret key."""
+
+    params: CkksParams
+    rotation_indices: tuple[int, ...]
+    blobs: dict[str, bytes]  # role -> the file's bytes
+    checksums: dict[str, str]  # role -> SHA-256 listed in the bundle's manifest
+
+    @classmethod
+    def read(cls, bundle_dir: Path, allow_insecure: bool = False) -> ShardKeys:
+        """The shard files of a verified public bundle (checksums kept for the worker)."""
+        bundle_dir = Path(bundle_dir)
+        manifest = verify_public_bundle(bundle_dir, allow_insecure=allow_insecure)
+        if "shard_rotation_indices" not in manifest:
+            raise BundleError(f"{bundle_dir}: this bundle predates shard keys; generate it anew")
+        names = {role: _PUBLIC_FILES[role] for role in SHARD_KEY_ROLES}
+        blobs = {role: (bundle_dir / name).read_bytes() for role, name in names.items()}
+        shard = cls(CkksParams.from_dict(manifest["params"]),
+                    tuple(manifest["shard_rotation_indices"]), blobs,
+                    {role: manifest["files"][name]["sha256"] for role, name in names.items()})
+        shard.check()
+        return shard
+
+    def check(self) -> None:
+        """Every blob matches the manifest's checksum and none parses as a secret key."""
+        for role, blob in self.blobs.items():
+            if hashlib.sha256(blob).hexdigest() != self.checksums[role]:
+                raise BundleError(f"shard key blob {role!r} does not match its checksum")
+            # the rotation-key blob (GBs) passed the bundle's file check of the same bytes
+            if role != "shard_keys" and _parses_as_secret_key(blob):
+                raise BundleError(f"shard key blob {role!r} is a secret key: refused")
+
+    def load(self) -> CloudCrypto:
+        """This process's context with the kernel's keys only (a shard worker's start)."""
+        self.check()
+        _reset_openfhe_state()
+        try:
+            context = ofhe.DeserializeCryptoContextString(self.blobs["context"], ofhe.BINARY)
+            public_key = ofhe.DeserializePublicKeyString(self.blobs["public_key"], ofhe.BINARY)
+            ofhe.DeserializeEvalMultKeyString(self.blobs["mult_key"], ofhe.BINARY)
+            if self.blobs["shard_keys"]:
+                ofhe.DeserializeEvalAutomorphismKeyString(self.blobs["shard_keys"], ofhe.BINARY)
+        except (RuntimeError, TypeError) as exc:
+            raise BundleError(f"shard keys do not deserialise: {exc}") from exc
+        if context.GetRingDimension() != self.params.ring_dim:
+            raise ParameterError("context ring dimension differs from the shard keys' params")
+        return CloudCrypto(params=self.params, context=context, public_key=public_key,
+                           rotation_indices=self.rotation_indices,
+                           manifest={"files": dict(self.checksums)})
+
+
+def _parses_as_secret_key(blob: bytes) -> bool:
+    try:
+        ofhe.DeserializePrivateKeyString(blob, ofhe.BINARY)
+    except Exception:  # noqa: BLE001 - any parse failure means "not a secret key"
+        return False
+    return True
 
 
 def bundle_size_bytes(bundle_dir: Path) -> int:

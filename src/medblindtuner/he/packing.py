@@ -303,9 +303,16 @@ class SoftmaxLayout:
         return [1 << k for k in range(self.layout.block.bit_length())]
 
     @property
-    def rotation_indices(self) -> list[int]:
+    def kernel_rotation_indices(self) -> list[int]:
+        """Rotations of the per-chunk arithmetic (`training.kernel.StepKernel`): class
+        rotations of the model and back, the spread, each chunk's move into and out of the
+        compact vector (chunk 0's way out is -d). The logits' strides are the packing's."""
         chunk_moves = [s for j in range(1, self.chunks)
                        for s in (-self.chunk_shift(j), self.chunk_shift(j) - self.layout.block)]
-        return sorted(set(self.class_shifts[1:] + self.row_strides
-                          + self.period_sum_strides + self.fold_strides + self.spread_strides
-                          + [-self.layout.block] + chunk_moves))
+        return sorted(set(self.class_shifts[1:] + self.spread_strides + [-self.layout.block]
+                          + chunk_moves))
+
+    @property
+    def rotation_indices(self) -> list[int]:
+        return sorted(set(self.kernel_rotation_indices + self.row_strides
+                          + self.period_sum_strides + self.fold_strides))

@@ -183,7 +183,8 @@ class Hospital:
         """CKKS keys for the plan: public bundle for the cloud, secret key kept in local/."""
         plan = self._require_plan()
         keys = HospitalKeys.generate(self.keyed, plan.rotation_indices,
-                                     allow_insecure=self.allow_insecure)
+                                     allow_insecure=self.allow_insecure,
+                                     shard_rotation_indices=plan.kernel_rotation_indices)
         keys.save_public_bundle(self.folder.public_bundle)
         self.folder.local.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys.save_secret_key(self.folder.secret_key)

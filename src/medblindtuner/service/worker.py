@@ -170,6 +170,7 @@ class JobRunner:
         from medblindtuner.he.engine import Evaluator
         from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
         from medblindtuner.training.artifacts import EncryptedDataset
+        from medblindtuner.training.cluster import RAY_ADDRESS_ENV, cluster_shards
         from medblindtuner.training.encrypted import EncryptedTrainer
 
         with self.store.session() as session:
@@ -189,7 +190,11 @@ class JobRunner:
         crypto = CloudCrypto.load(bundle_dir, allow_insecure=allow)
         dataset = EncryptedDataset.load(self.dir / DATASET, crypto.params)
         evaluator = Evaluator(crypto.context, crypto.params, crypto.public_key)
-        trainer = EncryptedTrainer(evaluator, dataset, self.dir / CHECKPOINTS_DIR)
+        # $MEDBLINDTUNER_RAY_ADDRESS: the chunks' kernels on that Ray cluster (its actors end
+        # with this process, their driver)
+        shards = cluster_shards(os.environ.get(RAY_ADDRESS_ENV), dataset, bundle_dir, evaluator,
+                                allow_insecure=allow)
+        trainer = EncryptedTrainer(evaluator, dataset, self.dir / CHECKPOINTS_DIR, shards=shards)
         self._update(steps_per_epoch=len(dataset.train),
                      max_epochs=dataset.plan.config.epochs)
         log.info("job %s: loaded bundle %s and %d train / %d val batches; resuming: %s",

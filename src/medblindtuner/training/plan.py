@@ -95,9 +95,18 @@ class TrainingPlan:
 
     @property
     def rotation_indices(self) -> list[int]:
+        """Every rotation the cloud's training uses (the driver's and the kernels')."""
         softmax = self.softmax_layout
         extra = softmax.rotation_indices if softmax is not None else []
         return sorted(set(self.layout.rotation_indices + extra))
+
+    @property
+    def kernel_rotation_indices(self) -> list[int]:
+        """The rotations of `training.kernel.StepKernel` alone: the keys a shard worker gets
+        (the driver's gradient sums, fold, period sums and bootstraps stay with the driver)."""
+        softmax = self.softmax_layout
+        extra = softmax.kernel_rotation_indices if softmax is not None else []
+        return sorted(set(self.layout.logit_strides + extra))
 
     def label_vectors(self, targets: np.ndarray) -> list[np.ndarray]:
         """Slot vectors of one batch's labels: one (binary) or one per class rotation."""

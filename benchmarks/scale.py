@@ -76,6 +76,29 @@ class TimedShards:
         return self._timed("softmax_backward", *args)
 
 
+def cpus_per_node(nodes: int) -> int:
+    """This machine's cores shared among the nodes (an actor's OpenMP threads follow them)."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // nodes)
+
+
+def local_cluster(nodes: int, dataset_gb: float):
+    """A Ray cluster of `nodes` worker nodes on this machine (the head schedules no actor);
+    each node's object store holds its share of the chunks (Ray spills beyond it)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    store = int(max(0.3, min(4.0, 1.2 * dataset_gb / nodes)) * 2**30)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 2**28, "include_dashboard": False})
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=cpus_per_node(nodes), object_store_memory=store)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    return cluster
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -101,11 +124,13 @@ def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
     keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
     result: dict = {"head": head, "n_train": n_train, "features": dim, "params": keyed.name,
                     "batch_size": plan.config.batch_size,
+                    "samples_per_step": round(float(np.mean(plan.train_batch_sizes)), 1),
                     "chunks_per_step": plan.chunks_per_step,
                     "samples_per_ct": plan.layout.samples_per_ct,
                     "steps_per_epoch": len(plan.train_batch_sizes), "ray_nodes": ray_nodes}
     start = time.perf_counter()
-    keys = HospitalKeys.generate(keyed, plan.rotation_indices, allow_insecure=insecure)
+    keys = HospitalKeys.generate(keyed, plan.rotation_indices, allow_insecure=insecure,
+                                 shard_rotation_indices=plan.kernel_rotation_indices)
     result["keygen_s"] = round(time.perf_counter() - start, 1)
     folder = workdir / f"{head}_{n_train}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -121,10 +146,13 @@ def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
     evaluator = Evaluator(keys.context, keyed, keys.public_key)
     cluster = shards = None
     if ray_nodes:
-        from medblindtuner.training.cluster import local_test_cluster, start_ray_shards
-        cluster = local_test_cluster(ray_nodes)
-        shards = start_ray_shards(cluster.address, folder / "data", folder / "bundle", keyed,
-                                  ray_nodes)
+        cluster = local_cluster(ray_nodes, result["dataset_gb"])
+        from medblindtuner.training.cluster import RayShards
+        start = time.perf_counter()
+        shards = RayShards.start(cluster.address, dataset, folder / "bundle", evaluator,
+                                 n_actors=ray_nodes,
+                                 cpus_per_actor=cpus_per_node(ray_nodes), allow_insecure=insecure)
+        result["ray_start_s"] = round(time.perf_counter() - start, 1)
     trainer = EncryptedTrainer(evaluator, dataset, folder / "ckpt", shards=shards)
     timed = TimedShards(trainer.shards)
     trainer.shards = timed
@@ -143,7 +171,15 @@ def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
         print(json.dumps({"head": head, "n": n_train, **records[-1]}), file=sys.stderr,
               flush=True)
     if shards is not None:
+        import psutil  # comes with Ray
+        import ray
+
+        result["actor_rss_gb"] = [
+            round(proc.memory_info().rss / 2**30, 2) for proc in psutil.process_iter(["cmdline"])
+            if "ShardWorker" in " ".join(proc.info["cmdline"] or [])]
+
         shards.close()
+        ray.shutdown()
         cluster.shutdown()
     timed_records = records[1:] or records  # the first step also encodes the masks once
     samples = sum(r["samples"] for r in timed_records)
@@ -168,7 +204,7 @@ def projection(case: dict, nodes: int) -> float:
     unchanged, transfers ignored): a projection, not a measurement."""
     per_step = case["serial_s_per_step"] + math.ceil(case["chunks_per_step"] / nodes) * \
         case["chunk_s"]
-    return round(1000 * per_step / case["batch_size"], 2)
+    return round(1000 * per_step / case["samples_per_step"], 2)
 
 
 def main() -> None:

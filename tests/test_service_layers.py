@@ -19,8 +19,8 @@ PREFIX = "medblindtuner.service."
 # Lowest first; a module may import service modules of lower layers only.
 LAYERS = [
     {"protocol"},
-    {"errors", "limits", "blobs", "locks"},
-    {"store"},
+    {"errors", "limits", "locks"},
+    {"store", "blobs", "validate", "manifests", "quotas"},
     {"supervisor", "uploads"},
     {"jobs"},
     {"app", "worker", "client"},

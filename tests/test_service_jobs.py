@@ -149,9 +149,21 @@ def workers():
     stand_ins.kill_all()
 
 
+_DATABASE: dict[str, str | None] = {"url": None}
+
+
+@pytest.fixture(autouse=True)
+def _database(db_url):
+    """Every test of this module runs on SQLite and on PostgreSQL (`conftest.db_url`)."""
+    _DATABASE["url"] = db_url
+    yield
+    _DATABASE["url"] = None
+
+
 def make_service(tmp_path: Path, workers: StandIns, insecure: bool = True,
                  **limits) -> CloudService:
-    config = ServiceConfig(data_dir=tmp_path / "cloud", allow_insecure=insecure,
+    config = ServiceConfig(data_dir=tmp_path / "cloud", db_url=_DATABASE["url"],
+                           allow_insecure=insecure,
                            limits=ServiceLimits(chunk_bytes=CHUNK, **limits),
                            max_worker_restarts=2)
     return CloudService(config, spawn=workers, validator=StandInValidator())
@@ -618,7 +630,7 @@ def test_chunk_resent_during_finalize_cannot_poison_the_blob(tmp_path, workers, 
             super().check_file(path, kind, file_name)
 
     config = ServiceConfig(data_dir=tmp_path / "cloud", allow_insecure=True,
-                           limits=ServiceLimits(chunk_bytes=CHUNK))
+                           db_url=_DATABASE["url"], limits=ServiceLimits(chunk_bytes=CHUNK))
     service = CloudService(config, spawn=workers, validator=Racing())
     job_id = service.create_job()["job_id"]
     upload(service, job_id, "bundle", bundle)

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import Path as FastAPIPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -40,13 +41,28 @@ _OCTET_BODY = {
 }
 
 
+MAX_EPOCH = 1 << 20
+MAX_CHUNK_INDEX = 1 << 31
+# Bodies other than manifests and chunks are small JSON (a decision): refused beyond this.
+MAX_SMALL_BODY = 64 << 10
+ChunkIndex = Annotated[int, FastAPIPath(ge=0, lt=MAX_CHUNK_INDEX)]
+
+
+def _large_body_route(path: str) -> bool:
+    """Manifests and chunks carry their own, larger limits (read by `_read_body`)."""
+    return path.endswith("/manifest") or "/chunks/" in path
+
+
 class DecisionIn(BaseModel):
     """The hospital's early-stopping answer for the epoch it was shown."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    # Strict: `true` is not an epoch, "1" is not a bool; unknown fields are refused.
+    model_config = ConfigDict(populate_by_name=True, strict=True, extra="forbid")
     continue_training: bool = Field(alias="continue", description="Train another epoch?")
-    best_epoch: int = Field(ge=1, description="Epoch whose weights are the result so far.")
-    epoch: int | None = Field(default=None, ge=1, description="Epoch being answered (check).")
+    best_epoch: int = Field(ge=1, le=MAX_EPOCH, description="Epoch whose weights are the "
+                                                            "result so far.")
+    epoch: int | None = Field(default=None, ge=1, le=MAX_EPOCH,
+                              description="Epoch being answered (check).")
 
 
 class ErrorOut(BaseModel):
@@ -156,6 +172,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
     )
     app.state.service = service
 
+    @app.middleware("http")
+    async def bounded_small_bodies(request: Request, call_next):  # noqa: ANN001, ANN202
+        """413 for an oversized body on a route that takes a small one, before it is read."""
+        declared = request.headers.get("content-length", "")
+        if (not _large_body_route(request.url.path) and declared.isdigit()
+                and int(declared) > MAX_SMALL_BODY):
+            return JSONResponse({"detail": f"request body is {declared} bytes; this route "
+                                           f"takes at most {MAX_SMALL_BODY}"}, status_code=413)
+        return await call_next(request)
+
     @app.exception_handler(CloudError)
     async def refused(_request: Request, exc: CloudError) -> JSONResponse:
         """Every refusal of the domain: its status and `{"detail": message}`."""
@@ -206,7 +232,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         job_id: JobId,
         kind: Kind,
         name: str,
-        index: int,
+        index: ChunkIndex,
         request: Request,
         chunk_sha256: Annotated[str | None, Header(alias=CHUNK_SHA_HEADER)] = None,
     ) -> dict[str, Any]:
@@ -275,7 +301,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         job_id: JobId,
         kind: QueryKind,
         name: str,
-        index: int,
+        index: ChunkIndex,
         request: Request,
         chunk_sha256: Annotated[str | None, Header(alias=CHUNK_SHA_HEADER)] = None,
     ) -> dict[str, Any]:

@@ -66,13 +66,13 @@ def serve(
 
     defaults = ServiceLimits()
     try:
-        limits = replace(
-            defaults,
-            max_upload_bytes=max_upload_bytes or defaults.max_upload_bytes,
-            max_job_bytes=max_job_bytes or defaults.max_job_bytes,
-            chunk_bytes=chunk_bytes or defaults.chunk_bytes,
-            **parse_limits(limit or []),
-        )
+        values: dict[str, int | float] = {
+            "max_upload_bytes": max_upload_bytes or defaults.max_upload_bytes,
+            "max_job_bytes": max_job_bytes or defaults.max_job_bytes,
+            "chunk_bytes": chunk_bytes or defaults.chunk_bytes,
+        }
+        values.update(parse_limits(limit or []))
+        limits = replace(defaults, **values)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--limit") from exc
     if insecure_test_params:

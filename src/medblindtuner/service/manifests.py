@@ -13,6 +13,7 @@ range. Refusals are `CloudError`s: 413 for size, 422 for shape and values.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -53,8 +54,15 @@ def parse_json(raw: bytes, limits: ServiceLimits, what: str) -> Any:
     def no_constant(name: str) -> float:
         raise Unprocessable(f"{what} holds {name}, which is not JSON")
 
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise Unprocessable(f"{what} holds a number out of range ({text[:20]}...)")
+        return value
+
     try:
-        return json.loads(raw, parse_int=bounded_int, parse_constant=no_constant)
+        return json.loads(raw, parse_int=bounded_int, parse_float=finite_float,
+                          parse_constant=no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} is not valid JSON: {exc}") from exc
     except (ValueError, RecursionError) as exc:  # e.g. a float literal of 10^6 digits

@@ -5,10 +5,11 @@ trust: one flipped bit in a key file with a matching checksum can make them abor
 allocate without bound, and that would take the web process (every job) down with it. So the
 web process never calls an OpenFHE `Deserialize*` on uploaded bytes: it runs
 
-    python -m medblindtuner.service.validate file PATH --role ROLE
-    python -m medblindtuner.service.validate job JOB_DIR [--allow-insecure] [--query Q]
+    python -m medblindtuner.service.validate [--memory-bytes N --cpu-s S] file PATH --role R
+    python -m medblindtuner.service.validate [...] job JOB_DIR [--allow-insecure] [--query Q]
 
-under `setrlimit` limits on address space and CPU time and a wall-clock timeout. The child
+under `setrlimit` limits on address space and CPU time (which the child sets before it reads
+anything) and a wall-clock timeout. The child
 prints one JSON line (`{"ok": true}` or `{"ok": false, "error": ...}`); a crash, a timeout or
 no answer is a refusal of the artifact, never of the service.
 
@@ -50,12 +51,13 @@ class Verdict:
 
 
 # ---- web-process side: run the child and read its verdict ------------------------------------
-def _limit_resources(memory_bytes: int, cpu_s: int):  # noqa: ANN202 - preexec_fn
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of hostile input
-    return apply
+def limit_resources(memory_bytes: int, cpu_s: int) -> None:
+    """The child's first act, before it reads a byte: cap its address space and CPU time and
+    forbid core dumps. (Set by the child itself rather than in a `preexec_fn`, which is not
+    safe in the web process's threads.)"""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def run_validator(args: list[str], timeout_s: float, memory_bytes: int, what: str,
@@ -64,9 +66,9 @@ def run_validator(args: list[str], timeout_s: float, memory_bytes: int, what: st
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         done = subprocess.run(
-            [python, "-m", MODULE, *args], capture_output=True, text=True, env=env,
+            [python, "-m", MODULE, "--memory-bytes", str(memory_bytes), "--cpu-s",
+             str(int(timeout_s) + 1), *args], capture_output=True, text=True, env=env,
             timeout=timeout_s, stdin=subprocess.DEVNULL,
-            preexec_fn=_limit_resources(memory_bytes, int(timeout_s) + 1),
         )
     except subprocess.TimeoutExpired:
         return Verdict(False, f"validating {what} took longer than {timeout_s:g} s: refused")
@@ -185,8 +187,9 @@ def check_job(job_dir: Path, allow_insecure: bool, query_id: str | None) -> None
                          f"{params.ring_dim}) but its context has ring dimension "
                          f"{context.GetRingDimension()}")
     _parse(bundle / "public_key.bin", "public_key")
-    for name in ("mult_key.bin", "rotation_keys.bin"):
-        _parse(bundle / name, BUNDLE_ROLES[name], context)
+    if query_id is None:  # the evaluation keys (GBs) were parsed when the job started
+        for name in ("mult_key.bin", "rotation_keys.bin"):
+            _parse(bundle / name, BUNDLE_ROLES[name], context)
     artifact = (query_dir(Path(job_dir), query_id) / QUERY_INPUT_DIR if query_id
                 else Path(job_dir) / DATASET)
     listed = json.loads((artifact / "manifest.json").read_text())
@@ -201,6 +204,8 @@ def check_job(job_dir: Path, allow_insecure: bool, query_id: str | None) -> None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory-bytes", type=int, default=4 << 30)
+    parser.add_argument("--cpu-s", type=int, default=120)
     sub = parser.add_subparsers(dest="mode", required=True)
     one = sub.add_parser("file")
     one.add_argument("path", type=Path)
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     job.add_argument("--allow-insecure", action="store_true")
     job.add_argument("--query", default=None)
     args = parser.parse_args(argv)
+    limit_resources(args.memory_bytes, args.cpu_s)
     try:
         if args.mode == "file":
             check_file(args.path, args.role)

@@ -581,16 +581,17 @@ def artifact_cases() -> list[Case]:
         bundle.update(params=claimed.to_dict(), params_fingerprint=claimed.fingerprint())
         dataset["params_fingerprint"] = claimed.fingerprint()
         dataset["plan"]["slots"] = claimed.slots
-        for kind, manifest in (("bundle", bundle), ("dataset", dataset)):
-            if lab.upload(job, auth, kind, manifest) is not None:
-                raise Defect(f"{kind} upload refused before start")
-        refusal = lab.expect(lab.http.post(f"/jobs/{job}/start", headers=auth), 400)
+        refusal = lab.upload(job, auth, "bundle", bundle)  # refused at the context's finalize
+        if refusal is None:
+            lab.upload(job, auth, "dataset", dataset)
+            refusal = lab.http.post(f"/jobs/{job}/start", headers=auth)  # else at start
+        lab.expect(refusal, 400)
         if "ring dimension" not in refusal.json()["detail"]:
             raise Defect(f"unclear refusal: {refusal.text[:200]}")
 
     return cases + [Case("artifact: secret key disguised as the public key", disguised_secret),
                     Case("artifact: production claim over insecure-ring files",
-                         production_claim, heavy=True)]
+                         production_claim)]
 
 
 def quota_cases(lab_factory: Callable[[list[str]], Lab]) -> list[Case]:

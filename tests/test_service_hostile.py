@@ -121,26 +121,25 @@ def test_flipped_bit_in_public_key_is_refused_and_the_service_survives(service, 
     assert alive(service)
 
 
-def test_production_claim_with_insecure_ring_files_is_refused_at_start(service, artifacts,
-                                                                       tmp_path):
+def test_production_claim_with_insecure_ring_files_is_refused(service, artifacts, tmp_path):
     """The manifest declares 128-bit parameters (fingerprint consistent), the files are the
-    tiny test ring: the validator compares the declaration with the files' own headers."""
+    tiny test ring: the validator compares the declaration with the files' own headers, at
+    finalize of the context (and again at start)."""
     bundle = copy_artifact(artifacts.root / "bundle", tmp_path / "bundle")
-    dataset = copy_artifact(artifacts.root / "dataset", tmp_path / "dataset")
     manifest = json.loads((bundle / "manifest.json").read_text())
     claimed = PRODUCTION.with_bootstrap_slots(tuple(manifest["params"]["bootstrap_slots"]))
     manifest.update(params=claimed.to_dict(), params_fingerprint=claimed.fingerprint())
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    data_manifest = json.loads((dataset / "manifest.json").read_text())
-    data_manifest["params_fingerprint"] = claimed.fingerprint()
-    data_manifest["plan"]["slots"] = claimed.slots
-    (dataset / "manifest.json").write_text(json.dumps(data_manifest))
-    client = submit(service.url, bundle, dataset)
+    client = HospitalClient(service.url, progress=False)
+    client.create_job()
+    with pytest.raises(ServiceError) as err:
+        client.upload_dir("bundle", bundle)
+    assert err.value.status_code == 400
+    assert "ring dimension 4096" in err.value.message and "65536" in err.value.message
+    assert not client.artifact_status("bundle")["complete"]
     with pytest.raises(ServiceError) as err:
         client.start()
-    assert err.value.status_code == 400
-    assert "ring dimension 4096" in err.value.message and "production-128" in err.value.message
-    assert client.status()["state"] == "created"
+    assert err.value.status_code == 409  # the job cannot start with it
     assert alive(service)
     client.delete()
 

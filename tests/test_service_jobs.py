@@ -130,7 +130,8 @@ class StandInValidator:
     def __init__(self) -> None:
         self.files: list[str] = []
 
-    def check_file(self, _path: Path, _kind: str, name: str) -> None:
+    def check_file(self, _path: Path, _kind: str, name: str,
+                   _ring_dim: int | None = None) -> None:
         self.files.append(name)
 
     def check_job(self, job_dir: Path, query_id: str | None = None) -> None:
@@ -619,7 +620,8 @@ def test_chunk_resent_during_finalize_cannot_poison_the_blob(tmp_path, workers, 
     racers: list[threading.Thread] = []
 
     class Racing(StandInValidator):
-        def check_file(self, path: Path, kind: str, file_name: str) -> None:
+        def check_file(self, path: Path, kind: str, file_name: str,
+                       ring_dim: int | None = None) -> None:
             if file_name == name and not racers:
                 def resend() -> None:
                     answers.append(service.uploads.accept_chunk(job_id, "bundle", name, 0,
@@ -627,7 +629,7 @@ def test_chunk_resent_during_finalize_cannot_poison_the_blob(tmp_path, workers, 
                 racers.append(threading.Thread(target=resend))
                 racers[0].start()
                 racers[0].join(0.5)  # give the re-send every chance to land now
-            super().check_file(path, kind, file_name)
+            super().check_file(path, kind, file_name, ring_dim)
 
     config = ServiceConfig(data_dir=tmp_path / "cloud", allow_insecure=True,
                            db_url=_DATABASE["url"], limits=ServiceLimits(chunk_bytes=CHUNK))

@@ -59,7 +59,7 @@ BUNDLE_FILES = frozenset(he_keys._PUBLIC_FILES.values())
 
 
 def dataset_files(plan: TrainingPlan) -> set[str]:
-    """The exact file set of an encrypted dataset made for `plan` (`EncryptedDataset.save`)."""
+    """The exact file set of an encrypted dataset made for `plan` (what the hospital saves)."""
     kinds = ["x_dup", "x_grad"] + [f"y{j}" for j in range(plan.label_cts)]
     return {dataset_file_name(split, index, kind)
             for split, count in (("train", len(plan.train_chunk_sizes)),
@@ -366,7 +366,7 @@ class Uploads:
                                        f"{name} does not match the SHA-256 in its manifest "
                                        "(tampered or truncated); upload it again")
                 try:
-                    self.validator.check_file(staged, kind, name)
+                    self.validator.check_file(staged, kind, name, self._ring_dim(job_id))
                 except BadRequest as exc:
                     raise self._reject(job_id, kind, name, upload_id, staged,
                                        exc.message) from exc
@@ -383,6 +383,14 @@ class Uploads:
         log.info("job %s: %s/%s stored (%d bytes, sha256 %s)", job_id, kind, name, size,
                  digest[:16])
         return {"name": name, "complete": True, "sha256": digest}
+
+    def _ring_dim(self, job_id: str) -> int | None:
+        """The ring dimension the job's bundle manifest declares (None before it arrived)."""
+        path = self.artifact_dir(job_id, BUNDLE) / MANIFEST_NAME
+        try:
+            return int(json.loads(path.read_text())["params"]["ring_dim"])
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
 
     def _finalizable(self, job_id: str, kind: str, name: str) -> tuple[int | None, int, str]:
         """(upload id, size, digest) of a file ready to finalize; id None if already done."""

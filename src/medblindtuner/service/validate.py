@@ -109,9 +109,11 @@ class Validator:
         self.allow_insecure = allow_insecure
         self.python = python
 
-    def check_file(self, path: Path, kind: str, name: str) -> None:
-        """Finalize: not a secret key, parses as its role (small roles). 400 otherwise."""
-        verdict = run_validator(["file", str(path), "--role", file_role(kind, name)],
+    def check_file(self, path: Path, kind: str, name: str, ring_dim: int | None = None) -> None:
+        """Finalize: not a secret key, parses as its role (small roles), of the declared ring
+        dimension (if given). 400 otherwise."""
+        extra = ["--ring-dim", str(ring_dim)] if ring_dim else []
+        verdict = run_validator(["file", str(path), "--role", file_role(kind, name), *extra],
                                 self.limits.validate_timeout_s,
                                 self.limits.validate_memory_bytes, name, self.python)
         if not verdict.ok:
@@ -153,7 +155,7 @@ def _parse(path: Path, role: str, context=None):  # noqa: ANN001, ANN202 - OpenF
     return obj
 
 
-def check_file(path: Path, role: str) -> None:
+def check_file(path: Path, role: str, ring_dim: int | None = None) -> None:
     """Finalize-time checks of one staged file."""
     from medblindtuner.he.keys import looks_like_secret_key
 
@@ -162,9 +164,14 @@ def check_file(path: Path, role: str) -> None:
                          "must never leave the hospital")
     if role in FINALIZE_PARSED:
         try:
-            _parse(path, role)
+            parsed = _parse(path, role)
         except RuntimeError as exc:
             raise ValueError(f"not a valid OpenFHE {role}: {str(exc)[:300]}") from exc
+        actual = (parsed.GetRingDimension() if role == "context" else
+                  _ring_dimension(parsed) if role == "ciphertext" else None)
+        if ring_dim and actual is not None and actual != ring_dim:
+            raise ValueError(f"{path.name} has ring dimension {actual}; the job's bundle "
+                             f"manifest declares {ring_dim}")
 
 
 def _ring_dimension(ciphertext) -> int:  # noqa: ANN001 - OpenFHE object
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     one = sub.add_parser("file")
     one.add_argument("path", type=Path)
     one.add_argument("--role", choices=ROLES, default="unknown")
+    one.add_argument("--ring-dim", type=int, default=None)
     job = sub.add_parser("job")
     job.add_argument("job_dir", type=Path)
     job.add_argument("--allow-insecure", action="store_true")
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     limit_resources(args.memory_bytes, args.cpu_s)
     try:
         if args.mode == "file":
-            check_file(args.path, args.role)
+            check_file(args.path, args.role, args.ring_dim)
         else:
             check_job(args.job_dir, args.allow_insecure, args.query)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:  # BundleError is a ValueError

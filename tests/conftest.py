@@ -29,3 +29,32 @@ def breast_features_small(feature_cache_dir):
     dataset = load_medmnist("breastmnist", data_dir=SHARED_DATA, download=False)
     return extract_features(dataset.subset(SMALL_SUBSET), backbone="efficientnet_lite0",
                             cache_dir=feature_cache_dir, progress=False)
+
+
+# ---- databases: SQLite always, PostgreSQL where a server is given (CI's .ci/run starts one) ----
+POSTGRES_URL_VAR = "MEDBLINDTUNER_TEST_POSTGRES_URL"
+
+
+def postgres_url() -> str:
+    """The PostgreSQL URL of the test server with an empty schema, or skip the test."""
+    import os
+
+    url = os.environ.get(POSTGRES_URL_VAR)
+    if not url:
+        pytest.skip(f"PostgreSQL case: set {POSTGRES_URL_VAR}=postgresql+psycopg://... "
+                    "(.ci/run installs and starts a server and sets it)")
+    pytest.importorskip("psycopg", reason="PostgreSQL case: the psycopg driver is missing")
+    from sqlalchemy import create_engine
+
+    from medblindtuner.service.store import Base
+
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)  # every test starts from an empty job store
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request) -> str | None:
+    """None (the service's default SQLite file in its data dir) or a PostgreSQL URL."""
+    return None if request.param == "sqlite" else postgres_url()

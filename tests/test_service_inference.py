@@ -172,10 +172,10 @@ def test_inference_endpoints_need_that_jobs_token(trained):
             wrong = http.request(method, path, **extra, headers={
                 **headers, "Authorization": f"Bearer {intruder.token}"})
             assert wrong.status_code == 403, (method, path, wrong.text)
-        # The intruder's own job cannot reach the owner's query set either.
+        # The intruder's own job cannot reach the owner's query set either (403, as for jobs).
         cross = http.get(f"/jobs/{intruder.job_id}/queries/{query_id}",
                          headers={"Authorization": f"Bearer {intruder.token}"})
-        assert cross.status_code == 404
+        assert cross.status_code == 403
     assert owner.query_status(query_id)["state"] == "uploading"
     owner.delete_query(query_id)
     intruder.delete()

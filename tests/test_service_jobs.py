@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,9 @@ def bundle_artifact(params, **override) -> Artifact:
 
 
 def dataset_artifact(params, training_plan, **override) -> Artifact:
-    files = {"train_0000_x_dup.bin": random_bytes(3000, 10), "val_0000_x_dup.bin": b""}
+    files = {f"{split}_0000_{kind}.bin": random_bytes(3000 if split == "train" else 700,
+                                                     10 + 3 * (split == "val") + i)
+             for split in ("train", "val") for i, kind in enumerate(("x_dup", "x_grad", "y0"))}
     manifest = {"format": DATASET_FORMAT, "params_fingerprint": params.fingerprint(),
                 "plan": training_plan.to_dict()}
     return Artifact(manifest, files, override)
@@ -119,6 +122,27 @@ class StandIns:
                 process.wait()
 
 
+class StandInValidator:
+    """The validator for random-byte files: the manifest-level bundle checks (checksums, file
+    set, parameters) in-process, no OpenFHE parse (random bytes would not parse). The real
+    subprocess validator is tested with real keys (test_service_hostile.py)."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+
+    def check_file(self, _path: Path, _kind: str, name: str,
+                   _ring_dim: int | None = None) -> None:
+        self.files.append(name)
+
+    def check_job(self, job_dir: Path, query_id: str | None = None) -> None:
+        from medblindtuner.he.keys import BundleError, verify_public_bundle
+
+        try:
+            verify_public_bundle(job_dir / "bundle", allow_insecure=True)
+        except BundleError as exc:
+            raise BadRequest(f"refusing to train: {exc}") from exc
+
+
 @pytest.fixture
 def workers():
     stand_ins = StandIns()
@@ -126,12 +150,24 @@ def workers():
     stand_ins.kill_all()
 
 
+_DATABASE: dict[str, str | None] = {"url": None}
+
+
+@pytest.fixture(autouse=True)
+def _database(db_url):
+    """Every test of this module runs on SQLite and on PostgreSQL (`conftest.db_url`)."""
+    _DATABASE["url"] = db_url
+    yield
+    _DATABASE["url"] = None
+
+
 def make_service(tmp_path: Path, workers: StandIns, insecure: bool = True,
                  **limits) -> CloudService:
-    config = ServiceConfig(data_dir=tmp_path / "cloud", allow_insecure=insecure,
+    config = ServiceConfig(data_dir=tmp_path / "cloud", db_url=_DATABASE["url"],
+                           allow_insecure=insecure,
                            limits=ServiceLimits(chunk_bytes=CHUNK, **limits),
                            max_worker_restarts=2)
-    return CloudService(config, spawn=workers)
+    return CloudService(config, spawn=workers, validator=StandInValidator())
 
 
 @pytest.fixture
@@ -212,7 +248,8 @@ def test_upload_resumes_from_the_chunks_the_server_holds(cloud, params, plan):
     assert cloud.blobs.path_for(sha(data)).exists()
     assert cloud.status(job_id)["params"]["fingerprint"] == params.fingerprint()
     with refused(Conflict, "a different bundle manifest was already uploaded"):
-        cloud.uploads.accept_manifest(job_id, "bundle", bundle_artifact(params, extra=1).raw)
+        cloud.uploads.accept_manifest(job_id, "bundle",
+                                      bundle_artifact(params, rotation_indices=[1]).raw)
 
 
 def test_bad_chunks_and_tampered_files_are_refused(cloud, params):
@@ -246,19 +283,31 @@ def test_bad_chunks_and_tampered_files_are_refused(cloud, params):
 
 @pytest.mark.parametrize("change, error, message", [
     (lambda m: b"{not json", BadRequest, "not valid JSON"),
-    (lambda m: json.dumps([1]).encode(), BadRequest, "must be a JSON object"),
+    (lambda m: json.dumps([1]).encode(), Unprocessable, "must be a JSON object"),
     (lambda m: {**m, "files": {"../x": {"sha256": "0" * 64, "bytes": 1}}}, BadRequest,
      "illegal file name"),
     (lambda m: {**m, "files": {"manifest.json": {"sha256": "0" * 64, "bytes": 1}}}, BadRequest,
      "illegal file name"),
-    (lambda m: {**m, "files": {"a.bin": {"bytes": 1}}}, BadRequest, "needs 'sha256'"),
+    (lambda m: {**m, "files": {"a.bin": {"bytes": 1}}}, Unprocessable, "files.a.bin.sha256"),
+    (lambda m: {**m, "files": {"a.bin": {"sha256": "0" * 64, "bytes": True}}}, Unprocessable,
+     "files.a.bin.bytes"),
+    (lambda m: {**m, "files": {"a.bin": {"sha256": "0" * 64, "bytes": 0}}}, Unprocessable,
+     "greater than or equal to 1"),
     (lambda m: {**m, "files": {"a.bin": {"sha256": "0" * 64, "bytes": 1 << 40}}}, TooLarge,
      "per-file limit"),
     (lambda m: {**m, "files": {f"f{i}": {"sha256": "0" * 64, "bytes": 1} for i in range(9)}},
      TooLarge, "the limit is 8"),
     (lambda m: {**m, "format": "other"}, BadRequest, "not a public bundle manifest"),
     (lambda m: {**m, "params_fingerprint": "0" * 16}, BadRequest, "do not match their fingerp"),
-    (lambda m: {**m, "params": {"ring_dim": "x"}}, BadRequest, "no valid 'params'"),
+    (lambda m: {**m, "params": {"ring_dim": "x"}}, Unprocessable, "params.ring_dim"),
+    (lambda m: {**m, "params": {**m["params"], "ring_dim": 3000}}, Unprocessable,
+     "power of two"),
+    (lambda m: {**m, "params": {**m["params"], "depth": 10**6}}, Unprocessable, "params.depth"),
+    (lambda m: {**m, "surprise": 1}, Unprocessable, "surprise: Extra inputs"),
+    (lambda m: json.dumps(m).replace('"depth": 24', '"depth": ' + "9" * 5000).encode(),
+     Unprocessable, "integer of 5000 digits"),
+    (lambda m: b"[" * 100_000 + b"]" * 100_000, Unprocessable, "nests deeper than 16"),
+    (lambda m: json.dumps(m).encode() + b" " * (4 << 20), TooLarge, "the limit is"),
     (lambda m: {**m, "files": {**m["files"], "secret_key.bin": m["files"]["context.bin"]}},
      BadRequest, "must hold exactly"),
 ])
@@ -276,8 +325,12 @@ def test_bad_bundle_manifests_are_refused(tmp_path, workers, params, change, err
 def test_job_size_limit_counts_all_artifacts(tmp_path, workers, params, plan):
     bundle = bundle_artifact(params)
     bundle_bytes = sum(len(d) for d in bundle.files.values())
-    service = make_service(tmp_path, workers, max_job_bytes=bundle_bytes + 100)
+    service = make_service(tmp_path, workers, max_job_bytes=bundle_bytes + len(bundle.raw))
     job_id = service.create_job()["job_id"]
+    tight = make_service(tmp_path / "tight", workers, max_job_bytes=bundle_bytes)
+    with refused(TooLarge, "manifests included"):  # the manifest's own bytes count too
+        tight.uploads.accept_manifest(tight.create_job()["job_id"], "bundle", bundle.raw)
+    tight.stop()
     service.uploads.accept_manifest(job_id, "bundle", bundle.raw)
     with refused(TooLarge, "per-job limit"):
         service.uploads.accept_manifest(job_id, "dataset", dataset_artifact(params, plan).raw)
@@ -301,9 +354,29 @@ def test_dataset_must_follow_and_match_the_bundle(cloud, params, plan):
     other = dataset_artifact(params, plan, params_fingerprint="f" * 16)
     with refused(BadRequest, "other CKKS parameters than the job's bundle"):
         cloud.uploads.accept_manifest(job_id, "dataset", other.raw)
-    with refused(BadRequest, "no valid training plan"):
+    with refused(Unprocessable, "plan.n_classes: Field required"):
         cloud.uploads.accept_manifest(job_id, "dataset",
                                       dataset_artifact(params, plan, plan={}).raw)
+    good = dataset_artifact(params, plan).manifest
+    for change, error, message in [
+        (lambda p: {**p, "config": {**p["config"], "epochs": 10**30}}, Unprocessable,
+         "integer of 31 digits"),
+        (lambda p: {**p, "config": {**p["config"], "epochs": 5000}}, Unprocessable,
+         "5000 epochs; the limit is 1000"),
+        (lambda p: {**p, "config": {**p["config"], "epochs": True}}, Unprocessable,
+         "config.epochs: Input should be a valid integer"),
+        (lambda p: {**p, "train_batch_sizes": [0]}, Unprocessable, "greater than or equal"),
+        (lambda p: {**p, "train_batch_sizes": [10**6]}, Unprocessable, "training batches of "),
+        (lambda p: {**p, "train_batch_sizes": [60, 60]}, BadRequest, "do not match its plan"),
+        (lambda p: {**p, "activation": {**p["activation"], "n_classes": 3}}, Unprocessable,
+         "activation is for 3 classes"),
+    ]:
+        raw = json.dumps({**good, "plan": change(good["plan"])}).encode()
+        with refused(error, message):
+            cloud.uploads.accept_manifest(job_id, "dataset", raw)
+    missing = {**good, "files": dict(list(good["files"].items())[1:])}
+    with refused(BadRequest, "do not match its plan"):
+        cloud.uploads.accept_manifest(job_id, "dataset", json.dumps(missing).encode())
     with refused(BadRequest, "not an encrypted dataset manifest"):
         cloud.uploads.accept_manifest(job_id, "dataset",
                                       dataset_artifact(params, plan, format="x").raw)
@@ -428,7 +501,7 @@ def test_query_set_lifecycle(cloud, workers, params, plan):
     query_id = cloud.create_query(job_id)["query_id"]
     kind = cloud.query_kind_of(job_id, query_id)
     assert kind == protocol.query_kind(query_id)
-    with refused(NotFound, "no such query set"):
+    with refused(Forbidden, "does not grant access to this query set"):
         cloud.query_kind_of(running, query_id)
     with refused(NotFound, "no such query set"):
         cloud.query_kind_of(job_id, "../x")
@@ -533,3 +606,201 @@ def test_app_maps_refusals_to_status_and_detail(tmp_path):
         if str(tmp_path) in getattr(handler, "baseFilename", ""):
             service_log.removeHandler(handler)
             handler.close()
+
+
+# ---- blob store: nothing can poison a shared blob; finalize is retryable ------------------------
+def test_chunk_resent_during_finalize_cannot_poison_the_blob(tmp_path, workers, params):
+    """A chunk re-sent (with other, self-consistent bytes) while finalize checks the file
+    must neither change what is stored nor be stored under the checked digest."""
+    bundle = bundle_artifact(params)
+    name = sorted(bundle.files)[0]
+    genuine = bundle.files[name]
+    evil = bytes(b ^ 0xFF for b in genuine[:CHUNK])
+    answers: list = []
+    racers: list[threading.Thread] = []
+
+    class Racing(StandInValidator):
+        def check_file(self, path: Path, kind: str, file_name: str,
+                       ring_dim: int | None = None) -> None:
+            if file_name == name and not racers:
+                def resend() -> None:
+                    answers.append(service.uploads.accept_chunk(job_id, "bundle", name, 0,
+                                                                evil, sha(evil)))
+                racers.append(threading.Thread(target=resend))
+                racers[0].start()
+                racers[0].join(0.5)  # give the re-send every chance to land now
+            super().check_file(path, kind, file_name, ring_dim)
+
+    config = ServiceConfig(data_dir=tmp_path / "cloud", allow_insecure=True,
+                           db_url=_DATABASE["url"], limits=ServiceLimits(chunk_bytes=CHUNK))
+    service = CloudService(config, spawn=workers, validator=Racing())
+    job_id = service.create_job()["job_id"]
+    upload(service, job_id, "bundle", bundle)
+    racers[0].join(10)
+    assert answers == [{"index": 0, "complete": True}]  # it waited, then saw the file done
+    blob = service.blobs.path_for(sha(genuine))
+    assert sha(blob.read_bytes()) == sha(genuine)
+    assert (service.job_dir(job_id) / "bundle" / name).read_bytes() == genuine
+    service.stop()
+
+
+def test_poisoned_blob_is_replaced_by_the_genuine_upload(cloud, params):
+    bundle = bundle_artifact(params)
+    name = sorted(bundle.files)[0]
+    genuine = bundle.files[name]
+    planted = cloud.blobs.path_for(sha(genuine))  # wrong bytes under the genuine name
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(b"poison" * 100)
+    job_id = cloud.create_job()["job_id"]
+    upload(cloud, job_id, "bundle", bundle)
+    assert sha(planted.read_bytes()) == sha(genuine)
+    assert (cloud.job_dir(job_id) / "bundle" / name).read_bytes() == genuine
+    # A second job reusing the blob gets the genuine bytes too (verified on reuse).
+    other = cloud.create_job()["job_id"]
+    upload(cloud, other, "bundle", bundle)
+    assert (cloud.job_dir(other) / "bundle" / name).read_bytes() == genuine
+
+
+def test_failure_between_blob_move_and_db_update_can_be_retried(cloud, params, monkeypatch):
+    bundle = bundle_artifact(params)
+    name = sorted(bundle.files)[0]
+    data = bundle.files[name]
+    job_id = cloud.create_job()["job_id"]
+    cloud.uploads.accept_manifest(job_id, "bundle", bundle.raw)
+    for index in range(3):
+        part = data[index * CHUNK:(index + 1) * CHUNK]
+        cloud.uploads.accept_chunk(job_id, "bundle", name, index, part, sha(part))
+    record = cloud.uploads._record_finalized
+
+    def crash(*_args) -> None:
+        raise OSError("simulated crash after the blob was stored")
+
+    monkeypatch.setattr(cloud.uploads, "_record_finalized", crash)
+    with pytest.raises(OSError, match="simulated"):
+        cloud.uploads.finalize(job_id, "bundle", name)
+    assert cloud.blobs.path_for(sha(data)).exists()
+    assert not cloud.uploads.staging_path(job_id, "bundle", name).exists()
+    assert not cloud.uploads.status(job_id, "bundle")["files"][name]["complete"]
+    monkeypatch.setattr(cloud.uploads, "_record_finalized", record)
+    assert cloud.uploads.finalize(job_id, "bundle", name)["complete"]  # the retry
+    assert cloud.uploads.finalize(job_id, "bundle", name)["complete"]  # and again: a no-op
+    assert (cloud.job_dir(job_id) / "bundle" / name).read_bytes() == data
+    assert cloud.status(job_id)["bytes_uploaded"] == len(data)
+
+
+# ---- quotas -------------------------------------------------------------------------------------
+def test_token_rate_job_creations_and_live_jobs_are_bounded(tmp_path, workers):
+    from medblindtuner.service.errors import TooManyRequests
+
+    service = make_service(tmp_path, workers, token_rate_per_s=0.5, token_burst=3,
+                           create_rate_per_s=0.5, create_burst=2, max_live_jobs=3)
+    first = service.create_job("10.0.0.1")
+    service.create_job("10.0.0.1")
+    with refused(TooManyRequests, "job creation from this address") as error:
+        service.create_job("10.0.0.1")
+    assert error.value.status_code == 429 and int(error.value.headers["Retry-After"]) >= 1
+    service.create_job("10.0.0.2")  # another address has its own bucket ...
+    with refused(TooManyRequests, "holds 3 jobs, its limit"):
+        service.create_job("10.0.0.3")  # ... but the service as a whole is full
+    for _ in range(3):
+        service.authorise(first["job_id"], first["token"])
+    with refused(TooManyRequests, "too many requests for this job token"):
+        service.authorise(first["job_id"], first["token"])
+    service.delete_job(first["job_id"])
+    service.create_job("10.0.0.3")  # room again
+    service.stop()
+
+
+def test_global_disk_bound_counts_every_job(tmp_path, workers, params):
+    bundle = bundle_artifact(params)
+    size = sum(len(d) for d in bundle.files.values()) + len(bundle.raw)
+    service = make_service(tmp_path, workers, max_total_bytes=size + size // 2)
+    service.uploads.accept_manifest(service.create_job()["job_id"], "bundle", bundle.raw)
+    with refused(TooLarge, "disk bound"):
+        service.uploads.accept_manifest(service.create_job()["job_id"], "bundle", bundle.raw)
+    service.stop()
+
+
+def test_query_sets_are_bounded_and_foreign_ones_are_403(tmp_path, workers, params, plan):
+    from medblindtuner.service.errors import TooManyRequests
+
+    service = make_service(tmp_path, workers, max_query_sets_per_job=2)
+    job_id = finished(service, params, plan)
+    other = finished(service, params, plan)
+    query_id = service.create_query(job_id)["query_id"]
+    service.create_query(job_id)
+    with refused(TooManyRequests, "2 query sets, its limit"):
+        service.create_query(job_id)
+    with refused(Forbidden, "does not grant access to this query set"):
+        service.query_kind_of(other, query_id)
+    service.stop()
+
+
+def test_openapi_declares_the_refusals(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from medblindtuner.service.app import create_app
+
+    app = create_app(ServiceConfig(data_dir=tmp_path / "cloud", allow_insecure=True))
+    paths = TestClient(app).get("/openapi.json").json()["paths"]
+    job_routes = [(p, m, op) for p, ops in paths.items() if p.startswith("/jobs/{job_id}")
+                  for m, op in ops.items()]
+    assert len(job_routes) >= 20
+    for path, method, operation in job_routes:
+        assert {"401", "403", "404", "409", "413", "422", "429"} <= set(
+            operation["responses"]), (method, path)
+    assert "429" in paths["/jobs"]["post"]["responses"]
+    app.state.service.stop()
+    _drop_log_handler(tmp_path)
+
+
+def _drop_log_handler(tmp_path: Path) -> None:
+    service_log = logging.getLogger("medblindtuner.service")
+    for handler in list(service_log.handlers):  # create_app added the data dir's log file
+        if str(tmp_path) in getattr(handler, "baseFilename", ""):
+            service_log.removeHandler(handler)
+            handler.close()
+
+
+def test_client_retries_connection_errors_and_429_with_bounded_backoff():
+    import httpx
+
+    from medblindtuner.service.client import HospitalClient, ServiceError
+
+    calls: list[str] = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) <= 2:
+            raise httpx.ConnectError("connection refused", request=request)
+        if len(calls) == 3:
+            return httpx.Response(429, headers={"Retry-After": "0"}, json={"detail": "slow"})
+        return httpx.Response(200, json={"state": "created"})
+
+    client = HospitalClient("http://cloud", token="t", job_id="j", progress=False,
+                            backoff_s=0.01, transport=httpx.MockTransport(flaky))
+    assert client.status() == {"state": "created"}
+    assert len(calls) == 4
+    down = HospitalClient("http://cloud", token="t", job_id="j", progress=False, retries=2,
+                          backoff_s=0.01, transport=httpx.MockTransport(
+                              lambda r: httpx.Response(429, json={"detail": "full"})))
+    with pytest.raises(ServiceError) as error:
+        down.status()
+    assert error.value.status_code == 429  # bounded: gives up after 3 tries
+
+
+def test_in_process_routes_answer_429_with_retry_after(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from medblindtuner.service.app import create_app
+
+    app = create_app(ServiceConfig(data_dir=tmp_path / "cloud", allow_insecure=True,
+                                   limits=ServiceLimits(token_rate_per_s=0.1, token_burst=2)))
+    http = TestClient(app)
+    job = http.post("/jobs").json()
+    auth = {"Authorization": f"Bearer {job['token']}"}
+    answers = [http.get(f"/jobs/{job['job_id']}", headers=auth) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert "Retry-After" in answers[2].headers and "too many" in answers[2].json()["detail"]
+    app.state.service.stop()
+    _drop_log_handler(tmp_path)

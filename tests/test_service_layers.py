@@ -19,8 +19,8 @@ PREFIX = "medblindtuner.service."
 # Lowest first; a module may import service modules of lower layers only.
 LAYERS = [
     {"protocol"},
-    {"errors", "limits", "blobs", "locks"},
-    {"store"},
+    {"errors", "limits", "locks"},
+    {"store", "blobs", "validate", "manifests", "quotas"},
     {"supervisor", "uploads"},
     {"jobs"},
     {"app", "worker", "client"},
@@ -84,3 +84,18 @@ def test_client_import_pulls_neither_the_db_nor_the_web_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+PARSERS = ("Deserialize", "looks_like_secret_key", "verify_public_bundle", "CloudCrypto",
+           "load_ciphertext", "EncryptedDataset", "EncryptedQueries", "EncryptedResult.load")
+
+
+def test_only_subprocesses_parse_uploaded_openfhe_bytes():
+    """The web process never deserialises what a client sent: a crafted key file could crash
+    or exhaust it. Only the validator and the worker (own processes) call OpenFHE parsers."""
+    for module, path in service_modules().items():
+        if module in ("validate", "worker", "client"):
+            continue  # subprocesses; the client runs at the hospital, on its own files
+        source = path.read_text()
+        found = [name for name in PARSERS if name in source]
+        assert not found, f"{module} calls {found}"

@@ -13,7 +13,8 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import Path as FastAPIPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -40,13 +41,49 @@ _OCTET_BODY = {
 }
 
 
+MAX_EPOCH = 1 << 20
+MAX_CHUNK_INDEX = 1 << 31
+# Bodies other than manifests and chunks are small JSON (a decision): refused beyond this.
+MAX_SMALL_BODY = 64 << 10
+ChunkIndex = Annotated[int, FastAPIPath(ge=0, lt=MAX_CHUNK_INDEX)]
+
+
+def _large_body_route(path: str) -> bool:
+    """Manifests and chunks carry their own, larger limits (read by `_read_body`)."""
+    return path.endswith("/manifest") or "/chunks/" in path
+
+
 class DecisionIn(BaseModel):
     """The hospital's early-stopping answer for the epoch it was shown."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    # Strict: `true` is not an epoch, "1" is not a bool; unknown fields are refused.
+    model_config = ConfigDict(populate_by_name=True, strict=True, extra="forbid")
     continue_training: bool = Field(alias="continue", description="Train another epoch?")
-    best_epoch: int = Field(ge=1, description="Epoch whose weights are the result so far.")
-    epoch: int | None = Field(default=None, ge=1, description="Epoch being answered (check).")
+    best_epoch: int = Field(ge=1, le=MAX_EPOCH, description="Epoch whose weights are the "
+                                                            "result so far.")
+    epoch: int | None = Field(default=None, ge=1, le=MAX_EPOCH,
+                              description="Epoch being answered (check).")
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: the status code says which kind, `detail` says what to do."""
+
+    detail: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the refusals a route can answer with."""
+    text = {400: "Malformed input (checksum mismatch, bad artifact, secret key...)",
+            401: "No bearer token", 403: "The token is not this job's",
+            404: "No such job, query set, artifact kind or file",
+            409: "Not in this state (uploads after start, decision not awaited...)",
+            413: "Over a size limit (chunk, file, manifest, job, service disk bound)",
+            422: "Well-formed but invalid (schema, ranges, nesting, integer length)",
+            429: "Over a quota (request rate of the token, job creations, live jobs)"}
+    return {code: {"model": ErrorOut, "description": text[code]} for code in codes}
+
+
+JOB_ERRORS = _errors(400, 401, 403, 404, 409, 413, 422, 429)
 
 
 class JobCreated(BaseModel):
@@ -135,6 +172,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
     )
     app.state.service = service
 
+    @app.middleware("http")
+    async def bounded_small_bodies(request: Request, call_next):  # noqa: ANN001, ANN202
+        """413 for an oversized body on a route that takes a small one, before it is read."""
+        declared = request.headers.get("content-length", "")
+        if (not _large_body_route(request.url.path) and declared.isdigit()
+                and int(declared) > MAX_SMALL_BODY):
+            return JSONResponse({"detail": f"request body is {declared} bytes; this route "
+                                           f"takes at most {MAX_SMALL_BODY}"}, status_code=413)
+        return await call_next(request)
+
     @app.exception_handler(CloudError)
     async def refused(_request: Request, exc: CloudError) -> JSONResponse:
         """Every refusal of the domain: its status and `{"detail": message}`."""
@@ -145,23 +192,28 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def healthz() -> dict[str, Any]:
         return {"ok": True, "insecure_test_params": config.allow_insecure}
 
-    @app.post("/jobs", status_code=201, response_model=JobCreated, tags=["jobs"])
-    def create_job() -> JobCreated:
+    @app.post("/jobs", status_code=201, response_model=JobCreated, tags=["jobs"],
+              responses=_errors(429))
+    def create_job(request: Request) -> JobCreated:
         """New job; the token is returned once (only its SHA-256 is stored)."""
-        return JobCreated(**service.create_job())
+        client = request.client.host if request.client else "unknown"
+        return JobCreated(**service.create_job(client))
 
-    @app.get("/jobs/{job_id}", tags=["jobs"])
+    # Every route below needs a job's token: they share one router and its error responses.
+    router = APIRouter(responses=JOB_ERRORS)
+
+    @router.get("/jobs/{job_id}", tags=["jobs"])
     def job_status(job_id: JobId) -> dict[str, Any]:
         return service.status(job_id)
 
-    @app.put("/jobs/{job_id}/artifacts/{kind}/manifest", tags=["uploads"],
+    @router.put("/jobs/{job_id}/artifacts/{kind}/manifest", tags=["uploads"],
              openapi_extra=_OCTET_BODY)
     async def put_manifest(job_id: JobId, kind: Kind, request: Request) -> dict[str, Any]:
         """Announce an artifact's files (their sizes and SHA-256); checked before any upload."""
         raw = await _read_body(request, config.limits.max_manifest_bytes, "manifest")
         return await run_in_threadpool(service.uploads.accept_manifest, job_id, kind, raw)
 
-    @app.get("/jobs/{job_id}/artifacts/{kind}", tags=["uploads"])
+    @router.get("/jobs/{job_id}/artifacts/{kind}", tags=["uploads"])
     def get_artifact(job_id: JobId, kind: Kind) -> dict[str, Any]:
         """Which chunks the server holds: the client resumes from here."""
         return service.uploads.status(job_id, kind)
@@ -174,68 +226,68 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return await run_in_threadpool(service.uploads.accept_chunk, job_id, kind, name, index,
                                        data, digest)
 
-    @app.put("/jobs/{job_id}/artifacts/{kind}/files/{name}/chunks/{index}", tags=["uploads"],
+    @router.put("/jobs/{job_id}/artifacts/{kind}/files/{name}/chunks/{index}", tags=["uploads"],
              openapi_extra=_OCTET_BODY)
     async def put_chunk(
         job_id: JobId,
         kind: Kind,
         name: str,
-        index: int,
+        index: ChunkIndex,
         request: Request,
         chunk_sha256: Annotated[str | None, Header(alias=CHUNK_SHA_HEADER)] = None,
     ) -> dict[str, Any]:
         """One chunk (offset index * chunk_bytes) with its SHA-256 in the X-Chunk-SHA256 header."""
         return await accept_chunk_request(job_id, kind, name, index, request, chunk_sha256)
 
-    @app.post("/jobs/{job_id}/artifacts/{kind}/files/{name}/finalize", tags=["uploads"])
+    @router.post("/jobs/{job_id}/artifacts/{kind}/files/{name}/finalize", tags=["uploads"])
     def finalize(job_id: JobId, kind: Kind, name: str) -> dict[str, Any]:
         """Whole-file SHA-256 check against the manifest, secret-key check, then store."""
         return service.uploads.finalize(job_id, kind, name)
 
-    @app.post("/jobs/{job_id}/start", tags=["training"])
+    @router.post("/jobs/{job_id}/start", tags=["training"])
     def start(job_id: JobId) -> dict[str, Any]:
         """Verify the bundle and dataset, then start training in a worker process."""
         return service.start_job(job_id)
 
-    @app.get("/jobs/{job_id}/validation-loss", tags=["training"],
+    @router.get("/jobs/{job_id}/validation-loss", tags=["training"],
              response_class=FileResponse)
     def validation_loss(job_id: JobId) -> FileResponse:
         """The encrypted validation loss of the epoch awaiting the hospital's decision."""
         path, epoch, digest = service.validation_loss(job_id)
         return _file((path, digest), {EPOCH_HEADER: str(epoch)})
 
-    @app.post("/jobs/{job_id}/decision", tags=["training"])
+    @router.post("/jobs/{job_id}/decision", tags=["training"])
     def post_decision(job_id: JobId, decision: DecisionIn) -> dict[str, Any]:
         """{"continue": bool, "best_epoch": int[, "epoch": int]} for the awaited epoch."""
         return service.decide(job_id, decision.continue_training, decision.best_epoch,
                               decision.epoch)
 
-    @app.get("/jobs/{job_id}/result", tags=["results"])
+    @router.get("/jobs/{job_id}/result", tags=["results"])
     def result(job_id: JobId) -> dict[str, Any]:
         """Manifest of the encrypted weights of the best epoch (files listed with SHA-256)."""
         return service.result_manifest(job_id)
 
-    @app.get("/jobs/{job_id}/result/files/{name}", tags=["results"],
+    @router.get("/jobs/{job_id}/result/files/{name}", tags=["results"],
              response_class=FileResponse)
     def result_file(job_id: JobId, name: str) -> FileResponse:
         return _file(service.result_file(job_id, name))
 
     # ---- encrypted inference: query sets -----------------------------------------------------
-    @app.post("/jobs/{job_id}/queries", status_code=201, tags=["inference"])
+    @router.post("/jobs/{job_id}/queries", status_code=201, tags=["inference"])
     def create_query(job_id: JobId) -> dict[str, Any]:
         """New encrypted query set for a finished job -> {query_id, state, ...}."""
         return service.create_query(job_id)
 
-    @app.get("/jobs/{job_id}/queries", tags=["inference"])
+    @router.get("/jobs/{job_id}/queries", tags=["inference"])
     def list_queries(job_id: JobId) -> dict[str, Any]:
         return service.list_queries(job_id)
 
-    @app.get("/jobs/{job_id}/queries/{query_id}", tags=["inference"])
+    @router.get("/jobs/{job_id}/queries/{query_id}", tags=["inference"])
     def query_status(job_id: JobId, kind: QueryKind) -> dict[str, Any]:
         """Scoring state plus the upload resume point (same fields as GET artifacts/{kind})."""
         return service.query_status(job_id, query_id_of(kind))
 
-    @app.put("/jobs/{job_id}/queries/{query_id}/manifest", tags=["inference"],
+    @router.put("/jobs/{job_id}/queries/{query_id}/manifest", tags=["inference"],
              openapi_extra=_OCTET_BODY)
     async def put_query_manifest(job_id: JobId, kind: QueryKind,
                                  request: Request) -> dict[str, Any]:
@@ -243,53 +295,54 @@ def create_app(config: ServiceConfig) -> FastAPI:
         raw = await _read_body(request, config.limits.max_manifest_bytes, "manifest")
         return await run_in_threadpool(service.uploads.accept_manifest, job_id, kind, raw)
 
-    @app.put("/jobs/{job_id}/queries/{query_id}/files/{name}/chunks/{index}",
+    @router.put("/jobs/{job_id}/queries/{query_id}/files/{name}/chunks/{index}",
              tags=["inference"], openapi_extra=_OCTET_BODY)
     async def put_query_chunk(
         job_id: JobId,
         kind: QueryKind,
         name: str,
-        index: int,
+        index: ChunkIndex,
         request: Request,
         chunk_sha256: Annotated[str | None, Header(alias=CHUNK_SHA_HEADER)] = None,
     ) -> dict[str, Any]:
         return await accept_chunk_request(job_id, kind, name, index, request, chunk_sha256)
 
-    @app.post("/jobs/{job_id}/queries/{query_id}/files/{name}/finalize", tags=["inference"])
+    @router.post("/jobs/{job_id}/queries/{query_id}/files/{name}/finalize", tags=["inference"])
     def finalize_query_file(job_id: JobId, kind: QueryKind, name: str) -> dict[str, Any]:
         return service.uploads.finalize(job_id, kind, name)
 
-    @app.post("/jobs/{job_id}/queries/{query_id}/score", tags=["inference"])
+    @router.post("/jobs/{job_id}/queries/{query_id}/score", tags=["inference"])
     def score(job_id: JobId, kind: QueryKind) -> dict[str, Any]:
         """Start scoring in a worker process (the web process never loads keys)."""
         return service.start_scoring(job_id, query_id_of(kind))
 
-    @app.get("/jobs/{job_id}/queries/{query_id}/scores", tags=["inference"])
+    @router.get("/jobs/{job_id}/queries/{query_id}/scores", tags=["inference"])
     def scores(job_id: JobId, kind: QueryKind) -> dict[str, Any]:
         """Manifest of the encrypted scores (files with SHA-256); 409 until scoring is done."""
         return service.scores_manifest(job_id, query_id_of(kind))
 
-    @app.get("/jobs/{job_id}/queries/{query_id}/scores/files/{name}", tags=["inference"],
+    @router.get("/jobs/{job_id}/queries/{query_id}/scores/files/{name}", tags=["inference"],
              response_class=FileResponse)
     def score_file(job_id: JobId, kind: QueryKind, name: str) -> FileResponse:
         return _file(service.score_file(job_id, query_id_of(kind), name))
 
-    @app.delete("/jobs/{job_id}/queries/{query_id}", tags=["inference"])
+    @router.delete("/jobs/{job_id}/queries/{query_id}", tags=["inference"])
     def delete_query(job_id: JobId, kind: QueryKind) -> dict[str, Any]:
         """Remove a query set, its ciphertexts and its scores."""
         service.delete_query(job_id, query_id_of(kind))
         return {"deleted": True, "query_id": query_id_of(kind)}
 
-    @app.post("/jobs/{job_id}/cancel", tags=["jobs"])
+    @router.post("/jobs/{job_id}/cancel", tags=["jobs"])
     def cancel(job_id: JobId) -> dict[str, Any]:
         return service.cancel(job_id)
 
-    @app.delete("/jobs/{job_id}", tags=["jobs"])
+    @router.delete("/jobs/{job_id}", tags=["jobs"])
     def delete_job(job_id: JobId) -> dict[str, Any]:
         """Stop the worker and remove the job, its files and unreferenced blobs."""
         service.delete_job(job_id)
         return {"deleted": True, "job_id": job_id}
 
+    app.include_router(router)
     return app
 
 

@@ -4,15 +4,25 @@ Uploaded files are stored once under `blobs/<sha[:2]>/<sha>` (so a hospital re-s
 same multi-GB bundle for a second job costs no disk) and *hard-linked* into per-job directories,
 because OpenFHE reads keys and ciphertexts by path. Every write goes to a temporary name, is
 fsynced and then renamed, so a crash leaves either nothing or a complete file.
+
+A blob is shared by every job that uploads the same bytes, so one wrong blob would poison jobs
+of other hospitals: a file is renamed into place only after the bytes *at the temporary name*
+hashed to the blob's name, under the blob's lock (two jobs committing one digest serialise),
+and an existing blob is hashed again before it is reused; a wrong one is replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
+
+from medblindtuner.service.locks import file_lock
+
+log = logging.getLogger("medblindtuner.service")
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -29,6 +39,19 @@ def is_sha256(value: str) -> bool:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_path(path: Path, chunk: int = 1 << 22) -> str:
+    """Streamed SHA-256 of a file (key files are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class BlobMismatch(ValueError):
+    """The bytes to be stored do not hash to the name they would be stored under."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -86,21 +109,56 @@ class BlobStore:
             raise ValueError(f"not a SHA-256 digest: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
-    def ingest(self, source: Path, sha256: str) -> Path:
-        """Move an already verified file into the store (dropping it if the blob exists)."""
+    def _lock(self, sha256: str):  # noqa: ANN202 - a context manager
+        """The lock of the blob's shard directory: commits, relinks and collection of one
+        digest never interleave."""
+        return file_lock(self.path_for(sha256).parent / ".lock")
+
+    def verified(self, sha256: str) -> bool:
+        """True if the blob exists and its bytes hash to its name."""
+        try:
+            return sha256_path(self.path_for(sha256)) == sha256
+        except OSError:
+            return False
+
+    def commit(self, source: Path, sha256: str, destination: Path) -> None:
+        """Move `source` (a private, complete file nobody writes any more) into the store and
+        expose the blob at `destination`.
+
+        Under the blob's lock: `source` is hashed where it lies and renamed into place only if
+        it hashes to `sha256` (else BlobMismatch, `source` removed); an existing blob is reused
+        only if it still hashes to its name, a wrong one (disk fault, stray write, planted
+        file) is replaced by `source`.
+        """
+        source = Path(source)
         target = self.path_for(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            Path(source).unlink(missing_ok=True)
-        else:
-            os.chmod(source, 0o400)  # blobs are immutable: a stray write would corrupt many jobs
-            os.replace(source, target)
-            fsync_dir(target.parent)
-        return target
+        os.chmod(source, 0o400)  # blobs are immutable: a stray write would corrupt many jobs
+        with self._lock(sha256):
+            if sha256_path(source) != sha256:
+                source.unlink(missing_ok=True)
+                raise BlobMismatch(f"bytes to be stored as {sha256[:16]} hash otherwise")
+            if target.exists() and sha256_path(target) == sha256:
+                source.unlink(missing_ok=True)
+            else:
+                if target.exists():
+                    log.warning("blob %s did not match its name: replaced", sha256[:16])
+                os.replace(source, target)
+                fsync_dir(target.parent)
+            self._link(target, destination)
 
-    def link_into(self, sha256: str, destination: Path) -> None:
-        """Expose a blob at `destination` (hard link; copy when on another file system)."""
-        source = self.path_for(sha256)
+    def relink(self, sha256: str, destination: Path) -> bool:
+        """Expose an existing blob at `destination` if it still hashes to its name (the retry
+        of a finalize that stored the blob but failed before recording it)."""
+        with self._lock(sha256):
+            if not self.verified(sha256):
+                return False
+            self._link(self.path_for(sha256), destination)
+        return True
+
+    @staticmethod
+    def _link(source: Path, destination: Path) -> None:
+        """Hard link (copy when on another file system), renamed into place."""
         destination = Path(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
         tmp = destination.with_name(f".{destination.name}.{os.getpid()}.link")
@@ -118,9 +176,10 @@ class BlobStore:
         for digest in digests:
             try:
                 path = self.path_for(digest)
-                if path.exists() and path.stat().st_nlink <= 1:
-                    path.unlink()
-                    removed += 1
+                with self._lock(digest):
+                    if path.exists() and path.stat().st_nlink <= 1:
+                        path.unlink()
+                        removed += 1
             except (OSError, ValueError):
                 continue
         return removed

@@ -48,6 +48,11 @@ QUERY_TERMINAL = Q_TERMINAL_STATES
 # times while answering decisions (a restarted worker may be republishing the file), then fatal.
 MISMATCH_STATUS = 502
 MAX_MISMATCHES = 5
+# Connection errors and "come back later" answers are retried, a bounded number of times.
+RETRIES = 6
+BACKOFF_S = 0.5
+MAX_BACKOFF_S = 15.0
+RETRY_STATUS = (429, 503)
 
 
 class ServiceError(RuntimeError):
@@ -67,13 +72,17 @@ class HospitalClient:
     """Talks to one job (after `create_job`, or with a known job id and token)."""
 
     def __init__(self, base_url: str, token: str | None = None, job_id: str | None = None,
-                 timeout: float = 120.0, progress: bool = True) -> None:
+                 timeout: float = 120.0, progress: bool = True, retries: int = RETRIES,
+                 backoff_s: float = BACKOFF_S,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.job_id = job_id
         self.progress = progress
+        self.retries = retries
+        self.backoff_s = backoff_s
         self.chunk_bytes: int | None = None
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self.http.close()
@@ -88,9 +97,29 @@ class HospitalClient:
     def _headers(self) -> dict[str, str]:
         return bearer(self.token)
 
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request, retried on connection errors and 429/503 with bounded exponential
+        backoff (honouring Retry-After). Every request of the protocol may be repeated: chunks
+        and manifests are idempotent, a repeated finalize or decision answers "done"/409."""
+        for attempt in range(self.retries + 1):
+            delay = min(self.backoff_s * 2 ** attempt, MAX_BACKOFF_S)
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if response.status_code not in RETRY_STATUS or attempt == self.retries:
+                    return response
+                after = response.headers.get("Retry-After", "")
+                if after.isdigit():
+                    delay = min(float(after), MAX_BACKOFF_S)
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         headers = {**self._headers(), **kwargs.pop("headers", {})}
-        response = self.http.request(method, path, headers=headers, **kwargs)
+        response = self._send(method, path, headers=headers, **kwargs)
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)

@@ -66,3 +66,13 @@ class Internal(CloudError):
     """The service's own files are not what it wrote."""
 
     status_code = 500
+
+
+class TooManyRequests(CloudError):
+    """Over a quota (requests per second of one token, job creations, live jobs)."""
+
+    status_code = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, int(retry_after_s + 0.999)))}

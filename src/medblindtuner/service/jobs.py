@@ -6,8 +6,9 @@ Trust model: the cloud is untrusted, and so is every client. The service therefo
   * refuses secret keys, insecure parameters (unless started with --insecure-test-params),
     datasets made for other parameters and oversized uploads *before* any training starts,
   * never sees plaintext: logs and DB hold ids, sizes, hashes and counters only.
-OpenFHE work (secret-key detection, bundle verification) runs under one lock in this process;
-training and the scoring of encrypted query sets run in worker processes (`supervisor`).
+OpenFHE parsing of uploaded bytes (secret-key detection, bundle and ciphertext checks) runs in
+short-lived validator subprocesses (`validate`), training and the scoring of encrypted query
+sets in worker processes (`supervisor`): hostile bytes can crash those, never this process.
 
 Every refusal is a `CloudError` carrying the HTTP status the API answers with, so this module
 runs (and is tested) in-process; `app.py` only maps routes onto it.
@@ -18,21 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
-from medblindtuner.he.keys import BundleError, verify_public_bundle
-from medblindtuner.he.params import CkksParams, ParameterError
 from medblindtuner.service.blobs import BlobStore, is_safe_name
 from medblindtuner.service.errors import (
-    BadRequest,
     Conflict,
     Forbidden,
     Internal,
     NotFound,
+    TooManyRequests,
     Unauthorized,
     Unprocessable,
 )
@@ -41,10 +39,8 @@ from medblindtuner.service.protocol import (
     ACTIVE_STATES,
     ARTIFACT_KINDS,
     AWAITING_DECISION,
-    BUNDLE,
     CANCELLED,
     CREATED,
-    DATASET,
     FAILED,
     FINISHED,
     MANIFEST_NAME,
@@ -60,6 +56,7 @@ from medblindtuner.service.protocol import (
     decision_path,
     query_kind,
 )
+from medblindtuner.service.quotas import RateLimiter
 from medblindtuner.service.store import (
     DecisionRow,
     Job,
@@ -74,7 +71,8 @@ from medblindtuner.service.store import (
 )
 from medblindtuner.service.supervisor import Spawner, Supervisor, WorkerRef, spawn_worker
 from medblindtuner.service.uploads import Uploads
-from medblindtuner.training.artifacts import SCORES_FORMAT, read_dataset_manifest
+from medblindtuner.service.validate import Validator
+from medblindtuner.training.artifacts import SCORES_FORMAT
 
 log = logging.getLogger("medblindtuner.service")
 
@@ -166,16 +164,24 @@ class CloudService:
     that for every job endpoint), and a `query_id` that `query_kind_of` accepted.
     """
 
-    def __init__(self, config: ServiceConfig, spawn: Spawner = spawn_worker) -> None:
+    def __init__(self, config: ServiceConfig, spawn: Spawner = spawn_worker,
+                 validator: Validator | None = None) -> None:
         self.config = config
         for directory in (config.data_dir, config.jobs_dir, config.staging_dir):
             Path(directory).mkdir(parents=True, exist_ok=True)
         self.store = Store(config.resolved_db_url)
         self.store.create_all()
         self.blobs = BlobStore(config.blobs_dir)
-        self.fhe_lock = threading.Lock()  # OpenFHE calls from request threads, one at a time
-        self.uploads = Uploads(config, self.store, self.blobs, self.fhe_lock)
+        # Uploaded OpenFHE bytes are parsed only in validator subprocesses, never here.
+        self.validator = validator or Validator(config.limits, config.allow_insecure,
+                                                config.python)
+        self.uploads = Uploads(config, self.store, self.blobs, self.validator)
         self.supervisor = Supervisor(config, self.store, spawn)
+        limits = config.limits
+        self.token_rate = RateLimiter(limits.token_rate_per_s, limits.token_burst,
+                                      "this job token")
+        self.creation_rate = RateLimiter(limits.create_rate_per_s, limits.create_burst,
+                                         "job creation from this address")
 
     def start(self) -> None:
         """Crash recovery (restart dead workers), then supervise in the background."""
@@ -193,14 +199,21 @@ class CloudService:
         return self.config.query_dir(job_id, query_id)
 
     # ---- access ----------------------------------------------------------------------------
-    def create_job(self) -> dict[str, Any]:
-        """New job; the token is returned once (only its SHA-256 is stored)."""
+    def create_job(self, client: str = "local") -> dict[str, Any]:
+        """New job; the token is returned once (only its SHA-256 is stored).
+
+        Quotas: job creations per client address (429), live jobs on the service (429)."""
+        limits = self.config.limits
+        self.creation_rate.charge(client)
         job_id, token = new_job_id(), new_token()
-        self.job_dir(job_id).mkdir(parents=True)
         with self.store.session() as session:
+            live = session.scalar(select(func.count()).select_from(Job)) or 0
+            if live >= limits.max_live_jobs:
+                raise TooManyRequests(f"the service holds {live} jobs, its limit; delete "
+                                      "finished jobs or try again later", retry_after_s=60)
+            self.job_dir(job_id).mkdir(parents=True)
             session.add(Job(id=job_id, token_hash=hash_token(token), state=CREATED))
         log.info("job %s created", job_id)
-        limits = self.config.limits
         return {"job_id": job_id, "token": token, "chunk_bytes": limits.chunk_bytes,
                 "max_upload_bytes": limits.max_upload_bytes,
                 "max_job_bytes": limits.max_job_bytes}
@@ -215,6 +228,7 @@ class CloudService:
                 raise NotFound("no such job")
             if not token_matches(token, job.token_hash):
                 raise Forbidden("this token does not grant access to this job")
+        self.token_rate.charge(job_id)  # 429 beyond the token's request rate
         return job_id
 
     @staticmethod
@@ -227,8 +241,10 @@ class CloudService:
         """The upload kind of an existing query set of this (authorised) job, else 404."""
         with self.store.session() as session:
             query = session.get(QuerySet, query_id) if is_safe_name(query_id) else None
-            if query is None or query.job_id != job_id:
+            if query is None:
                 raise NotFound("no such query set")
+            if query.job_id != job_id:  # as for jobs: another job's token is a 403
+                raise Forbidden("this token does not grant access to this query set")
         return query_kind(query_id)
 
     # ---- training --------------------------------------------------------------------------
@@ -244,15 +260,7 @@ class CloudService:
                 raise Conflict(f"job is already {job.state}")
         for kind in ARTIFACT_KINDS:
             self.uploads.require_complete(job_id, kind, kind)
-        directory = self.job_dir(job_id)
-        try:
-            with self.fhe_lock:
-                manifest = verify_public_bundle(directory / BUNDLE,
-                                                allow_insecure=self.config.allow_insecure)
-            params = CkksParams.from_dict(manifest["params"])
-            read_dataset_manifest(directory / DATASET, params)
-        except (BundleError, ParameterError) as exc:
-            raise BadRequest(f"refusing to train: {exc}") from exc
+        self.validator.check_job(self.job_dir(job_id))  # 400 "refusing to train: ..."
         with self.store.session() as session:
             job = session.get(Job, job_id)
             if job.state != CREATED:
@@ -349,6 +357,11 @@ class CloudService:
             job = session.get(Job, job_id)
             if job.state != FINISHED or not job.result_ready:
                 raise Conflict(f"job is {job.state}: encrypted inference needs a finished job")
+            count = session.scalar(select(func.count()).select_from(QuerySet).where(
+                QuerySet.job_id == job_id)) or 0
+            if count >= self.config.limits.max_query_sets_per_job:
+                raise TooManyRequests(f"the job has {count} query sets, its limit; delete "
+                                      "some first", retry_after_s=60)
             query = QuerySet(id=new_query_id(), job_id=job_id, state=Q_UPLOADING)
             session.add(query)
             session.flush()
@@ -376,6 +389,7 @@ class CloudService:
             if query.state in (*Q_ACTIVE_STATES, Q_DONE):
                 return query_status(query)
         self.uploads.require_complete(job_id, query_kind(query_id), "query")
+        self.validator.check_job(self.job_dir(job_id), query_id)  # 400 "refusing to score"
         with self.store.session() as session:
             query = session.get(QuerySet, query_id)
             if query.state not in (Q_UPLOADING, Q_FAILED):

@@ -24,8 +24,29 @@ class ServiceLimits:
     max_upload_bytes: int = 64 * GIB  # one artifact file
     max_job_bytes: int = 128 * GIB  # everything one job uploads, all files together
     chunk_bytes: int = 8 * MIB  # chunk size the server asks clients to use
-    max_manifest_bytes: int = 16 * MIB
+    max_manifest_bytes: int = 4 * MIB  # checked before the JSON is parsed
     max_files_per_artifact: int = 100_000
+    # JSON shape, checked on the raw bytes before parsing (deep nesting and huge integers
+    # cost the parser time and memory before any schema can refuse them).
+    max_json_depth: int = 16
+    max_json_int_digits: int = 20
+    max_epochs: int = 1_000
+    max_batches: int = 100_000  # training batches (or validation chunks) in a plan
+    # The subprocesses that parse uploaded OpenFHE files (`validate`): wall clock and address
+    # space. One file at finalize (context, public key, ciphertexts: MBs; a length field
+    # flipped to 2^62 must fail fast, not swap) and the whole job at start (rotation keys: GBs).
+    validate_timeout_s: float = 120.0
+    validate_memory_bytes: int = 4 * GIB
+    validate_job_timeout_s: float = 1800.0
+    validate_job_memory_bytes: int = 48 * GIB
+    # Quotas: per job token (requests), per client address (job creation), global.
+    max_live_jobs: int = 1_000  # jobs stored at once (any state); POST /jobs answers 429 beyond
+    max_total_bytes: int = 1 << 40  # everything all jobs may upload together (disk bound)
+    max_query_sets_per_job: int = 100
+    token_rate_per_s: float = 50.0  # sustained requests per job token ...
+    token_burst: int = 400  # ... after a burst of this many
+    create_rate_per_s: float = 2.0  # job creations per client address ...
+    create_burst: int = 60
 
 
 @dataclass(frozen=True)

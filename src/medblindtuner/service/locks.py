@@ -1,4 +1,5 @@
-"""The `flock` a worker holds for its whole life, and the probe the supervisor uses on it.
+"""File locks: the `flock` a worker holds for its whole life (and the supervisor's probe of
+it), and short exclusive locks that serialise writers of one staged upload or one blob.
 
 A lock (not a PID) is how the web process tells a live worker from a dead one: it is released by
 the kernel when the worker dies, however it dies, and it works for workers started by an earlier
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import fcntl
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -47,3 +50,21 @@ def acquire_lock(directory: Path, wait_s: float = 15.0,
                 handle.close()
                 return None
             time.sleep(0.2)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive, blocking `flock` on `path` (created if missing) for the `with` body.
+
+    Serialises writers of one staged upload (chunk writes vs. its finalize) and of one blob
+    (two jobs committing the same digest), across threads and processes alike: flock locks
+    belong to the open file description, so two opens in one process exclude each other too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -11,26 +11,30 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from medblindtuner.formats import dataset_file_name
 from medblindtuner.he import keys as he_keys
-from medblindtuner.he.keys import BUNDLE_FORMAT, looks_like_secret_key, sha256_file
+from medblindtuner.he.keys import BUNDLE_FORMAT
 from medblindtuner.he.params import CkksParams, ParameterError, require_secure
 from medblindtuner.service.blobs import (
+    BlobMismatch,
     BlobStore,
     atomic_write_bytes,
     is_safe_name,
     is_sha256,
     sha256_bytes,
+    sha256_path,
     write_at,
 )
-from medblindtuner.service.errors import BadRequest, Conflict, NotFound, TooLarge
+from medblindtuner.service.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
 from medblindtuner.service.limits import ServiceConfig
+from medblindtuner.service.locks import file_lock
+from medblindtuner.service.manifests import parse_json, validate_manifest
 from medblindtuner.service.protocol import (
     BUNDLE,
     CHUNK_SHA_HEADER,
@@ -44,13 +48,23 @@ from medblindtuner.service.protocol import (
     query_id_of,
 )
 from medblindtuner.service.store import Job, QuerySet, Store, Upload, UploadChunk, utcnow
+from medblindtuner.service.validate import Validator
 from medblindtuner.training.artifacts import DATASET_FORMAT, QUERIES_FORMAT
-from medblindtuner.training.plan import TrainingPlan
+from medblindtuner.training.plan import TrainingPlan, max_batch_size
 
 log = logging.getLogger("medblindtuner.service")
 # The exact file set of a public bundle: the keys module's definition, so the two never drift.
 # The only use of a private name of `he.keys` in the service; to become its public name.
 BUNDLE_FILES = frozenset(he_keys._PUBLIC_FILES.values())
+
+
+def dataset_files(plan: TrainingPlan) -> set[str]:
+    """The exact file set of an encrypted dataset made for `plan` (what the hospital saves)."""
+    kinds = ["x_dup", "x_grad"] + [f"y{j}" for j in range(plan.label_cts)]
+    return {dataset_file_name(split, index, kind)
+            for split, count in (("train", len(plan.train_chunk_sizes)),
+                                 ("val", len(plan.val_batch_sizes)))
+            for index in range(count) for kind in kinds}
 
 
 def chunk_digest(header: str | None) -> str:
@@ -64,15 +78,20 @@ class Uploads:
     """Chunked, resumable, verified uploads into the job folders and the blob store."""
 
     def __init__(self, config: ServiceConfig, store: Store, blobs: BlobStore,
-                 fhe_lock: threading.Lock) -> None:
+                 validator: Validator) -> None:
         self.config = config
         self.store = store
         self.blobs = blobs
-        self.fhe_lock = fhe_lock  # OpenFHE calls from request threads, one at a time
+        self.validator = validator  # OpenFHE parsing of uploaded bytes: in a subprocess
 
     # ---- paths -----------------------------------------------------------------------------
     def staging_path(self, job_id: str, kind: str, name: str) -> Path:
         return self.config.staging_dir / job_id / kind / f"{name}.part"
+
+    @staticmethod
+    def lock_path(staged: Path) -> Path:
+        """The lock that serialises chunk writes to `staged` and its finalize."""
+        return staged.with_name(f".{staged.name}.lock")
 
     def artifact_dir(self, job_id: str, kind: str) -> Path:
         """Where OpenFHE will read an artifact: `<job>/<kind>/` or `<job>/queries/<q>/input/`."""
@@ -148,23 +167,15 @@ class Uploads:
     def accept_manifest(self, job_id: str, kind: str, raw: bytes) -> dict[str, Any]:
         """Check the manifest against the limits and the job, then announce its files."""
         limits = self.config.limits
-        try:
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"{kind} manifest is not valid JSON: {exc}") from exc
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-            raise BadRequest(f"{kind} manifest must be a JSON object with a 'files' object")
-        files: dict = manifest["files"]
-        if len(files) > limits.max_files_per_artifact:
-            raise TooLarge(f"{kind} manifest lists {len(files)} files; the limit is "
-                           f"{limits.max_files_per_artifact}")
-        declared = 0
+        what = f"{'query' if is_query_kind(kind) else kind} manifest"
+        manifest = parse_json(raw, limits, what)  # size, depth, digits: before parsing
+        schema = "queries" if is_query_kind(kind) else kind
+        model = validate_manifest(manifest, schema, limits, what)
+        files = {name: entry.model_dump(exclude_none=True) for name, entry in model.files.items()}
+        declared = len(raw)  # the manifest counts towards the job's quota too
         for name, info in files.items():
             if not is_safe_name(name) or name == MANIFEST_NAME:
                 raise BadRequest(f"{kind} manifest: illegal file name {name!r}")
-            if (not isinstance(info, dict) or not is_sha256(str(info.get("sha256", "")))
-                    or not isinstance(info.get("bytes"), int) or info["bytes"] < 0):
-                raise BadRequest(f"{kind} manifest: {name} needs 'sha256' (hex) and 'bytes'")
             if info["bytes"] > limits.max_upload_bytes:
                 raise TooLarge(f"{name} is {info['bytes']} bytes; the per-file limit is "
                                f"{limits.max_upload_bytes} (--max-upload-bytes)")
@@ -182,11 +193,16 @@ class Uploads:
                 raise Conflict(f"a different {kind} manifest was already uploaded; delete the "
                                "job (or query set) and create a new one to change it")
             other = session.scalars(select(Upload).where(
-                Upload.job_id == job_id, Upload.kind != kind, Upload.name != MANIFEST_NAME)
-            ).all()
+                Upload.job_id == job_id, Upload.kind != kind)).all()
             if declared + sum(u.size for u in other) > limits.max_job_bytes:
                 raise TooLarge(f"job would upload {declared + sum(u.size for u in other)} "
-                               f"bytes; the per-job limit is {limits.max_job_bytes}")
+                               f"bytes (manifests included); the per-job limit is "
+                               f"{limits.max_job_bytes}")
+            everyone = session.scalar(select(func.coalesce(func.sum(Upload.size), 0))) or 0
+            if declared + everyone > limits.max_total_bytes:
+                raise TooLarge(f"the service holds {everyone} bytes of uploads; {declared} more "
+                               f"would pass its disk bound of {limits.max_total_bytes} bytes: "
+                               "try again later")
             if kind == BUNDLE:
                 self._check_bundle_manifest(manifest, job)
             elif kind == DATASET:
@@ -212,7 +228,7 @@ class Uploads:
         try:
             params = CkksParams.from_dict(manifest["params"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise BadRequest(f"bundle manifest has no valid 'params': {exc}") from exc
+            raise Unprocessable(f"bundle manifest has no valid 'params': {exc}") from exc
         if params.fingerprint() != manifest.get("params_fingerprint"):
             raise BadRequest("bundle manifest parameters do not match their fingerprint")
         try:
@@ -238,11 +254,25 @@ class Uploads:
                              f"{job.params_fingerprint})")
         try:
             plan = TrainingPlan.from_dict(manifest["plan"])
+            layout = plan.layout  # refuses more features than the slots can hold
         except (KeyError, TypeError, ValueError) as exc:
-            raise BadRequest(f"dataset manifest has no valid training plan: {exc}") from exc
+            raise Unprocessable(f"dataset manifest has no valid training plan: {exc}") from exc
         bundle = json.loads((self.artifact_dir(job.id, BUNDLE) / MANIFEST_NAME).read_text())
         if plan.slots != CkksParams.from_dict(bundle["params"]).slots:
             raise BadRequest("training plan slot count differs from the bundle's parameters")
+        largest = max_batch_size(layout, plan.n_classes)
+        if max(plan.train_batch_sizes) > largest:
+            raise Unprocessable(f"training batches of up to {largest} samples fit this plan; "
+                                f"the manifest has {max(plan.train_batch_sizes)}")
+        if any(n > layout.samples_per_ct for n in plan.val_batch_sizes):
+            raise Unprocessable(f"validation chunks hold at most {layout.samples_per_ct} "
+                                "samples (one ciphertext each)")
+        expected = dataset_files(plan)
+        if set(manifest["files"]) != expected:
+            missing, extra = sorted(expected - set(manifest["files"])), sorted(
+                set(manifest["files"]) - expected)
+            raise BadRequest(f"dataset manifest files do not match its plan (missing "
+                             f"{missing[:5]}, unexpected {extra[:5]})")
         job.max_epochs = plan.config.epochs
         job.steps_per_epoch = len(plan.train_batch_sizes)
 
@@ -297,57 +327,103 @@ class Uploads:
                 raise BadRequest(f"chunk {index} of {name} does not match its SHA-256 header "
                                  "(corrupted in transit?); resend it")
             upload_id, chunk_size, n_chunks = upload.id, upload.chunk_size, upload.n_chunks
-        write_at(self.staging_path(job_id, kind, name), index * chunk_size, data)
-        with self.store.session() as session:
-            if session.get(UploadChunk, (upload_id, index)) is None:
-                session.add(UploadChunk(upload_id=upload_id, index=index, sha256=chunk_sha))
+        staged = self.staging_path(job_id, kind, name)
+        with file_lock(self.lock_path(staged)):  # never while a finalize reads the file
+            with self.store.session() as session:
+                upload = session.get(Upload, upload_id)
+                if upload is None:
+                    raise NotFound(f"{name!r} is no longer part of this upload")
+                if upload.finalized:  # finalized while this request waited for the lock
+                    return {"index": index, "complete": True}
+            write_at(staged, index * chunk_size, data)
+            with self.store.session() as session:
+                if session.get(UploadChunk, (upload_id, index)) is None:
+                    session.add(UploadChunk(upload_id=upload_id, index=index,
+                                            sha256=chunk_sha))
         return {"index": index, "n_chunks": n_chunks, "complete": False}
 
     # ---- 3. finalize -----------------------------------------------------------------------
     def finalize(self, job_id: str, kind: str, name: str) -> dict[str, Any]:
-        """Whole-file SHA-256 and secret-key check, then into the blob store and the job."""
+        """Whole-file SHA-256 and validator checks, then into the blob store and the job.
+
+        Crash-safe and retryable: the staged file is checked under its upload lock (no chunk
+        can change it meanwhile), then renamed into the blob store, linked and recorded. If
+        the service fails after the rename, the next finalize finds the blob (verified again)
+        and completes the link and the record; nothing is left that cannot be finished.
+        """
+        upload_id, size, digest = self._finalizable(job_id, kind, name)
+        if upload_id is None:
+            return {"name": name, "complete": True, "sha256": digest}
+        staged = self.staging_path(job_id, kind, name)
+        destination = self.artifact_dir(job_id, kind) / name
+        with file_lock(self.lock_path(staged)):
+            if size == 0:
+                raise self._reject(job_id, kind, name, upload_id, staged,
+                                   f"{name} is empty: zero-byte files are refused")
+            if staged.exists():
+                if staged.stat().st_size != size or sha256_path(staged) != digest:
+                    raise self._reject(job_id, kind, name, upload_id, staged,
+                                       f"{name} does not match the SHA-256 in its manifest "
+                                       "(tampered or truncated); upload it again")
+                try:
+                    self.validator.check_file(staged, kind, name, self._ring_dim(job_id))
+                except BadRequest as exc:
+                    raise self._reject(job_id, kind, name, upload_id, staged,
+                                       exc.message) from exc
+                try:
+                    self.blobs.commit(staged, digest, destination)
+                except BlobMismatch as exc:  # changed after the check: impossible under lock
+                    raise self._reject(job_id, kind, name, upload_id, staged,
+                                       f"{name} changed while it was stored; upload it "
+                                       "again") from exc
+            elif not self.blobs.relink(digest, destination):
+                raise self._reject(job_id, kind, name, upload_id, staged,
+                                   f"the staged bytes of {name} are gone; upload it again")
+            self._record_finalized(job_id, upload_id, size)
+        log.info("job %s: %s/%s stored (%d bytes, sha256 %s)", job_id, kind, name, size,
+                 digest[:16])
+        return {"name": name, "complete": True, "sha256": digest}
+
+    def _ring_dim(self, job_id: str) -> int | None:
+        """The ring dimension the job's bundle manifest declares (None before it arrived)."""
+        path = self.artifact_dir(job_id, BUNDLE) / MANIFEST_NAME
+        try:
+            return int(json.loads(path.read_text())["params"]["ring_dim"])
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+
+    def _finalizable(self, job_id: str, kind: str, name: str) -> tuple[int | None, int, str]:
+        """(upload id, size, digest) of a file ready to finalize; id None if already done."""
         with self.store.session() as session:
             job = session.get(Job, job_id)
             self._check_open(session, job, kind, "uploads are closed")
             upload = self._upload_row(session, job_id, kind, name)
             if upload.finalized:
-                return {"name": name, "complete": True, "sha256": upload.sha256}
+                return None, upload.size, upload.sha256
             received = set(session.scalars(
                 select(UploadChunk.index).where(UploadChunk.upload_id == upload.id)).all())
             missing = sorted(set(range(upload.n_chunks)) - received)
-            if missing:
+            if missing and upload.size > 0:
                 raise Conflict(f"{name}: chunks {missing[:20]} not received yet")
-            upload_id, size, digest = upload.id, upload.size, upload.sha256
-        staged = self.staging_path(job_id, kind, name)
-        if size == 0:
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            staged.touch()
+            return upload.id, upload.size, upload.sha256
 
-        def reject(message: str) -> BadRequest:
-            """Drop the staged bytes so the client can upload the file again from scratch."""
-            staged.unlink(missing_ok=True)
-            with self.store.session() as session:
-                session.execute(delete(UploadChunk).where(UploadChunk.upload_id == upload_id))
-            log.warning("job %s: %s/%s refused: %s", job_id, kind, name, message)
-            return BadRequest(message)
-
-        if staged.stat().st_size != size or sha256_file(staged) != digest:
-            raise reject(f"{name} does not match the SHA-256 in its manifest (tampered or "
-                         "truncated); upload it again")
-        with self.fhe_lock:
-            secret = looks_like_secret_key(staged)
-        if secret:
-            raise reject(f"{name} is an OpenFHE secret key: refusing it. The secret key must "
-                         "never leave the hospital")
-        self.blobs.ingest(staged, digest)
-        self.blobs.link_into(digest, self.artifact_dir(job_id, kind) / name)
+    def _record_finalized(self, job_id: str, upload_id: int, size: int) -> None:
+        """The DB half of finalize: idempotent (a retry after a crash counts the bytes once)."""
         with self.store.session() as session:
             upload = session.get(Upload, upload_id)
+            if upload is None or upload.finalized:
+                return
             upload.finalized = True
             upload.finalized_at = utcnow()
             job = session.get(Job, job_id)
             job.bytes_uploaded += size
             job.updated_at = utcnow()
-        log.info("job %s: %s/%s stored (%d bytes, sha256 %s)", job_id, kind, name, size,
-                 digest[:16])
-        return {"name": name, "complete": True, "sha256": digest}
+
+    def _reject(self, job_id: str, kind: str, name: str, upload_id: int, staged: Path,
+                message: str) -> BadRequest:
+        """Drop the staged bytes and chunk records so the client can upload the file again."""
+        staged.unlink(missing_ok=True)
+        with self.store.session() as session:
+            session.execute(delete(UploadChunk).where(UploadChunk.upload_id == upload_id))
+        log.warning("job %s: %s/%s refused: %s", job_id, kind, name, message[:300])
+        return BadRequest(message)

@@ -129,6 +129,9 @@ class BundleManifest(_Strict):
     params_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
     rotation_indices: Annotated[list[Annotated[int, Field(ge=-(1 << 17), le=1 << 17)]],
                                 Field(max_length=4096)] = []
+    # the step kernel's rotations, whose keys `shard_keys.bin` holds (Ray shard actors)
+    shard_rotation_indices: Annotated[list[Annotated[int, Field(ge=-(1 << 17), le=1 << 17)]],
+                                      Field(max_length=4096)] = []
     files: dict[str, FileEntry]
 
 

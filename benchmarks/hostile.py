@@ -158,7 +158,8 @@ def make_hospital(root: Path) -> Hospital:
     config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=128, patience=5)
     plan = TrainingPlan.create(INSECURE_TEST, data[0], data[2], 2, config)
     params = INSECURE_TEST.with_bootstrap_slots(plan.bootstrap_slots)
-    keys = HospitalKeys.generate(params, plan.rotation_indices, allow_insecure=True)
+    keys = HospitalKeys.generate(params, plan.rotation_indices, allow_insecure=True,
+                                 shard_rotation_indices=plan.kernel_rotation_indices)
     keys.save_public_bundle(root / "bundle")
     keys.save_secret_key(root / "secret" / "secret_key.bin")
     encrypt_dataset(keys, plan, *data).save(root / "dataset", keys.params)

@@ -28,8 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ import numpy as np
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
 from medblindtuner.hospital.crypto import HospitalJudge, encrypt_dataset
 from medblindtuner.service.client import HospitalClient
+from medblindtuner.service.local import LocalService
 from medblindtuner.training.plain import TrainConfig, add_bias
 from medblindtuner.training.plan import TrainingPlan
 
@@ -54,66 +53,14 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---- the service under test -----------------------------------------------------------------
-class Service:
-    """A real `serve` process on a free port; restartable on the same data directory."""
-
-    def __init__(self, data_dir: Path, limits: list[str]) -> None:
-        self.data_dir = data_dir
-        self.limits = limits
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Service:
-        command = [sys.executable, "-m", "medblindtuner.service", "serve", "--port",
-                   str(self.port), "--data-dir", str(self.data_dir), "--chunk-bytes",
-                   str(CHUNK), "--insecure-test-params"]
-        for item in self.limits:
-            command += ["--limit", item]
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / "server.out", "ab") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError((self.data_dir / "server.out").read_text()[-2000:])
-            if self.alive():
-                return self
-            time.sleep(0.2)
-        raise RuntimeError("service did not come up")
-
-    def alive(self) -> bool:
-        try:
-            return (self.process is not None and self.process.poll() is None
-                    and httpx.get(f"{self.url}/healthz", timeout=10).status_code == 200)
-        except httpx.HTTPError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def kill_workers(self) -> None:
-        for pid_file in (self.data_dir / "jobs").glob("**/worker.pid"):
-            try:
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+def hostile_service(data_dir: Path, limits: list[str]) -> LocalService:
+    """A real `serve` process on the insecure ring, with `--limit` overrides."""
+    extra = ["--chunk-bytes", str(CHUNK)]
+    for item in limits:
+        extra += ["--limit", item]
+    return LocalService(data_dir, *extra, insecure=True, log_name="server.out",
+                        start_timeout_s=60)
 
 
 # ---- the hospital's artifacts ----------------------------------------------------------------
@@ -182,7 +129,7 @@ class Defect(Exception):
 class Lab:
     """The service, the hospital and an HTTP client that records every status it sees."""
 
-    service: Service
+    service: LocalService
     hospital: Hospital
     tmp: Path
     statuses: list[int] = field(default_factory=list)
@@ -736,10 +683,10 @@ def run(quick: bool = False, workdir: Path | None = None, log: Callable[[str], N
     """Replay the catalogue (or the cases `select` keeps); returns the report."""
     owned = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix="mbt-hostile-"))
-    services: list[Service] = []
+    services: list[LocalService] = []
 
     def lab_factory(extra: list[str]) -> Lab:
-        service = Service(root / f"cloud{len(services)}", extra).start()
+        service = hostile_service(root / f"cloud{len(services)}", extra).start()
         services.append(service)
         return Lab(service, hospital, root)
 

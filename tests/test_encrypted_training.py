@@ -40,6 +40,21 @@ def make_trainer(keys, dataset, directory):
     return trainer
 
 
+def train_and_check_mirror(n_classes, data, config, directory):
+    """Train to the end with the hospital's judge; the last epoch's weights and every
+    validation loss must match the plaintext mirror. Returns (plan, trainer, state)."""
+    plan, keys = plan_and_keys(n_classes, config, data)
+    mirror = plan.check_ranges(*data)
+    trainer = make_trainer(keys, encrypt_dataset(keys, plan, *data), directory)
+    judge = HospitalJudge(keys, plan, len(data[3]))
+    state = trainer.train(decide=judge)
+    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(config.epochs))
+    assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
+    for record in mirror.history:
+        assert abs(judge.losses[record["epoch"]] - record["val_loss"]) < 1e-3
+    return plan, trainer, state
+
+
 def test_one_step_equals_mirror(setup, tmp_path):
     data, plan, keys, dataset = setup
     trainer = make_trainer(keys, dataset, tmp_path)
@@ -144,7 +159,9 @@ def test_streamed_dataset_trains_like_the_one_in_memory(setup, tmp_path):
         for batch in range(len(plan.train_batch_sizes)):
             trainer.step(batch)
         results.append(decrypt_weights(keys, plan, trainer.weights))
-    assert np.max(np.abs(results[0] - results[1])) < 1e-4
+    # the two datasets are separate encryptions of the same arrays, so they differ by CKKS noise
+    # (seen up to 1.2e-4 after the steps); a chunk read out of place moves weights far more
+    assert np.max(np.abs(results[0] - results[1])) < WEIGHT_TOL
 
 
 def test_tampered_dataset_is_refused(setup, tmp_path):
@@ -189,15 +206,7 @@ def test_softmax_training_matches_mirror(tmp_path):
     """5-class softmax, class-rotation layout: 2 sparse bootstraps per step (model + 1/S)."""
     data = toy_problem(5, n_train=64, n_val=30, seed=5)
     config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=64, patience=2)
-    plan, keys = plan_and_keys(5, config, data)
-    mirror = plan.check_ranges(*data)
-    trainer = make_trainer(keys, encrypt_dataset(keys, plan, *data), tmp_path)
-    judge = HospitalJudge(keys, plan, len(data[3]))
-    trainer.train(decide=judge)
-    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(2))
-    assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
-    for epoch in (1, 2):
-        assert abs(judge.losses[epoch] - mirror.history[epoch - 1]["val_loss"]) < 1e-3
+    plan, trainer, _ = train_and_check_mirror(5, data, config, tmp_path)
     softmax = plan.softmax_layout
     steps = 2 * len(plan.train_batch_sizes)
     ops = trainer.ev.ops
@@ -247,17 +256,9 @@ def test_binary_step_over_several_chunks_matches_mirror(tmp_path):
     """A batch of 300 at 128 samples per ciphertext: 3 chunks, still one bootstrap per step."""
     data = toy_problem(2, n_train=300, n_val=40, seed=6)
     config = TrainConfig(learning_rate=2.0, momentum=0.8, epochs=2, batch_size=300, patience=2)
-    plan, keys = plan_and_keys(2, config, data)
+    plan, trainer, state = train_and_check_mirror(2, data, config, tmp_path)
     assert plan.chunk_sizes(300) == [128, 128, 44] and plan.chunks_per_step == 3
-    mirror = plan.check_ranges(*data)
-    trainer = make_trainer(keys, encrypt_dataset(keys, plan, *data), tmp_path)
-    judge = HospitalJudge(keys, plan, len(data[3]))
-    state = trainer.train(decide=judge)
     assert state.steps == 2 and trainer.ev.ops["bootstraps"] == 2
-    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(2))
-    assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
-    for record in mirror.history:
-        assert abs(judge.losses[record["epoch"]] - record["val_loss"]) < 1e-3
 
 
 def test_softmax_step_over_several_chunks_matches_mirror(tmp_path):
@@ -265,15 +266,7 @@ def test_softmax_step_over_several_chunks_matches_mirror(tmp_path):
     validation chunk), so a step still costs two bootstraps."""
     data = toy_problem(5, n_train=300, n_val=30, seed=7)
     config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=300, patience=2)
-    plan, keys = plan_and_keys(5, config, data)
+    plan, trainer, _ = train_and_check_mirror(5, data, config, tmp_path)
     softmax = plan.softmax_layout
     assert softmax.chunks == 3 and softmax.step_compact_period == 4 * softmax.compact_period
-    mirror = plan.check_ranges(*data)
-    trainer = make_trainer(keys, encrypt_dataset(keys, plan, *data), tmp_path)
-    judge = HospitalJudge(keys, plan, len(data[3]))
-    trainer.train(decide=judge)
-    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(2))
-    assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
-    for epoch in (1, 2):
-        assert abs(judge.losses[epoch] - mirror.history[epoch - 1]["val_loss"]) < 1e-3
     assert trainer.ev.ops["bootstraps"] == 2 * 2 + 1  # 2 per step + the last validation

@@ -19,6 +19,7 @@ from medblindtuner.features import (
     load_backbone,
 )
 from medblindtuner.features import backbones as bb
+from medblindtuner.formats import sha256_file
 
 SHARED = Path(mm.__file__).resolve().parents[4] / "shared" / "data" / "medmnist"
 
@@ -80,7 +81,7 @@ def test_deit_local_file_uses_hub_loading_path(tmp_path: Path) -> None:
     b = load_backbone("deit_tiny", weights=weights)  # timm pretrained_cfg_overlay(file=...)
     assert b.info.feature_dim == 192 and b.info.pretrained
     assert b.info.weights_source == f"file:{weights.resolve()}"
-    assert b.info.weights_sha256 == bb.sha256_file(weights)
+    assert b.info.weights_sha256 == sha256_file(weights)
     assert b.info.mean == pytest.approx((0.485, 0.456, 0.406))
 
     imgs = _tiny_dataset(2).splits["train"][0]

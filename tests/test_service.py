@@ -212,7 +212,7 @@ def _bundle_copy(hospital: Hospital, target: Path) -> Path:
 
 
 def test_secret_key_upload_is_refused(service, hospital, tmp_path):
-    from medblindtuner.he.keys import sha256_file
+    from medblindtuner.formats import sha256_file
 
     # 1. A secret key disguised as the public key (manifest rewritten to match it).
     bundle = _bundle_copy(hospital, tmp_path / "evil")

@@ -19,7 +19,8 @@ from conftest import postgres_url
 from helpers_he import plan_and_keys, toy_problem
 from helpers_service import ServiceProcess
 
-from medblindtuner.he.keys import HospitalKeys, sha256_file
+from medblindtuner.formats import sha256_file
+from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import PRODUCTION
 from medblindtuner.hospital.crypto import encrypt_dataset
 from medblindtuner.service.client import HospitalClient, ServiceError, load_result_weights

@@ -24,7 +24,7 @@ LAYERS = [
     {"supervisor", "uploads"},
     {"jobs"},
     {"app", "worker", "client"},
-    {"command"},  # the `serve` Typer command: starts the app
+    {"command", "local"},  # the `serve` Typer command; `local` starts it as a process
 ]
 ENTRY_POINTS = {"__init__", "__main__"}  # `python -m medblindtuner.service`: starts the CLI
 

@@ -15,20 +15,15 @@ Phases (each timed and shown with progress):
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 from rich.console import Console
 
+from medblindtuner.service.local import LocalService
 from medblindtuner.training.recipe import Overrides
 
 console = Console()
@@ -62,59 +57,6 @@ class PhaseClock:
         self.timings[key] = time.perf_counter() - start
         console.print(f"[green]done[/] {title} in {self.timings[key]:.1f} s "
                       f"(elapsed {time.perf_counter() - self.started:.0f} s)")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LocalCloud:
-    """The cloud service as a separate OS process on loopback (as a user would deploy it)."""
-
-    def __init__(self, data_dir: Path, insecure: bool) -> None:
-        self.data_dir = Path(data_dir)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.insecure = insecure
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> LocalCloud:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "medblindtuner.service", "serve", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--data-dir", str(self.data_dir)]
-        if self.insecure:
-            command.append("--insecure-test-params")
-        log = open(self.data_dir / "service.log", "ab")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("cloud service exited:\n"
-                                   + (self.data_dir / "service.log").read_text()[-2000:])
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    console.print(f"cloud service pid {self.process.pid} on {self.url} "
-                                  f"(API docs: {self.url}/docs)")
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("cloud service did not start within 120 s")
-
-    def __exit__(self, *_exc) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        for pid_file in (self.data_dir / "jobs").glob("*/worker.pid"):
-            try:
-                os.kill(int(pid_file.read_text()), signal.SIGTERM)
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
 
 
 def run_demo(options: DemoOptions) -> dict:
@@ -185,7 +127,9 @@ def run_demo(options: DemoOptions) -> dict:
         # the hospital only decrypts from now on: no evaluation keys in memory
         hospital.release_evaluation_keys()
 
-    with LocalCloud(cloud_dir, options.insecure_test_params) as cloud:
+    with LocalService(cloud_dir, insecure=options.insecure_test_params) as cloud:
+        console.print(f"cloud service pid {cloud.process.pid} on {cloud.url} "
+                      f"(API docs: {cloud.url}/docs)")
         with clock.phase("upload", "5/8 hospital -> cloud: upload bundle and ciphertexts"):
             client = HospitalClient(cloud.url)
             client.create_job()

@@ -7,6 +7,9 @@ names without OpenFHE, so they live here, below both.
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 MANIFEST_NAME = "manifest.json"  # every artifact directory (bundle, dataset, queries, result)
 
 DATASET_FORMAT = "medblindtuner-encrypted-dataset/1"
@@ -33,3 +36,12 @@ def score_file_name(index: int, row: int) -> str:
 def result_weight_name(row: int) -> str:
     """Weight row `row` of the encrypted result."""
     return f"w{row}.bin"
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Streamed SHA-256 of a file: key files and blobs are GBs, weights files hundreds of MB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

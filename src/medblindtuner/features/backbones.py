@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from medblindtuner.errors import MedBlindTunerError
+from medblindtuner.formats import sha256_file
 
 DEIT_ARCHS: dict[str, str] = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -105,15 +106,6 @@ class Backbone(nn.Module):
         if self._pool:  # EfficientNet-Lite: global average of the last conv map
             return self.model.extract_features(x).mean((2, 3))
         return self.model(x)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a weights file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_state_dict(model: nn.Module) -> str:

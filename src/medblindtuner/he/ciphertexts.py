@@ -9,7 +9,8 @@ from pathlib import Path
 
 import openfhe as ofhe
 
-from medblindtuner.he.keys import BundleError, sha256_file
+from medblindtuner.formats import sha256_file
+from medblindtuner.he.keys import BundleError
 
 
 def save_ciphertext(path: Path, ct: ofhe.Ciphertext) -> dict:

@@ -28,6 +28,7 @@ import numpy as np
 import openfhe as ofhe
 
 from medblindtuner.errors import MedBlindTunerError
+from medblindtuner.formats import sha256_file
 from medblindtuner.he.params import (
     CkksParams,
     ParameterError,
@@ -52,15 +53,6 @@ _SECRET_FILE = "secret_key.bin"
 
 class BundleError(MedBlindTunerError, ValueError):
     """A bundle or key file is missing, tampered with, or of the wrong kind."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Streamed SHA-256 (key files are GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reset_openfhe_state() -> None:

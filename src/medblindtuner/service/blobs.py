@@ -20,6 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
+from medblindtuner.formats import sha256_file
 from medblindtuner.service.locks import file_lock
 
 log = logging.getLogger("medblindtuner.service")
@@ -39,15 +40,6 @@ def is_sha256(value: str) -> bool:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_path(path: Path, chunk: int = 1 << 22) -> str:
-    """Streamed SHA-256 of a file (key files are GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class BlobMismatch(ValueError):
@@ -117,7 +109,7 @@ class BlobStore:
     def verified(self, sha256: str) -> bool:
         """True if the blob exists and its bytes hash to its name."""
         try:
-            return sha256_path(self.path_for(sha256)) == sha256
+            return sha256_file(self.path_for(sha256)) == sha256
         except OSError:
             return False
 
@@ -135,10 +127,10 @@ class BlobStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(source, 0o400)  # blobs are immutable: a stray write would corrupt many jobs
         with self._lock(sha256):
-            if sha256_path(source) != sha256:
+            if sha256_file(source) != sha256:
                 source.unlink(missing_ok=True)
                 raise BlobMismatch(f"bytes to be stored as {sha256[:16]} hash otherwise")
-            if target.exists() and sha256_path(target) == sha256:
+            if target.exists() and sha256_file(target) == sha256:
                 source.unlink(missing_ok=True)
             else:
                 if target.exists():

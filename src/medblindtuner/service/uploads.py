@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from medblindtuner.formats import dataset_file_name
+from medblindtuner.formats import dataset_file_name, sha256_file
 from medblindtuner.he import keys as he_keys
 from medblindtuner.he.keys import BUNDLE_FORMAT
 from medblindtuner.he.params import CkksParams, ParameterError, require_secure
@@ -28,7 +28,6 @@ from medblindtuner.service.blobs import (
     is_safe_name,
     is_sha256,
     sha256_bytes,
-    sha256_path,
     write_at,
 )
 from medblindtuner.service.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
@@ -361,7 +360,7 @@ class Uploads:
                 raise self._reject(job_id, kind, name, upload_id, staged,
                                    f"{name} is empty: zero-byte files are refused")
             if staged.exists():
-                if staged.stat().st_size != size or sha256_path(staged) != digest:
+                if staged.stat().st_size != size or sha256_file(staged) != digest:
                     raise self._reject(job_id, kind, name, upload_id, staged,
                                        f"{name} does not match the SHA-256 in its manifest "
                                        "(tampered or truncated); upload it again")

@@ -17,12 +17,14 @@ from medblindtuner.training.approx import RangeError
 from medblindtuner.training.plan import TrainingPlan
 from medblindtuner.training.recipe import (
     EXP_BOUNDS,
+    LOGIT_HEADROOM,
     MIN_BATCH,
     SIGMOID_BOUNDS,
     Overrides,
     RecipeError,
     derive_recipe,
     derived_batch_size,
+    logit_bounding_weight_decay,
 )
 from medblindtuner.training.reference import fit_probe, published_run
 
@@ -70,6 +72,22 @@ def test_defaults_pass_the_range_check_on_unseen_data(n_classes, scale, shift, w
     # the encrypted model's plaintext twin is not far below the probe on easy data
     runs = run_plain(data, recipe.config, recipe.activation)
     assert runs["mirror"]["test"]["acc"] >= recipe.probe.test["acc"] - 0.08
+
+
+def test_nearly_separable_data_is_not_refused():
+    """Classes far apart (a probe with a tiny penalty): raising the prior by the overshoot
+    barely shrinks the logits, so the recipe bisects down from the penalty that bounds them by
+    construction, and keeps a penalty far below that bound."""
+    features = synthetic_features(3000, 63, 4, 1.0, 0.0, [1.0] * 4, separation=6.0, seed=3)
+    data, recipe = derive_recipe(features, PRODUCTION, Overrides(pca_dims=0))
+    mirror = check_plan(data, recipe)
+    assert mirror.max_abs_logit <= recipe.activation.logit_bound
+    why = {c.name: c.why for c in recipe.choices}["weight_decay"]
+    assert "by construction" in why
+    bounding = logit_bounding_weight_decay(data.x["train"], 4, LOGIT_HEADROOM * EXP_BOUNDS[-1])
+    assert recipe.config.weight_decay < bounding / 8
+    runs = run_plain(data, recipe.config, recipe.activation)
+    assert runs["mirror"]["test"]["acc"] >= 0.95  # still an (almost) perfect classifier
 
 
 def test_given_settings_are_kept_and_refused_when_out_of_range():

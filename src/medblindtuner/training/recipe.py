@@ -62,6 +62,7 @@ LOGIT_HEADROOM = 0.8
 SUM_HEADROOM = 1.5
 SIGMOID_BOUNDS = (8.0, 12.0, 16.0, 20.0, 24.0)  # degree 27: max error 1.4e-5 ... 1.6e-2
 EXP_BOUNDS = (3.0, 3.5, 4.0, 4.5, 5.0)  # degree 9: max abs error 5e-5 ... 1.4e-2
+WD_RAISES, WD_BISECTIONS = 3, 4  # range checks spent raising the prior (each one plain run)
 # Rows are scaled to L2 norm <= FEATURE_NORM. The logits do not depend on it (the step size
 # scales with 1 / FEATURE_NORM^2), but the weights the cloud bootstraps shrink with it, and the
 # sparse bootstrap's error grows fast with its inputs (benchmarks/probe_bootstrap.py).
@@ -275,26 +276,20 @@ def derive_recipe(
         except ValueError as err:
             raise RecipeError(str(err)) from err
 
-    wd = weight_decay if weight_decay is not None else derived_wd
-    failure = ""
-    for _attempt in range(6):
+    def confirmed(wd: float) -> tuple[TrainConfig, ActivationPlan]:
         config = settings(wd)
-        try:
-            activation = _confirmed_activation(data, config, layout, params, n_classes)
-            break
-        except RangeError as err:
-            failure = str(err)
-            overshoot = getattr(err, "overshoot", 1.0)
-        if weight_decay is None:  # a stronger prior shrinks the logits into the intervals
-            wd *= max(4.0, overshoot**2)
-            wd_why = (f"raised from the probe's penalty s^2/(C n) = {derived_wd:.3g}: with "
-                      f"less, the logits leave every approximation interval ({failure})")
-        else:
+        return config, _confirmed_activation(data, config, layout, params, n_classes)
+
+    wd = weight_decay if weight_decay is not None else derived_wd
+    try:
+        config, activation = confirmed(wd)
+    except RangeError as err:
+        if weight_decay is not None:
             raise RangeError(f"the given settings leave the approximation intervals: "
-                             f"{failure}")
-    else:
-        raise RecipeError(f"no settings keep this dataset's logits inside the approximation "
-                          f"intervals: {failure}")
+                             f"{err}") from err
+        _, config, activation, wd_why = _raised_weight_decay(
+            confirmed, wd, err, logit_bounding_weight_decay(
+                x_train, n_classes, LOGIT_HEADROOM * _ladder(n_classes)[-1]))
 
     smoothness = curvature + config.weight_decay
     note("weight_decay", config.weight_decay, weight_decay is not None, wd_why)
@@ -325,6 +320,60 @@ def derive_recipe(
     return data, recipe
 
 
+def logit_bounding_weight_decay(x_train: np.ndarray, n_classes: int, bound: float) -> float:
+    """The L2 penalty under which the regularised optimum's logits stay within `bound`.
+
+    The loss at w = 0 is ln K, so the optimum has wd/2 |W|^2 <= ln K, and each logit
+    |w_k . x| <= |W| max|x|: wd >= 2 ln K max|x|^2 / bound^2 bounds them by construction.
+    Used only when the probe's own penalty lets them outgrow every interval (nearly
+    separable data), since it pulls the head away from the probe.
+    """
+    max_sq_norm = float(np.max(np.einsum("ij,ij->i", x_train, x_train)))
+    return 2.0 * math.log(max(2, n_classes)) * max_sq_norm / bound**2
+
+
+def _ladder(n_classes: int) -> tuple[float, ...]:
+    return SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS
+
+
+def _raised_weight_decay(confirmed, failing: float, err: RangeError, bounding: float):
+    """A penalty above `failing` whose logits fit, close to the smallest such.
+
+    A stronger prior shrinks the logits: first raised by the overshoot squared (logits scale
+    about linearly with |W|); on nearly separable data they shrink only logarithmically, so
+    then the bounding penalty (a fit by construction) and a geometric bisection back down.
+    Returns (wd, config, activation, why); RecipeError if even the bounding penalty fails.
+    """
+    first = failing
+    found = None
+    for _ in range(WD_RAISES):
+        wd = failing * max(4.0, getattr(err, "overshoot", 1.0) ** 2)
+        if wd >= bounding:
+            break
+        try:
+            found = (wd, *confirmed(wd))
+            break
+        except RangeError as exc:
+            failing, err = wd, exc
+    how = f"raised from the probe's penalty s^2/(C n) = {first:.3g}"
+    if found is None:
+        try:
+            found = (bounding, *confirmed(bounding))
+        except RangeError as exc:
+            raise RecipeError(f"no settings keep this dataset's logits inside the "
+                              f"approximation intervals: {exc}") from exc
+        for _ in range(WD_BISECTIONS):
+            wd = math.sqrt(failing * found[0])
+            try:
+                found = (wd, *confirmed(wd))
+            except RangeError:
+                failing = wd
+        how += (f" towards {bounding:.3g}, the penalty under which the optimum's logits fit "
+                "the widest interval by construction (nearly separable data)")
+    return (*found, f"{how}: with less, the logits leave every approximation interval "
+            f"({err})")
+
+
 def _confirmed_activation(data: PreparedData, config: TrainConfig, layout: PackingLayout,
                           params: CkksParams, n_classes: int) -> ActivationPlan:
     """Intervals from the exact head, confirmed (or widened along the ladder) by the mirror's
@@ -333,7 +382,7 @@ def _confirmed_activation(data: PreparedData, config: TrainConfig, layout: Packi
 
     splits = (data.x["train"], data.y["train"], data.x["val"], data.y["val"])
     exact = train_head(*splits, n_classes, config, layout=layout)
-    ladder = SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS
+    ladder = _ladder(n_classes)
     if exact.max_abs_logit > RANGE_MARGIN * ladder[-1]:
         err = RangeError(f"the exact head's logits reach {exact.max_abs_logit:.2f}, beyond "
                          f"the widest interval [-{ladder[-1]}, {ladder[-1]}]")

@@ -41,7 +41,8 @@ ROLES = ("context", "public_key", "mult_key", "rotation_keys", "ciphertext", "un
 # Roles cheap enough to parse at finalize; the evaluation keys (GBs) are parsed at start.
 FINALIZE_PARSED = ("context", "public_key", "ciphertext")
 BUNDLE_ROLES = {"context.bin": "context", "public_key.bin": "public_key",
-                "mult_key.bin": "mult_key", "rotation_keys.bin": "rotation_keys"}
+                "mult_key.bin": "mult_key", "rotation_keys.bin": "rotation_keys",
+                "shard_keys.bin": "rotation_keys"}  # the Ray shard actors' subset
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,9 @@ def check_job(job_dir: Path, allow_insecure: bool, query_id: str | None) -> None
                          f"{context.GetRingDimension()}")
     _parse(bundle / "public_key.bin", "public_key")
     if query_id is None:  # the evaluation keys (GBs) were parsed when the job started
-        for name in ("mult_key.bin", "rotation_keys.bin"):
-            _parse(bundle / name, BUNDLE_ROLES[name], context)
+        for name in ("mult_key.bin", "rotation_keys.bin", "shard_keys.bin"):
+            if name in manifest["files"]:
+                _parse(bundle / name, BUNDLE_ROLES[name], context)
     artifact = (query_dir(Path(job_dir), query_id) / QUERY_INPUT_DIR if query_id
                 else Path(job_dir) / DATASET)
     listed = json.loads((artifact / "manifest.json").read_text())

@@ -113,21 +113,23 @@ class BlobStore:
         except OSError:
             return False
 
-    def commit(self, source: Path, sha256: str, destination: Path) -> None:
+    def commit(self, source: Path, sha256: str, destination: Path,
+               source_hashed: bool = False) -> None:
         """Move `source` (a private, complete file nobody writes any more) into the store and
         expose the blob at `destination`.
 
         Under the blob's lock: `source` is hashed where it lies and renamed into place only if
         it hashes to `sha256` (else BlobMismatch, `source` removed); an existing blob is reused
         only if it still hashes to its name, a wrong one (disk fault, stray write, planted
-        file) is replaced by `source`.
+        file) is replaced by `source`. `source_hashed`: the caller hashed `source` under a
+        lock it still holds, which keeps the file unchanged (finalize): not hashed again.
         """
         source = Path(source)
         target = self.path_for(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(source, 0o400)  # blobs are immutable: a stray write would corrupt many jobs
         with self._lock(sha256):
-            if sha256_file(source) != sha256:
+            if not source_hashed and sha256_file(source) != sha256:
                 source.unlink(missing_ok=True)
                 raise BlobMismatch(f"bytes to be stored as {sha256[:16]} hash otherwise")
             if target.exists() and sha256_file(target) == sha256:

@@ -22,7 +22,6 @@ from medblindtuner.he import keys as he_keys
 from medblindtuner.he.keys import BUNDLE_FORMAT
 from medblindtuner.he.params import CkksParams, ParameterError, require_secure
 from medblindtuner.service.blobs import (
-    BlobMismatch,
     BlobStore,
     atomic_write_bytes,
     is_safe_name,
@@ -369,12 +368,8 @@ class Uploads:
                 except BadRequest as exc:
                     raise self._reject(job_id, kind, name, upload_id, staged,
                                        exc.message) from exc
-                try:
-                    self.blobs.commit(staged, digest, destination)
-                except BlobMismatch as exc:  # changed after the check: impossible under lock
-                    raise self._reject(job_id, kind, name, upload_id, staged,
-                                       f"{name} changed while it was stored; upload it "
-                                       "again") from exc
+                # hashed above under the upload lock, which no chunk write passes
+                self.blobs.commit(staged, digest, destination, source_hashed=True)
             elif not self.blobs.relink(digest, destination):
                 raise self._reject(job_id, kind, name, upload_id, staged,
                                    f"the staged bytes of {name} are gone; upload it again")

@@ -42,10 +42,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class BlobMismatch(ValueError):
-    """The bytes to be stored do not hash to the name they would be stored under."""
-
-
 def fsync_dir(path: Path) -> None:
     """Make a rename durable (the directory entry, not only the file data)."""
     try:
@@ -113,25 +109,20 @@ class BlobStore:
         except OSError:
             return False
 
-    def commit(self, source: Path, sha256: str, destination: Path,
-               source_hashed: bool = False) -> None:
-        """Move `source` (a private, complete file nobody writes any more) into the store and
-        expose the blob at `destination`.
+    def commit(self, source: Path, sha256: str, destination: Path) -> None:
+        """Move `source` into the store and expose the blob at `destination`.
 
-        Under the blob's lock: `source` is hashed where it lies and renamed into place only if
-        it hashes to `sha256` (else BlobMismatch, `source` removed); an existing blob is reused
-        only if it still hashes to its name, a wrong one (disk fault, stray write, planted
-        file) is replaced by `source`. `source_hashed`: the caller hashed `source` under a
-        lock it still holds, which keeps the file unchanged (finalize): not hashed again.
+        `source` must be a private, complete file that the caller has checked hashes to
+        `sha256` and that cannot change while the caller holds its lock (finalize: hashed
+        under the upload lock every chunk write takes). Under the blob's lock an existing blob
+        is reused only if it still hashes to its name; a wrong one (disk fault, stray write,
+        planted file) is replaced by `source`.
         """
         source = Path(source)
         target = self.path_for(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(source, 0o400)  # blobs are immutable: a stray write would corrupt many jobs
         with self._lock(sha256):
-            if not source_hashed and sha256_file(source) != sha256:
-                source.unlink(missing_ok=True)
-                raise BlobMismatch(f"bytes to be stored as {sha256[:16]} hash otherwise")
             if target.exists() and sha256_file(target) == sha256:
                 source.unlink(missing_ok=True)
             else:

@@ -368,8 +368,7 @@ class Uploads:
                 except BadRequest as exc:
                     raise self._reject(job_id, kind, name, upload_id, staged,
                                        exc.message) from exc
-                # hashed above under the upload lock, which no chunk write passes
-                self.blobs.commit(staged, digest, destination, source_hashed=True)
+                self.blobs.commit(staged, digest, destination)  # hashed above, under the lock
             elif not self.blobs.relink(digest, destination):
                 raise self._reject(job_id, kind, name, upload_id, staged,
                                    f"the staged bytes of {name} are gone; upload it again")

@@ -196,9 +196,9 @@ def check_job(job_dir: Path, allow_insecure: bool, query_id: str | None) -> None
                          f"{context.GetRingDimension()}")
     _parse(bundle / "public_key.bin", "public_key")
     if query_id is None:  # the evaluation keys (GBs) were parsed when the job started
-        for name in ("mult_key.bin", "rotation_keys.bin", "shard_keys.bin"):
-            if name in manifest["files"]:
-                _parse(bundle / name, BUNDLE_ROLES[name], context)
+        optional = [name for name in ("shard_keys.bin",) if name in manifest["files"]]
+        for name in ["mult_key.bin", "rotation_keys.bin", *optional]:
+            _parse(bundle / name, BUNDLE_ROLES[name], context)
     artifact = (query_dir(Path(job_dir), query_id) / QUERY_INPUT_DIR if query_id
                 else Path(job_dir) / DATASET)
     listed = json.loads((artifact / "manifest.json").read_text())

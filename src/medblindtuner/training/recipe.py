@@ -287,7 +287,7 @@ def derive_recipe(
         if weight_decay is not None:
             raise RangeError(f"the given settings leave the approximation intervals: "
                              f"{err}") from err
-        _, config, activation, wd_why = _raised_weight_decay(
+        config, activation, wd_why = _raised_weight_decay(
             confirmed, wd, err, logit_bounding_weight_decay(
                 x_train, n_classes, LOGIT_HEADROOM * _ladder(n_classes)[-1]))
 
@@ -336,13 +336,16 @@ def _ladder(n_classes: int) -> tuple[float, ...]:
     return SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS
 
 
-def _raised_weight_decay(confirmed, failing: float, err: RangeError, bounding: float):
-    """A penalty above `failing` whose logits fit, close to the smallest such.
+def _raised_weight_decay(
+    confirmed: Callable[[float], tuple[TrainConfig, ActivationPlan]],
+    failing: float, err: RangeError, bounding: float,
+) -> tuple[TrainConfig, ActivationPlan, str]:
+    """Settings with a penalty above `failing` whose logits fit, close to the smallest such.
 
     A stronger prior shrinks the logits: first raised by the overshoot squared (logits scale
     about linearly with |W|); on nearly separable data they shrink only logarithmically, so
     then the bounding penalty (a fit by construction) and a geometric bisection back down.
-    Returns (wd, config, activation, why); RecipeError if even the bounding penalty fails.
+    Returns (config, activation, why); RecipeError if even the bounding penalty fails.
     """
     first = failing
     found = None
@@ -351,21 +354,21 @@ def _raised_weight_decay(confirmed, failing: float, err: RangeError, bounding: f
         if wd >= bounding:
             break
         try:
-            found = (wd, *confirmed(wd))
+            found = confirmed(wd)
             break
         except RangeError as exc:
             failing, err = wd, exc
     how = f"raised from the probe's penalty s^2/(C n) = {first:.3g}"
     if found is None:
         try:
-            found = (bounding, *confirmed(bounding))
+            found = confirmed(bounding)
         except RangeError as exc:
             raise RecipeError(f"no settings keep this dataset's logits inside the "
                               f"approximation intervals: {exc}") from exc
         for _ in range(WD_BISECTIONS):
-            wd = math.sqrt(failing * found[0])
+            wd = math.sqrt(failing * found[0].weight_decay)
             try:
-                found = (wd, *confirmed(wd))
+                found = confirmed(wd)
             except RangeError:
                 failing = wd
         how += (f" towards {bounding:.3g}, the penalty under which the optimum's logits fit "

@@ -36,7 +36,7 @@ def test_answers_in_order_then_refuses_extra_questions(setup, tmp_path):
     decisions = [judge(e, loss_ct(keys, judge, 0.30 - 0.01 * e)) for e in range(1, 5)]
     assert [d.best_epoch for d in decisions] == [1, 2, 3, 4]
     assert judge.losses[4] == pytest.approx(0.26, abs=1e-3)
-    with pytest.raises(JudgeRefusal, match="epoch 5"):
+    with pytest.raises(JudgeRefusal, match="epoch 5; the plan has 4 epochs"):
         judge(5, loss_ct(keys, judge, 0.1))  # beyond the plan's 4 epochs
 
 

@@ -133,9 +133,12 @@ class HospitalJudge:
         if self.stopped:
             raise JudgeRefusal(f"the cloud asked about epoch {epoch} after the hospital "
                                f"stopped training at epoch {expected - 1}: refused")
-        if epoch != expected or epoch > self.plan.config.epochs:
+        if epoch > self.plan.config.epochs:
+            raise JudgeRefusal(f"the cloud asked about epoch {epoch}; the plan has "
+                               f"{self.plan.config.epochs} epochs: refused")
+        if epoch != expected:
             raise JudgeRefusal(f"the cloud asked about epoch {epoch}; the plan allows only "
-                               f"epoch {expected} next (of {self.plan.config.epochs}): refused")
+                               f"epoch {expected} next: refused")
         loss = self.validation_loss(loss_ct)
         if not -LOSS_TOLERANCE <= loss <= 2 + LOSS_TOLERANCE:
             raise JudgeRefusal(f"the decrypted validation loss of epoch {epoch} is {loss:.4g}, "

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "medblindtuner"
 
 # lower number = lower layer; a module may import its own layer and the ones below
 LAYERS = {
-    "errors": 0, "formats": 0,
+    "errors": 0, "formats": 0, "failpoints": 0,
     "data": 1, "he": 1, "features": 1,
     "training": 2,
     "hospital": 3, "service": 3, "report": 3,

@@ -143,11 +143,18 @@ class BlobStore:
 
     @staticmethod
     def _link(source: Path, destination: Path) -> None:
-        """Hard link (copy when on another file system), renamed into place."""
+        """Hard link (copy when on another file system), renamed into place.
+
+        Already linked (the retry of a finalize killed after its link): nothing to do, and
+        nothing may be tried, because rename(2) of one hard link onto another of the same
+        file does nothing and would leave the temporary name behind in the job's folder."""
         destination = Path(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
+        for stale in destination.parent.glob(f".{destination.name}.*.link"):
+            stale.unlink(missing_ok=True)  # of a process killed between link and rename
+        if destination.exists() and os.path.samefile(source, destination):
+            return
         tmp = destination.with_name(f".{destination.name}.{os.getpid()}.link")
-        tmp.unlink(missing_ok=True)
         try:
             os.link(source, tmp)
         except OSError:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from medblindtuner.failpoints import failpoint
 from medblindtuner.formats import dataset_file_name, sha256_file
 from medblindtuner.he import keys as he_keys
 from medblindtuner.he.keys import BUNDLE_FORMAT
@@ -369,6 +370,7 @@ class Uploads:
                     raise self._reject(job_id, kind, name, upload_id, staged,
                                        exc.message) from exc
                 self.blobs.commit(staged, digest, destination)  # hashed above, under the lock
+                failpoint("upload.blob_committed")
             elif not self.blobs.relink(digest, destination):
                 raise self._reject(job_id, kind, name, upload_id, staged,
                                    f"the staged bytes of {name} are gone; upload it again")

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from medblindtuner.failpoints import failpoint
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import acquire_lock
 from medblindtuner.service.protocol import (
@@ -126,6 +127,7 @@ class JobRunner:
             final.parent.mkdir(exist_ok=True)
             info = save_ciphertext(tmp, loss_ct)
             os.replace(tmp, final)
+            failpoint("decision.published")
             with self.store.session() as session:
                 job = session.get(Job, self.job_id)
                 if job is None or job.state == CANCELLED:
@@ -202,6 +204,7 @@ class JobRunner:
                  len(dataset.val), (self.dir / CHECKPOINTS_DIR / "state.json").exists())
         state = trainer.train(decide=self._decide, on_step=self._on_step)
         manifest = self._write_result(trainer, state)
+        failpoint("result.written")
         self._update(state=FINISHED, result_ready=True, finished_at=utcnow(),
                      epochs_done=state.epoch, best_epoch=state.best_epoch, steps=state.steps,
                      bootstraps=int(manifest["ops"].get("bootstraps", 0)),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import openfhe as ofhe
 
+from medblindtuner.failpoints import failpoint
 from medblindtuner.formats import (
     DATASET_FORMAT,
     MANIFEST_NAME,
@@ -275,6 +276,7 @@ class EncryptedResult:
                                   {result_weight_name(j): ct for j, ct in enumerate(self.weights)},
                                   best_epoch=self.best_epoch, epochs=self.epochs,
                                   steps=self.steps, rows=len(self.weights), **self.details)
+        failpoint("result.staged")
         replace_dir(tmp, directory)
         return manifest
 

@@ -47,6 +47,7 @@ from typing import Protocol
 
 import openfhe as ofhe
 
+from medblindtuner.failpoints import failpoint
 from medblindtuner.he.ciphertexts import (
     atomic_write_json,
     load_ciphertext,
@@ -184,6 +185,7 @@ class EncryptedTrainer:
             half = self.ev.rotate_and_sum(terms, self.softmax.period_sum_strides)
             gradient = self.ev.add(half, self.ev.rotate(half, -d))
             period = self.softmax.model_period
+        failpoint("train.mid_step")
         decay = self.plan.config.decay_factor
         decayed = lookahead if decay == 1.0 else self.ev.linear_combination(
             self.model, [(1 + m) * decay, -m * decay])
@@ -248,7 +250,9 @@ class EncryptedTrainer:
         files = {f"model_{k}.bin": save_ciphertext(tmp / f"model_{k}.bin", ct)
                  for k, ct in enumerate(self.model)}
         atomic_write_json(tmp / "manifest.json", {"epoch": self.state.epoch, "files": files})
+        failpoint("checkpoint.written")
         replace_dir(tmp, epoch_dir)
+        failpoint("checkpoint.moved")
         atomic_write_json(self.checkpoint_dir / "state.json", {
             "state": self.state.__dict__, "ops": self.ev.ops.snapshot(), "files": files,
         })

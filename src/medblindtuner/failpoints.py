@@ -1,0 +1,52 @@
+"""Named crash points for the crash-safety tests: a process killed exactly where it hurts.
+
+Timing a kill from outside cannot hit "between the checkpoint's files and its state" or
+"between the blob rename and the database update"; a failpoint can. Unless the environment
+names one, `failpoint()` is a dictionary lookup and nothing else; the product never sets it.
+
+    MEDBLINDTUNER_FAILPOINT=checkpoint.moved@2     SIGKILL this process at the 2nd hit
+    MEDBLINDTUNER_FAILPOINT_MARKER=/some/file      written just before the kill; while it
+                                                   exists the failpoint never fires again
+                                                   (a restarted worker inherits the variables)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+FAILPOINT_ENV = "MEDBLINDTUNER_FAILPOINT"
+MARKER_ENV = "MEDBLINDTUNER_FAILPOINT_MARKER"
+
+# Every name a test may arm, with where it sits (so a typo in a test fails loudly).
+FAILPOINTS = {
+    "train.mid_step": "a step's chunks computed, the model not yet bootstrapped",
+    "checkpoint.written": "an epoch's model files written to the temporary folder",
+    "checkpoint.moved": "an epoch's folder in place, state.json not yet updated",
+    "decision.published": "the encrypted validation loss on disk, the database not told",
+    "result.staged": "the result's files written to the temporary folder",
+    "result.written": "the result in place, the job not yet marked finished",
+    "upload.blob_committed": "an uploaded file renamed into the blob store, not yet recorded",
+}
+
+_hits: dict[str, int] = {}
+
+
+def failpoint(name: str) -> None:
+    """SIGKILL this process here if the environment arms `name` for this hit."""
+    armed = os.environ.get(FAILPOINT_ENV)
+    if not armed:
+        return
+    target, _, count = armed.partition("@")
+    if target not in FAILPOINTS:
+        raise ValueError(f"{FAILPOINT_ENV}={armed!r}: unknown failpoint {target!r}")
+    if target != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    marker = os.environ.get(MARKER_ENV)
+    if _hits[name] != int(count or 1) or (marker and Path(marker).exists()):
+        return
+    if marker:
+        Path(marker).write_text(f"{name}@{_hits[name]} pid {os.getpid()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -3,8 +3,9 @@
     python benchmarks/probe_width.py --features runs/features/breastmnist.npz
 
 For the full-width probe's C (chosen on validation), prints the probe refitted on PCA-k
-features (k = the recipe's candidates): validation log-loss (what the recipe compares) and
-test ACC/AUC (reported here only, never used for a choice).
+features (k = the recipe's candidates): validation log-loss, its paired difference to the best
+width with the standard error (what the recipe's tie rule compares) and test ACC/AUC (reported
+here only, never used for a choice).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.features.preprocess import FeatureScaler
-from medblindtuner.training.recipe import PCA_CANDIDATES
-from medblindtuner.training.reference import fit_logistic, fit_probe, scores, val_log_loss
+from medblindtuner.training.recipe import PCA_CANDIDATES, sample_log_losses
+from medblindtuner.training.reference import fit_logistic, fit_probe, scores
 
 
 def main() -> None:
@@ -32,16 +33,23 @@ def main() -> None:
           f"{probe.test['auc']:.4f}")
     (x_train, y_train), (x_val, y_val) = features.splits["train"], features.splits["val"]
     x_test, y_test = features.splits["test"]
+    y_val = np.asarray(y_val).reshape(-1).astype(int)
+    rows = {}
     for k in PCA_CANDIDATES:
         if k >= min(x_train.shape[1], len(x_train)):
             continue
         scaler = FeatureScaler(standardize=True, n_components=k).fit(x_train)
         model = fit_logistic(scaler.project(x_train), np.asarray(y_train), probe.c, n_classes)
-        loss = val_log_loss(model, scaler.project(x_val), np.asarray(y_val), n_classes)
+        losses = sample_log_losses(model, scaler.project(x_val), y_val)
         test = scores(model.predict_proba(scaler.project(x_test)), y_test, n_classes)
-        print(f"PCA {k:4d}: val log-loss {loss:.4f}, test ACC {test['acc']:.4f} AUC "
-              f"{test['auc']:.4f}")
-
+        rows[k] = (losses, test)
+    best = min(rows, key=lambda k: rows[k][0].mean())
+    for k, (losses, test) in rows.items():
+        diff = losses - rows[best][0]
+        se = diff.std(ddof=1) / np.sqrt(len(diff))
+        print(f"PCA {k:4d}: val log-loss {losses.mean():.4f} (best + {diff.mean():.4f}, "
+              f"paired SE {se:.4f}{', tied' if diff.mean() <= se else ''}), test ACC "
+              f"{test['acc']:.4f} AUC {test['auc']:.4f}")
 
 if __name__ == "__main__":
     main()

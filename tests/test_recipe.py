@@ -20,10 +20,14 @@ from medblindtuner.training.recipe import (
     LOGIT_HEADROOM,
     MIN_BATCH,
     SIGMOID_BOUNDS,
+    WIDTH_COST_ALLOWANCE,
     Overrides,
     RecipeError,
+    choose_pca_dims,
+    chunks_per_step,
     derive_recipe,
     derived_batch_size,
+    encrypted_work,
     logit_bounding_weight_decay,
 )
 from medblindtuner.training.reference import fit_probe, published_run
@@ -160,3 +164,48 @@ def test_defaults_pass_on_an_image_folder(tmp_path, feature_cache_dir):
     data, recipe = derive_recipe(features, PRODUCTION)
     check_plan(data, recipe)
     assert data.n_classes == 3 and recipe.activation.sum_bound is not None
+
+
+def test_width_rule_takes_the_widest_tied_width_within_the_cost_allowance():
+    """Widths the validation split cannot tell apart go to the widest one, unless it costs
+    more than WIDTH_COST_ALLOWANCE times the cheapest tied width; the recipe takes the first
+    preferred width whose settings keep the probe's prior."""
+    features = synthetic_features(1000, 300, 2, 1.0, 0.0, [0.5, 0.5], separation=0.15)
+    probe = fit_probe(features.splits, 2)
+    preferred, why = choose_pca_dims(features, 2, probe.c, PRODUCTION.slots)
+    tied = [int(k) for k in why.split("tied: [")[1].split("]")[0].split(", ")]
+    assert len(tied) >= 2 and preferred and set(preferred) <= set(tied)
+    assert preferred == sorted(preferred, reverse=True)
+    n_train, n_val = len(features.splits["train"][1]), len(features.splits["val"][1])
+    work = {k: encrypted_work(n_train, n_val, PackingLayout(PRODUCTION.slots, k + 1), 2)
+            for k in tied}
+    allowed = [k for k in tied if work[k] <= WIDTH_COST_ALLOWANCE * min(work.values())]
+    assert preferred == sorted(allowed, reverse=True)
+    _, recipe = derive_recipe(features, PRODUCTION)
+    assert recipe.pca_dims == preferred[0]  # the widest keeps the prior on this data
+
+
+def test_encrypted_work_counts_chunk_passes_and_steps():
+    """Doubling the width doubles the chunk passes, not the steps (BreastMNIST's sizes)."""
+    narrow, wide = (encrypted_work(546, 78, PackingLayout(PRODUCTION.slots, k + 1), 2)
+                    for k in (255, 511))
+    assert narrow < wide < 2 * narrow
+    softmax = encrypted_work(1080, 120, PackingLayout(PRODUCTION.slots, 32), 5)
+    assert softmax > 0
+
+
+def test_softmax_width_rule_adds_no_chunks_to_a_step():
+    """A softmax step bootstraps the denominators of all its chunks at once (its memory grows
+    with them): a wider tied width is preferred only if a step keeps its chunk count."""
+    features = synthetic_features(1100, 300, 5, 1.0, 0.0, [1.0] * 5, separation=0.1)
+    probe = fit_probe(features.splits, 5)
+    preferred, why = choose_pca_dims(features, 5, probe.c, PRODUCTION.slots)
+    tied = [int(k) for k in why.split("tied: [")[1].split("]")[0].split(", ")]
+    n_train, n_val = len(features.splits["train"][1]), len(features.splits["val"][1])
+
+    def layout(k):
+        return PackingLayout(PRODUCTION.slots, k + 1)
+
+    cheapest = min(tied, key=lambda k: encrypted_work(n_train, n_val, layout(k), 5))
+    assert preferred and all(chunks_per_step(n_train, layout(k), 5)
+                             <= chunks_per_step(n_train, layout(cheapest), 5) for k in preferred)

@@ -6,9 +6,12 @@ test split is never read here) and is recorded with its reason:
 
 - **Reference probe** (`training.reference`): scikit-learn logistic regression on the
   standardised full features, `C` chosen on validation. Its `C` is the L2 prior of the head.
-- **PCA width**: the smallest of `PCA_CANDIDATES` whose probe (same `C`) has a validation
-  log-loss within `PCA_LOSS_TOLERANCE` of the best candidate's. Narrower features put more
-  samples in one ciphertext, and a step costs the same whatever it holds.
+- **PCA width**: among `PCA_CANDIDATES`, those whose probe (same `C`) is statistically tied
+  with the best on validation (mean log-loss within one paired standard error of the best's)
+  are equally good as far as the data can tell; of these, the widest whose encrypted work is
+  at most `WIDTH_COST_ALLOWANCE` times the cheapest tied width's. Wider is preferred because
+  the reference probe uses every feature (a small validation split cannot see the difference
+  the test split may); the allowance keeps a tie from buying a much longer run.
 - **Weight decay** `wd = s^2 / (C n)`: the probe's penalty ||w||^2 / (2 C n) per sample,
   expressed in the scaled coordinates (features multiplied by `s`).
 - **Step size** `lr = STEP_SIZE_FRACTION / L`, `L = h * lambda_max(X^T X / n) + wd`, the
@@ -48,11 +51,14 @@ from medblindtuner.training.reference import (
     ProbeResult,
     fit_logistic,
     fit_probe,
-    val_log_loss,
 )
 
 PCA_CANDIDATES = (31, 63, 127, 255, 511)
-PCA_LOSS_TOLERANCE = 0.02
+WIDTH_COST_ALLOWANCE = 1.5
+# A step's serial work (model update and bootstraps) in units of one data ciphertext's
+# per-chunk work, binary and softmax heads (benchmarks/scale.py: serial s / step over
+# s / chunk, docs/results.md); used only to compare widths' costs.
+STEP_COST_IN_CHUNKS = {"binary": 5.5, "softmax": 2.7}
 STEP_SIZE_FRACTION = 0.5
 MAX_MOMENTUM = 0.9
 STEP_BUDGET = 30
@@ -159,40 +165,108 @@ class Recipe:
                 "choices": [asdict(c) for c in self.choices]}
 
 
+@dataclass
+class _AtWidth:
+    """The settings derived at one PCA width (`derive_recipe` compares widths with it)."""
+
+    dims: int | None
+    data: PreparedData
+    layout: PackingLayout
+    curvature: float
+    steps_per_epoch: int
+    config: TrainConfig
+    activation: ActivationPlan
+    wd_why: str
+    raised: bool
+
+
 def _fmt(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def choose_pca_dims(features: FeatureSet, n_classes: int, c: float, slots: int,
-                    candidates: tuple[int, ...] = PCA_CANDIDATES) -> tuple[int | None, str]:
-    """Smallest affordable width whose probe (same C) is within the tolerance of the best.
+                    candidates: tuple[int, ...] = PCA_CANDIDATES
+                    ) -> tuple[list[int | None], str]:
+    """Widths to try, preferred first: those tied with the best on validation and within the
+    cost allowance, widest first (`derive_recipe` takes the first that keeps the probe's prior).
 
-    Affordable: one epoch takes at most `STEP_BUDGET` steps (a ciphertext holds
-    slots / (2 next_pow2(k + 1)) samples), so the run stays near the budget whatever the width.
+    Tied: the mean paired difference of per-sample validation log-losses to the best width is
+    at most its standard error. Affordable at all: one epoch holds at most `STEP_BUDGET` data
+    ciphertexts (a ciphertext holds slots / (2 next_pow2(k + 1)) samples). A softmax head's
+    step bootstraps the denominators of all its chunks at once, so its memory grows with the
+    chunks of a step: a wider softmax width may not add chunks to a step.
     """
     x_train, y_train = features.splits["train"]
     x_val, y_val = features.splits["val"]
+    y_train = np.asarray(y_train).reshape(-1).astype(int)
+    y_val = np.asarray(y_val).reshape(-1).astype(int)
     n = len(x_train)
 
-    def steps_per_epoch(k: int) -> int:
-        return -(-n // PackingLayout(slots, k + 1).samples_per_ct)
+    def layout(k: int) -> PackingLayout:
+        return PackingLayout(slots, k + 1)
 
     usable = [k for k in candidates if k < min(x_train.shape[1], n)
-              and (k == candidates[0] or steps_per_epoch(k) <= STEP_BUDGET)]
+              and (k == candidates[0] or -(-n // layout(k).samples_per_ct) <= STEP_BUDGET)]
     if not usable:
-        return None, f"{x_train.shape[1]} features: no PCA needed"
+        return [None], f"{x_train.shape[1]} features: no PCA needed"
     losses = {}
     for k in usable:
         scaler = FeatureScaler(standardize=True, n_components=k).fit(x_train)
-        model = fit_logistic(scaler.project(x_train), np.asarray(y_train).astype(int), c,
-                             n_classes)
-        losses[k] = val_log_loss(model, scaler.project(x_val), np.asarray(y_val).astype(int),
-                                 n_classes)
-    best = min(losses.values())
-    chosen = min(k for k, loss in losses.items() if loss <= best * (1 + PCA_LOSS_TOLERANCE))
-    table = ", ".join(f"{k}: {loss:.4f}" for k, loss in losses.items())
-    return chosen, (f"smallest width whose probe's validation log-loss is within "
-                    f"{PCA_LOSS_TOLERANCE:.0%} of the best ({table})")
+        model = fit_logistic(scaler.project(x_train), y_train, c, n_classes)
+        losses[k] = sample_log_losses(model, scaler.project(x_val), y_val)
+    best = min(losses, key=lambda k: losses[k].mean())
+    tied = [k for k in usable if _tied(losses[k] - losses[best])]
+    cost = {k: encrypted_work(n, len(y_val), layout(k), n_classes) for k in tied}
+    cheapest = min(tied, key=lambda k: cost[k])
+    chunks = {k: chunks_per_step(n, layout(k), n_classes) for k in tied}
+    preferred = sorted((k for k in tied if cost[k] <= WIDTH_COST_ALLOWANCE * cost[cheapest]
+                        and (n_classes == 2 or chunks[k] <= chunks[cheapest])), reverse=True)
+    table = ", ".join(f"{k}: {losses[k].mean():.4f}" for k in usable)
+    work = ", ".join(f"{k}: {cost[k]:.0f}" for k in tied)
+    return preferred, (f"widest width whose probe's validation log-loss is within one paired "
+                       f"standard error of the best ({table}; tied: {tied}), whose encrypted "
+                       f"work is at most {WIDTH_COST_ALLOWANCE}x the cheapest tied width's "
+                       f"(chunk-equivalents: {work})"
+                       + ("" if n_classes == 2 else ", with no more chunks per step")
+                       + " and whose settings keep the probe's prior")
+
+
+def chunks_per_step(n_train: int, layout: PackingLayout, n_classes: int) -> int:
+    """Data ciphertexts in the largest batch under the derived batch rule."""
+    batches = make_batches(n_train, derived_batch_size(n_train, layout, n_classes), 0)
+    return max(-(-len(b) // layout.samples_per_ct) for b in batches)
+
+
+def sample_log_losses(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-sample log-loss of a fitted scikit-learn classifier (labels 0..K-1)."""
+    proba = model.predict_proba(x)
+    return -np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0))
+
+
+def _tied(differences: np.ndarray) -> bool:
+    """Mean paired difference within one standard error of zero (the best is tied with
+    itself)."""
+    if len(differences) < 2 or not np.any(differences):
+        return True
+    return float(differences.mean()) <= float(differences.std(ddof=1) /
+                                              math.sqrt(len(differences)))
+
+
+def encrypted_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int) -> float:
+    """Encrypted work of a run at this layout under the derived batch and epoch rules, in
+    data-ciphertext passes: every training and validation chunk of every epoch, plus each
+    step's serial work (`STEP_COST_IN_CHUNKS`)."""
+    batches = make_batches(n_train, derived_batch_size(n_train, layout, n_classes), 0)
+    per_ct = layout.samples_per_ct
+    epochs = planned_epochs(len(batches))
+    chunks = sum(-(-len(b) // per_ct) for b in batches) + -(-n_val // per_ct)
+    step_cost = STEP_COST_IN_CHUNKS["binary" if n_classes == 2 else "softmax"]
+    return float(epochs * (chunks + len(batches) * step_cost))
+
+
+def planned_epochs(steps_per_epoch: int) -> int:
+    """About `STEP_BUDGET` steps, between `MIN_EPOCHS` and `MAX_EPOCHS`."""
+    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(STEP_BUDGET / steps_per_epoch))))
 
 
 def derived_batch_size(n_samples: int, layout: PackingLayout, n_classes: int) -> int:
@@ -241,55 +315,75 @@ def derive_recipe(
          "the grid); the probe is the reference and its C the head's L2 prior")
 
     if pca_dims is None:
-        dims, why = choose_pca_dims(features, n_classes, probe.c, params.slots)
-        note("pca_dims", dims, False, why)
+        widths, dims_why = choose_pca_dims(features, n_classes, probe.c, params.slots)
     else:
-        dims = pca_dims if pca_dims > 0 else None
-        note("pca_dims", dims, True, "given")
-    data = prepare_features(features, dims)
-    scaler = data.feature_scaler
-    x_train, n = data.x["train"], len(data.x["train"])
+        widths, dims_why = [pca_dims if pca_dims > 0 else None], "given"
 
-    curvature = (0.25 if n_classes == 2 else 0.5) * float(np.linalg.norm(x_train, ord=2)**2 / n)
-    layout = PackingLayout(params.slots, x_train.shape[1])
-    if batch_size is None:
-        batch_size = derived_batch_size(n, layout, n_classes)
-    batch_size = min(batch_size, max_batch_size(layout, n_classes))
-    steps_per_epoch = len(make_batches(n, batch_size, seed))
-    if epochs is None:
-        epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(STEP_BUDGET / steps_per_epoch))))
-    derived_wd = scaler.scale_**2 / (probe.c * n)
-    wd_why = (f"the probe's penalty in scaled units, s^2/(C n) with s = {scaler.scale_:.4g}, "
-              f"n = {n}")
+    def derive_at(dims: int | None) -> _AtWidth:
+        """Every setting at one PCA width; `raised` when the probe's prior had to grow."""
+        data = prepare_features(features, dims)
+        scaler = data.feature_scaler
+        x_train, n = data.x["train"], len(data.x["train"])
+        curvature = (0.25 if n_classes == 2 else 0.5) * float(
+            np.linalg.norm(x_train, ord=2)**2 / n)
+        layout = PackingLayout(params.slots, x_train.shape[1])
+        batch = batch_size if batch_size is not None else derived_batch_size(n, layout,
+                                                                             n_classes)
+        batch = min(batch, max_batch_size(layout, n_classes))
+        steps_per_epoch = len(make_batches(n, batch, seed))
+        n_epochs = epochs if epochs is not None else planned_epochs(steps_per_epoch)
+        derived_wd = scaler.scale_**2 / (probe.c * n)
+        wd_why = (f"the probe's penalty in scaled units, s^2/(C n) with s = "
+                  f"{scaler.scale_:.4g}, n = {n}")
 
-    def settings(wd: float) -> TrainConfig:
-        """Step size and momentum follow from the curvature and the weight decay."""
-        smoothness = curvature + wd
-        lr = learning_rate if learning_rate is not None else STEP_SIZE_FRACTION / smoothness
-        q = wd / smoothness
-        mom = momentum if momentum is not None else min(
-            MAX_MOMENTUM, (1 - math.sqrt(q)) / (1 + math.sqrt(q)))
+        def settings(wd: float) -> TrainConfig:
+            """Step size and momentum follow from the curvature and the weight decay."""
+            smoothness = curvature + wd
+            lr = learning_rate if learning_rate is not None else STEP_SIZE_FRACTION / smoothness
+            q = wd / smoothness
+            mom = momentum if momentum is not None else min(
+                MAX_MOMENTUM, (1 - math.sqrt(q)) / (1 + math.sqrt(q)))
+            try:
+                return TrainConfig(learning_rate=float(lr), momentum=float(mom),
+                                   epochs=int(n_epochs), batch_size=int(batch),
+                                   patience=patience, seed=seed,
+                                   weight_decay=float(wd)).checked()
+            except ValueError as err:
+                raise RecipeError(str(err)) from err
+
+        def confirmed(wd: float) -> tuple[TrainConfig, ActivationPlan]:
+            config = settings(wd)
+            return config, _confirmed_activation(data, config, layout, params, n_classes)
+
+        wd = weight_decay if weight_decay is not None else derived_wd
         try:
-            return TrainConfig(learning_rate=float(lr), momentum=float(mom), epochs=int(epochs),
-                               batch_size=int(batch_size), patience=patience, seed=seed,
-                               weight_decay=float(wd)).checked()
-        except ValueError as err:
-            raise RecipeError(str(err)) from err
+            config, activation = confirmed(wd)
+            raised = False
+        except RangeError as err:
+            if weight_decay is not None:
+                raise RangeError(f"the given settings leave the approximation intervals: "
+                                 f"{err}") from err
+            config, activation, wd_why = _raised_weight_decay(
+                confirmed, wd, err, logit_bounding_weight_decay(
+                    x_train, n_classes, LOGIT_HEADROOM * _ladder(n_classes)[-1]))
+            raised = True
+        return _AtWidth(dims, data, layout, curvature, steps_per_epoch, config, activation,
+                        wd_why, raised)
 
-    def confirmed(wd: float) -> tuple[TrainConfig, ActivationPlan]:
-        config = settings(wd)
-        return config, _confirmed_activation(data, config, layout, params, n_classes)
-
-    wd = weight_decay if weight_decay is not None else derived_wd
-    try:
-        config, activation = confirmed(wd)
-    except RangeError as err:
-        if weight_decay is not None:
-            raise RangeError(f"the given settings leave the approximation intervals: "
-                             f"{err}") from err
-        config, activation, wd_why = _raised_weight_decay(
-            confirmed, wd, err, logit_bounding_weight_decay(
-                x_train, n_classes, LOGIT_HEADROOM * _ladder(n_classes)[-1]))
+    # Widest preferred width whose settings keep the probe's prior (a raised prior pulls the
+    # head away from the reference); if every one needs a raise, the widest.
+    tried = []
+    for dims in widths:
+        tried.append(derive_at(dims))
+        if not tried[-1].raised:
+            break
+    chosen = next((t for t in tried if not t.raised), tried[0])
+    skipped = [t.dims for t in tried if t.raised and t is not chosen]
+    note("pca_dims", chosen.dims, pca_dims is not None,
+         dims_why + (f"; {skipped} needed a raised prior" if skipped else ""))
+    data, layout, curvature = chosen.data, chosen.layout, chosen.curvature
+    steps_per_epoch, config, activation = chosen.steps_per_epoch, chosen.config, chosen.activation
+    wd_why, dims = chosen.wd_why, chosen.dims
 
     smoothness = curvature + config.weight_decay
     note("weight_decay", config.weight_decay, weight_decay is not None, wd_why)

@@ -9,7 +9,8 @@ test split is never read here) and is recorded with its reason:
 - **PCA width**: among `PCA_CANDIDATES`, those whose probe (same `C`) is statistically tied
   with the best on validation (mean log-loss within one paired standard error of the best's)
   are equally good as far as the data can tell; of these, the widest whose encrypted work is
-  at most `WIDTH_COST_ALLOWANCE` times the cheapest tied width's. Wider is preferred because
+  at most `WIDTH_COST_ALLOWANCE` times the cheapest tied width's (softmax: with no more data
+  ciphertexts a step) and whose settings keep the probe's prior. Wider is preferred because
   the reference probe uses every feature (a small validation split cannot see the difference
   the test split may); the allowance keeps a tie from buying a much longer run.
 - **Weight decay** `wd = s^2 / (C n)`: the probe's penalty ||w||^2 / (2 C n) per sample,

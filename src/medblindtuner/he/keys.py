@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +74,10 @@ class HospitalKeys:
     secret_key: ofhe.PrivateKey
     rotation_indices: tuple[int, ...]
     keygen_seconds: float = 0.0
-    # the step kernel's rotation keys, serialised before the bootstrapping keys joined them
+    # the step kernel's rotation keys, serialised before the bootstrapping keys joined them,
+    # to a file of their own (a second copy in memory would cost ~100 MiB a key)
     shard_rotation_indices: tuple[int, ...] = ()
-    shard_keys: bytes | None = None
+    shard_keys: tempfile.TemporaryDirectory | None = None
 
     @classmethod
     def generate(
@@ -104,8 +107,13 @@ class HospitalKeys:
         shard_indices = nonzero(shard_rotation_indices)
         if shard_indices:
             context.EvalRotateKeyGen(pair.secretKey, list(shard_indices))
-        shard_keys = (ofhe.SerializeEvalAutomorphismKeyString(
-            ofhe.BINARY, pair.secretKey.GetKeyTag()) if shard_indices else b"")
+        shard_keys = tempfile.TemporaryDirectory(prefix="medblindtuner-shard-keys-")
+        shard_file = Path(shard_keys.name) / _PUBLIC_FILES["shard_keys"]
+        if not shard_indices:
+            shard_file.write_bytes(b"")
+        elif not context.SerializeEvalAutomorphismKey(str(shard_file), ofhe.BINARY,
+                                                      pair.secretKey.GetKeyTag()):
+            raise BundleError("OpenFHE failed to serialise the shard workers' rotation keys")
         indices = nonzero(tuple(rotation_indices) + shard_indices)
         rest = sorted(set(indices) - set(shard_indices))
         if rest:
@@ -145,7 +153,8 @@ class HospitalKeys:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = {key: directory / name for key, name in _PUBLIC_FILES.items()}
-        paths["shard_keys"].write_bytes(self.shard_keys)
+        shutil.copyfile(Path(self.shard_keys.name) / _PUBLIC_FILES["shard_keys"],
+                        paths["shard_keys"])
         ok = [
             ofhe.SerializeToFile(str(paths["context"]), self.context, ofhe.BINARY),
             ofhe.SerializeToFile(str(paths["public_key"]), self.public_key, ofhe.BINARY),

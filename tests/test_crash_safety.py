@@ -84,6 +84,11 @@ def run_job(hospital: Hospital, root: Path, kill_service: bool = False) -> Outco
             time.sleep(0.05)
         if stop.is_set():
             return
+        # a failpoint in the service writes the marker just before its SIGKILL lands: wait
+        # for the death (worker-side failpoints leave the service running; 5 s is spare)
+        deadline = time.monotonic() + 5.0
+        while not kill_service and server.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         if kill_service or server.process.poll() is not None:
             server.stop(signal.SIGKILL)
             time.sleep(0.5)

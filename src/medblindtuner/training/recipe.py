@@ -232,10 +232,15 @@ def choose_pca_dims(features: FeatureSet, n_classes: int, c: float, slots: int,
                        + " and whose settings keep the probe's prior")
 
 
+def _derived_batch_chunks(n_train: int, layout: PackingLayout, n_classes: int) -> list[int]:
+    """Data ciphertexts of each batch under the derived batch rule."""
+    batches = make_batches(n_train, derived_batch_size(n_train, layout, n_classes), 0)
+    return [-(-len(b) // layout.samples_per_ct) for b in batches]
+
+
 def chunks_per_step(n_train: int, layout: PackingLayout, n_classes: int) -> int:
     """Data ciphertexts in the largest batch under the derived batch rule."""
-    batches = make_batches(n_train, derived_batch_size(n_train, layout, n_classes), 0)
-    return max(-(-len(b) // layout.samples_per_ct) for b in batches)
+    return max(_derived_batch_chunks(n_train, layout, n_classes))
 
 
 def sample_log_losses(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -257,12 +262,10 @@ def encrypted_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: i
     """Encrypted work of a run at this layout under the derived batch and epoch rules, in
     data-ciphertext passes: every training and validation chunk of every epoch, plus each
     step's serial work (`STEP_COST_IN_CHUNKS`)."""
-    batches = make_batches(n_train, derived_batch_size(n_train, layout, n_classes), 0)
-    per_ct = layout.samples_per_ct
-    epochs = planned_epochs(len(batches))
-    chunks = sum(-(-len(b) // per_ct) for b in batches) + -(-n_val // per_ct)
+    batch_chunks = _derived_batch_chunks(n_train, layout, n_classes)
+    chunks = sum(batch_chunks) + -(-n_val // layout.samples_per_ct)
     step_cost = STEP_COST_IN_CHUNKS["binary" if n_classes == 2 else "softmax"]
-    return float(epochs * (chunks + len(batches) * step_cost))
+    return float(planned_epochs(len(batch_chunks)) * (chunks + len(batch_chunks) * step_cost))
 
 
 def planned_epochs(steps_per_epoch: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,35 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnis
 
 
 SMALL_SUBSET = 160  # images per split used by the real-data tests
+
+_MODULES_WITH_FAILURES: set[str] = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _MODULES_WITH_FAILURES.add(item.module.__name__)
+    return report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_scratch(request, tmp_path_factory, feature_cache_dir):
+    """Remove the folders a module's fixtures made once its tests are done, unless one failed.
+
+    pytest removes function-scoped ``tmp_path`` folders as it goes (retention policy
+    "failed"), but module fixtures' ``mktemp`` folders (bundles of evaluation keys, service
+    data dirs: hundreds of MB each) would otherwise stay until the session ends. The
+    session's feature cache is made before the snapshot, so it is never among them.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if request.module.__name__ in _MODULES_WITH_FAILURES:
+        return
+    for path in set(base.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

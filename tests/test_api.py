@@ -81,3 +81,16 @@ def test_estimator_conventions():
         clf.predict(np.zeros((1, 4)))
     with pytest.raises(ValueError, match="two classes"):
         clf.fit(np.zeros((4, 2)), np.zeros(4), np.zeros((2, 2)), np.zeros(2))
+
+
+def test_folder_holding_the_secret_key_goes_with_the_estimator(example):
+    """Without a workdir, the hospital folder (secret key included) is not left behind."""
+    import gc
+
+    clf = example.pop("clf")
+    folder = Path(clf.scratch_.name)
+    assert (folder / "hospital").is_dir()
+    assert clf.hospital_.folder.root.is_relative_to(folder)
+    del clf
+    gc.collect()
+    assert not folder.exists()

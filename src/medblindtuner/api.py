@@ -25,6 +25,8 @@ class EncryptedHeadClassifier:
 
     Parameters left at None are derived from the training/validation data as the product does
     (`training.recipe`); `insecure_test_params=True` selects a tiny, NOT secure ring for tests.
+    `workdir` keeps the hospital's and the local cloud's folders (keys, ciphertexts, result);
+    without it they go to a temporary folder that lives as long as the estimator.
     """
 
     def __init__(self, *, pca_dims: int | None = None, learning_rate: float | None = None,
@@ -76,7 +78,13 @@ class EncryptedHeadClassifier:
         features = FeatureSet.from_arrays(
             {"train": (x, encode(np.asarray(y).reshape(-1))),
              "val": (x_val, encode(np.asarray(y_val).reshape(-1)))}, n_classes=len(classes))
-        workdir = Path(self.workdir or tempfile.mkdtemp(prefix="medblindtuner-"))
+        if self.workdir is None:
+            # The hospital folder holds the secret key: without a workdir it lives only as long
+            # as this estimator (removed when it is collected or the interpreter exits).
+            self.scratch_ = tempfile.TemporaryDirectory(prefix="medblindtuner-")
+            workdir = Path(self.scratch_.name)
+        else:
+            workdir = Path(self.workdir)
         params = INSECURE_TEST if self.insecure_test_params else PRODUCTION
         hospital = Hospital(workdir / "hospital", params,
                             allow_insecure=self.insecure_test_params, log=self.log)

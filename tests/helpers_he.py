@@ -29,9 +29,11 @@ def toy_problem(
     return (add_bias(x_train / scale), y_train, add_bias(np.clip(x_val / scale, -1, 1)), y_val)
 
 
-def plan_and_keys(n_classes: int, config: TrainConfig, data):
+def plan_and_keys(n_classes: int, config: TrainConfig, data,
+                  denominator_chunks: int | None = None):
     x_train, _, x_val, _ = data
-    plan = TrainingPlan.create(INSECURE_TEST, x_train, x_val, n_classes, config)
+    plan = TrainingPlan.create(INSECURE_TEST, x_train, x_val, n_classes, config,
+                               denominator_chunks=denominator_chunks)
     params = INSECURE_TEST.with_bootstrap_slots(plan.bootstrap_slots)
     keys = HospitalKeys.generate(params, plan.rotation_indices, allow_insecure=True,
                                  shard_rotation_indices=plan.kernel_rotation_indices)

@@ -44,12 +44,13 @@ def cluster():
     local.shutdown()
 
 
-def _job(n_classes: int, n_train: int, batch: int, seed: int, tmp_path_factory):
+def _job(n_classes: int, n_train: int, batch: int, seed: int, tmp_path_factory,
+         denominator_chunks: int | None = None):
     """Keys, bundle and encrypted dataset of a toy job whose steps hold several chunks."""
     data = toy_problem(n_classes, n_train=n_train, n_val=30, seed=seed)
     config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=batch,
                          patience=2)
-    plan, keys = plan_and_keys(n_classes, config, data)
+    plan, keys = plan_and_keys(n_classes, config, data, denominator_chunks)
     bundle = tmp_path_factory.mktemp("bundle")
     keys.save_public_bundle(bundle)
     return data, plan, keys, encrypt_dataset(keys, plan, *data), bundle
@@ -65,7 +66,9 @@ def binary_job(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def softmax_job(tmp_path_factory):
-    return _job(3, 256, 256, 8, tmp_path_factory)  # 3 classes, 2 chunks per step
+    # 3 classes, 3 chunks per step (128 + 128 + 44) whose denominators are refreshed in two
+    # groups (chunks 0-1 and chunk 2): the actors' partials are added group by group
+    return _job(3, 300, 300, 8, tmp_path_factory, denominator_chunks=2)
 
 
 def _train(job, directory, shards=None, on_step=None) -> np.ndarray:
@@ -123,14 +126,15 @@ def test_lost_actor_is_replaced_and_its_part_redone(cluster, binary_job, binary_
 
 def test_softmax_head_on_ray_shards_equals_local(cluster, softmax_job, softmax_local, tmp_path):
     """Through `cluster_shards`, as the CLI and the service's worker start them: by default
-    one actor per node, at most the chunks of a step (2 here, on 3 nodes)."""
+    one actor per node, at most the chunks of a step (3 here, on 3 nodes); the two
+    denominator groups' partials come from different actors."""
     _, plan, keys, dataset, bundle = softmax_job
-    assert plan.chunks_per_step == 2
+    assert plan.chunks_per_step == 3 and plan.softmax_layout.chunks == 2
     evaluator = Evaluator(keys.context, keys.params, keys.public_key)
     assert cluster_shards(LOCAL, dataset, bundle, evaluator) is None
     shards = cluster_shards(cluster.address, dataset, bundle, evaluator, allow_insecure=True)
     with shards:
-        assert len(shards.actors) == 2
+        assert len(shards.actors) == 3
         remote = _train(softmax_job, tmp_path / "ray", shards=shards)
     assert np.max(np.abs(remote - softmax_local)) < WEIGHT_TOL
 
@@ -144,11 +148,11 @@ class _KillBeforeBackward:
         self.binary_terms = shards.binary_terms
         self.softmax_forward = shards.softmax_forward
 
-    def softmax_backward(self, inverse, scale):
+    def softmax_backward(self, inverses, scale):
         if not self.killed:
             ray.kill(self.shards.actors[1])
             self.killed = True
-        return self.shards.softmax_backward(inverse, scale)
+        return self.shards.softmax_backward(inverses, scale)
 
 
 def test_actor_lost_inside_a_softmax_step_is_recovered(cluster, softmax_job, softmax_local,

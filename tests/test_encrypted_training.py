@@ -40,10 +40,10 @@ def make_trainer(keys, dataset, directory):
     return trainer
 
 
-def train_and_check_mirror(n_classes, data, config, directory):
+def train_and_check_mirror(n_classes, data, config, directory, denominator_chunks=None):
     """Train to the end with the hospital's judge; the last epoch's weights and every
     validation loss must match the plaintext mirror. Returns (plan, trainer, state)."""
-    plan, keys = plan_and_keys(n_classes, config, data)
+    plan, keys = plan_and_keys(n_classes, config, data, denominator_chunks)
     mirror = plan.check_ranges(*data)
     trainer = make_trainer(keys, encrypt_dataset(keys, plan, *data), directory)
     judge = HospitalJudge(keys, plan, len(data[3]))
@@ -210,10 +210,10 @@ def test_softmax_training_matches_mirror(tmp_path):
     softmax = plan.softmax_layout
     steps = 2 * len(plan.train_batch_sizes)
     ops = trainer.ev.ops
-    assert ops[f"bootstraps_{softmax.model_period}_slots"] == steps
-    # epoch 1's validation rode in epoch 2's first denominator bootstrap; epoch 2's (the last)
-    # needs its own
-    assert ops[f"bootstraps_{softmax.step_compact_period}_slots"] == steps + 1
+    # model and denominators share one slot count; epoch 1's validation rode in epoch 2's
+    # first denominator bootstrap, epoch 2's (the last) needs its own
+    assert plan.bootstrap_slots == (softmax.bootstrap_period,)
+    assert ops[f"bootstraps_{softmax.bootstrap_period}_slots"] == 2 * steps + 1
     assert ops["bootstraps"] == 2 * steps + 1
 
 
@@ -261,12 +261,17 @@ def test_binary_step_over_several_chunks_matches_mirror(tmp_path):
     assert state.steps == 2 and trainer.ev.ops["bootstraps"] == 2
 
 
-def test_softmax_step_over_several_chunks_matches_mirror(tmp_path):
+@pytest.mark.parametrize(("group", "epochs", "per_step"), [(None, 2, 2), (2, 1, 3)])
+def test_softmax_step_over_several_chunks_matches_mirror(tmp_path, group, epochs, per_step):
     """3 chunks per step: their denominators share one 4 P-slot bootstrap (with the ridden
-    validation chunk), so a step still costs two bootstraps."""
+    validation chunk), so a step costs two bootstraps; in groups of 2 chunks (what the
+    slot cap does to big production steps), a step costs the model's and one per group."""
     data = toy_problem(5, n_train=300, n_val=30, seed=7)
-    config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=300, patience=2)
-    plan, trainer, _ = train_and_check_mirror(5, data, config, tmp_path)
+    config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=epochs, batch_size=300,
+                         patience=2)
+    plan, trainer, _ = train_and_check_mirror(5, data, config, tmp_path, group)
     softmax = plan.softmax_layout
-    assert softmax.chunks == 3 and softmax.step_compact_period == 4 * softmax.compact_period
-    assert trainer.ev.ops["bootstraps"] == 2 * 2 + 1  # 2 per step + the last validation
+    assert softmax.chunks == (group or 3)
+    assert softmax.group_compact_period == (2 if group else 4) * softmax.compact_period
+    # per step + the last validation
+    assert trainer.ev.ops["bootstraps"] == per_step * epochs + 1

@@ -11,7 +11,7 @@ from medblindtuner.data.dataset import Dataset
 from medblindtuner.experiment import reference_runs, run_plain
 from medblindtuner.features.backbones import BackboneInfo
 from medblindtuner.features.extract import FeatureSet
-from medblindtuner.he.packing import PackingLayout, SoftmaxLayout
+from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
 from medblindtuner.training.approx import RangeError
 from medblindtuner.training.plan import TrainingPlan
@@ -123,12 +123,12 @@ def test_derived_batches_are_whole_ciphertexts_and_split_evenly():
 
 def test_large_datasets_take_bigger_steps():
     """At most STEP_BUDGET / MIN_EPOCHS steps an epoch: 20,000 samples at 128 per
-    ciphertext need 11 of them a step (binary), a softmax step at most what one denominator
-    bootstrap holds."""
+    ciphertext need 11 of them a step, binary or softmax (whose denominators share
+    bootstraps in groups)."""
     layout = PackingLayout(INSECURE_TEST.slots, 8)
     assert layout.samples_per_ct == 128
     assert derived_batch_size(20_000, layout, 2) == 11 * 128
-    assert derived_batch_size(20_000, layout, 5) == SoftmaxLayout.max_chunks(layout) * 128
+    assert derived_batch_size(20_000, layout, 5) == 11 * 128
     assert derived_batch_size(100, layout, 2) == 128  # never more than the data holds
 
 
@@ -192,6 +192,23 @@ def test_encrypted_work_counts_chunk_passes_and_steps():
     assert narrow < wide < 2 * narrow
     softmax = encrypted_work(1080, 120, PackingLayout(PRODUCTION.slots, 32), 5)
     assert softmax > 0
+
+
+def test_encrypted_work_counts_each_extra_denominator_group(monkeypatch):
+    """50,000 samples, 5 classes at PCA 31: 7 chunks a step, refreshed in groups of 2 (the
+    2048-slot cap), so each step pays 3 more denominator bootstraps."""
+    from medblindtuner.training import recipe
+
+    layout = PackingLayout(PRODUCTION.slots, 32)
+    with_groups = encrypted_work(50_000, 5_000, layout, 5)
+    monkeypatch.setattr(recipe, "EXTRA_DENOMINATOR_GROUP_IN_CHUNKS", 0.0)
+    without = encrypted_work(50_000, 5_000, layout, 5)
+    batches = recipe._derived_batch_chunks(50_000, layout, 5)
+    assert max(batches) == 7
+    extra = sum(-(-c // 2) - 1 for c in batches)
+    assert extra == 3 * len(batches)
+    assert with_groups - without == pytest.approx(
+        recipe.planned_epochs(len(batches)) * 1.3 * extra)
 
 
 def test_softmax_width_rule_adds_no_chunks_to_a_step():

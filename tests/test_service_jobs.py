@@ -370,6 +370,9 @@ def test_dataset_must_follow_and_match_the_bundle(cloud, params, plan):
         (lambda p: {**p, "train_batch_sizes": [60, 60]}, BadRequest, "do not match its plan"),
         (lambda p: {**p, "activation": {**p["activation"], "n_classes": 3}}, Unprocessable,
          "activation is for 3 classes"),
+        (lambda p: {**p, "denominator_chunks": 0}, Unprocessable, "greater than or equal"),
+        (lambda p: {**p, "n_features": 4 * p["n_features"]}, BadRequest,
+         "bootstraps at .* but the bundle has bootstrapping keys for"),
     ]:
         raw = json.dumps({**good, "plan": change(good["plan"])}).encode()
         with refused(error, message):

@@ -47,23 +47,30 @@ def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weigh
 
     starts = list(range(0, len(x), per_ct))
     chunk_exps = [exps_of(x[i : i + per_ct], model) for i in starts]
-    compact = sum(rot(picked(e), -softmax.chunk_shift(j)) for j, e in enumerate(chunk_exps))
+    compacts: dict[int, np.ndarray] = {}
+    for j, e in enumerate(chunk_exps):  # each denominator group of chunks has its own vector
+        group = softmax.group_of(j)
+        compacts[group] = compacts.get(group, 0) + rot(picked(e), -softmax.chunk_shift(j))
     if x_val is not None:
         val_exps = exps_of(x_val, softmax.encode_model(weights_val))
-        compact = compact + rot(picked(val_exps), -d)
-    compact = rotsum(compact, softmax.fold_strides)
-    period = softmax.step_compact_period
-    assert np.allclose(compact, np.tile(compact[:period], layout.slots // period))
-    inv = act.inverse(np.where(compact == 0, 1.0, compact))  # the empty slots are masked off
+        compacts[0] = compacts[0] + rot(picked(val_exps), -d)
+    inverses = {}
+    for group, compact in compacts.items():
+        compact = rotsum(compact, softmax.fold_strides)
+        period = softmax.group_compact_period
+        assert np.allclose(compact, np.tile(compact[:period], layout.slots // period))
+        assert softmax.bootstrap_period % period == 0  # bootstrapped at the common slot count
+        inverses[group] = act.inverse(np.where(compact == 0, 1.0, compact))  # empty: masked
 
-    def spread(rotation, s, exps):
+    def spread(inv, rotation, s, exps):
         own = rot(inv, rotation)
         values = rotsum(own * (s * softmax.unfold_mask()), softmax.spread_strides)
         return [e * values * softmax.valid_mask(k) for k, e in enumerate(exps)]
 
     probs, back = [], 0
     for j, (i, exps) in enumerate(zip(starts, chunk_exps, strict=True)):
-        probs.append(spread(softmax.chunk_shift(j) - d, scale, exps))
+        inv = inverses[softmax.group_of(j)]
+        probs.append(spread(inv, softmax.chunk_shift(j) - d, scale, exps))
         labels = softmax.encode_labels(targets[i : i + per_ct])
         x_grad = layout.encode_x_grad(x[i : i + per_ct])
         terms = [(a - scale * y) * x_grad for a, y in zip(probs[-1], labels, strict=True)]
@@ -71,7 +78,7 @@ def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weigh
                           for k, t in enumerate(terms))
     half = rotsum(back, softmax.period_sum_strides)
     gradient = half + rot(half, -d)
-    ridden = None if x_val is None else spread(0, 1.0, val_exps)
+    ridden = None if x_val is None else spread(inverses[0], 0, 1.0, val_exps)
     return softmax.decode_model(gradient), gradient, probs, ridden
 
 
@@ -138,18 +145,21 @@ def test_validation_chunk_rides_in_the_second_halves(slots, n_features, n_classe
                        act.probabilities(x_val @ weights_val.T))
 
 
-@pytest.mark.parametrize(("slots", "n_features", "n_classes", "n_samples", "n_val"),
-                         [(2048, 8, 5, 300, 40), (2048, 8, 3, 512, 0), (4096, 16, 8, 700, 90),
-                          (32768, 32, 5, 3000, 400)])
-def test_a_step_over_several_chunks_shares_one_denominator_bootstrap(
-        slots, n_features, n_classes, n_samples, n_val):
-    """Chunks shifted by j P before one fold over K P: every chunk's gradient and the ridden
-    validation chunk's probabilities are exact, as for one chunk."""
+@pytest.mark.parametrize(("slots", "n_features", "n_classes", "n_samples", "n_val", "group"),
+                         [(2048, 8, 5, 300, 40, 3), (2048, 8, 3, 512, 0, 4),
+                          (4096, 16, 8, 700, 90, 3), (32768, 32, 5, 3000, 400, 6),
+                          (2048, 8, 5, 300, 40, 2), (2048, 8, 5, 300, 40, 1),
+                          (32768, 32, 5, 3000, 400, 2)])
+def test_a_step_over_several_chunks_shares_denominator_bootstraps(
+        slots, n_features, n_classes, n_samples, n_val, group):
+    """Chunks shifted by j P before one fold over K P per group of `group` chunks: every
+    chunk's gradient and the ridden validation chunk's probabilities are exact, as for one
+    chunk, whether a step is one group or several."""
     rng = np.random.default_rng(n_samples)
     layout = PackingLayout(slots, n_features)
     chunks = -(-n_samples // layout.samples_per_ct)
-    softmax = SoftmaxLayout(layout, n_classes, chunks)
-    assert chunks > 1 and softmax.step_compact_period <= slots // 2
+    softmax = SoftmaxLayout(layout, n_classes, group)
+    assert chunks > 1 and softmax.group_compact_period <= slots // 2
     act = ActivationPlan.default(n_classes)
     x = rng.normal(size=(n_samples, n_features))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -180,8 +190,26 @@ def test_a_step_over_several_chunks_shares_one_denominator_bootstrap(
 def test_layout_refuses_more_chunks_than_one_bootstrap_holds():
     layout = PackingLayout(2048, 8)
     assert SoftmaxLayout.max_chunks(layout) == 4
-    with pytest.raises(ValueError, match="smaller batches"):
+    with pytest.raises(ValueError, match="more than one denominator bootstrap holds"):
         SoftmaxLayout(layout, 5, chunks=5)
+
+
+@pytest.mark.parametrize(("n_features", "step_chunks", "group", "slots"),
+                         [(32, 7, 2, 2048), (32, 2, 2, 2048), (32, 1, 1, 1024),
+                          (64, 14, 4, 2048), (16, 3, 1, 2048), (128, 5, 5, 2048)])
+def test_production_denominator_groups_stay_within_the_bootstrap_slot_cap(
+        n_features, step_chunks, group, slots):
+    """However many chunks a production step has, one denominator bootstrap covers at most
+    MAX_DENOMINATOR_SLOTS slots, and model and denominators share that one slot count."""
+    from medblindtuner.training.plan import MAX_DENOMINATOR_SLOTS, denominator_group_chunks
+
+    layout = PackingLayout(32768, n_features)
+    assert denominator_group_chunks(layout, step_chunks) == group
+    softmax = SoftmaxLayout(layout, 5, group)
+    assert softmax.group_compact_period <= MAX_DENOMINATOR_SLOTS
+    assert softmax.bootstrap_period == slots
+    assert softmax.bootstrap_period % softmax.model_period == 0
+    assert [softmax.group_of(p) for p in range(5)] == [p // group for p in range(5)]
 
 
 def test_compact_offsets_are_distinct_and_inside_the_first_half():

@@ -158,16 +158,22 @@ class SoftmaxLayout:
     Only first halves hold compact values, so a second set (the previous epoch's validation
     chunk) fits in the second halves: shifted right by d before the fold, already in place after.
 
-    A step over several data ciphertexts ("chunks") refreshes all their denominators in ONE
-    bootstrap of K P slots (K = chunk_groups): chunk j's selected values are shifted left by j P
-    before the fold over K P. Sample i = g R + r of chunk j lands at (g + j mod K) P + 2d r + g,
-    distinct for every (i, j) because 2d r + g < P fixes (r, g), and then g + j mod K fixes j.
-    After the refresh, a rotation by j P - d puts chunk j's own values where chunk 0's are.
+    A step over several data ciphertexts ("chunks") refreshes their denominators in groups of
+    up to `chunks` chunks, ONE bootstrap of K P slots per group (K = chunk_groups): chunk j of
+    a group has its selected values shifted left by j P before the fold over K P. Sample
+    i = g R + r of chunk j lands at (g + j mod K) P + 2d r + g, distinct for every (i, j)
+    because 2d r + g < P fixes (r, g), and then g + j mod K fixes j. After the refresh, a
+    rotation by j P - d puts chunk j's own values where chunk 0's are. Position p of a step
+    is chunk p mod `chunks` of group p // `chunks`.
+
+    Both bootstraps (model and denominators) use one slot count, `bootstrap_period`: the
+    larger period is a multiple of the smaller, and one slot count means one bootstrap
+    precomputation and key set instead of two (they dominate the cloud's memory).
     """
 
     layout: PackingLayout
     n_classes: int
-    chunks: int = 1  # data ciphertexts per step (the most any batch of the plan has)
+    chunks: int = 1  # data ciphertexts per denominator bootstrap (a group of the step's chunks)
 
     def __post_init__(self) -> None:
         if self.n_classes < 3:
@@ -179,9 +185,9 @@ class SoftmaxLayout:
             )
         if not 1 <= self.chunks <= self.max_chunks(self.layout):
             raise ValueError(
-                f"a step of {self.chunks} data ciphertexts is more than one denominator "
+                f"a group of {self.chunks} data ciphertexts is more than one denominator "
                 f"bootstrap holds (at most {self.max_chunks(self.layout)} at "
-                f"{self.layout.n_features} features): use smaller batches")
+                f"{self.layout.n_features} features)")
 
     @staticmethod
     def max_chunks(layout: PackingLayout) -> int:
@@ -266,13 +272,23 @@ class SoftmaxLayout:
         return next_power_of_two(self.chunks)
 
     @property
-    def step_compact_period(self) -> int:
-        """K P: slot count of the denominator bootstrap of a whole step."""
+    def group_compact_period(self) -> int:
+        """K P: period of a group's folded denominators."""
         return self.compact_period * self.chunk_groups
 
-    def chunk_shift(self, chunk: int) -> int:
-        """j P: chunk j's selected values are rotated by -j P before the fold."""
-        return self.compact_period * chunk
+    @property
+    def bootstrap_period(self) -> int:
+        """Slot count of both bootstraps: max(Q, K P), a multiple of each (powers of two)."""
+        return max(self.model_period, self.group_compact_period)
+
+    def group_of(self, position: int) -> int:
+        """Which denominator bootstrap of its step the chunk at `position` joins."""
+        return position // self.chunks
+
+    def chunk_shift(self, position: int) -> int:
+        """j P for the chunk at step position `position`, j = its place in its group: its
+        selected values are rotated by -j P before the fold."""
+        return self.compact_period * (position % self.chunks)
 
     @property
     def blocks_per_period(self) -> int:
@@ -290,7 +306,7 @@ class SoftmaxLayout:
 
     @property
     def fold_strides(self) -> list[int]:
-        p, slots = self.step_compact_period, self.layout.slots
+        p, slots = self.group_compact_period, self.layout.slots
         return [p << k for k in range((slots // p).bit_length() - 1)]
 
     def unfold_mask(self) -> np.ndarray:

@@ -169,6 +169,7 @@ class PlanModel(_Strict):
     activation: ActivationModel
     train_batch_sizes: Annotated[list[Count], Field(min_length=1)]
     val_batch_sizes: list[Count]
+    denominator_chunks: Annotated[int, Field(ge=1, le=1024)] | None = None
 
 
 class DatasetManifest(_Strict):

@@ -254,11 +254,16 @@ class Uploads:
         try:
             plan = TrainingPlan.from_dict(manifest["plan"])
             layout = plan.layout  # refuses more features than the slots can hold
+            needed = plan.bootstrap_slots  # softmax: refuses impossible denominator groups
         except (KeyError, TypeError, ValueError) as exc:
             raise Unprocessable(f"dataset manifest has no valid training plan: {exc}") from exc
         bundle = json.loads((self.artifact_dir(job.id, BUNDLE) / MANIFEST_NAME).read_text())
-        if plan.slots != CkksParams.from_dict(bundle["params"]).slots:
+        params = CkksParams.from_dict(bundle["params"])
+        if plan.slots != params.slots:
             raise BadRequest("training plan slot count differs from the bundle's parameters")
+        if not set(needed) <= set(params.bootstrap_slots):
+            raise BadRequest(f"the training plan bootstraps at {list(needed)} slots but the "
+                             f"bundle has bootstrapping keys for {list(params.bootstrap_slots)}")
         largest = max_batch_size(layout, plan.n_classes)
         if max(plan.train_batch_sizes) > largest:
             raise Unprocessable(f"training batches of up to {largest} samples fit this plan; "

@@ -69,8 +69,9 @@ class ChunkBlobs:
         return EncryptedChunk(self.n_samples, cts["x_dup"], cts["x_grad"], labels)
 
 
-# (the partial ciphertext, the op counts and seconds it took) as an actor returns them
-PartialResult = tuple[bytes, dict[str, int], dict[str, float]]
+# (the partial ciphertext, or one per softmax denominator group; the op counts and seconds
+# it took) as an actor returns them
+PartialResult = tuple[bytes | dict[int, bytes], dict[str, int], dict[str, float]]
 
 
 class ShardWorker:
@@ -89,11 +90,13 @@ class ShardWorker:
         held = {index: blob.chunk(self.evaluator.adopt) for index, blob in blobs.items()}
         self.kernel = StepKernel(self.evaluator, TrainingPlan.from_dict(plan), held)
 
-    def _result(self, ct: ofhe.Ciphertext) -> PartialResult:
+    def _result(self, ct: ofhe.Ciphertext | dict[int, ofhe.Ciphertext]) -> PartialResult:
         ops = self.evaluator.ops
         counts, seconds = dict(ops.counts), dict(ops.seconds)
         ops.counts.clear()
         ops.seconds.clear()
+        if isinstance(ct, dict):
+            return {group: ciphertext_to_bytes(c) for group, c in ct.items()}, counts, seconds
         return ciphertext_to_bytes(ct), counts, seconds
 
     def _read(self, blob: bytes) -> ofhe.Ciphertext:
@@ -106,8 +109,9 @@ class ShardWorker:
     def softmax_forward(self, lookahead: bytes, placed: list[PlacedChunk]) -> PartialResult:
         return self._result(self.kernel.softmax_forward(self._read(lookahead), placed))
 
-    def softmax_backward(self, inverse: bytes, scale: float) -> PartialResult:
-        return self._result(self.kernel.softmax_backward(self._read(inverse), scale))
+    def softmax_backward(self, inverses: dict[int, bytes], scale: float) -> PartialResult:
+        return self._result(self.kernel.softmax_backward(
+            {group: self._read(blob) for group, blob in inverses.items()}, scale))
 
     def held_chunks(self) -> list[int]:
         return sorted(self.kernel.chunks)
@@ -221,9 +225,10 @@ class RayShards:
             split.setdefault(self.owners[index], []).append((position, index))
         return split
 
-    def _run(self, method: str, args_of: dict[int, tuple]) -> ofhe.Ciphertext:
-        """`method` on each shard of `args_of` in parallel; the driver adds the partials.
-        A shard whose actor is lost is redone on a new actor (up to MAX_REPLACEMENTS)."""
+    def _run(self, method: str, args_of: dict[int, tuple]):
+        """`method` on each shard of `args_of` in parallel; the driver adds the partials (per
+        denominator group when they come by group). A shard whose actor is lost is redone on a
+        new actor (up to MAX_REPLACEMENTS)."""
         import ray
 
         lost = _lost_actor_errors()
@@ -242,8 +247,15 @@ class RayShards:
                     ref = self._resubmit(shard, method, args_of[shard])
             self.ev.ops.counts.update(counts)
             self.ev.ops.seconds.update(seconds)
-            partials.append(self.ev.adopt(ciphertext_from_bytes(blob)))
-        return self.ev.add_many(partials)
+            partials.append(blob)
+        if partials and isinstance(partials[0], dict):
+            groups = sorted({group for partial in partials for group in partial})
+            return {group: self.ev.add_many([self._adopt(partial[group]) for partial in partials
+                                             if group in partial]) for group in groups}
+        return self.ev.add_many([self._adopt(blob) for blob in partials])
+
+    def _adopt(self, blob: bytes) -> ofhe.Ciphertext:
+        return self.ev.adopt(ciphertext_from_bytes(blob))
 
     def _resubmit(self, shard: int, method: str, args: tuple):
         """The call again on the shard's new actor; a softmax backward first repeats the
@@ -264,7 +276,7 @@ class RayShards:
                                           for shard, mine in self._by_shard(placed).items()})
 
     def softmax_forward(self, lookahead: ofhe.Ciphertext,
-                        placed: Sequence[PlacedChunk]) -> ofhe.Ciphertext:
+                        placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
         import ray
 
         model = ray.put(ciphertext_to_bytes(lookahead))
@@ -273,12 +285,14 @@ class RayShards:
         return self._run("softmax_forward", {shard: (model, mine)
                                              for shard, mine in split.items()})
 
-    def softmax_backward(self, inverse: ofhe.Ciphertext, scale: float) -> ofhe.Ciphertext:
+    def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
+                         scale: float) -> ofhe.Ciphertext:
         import ray
 
         if self._forward is None:
             raise RuntimeError("softmax_backward needs the chunks of a softmax_forward")
-        refreshed = ray.put(ciphertext_to_bytes(inverse))
+        refreshed = ray.put({group: ciphertext_to_bytes(inverse)
+                             for group, inverse in inverses.items()})
         try:
             return self._run("softmax_backward", {shard: (refreshed, scale)
                                                   for shard in self._forward[1]})

@@ -69,9 +69,10 @@ class Shards(Protocol):
                      scale: float) -> ofhe.Ciphertext: ...
 
     def softmax_forward(self, lookahead: ofhe.Ciphertext,
-                        placed: Sequence[PlacedChunk]) -> ofhe.Ciphertext: ...
+                        placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]: ...
 
-    def softmax_backward(self, inverse: ofhe.Ciphertext, scale: float) -> ofhe.Ciphertext: ...
+    def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
+                         scale: float) -> ofhe.Ciphertext: ...
 
 
 @dataclass
@@ -138,10 +139,10 @@ class EncryptedTrainer:
 
     # ---- the step ---------------------------------------------------------------------------
     def _refresh_inverse(self, compact: ofhe.Ciphertext) -> ofhe.Ciphertext:
-        """Fold a step's compact denominators, bootstrap them once, invert (softmax)."""
+        """Fold a group's compact denominators, bootstrap them once, invert (softmax)."""
         softmax, inverse = self.softmax, self.plan.activation.inverse
         folded = self.ev.rotate_and_sum(compact, softmax.fold_strides)
-        fresh = self.ev.bootstrap(folded, period=softmax.step_compact_period)
+        fresh = self.ev.bootstrap(folded, period=softmax.bootstrap_period)
         return self.ev.chebyshev(fresh, inverse.coefficients, inverse.a, inverse.b)
 
     def probabilities(self, chunk: EncryptedChunk,
@@ -157,9 +158,10 @@ class EncryptedTrainer:
 
     def step(self, batch: int, validation: EncryptedChunk | None = None):
         """One Nesterov step on training batch `batch` (its chunks: one bootstrap of the model
-        whatever their number). With `validation` (softmax only), that chunk's probabilities
-        under the current (pre-step) model ride in the step's denominator bootstrap (second
-        halves of the compact slots) and are returned; otherwise returns None."""
+        whatever their number; softmax: one denominator bootstrap per group of chunks). With
+        `validation` (softmax only), that chunk's probabilities under the current (pre-step)
+        model ride in the first group's denominator bootstrap (second halves of the compact
+        slots) and are returned; otherwise returns None."""
         m = self.plan.config.momentum
         chunk_ids = self.plan.batch_chunks(batch)
         n_samples = sum(self.data.train[t].n_samples for t in chunk_ids)
@@ -173,18 +175,19 @@ class EncryptedTrainer:
             period = self.layout.block
         else:
             d = self.layout.block
-            compact = self.shards.softmax_forward(lookahead, placed)
+            compacts = self.shards.softmax_forward(lookahead, placed)
             if validation is not None:
                 val_exps = self.kernel.exponentials(self.kernel.logits(validation, self.model[0]))
                 shifted = self.ev.rotate(self.kernel.compact_sums(val_exps), -d)
-                compact = self.ev.add(compact, shifted)
-            inverse = self._refresh_inverse(compact)
-            terms = self.shards.softmax_backward(inverse, scale)
+                compacts[0] = self.ev.add(compacts[0], shifted)
+            inverses = {group: self._refresh_inverse(compact)
+                        for group, compact in sorted(compacts.items())}
+            terms = self.shards.softmax_backward(inverses, scale)
             if validation is not None:  # the chunk's values are already in the second halves
-                ridden = self.kernel.spread_inverse(inverse, 0, 1.0, val_exps)
+                ridden = self.kernel.spread_inverse(inverses[0], 0, 1.0, val_exps)
             half = self.ev.rotate_and_sum(terms, self.softmax.period_sum_strides)
             gradient = self.ev.add(half, self.ev.rotate(half, -d))
-            period = self.softmax.model_period
+            period = self.softmax.bootstrap_period
         failpoint("train.mid_step")
         decay = self.plan.config.decay_factor
         decayed = lookahead if decay == 1.0 else self.ev.linear_combination(

@@ -12,9 +12,10 @@ Binary head, per chunk:  (sigmoid~(rotsum(x_dup * V)) * lr/n - lr/n Y) * x_grad,
 the chunks before the driver's gradient rotate-and-sum.
 Softmax head, two phases around the driver's denominator bootstrap:
     forward:  e_k = exp~(Z_k); the chunk's sums of exponentials at its compact slots, shifted
-              by its position (the driver folds the sum of all of them and bootstraps once)
-    backward: A_k = e_k * spread(inverse); (A_k - lr/n Y_k) * x_grad summed over the chunks,
-              rotated back per class (the driver adds the period sum).
+              by its place in its denominator group, summed per group (the driver folds each
+              group's sum and bootstraps it once)
+    backward: A_k = e_k * spread(its group's inverse); (A_k - lr/n Y_k) * x_grad summed over
+              the chunks, rotated back per class (the driver adds the period sum).
 """
 
 from __future__ import annotations
@@ -113,28 +114,34 @@ class StepKernel:
         return self.ev.add_many(terms)
 
     def softmax_forward(self, lookahead: ofhe.Ciphertext,
-                        placed: Sequence[PlacedChunk]) -> ofhe.Ciphertext:
-        """These chunks' share of the step's compact denominator vector (before the fold)."""
-        self._pending, parts = [], []
+                        placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
+        """These chunks' share of each denominator group's compact vector (before the fold),
+        by group."""
+        self._pending = []
+        parts: dict[int, list[ofhe.Ciphertext]] = {}
         rotated = self.class_rotations(lookahead)
         for position, index in placed:
             chunk = self.chunks[index]
             exps = self.exponentials(self.logits(chunk, lookahead, rotated))
             picked = self.compact_sums(exps)
             shift = self.softmax.chunk_shift(position)
-            parts.append(self.ev.rotate(picked, -shift) if shift else picked)
+            parts.setdefault(self.softmax.group_of(position), []).append(
+                self.ev.rotate(picked, -shift) if shift else picked)
             self._pending.append((position, chunk, exps))
-        return self.ev.add_many(parts)
+        return {group: self.ev.add_many(cts) for group, cts in parts.items()}
 
-    def softmax_backward(self, inverse: ofhe.Ciphertext, scale: float) -> ofhe.Ciphertext:
-        """Gradient terms of the chunks of the last forward, summed over them and rotated back
-        per class rotation (class b lands on block b once the driver sums over the period)."""
+    def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
+                         scale: float) -> ofhe.Ciphertext:
+        """Gradient terms of the chunks of the last forward (each with its group's refreshed
+        inverse), summed over them and rotated back per class rotation (class b lands on
+        block b once the driver sums over the period)."""
         if not self._pending:
             raise RuntimeError("softmax_backward needs the chunks of a softmax_forward")
         d = self.layout.block
         per_rotation: list[list[ofhe.Ciphertext]] = [[] for _ in self.softmax.class_shifts]
         for position, chunk, exps in self._pending:
             rotation = self.softmax.chunk_shift(position) - d
+            inverse = inverses[self.softmax.group_of(position)]
             probabilities = self.spread_inverse(inverse, rotation, scale, exps)
             for k, p in enumerate(probabilities):
                 per_rotation[k].append(self._term(p, chunk.labels[k], scale, chunk.x_grad))

@@ -25,6 +25,10 @@ from medblindtuner.training.plain import (
 RANGE_MARGIN = 0.9
 # A step's transient ciphertexts grow with its chunks (a softmax keeps C exponentials each).
 MAX_CHUNKS_PER_STEP = 32
+# Most slots of a softmax denominator bootstrap: OpenFHE's bootstrap precomputation and keys
+# grow with the slot count (docs/results.md), so a step's chunks share bootstraps in groups
+# whose folded denominators fit this many slots, however many chunks the step has.
+MAX_DENOMINATOR_SLOTS = 2048
 
 
 def split_into_chunks(n_samples: int, per_chunk: int) -> list[int]:
@@ -34,10 +38,16 @@ def split_into_chunks(n_samples: int, per_chunk: int) -> list[int]:
 
 
 def max_batch_size(layout: PackingLayout, n_classes: int) -> int:
-    """Largest batch one step takes: a softmax step's denominators share one bootstrap."""
-    if n_classes == 2:
-        return MAX_CHUNKS_PER_STEP * layout.samples_per_ct
-    return min(MAX_CHUNKS_PER_STEP, SoftmaxLayout.max_chunks(layout)) * layout.samples_per_ct
+    """Largest batch one step takes."""
+    return MAX_CHUNKS_PER_STEP * layout.samples_per_ct
+
+
+def denominator_group_chunks(layout: PackingLayout, chunks_per_step: int) -> int:
+    """Chunks per softmax denominator bootstrap: all of a step's, up to what one bootstrap of
+    at most MAX_DENOMINATOR_SLOTS slots (and at most half the slots) holds; at least one."""
+    compact = max(layout.stride, layout.slots // layout.block)  # SoftmaxLayout.compact_period
+    fitting = max(1, MAX_DENOMINATOR_SLOTS // compact)
+    return max(1, min(chunks_per_step, SoftmaxLayout.max_chunks(layout), fitting))
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,8 @@ class TrainingPlan:
     activation: ActivationPlan
     train_batch_sizes: tuple[int, ...]
     val_batch_sizes: tuple[int, ...]
+    # softmax: chunks per denominator bootstrap (None: `denominator_group_chunks`)
+    denominator_chunks: int | None = None
 
     @property
     def layout(self) -> PackingLayout:
@@ -65,7 +77,9 @@ class TrainingPlan:
         """Class-rotation layout of a softmax head (None for a binary head)."""
         if self.activation.binary:
             return None
-        return SoftmaxLayout(self.layout, self.n_classes, self.chunks_per_step)
+        group = self.denominator_chunks or denominator_group_chunks(self.layout,
+                                                                    self.chunks_per_step)
+        return SoftmaxLayout(self.layout, self.n_classes, min(group, self.chunks_per_step))
 
     # ---- batches and their chunks ---------------------------------------------------------
     def chunk_sizes(self, batch_size: int) -> list[int]:
@@ -91,7 +105,7 @@ class TrainingPlan:
         softmax = self.softmax_layout
         if softmax is None:
             return (self.layout.block,)
-        return tuple(sorted({softmax.model_period, softmax.step_compact_period}))
+        return (softmax.bootstrap_period,)
 
     @property
     def rotation_indices(self) -> list[int]:
@@ -145,6 +159,7 @@ class TrainingPlan:
             "activation": self.activation.to_dict(),
             "train_batch_sizes": list(self.train_batch_sizes),
             "val_batch_sizes": list(self.val_batch_sizes),
+            "denominator_chunks": self.denominator_chunks,
         }
 
     @classmethod
@@ -157,6 +172,8 @@ class TrainingPlan:
             activation=ActivationPlan.from_dict(data["activation"]),
             train_batch_sizes=tuple(data["train_batch_sizes"]),
             val_batch_sizes=tuple(data["val_batch_sizes"]),
+            denominator_chunks=(None if data.get("denominator_chunks") is None
+                                else int(data["denominator_chunks"])),
         )
 
     @classmethod
@@ -168,7 +185,10 @@ class TrainingPlan:
         n_classes: int,
         config: TrainConfig,
         activation: ActivationPlan | None = None,
+        denominator_chunks: int | None = None,
     ) -> TrainingPlan:
+        """`denominator_chunks` (softmax): chunks per denominator bootstrap; by default
+        `denominator_group_chunks`, written into the plan so every role uses the same."""
         layout = PackingLayout(params.slots, x_train.shape[1])
         config = config.checked()
         batch = min(config.batch_size, max_batch_size(layout, n_classes))
@@ -179,6 +199,9 @@ class TrainingPlan:
             min(layout.samples_per_ct, len(x_val) - i)
             for i in range(0, len(x_val), layout.samples_per_ct)
         )
+        if n_classes > 2 and denominator_chunks is None:
+            most = max(len(split_into_chunks(n, layout.samples_per_ct)) for n in train_sizes)
+            denominator_chunks = denominator_group_chunks(layout, most)
         return cls(
             n_classes=n_classes,
             n_features=x_train.shape[1],
@@ -187,6 +210,7 @@ class TrainingPlan:
             activation=activation or ActivationPlan.default(n_classes),
             train_batch_sizes=train_sizes,
             val_batch_sizes=val_sizes,
+            denominator_chunks=denominator_chunks,
         )
 
     def check_ranges(self, x_train, y_train, x_val, y_val, margin: float = RANGE_MARGIN):

@@ -47,7 +47,7 @@ from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION, CkksParams
 from medblindtuner.training.approx import ActivationPlan, RangeError
 from medblindtuner.training.plain import TrainConfig, make_batches, train_head
-from medblindtuner.training.plan import max_batch_size
+from medblindtuner.training.plan import denominator_group_chunks, max_batch_size
 from medblindtuner.training.reference import (
     ProbeResult,
     fit_logistic,
@@ -60,6 +60,9 @@ WIDTH_COST_ALLOWANCE = 1.5
 # per-chunk work, binary and softmax heads (benchmarks/scale.py: serial s / step over
 # s / chunk, docs/results.md); used only to compare widths' costs.
 STEP_COST_IN_CHUNKS = {"binary": 5.5, "softmax": 2.7}
+# Each further softmax denominator group of a step: one more bootstrap at the shared slot
+# count (16.1 s at 2048 slots against 12.2 s a chunk, docs/results.md).
+EXTRA_DENOMINATOR_GROUP_IN_CHUNKS = 1.3
 STEP_SIZE_FRACTION = 0.5
 MAX_MOMENTUM = 0.9
 STEP_BUDGET = 30
@@ -264,8 +267,12 @@ def encrypted_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: i
     step's serial work (`STEP_COST_IN_CHUNKS`)."""
     batch_chunks = _derived_batch_chunks(n_train, layout, n_classes)
     chunks = sum(batch_chunks) + -(-n_val // layout.samples_per_ct)
-    step_cost = STEP_COST_IN_CHUNKS["binary" if n_classes == 2 else "softmax"]
-    return float(planned_epochs(len(batch_chunks)) * (chunks + len(batch_chunks) * step_cost))
+    serial = len(batch_chunks) * STEP_COST_IN_CHUNKS["binary" if n_classes == 2 else "softmax"]
+    if n_classes > 2:
+        group = denominator_group_chunks(layout, max(batch_chunks))
+        serial += EXTRA_DENOMINATOR_GROUP_IN_CHUNKS * sum(-(-c // group) - 1
+                                                          for c in batch_chunks)
+    return float(planned_epochs(len(batch_chunks)) * (chunks + serial))
 
 
 def planned_epochs(steps_per_epoch: int) -> int:

@@ -156,9 +156,13 @@ def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
                                  cpus_per_actor=cpus_per_node(ray_nodes), allow_insecure=insecure)
         result["ray_start_s"] = round(time.perf_counter() - start, 1)
     trainer = EncryptedTrainer(evaluator, dataset, folder / "ckpt", shards=shards)
+    del dataset  # the trainer holds the adopted copy; this one would double resident chunks
     timed = TimedShards(trainer.shards)
     trainer.shards = timed
     trainer.initialise_or_resume()
+    # the hospital's part (key generation, encryption) runs in this process too: its peak
+    # apart from training's tells which of the two sets the case's peak
+    result["peak_rss_before_training_gb"] = round(peak_rss_gb(), 2)
     records = []
     for step in range(steps):
         batch = step % len(plan.train_batch_sizes)

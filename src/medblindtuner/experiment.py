@@ -170,6 +170,7 @@ def run_encrypted(
     if shards is not None:
         log(f"step kernels on {len(shards.actors)} Ray actors ({ray_address})")
     trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints", shards=shards)
+    del dataset  # the trainer holds the adopted copy; this one would double resident chunks
     judge = hospital.judge() if interactive else None
     total_steps = config.epochs * len(plan.train_batch_sizes)
     start = time.perf_counter()

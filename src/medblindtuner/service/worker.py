@@ -197,11 +197,12 @@ class JobRunner:
         shards = cluster_shards(os.environ.get(RAY_ADDRESS_ENV), dataset, bundle_dir, evaluator,
                                 allow_insecure=allow)
         trainer = EncryptedTrainer(evaluator, dataset, self.dir / CHECKPOINTS_DIR, shards=shards)
-        self._update(steps_per_epoch=len(dataset.train),
-                     max_epochs=dataset.plan.config.epochs)
-        log.info("job %s: loaded bundle %s and %d train / %d val batches; resuming: %s",
-                 self.job_id, crypto.params.fingerprint(), len(dataset.train),
-                 len(dataset.val), (self.dir / CHECKPOINTS_DIR / "state.json").exists())
+        del dataset  # the trainer holds the adopted copy; this one would double resident chunks
+        self._update(steps_per_epoch=len(trainer.plan.train_batch_sizes),
+                     max_epochs=trainer.plan.config.epochs)
+        log.info("job %s: loaded bundle %s and %d train / %d val chunks; resuming: %s",
+                 self.job_id, crypto.params.fingerprint(), len(trainer.data.train),
+                 len(trainer.data.val), (self.dir / CHECKPOINTS_DIR / "state.json").exists())
         state = trainer.train(decide=self._decide, on_step=self._on_step)
         manifest = self._write_result(trainer, state)
         failpoint("result.written")

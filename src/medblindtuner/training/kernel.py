@@ -43,8 +43,10 @@ class StepKernel:
         self.layout = plan.layout
         self.softmax = plan.softmax_layout
         self.chunks = chunks
-        # softmax: each chunk's exponentials, kept from `softmax_forward` for the backward phase
-        self._pending: list[tuple[int, EncryptedChunk, list[ofhe.Ciphertext]]] = []
+        # softmax: (position, chunk index, exponentials) of each chunk, kept from
+        # `softmax_forward` for the backward phase; the chunk itself is looked up again there
+        # (a streamed chunk, 10 ciphertexts, is then not held across the denominator bootstrap)
+        self._pending: list[tuple[int, int, list[ofhe.Ciphertext]]] = []
 
     def masked(self, ct: ofhe.Ciphertext, key: tuple, make: Callable[[], np.ndarray]):
         """ct times a constant mask (one level); the mask is encoded once per process."""
@@ -127,7 +129,7 @@ class StepKernel:
             shift = self.softmax.chunk_shift(position)
             parts.setdefault(self.softmax.group_of(position), []).append(
                 self.ev.rotate(picked, -shift) if shift else picked)
-            self._pending.append((position, chunk, exps))
+            self._pending.append((position, index, exps))
         return {group: self.ev.add_many(cts) for group, cts in parts.items()}
 
     def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
@@ -138,15 +140,19 @@ class StepKernel:
         if not self._pending:
             raise RuntimeError("softmax_backward needs the chunks of a softmax_forward")
         d = self.layout.block
-        per_rotation: list[list[ofhe.Ciphertext]] = [[] for _ in self.softmax.class_shifts]
-        for position, chunk, exps in self._pending:
+        summed: list[ofhe.Ciphertext | None] = [None] * len(self.softmax.class_shifts)
+        pending, self._pending = self._pending, []
+        while pending:  # a chunk's exponentials and terms are freed once its terms are added
+            position, index, exps = pending.pop(0)
+            chunk = self.chunks[index]
             rotation = self.softmax.chunk_shift(position) - d
             inverse = inverses[self.softmax.group_of(position)]
             probabilities = self.spread_inverse(inverse, rotation, scale, exps)
+            del exps
             for k, p in enumerate(probabilities):
-                per_rotation[k].append(self._term(p, chunk.labels[k], scale, chunk.x_grad))
-        self._pending = []
+                term = self._term(p, chunk.labels[k], scale, chunk.x_grad)
+                summed[k] = term if summed[k] is None else self.ev.add(summed[k], term)
+            del probabilities, chunk
         shifts = self.softmax.class_shifts
-        summed = [self.ev.add_many(terms) for terms in per_rotation]
         return self.ev.add_many([self.ev.rotate(t, shifts[-k]) if k else t
                                  for k, t in enumerate(summed)])

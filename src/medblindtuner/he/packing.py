@@ -190,10 +190,14 @@ class SoftmaxLayout:
                 f"{self.layout.n_features} features)")
 
     @staticmethod
+    def compact_period_of(layout: PackingLayout) -> int:
+        """P: smallest period whose groups (slots / P) fit in the d slots of a half block."""
+        return max(layout.stride, layout.slots // layout.block)
+
+    @staticmethod
     def max_chunks(layout: PackingLayout) -> int:
-        """Most chunks per step whose compact values fit a sparse bootstrap (<= slots / 2)."""
-        compact = max(layout.stride, layout.slots // layout.block)
-        return max(1, layout.slots // (2 * compact))
+        """Most chunks per group whose compact values fit a sparse bootstrap (<= slots / 2)."""
+        return max(1, layout.slots // (2 * SoftmaxLayout.compact_period_of(layout)))
 
     @property
     def class_slots(self) -> int:
@@ -263,8 +267,7 @@ class SoftmaxLayout:
     # ---- compact softmax denominators --------------------------------------------------------
     @property
     def compact_period(self) -> int:
-        """P: smallest period whose groups (slots / P) fit in the d slots of a half block."""
-        return max(self.layout.stride, self.layout.slots // self.layout.block)
+        return self.compact_period_of(self.layout)
 
     @property
     def chunk_groups(self) -> int:

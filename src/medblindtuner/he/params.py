@@ -25,8 +25,9 @@ class ParameterError(MedBlindTunerError, ValueError):
 class CkksParams:
     """Everything needed to rebuild the same CryptoContext in another process.
 
-    `bootstrap_slots` is the (sparse) slot count of the compactly packed model: bootstrapping a
-    ciphertext with few slots is cheaper and consumes fewer levels than a full one.
+    `bootstrap_slots`: the sparse slot counts a plan bootstraps at (`TrainingPlan.
+    bootstrap_slots`; one per plan): bootstrapping a ciphertext with few slots is cheaper and
+    consumes fewer levels than a full one, and each count has its own precomputation and keys.
     """
 
     name: str

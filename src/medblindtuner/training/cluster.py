@@ -86,8 +86,8 @@ class ShardWorker:
 
         crypto = keys.load()
         self.evaluator = Evaluator(crypto.context, crypto.params, crypto.public_key)
-        blobs = dict(zip(chunks, ray.get(list(chunks.values())), strict=True))
-        held = {index: blob.chunk(self.evaluator.adopt) for index, blob in blobs.items()}
+        # one chunk's bytes at a time: fetching all first held every chunk twice at the peak
+        held = {index: ray.get(ref).chunk(self.evaluator.adopt) for index, ref in chunks.items()}
         self.kernel = StepKernel(self.evaluator, TrainingPlan.from_dict(plan), held)
 
     def _result(self, ct: ofhe.Ciphertext | dict[int, ofhe.Ciphertext]) -> PartialResult:

@@ -69,9 +69,9 @@ class ChunkBlobs:
         return EncryptedChunk(self.n_samples, cts["x_dup"], cts["x_grad"], labels)
 
 
-# (the partial ciphertext, or one per softmax denominator group; the op counts and seconds
-# it took) as an actor returns them
-PartialResult = tuple[bytes | dict[int, bytes], dict[str, int], dict[str, float]]
+# (the partial ciphertexts by softmax denominator group, a binary head's under 0; the op
+# counts and seconds it took) as an actor returns them
+PartialResult = tuple[dict[int, bytes], dict[str, int], dict[str, float]]
 
 
 class ShardWorker:
@@ -90,28 +90,26 @@ class ShardWorker:
         held = {index: ray.get(ref).chunk(self.evaluator.adopt) for index, ref in chunks.items()}
         self.kernel = StepKernel(self.evaluator, TrainingPlan.from_dict(plan), held)
 
-    def _result(self, ct: ofhe.Ciphertext | dict[int, ofhe.Ciphertext]) -> PartialResult:
+    def _result(self, cts: dict[int, ofhe.Ciphertext]) -> PartialResult:
         ops = self.evaluator.ops
         counts, seconds = dict(ops.counts), dict(ops.seconds)
         ops.counts.clear()
         ops.seconds.clear()
-        if isinstance(ct, dict):
-            return {group: ciphertext_to_bytes(c) for group, c in ct.items()}, counts, seconds
-        return ciphertext_to_bytes(ct), counts, seconds
+        return {group: ciphertext_to_bytes(ct) for group, ct in cts.items()}, counts, seconds
 
     def _read(self, blob: bytes) -> ofhe.Ciphertext:
         return self.evaluator.adopt(ciphertext_from_bytes(blob))
 
     def binary_terms(self, lookahead: bytes, placed: list[PlacedChunk],
                      scale: float) -> PartialResult:
-        return self._result(self.kernel.binary_terms(self._read(lookahead), placed, scale))
+        return self._result({0: self.kernel.binary_terms(self._read(lookahead), placed, scale)})
 
     def softmax_forward(self, lookahead: bytes, placed: list[PlacedChunk]) -> PartialResult:
         return self._result(self.kernel.softmax_forward(self._read(lookahead), placed))
 
     def softmax_backward(self, inverses: dict[int, bytes], scale: float) -> PartialResult:
-        return self._result(self.kernel.softmax_backward(
-            {group: self._read(blob) for group, blob in inverses.items()}, scale))
+        return self._result({0: self.kernel.softmax_backward(
+            {group: self._read(blob) for group, blob in inverses.items()}, scale)})
 
     def held_chunks(self) -> list[int]:
         return sorted(self.kernel.chunks)
@@ -225,20 +223,20 @@ class RayShards:
             split.setdefault(self.owners[index], []).append((position, index))
         return split
 
-    def _run(self, method: str, args_of: dict[int, tuple]):
-        """`method` on each shard of `args_of` in parallel; the driver adds the partials (per
-        denominator group when they come by group). A shard whose actor is lost is redone on a
-        new actor (up to MAX_REPLACEMENTS)."""
+    def _run(self, method: str, args_of: dict[int, tuple]) -> dict[int, ofhe.Ciphertext]:
+        """`method` on each shard of `args_of` in parallel; the driver adds the partials group
+        by group. A shard whose actor is lost is redone on a new actor (up to
+        MAX_REPLACEMENTS)."""
         import ray
 
         lost = _lost_actor_errors()
         pending = {shard: getattr(self.actors[shard], method).remote(*args)
                    for shard, args in args_of.items()}
-        partials = []
+        partials: dict[int, list[ofhe.Ciphertext]] = {}
         for shard, ref in pending.items():
             for attempt in range(MAX_REPLACEMENTS + 1):
                 try:
-                    blob, counts, seconds = ray.get(ref)
+                    blobs, counts, seconds = ray.get(ref)
                     break
                 except lost as exc:
                     if attempt == MAX_REPLACEMENTS:
@@ -247,15 +245,9 @@ class RayShards:
                     ref = self._resubmit(shard, method, args_of[shard])
             self.ev.ops.counts.update(counts)
             self.ev.ops.seconds.update(seconds)
-            partials.append(blob)
-        if partials and isinstance(partials[0], dict):
-            groups = sorted({group for partial in partials for group in partial})
-            return {group: self.ev.add_many([self._adopt(partial[group]) for partial in partials
-                                             if group in partial]) for group in groups}
-        return self.ev.add_many([self._adopt(blob) for blob in partials])
-
-    def _adopt(self, blob: bytes) -> ofhe.Ciphertext:
-        return self.ev.adopt(ciphertext_from_bytes(blob))
+            for group, blob in blobs.items():
+                partials.setdefault(group, []).append(self.ev.adopt(ciphertext_from_bytes(blob)))
+        return {group: self.ev.add_many(cts) for group, cts in sorted(partials.items())}
 
     def _resubmit(self, shard: int, method: str, args: tuple):
         """The call again on the shard's new actor; a softmax backward first repeats the
@@ -273,7 +265,7 @@ class RayShards:
 
         model = ray.put(ciphertext_to_bytes(lookahead))
         return self._run("binary_terms", {shard: (model, mine, scale)
-                                          for shard, mine in self._by_shard(placed).items()})
+                                          for shard, mine in self._by_shard(placed).items()})[0]
 
     def softmax_forward(self, lookahead: ofhe.Ciphertext,
                         placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
@@ -295,7 +287,7 @@ class RayShards:
                              for group, inverse in inverses.items()})
         try:
             return self._run("softmax_backward", {shard: (refreshed, scale)
-                                                  for shard in self._forward[1]})
+                                                  for shard in self._forward[1]})[0]
         finally:
             self._forward = None
 

@@ -7,7 +7,7 @@ mirror, that the encrypted polynomials stay inside their intervals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -198,10 +198,7 @@ class TrainingPlan:
             min(layout.samples_per_ct, len(x_val) - i)
             for i in range(0, len(x_val), layout.samples_per_ct)
         )
-        if n_classes > 2 and denominator_chunks is None:
-            most = max(len(split_into_chunks(n, layout.samples_per_ct)) for n in train_sizes)
-            denominator_chunks = denominator_group_chunks(layout, most)
-        return cls(
+        plan = cls(
             n_classes=n_classes,
             n_features=x_train.shape[1],
             slots=params.slots,
@@ -211,6 +208,10 @@ class TrainingPlan:
             val_batch_sizes=val_sizes,
             denominator_chunks=denominator_chunks,
         )
+        if n_classes > 2 and denominator_chunks is None:
+            plan = replace(plan, denominator_chunks=denominator_group_chunks(
+                layout, plan.chunks_per_step))
+        return plan
 
     def check_ranges(self, x_train, y_train, x_val, y_val, margin: float = RANGE_MARGIN):
         """Hospital-side check with the mirror: logits stay inside the approximation interval.

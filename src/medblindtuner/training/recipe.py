@@ -61,7 +61,8 @@ WIDTH_COST_ALLOWANCE = 1.5
 # s / chunk, docs/results.md); used only to compare widths' costs.
 STEP_COST_IN_CHUNKS = {"binary": 5.5, "softmax": 2.7}
 # Each further softmax denominator group of a step: one more bootstrap at the shared slot
-# count (16.1 s at 2048 slots against 12.2 s a chunk, docs/results.md).
+# count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against 12.2 s a softmax chunk,
+# benchmarks/scale.py; docs/results.md).
 EXTRA_DENOMINATOR_GROUP_IN_CHUNKS = 1.3
 STEP_SIZE_FRACTION = 0.5
 MAX_MOMENTUM = 0.9

@@ -203,7 +203,8 @@ def test_plan_hints_at_part_empty_ciphertexts():
 
 
 def test_softmax_training_matches_mirror(tmp_path):
-    """5-class softmax, class-rotation layout: 2 sparse bootstraps per step (model + 1/S)."""
+    """5-class softmax, class-diagonal layout (masked diagonals, 5 of them, not 8): 2 sparse
+    bootstraps per step (model + 1/S)."""
     data = toy_problem(5, n_train=64, n_val=30, seed=5)
     config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=64, patience=2)
     plan, trainer, _ = train_and_check_mirror(5, data, config, tmp_path)
@@ -213,8 +214,19 @@ def test_softmax_training_matches_mirror(tmp_path):
     # model and denominators share one slot count; epoch 1's validation rode in epoch 2's
     # first denominator bootstrap, epoch 2's (the last) needs its own
     assert plan.bootstrap_slots == (softmax.bootstrap_period,)
+    assert plan.label_cts == 5 and not softmax.cyclic
     assert ops[f"bootstraps_{softmax.bootstrap_period}_slots"] == 2 * steps + 1
     assert ops["bootstraps"] == 2 * steps + 1
+
+
+def test_four_classes_use_plain_rotations_and_match_mirror(tmp_path):
+    """c = 4 = C: the diagonals are the model's rotations (no masks), 4 label ciphertexts."""
+    data = toy_problem(4, n_train=64, n_val=30, seed=9)
+    config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=64, patience=2)
+    plan, trainer, _ = train_and_check_mirror(4, data, config, tmp_path)
+    assert plan.softmax_layout.cyclic and plan.label_cts == 4
+    assert trainer.ev.ops["ct_pt_multiplications"] > 0  # selection, unfold: not the diagonals
+    assert not any(key[0][0] in ("diagonal", "gather") for key in trainer.ev._plain_cache)
 
 
 def test_softmax_validation_resumes_and_stops_on_the_ridden_step(tmp_path):

@@ -1,4 +1,4 @@
-"""The class-rotation softmax layout, simulated slot by slot in numpy (no CKKS).
+"""The class-diagonal softmax layout, simulated slot by slot in numpy (no CKKS).
 
 Every rotation, mask and rotate-and-sum of the encrypted softmax step is replayed on plain slot
 vectors (np.roll plays EvalRotate) and must give exactly the plaintext mirror's gradient: this
@@ -27,6 +27,31 @@ def rotsum(v: np.ndarray, strides: list[int]) -> np.ndarray:
     return v
 
 
+def unit_series(approx, u: np.ndarray) -> np.ndarray:
+    """EvalChebyshevSeries on [-1, 1]: the series of `approx` at an input already mapped."""
+    coeffs = np.array(approx.coefficients)
+    return np.polynomial.chebyshev.chebval(u, coeffs) - 0.5 * coeffs[0]
+
+
+def diagonals_of(softmax: SoftmaxLayout, act: ActivationPlan, model: list[np.ndarray],
+                 weights: list[float]) -> list[np.ndarray]:
+    """StepKernel.diagonals: masked shifts of the model pair, the exp's unit scale folded in."""
+    alpha, stride = act.exp.unit_map[0], softmax.layout.stride
+    return [sum(softmax.diagonal_mask(k, s) * alpha
+                * sum(c * rot(m, stride * s) for m, c in zip(model, weights, strict=True))
+                for s in softmax.diagonal_shifts(k))
+            for k in range(softmax.n_classes)]
+
+
+def gather(softmax: SoftmaxLayout, terms: list[np.ndarray]) -> np.ndarray:
+    """StepKernel.gather: per-diagonal terms back into the model layout (before the period
+    sum)."""
+    stride, width = softmax.layout.stride, softmax.class_slots
+    return sum(rot(sum(softmax.diagonal_mask(k, s) * t for k, t in enumerate(terms)
+                       if s in softmax.diagonal_shifts(k)), stride * (width - s))
+               for s in softmax.model_shifts)
+
+
 def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weights, scale,
                   x_val=None, weights_val=None):
     """Slot-level replay of StepKernel's softmax phases and the driver's fold, refresh and
@@ -34,16 +59,17 @@ def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weigh
     `x_val`, a validation chunk (model `weights_val`) rides in the same compact vector."""
     layout, d = softmax.layout, softmax.layout.block
     per_ct = layout.samples_per_ct
-    padding = (softmax.class_slots - softmax.n_classes) * act.exp(np.zeros(1))[0]
     model = softmax.encode_model(weights)
+    alpha_inv, beta_inv = act.inverse.unit_map
 
     def exps_of(xs, m):
         x_dup = layout.encode_x_dup(xs)
-        return [act.exp(rotsum(x_dup * rot(m, s), layout.logit_strides))
-                for s in softmax.class_shifts]
+        beta = act.exp.unit_map[1]
+        return [unit_series(act.exp, rotsum(x_dup * w, layout.logit_strides) + beta)
+                for w in diagonals_of(softmax, act, [m], [1.0])]
 
     def picked(exps):
-        return (sum(exps) - padding) * softmax.select_mask()
+        return sum(exps) * (alpha_inv * softmax.select_mask())
 
     starts = list(range(0, len(x), per_ct))
     chunk_exps = [exps_of(x[i : i + per_ct], model) for i in starts]
@@ -60,12 +86,12 @@ def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weigh
         period = softmax.group_compact_period
         assert np.allclose(compact, np.tile(compact[:period], layout.slots // period))
         assert softmax.bootstrap_period % period == 0  # bootstrapped at the common slot count
-        inverses[group] = act.inverse(np.where(compact == 0, 1.0, compact))  # empty: masked
+        inverses[group] = unit_series(act.inverse, compact + beta_inv)
 
     def spread(inv, rotation, s, exps):
         own = rot(inv, rotation)
         values = rotsum(own * (s * softmax.unfold_mask()), softmax.spread_strides)
-        return [e * values * softmax.valid_mask(k) for k, e in enumerate(exps)]
+        return [e * values for e in exps]
 
     probs, back = [], 0
     for j, (i, exps) in enumerate(zip(starts, chunk_exps, strict=True)):
@@ -74,8 +100,7 @@ def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weigh
         labels = softmax.encode_labels(targets[i : i + per_ct])
         x_grad = layout.encode_x_grad(x[i : i + per_ct])
         terms = [(a - scale * y) * x_grad for a, y in zip(probs[-1], labels, strict=True)]
-        back = back + sum(rot(t, softmax.class_shifts[-k]) if k else t
-                          for k, t in enumerate(terms))
+        back = back + gather(softmax, terms)
     half = rotsum(back, softmax.period_sum_strides)
     gradient = half + rot(half, -d)
     ridden = None if x_val is None else spread(inverses[0], 0, 1.0, val_exps)
@@ -83,14 +108,11 @@ def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weigh
 
 
 def per_sample_probabilities(softmax: SoftmaxLayout, probs, n_samples: int) -> np.ndarray:
-    """Collect p[i, class] from the rotation ciphertexts; padding rotations must hold 0."""
+    """Collect p[i, class] from the diagonal ciphertexts (first slot of each block)."""
     seen = np.zeros((n_samples, softmax.n_classes))
     for k, p in enumerate(probs):
         classes = softmax.class_of(np.arange(n_samples), k)
-        values = softmax.layout.decode_per_sample(p, n_samples)
-        real = classes < softmax.n_classes
-        seen[np.arange(n_samples)[real], classes[real]] += values[real]
-        assert np.all(values[~real] == 0)
+        seen[np.arange(n_samples), classes] += softmax.layout.decode_per_sample(p, n_samples)
     return seen
 
 
@@ -115,7 +137,7 @@ def test_layout_reproduces_the_mirror_gradient(slots, n_features, n_classes, n_s
     assert np.max(np.abs(got - expected)) < 1e-12
     # the update is already in the model layout: Q-periodic, padding rows zero
     assert np.max(np.abs(gradient - softmax.encode_model(expected))) < 1e-12
-    # every sample sees each real class exactly once over the rotations
+    # every sample sees each class exactly once over the diagonals
     seen = per_sample_probabilities(softmax, probs[0], n_samples)
     assert np.allclose(seen, scale * act.probabilities(x @ weights.T))
 
@@ -250,3 +272,25 @@ def test_kernel_rotations_leave_the_drivers_to_the_driver(chunks):
     assert kernel <= set(softmax.rotation_indices)
     assert kernel.isdisjoint(softmax.fold_strides + softmax.period_sum_strides)
     assert chunks == 1 or -softmax.chunk_shift(chunks - 1) in kernel
+
+
+@pytest.mark.parametrize("n_classes", range(3, 17))
+def test_diagonals_see_every_class_once_from_at_most_three_shifts(n_classes):
+    """c diagonals (not C = next_pow2(c)): each sample sees each class once, each diagonal's
+    masks split the blocks between at most three model shifts, and a power of two is the
+    plain rotation (one shift per diagonal, no mask)."""
+    softmax = SoftmaxLayout(PackingLayout(32768, 8), n_classes)
+    samples = np.arange(softmax.layout.samples_per_ct)
+    seen = np.stack([softmax.class_of(samples, k) for k in range(n_classes)], axis=1)
+    assert np.array_equal(np.sort(seen, axis=1), np.tile(np.arange(n_classes), (len(samples), 1)))
+    for k in range(n_classes):
+        shifts = softmax.diagonal_shifts(k)
+        assert len(shifts) <= 3
+        masks = sum(softmax.diagonal_mask(k, s) for s in shifts)
+        assert np.array_equal(masks, np.ones(softmax.layout.slots))
+        rows = (samples % softmax.class_slots + softmax.diagonal_shift(samples, k)) \
+            % softmax.class_slots
+        assert np.array_equal(rows, seen[:, k])  # the shifted model holds the sample's class
+    assert softmax.cyclic == (n_classes in (4, 8, 16))
+    if softmax.cyclic:
+        assert all(softmax.diagonal_shifts(k) == [k] for k in range(n_classes))

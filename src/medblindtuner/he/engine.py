@@ -135,18 +135,25 @@ class Evaluator:
         return fresh
 
     # ---- arithmetic --------------------------------------------------------------------------
-    def plaintext(self, values: np.ndarray) -> ofhe.Plaintext:
-        """Encode a full-slot vector."""
+    def plaintext(self, values: np.ndarray, level: int = 0) -> ofhe.Plaintext:
+        """Encode a full-slot vector (at `level`: fewer towers, for ciphertexts that are
+        already there)."""
         return self.context.MakeCKKSPackedPlaintext(
-            np.ascontiguousarray(values, dtype=np.float64), 1, 0, None, self.params.slots
+            np.ascontiguousarray(values, dtype=np.float64), 1, level, None, self.params.slots
         )
 
-    def cached_plaintext(self, key: tuple, make: Callable[[], np.ndarray]) -> ofhe.Plaintext:
+    def cached_plaintext(self, key: tuple, make: Callable[[], np.ndarray],
+                         level: int = 0) -> ofhe.Plaintext:
         """A mask encoded once per process, since masks repeat every step (`make` runs only
-        on the first request for `key`)."""
-        if key not in self._plain_cache:
-            self._plain_cache[key] = self.plaintext(make())
-        return self._plain_cache[key]
+        on the first request for `key` and `level`)."""
+        if (key, level) not in self._plain_cache:
+            self._plain_cache[key, level] = self.plaintext(make(), level)
+        return self._plain_cache[key, level]
+
+    @staticmethod
+    def effective_level(ct: ofhe.Ciphertext) -> int:
+        """The ciphertext's level once its pending (lazy) rescale is done."""
+        return ct.GetLevel() + ct.GetNoiseScaleDeg() - 1
 
     def add(self, a, b):
         with self.ops.timed("additions"):
@@ -196,3 +203,8 @@ class Evaluator:
         """OpenFHE's Chebyshev series (Paterson-Stockmeyer): the polynomial's depth in levels."""
         with self.ops.timed("polynomial_evaluations"):
             return self.context.EvalChebyshevSeries(ct, list(map(float, coefficients)), a, b)
+
+    def chebyshev_unit(self, ct: ofhe.Ciphertext, coefficients: Sequence[float]):
+        """The same series for an input already mapped onto [-1, 1]: OpenFHE then skips its
+        linear map, one level less (`training.approx.ChebyshevApprox.unit_map`)."""
+        return self.chebyshev(ct, coefficients, -1.0, 1.0)

@@ -139,15 +139,21 @@ class PackingLayout:
 
 @dataclass(frozen=True)
 class SoftmaxLayout:
-    """Class-rotation ("diagonal") layout: a c-class softmax step with two sparse bootstraps.
+    """Class-diagonal layout: a c-class softmax step with c logit ciphertexts per chunk and
+    two sparse bootstraps.
 
     Let C = next_pow2(c) and Q = 2d C. The model is ONE ciphertext with period Q: block b of
-    each period holds weight row b in both halves (rows b >= c are zero). Rotating it by 2d k
-    puts row (i + k) mod C under sample i, so `C` products give every logit, each sample seeing
-    each class exactly once (the class of sample i in rotation k is `class_of(i, k)`). The sum
-    of exponentials over the C rotations is the softmax denominator plus a known constant for
-    the zero rows; the gradient terms are rotated back by -2d k and summed per period, which
-    lands class b's gradient on block b: the model layout again, with no mask.
+    each period holds weight row b in both halves (rows b >= c are zero). Sample i sees, in
+    diagonal k < c, class `class_of(i, k)` = ((i mod C) + k) mod c: each sample sees each
+    class exactly once over the c diagonals, and no diagonal is spent on the zero rows. The
+    diagonal's model W_k holds that row under sample i: rotating the model by 2d s puts row
+    (i + s) mod C under sample i, so W_k = sum_s P_ks * rot(M, 2d s) with 0/1 block masks P_ks
+    over the shifts s = class_of(i, k) - (i mod C) mod C, at most three per diagonal because
+    C < 2c (`diagonal_shifts`); with c = C (a power of two) it is one rotation and no mask.
+    The masks carry the look-ahead's coefficients, so W_k costs the one level the look-ahead
+    costs anyway. The gradient terms go back the same way: sum over s of
+    rot(sum_k P_ks * T_k, -2d s), then the period sum, which lands class b's gradient on block
+    b: the model layout again.
 
     Softmax denominators: one value per sample is selected into a compact vector of period
     P = max(2d, slots / d): sample i = g R + r (R = P / 2d blocks per period) keeps S_i at slot
@@ -209,15 +215,34 @@ class SoftmaxLayout:
         """Q: period (and sparse bootstrap slot count) of the model ciphertext."""
         return self.layout.stride * self.class_slots
 
-    def class_of(self, sample: int | np.ndarray, rotation: int):
-        """Class whose logit sample i sees in rotation k (>= n_classes: a zero row)."""
-        return (np.asarray(sample) + rotation) % self.class_slots
+    def class_of(self, sample: int | np.ndarray, diagonal: int):
+        """Class whose logit sample i sees in diagonal k: ((i mod C) + k) mod c."""
+        return (np.asarray(sample) % self.class_slots + diagonal) % self.n_classes
+
+    def diagonal_shift(self, sample: int | np.ndarray, diagonal: int):
+        """s (in blocks) such that rot(M, 2d s) holds sample i's class of diagonal k."""
+        residue = np.asarray(sample) % self.class_slots
+        return (self.class_of(sample, diagonal) - residue) % self.class_slots
 
     @property
-    def class_shifts(self) -> list[int]:
-        """2d k: rotation k of the model. Rotating the gradient terms back by -2d k is the same
-        as by 2d (C - k) once the period sum adds all shifts by multiples of Q."""
-        return [self.layout.stride * k for k in range(self.class_slots)]
+    def cyclic(self) -> bool:
+        """c = C: diagonal k is the model rotated by 2d k, with no mask."""
+        return self.n_classes == self.class_slots
+
+    def diagonal_shifts(self, diagonal: int) -> list[int]:
+        """The block shifts diagonal k gathers its rows from (at most three: C < 2c)."""
+        return sorted({int(s) for s in self.diagonal_shift(np.arange(self.class_slots),
+                                                           diagonal)})
+
+    @property
+    def model_shifts(self) -> list[int]:
+        """Every block shift of the model that some diagonal uses (0 included)."""
+        return sorted({s for k in range(self.n_classes) for s in self.diagonal_shifts(k)})
+
+    def diagonal_mask(self, diagonal: int, shift: int) -> np.ndarray:
+        """P_ks: 1 on the whole blocks whose sample takes its diagonal-k row from shift s."""
+        blocks = self.diagonal_shift(np.arange(self.layout.samples_per_ct), diagonal) == shift
+        return np.repeat(blocks.astype(np.float64), self.layout.stride)
 
     # ---- encoders / decoders (hospital side and tests) ---------------------------------------
     def encode_model(self, weights: np.ndarray) -> np.ndarray:
@@ -234,13 +259,11 @@ class SoftmaxLayout:
         return blocks[: self.n_classes, 0, :n].copy()
 
     def encode_labels(self, targets: np.ndarray) -> list[np.ndarray]:
-        """One label vector per rotation k: sample i holds y[i, class_of(i, k)] (0 if padded)."""
+        """One label vector per diagonal k: sample i holds y[i, class_of(i, k)]."""
         targets = np.asarray(targets, dtype=np.float64)
-        padded = np.zeros((len(targets), self.class_slots))
-        padded[:, : self.n_classes] = targets
         rows = np.arange(len(targets))
-        return [self.layout.encode_per_sample(padded[rows, self.class_of(rows, k)])
-                for k in range(self.class_slots)]
+        return [self.layout.encode_per_sample(targets[rows, self.class_of(rows, k)])
+                for k in range(self.n_classes)]
 
     def row_mask(self, row: int) -> np.ndarray:
         """1 on block `row` of every period: extracting one weight row (d-periodic after the
@@ -252,11 +275,6 @@ class SoftmaxLayout:
     @property
     def row_strides(self) -> list[int]:
         return [self.layout.stride << k for k in range(self.class_slots.bit_length() - 1)]
-
-    def valid_mask(self, rotation: int) -> np.ndarray:
-        """1 on the first half of sample i's block when rotation k shows it a real class."""
-        real = self.class_of(np.arange(self.layout.samples_per_ct), rotation) < self.n_classes
-        return self.layout.encode_per_sample(real.astype(np.float64))
 
     @property
     def period_sum_strides(self) -> list[int]:
@@ -323,12 +341,16 @@ class SoftmaxLayout:
 
     @property
     def kernel_rotation_indices(self) -> list[int]:
-        """Rotations of the per-chunk arithmetic (`training.kernel.StepKernel`): class
-        rotations of the model and back, the spread, each chunk's move into and out of the
+        """Rotations of the per-chunk arithmetic (`training.kernel.StepKernel`): the model's
+        shifts into the diagonals and the terms' way back (2d (C - s), the same modulo Q once
+        the driver sums the periods), the spread, each chunk's move into and out of the
         compact vector (chunk 0's way out is -d). The logits' strides are the packing's."""
+        stride = self.layout.stride
+        shifts = [stride * s for s in self.model_shifts if s]
+        back = [stride * (self.class_slots - s) for s in self.model_shifts if s]
         chunk_moves = [s for j in range(1, self.chunks)
                        for s in (-self.chunk_shift(j), self.chunk_shift(j) - self.layout.block)]
-        return sorted(set(self.class_shifts[1:] + self.spread_strides + [-self.layout.block]
+        return sorted(set(shifts + back + self.spread_strides + [-self.layout.block]
                           + chunk_moves))
 
     @property

@@ -8,7 +8,8 @@ inside by construction (feature rows have L2 norm <= 1, so |logit| <= ||w||) and
 plan with the mirror before anything is encrypted (`check_ranges`).
 
 Depths (levels including OpenFHE's pending lazy rescale, measured with OpenFHE 1.6, see
-tests/test_he_engine.py): degree <= 5: 4, <= 13: 5, <= 27: 6, <= 59: 7. Between two sparse
+tests/test_he_engine.py): degree <= 5: 4, <= 13: 5, <= 27: 6, <= 59: 7; one less when the
+input is already mapped onto [-1, 1] (`ChebyshevApprox.unit_map`). Between two sparse
 bootstraps (level budget (2, 2)) 9 levels are usable. That fixes the default degrees below
 (training/encrypted.py accounts for the levels of each step).
 """
@@ -54,6 +55,14 @@ class ChebyshevApprox:
     @property
     def depth(self) -> int:
         return chebyshev_depth(self.degree)
+
+    @property
+    def unit_map(self) -> tuple[float, float]:
+        """(alpha, beta) with t = alpha x + beta on [-1, 1]. A caller that folds alpha into a
+        product it makes anyway evaluates the series on [-1, 1], where OpenFHE skips its own
+        linear map and the polynomial costs one level less (`Evaluator.chebyshev_unit`)."""
+        width = self.b - self.a
+        return 2.0 / width, -(self.a + self.b) / width
 
     def scaled(self, factor: float) -> ChebyshevApprox:
         return ChebyshevApprox(self.name, self.a, self.b, self.degree, self.scale * factor)

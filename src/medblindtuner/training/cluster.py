@@ -8,11 +8,12 @@ a bootstrapping key, never a secret key). The driver (the trainer's process) add
 partial results, bootstraps and updates the model, exactly as with the local kernel.
 
 What crosses the wire is bytes: the shard keys and each chunk once (`ray.put` by the driver,
-so nodes need no shared disk), then per step the look-ahead model (or the refreshed softmax
-inverse) out and one partial ciphertext back per actor. A lost actor (killed, its node gone)
-is replaced by a new one built from the same objects, and its part of the step is computed
-again (a softmax backward first repeats that shard's forward, whose exponentials died with
-it); the driver's checkpoints and resume are unchanged.
+so nodes need no shared disk), then per step the look-ahead model (softmax: the model pair and
+the look-ahead's coefficients, then the refreshed inverses) out and one partial ciphertext back
+per actor. A lost actor (killed, its node gone) is replaced by a new one built from the same
+objects, and its part of the step is computed again (a softmax backward first repeats that
+shard's forward, whose exponentials died with it); the driver's checkpoints and resume are
+unchanged.
 
 Ray is imported on first use: the product runs without it.
 """
@@ -104,8 +105,10 @@ class ShardWorker:
                      scale: float) -> PartialResult:
         return self._result({0: self.kernel.binary_terms(self._read(lookahead), placed, scale)})
 
-    def softmax_forward(self, lookahead: bytes, placed: list[PlacedChunk]) -> PartialResult:
-        return self._result(self.kernel.softmax_forward(self._read(lookahead), placed))
+    def softmax_forward(self, model: list[bytes], weights: list[float],
+                        placed: list[PlacedChunk]) -> PartialResult:
+        return self._result(self.kernel.softmax_forward(
+            [self._read(blob) for blob in model], weights, placed))
 
     def softmax_backward(self, inverses: dict[int, bytes], scale: float) -> PartialResult:
         return self._result({0: self.kernel.softmax_backward(
@@ -144,7 +147,7 @@ class RayShards:
         self.actors: list[Any] = [self._new_actor(shard) for shard in range(n_shards)]
         self.replacements = 0
         # softmax: the last forward's look-ahead and placed chunks per shard (for a recovery)
-        self._forward: tuple[Any, dict[int, list[PlacedChunk]]] | None = None
+        self._forward: tuple[Any, list[float], dict[int, list[PlacedChunk]]] | None = None
 
     @classmethod
     def start(cls, address: str, dataset: EncryptedDataset, bundle_dir: Path,
@@ -254,8 +257,8 @@ class RayShards:
         shard's forward (its exponentials were lost with the old actor)."""
         actor = self.actors[shard]
         if method == "softmax_backward":
-            lookahead, placed = self._forward
-            actor.softmax_forward.remote(lookahead, placed[shard])
+            model, weights, placed = self._forward
+            actor.softmax_forward.remote(model, weights, placed[shard])
         return getattr(actor, method).remote(*args)
 
     # ---- Shards ---------------------------------------------------------------------------
@@ -267,14 +270,15 @@ class RayShards:
         return self._run("binary_terms", {shard: (model, mine, scale)
                                           for shard, mine in self._by_shard(placed).items()})[0]
 
-    def softmax_forward(self, lookahead: ofhe.Ciphertext,
+    def softmax_forward(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
                         placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
         import ray
 
-        model = ray.put(ciphertext_to_bytes(lookahead))
+        blobs = ray.put([ciphertext_to_bytes(ct) for ct in model])
+        weights = [float(w) for w in weights]
         split = self._by_shard(placed)
-        self._forward = (model, split)
-        return self._run("softmax_forward", {shard: (model, mine)
+        self._forward = (blobs, weights, split)
+        return self._run("softmax_forward", {shard: (blobs, weights, mine)
                                              for shard, mine in split.items()})
 
     def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
@@ -287,7 +291,7 @@ class RayShards:
                              for group, inverse in inverses.items()})
         try:
             return self._run("softmax_backward", {shard: (refreshed, scale)
-                                                  for shard in self._forward[1]})[0]
+                                                  for shard in self._forward[2]})[0]
         finally:
             self._forward = None
 

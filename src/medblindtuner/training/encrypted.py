@@ -19,17 +19,17 @@ Binary head (model = [W, W_prev], each d-periodic; ONE d-slot bootstrap per step
     W_new = (1 - lr wd) V - G  -> d-slot bootstrap  (the decay is a second combination of
                                                  the model, level 1: no extra level)
 
-c-class softmax (model = [M, M_prev] in the class-rotation layout of `he.packing.SoftmaxLayout`,
-C = next_pow2(c) rotations; TWO sparse bootstraps per step, whatever c):
-    V = (1+m) M - m M_prev                                  1
-    Z_k = rotsum(x_dup * rot(V, 2d k)), k < C               2   sample i sees class (i+k) mod C
-    e_k = exp~(Z_k); S = sum_k e_k - (C - c) exp~(0)         7   degree 9
-    compact = fold(sum_j rot(S_j * select, -jP))            8   -> K P-slot bootstrap
-    inv_j = rot(inverse~(compact), jP - d)                  5   degree 13; chunk j
-    inv_k = spread(inv * (lr/n) unfold) * valid_k           7   0 where class (i+k) is padding
-    A_k = e_k * inv_k                                       8
-    G = periodsum(sum_k rot(sum_j (A_jk - (lr/n) Y_jk) * x_grad_j, 2d (C-k)))  9  b -> block b
-    M_new = V - (G + rot(G, -d))  -> Q-slot bootstrap        9
+c-class softmax (model = [M, M_prev] in the class-diagonal layout of `he.packing.SoftmaxLayout`,
+c diagonals; TWO sparse bootstraps per step (one per denominator group), whatever c):
+    W_k = diagonal k of a (1+m) M - a m M_prev, k < c        1   a: exp's unit map; masks
+    Z_k = rotsum(x_dup * W_k)                               2   sample i sees class_of(i, k)
+    e_k = exp~(Z_k); S = sum_k e_k                          6   degree 9 on [-1, 1]
+    compact = fold(sum_j rot(S_j * b select, -jP))          7   b: the inverse's unit map
+    inv_j = rot(inverse~(compact + beta), jP - d)           4   degree 13 on [-1, 1]; chunk j
+    A_k = e_k * spread(inv * (lr/n) unfold)                 7
+    T_k = sum_j (A_jk - (lr/n) Y_jk) * x_grad_j             8
+    G = periodsum(gather(T_k))                              9   masks (c < C); b -> block b
+    M_new = V - (G + rot(G, -d))  -> bootstrap               9
 The previous epoch's validation chunk rides in the first step's compact bootstrap (second
 halves of the compact slots; `step_and_validate`), so it needs no bootstrap of its own.
 Measured costs per step are in docs/results.md.
@@ -68,7 +68,7 @@ class Shards(Protocol):
     def binary_terms(self, lookahead: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
                      scale: float) -> ofhe.Ciphertext: ...
 
-    def softmax_forward(self, lookahead: ofhe.Ciphertext,
+    def softmax_forward(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
                         placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]: ...
 
     def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
@@ -111,7 +111,7 @@ class EncryptedTrainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.state = EncryptedState()
-        # [W, W_prev]: d-periodic weight rows (binary) or class-rotation model cts (softmax)
+        # [W, W_prev]: d-periodic weight rows (binary) or class-diagonal model cts (softmax)
         self.model: list[ofhe.Ciphertext] = []
 
     # ---- model layout -------------------------------------------------------------------------
@@ -143,16 +143,17 @@ class EncryptedTrainer:
         softmax, inverse = self.softmax, self.plan.activation.inverse
         folded = self.ev.rotate_and_sum(compact, softmax.fold_strides)
         fresh = self.ev.bootstrap(folded, period=softmax.bootstrap_period)
-        return self.ev.chebyshev(fresh, inverse.coefficients, inverse.a, inverse.b)
+        unit = self.ev.add_scalar(fresh, inverse.unit_map[1])  # alpha came with the selection
+        return self.ev.chebyshev_unit(unit, inverse.coefficients)
 
     def probabilities(self, chunk: EncryptedChunk,
                       model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
         """Probabilities of one chunk under `model` (validation; softmax: its own bootstrap)."""
         kernel = self.kernel
-        logits = kernel.logits(chunk, model)
         if self.softmax is None:
-            return [kernel.sigmoid(logits[0], 1.0)]
-        exps = kernel.exponentials(logits)
+            return [kernel.sigmoid(kernel.logit(chunk, model), 1.0)]
+        diagonals = kernel.diagonals([model], [1.0])
+        exps = kernel.exponentials(kernel.softmax_logits(chunk, diagonals))
         inverse = self._refresh_inverse(kernel.compact_sums(exps))
         return kernel.spread_inverse(inverse, -self.layout.block, 1.0, exps)
 
@@ -175,9 +176,12 @@ class EncryptedTrainer:
             period = self.layout.block
         else:
             d = self.layout.block
-            compacts = self.shards.softmax_forward(lookahead, placed)
+            compacts = self.shards.softmax_forward(self.model, [1 + m, -m], placed)
             if validation is not None:
-                val_exps = self.kernel.exponentials(self.kernel.logits(validation, self.model[0]))
+                current = self.kernel.diagonals([self.model[0]], [1.0])
+                val_exps = self.kernel.exponentials(
+                    self.kernel.softmax_logits(validation, current))
+                del current
                 shifted = self.ev.rotate(self.kernel.compact_sums(val_exps), -d)
                 compacts[0] = self.ev.add(compacts[0], shifted)
             inverses = {group: self._refresh_inverse(compact)

@@ -45,29 +45,51 @@ class StepKernel:
         self.chunks = chunks
         # softmax: (position, chunk index, exponentials) of each chunk, kept from
         # `softmax_forward` for the backward phase; the chunk itself is looked up again there
-        # (a streamed chunk, 10 ciphertexts, is then not held across the denominator bootstrap)
+        # (a streamed chunk is then not held across the denominator bootstrap)
         self._pending: list[tuple[int, int, list[ofhe.Ciphertext]]] = []
 
     def masked(self, ct: ofhe.Ciphertext, key: tuple, make: Callable[[], np.ndarray]):
-        """ct times a constant mask (one level); the mask is encoded once per process."""
-        return self.ev.mul_plain(ct, self.ev.cached_plaintext(key, make))
+        """ct times a constant mask (one level); the mask is encoded once per process, at the
+        ciphertext's level (fewer towers to hold)."""
+        plain = self.ev.cached_plaintext(key, make, self.ev.effective_level(ct))
+        return self.ev.mul_plain(ct, plain)
 
     # ---- shared by training and validation ---------------------------------------------------
-    def class_rotations(self, model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
-        """The model under each class rotation (softmax; binary: the model itself). A step
-        computes them once for all its chunks."""
-        if self.softmax is None:
-            return [model]
-        return [self.ev.rotate(model, shift) if shift else model
-                for shift in self.softmax.class_shifts]
+    def logit(self, chunk: EncryptedChunk, weights: ofhe.Ciphertext) -> ofhe.Ciphertext:
+        """rotsum(x_dup * w): each sample's logit over the first half of its block."""
+        return self.ev.rotate_and_sum(self.ev.mul(chunk.x_dup, weights),
+                                      self.layout.logit_strides)
 
-    def logits(self, chunk: EncryptedChunk, model: ofhe.Ciphertext,
-               rotated: list[ofhe.Ciphertext] | None = None) -> list[ofhe.Ciphertext]:
-        """Binary: [z]. Softmax: one logit ciphertext per class rotation k (see SoftmaxLayout).
-        `rotated`: `class_rotations(model)` when the caller has them already."""
-        rotated = rotated or self.class_rotations(model)
-        return [self.ev.rotate_and_sum(self.ev.mul(chunk.x_dup, w), self.layout.logit_strides)
-                for w in rotated]
+    def diagonals(self, model: Sequence[ofhe.Ciphertext],
+                  weights: Sequence[float]) -> list[ofhe.Ciphertext]:
+        """W_k for the c diagonals of `SoftmaxLayout`, from sum_j weights_j model_j (the
+        look-ahead of [M, M_prev], or [M] itself) scaled by the exponential's unit map: one
+        level in all. A step computes them once for all its chunks."""
+        softmax, stride = self.softmax, self.layout.stride
+        alpha = self.plan.activation.exp.unit_map[0]
+        coefficients = [alpha * w for w in weights]
+        if softmax.cyclic:
+            combined = self.ev.linear_combination(model, coefficients)
+            return [self.ev.rotate(combined, stride * k) if k else combined
+                    for k in range(softmax.n_classes)]
+        out: list[ofhe.Ciphertext | None] = [None] * softmax.n_classes
+        for shift in softmax.model_shifts:
+            shifted = [self.ev.rotate(ct, stride * shift) if shift else ct for ct in model]
+            for k in range(softmax.n_classes):
+                if shift not in softmax.diagonal_shifts(k):
+                    continue
+                for ct, c in zip(shifted, coefficients, strict=True):
+                    term = self.masked(ct, ("diagonal", k, shift, c),
+                                       lambda k=k, s=shift, c=c: c * softmax.diagonal_mask(k, s))
+                    out[k] = term if out[k] is None else self.ev.add(out[k], term)
+        return out
+
+    def softmax_logits(self, chunk: EncryptedChunk,
+                       diagonals: list[ofhe.Ciphertext]) -> list[ofhe.Ciphertext]:
+        """One logit ciphertext per diagonal, already on the exponential's unit interval."""
+        beta = self.plan.activation.exp.unit_map[1]
+        logits = [self.logit(chunk, w) for w in diagonals]
+        return logits if beta == 0.0 else [self.ev.add_scalar(z, beta) for z in logits]
 
     def sigmoid(self, logit: ofhe.Ciphertext, scale: float) -> ofhe.Ciphertext:
         """scale * sigmoid~(logit), the scale folded into the coefficients (no level)."""
@@ -75,34 +97,49 @@ class StepKernel:
         return self.ev.chebyshev(logit, sig.coefficients, sig.a, sig.b)
 
     def exponentials(self, logits: list[ofhe.Ciphertext]) -> list[ofhe.Ciphertext]:
-        exp = self.plan.activation.exp
-        return [self.ev.chebyshev(z, exp.coefficients, exp.a, exp.b) for z in logits]
+        """exp~ of logits already on the unit interval (`softmax_logits`)."""
+        coefficients = self.plan.activation.exp.coefficients
+        return [self.ev.chebyshev_unit(z, coefficients) for z in logits]
 
     def compact_sums(self, exps: list[ofhe.Ciphertext]) -> ofhe.Ciphertext:
-        """Each sample's softmax denominator at its compact slot (zero elsewhere)."""
-        padding = ((self.softmax.class_slots - self.softmax.n_classes)
-                   * float(self.plan.activation.exp(np.zeros(1))[0]))
-        total = self.ev.add_scalar(self.ev.add_many(exps), -padding)
-        return self.masked(total, ("select",), self.softmax.select_mask)
+        """alpha S_i (the inverse's unit-map scale) at each sample's compact slot, zero
+        elsewhere; the driver adds beta after the refresh."""
+        alpha = self.plan.activation.inverse.unit_map[0]
+        return self.masked(self.ev.add_many(exps), ("select", alpha),
+                           lambda: alpha * self.softmax.select_mask())
 
     def spread_inverse(self, inverse: ofhe.Ciphertext, rotation: int, scale: float,
                        exps: list[ofhe.Ciphertext]) -> list[ofhe.Ciphertext]:
-        """scale * softmax probabilities per class rotation, from the refreshed inverse.
+        """scale * softmax probabilities per diagonal, from the refreshed inverse.
 
         `rotation` brings this chunk's own 1/S_i to the second half of each sample's block
-        (offset g); the unfold mask carries the scale, the spread covers the first half."""
+        (offset g); the unfold mask carries the scale, the spread covers the first half (its
+        spill into second halves meets the zeros of x_grad and labels)."""
         softmax = self.softmax
         own = self.ev.rotate(inverse, rotation) if rotation else inverse
-        unfold = self.masked(own, ("unfold", scale),
-                             lambda: scale * softmax.unfold_mask())
+        unfold = self.masked(own, ("unfold", scale), lambda: scale * softmax.unfold_mask())
         spread = self.ev.rotate_and_sum(unfold, softmax.spread_strides)
-        return [self.ev.mul(e, self.masked(spread, ("valid", k),
-                                           lambda k=k: softmax.valid_mask(k)))
-                for k, e in enumerate(exps)]
+        return [self.ev.mul(e, spread) for e in exps]
 
     def _term(self, probability: ofhe.Ciphertext, label: ofhe.Ciphertext, scale: float,
               x_grad: ofhe.Ciphertext) -> ofhe.Ciphertext:
         return self.ev.mul(self.ev.sub(probability, self.ev.mul_scalar(label, scale)), x_grad)
+
+    def gather(self, terms: list[ofhe.Ciphertext]) -> ofhe.Ciphertext:
+        """Per-diagonal gradient terms back into the model layout (before the period sum):
+        sum over shifts s of rot(sum_k P_ks T_k, 2d (C - s)), the diagonals' way back."""
+        softmax, stride, width = self.softmax, self.layout.stride, self.softmax.class_slots
+        if softmax.cyclic:
+            return self.ev.add_many([self.ev.rotate(t, stride * (width - k)) if k else t
+                                     for k, t in enumerate(terms)])
+        parts = []
+        for shift in softmax.model_shifts:
+            picked = self.ev.add_many([
+                self.masked(t, ("gather", k, shift),
+                            lambda k=k, s=shift: softmax.diagonal_mask(k, s))
+                for k, t in enumerate(terms) if shift in softmax.diagonal_shifts(k)])
+            parts.append(self.ev.rotate(picked, stride * (width - shift)) if shift else picked)
+        return self.ev.add_many(parts)
 
     # ---- the step's phases ---------------------------------------------------------------------
     def binary_terms(self, lookahead: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
@@ -111,20 +148,20 @@ class StepKernel:
         terms = []
         for _, index in placed:
             chunk = self.chunks[index]
-            probability = self.sigmoid(self.logits(chunk, lookahead)[0], scale)
+            probability = self.sigmoid(self.logit(chunk, lookahead), scale)
             terms.append(self._term(probability, chunk.labels[0], scale, chunk.x_grad))
         return self.ev.add_many(terms)
 
-    def softmax_forward(self, lookahead: ofhe.Ciphertext,
+    def softmax_forward(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
                         placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
         """These chunks' share of each denominator group's compact vector (before the fold),
-        by group."""
+        by group, under the look-ahead sum_j weights_j model_j."""
         self._pending = []
         parts: dict[int, list[ofhe.Ciphertext]] = {}
-        rotated = self.class_rotations(lookahead)
+        diagonals = self.diagonals(model, weights)
         for position, index in placed:
             chunk = self.chunks[index]
-            exps = self.exponentials(self.logits(chunk, lookahead, rotated))
+            exps = self.exponentials(self.softmax_logits(chunk, diagonals))
             picked = self.compact_sums(exps)
             shift = self.softmax.chunk_shift(position)
             parts.setdefault(self.softmax.group_of(position), []).append(
@@ -135,12 +172,12 @@ class StepKernel:
     def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
                          scale: float) -> ofhe.Ciphertext:
         """Gradient terms of the chunks of the last forward (each with its group's refreshed
-        inverse), summed over them and rotated back per class rotation (class b lands on
+        inverse), summed over them and gathered into the model layout (class b lands on
         block b once the driver sums over the period)."""
         if not self._pending:
             raise RuntimeError("softmax_backward needs the chunks of a softmax_forward")
         d = self.layout.block
-        summed: list[ofhe.Ciphertext | None] = [None] * len(self.softmax.class_shifts)
+        summed: list[ofhe.Ciphertext | None] = [None] * self.softmax.n_classes
         pending, self._pending = self._pending, []
         while pending:  # a chunk's exponentials and terms are freed once its terms are added
             position, index, exps = pending.pop(0)
@@ -153,6 +190,4 @@ class StepKernel:
                 term = self._term(p, chunk.labels[k], scale, chunk.x_grad)
                 summed[k] = term if summed[k] is None else self.ev.add(summed[k], term)
             del probabilities, chunk
-        shifts = self.softmax.class_shifts
-        return self.ev.add_many([self.ev.rotate(t, shifts[-k]) if k else t
-                                 for k, t in enumerate(summed)])
+        return self.gather(summed)

@@ -122,7 +122,7 @@ class TrainingPlan:
         return sorted(set(self.layout.logit_strides + extra))
 
     def label_vectors(self, targets: np.ndarray) -> list[np.ndarray]:
-        """Slot vectors of one batch's labels: one (binary) or one per class rotation."""
+        """Slot vectors of one batch's labels: one (binary) or one per class diagonal."""
         softmax = self.softmax_layout
         if softmax is None:
             return [self.layout.encode_per_sample(targets[:, 0])]
@@ -131,7 +131,7 @@ class TrainingPlan:
     @property
     def label_cts(self) -> int:
         softmax = self.softmax_layout
-        return 1 if softmax is None else softmax.class_slots
+        return 1 if softmax is None else softmax.n_classes
 
     def batch_hint(self) -> str | None:
         """Advice when the batch leaves data ciphertexts part-empty: a step's bootstraps cost

@@ -273,17 +273,22 @@ def test_binary_step_over_several_chunks_matches_mirror(tmp_path):
     assert state.steps == 2 and trainer.ev.ops["bootstraps"] == 2
 
 
-@pytest.mark.parametrize(("group", "epochs", "per_step"), [(None, 2, 2), (2, 1, 3)])
-def test_softmax_step_over_several_chunks_matches_mirror(tmp_path, group, epochs, per_step):
-    """3 chunks per step: their denominators share one 4 P-slot bootstrap (with the ridden
-    validation chunk), so a step costs two bootstraps; in groups of 2 chunks (what the
-    slot cap does to big production steps), a step costs the model's and one per group."""
-    data = toy_problem(5, n_train=300, n_val=30, seed=7)
-    config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=epochs, batch_size=300,
+@pytest.mark.parametrize(("group", "epochs", "n_train", "periods", "bootstraps"),
+                         [(None, 2, 300, 2, 2 * 2 + 1), (2, 1, 300, 1, 3 + 1),
+                          (2, 2, 512, 1, 3 * 2 + 1 + 1)])
+def test_softmax_step_over_several_chunks_matches_mirror(tmp_path, group, epochs, n_train,
+                                                         periods, bootstraps):
+    """Several chunks per step. 3 chunks: their denominators share one 2 P-slot bootstrap
+    (two places per period) with the ridden validation chunk in the free fourth place, so a
+    step costs two bootstraps (+ the last epoch's validation). In groups of 2 chunks (what the
+    slot cap does to big production steps) a step costs the model's and one per group; with
+    4 chunks both groups are full, so the previous epoch's validation is refreshed on its own."""
+    data = toy_problem(5, n_train=n_train, n_val=30, seed=7)
+    config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=epochs, batch_size=n_train,
                          patience=2)
     plan, trainer, _ = train_and_check_mirror(5, data, config, tmp_path, group)
     softmax = plan.softmax_layout
     assert softmax.chunks == (group or 3)
-    assert softmax.group_compact_period == (2 if group else 4) * softmax.compact_period
-    # per step + the last validation
-    assert trainer.ev.ops["bootstraps"] == per_step * epochs + 1
+    assert plan.chunks_per_step == -(-n_train // plan.layout.samples_per_ct)
+    assert softmax.group_compact_period == periods * softmax.compact_period
+    assert trainer.ev.ops["bootstraps"] == bootstraps

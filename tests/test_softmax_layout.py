@@ -77,16 +77,24 @@ def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weigh
     for j, e in enumerate(chunk_exps):  # each denominator group of chunks has its own vector
         group = softmax.group_of(j)
         compacts[group] = compacts.get(group, 0) + rot(picked(e), -softmax.chunk_shift(j))
+    last = softmax.group_of(len(starts) - 1)
+    rides = softmax.validation_rides(len(starts) - last * softmax.chunks)
+    val_shift = softmax.place_shift(softmax.validation_place)
     if x_val is not None:
         val_exps = exps_of(x_val, softmax.encode_model(weights_val))
-        compacts[0] = compacts[0] + rot(picked(val_exps), -d)
-    inverses = {}
-    for group, compact in compacts.items():
+        if rides:  # the last group's last place; otherwise a compact vector of its own
+            compacts[last] = compacts[last] + rot(picked(val_exps), -val_shift)
+        else:
+            compacts["validation"] = picked(val_exps)
+
+    def refresh(compact):
         compact = rotsum(compact, softmax.fold_strides)
         period = softmax.group_compact_period
         assert np.allclose(compact, np.tile(compact[:period], layout.slots // period))
         assert softmax.bootstrap_period % period == 0  # bootstrapped at the common slot count
-        inverses[group] = unit_series(act.inverse, compact + beta_inv)
+        return unit_series(act.inverse, compact + beta_inv)
+
+    inverses = {group: refresh(compact) for group, compact in compacts.items()}
 
     def spread(inv, rotation, s, exps):
         own = rot(inv, rotation)
@@ -103,7 +111,10 @@ def simulate_step(softmax: SoftmaxLayout, act: ActivationPlan, x, targets, weigh
         back = back + gather(softmax, terms)
     half = rotsum(back, softmax.period_sum_strides)
     gradient = half + rot(half, -d)
-    ridden = None if x_val is None else spread(inverses[0], 0, 1.0, val_exps)
+    ridden = None
+    if x_val is not None:
+        ridden = (spread(inverses[last], val_shift - d, 1.0, val_exps) if rides
+                  else spread(inverses["validation"], -d, 1.0, val_exps))
     return softmax.decode_model(gradient), gradient, probs, ridden
 
 
@@ -211,14 +222,34 @@ def test_a_step_over_several_chunks_shares_denominator_bootstraps(
 
 def test_layout_refuses_more_chunks_than_one_bootstrap_holds():
     layout = PackingLayout(2048, 8)
-    assert SoftmaxLayout.max_chunks(layout) == 4
+    assert SoftmaxLayout.max_chunks(layout) == 8  # 4 compact periods, two places each
     with pytest.raises(ValueError, match="more than one denominator bootstrap holds"):
-        SoftmaxLayout(layout, 5, chunks=5)
+        SoftmaxLayout(layout, 5, chunks=9)
+
+
+@pytest.mark.parametrize(("n_features", "chunks"), [(8, 1), (8, 2), (8, 3), (8, 8), (32, 5)])
+def test_places_of_a_group_land_on_distinct_compact_slots(n_features, chunks):
+    """Every sample of every place (the validation place included) has its own slot of the
+    folded K P-periodic vector, and moving back by place_shift - d puts it in the second half
+    of its own block."""
+    softmax = SoftmaxLayout(PackingLayout(32768 if n_features == 32 else 2048, n_features),
+                            5, chunks)
+    layout, period = softmax.layout, softmax.group_compact_period
+    seen = set()
+    for place in range(softmax.places):
+        for i in range(layout.samples_per_ct):
+            slot = i * layout.stride + softmax.compact_offset(i)
+            moved = slot + softmax.place_shift(place)
+            seen.add(moved % period)
+            back = (moved - (softmax.place_shift(place) - layout.block)) % layout.slots
+            assert back == i * layout.stride + layout.block + softmax.compact_offset(i)
+    assert len(seen) == softmax.places * layout.samples_per_ct
+    assert softmax.validation_rides(chunks) == (chunks < softmax.places)
 
 
 @pytest.mark.parametrize(("n_features", "step_chunks", "group", "slots"),
-                         [(32, 7, 2, 2048), (32, 2, 2, 2048), (32, 1, 1, 1024),
-                          (64, 14, 4, 2048), (16, 3, 1, 2048), (128, 5, 5, 2048)])
+                         [(32, 7, 4, 2048), (32, 2, 2, 1024), (32, 1, 1, 1024),
+                          (64, 14, 8, 2048), (16, 3, 2, 2048), (128, 5, 5, 2048)])
 def test_production_denominator_groups_stay_within_the_bootstrap_slot_cap(
         n_features, step_chunks, group, slots):
     """However many chunks a production step has, one denominator bootstrap covers at most

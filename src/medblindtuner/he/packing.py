@@ -161,16 +161,21 @@ class SoftmaxLayout:
     (rotate-and-sum over P, 2P, ..., slots/2) makes it P-periodic for a P-slot bootstrap.
     After the refresh, a right shift by d puts each sample's own 1/S_i in the second half of its
     block at offset g, from where a rotate-and-sum over strides 1..d covers the first half.
-    Only first halves hold compact values, so a second set (the previous epoch's validation
-    chunk) fits in the second halves: shifted right by d before the fold, already in place after.
+    Compact values sit in first halves, so a second set fits in the second halves: shifted
+    right by d before the fold, already in place after (place 1 below).
 
     A step over several data ciphertexts ("chunks") refreshes their denominators in groups of
-    up to `chunks` chunks, ONE bootstrap of K P slots per group (K = chunk_groups): chunk j of
-    a group has its selected values shifted left by j P before the fold over K P. Sample
-    i = g R + r of chunk j lands at (g + j mod K) P + 2d r + g, distinct for every (i, j)
-    because 2d r + g < P fixes (r, g), and then g + j mod K fixes j. After the refresh, a
-    rotation by j P - d puts chunk j's own values where chunk 0's are. Position p of a step
-    is chunk p mod `chunks` of group p // `chunks`.
+    up to `chunks` chunks, ONE bootstrap of K P slots per group (K = chunk_groups periods, two
+    places each): the chunk at place j of a group has its selected values shifted right by
+    `place_shift(j)` = (j // 2) P + (j mod 2) d before the fold over K P, i.e. into the first
+    halves of period j // 2 for even j, the second halves for odd j. Sample i = g R + r of
+    place j lands at (g + j // 2 mod K) P + 2d r + (j mod 2) d + g, distinct for every (i, j)
+    because 2d r + (j mod 2) d + g < P fixes (r, j mod 2, g), and then g + j // 2 mod K fixes
+    j // 2. After the refresh, a rotation by place_shift(j) - d puts each sample's own value
+    in the second half of its block, as for place 1. Position p of a step is place
+    p mod `chunks` of group p // `chunks`. The previous epoch's validation chunk takes the
+    group's last place (`validation_place`) when the step's last group leaves it free
+    (`validation_rides`).
 
     Both bootstraps (model and denominators) use one slot count, `bootstrap_period`: the
     larger period is a multiple of the smaller, and one slot count means one bootstrap
@@ -202,8 +207,9 @@ class SoftmaxLayout:
 
     @staticmethod
     def max_chunks(layout: PackingLayout) -> int:
-        """Most chunks per group whose compact values fit a sparse bootstrap (<= slots / 2)."""
-        return max(1, layout.slots // (2 * SoftmaxLayout.compact_period_of(layout)))
+        """Most chunks per group whose compact values fit a sparse bootstrap (K P <= slots / 2,
+        two places per period)."""
+        return max(1, layout.slots // SoftmaxLayout.compact_period_of(layout))
 
     @property
     def class_slots(self) -> int:
@@ -289,8 +295,14 @@ class SoftmaxLayout:
 
     @property
     def chunk_groups(self) -> int:
-        """K: chunks per step padded to a power of two (the fold must wrap evenly)."""
-        return next_power_of_two(self.chunks)
+        """K: periods of a group (two places each), a power of two (the fold must wrap
+        evenly)."""
+        return next_power_of_two(-(-self.chunks // 2))
+
+    @property
+    def places(self) -> int:
+        """Chunks one denominator bootstrap can hold: 2 K."""
+        return 2 * self.chunk_groups
 
     @property
     def group_compact_period(self) -> int:
@@ -306,10 +318,24 @@ class SoftmaxLayout:
         """Which denominator bootstrap of its step the chunk at `position` joins."""
         return position // self.chunks
 
+    def place_shift(self, place: int) -> int:
+        """(j // 2) P + (j mod 2) d: how far place j's selected values move right before
+        the fold."""
+        return self.compact_period * (place // 2) + self.layout.block * (place % 2)
+
     def chunk_shift(self, position: int) -> int:
-        """j P for the chunk at step position `position`, j = its place in its group: its
-        selected values are rotated by -j P before the fold."""
-        return self.compact_period * (position % self.chunks)
+        """`place_shift` of the chunk at step position `position` (its place in its group)."""
+        return self.place_shift(position % self.chunks)
+
+    @property
+    def validation_place(self) -> int:
+        """The place a ridden validation chunk takes: the last of its group."""
+        return self.places - 1
+
+    def validation_rides(self, chunks_in_last_group: int) -> bool:
+        """Whether a step whose last group holds this many chunks has the validation place
+        free (otherwise the validation chunk is refreshed on its own)."""
+        return chunks_in_last_group <= self.validation_place
 
     @property
     def blocks_per_period(self) -> int:
@@ -348,12 +374,18 @@ class SoftmaxLayout:
         stride = self.layout.stride
         shifts = [stride * s for s in self.model_shifts if s]
         back = [stride * (self.class_slots - s) for s in self.model_shifts if s]
-        chunk_moves = [s for j in range(1, self.chunks)
-                       for s in (-self.chunk_shift(j), self.chunk_shift(j) - self.layout.block)]
-        return sorted(set(shifts + back + self.spread_strides + [-self.layout.block]
-                          + chunk_moves))
+        return sorted(set(shifts + back + self.spread_strides + self.place_moves(self.chunks))
+                      - {0})
+
+    def place_moves(self, places: int) -> list[int]:
+        """Rotations moving places 0..places-1 into the compact vector and back out."""
+        return [s for j in range(places)
+                for s in (-self.place_shift(j), self.place_shift(j) - self.layout.block)]
 
     @property
     def rotation_indices(self) -> list[int]:
-        return sorted(set(self.kernel_rotation_indices + self.row_strides
-                          + self.period_sum_strides + self.fold_strides))
+        """The driver's: the kernel's, the validation place's moves, row extraction, period
+        sums and folds."""
+        validation = self.place_moves(self.validation_place + 1)[-2:]
+        return sorted(set(self.kernel_rotation_indices + validation + self.row_strides
+                          + self.period_sum_strides + self.fold_strides) - {0})

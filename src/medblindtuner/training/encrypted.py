@@ -30,8 +30,9 @@ c diagonals; TWO sparse bootstraps per step (one per denominator group), whateve
     T_k = sum_j (A_jk - (lr/n) Y_jk) * x_grad_j             8
     G = periodsum(gather(T_k))                              9   masks (c < C); b -> block b
     M_new = V - (G + rot(G, -d))  -> bootstrap               9
-The previous epoch's validation chunk rides in the first step's compact bootstrap (second
-halves of the compact slots; `step_and_validate`), so it needs no bootstrap of its own.
+The previous epoch's validation chunk rides in the first step's last denominator bootstrap
+when that group leaves its last place free (`step_and_validate`), so it needs no bootstrap of
+its own.
 Measured costs per step are in docs/results.md.
 """
 
@@ -161,8 +162,8 @@ class EncryptedTrainer:
         """One Nesterov step on training batch `batch` (its chunks: one bootstrap of the model
         whatever their number; softmax: one denominator bootstrap per group of chunks). With
         `validation` (softmax only), that chunk's probabilities under the current (pre-step)
-        model ride in the first group's denominator bootstrap (second halves of the compact
-        slots) and are returned; otherwise returns None."""
+        model ride in the last group's denominator bootstrap when its validation place is free
+        (`SoftmaxLayout.validation_rides`) and are returned; otherwise returns None."""
         m = self.plan.config.momentum
         chunk_ids = self.plan.batch_chunks(batch)
         n_samples = sum(self.data.train[t].n_samples for t in chunk_ids)
@@ -175,20 +176,25 @@ class EncryptedTrainer:
             gradient = self.ev.rotate_and_sum(terms, self.layout.gradient_strides)
             period = self.layout.block
         else:
-            d = self.layout.block
+            d, softmax = self.layout.block, self.softmax
             compacts = self.shards.softmax_forward(self.model, [1 + m, -m], placed)
-            if validation is not None:
+            last = softmax.group_of(len(placed) - 1)
+            if validation is not None and softmax.validation_rides(
+                    len(placed) - last * softmax.chunks):
                 current = self.kernel.diagonals([self.model[0]], [1.0])
                 val_exps = self.kernel.exponentials(
                     self.kernel.softmax_logits(validation, current))
                 del current
-                shifted = self.ev.rotate(self.kernel.compact_sums(val_exps), -d)
-                compacts[0] = self.ev.add(compacts[0], shifted)
+                shift = softmax.place_shift(softmax.validation_place)
+                moved = self.ev.rotate(self.kernel.compact_sums(val_exps), -shift)
+                compacts[last] = self.ev.add(compacts[last], moved)
+            else:
+                validation = None
             inverses = {group: self._refresh_inverse(compact)
                         for group, compact in sorted(compacts.items())}
             terms = self.shards.softmax_backward(inverses, scale)
-            if validation is not None:  # the chunk's values are already in the second halves
-                ridden = self.kernel.spread_inverse(inverses[0], 0, 1.0, val_exps)
+            if validation is not None:
+                ridden = self.kernel.spread_inverse(inverses[last], shift - d, 1.0, val_exps)
             half = self.ev.rotate_and_sum(terms, self.softmax.period_sum_strides)
             gradient = self.ev.add(half, self.ev.rotate(half, -d))
             period = self.softmax.bootstrap_period
@@ -203,10 +209,12 @@ class EncryptedTrainer:
 
     def step_and_validate(self, batch: int) -> ofhe.Ciphertext:
         """A step on `batch` whose denominator bootstrap also carries the first validation
-        chunk under the current (pre-step) model: the encrypted validation loss of that model
-        costs no bootstrap of its own (its compact slots are the free second halves)."""
+        chunk under the current (pre-step) model where its last group has a free place: the
+        encrypted validation loss of that model then costs no bootstrap of its own."""
         current = self.model[0]
         first = self.step(batch, validation=self.data.val[0])
+        if first is None:  # the step's last denominator group had no free place
+            first = self.probabilities(self.data.val[0], current)
         rest = [(chunk, self.probabilities(chunk, current)) for chunk in self.data.val[1:]]
         return self._sum_of_squares([(self.data.val[0], first), *rest])
 

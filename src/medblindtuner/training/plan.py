@@ -44,8 +44,9 @@ def max_batch_size(layout: PackingLayout, n_classes: int) -> int:
 
 def denominator_group_chunks(layout: PackingLayout, chunks_per_step: int) -> int:
     """Chunks per softmax denominator bootstrap: all of a step's, up to what one bootstrap of
-    at most MAX_DENOMINATOR_SLOTS slots (and at most half the slots) holds; at least one."""
-    fitting = max(1, MAX_DENOMINATOR_SLOTS // SoftmaxLayout.compact_period_of(layout))
+    at most MAX_DENOMINATOR_SLOTS slots (and at most half the slots) holds, two per compact
+    period; at least one."""
+    fitting = max(1, 2 * (MAX_DENOMINATOR_SLOTS // SoftmaxLayout.compact_period_of(layout)))
     return max(1, min(chunks_per_step, SoftmaxLayout.max_chunks(layout), fitting))
 
 

@@ -143,9 +143,9 @@ def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
     result["dataset_gb"] = round(sum(f["bytes"] for f in manifest["files"].values()) / 1e9, 2)
     if ray_nodes:
         keys.save_public_bundle(folder / "bundle")
-    dataset = EncryptedDataset.load(folder / "data", keyed)
-    result["resident"] = bool(getattr(dataset.train, "resident", True))
     evaluator = Evaluator(keys.context, keyed, keys.public_key)
+    dataset = EncryptedDataset.load(folder / "data", keyed, adopt=evaluator.adopt)
+    result["resident"] = bool(getattr(dataset.train, "resident", True))
     cluster = shards = None
     if ray_nodes:
         cluster = local_cluster(ray_nodes, result["dataset_gb"])
@@ -156,7 +156,6 @@ def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
                                  cpus_per_actor=cpus_per_node(ray_nodes), allow_insecure=insecure)
         result["ray_start_s"] = round(time.perf_counter() - start, 1)
     trainer = EncryptedTrainer(evaluator, dataset, folder / "ckpt", shards=shards)
-    del dataset  # the trainer holds the adopted copy; this one would double resident chunks
     timed = TimedShards(trainer.shards)
     trainer.shards = timed
     trainer.initialise_or_resume()

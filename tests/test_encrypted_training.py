@@ -164,6 +164,24 @@ def test_streamed_dataset_trains_like_the_one_in_memory(setup, tmp_path):
     assert np.max(np.abs(results[0] - results[1])) < WEIGHT_TOL
 
 
+def test_dataset_adopted_at_load_is_not_copied_by_the_trainer(setup, tmp_path):
+    """Loaded with the trainer's `adopt`, a resident dataset is held once: the trainer keeps
+    that very object, and its ciphertexts are the adopted ones (re-homed: an add of zero)."""
+    _, plan, keys, dataset = setup
+    dataset.save(tmp_path / "data", keys.params)
+    evaluator = Evaluator(keys.context, keys.params, keys.public_key)
+    loaded = EncryptedDataset.load(tmp_path / "data", keys.params, resident=True,
+                                   adopt=evaluator.adopt)
+    first = loaded.train[0].x_dup
+    assert loaded.train[0].x_dup is first  # kept, not read again
+    trainer = EncryptedTrainer(evaluator, loaded, tmp_path / "ckpt")
+    assert trainer.data is loaded
+    plain = EncryptedDataset.load(tmp_path / "data", keys.params, resident=True)
+    assert EncryptedTrainer(evaluator, plain, tmp_path / "ckpt2").data is not plain
+    assert np.allclose(keys.decrypt(first)[:8], keys.decrypt(plain.train[0].x_dup)[:8],
+                       atol=1e-6)
+
+
 def test_tampered_dataset_is_refused(setup, tmp_path):
     _, _, keys, dataset = setup
     dataset.save(tmp_path / "data", keys.params)

@@ -195,20 +195,22 @@ def test_encrypted_work_counts_chunk_passes_and_steps():
 
 
 def test_encrypted_work_counts_each_extra_denominator_group(monkeypatch):
-    """50,000 samples, 5 classes at PCA 31: 7 chunks a step, refreshed in groups of 2 (the
-    2048-slot cap), so each step pays 3 more denominator bootstraps."""
+    """50,000 samples, 5 classes at PCA 31: 7 chunks a step, refreshed in groups of 4 (the
+    2048-slot cap, two places per compact period), so each step pays 1 more denominator
+    bootstrap."""
     from medblindtuner.training import recipe
 
     layout = PackingLayout(PRODUCTION.slots, 32)
     with_groups = encrypted_work(50_000, 5_000, layout, 5)
+    per_group = recipe.EXTRA_DENOMINATOR_GROUP_IN_CHUNKS
     monkeypatch.setattr(recipe, "EXTRA_DENOMINATOR_GROUP_IN_CHUNKS", 0.0)
     without = encrypted_work(50_000, 5_000, layout, 5)
     batches = recipe._derived_batch_chunks(50_000, layout, 5)
     assert max(batches) == 7
-    extra = sum(-(-c // 2) - 1 for c in batches)
-    assert extra == 3 * len(batches)
+    extra = sum(-(-c // 4) - 1 for c in batches)
+    assert extra == len(batches)
     assert with_groups - without == pytest.approx(
-        recipe.planned_epochs(len(batches)) * 1.3 * extra)
+        recipe.planned_epochs(len(batches)) * per_group * extra)
 
 
 def test_softmax_width_rule_adds_no_chunks_to_a_step():

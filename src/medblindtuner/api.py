@@ -133,9 +133,9 @@ def _train_in_process(hospital, cloud_dir: Path) -> list[dict]:
     cloud = CloudCrypto.load(hospital.folder.public_bundle,
                              allow_insecure=hospital.allow_insecure)
     evaluator = Evaluator(cloud.context, cloud.params, cloud.public_key)
-    # the trainer keeps only its adopted copy of the loaded dataset
     trainer = EncryptedTrainer(evaluator, EncryptedDataset.load(
-        hospital.folder.encrypted_dataset, cloud.params), cloud_dir / "checkpoints")
+        hospital.folder.encrypted_dataset, cloud.params, adopt=evaluator.adopt),
+        cloud_dir / "checkpoints")
     state = trainer.train(decide=judge)
     EncryptedResult(trainer.weights_of_epoch(state.best_epoch), state.best_epoch, state.epoch,
                     state.steps, {"ops": evaluator.ops.snapshot()}).save(

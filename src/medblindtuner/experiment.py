@@ -162,15 +162,14 @@ def run_encrypted(
     with tqdm(total=n_cts, desc="encrypt batches", unit="batch") as bar:
         hospital.encrypt_dataset(progress=bar.update)
     timings["encrypt"] = time.perf_counter() - start
-    dataset = EncryptedDataset.load(hospital.folder.encrypted_dataset, keyed)
-
     evaluator = Evaluator(keys.context, keyed, keys.public_key)
+    dataset = EncryptedDataset.load(hospital.folder.encrypted_dataset, keyed,
+                                    adopt=evaluator.adopt)
     shards = cluster_shards(ray_address, dataset, hospital.folder.public_bundle, evaluator,
                             allow_insecure=hospital.allow_insecure)
     if shards is not None:
         log(f"step kernels on {len(shards.actors)} Ray actors ({ray_address})")
     trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints", shards=shards)
-    del dataset  # the trainer holds the adopted copy; this one would double resident chunks
     judge = hospital.judge() if interactive else None
     total_steps = config.epochs * len(plan.train_batch_sizes)
     start = time.perf_counter()

@@ -190,14 +190,14 @@ class JobRunner:
         allow = self.config.allow_insecure
         verify_public_bundle(bundle_dir, allow_insecure=allow)
         crypto = CloudCrypto.load(bundle_dir, allow_insecure=allow)
-        dataset = EncryptedDataset.load(self.dir / DATASET, crypto.params)
         evaluator = Evaluator(crypto.context, crypto.params, crypto.public_key)
+        dataset = EncryptedDataset.load(self.dir / DATASET, crypto.params,
+                                        adopt=evaluator.adopt)
         # $MEDBLINDTUNER_RAY_ADDRESS: the chunks' kernels on that Ray cluster (its actors end
         # with this process, their driver)
         shards = cluster_shards(os.environ.get(RAY_ADDRESS_ENV), dataset, bundle_dir, evaluator,
                                 allow_insecure=allow)
         trainer = EncryptedTrainer(evaluator, dataset, self.dir / CHECKPOINTS_DIR, shards=shards)
-        del dataset  # the trainer holds the adopted copy; this one would double resident chunks
         self._update(steps_per_epoch=len(trainer.plan.train_batch_sizes),
                      max_epochs=trainer.plan.config.epochs)
         log.info("job %s: loaded bundle %s and %d train / %d val chunks; resuming: %s",

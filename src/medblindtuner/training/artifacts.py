@@ -124,8 +124,9 @@ class StoredChunks(Sequence[EncryptedChunk]):
 
     @classmethod
     def open(cls, directory: Path, manifest: dict, plan: TrainingPlan, split: str,
-             sizes: Sequence[int], resident: bool) -> StoredChunks:
-        chunks = cls(directory, manifest, plan, split, sizes)
+             sizes: Sequence[int], resident: bool,
+             adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext] | None = None) -> StoredChunks:
+        chunks = cls(directory, manifest, plan, split, sizes, adopt)
         if resident:
             chunks.kept = [chunks.read(i) for i in range(len(chunks))]
         return chunks
@@ -177,19 +178,25 @@ class EncryptedDataset:
     plan: TrainingPlan
     train: Sequence[EncryptedChunk]  # file order; `batch` groups them into steps
     val: Sequence[EncryptedChunk]
+    # what every ciphertext went through at load (`load(..., adopt=)`), if anything
+    adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext] | None = None
 
     def batch(self, index: int) -> list[EncryptedChunk]:
         """The chunks of training batch `index` (one step)."""
         return [self.train[t] for t in self.plan.batch_chunks(index)]
 
     def adopted(self, adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext]) -> EncryptedDataset:
-        """The same dataset with every ciphertext passed through `adopt` (Evaluator.adopt)."""
+        """The same dataset with every ciphertext passed through `adopt` (Evaluator.adopt);
+        itself when it was loaded with that `adopt` (no second copy)."""
+        if self.adopt is not None and self.adopt == adopt:
+            return self
+
         def each(chunks: Sequence[EncryptedChunk]) -> Sequence[EncryptedChunk]:
             if isinstance(chunks, StoredChunks):
                 return chunks.adopted(adopt)
             return [c.adopted(adopt) for c in chunks]
 
-        return EncryptedDataset(self.plan, each(self.train), each(self.val))
+        return EncryptedDataset(self.plan, each(self.train), each(self.val), adopt)
 
     def save(self, directory: Path, params: CkksParams) -> dict:
         return self.write(directory, params, self.plan, self.train, self.val)
@@ -205,10 +212,13 @@ class EncryptedDataset:
         return write_artifact(directory, DATASET_FORMAT, params, files(), plan=plan.to_dict())
 
     @classmethod
-    def load(cls, directory: Path, params: CkksParams,
-             resident: bool | None = None) -> EncryptedDataset:
+    def load(cls, directory: Path, params: CkksParams, resident: bool | None = None,
+             adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext] | None = None
+             ) -> EncryptedDataset:
         """The dataset in `directory`. `resident=None`: training chunks stay in memory when
-        their files total at most `RESIDENT_TRAIN_BYTES`, else are read at each step."""
+        their files total at most `RESIDENT_TRAIN_BYTES`, else are read at each step.
+        `adopt` (the trainer's `Evaluator.adopt`) is applied to each ciphertext as it is read,
+        so a resident dataset is never held twice (read, then adopted)."""
         directory = Path(directory)
         manifest = read_dataset_manifest(directory, params)
         plan = TrainingPlan.from_dict(manifest["plan"])
@@ -216,10 +226,10 @@ class EncryptedDataset:
         if resident is None:
             resident = StoredChunks(directory, manifest, plan, "train",
                                     sizes).file_bytes() <= RESIDENT_TRAIN_BYTES
-        train = StoredChunks.open(directory, manifest, plan, "train", sizes, resident)
+        train = StoredChunks.open(directory, manifest, plan, "train", sizes, resident, adopt)
         val = [load_chunk(directory, manifest, plan, "val", i, n)
                for i, n in enumerate(plan.val_batch_sizes)]
-        return cls(plan, train, val)
+        return cls(plan, train, [c.adopted(adopt) for c in val] if adopt else val, adopt)
 
 
 @dataclass

@@ -8,9 +8,10 @@ For each head (binary at PCA 63, 5-class softmax at PCA 31) and each training-se
 makes synthetic features of that width (cost does not depend on the values; accuracy is
 measured on the real sets by benchmarks/encrypted_training.py), lets the product derive the
 settings (batch size from N), generates production keys, encrypts and writes the dataset chunk
-by chunk, reloads it as the cloud does and times `--steps` steps. Each case runs in its own
-process, so its peak RSS is its own. `--ray-nodes S` also runs the steps on a local Ray cluster
-of S worker nodes (`training.cluster`). The per-step split into the chunks' part (parallel
+by chunk with the public bundle (the hospital's process), then loads bundle and dataset as the
+service's worker does and times `--steps` steps (the cloud's process): each role's peak RSS
+is its own, as in a deployment. `--ray-nodes S` also runs the steps on a local Ray cluster of
+S worker nodes (`training.cluster`). The per-step split into the chunks' part (parallel
 over nodes) and the driver's part (serial: update, bootstraps) gives a projection for more
 nodes, printed and stored as a projection.
 """
@@ -105,15 +106,12 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
-             insecure: bool) -> dict:
-    """One (head, N[, Ray nodes]) case in this process."""
-    from medblindtuner.he.engine import Evaluator
+def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool) -> dict:
+    """The hospital's process of a case: settings, keys, the encrypted dataset and the public
+    bundle written under `workdir` (what a hospital uploads)."""
     from medblindtuner.he.keys import HospitalKeys
     from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
     from medblindtuner.hospital.crypto import write_encrypted_dataset
-    from medblindtuner.training.artifacts import EncryptedDataset
-    from medblindtuner.training.encrypted import EncryptedTrainer
     from medblindtuner.training.plan import TrainingPlan
     from medblindtuner.training.recipe import Overrides, derive_recipe
 
@@ -129,38 +127,50 @@ def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
                     "samples_per_step": round(float(np.mean(plan.train_batch_sizes)), 1),
                     "chunks_per_step": plan.chunks_per_step,
                     "samples_per_ct": plan.layout.samples_per_ct,
-                    "steps_per_epoch": len(plan.train_batch_sizes), "ray_nodes": ray_nodes}
+                    "steps_per_epoch": len(plan.train_batch_sizes),
+                    "bootstrap_slots": list(plan.bootstrap_slots)}
     start = time.perf_counter()
     keys = HospitalKeys.generate(keyed, plan.rotation_indices, allow_insecure=insecure,
                                  shard_rotation_indices=plan.kernel_rotation_indices)
     result["keygen_s"] = round(time.perf_counter() - start, 1)
-    folder = workdir / f"{head}_{n_train}"
-    shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
-    manifest = write_encrypted_dataset(folder / "data", keys, plan, data.x["train"],
+    manifest = write_encrypted_dataset(workdir / "data", keys, plan, data.x["train"],
                                        data.y["train"], data.x["val"], data.y["val"])
     result["encrypt_s"] = round(time.perf_counter() - start, 1)
     result["dataset_gb"] = round(sum(f["bytes"] for f in manifest["files"].values()) / 1e9, 2)
-    if ray_nodes:
-        keys.save_public_bundle(folder / "bundle")
-    evaluator = Evaluator(keys.context, keyed, keys.public_key)
-    dataset = EncryptedDataset.load(folder / "data", keyed, adopt=evaluator.adopt)
-    result["resident"] = bool(getattr(dataset.train, "resident", True))
+    keys.save_public_bundle(workdir / "bundle")
+    result["hospital_peak_rss_gb"] = round(peak_rss_gb(), 2)
+    return result
+
+
+def cloud_part(ray_nodes: int, steps: int, workdir: Path, dataset_gb: float,
+               insecure: bool) -> dict:
+    """The cloud's process of a case: the public bundle and the dataset as the service's
+    worker loads them, `steps` timed steps (on a local Ray cluster with `ray_nodes`)."""
+    from medblindtuner.he.engine import Evaluator
+    from medblindtuner.he.keys import CloudCrypto
+    from medblindtuner.training.artifacts import EncryptedDataset
+    from medblindtuner.training.encrypted import EncryptedTrainer
+
+    crypto = CloudCrypto.load(workdir / "bundle", allow_insecure=insecure)
+    evaluator = Evaluator(crypto.context, crypto.params, crypto.public_key)
+    dataset = EncryptedDataset.load(workdir / "data", crypto.params, adopt=evaluator.adopt)
+    plan = dataset.plan
+    result: dict = {"ray_nodes": ray_nodes,
+                    "resident": bool(getattr(dataset.train, "resident", True))}
     cluster = shards = None
     if ray_nodes:
-        cluster = local_cluster(ray_nodes, result["dataset_gb"])
+        cluster = local_cluster(ray_nodes, dataset_gb)
         from medblindtuner.training.cluster import RayShards
         start = time.perf_counter()
-        shards = RayShards.start(cluster.address, dataset, folder / "bundle", evaluator,
+        shards = RayShards.start(cluster.address, dataset, workdir / "bundle", evaluator,
                                  n_actors=ray_nodes,
                                  cpus_per_actor=cpus_per_node(ray_nodes), allow_insecure=insecure)
         result["ray_start_s"] = round(time.perf_counter() - start, 1)
-    trainer = EncryptedTrainer(evaluator, dataset, folder / "ckpt", shards=shards)
+    trainer = EncryptedTrainer(evaluator, dataset, workdir / "ckpt", shards=shards)
     timed = TimedShards(trainer.shards)
     trainer.shards = timed
     trainer.initialise_or_resume()
-    # the hospital's part (key generation, encryption) runs in this process too: its peak
-    # apart from training's tells which of the two sets the case's peak
     result["peak_rss_before_training_gb"] = round(peak_rss_gb(), 2)
     records = []
     for step in range(steps):
@@ -173,8 +183,7 @@ def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
                         "chunks": len(plan.batch_chunks(batch)), "step_s": round(seconds, 2),
                         "chunk_part_s": round(timed.seconds, 2),
                         "bootstraps": trainer.ev.ops["bootstraps"] - before_boot})
-        print(json.dumps({"head": head, "n": n_train, **records[-1]}), file=sys.stderr,
-              flush=True)
+        print(json.dumps({"steps_done": step + 1, **records[-1]}), file=sys.stderr, flush=True)
     if shards is not None:
         import psutil  # comes with Ray
         import ray
@@ -200,8 +209,18 @@ def run_case(head: str, n_train: int, steps: int, ray_nodes: int, workdir: Path,
         "chunk_s": round(chunk_s / chunks, 3),
         "peak_rss_gb": round(peak_rss_gb(), 2),
     })
-    shutil.rmtree(folder, ignore_errors=True)
     return result
+
+
+def run_part(part: list[str], args: argparse.Namespace) -> dict | None:
+    """One part of a case in its own process (its peak RSS is its own); None if it failed."""
+    command = [sys.executable, __file__, *part, "--steps", str(args.steps)]
+    command += ["--insecure-test-params"] if args.insecure_test_params else []
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        print(f"{' '.join(part)}: failed (exit {done.returncode})", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def projection(case: dict, nodes: int) -> float:
@@ -222,25 +241,35 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench/scale_work"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/scale.json"))
     parser.add_argument("--insecure-test-params", action="store_true")
-    parser.add_argument("--one", nargs=3, metavar=("HEAD", "N", "NODES"), help=argparse.SUPPRESS)
+    parser.add_argument("--hospital", nargs=3, metavar=("HEAD", "N", "DIR"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--cloud", nargs=3, metavar=("NODES", "DIR", "DATASET_GB"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        head, n, nodes = args.one
-        print(json.dumps(run_case(head, int(n), args.steps, int(nodes), args.workdir,
-                                  args.insecure_test_params)))
+    if args.hospital:
+        head, n, folder = args.hospital
+        print(json.dumps(hospital_part(head, int(n), Path(folder), args.insecure_test_params)))
+        return
+    if args.cloud:
+        nodes, folder, dataset_gb = args.cloud
+        print(json.dumps(cloud_part(int(nodes), args.steps, Path(folder), float(dataset_gb),
+                                    args.insecure_test_params)))
         return
     cases = []
     for head in args.heads:
         for n in args.sizes:
+            folder = args.workdir / f"{head}_{n}"
+            shutil.rmtree(folder, ignore_errors=True)
+            hospital = run_part(["--hospital", head, str(n), str(folder)], args)
+            if hospital is None:
+                continue
             for nodes in args.ray_nodes:
-                command = [sys.executable, __file__, "--one", head, str(n), str(nodes),
-                           "--steps", str(args.steps), "--workdir", str(args.workdir)]
-                command += ["--insecure-test-params"] if args.insecure_test_params else []
-                done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-                if done.returncode != 0:
-                    print(f"{head} N={n} nodes={nodes}: failed (exit {done.returncode})")
+                shutil.rmtree(folder / "ckpt", ignore_errors=True)
+                cloud = run_part(["--cloud", str(nodes), str(folder),
+                                  str(hospital["dataset_gb"])], args)
+                if cloud is None:
                     continue
-                case = json.loads(done.stdout.strip().splitlines()[-1])
+                case = {**hospital, **cloud}
                 if nodes == 0:
                     case["projection_ms_per_sample_epoch"] = {
                         str(k): projection(case, k) for k in PROJECTED_NODES}
@@ -249,11 +278,12 @@ def main() -> None:
                 print(f"{head:8s} N={n:6d} {where:14s} batch {case['batch_size']:5d} "
                       f"({case['chunks_per_step']} cts) {case['ms_per_sample_epoch']:7.2f} "
                       f"ms/sample-epoch, {case['bootstraps_per_1000_samples']:.2f} "
-                      f"bootstraps/1000 samples, peak RSS {case['peak_rss_gb']:.1f} GB",
-                      flush=True)
+                      f"bootstraps/1000 samples, peak RSS GiB: cloud {case['peak_rss_gb']:.1f}"
+                      f", hospital {case['hospital_peak_rss_gb']:.1f}", flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"command": " ".join(sys.argv),
                                                 "cases": cases}, indent=2))
+            shutil.rmtree(folder, ignore_errors=True)
     for case in cases:
         if "projection_ms_per_sample_epoch" in case:
             print(f"projection {case['head']} N={case['n_train']}: " + ", ".join(

@@ -59,11 +59,11 @@ WIDTH_COST_ALLOWANCE = 1.5
 # A step's serial work (model update and bootstraps) in units of one data ciphertext's
 # per-chunk work, binary and softmax heads (benchmarks/scale.py: serial s / step over
 # s / chunk, docs/results.md); used only to compare widths' costs.
-STEP_COST_IN_CHUNKS = {"binary": 5.5, "softmax": 2.7}
+STEP_COST_IN_CHUNKS = {"binary": 5.5, "softmax": 3.1}
 # Each further softmax denominator group of a step: one more bootstrap at the shared slot
-# count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against 12.2 s a softmax chunk,
+# count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against 8.6 s a softmax chunk,
 # benchmarks/scale.py; docs/results.md).
-EXTRA_DENOMINATOR_GROUP_IN_CHUNKS = 1.3
+EXTRA_DENOMINATOR_GROUP_IN_CHUNKS = 1.8
 STEP_SIZE_FRACTION = 0.5
 MAX_MOMENTUM = 0.9
 STEP_BUDGET = 30

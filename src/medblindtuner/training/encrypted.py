@@ -20,12 +20,13 @@ Binary head (model = [W, W_prev], each d-periodic; ONE d-slot bootstrap per step
                                                  the model, level 1: no extra level)
 
 c-class softmax (model = [M, M_prev] in the class-diagonal layout of `he.packing.SoftmaxLayout`,
-c diagonals; TWO sparse bootstraps per step (one per denominator group), whatever c):
+c diagonals; sparse bootstraps per step: the model's and one per denominator group, whatever c):
     W_k = diagonal k of a (1+m) M - a m M_prev, k < c        1   a: exp's unit map; masks
     Z_k = rotsum(x_dup * W_k)                               2   sample i sees class_of(i, k)
     e_k = exp~(Z_k); S = sum_k e_k                          6   degree 9 on [-1, 1]
-    compact = fold(sum_j rot(S_j * b select, -jP))          7   b: the inverse's unit map
-    inv_j = rot(inverse~(compact + beta), jP - d)           4   degree 13 on [-1, 1]; chunk j
+    compact = fold(sum_j rot(S_j * b select, -s_j))         7   b: inverse's unit map;
+                                                                s_j: place j's shift
+    inv_j = rot(inverse~(compact + beta), s_j - d)          4   degree 13 on [-1, 1]
     A_k = e_k * spread(inv * (lr/n) unfold)                 7
     T_k = sum_j (A_jk - (lr/n) Y_jk) * x_grad_j             8
     G = periodsum(gather(T_k))                              9   masks (c < C); b -> block b

@@ -89,6 +89,24 @@ def test_chebyshev_series_matches_plaintext_mirror(keys):
     assert np.max(np.abs(keys.decrypt(out) - approx(x))) < PRODUCT_TOL
 
 
+def test_series_on_the_unit_interval_costs_one_level_less(keys):
+    """The exp and the inverse are evaluated on inputs already mapped onto [-1, 1]
+    (`ChebyshevApprox.unit_map`): same values, and OpenFHE skips its own linear map."""
+    approx = ChebyshevApprox("exp", -5, 5, 9)
+    x = np.linspace(-4.9, 4.9, keys.params.slots)
+    alpha, beta = approx.unit_map
+    ev = Evaluator(keys.context, keys.params)
+    ct = keys.encrypt(x)
+    mapped = ev.add_scalar(ev.mul_scalar(ct, alpha), beta)
+    plain = ev.chebyshev(ct, approx.coefficients, approx.a, approx.b)
+    unit = ev.chebyshev_unit(mapped, approx.coefficients)
+    assert np.max(np.abs(keys.decrypt(unit) - approx(x))) < PRODUCT_TOL * 150
+    # the mapped input spent the level the plain series spends inside itself, so the series
+    # on [-1, 1] is one level shallower than OpenFHE's own (degree 9: 4 levels against 5)
+    assert ev.effective_level(unit) - ev.effective_level(mapped) == \
+        ev.effective_level(plain) - ev.effective_level(ct) - 1 == approx.depth - 1
+
+
 def test_sparse_bootstrap_refreshes_levels_and_keeps_values(keys):
     layout = PackingLayout(keys.params.slots, 13)
     w = np.random.default_rng(1).uniform(-1, 1, 13)

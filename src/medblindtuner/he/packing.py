@@ -20,6 +20,7 @@ periodic with period d, so it is bootstrapped as a sparse ciphertext of d slots.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,6 +246,10 @@ class SoftmaxLayout:
         """Every block shift of the model that some diagonal uses (0 included)."""
         return sorted({s for k in range(self.n_classes) for s in self.diagonal_shifts(k)})
 
+    def shift_diagonals(self, shift: int) -> list[int]:
+        """The diagonals that take some of their rows from model shift s."""
+        return [k for k in range(self.n_classes) if shift in self.diagonal_shifts(k)]
+
     def diagonal_mask(self, diagonal: int, shift: int) -> np.ndarray:
         """P_ks: 1 on the whole blocks whose sample takes its diagonal-k row from shift s."""
         blocks = self.diagonal_shift(np.arange(self.layout.samples_per_ct), diagonal) == shift
@@ -374,18 +379,18 @@ class SoftmaxLayout:
         stride = self.layout.stride
         shifts = [stride * s for s in self.model_shifts if s]
         back = [stride * (self.class_slots - s) for s in self.model_shifts if s]
-        return sorted(set(shifts + back + self.spread_strides + self.place_moves(self.chunks))
-                      - {0})
+        return sorted(set(shifts + back + self.spread_strides
+                          + self.place_moves(range(self.chunks))) - {0})
 
-    def place_moves(self, places: int) -> list[int]:
-        """Rotations moving places 0..places-1 into the compact vector and back out."""
-        return [s for j in range(places)
+    def place_moves(self, places: Iterable[int]) -> list[int]:
+        """Rotations moving these places into the compact vector and back out."""
+        return [s for j in places
                 for s in (-self.place_shift(j), self.place_shift(j) - self.layout.block)]
 
     @property
     def rotation_indices(self) -> list[int]:
         """The driver's: the kernel's, the validation place's moves, row extraction, period
         sums and folds."""
-        validation = self.place_moves(self.validation_place + 1)[-2:]
+        validation = self.place_moves([self.validation_place])
         return sorted(set(self.kernel_rotation_indices + validation + self.row_strides
                           + self.period_sum_strides + self.fold_strides) - {0})

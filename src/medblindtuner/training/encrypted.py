@@ -154,8 +154,7 @@ class EncryptedTrainer:
         kernel = self.kernel
         if self.softmax is None:
             return [kernel.sigmoid(kernel.logit(chunk, model), 1.0)]
-        diagonals = kernel.diagonals([model], [1.0])
-        exps = kernel.exponentials(kernel.softmax_logits(chunk, diagonals))
+        exps = kernel.exponentials_under(chunk, model)
         inverse = self._refresh_inverse(kernel.compact_sums(exps))
         return kernel.spread_inverse(inverse, -self.layout.block, 1.0, exps)
 
@@ -180,13 +179,10 @@ class EncryptedTrainer:
             d, softmax = self.layout.block, self.softmax
             compacts = self.shards.softmax_forward(self.model, [1 + m, -m], placed)
             last = softmax.group_of(len(placed) - 1)
+            shift = softmax.place_shift(softmax.validation_place)
             if validation is not None and softmax.validation_rides(
                     len(placed) - last * softmax.chunks):
-                current = self.kernel.diagonals([self.model[0]], [1.0])
-                val_exps = self.kernel.exponentials(
-                    self.kernel.softmax_logits(validation, current))
-                del current
-                shift = softmax.place_shift(softmax.validation_place)
+                val_exps = self.kernel.exponentials_under(validation, self.model[0])
                 moved = self.ev.rotate(self.kernel.compact_sums(val_exps), -shift)
                 compacts[last] = self.ev.add(compacts[last], moved)
             else:

@@ -75,14 +75,17 @@ class StepKernel:
         out: list[ofhe.Ciphertext | None] = [None] * softmax.n_classes
         for shift in softmax.model_shifts:
             shifted = [self.ev.rotate(ct, stride * shift) if shift else ct for ct in model]
-            for k in range(softmax.n_classes):
-                if shift not in softmax.diagonal_shifts(k):
-                    continue
+            for k in softmax.shift_diagonals(shift):
                 for ct, c in zip(shifted, coefficients, strict=True):
                     term = self.masked(ct, ("diagonal", k, shift, c),
                                        lambda k=k, s=shift, c=c: c * softmax.diagonal_mask(k, s))
                     out[k] = term if out[k] is None else self.ev.add(out[k], term)
         return out
+
+    def exponentials_under(self, chunk: EncryptedChunk,
+                           model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
+        """exp~ of one chunk's logits under `model` itself (validation: no look-ahead)."""
+        return self.exponentials(self.softmax_logits(chunk, self.diagonals([model], [1.0])))
 
     def softmax_logits(self, chunk: EncryptedChunk,
                        diagonals: list[ofhe.Ciphertext]) -> list[ofhe.Ciphertext]:
@@ -135,9 +138,9 @@ class StepKernel:
         parts = []
         for shift in softmax.model_shifts:
             picked = self.ev.add_many([
-                self.masked(t, ("gather", k, shift),
+                self.masked(terms[k], ("gather", k, shift),
                             lambda k=k, s=shift: softmax.diagonal_mask(k, s))
-                for k, t in enumerate(terms) if shift in softmax.diagonal_shifts(k)])
+                for k in softmax.shift_diagonals(shift)])
             parts.append(self.ev.rotate(picked, stride * (width - shift)) if shift else picked)
         return self.ev.add_many(parts)
 

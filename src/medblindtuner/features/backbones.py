@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -180,6 +182,35 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+class _KeyReport(logging.Handler):
+    """Collects timm's missing/unexpected-key messages of one weight load."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(("Missing keys", "Unexpected keys")):
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def _load_report() -> Iterator[list[str]]:
+    """timm loads a checkpoint non-strictly once the classifier is dropped (num_classes=0) and
+    only logs the keys it did not load: a checkpoint of another architecture would leave a
+    random network labelled pretrained. The messages are collected here and refused."""
+    logger = logging.getLogger("timm.models._builder")
+    handler, level = _KeyReport(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _timm_weights(arch: str, weights: str | None) -> tuple[nn.Module, str, str, bool]:
     """(model, weights source, SHA-256, pretrained) for a timm architecture without its head."""
     import timm
@@ -193,14 +224,14 @@ def _timm_weights(arch: str, weights: str | None) -> tuple[nn.Module, str, str, 
         if not path.is_file():
             raise BackboneError(f"{path}: {arch} weight file not found")
         try:
-            model = timm.create_model(
-                arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}
-            )
+            with _load_report() as report:
+                model = timm.create_model(arch, pretrained=True, num_classes=0,
+                                          pretrained_cfg_overlay={"file": str(path)})
         except Exception as exc:  # pickle/zip/safetensors/shape errors come in many types
-            reason = " ".join(str(exc).split())[:300]
-            raise BackboneError(
-                f"{path}: not a checkpoint of timm architecture {arch} ({reason})"
-            ) from exc
+            report = [" ".join(str(exc).split())[:300]]
+        if report:
+            raise BackboneError(f"{path}: not a checkpoint of timm architecture {arch} "
+                                f"({'; '.join(r[:300] for r in report)})")
         return model, f"file:{path.resolve()}", sha256_file(path), True
     if not (_hub_cached(arch) or hub_reachable()):
         raise BackboneError(

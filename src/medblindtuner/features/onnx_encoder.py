@@ -45,7 +45,9 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: warnings would interleave with progress bars
+    # Failures become one BackboneError line; ORT's own log would print them a second time.
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)
     return options
 
 

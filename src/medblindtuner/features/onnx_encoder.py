@@ -38,10 +38,15 @@ EXPORT_TOLERANCE = 1e-4
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    """One intra-op pool of `threads`, no inter-op parallelism, every graph optimisation."""
+def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
+    """One intra-op pool of `threads`, no inter-op parallelism, every graph optimisation.
+
+    spinning: ORT's default busy-waiting of idle pool threads; off by default, since on a
+    shared machine the spinning threads take the cores the work needs (docs/results.md).
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -176,7 +181,8 @@ def _deviation(encoder: OnnxEncoder, backbone: Backbone, probe_images: np.ndarra
 
 
 def export_backbone(backbone: Backbone, cache_dir: Path | None, threads: int,
-                    probe_images: np.ndarray, console: Console) -> OnnxEncoder:
+                    probe_images: np.ndarray, console: Console,
+                    spinning: bool = False) -> OnnxEncoder:
     """The backbone as an ONNX Runtime encoder, exported once per backbone and weights.
 
     cache_dir: the feature cache folder (the export goes to its `onnx/` folder; None: export
@@ -190,12 +196,12 @@ def export_backbone(backbone: Backbone, cache_dir: Path | None, threads: int,
         name = f"{safe_file_name(info.name)}-{export_key(info)[:24]}.onnx"
         path = Path(cache_dir) / "onnx" / name
         if _cached_export(path, console):
-            session = ort.InferenceSession(str(path), session_options(threads),
+            session = ort.InferenceSession(str(path), session_options(threads, spinning),
                                            providers=["CPUExecutionProvider"])
             return OnnxEncoder(session, info, spec, sha256_file(path))
     try:
         model = _export_bytes(backbone)
-        session = ort.InferenceSession(model, session_options(threads),
+        session = ort.InferenceSession(model, session_options(threads, spinning),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # exporter and runtime raise many types
         reason = " ".join(str(exc).split())[:300]

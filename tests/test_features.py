@@ -251,8 +251,16 @@ class TinyTransformer(torch.nn.Module):
         return tokens if self.tokens_out else tokens.mean(1)
 
 
+class TwoOutputs(TinyTransformer):
+    """Like a Hugging Face export: the tokens first, the pooled embedding second."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        return tokens, tokens.mean(1)
+
+
 def _export(model: torch.nn.Module, path: Path, shape: tuple[int, ...], dynamic: dict,
-            metadata: dict[str, str] | None = None) -> Path:
+            metadata: dict[str, str] | None = None, outputs: list[str] | None = None) -> Path:
     import warnings
 
     import onnx
@@ -260,7 +268,8 @@ def _export(model: torch.nn.Module, path: Path, shape: tuple[int, ...], dynamic:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (torch.randn(*shape),), path, dynamo=False,
-                          input_names=["x"], output_names=["y"], dynamic_axes=dynamic)
+                          input_names=["x"], output_names=outputs or ["y"],
+                          dynamic_axes=dynamic)
     if metadata:
         proto = onnx.load(path)
         for key, value in metadata.items():
@@ -338,6 +347,10 @@ def test_onnx_file_errors(tmp_path: Path) -> None:
     tokens = _export(TinyTransformer(tokens_out=True), tmp_path / "tokens.onnx",
                      (2, 3, 32, 32), {"x": {0: "b"}, "y": {0: "b"}})
     refused(tokens, r"expected \(batch, features\)")
+    both = _export(TwoOutputs(), tmp_path / "both.onnx", (2, 3, 32, 32),
+                   {"x": {0: "b"}, "tokens": {0: "b"}, "pooled": {0: "b"}},
+                   {"mean": "0.5", "std": "0.5"}, outputs=["tokens", "pooled"])
+    assert load_backbone(f"onnx:{both}").info.feature_dim == 24  # the (batch, features) one
     wide = _export(TinyCnn(), tmp_path / "wide.onnx", (1, 3, 32, 48), {})
     refused(wide, "not square")
     cnn = _export(TinyCnn(), tmp_path / "cnn.onnx", (1, 3, 32, 32), {}, {"mean": "a,b"})

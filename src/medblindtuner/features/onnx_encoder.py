@@ -57,13 +57,14 @@ def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """How an ONNX encoder wants its images."""
+class GraphSpec:
+    """How an ONNX encoder takes its images and gives its features."""
 
     channels: int  # 1 or 3
     channels_last: bool  # (B,S,S,C) instead of (B,C,S,S)
     size: int | None  # None: symbolic in the file
     fixed_batch: int | None  # None: any batch size
+    output: str | None = None  # the (batch, features) output; None: the first
 
 
 class OnnxEncoder:
@@ -71,7 +72,7 @@ class OnnxEncoder:
 
     runtime = f"onnxruntime {ort.__version__}"
 
-    def __init__(self, session: ort.InferenceSession, info: BackboneInfo, spec: InputSpec,
+    def __init__(self, session: ort.InferenceSession, info: BackboneInfo, spec: GraphSpec,
                  model_sha256: str) -> None:
         self._session = session
         self._input = session.get_inputs()[0].name
@@ -89,7 +90,8 @@ class OnnxEncoder:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         try:
-            return np.asarray(self._session.run(None, {self._input: x})[0], dtype=np.float32)
+            outputs = None if self.spec.output is None else [self.spec.output]
+            return np.asarray(self._session.run(outputs, {self._input: x})[0], dtype=np.float32)
         except Exception as exc:  # ORT raises its own exception types
             reason = " ".join(str(exc).split())[:300]
             raise BackboneError(f"{self.info.name}: ONNX Runtime failed ({reason})") from exc
@@ -190,7 +192,7 @@ def export_backbone(backbone: Backbone, cache_dir: Path | None, threads: int,
     features (EXPORT_TOLERANCE). Raises BackboneError when export or the check fails.
     """
     info = backbone.info
-    spec = InputSpec(channels=3, channels_last=False, size=info.input_size, fixed_batch=None)
+    spec = GraphSpec(channels=3, channels_last=False, size=info.input_size, fixed_batch=None)
     path = None
     if cache_dir is not None:
         name = f"{safe_file_name(info.name)}-{export_key(info)[:24]}.onnx"
@@ -221,7 +223,7 @@ def export_backbone(backbone: Backbone, cache_dir: Path | None, threads: int,
 # --- an encoder the hospital brings ----------------------------------------------------------
 
 
-def _input_spec(session: ort.InferenceSession, path: Path) -> InputSpec:
+def _input_spec(session: ort.InferenceSession, path: Path) -> GraphSpec:
     """Layout, channels, size and batch of the encoder's one image input (else BackboneError)."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
@@ -245,7 +247,7 @@ def _input_spec(session: ort.InferenceSession, path: Path) -> InputSpec:
     if len(sizes) > 1 or (len(sizes) == 1 and not all(isinstance(d, int) for d in spatial)):
         raise BackboneError(f"{path}: input shape {shape} is not square; expected equal sides")
     batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-    return InputSpec(channels, last, sizes.pop() if sizes else None, batch)
+    return GraphSpec(channels, last, sizes.pop() if sizes else None, batch)
 
 
 def _metadata_floats(meta: dict[str, str], key: str, path: Path) -> tuple[float, ...] | None:
@@ -272,7 +274,7 @@ def _per_channel(values: tuple[float, ...], what: str, channels: int, path: Path
     return values  # type: ignore[return-value]
 
 
-def _input_info(path: Path, spec: InputSpec, meta: dict[str, str], given: OnnxInput,
+def _input_info(path: Path, spec: GraphSpec, meta: dict[str, str], given: OnnxInput,
                 console: Console) -> tuple[int, tuple[float, float, float], tuple[float, ...]]:
     """Input size, mean and std: given values first, then the file (shape, metadata)."""
     size = given.input_size or spec.size
@@ -299,12 +301,20 @@ def _input_info(path: Path, spec: InputSpec, meta: dict[str, str], given: OnnxIn
             _per_channel(std, "std", spec.channels, path))
 
 
+def _features_output(session: ort.InferenceSession, path: Path) -> str:
+    """The output of rank 2, (batch, features): the first output, else the only one of rank 2
+    (e.g. `pooler_output` beside `last_hidden_state`); else BackboneError."""
+    outputs = session.get_outputs()
+    ranked = [o for o in outputs if len(o.shape) == 2]
+    if len(outputs[0].shape) == 2 or len(ranked) == 1:
+        return (outputs[0] if len(outputs[0].shape) == 2 else ranked[0]).name
+    first = outputs[0]
+    raise BackboneError(f"{path}: output '{first.name}' has shape {list(first.shape)}; "
+                        "expected (batch, features): export the pooled embedding")
+
+
 def _check_output(encoder: OnnxEncoder, path: Path) -> int:
-    """Feature width, from the declared output and a trial run (else BackboneError)."""
-    output = encoder._session.get_outputs()[0]
-    if len(output.shape) != 2:
-        raise BackboneError(f"{path}: output '{output.name}' has shape {list(output.shape)}; "
-                            "expected (batch, features): export the pooled embedding")
+    """Feature width, from a trial run of the features output (else BackboneError)."""
     trial = np.full((2, encoder.info.input_size, encoder.info.input_size, 3), 128, np.uint8)
     feats = encoder.features(trial)
     if feats.ndim != 2 or feats.shape[0] != 2 or feats.shape[1] < 1:
@@ -331,7 +341,8 @@ def load_onnx_file(path: Path, given: OnnxInput, threads: int, console: Console)
     except Exception as exc:  # ORT raises its own exception types
         reason = " ".join(str(exc).split())[:300]
         raise BackboneError(f"{path}: not a readable ONNX model ({reason})") from exc
-    spec = _input_spec(session, path)
+    spec = dataclasses.replace(_input_spec(session, path),
+                               output=_features_output(session, path))
     meta = dict(session.get_modelmeta().custom_metadata_map)
     size, mean, std = _input_info(path, spec, meta, given, console)
     sha = sha256_file(path)

@@ -114,6 +114,8 @@ def test_deit_without_weights_offline_fails_fast(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(bb, "_hub_cached", lambda arch: False)
     with pytest.raises(BackboneError, match="--weights"):
         load_backbone("deit_tiny")
+    with pytest.raises(BackboneError, match="test_resnet weights are not cached"):
+        load_backbone("timm:test_resnet")  # any timm architecture takes the same online path
     assert load_backbone("auto").info.name == "efficientnet_lite0"
 
 

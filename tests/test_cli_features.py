@@ -53,6 +53,8 @@ def test_main_app_help() -> None:
     from medblindtuner.cli.main import app
 
     assert runner.invoke(app, ["--help"]).exit_code == 0
+    demo = runner.invoke(app, ["demo", "--help"], terminal_width=200)
+    assert demo.exit_code == 0 and "--weights" in demo.output and "onnx:PATH" in demo.output
 
 
 def test_train_encrypted_offers_a_ray_cluster() -> None:

@@ -16,8 +16,11 @@ runner = CliRunner()
 
 
 def _app() -> typer.Typer:
-    """A multi-command app like main.py's once all roles have registered their commands."""
-    app = typer.Typer(add_completion=False)
+    """A multi-command app like main.py's once all roles have registered their commands (with
+    its error handling: a user-actionable error is one `error:` line, exit 2)."""
+    from medblindtuner.cli.main import _Commands
+
+    app = typer.Typer(add_completion=False, cls=_Commands)
 
     @app.callback()
     def _root() -> None:
@@ -50,6 +53,8 @@ def test_main_app_help() -> None:
     from medblindtuner.cli.main import app
 
     assert runner.invoke(app, ["--help"]).exit_code == 0
+    demo = runner.invoke(app, ["demo", "--help"], terminal_width=200)
+    assert demo.exit_code == 0 and "--weights" in demo.output and "onnx:PATH" in demo.output
 
 
 def test_train_encrypted_offers_a_ray_cluster() -> None:
@@ -118,3 +123,66 @@ def test_features_image_folder(tmp_path: Path) -> None:
     ])
     assert result.exit_code == 0, result.output
     assert json.loads(js.read_text())["splits"] == {"train": 2, "val": 2, "test": 2}
+
+
+def _cnn_onnx(path: Path, metadata: dict[str, str]) -> Path:
+    """A tiny CNN encoder of the hospital's own, exported to ONNX: (B,3,32,32) -> (B,8)."""
+    import warnings
+
+    import onnx
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), path, dynamo=False,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    proto = onnx.load(path)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, path)
+    return path
+
+
+def test_features_onnx_encoder_file(tmp_path: Path) -> None:
+    npz, out, js = _toy_npz(tmp_path), tmp_path / "f.npz", tmp_path / "s.json"
+    encoder = _cnn_onnx(tmp_path / "mine.onnx", {"mean": "0.5", "std": "0.5"})
+    args = ["features", "--dataset", str(npz), "--backbone", f"onnx:{encoder}",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json", str(js),
+            "--no-progress"]
+    result = runner.invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(js.read_text())
+    assert summary["feature_dim"] == 8 and summary["runtime"].startswith("onnxruntime")
+    assert summary["backbone"]["input_size"] == 32 and summary["backbone"]["mean"] == [0.5] * 3
+    assert FeatureSet.load(out).backbone.name == "onnx:mine.onnx"
+    assert runner.invoke(_app(), args).exit_code == 0
+    assert json.loads(js.read_text())["from_cache"] is True
+    result = runner.invoke(_app(), [*args[:5], "--mean", "0.4,x"])
+    assert result.exit_code == 2 and "--mean" in result.output  # a usage error
+
+
+def test_features_wrong_encoder_file_is_one_error_line(tmp_path: Path) -> None:
+    npz = _toy_npz(tmp_path)
+    corrupt = tmp_path / "enc.onnx"
+    corrupt.write_bytes(b"\x08\x07not a model")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"junk")
+    cases = [
+        (["--backbone", f"onnx:{tmp_path / 'missing.onnx'}"], "ONNX encoder file not found"),
+        (["--backbone", f"onnx:{corrupt}"], "not a readable ONNX model"),
+        (["--backbone", "timm:test_vit", "--weights", str(junk)],
+         "not a checkpoint of timm architecture test_vit"),
+        (["--backbone", "efficientnet_lite0", "--input-size", "32"], "apply to onnx:PATH"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(_app(), ["features", "--dataset", str(npz), "--no-cache",
+                                        "--no-progress", *extra], terminal_width=80)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], result.output
+        assert "Traceback" not in result.output

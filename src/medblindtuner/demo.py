@@ -33,7 +33,8 @@ console = Console()
 class DemoOptions:
     dataset: str = "breastmnist"
     data_dir: Path | None = None
-    backbone: str = "auto"
+    backbone: str = "auto"  # or timm:ARCH, onnx:PATH (features.load_backbone)
+    weights: str | None = None  # the backbone's local weight file (None: bundled or hub)
     given: Overrides = field(default_factory=Overrides)  # settings the user gave
     workdir: Path = Path("runs/demo")
     report_dir: Path | None = None
@@ -88,7 +89,8 @@ def _features_phase(options: DemoOptions, clock: PhaseClock):
         if options.limit:
             dataset = dataset.subset(options.limit)
         cache = {"cache_dir": options.feature_cache} if options.feature_cache else {}
-        features = extract_features(dataset, backbone=options.backbone, **cache)
+        features = extract_features(dataset, backbone=options.backbone,
+                                    weights=options.weights, **cache)
         console.print(f"{features.dataset_name}: {features.n_classes} classes, splits "
                       f"{features.sizes()}, {features.feature_dim}-d features")
     return dataset, features

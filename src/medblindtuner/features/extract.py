@@ -2,6 +2,9 @@
 
 Extraction is the slowest hospital-side step on a CPU, and it is deterministic given the data
 and the weights, so results are cached on disk keyed by dataset md5 + backbone + weights hash.
+The frozen backbone runs through ONNX Runtime (exported once, `onnx_encoder`), with PyTorch as
+the fallback; both give the same features within 1e-4, so the runtime is recorded in the
+feature set's `extra` but is not part of the cache key.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from rich.console import Console
 from tqdm import tqdm
 
 from ..data.dataset import SPLITS, Dataset
-from .backbones import Backbone, BackboneInfo, load_backbone
-from .cache import CACHE_VERSION, DEFAULT_CACHE_DIR
+from .backbones import Backbone, BackboneError, BackboneInfo, Encoder, OnnxInput, load_backbone
+from .cache import CACHE_VERSION, DEFAULT_CACHE_DIR, safe_file_name
+
+RUNTIMES = ("onnx", "torch")
 
 
 @dataclass
@@ -142,6 +147,18 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def extraction_threads() -> int:
+    """Threads for extraction: every available core, or one when other processes already keep
+    every core busy (1-minute load average >= cores). Measured on this shared 2-core machine
+    under load: ONNX Runtime at 1 thread 30.5 img/s, at 2 threads 19.2 (docs/results.md)."""
+    cores = available_cores()
+    try:
+        busy = os.getloadavg()[0] >= cores
+    except OSError:  # no load average on this platform
+        busy = False
+    return 1 if busy and cores > 1 else cores
+
+
 def cache_key(dataset_md5: str, info: BackboneInfo) -> str:
     """Everything that changes the features: data, backbone, weights, preprocessing."""
     text = (
@@ -151,71 +168,113 @@ def cache_key(dataset_md5: str, info: BackboneInfo) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@torch.no_grad()
 def embed(
-    backbone: Backbone,
+    encoder: Encoder,
     images: np.ndarray,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     desc: str = "",
     progress: bool = True,
 ) -> np.ndarray:
-    """Features for uint8 images (N,H,W,C), batch by batch, as float32 (N, D)."""
-    backbone.eval()
-    out = np.empty((images.shape[0], backbone.info.feature_dim), dtype=np.float32)
+    """Features for uint8 images (N,H,W,C), batch by batch, as float32 (N, D).
+
+    batch_size None: the encoder's measured batch (`preferred_batch`).
+    """
+    step = batch_size or encoder.preferred_batch
+    out = np.empty((images.shape[0], encoder.info.feature_dim), dtype=np.float32)
     bar = tqdm(total=images.shape[0], desc=desc, unit="img", disable=not progress, leave=False)
-    for start in range(0, images.shape[0], batch_size):
-        batch = images[start : start + batch_size]
-        feats = backbone(backbone.prepare(batch))
-        out[start : start + len(batch)] = feats.float().cpu().numpy()
+    for start in range(0, images.shape[0], step):
+        batch = images[start : start + step]
+        out[start : start + len(batch)] = encoder.features(batch)
         bar.update(len(batch))
     bar.close()
     return out
 
 
+def runtime_encoder(
+    backbone: Encoder, runtime: str, cache_dir: Path | None, threads: int,
+    probe_images: np.ndarray, console: Console,
+) -> Encoder:
+    """The encoder extraction runs: a torch backbone exported to ONNX Runtime (runtime="onnx",
+    export cached under `cache_dir`), or the torch backbone itself when asked for or when the
+    export fails (said on the console). An ONNX file's encoder is returned as it is."""
+    if runtime not in RUNTIMES:
+        raise BackboneError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
+    if runtime == "torch" or not isinstance(backbone, Backbone):
+        return backbone
+    try:
+        from .onnx_encoder import export_backbone
+
+        return export_backbone(backbone, cache_dir, threads, probe_images, console)
+    except (ImportError, BackboneError) as exc:
+        console.print(f"[yellow]ONNX Runtime not used ({exc}); extracting with PyTorch "
+                      "(slower, the same features)")
+        return backbone
+
+
+def _cached_features(cache_path: Path, dataset: Dataset, info: BackboneInfo,
+                     console: Console) -> FeatureSet | None:
+    """The cached feature set if it exists and matches the request (else None, reported)."""
+    if not cache_path.is_file():
+        return None
+    try:
+        fs = FeatureSet.load(cache_path)
+        if fs.dataset_md5 != dataset.md5 or fs.backbone != info or fs.sizes() != {
+            s: dataset.sizes()[s] for s in fs.splits
+        }:
+            raise ValueError("provenance does not match the request")
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        console.print(f"[yellow]feature cache {cache_path} unusable ({exc}); recomputing")
+        return None
+    fs.from_cache = True
+    console.print(f"feature cache hit: {cache_path} (skipping extraction)")
+    return fs
+
+
 def extract_features(
     dataset: Dataset,
-    backbone: str | Backbone = "auto",
+    backbone: str | Encoder = "auto",
     weights: str | os.PathLike[str] | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE_DIR,
     num_threads: int | None = None,
     progress: bool = True,
     console: Console | None = None,
+    runtime: str = "onnx",
+    onnx_input: OnnxInput | None = None,
 ) -> FeatureSet:
     """Extract features for every split, reusing the on-disk cache when possible.
 
-    cache_dir=None disables caching. A cache file that cannot be read or does not match is
+    backbone: a name for `load_backbone` (auto, DeiT, efficientnet_lite0, timm:ARCH,
+    onnx:PATH) or an encoder. runtime: "onnx" (ONNX Runtime, torch when export fails) or
+    "torch". batch_size None: the runtime's measured batch; num_threads None:
+    `extraction_threads()`. cache_dir=None disables caching
+    (features and the ONNX export). A cache file that cannot be read or does not match is
     reported and recomputed.
     """
     console = console or Console(stderr=True)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    torch.set_num_threads(num_threads or available_cores())
-    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, console)
+    threads = num_threads or extraction_threads()
+    torch.set_num_threads(threads)
+    bb = backbone if not isinstance(backbone, str) else load_backbone(
+        backbone, weights, console, onnx_input=onnx_input, threads=threads)
     info = bb.info
     cache_path: Path | None = None
     if cache_dir is not None:
         key = cache_key(dataset.md5, info)
-        cache_path = Path(cache_dir).expanduser() / f"{dataset.name}-{info.name}-{key[:24]}.npz"
-        if cache_path.is_file():
-            try:
-                fs = FeatureSet.load(cache_path)
-                if fs.dataset_md5 != dataset.md5 or fs.backbone != info or fs.sizes() != {
-                    s: dataset.sizes()[s] for s in fs.splits
-                }:
-                    raise ValueError("provenance does not match the request")
-            except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-                console.print(f"[yellow]feature cache {cache_path} unusable ({exc}); recomputing")
-            else:
-                fs.from_cache = True
-                console.print(f"feature cache hit: {cache_path} (skipping extraction)")
-                return fs
-
+        cache_path = (Path(cache_dir).expanduser()
+                      / f"{dataset.name}-{safe_file_name(info.name)}-{key[:24]}.npz")
+        cached = _cached_features(cache_path, dataset, info, console)
+        if cached is not None:
+            return cached
+    onnx_dir = None if cache_dir is None else Path(cache_dir).expanduser()
+    encoder = runtime_encoder(bb, runtime, onnx_dir, threads,
+                              dataset.splits["train"][0][:2], console)
     start = time.perf_counter()
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for s in SPLITS:
         images, labels = dataset.splits[s]
-        feats = embed(bb, images, batch_size, desc=f"{dataset.name}/{s}", progress=progress)
+        feats = embed(encoder, images, batch_size, desc=f"{dataset.name}/{s}", progress=progress)
         splits[s] = (feats, labels.astype(np.int64))
     seconds = time.perf_counter() - start
     fs = FeatureSet(
@@ -226,14 +285,15 @@ def extract_features(
         backbone=info,
         class_names=dataset.class_names,
         seconds=seconds,
-        extra={"batch_size": batch_size, "threads": torch.get_num_threads(),
-               "dataset_source": dataset.source},
+        extra={"batch_size": batch_size or encoder.preferred_batch, "threads": threads,
+               "runtime": encoder.runtime, "dataset_source": dataset.source},
     )
     n = sum(fs.sizes().values())
     console.print(
         f"extracted {n} images in {seconds:.1f} s ({fs.images_per_s:.1f} img/s, "
-        f"{torch.get_num_threads()} threads)"
+        f"{encoder.runtime}, {threads} threads)"
     )
     if cache_path is not None:
         fs.save(cache_path)
     return fs
+

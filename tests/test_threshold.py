@@ -13,12 +13,13 @@ import pytest
 
 from medblindtuner.consortium.ceremony import make_parties, run_key_ceremony
 from medblindtuner.he.keys import verify_public_bundle
-from medblindtuner.he.params import INSECURE_TEST, data_level
+from medblindtuner.he.params import INSECURE_TEST
 from medblindtuner.he.threshold import (
     RoundError,
     RoundMessage,
     collect,
     fuse_decryption_shares,
+    joint_data_level,
     joint_params,
     request_id_of,
 )
@@ -55,7 +56,7 @@ def test_joint_keys_relinearise_rotate_and_bootstrap(ceremony):
         rotated = context.EvalRotate(ct, r)
         expected = np.roll(np.tile(x, PARAMS.slots // 8), -r)[:8]
         assert np.max(np.abs(threshold_decrypt(context, parties, rotated, 8) - expected)) < 1e-5
-    sparse = context.MakeCKKSPackedPlaintext(x, 1, data_level(PARAMS) + 6, None, 8)
+    sparse = context.MakeCKKSPackedPlaintext(x, 1, joint_data_level(PARAMS) + 6, None, 8)
     refreshed = context.EvalBootstrap(context.Encrypt(keys.public_key, sparse))
     assert np.max(np.abs(threshold_decrypt(context, parties, refreshed, 8) - x)) < 1e-3
 

@@ -34,7 +34,7 @@ import numpy as np
 import openfhe as ofhe
 
 from medblindtuner.errors import MedBlindTunerError
-from medblindtuner.he.params import CkksParams, build_context, level_budget_for
+from medblindtuner.he.params import CkksParams, ParameterError, build_context, level_budget_for
 
 MESSAGE_FORMAT = "medblindtuner-threshold-round/1"
 JOINT_SECRET_DIST = "UNIFORM_TERNARY"
@@ -47,17 +47,42 @@ class RoundError(MedBlindTunerError, ValueError):
     """A round message is malformed, from another job or round, a replay, or out of order."""
 
 
+def _bootstrap_depth(budget: Sequence[int], secret_key_dist: str) -> int:
+    return int(ofhe.CryptoContext.GetBootstrapDepth(list(budget),
+                                                   getattr(ofhe, secret_key_dist)))
+
+
 def joint_params(params: CkksParams) -> CkksParams:
-    """The same parameters with a uniform ternary secret (what a joint key needs)."""
-    return replace(params, secret_key_dist=JOINT_SECRET_DIST)
+    """The same parameters with a uniform ternary secret (what a joint key needs) and the
+    depth raised by the levels its bootstrap consumes beyond the given secret's (4 at level
+    budgets (2, 2) and (3, 3)), so a refreshed ciphertext has as many levels left as the
+    one-key plan counts on (`he.params.BOOTSTRAP_OUTPUT_LEVEL`)."""
+    extra = max(_bootstrap_depth(b, JOINT_SECRET_DIST) - _bootstrap_depth(b,
+                                                                          params.secret_key_dist)
+                for b in (params.level_budget, params.sparse_level_budget))
+    return replace(params, secret_key_dist=JOINT_SECRET_DIST, depth=params.depth + extra)
+
+
+def joint_data_level(params: CkksParams) -> int:
+    """Level of a freshly bootstrapped ciphertext under a joint key (a sparse bootstrap's
+    depth minus one: 13 for one key at (2, 2), 17 for a uniform ternary secret), where data
+    is encrypted."""
+    return _bootstrap_depth(params.sparse_level_budget, params.secret_key_dist) - 1
 
 
 def joint_context(params: CkksParams) -> ofhe.CryptoContext:
-    """A context with the multiparty feature enabled (the coordinator publishes its bytes)."""
+    """A context with the multiparty feature enabled (the coordinator publishes its bytes).
+
+    At ring 2^16 and 128 bits, depth 24 is the most OpenFHE allows with these moduli, so the
+    4 extra levels of `joint_params` do not fit (docs/security.md, "Limits")."""
     if params.secret_key_dist != JOINT_SECRET_DIST:
         raise RoundError(f"a joint key needs {JOINT_SECRET_DIST} secrets, not "
                          f"{params.secret_key_dist}: use joint_params()")
-    context = build_context(params)
+    try:
+        context = build_context(params)
+    except RuntimeError as exc:
+        raise ParameterError(f"OpenFHE refuses a joint-key context of depth {params.depth} at "
+                             f"ring {params.ring_dim} ({params.security}): {exc}") from exc
     context.Enable(ofhe.MULTIPARTY)
     return context
 

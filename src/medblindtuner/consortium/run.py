@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import openfhe as ofhe
 
+from medblindtuner.cloud.trainer import EncryptedState, EncryptedTrainer
 from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.ciphertexts import ciphertext_to_bytes
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.params import CkksParams, require_secure
 from medblindtuner.he.threshold import joint_params
-from medblindtuner.training.encrypted import Decision, EncryptedState, EncryptedTrainer
-from medblindtuner.training.plan import TrainingPlan
+from medblindtuner.training.plan import Decision, TrainingPlan
 
 from .ceremony import make_parties, run_key_ceremony
 from .data import Ownership, combine_shares, encrypt_share

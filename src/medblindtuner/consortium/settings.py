@@ -27,13 +27,13 @@ from nacl.utils import randombytes_deterministic
 from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.packing import PackingLayout
-from medblindtuner.training.plain import TrainConfig
-from medblindtuner.training.recipe import (
+from medblindtuner.hospital.recipe import (
     MAX_MOMENTUM,
     STEP_SIZE_FRACTION,
     derived_batch_size,
     planned_epochs,
 )
+from medblindtuner.training.plain import TrainConfig
 
 from .sealing import Roster
 

@@ -120,3 +120,46 @@ def test_rounds_refuse_replays_other_jobs_and_other_rounds(ceremony):
     tampered[-1] ^= 1
     with pytest.raises(RoundError, match="checksum"):
         RoundMessage.from_bytes(bytes(tampered), "job-a", "relin-1")
+
+
+def test_joint_bundle_evaluates_in_a_separate_cloud_process(ceremony, tmp_path):
+    """The cloud loads the joint public bundle like a one-key one (`CloudCrypto.load`) and
+    relinearises, rotates and bootstraps in its own process; all shares decrypt its output."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from medblindtuner.he.ciphertexts import load_ciphertext, save_ciphertext
+
+    context, parties, keys, _ = ceremony
+    keys.save_public_bundle(tmp_path / "bundle")
+    x = np.linspace(-0.5, 0.5, 8)
+    save_ciphertext(tmp_path / "full.ct", keys.encrypt(np.tile(x, PARAMS.slots // 8)))
+    sparse = context.MakeCKKSPackedPlaintext(x, 1, joint_data_level(PARAMS) + 6, None, 8)
+    save_ciphertext(tmp_path / "sparse.ct", context.Encrypt(keys.public_key, sparse))
+    script = textwrap.dedent(f"""
+        import json
+        from pathlib import Path
+        from medblindtuner.he.ciphertexts import load_ciphertext, save_ciphertext
+        from medblindtuner.he.keys import CloudCrypto
+        root = Path({str(tmp_path)!r})
+        cloud = CloudCrypto.load(root / "bundle", allow_insecure=True)
+        cc = cloud.context
+        full = load_ciphertext(root / "full.ct")
+        save_ciphertext(root / "square.ct", cc.EvalMult(full, full))
+        save_ciphertext(root / "rotated.ct", cc.EvalRotate(full, 2))
+        sparse = load_ciphertext(root / "sparse.ct")
+        save_ciphertext(root / "refreshed.ct", cc.EvalBootstrap(sparse))
+        print(json.dumps(sorted(cloud.manifest["files"])))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "secret_key.bin" not in json.loads(done.stdout.strip().splitlines()[-1])
+    tiled = np.tile(x, PARAMS.slots // 8)
+    for name, expected, tolerance in (("square", x * x, 1e-5),
+                                      ("rotated", np.roll(tiled, -2)[:8], 1e-5),
+                                      ("refreshed", x, 1e-3)):
+        got = threshold_decrypt(context, parties, load_ciphertext(tmp_path / f"{name}.ct"), 8)
+        assert np.max(np.abs(got - expected)) < tolerance, name

@@ -123,8 +123,8 @@ def test_rounds_refuse_replays_other_jobs_and_other_rounds(ceremony):
 
 
 def test_joint_bundle_evaluates_in_a_separate_cloud_process(ceremony, tmp_path):
-    """The cloud loads the joint public bundle like a one-key one (`CloudCrypto.load`) and
-    relinearises, rotates and bootstraps in its own process; all shares decrypt its output."""
+    """The cloud opens the joint public bundle like a one-key one (`Cloud`) and relinearises,
+    rotates and bootstraps in its own process; all shares decrypt its output."""
     import json
     import subprocess
     import sys
@@ -142,16 +142,16 @@ def test_joint_bundle_evaluates_in_a_separate_cloud_process(ceremony, tmp_path):
         import json
         from pathlib import Path
         from medblindtuner.he.ciphertexts import load_ciphertext, save_ciphertext
-        from medblindtuner.he.keys import CloudCrypto
+        from medblindtuner.cloud.cloud import Cloud
         root = Path({str(tmp_path)!r})
-        cloud = CloudCrypto.load(root / "bundle", allow_insecure=True)
-        cc = cloud.context
+        cloud = Cloud(root / "bundle", allow_insecure=True)
+        cc = cloud.crypto.context
         full = load_ciphertext(root / "full.ct")
         save_ciphertext(root / "square.ct", cc.EvalMult(full, full))
         save_ciphertext(root / "rotated.ct", cc.EvalRotate(full, 2))
         sparse = load_ciphertext(root / "sparse.ct")
         save_ciphertext(root / "refreshed.ct", cc.EvalBootstrap(sparse))
-        print(json.dumps(sorted(cloud.manifest["files"])))
+        print(json.dumps(sorted(cloud.crypto.manifest["files"])))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=600)

@@ -9,6 +9,12 @@ rows of the union's chunks under the joint key; the cloud adds them into the uni
 and trains with `EncryptedTrainer`; each epoch's validation loss and the final model are
 decrypted by every hospital from all n sealed shares (`member.ConsortiumMember`). What each
 party learns: docs/security.md.
+
+The trainer is built here from the ceremony's context rather than by `cloud.Cloud`, which
+opens a bundle and resets OpenFHE's process-wide key maps and contexts: in one process the
+hospitals' shares must stay on the same context as the cloud's ciphertexts. In a deployment
+the cloud is its own process and opens the joint bundle with `Cloud`
+(`tests/test_threshold.py` does that).
 """
 
 from __future__ import annotations

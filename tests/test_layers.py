@@ -16,6 +16,7 @@ LAYERS = {
     "hospital": 3, "cloud": 3, "report": 3,
     "service": 4,
     "experiment": 5, "demo": 5, "api": 5,
+    "consortium": 5,  # n hospitals, a relay and the cloud in one process (issue #23)
     "cli": 6,
 }
 # The key holder and the untrusted cloud share only the layers below them (and the wire

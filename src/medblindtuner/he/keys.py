@@ -150,32 +150,9 @@ class HospitalKeys:
         if self.shard_keys is None:
             raise BundleError("these keys were reloaded without the shard keys, which exist "
                               "only at key generation: generate the bundle anew")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {key: directory / name for key, name in _PUBLIC_FILES.items()}
-        shutil.copyfile(Path(self.shard_keys.name) / _PUBLIC_FILES["shard_keys"],
-                        paths["shard_keys"])
-        ok = [
-            ofhe.SerializeToFile(str(paths["context"]), self.context, ofhe.BINARY),
-            ofhe.SerializeToFile(str(paths["public_key"]), self.public_key, ofhe.BINARY),
-            self.context.SerializeEvalMultKey(str(paths["mult_key"]), ofhe.BINARY),
-            self.context.SerializeEvalAutomorphismKey(str(paths["rotation_keys"]), ofhe.BINARY),
-        ]
-        if not all(ok):
-            raise BundleError(f"OpenFHE failed to serialise the public bundle into {directory}")
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "params": self.params.to_dict(),
-            "params_fingerprint": self.params.fingerprint(),
-            "rotation_indices": list(self.rotation_indices),
-            "shard_rotation_indices": list(self.shard_rotation_indices),
-            "files": {
-                name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-                for name, path in ((p.name, p) for p in paths.values())
-            },
-        }
-        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        return manifest
+        return write_public_bundle(directory, self.params, self.context, self.public_key,
+                                   self.rotation_indices, self.shard_rotation_indices,
+                                   Path(self.shard_keys.name) / _PUBLIC_FILES["shard_keys"])
 
     def save_secret_key(self, path: Path) -> None:
         """Secret key in its own file (mode 0600), with a sidecar naming its parameters."""
@@ -215,6 +192,39 @@ class HospitalKeys:
             secret_key=secret_key,
             rotation_indices=cloud.rotation_indices,
         )
+
+
+def write_public_bundle(directory: Path, params: CkksParams, context: ofhe.CryptoContext,
+                        public_key: ofhe.PublicKey, rotation_indices: tuple[int, ...],
+                        shard_rotation_indices: tuple[int, ...], shard_keys_file: Path) -> dict:
+    """A public bundle from the context's current evaluation keys (one key holder's, or a
+    consortium's joint keys): context, public key, relinearisation and automorphism keys, and
+    the shard workers' rotation keys copied from `shard_keys_file`. Returns the manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {key: directory / name for key, name in _PUBLIC_FILES.items()}
+    shutil.copyfile(shard_keys_file, paths["shard_keys"])
+    ok = [
+        ofhe.SerializeToFile(str(paths["context"]), context, ofhe.BINARY),
+        ofhe.SerializeToFile(str(paths["public_key"]), public_key, ofhe.BINARY),
+        context.SerializeEvalMultKey(str(paths["mult_key"]), ofhe.BINARY),
+        context.SerializeEvalAutomorphismKey(str(paths["rotation_keys"]), ofhe.BINARY),
+    ]
+    if not all(ok):
+        raise BundleError(f"OpenFHE failed to serialise the public bundle into {directory}")
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "params": params.to_dict(),
+        "params_fingerprint": params.fingerprint(),
+        "rotation_indices": list(rotation_indices),
+        "shard_rotation_indices": list(shard_rotation_indices),
+        "files": {
+            name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for name, path in ((p.name, p) for p in paths.values())
+        },
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
 
 
 def read_manifest(bundle_dir: Path) -> dict:

@@ -1,0 +1,144 @@
+"""The joint key rounds run in one process, with an in-memory relay in between.
+
+Every value handed from one party to another below is the bytes of a `RoundMessage`: what a
+service would store and relay. The relay's own work (`he.threshold.combine_*`) uses public
+material only; its outcome is a public bundle in the one-key format (`he.keys`), so the cloud's
+trainer loads it unchanged.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openfhe as ofhe
+
+from medblindtuner.he.keys import BundleError, write_public_bundle
+from medblindtuner.he.params import CkksParams, setup_bootstrapping
+from medblindtuner.he.threshold import (
+    AUTOMORPHISM_CHUNK,
+    ThresholdParty,
+    bootstrap_automorphism_indices,
+    chunks_of,
+    combine_automorphism_shares,
+    combine_relin_products,
+    combine_relin_shares,
+    install_joint_keys,
+    joint_context,
+    rotation_automorphism_indices,
+)
+
+
+@dataclass
+class JointKeys:
+    """The public outcome of a key ceremony, installed in this process's context."""
+
+    params: CkksParams
+    context: ofhe.CryptoContext
+    public_key: ofhe.PublicKey
+    rotation_indices: tuple[int, ...]
+    shard_rotation_indices: tuple[int, ...]
+    shard_keys_file: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    message_bytes: int = 0  # everything the relay carried
+    _shard_dir: tempfile.TemporaryDirectory | None = None
+
+    def encrypt(self, values, level: int = 0) -> ofhe.Ciphertext:
+        """Public-key encryption under the joint key (what each hospital does with its rows)."""
+        plaintext = self.context.MakeCKKSPackedPlaintext(
+            np.ascontiguousarray(values, dtype=np.float64), 1, level, None, self.params.slots)
+        return self.context.Encrypt(self.public_key, plaintext)
+
+    def save_public_bundle(self, directory: Path) -> dict:
+        return write_public_bundle(directory, self.params, self.context, self.public_key,
+                                   self.rotation_indices, self.shard_rotation_indices,
+                                   self.shard_keys_file)
+
+
+def make_parties(job_id: str, params: CkksParams, n_parties: int):
+    """The bootstrapping keys' automorphism indices (public; computed first, on a throwaway
+    context), the coordinator's joint context (its bytes are public) and one party per
+    hospital on it. Returns (context, parties, bootstrap indices)."""
+    bootstrap_indices = bootstrap_automorphism_indices(params)
+    context = joint_context(params)
+    setup_bootstrapping(context, params)
+    parties = [ThresholdParty(job_id, i, n_parties, context) for i in range(n_parties)]
+    return context, parties, bootstrap_indices
+
+
+def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
+                     parties: Sequence[ThresholdParty], rotation_indices: Sequence[int],
+                     kernel_rotation_indices: Sequence[int] = (),
+                     bootstrap_indices: Sequence[int] | None = None,
+                     chunk_size: int = AUTOMORPHISM_CHUNK) -> JointKeys:
+    """All rounds in order; the kernel's rotation keys are joined and written first (the
+    shard workers' file), then the other rotations and the bootstrapping keys.
+
+    `bootstrap_indices`: from `bootstrap_automorphism_indices(params)`, computed before any
+    joint key exists in the process (it clears OpenFHE's key maps)."""
+    job_id, n = parties[0].job_id, len(parties)
+    seconds: dict[str, float] = {}
+    carried = 0
+
+    def relay(messages: list[bytes]) -> list[bytes]:
+        nonlocal carried
+        carried += sum(len(m) for m in messages)
+        return messages
+
+    start = time.perf_counter()
+    chain: list[bytes] = []
+    for party in parties:
+        chain.append(party.public_key_round(chain[-1] if chain else None))
+    relay(chain)
+    for party in parties:
+        party.accept_joint_public_key(chain[-1])
+    tag = parties[0].joint_tag
+    seconds["public_key"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    lead = parties[0].relin_share()
+    shares = relay([lead] + [p.relin_share(lead) for p in parties[1:]])
+    summed = combine_relin_shares(context, shares, job_id, n, tag)
+    products = relay([p.relin_product(summed) for p in parties])
+    relin_key = combine_relin_products(context, products, job_id, n, tag)
+    install_joint_keys(context, relin_key, [], tag)
+    seconds["relinearisation"] = time.perf_counter() - start
+
+    def join(indices: list[int], first_chunk: int) -> int:
+        for offset, chunk in enumerate(chunks_of(indices, chunk_size)):
+            number = first_chunk + offset
+            lead = parties[0].automorphism_share(number, chunk)
+            shares = relay([lead] + [p.automorphism_share(number, chunk, lead)
+                                     for p in parties[1:]])
+            joint = combine_automorphism_shares(context, shares, job_id, n, number, tag)
+            install_joint_keys(context, None, [joint], tag)
+        return first_chunk + len(chunks_of(indices, chunk_size))
+
+    start = time.perf_counter()
+    kernel = rotation_automorphism_indices(context, params, kernel_rotation_indices)
+    every = rotation_automorphism_indices(context, params, list(rotation_indices)
+                                          + list(kernel_rotation_indices))
+    next_chunk = join(kernel, 0)
+    shard_dir = tempfile.TemporaryDirectory(prefix="medblindtuner-joint-shard-keys-")
+    shard_file = Path(shard_dir.name) / "shard_keys.bin"
+    if not kernel:
+        shard_file.write_bytes(b"")
+    elif not context.SerializeEvalAutomorphismKey(str(shard_file), ofhe.BINARY, tag):
+        raise BundleError("OpenFHE failed to serialise the shard workers' joint rotation keys")
+    next_chunk = join(sorted(set(every) - set(kernel)), next_chunk)
+    seconds["rotations"] = time.perf_counter() - start
+    start = time.perf_counter()
+    done = set(every)
+    join([i for i in (bootstrap_indices or ()) if i not in done], next_chunk)
+    seconds["bootstrapping"] = time.perf_counter() - start
+
+    def nonzero(values: Sequence[int]) -> tuple[int, ...]:
+        return tuple(sorted({int(i) for i in values if int(i) % params.slots}))
+
+    return JointKeys(params, context, parties[-1].joint_public_key,
+                     nonzero(list(rotation_indices) + list(kernel_rotation_indices)),
+                     nonzero(kernel_rotation_indices), shard_file, seconds, carried, shard_dir)

@@ -1,0 +1,204 @@
+"""A consortium job in one process: n hospitals, an in-memory relay, the unchanged trainer.
+
+    result = run_consortium(shards, n_classes=2, params=INSECURE_TEST, allow_insecure=True,
+                            workdir=tmp)
+
+In order: sealing keys and roster; settings from securely aggregated statistics (every
+hospital computes the same scaler and plan); the joint key rounds; each hospital encrypts its
+rows of the union's chunks under the joint key; the cloud adds them into the union's dataset
+and trains with `EncryptedTrainer`; each epoch's validation loss and the final model are
+decrypted by every hospital from all n sealed shares (`member.ConsortiumMember`). What each
+party learns: docs/security.md.
+
+The trainer is built here from the ceremony's context rather than by `cloud.Cloud`, which
+opens a bundle and resets OpenFHE's process-wide key maps and contexts: in one process the
+hospitals' shares must stay on the same context as the cloud's ciphertexts. In a deployment
+the cloud is its own process and opens the joint bundle with `Cloud`
+(`tests/test_threshold.py` does that).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openfhe as ofhe
+
+from medblindtuner.cloud.trainer import EncryptedState, EncryptedTrainer
+from medblindtuner.errors import MedBlindTunerError
+from medblindtuner.features.preprocess import FeatureScaler
+from medblindtuner.he.ciphertexts import ciphertext_to_bytes
+from medblindtuner.he.engine import Evaluator
+from medblindtuner.he.params import CkksParams, require_secure
+from medblindtuner.he.threshold import joint_params
+from medblindtuner.training.plan import Decision, TrainingPlan
+
+from .ceremony import make_parties, run_key_ceremony
+from .data import Ownership, combine_shares, encrypt_share
+from .member import ConsortiumMember
+from .sealing import Roster, SealedMailbox, new_sealing_key, open_share, seal_share
+from .settings import SecureAggregator, agreed_config, local_statistics, pool
+
+
+class ConsortiumError(MedBlindTunerError, RuntimeError):
+    """The hospitals disagree, or a consortium job cannot go on."""
+
+
+@dataclass(frozen=True)
+class HospitalShard:
+    """One hospital's own features and labels (never leave it in the clear)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+@dataclass
+class ConsortiumResult:
+    plan: TrainingPlan
+    params: CkksParams
+    scaler: FeatureScaler
+    state: EncryptedState
+    weights: list[np.ndarray]  # as each hospital decrypted them (all equal)
+    losses: list[dict[int, float]]  # each hospital's decrypted validation losses
+    scaled: list[HospitalShard]  # each hospital's rows after the agreed scaling (for mirrors)
+    seconds: dict[str, float] = field(default_factory=dict)
+    relay_bytes: int = 0
+    mailbox: SealedMailbox | None = None
+    members: list[ConsortiumMember] = field(default_factory=list)
+    joint_public_key: ofhe.PublicKey | None = None
+
+
+def consortium_decide(members: Sequence[ConsortiumMember]
+                      ) -> Callable[[int, ofhe.Ciphertext], Decision]:
+    """The cloud's `decide`: every hospital shares (sealed) and judges; go on only if all
+    hospitals decided the same."""
+    def decide(epoch: int, loss: ofhe.Ciphertext) -> Decision:
+        data = ciphertext_to_bytes(loss)
+        for member in members:
+            member.share_validation_loss(epoch, data)
+        decisions = [member.judge(epoch, loss) for member in members]
+        if any(d != decisions[0] for d in decisions):
+            raise ConsortiumError(f"the hospitals decided differently at epoch {epoch}: "
+                                  f"{decisions}; training pauses")
+        return decisions[0]
+    return decide
+
+
+def agree_settings(shards: Sequence[HospitalShard], roster: Roster, sealing_keys,
+                   n_classes: int, params: CkksParams, pca_dims: int | None,
+                   weight_decay: float, epochs: int | None, mailbox: SealedMailbox):
+    """Secure aggregation of counts and moments, then each hospital's scaler and the plan.
+
+    Each hospital masks its sums (other hospitals see uniform noise) and seals them to every
+    other hospital (the relay, which could add all masked vectors up, sees sealed bytes);
+    each hospital opens the others', adds, and computes the scaler and the plan, the same
+    for all. Returns (pooled statistics, scaler, plan)."""
+    dim = shards[0].x_train.shape[1]
+    n = len(shards)
+    masked = []
+    for index, (shard, key) in enumerate(zip(shards, sealing_keys, strict=True)):
+        aggregator = SecureAggregator(key, roster, index)
+        mine = {name: aggregator.masked(name, values) for name, values in
+                local_statistics(shard.x_train, len(shard.y_val)).items()}
+        masked.append(mine)
+        for name, values in mine.items():
+            for other in range(n):
+                if other != index:
+                    mailbox.post(seal_share(key, roster, index, other, f"aggregate-{name}",
+                                            values.astype("<u8").tobytes()))
+    pooled_by_hospital = []
+    for index, key in enumerate(sealing_keys):
+        received: dict[int, dict[str, np.ndarray]] = {index: masked[index]}
+        for name in masked[index]:
+            for envelope in mailbox.fetch(roster.job_id, f"aggregate-{name}", index):
+                sender, data = open_share(key, roster, index, f"aggregate-{name}", envelope)
+                received.setdefault(sender, {})[name] = np.frombuffer(data, dtype="<u8")
+        if sorted(received) != list(range(n)) or any(len(r) != len(masked[index])
+                                                     for r in received.values()):
+            raise ConsortiumError(f"hospital {index} is missing masked statistics: the "
+                                  "settings wait for every hospital")
+        pooled_by_hospital.append(pool([received[i] for i in range(n)], dim))
+    pooled = pooled_by_hospital[0]
+    if any(p.n_train != pooled.n_train
+           or not np.array_equal(p.outer_sum, pooled.outer_sum) for p in pooled_by_hospital):
+        raise ConsortiumError("the hospitals' pooled statistics differ: settings not agreed")
+    scaler = pooled.scaler(pca_dims)
+    n_features = scaler.n_features_out + 1
+    config = agreed_config(scaler, pooled.n_train, n_features, params.slots, n_classes,
+                           weight_decay)
+    if epochs is not None:
+        config = type(config)(**{**config.to_dict(), "epochs": epochs})
+    plan = TrainingPlan.create(params, np.empty((pooled.n_train, n_features)),
+                               np.empty((pooled.n_val, n_features)), n_classes, config)
+    return pooled, scaler, plan
+
+
+def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: CkksParams,
+                   workdir: Path, job_id: str = "consortium", pca_dims: int | None = None,
+                   weight_decay: float = 1e-3, epochs: int | None = None,
+                   allow_insecure: bool = False,
+                   log: Callable[[str], None] | None = None) -> ConsortiumResult:
+    """The whole job for n >= 2 hospitals (see the module docstring)."""
+    require_secure(params, allow_insecure)
+    say = log or (lambda _m: None)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    sealing_keys = [new_sealing_key() for _ in shards]
+    roster = Roster(job_id, tuple(bytes(k.public_key) for k in sealing_keys))
+    mailbox = SealedMailbox()
+    pooled, scaler, plan = agree_settings(shards, roster, sealing_keys, n_classes, params,
+                                          pca_dims, weight_decay, epochs, mailbox)
+    scaled = [HospitalShard(scaler.augment(s.x_train), np.asarray(s.y_train),
+                            scaler.augment(s.x_val), np.asarray(s.y_val)) for s in shards]
+    seconds["settings"] = time.perf_counter() - start
+    say(f"agreed: {pooled.n_train} training rows, {plan.n_features} features, "
+        f"{plan.config.epochs} epochs, batch {plan.config.batch_size}")
+
+    start = time.perf_counter()
+    keyed = joint_params(params.with_bootstrap_slots(plan.bootstrap_slots))
+    context, parties, bootstrap = make_parties(job_id, keyed, len(shards))
+    keys = run_key_ceremony(context, keyed, parties, plan.rotation_indices,
+                            plan.kernel_rotation_indices, bootstrap)
+    seconds["keys"] = time.perf_counter() - start
+    seconds.update({f"keys_{k}": v for k, v in keys.seconds.items()})
+    say(f"joint keys: {seconds['keys']:.1f} s, {keys.message_bytes / 2**20:.1f} MiB relayed")
+
+    members = [ConsortiumMember(p, k, roster, mailbox) for p, k in zip(parties, sealing_keys,
+                                                                       strict=True)]
+    for member in members:
+        member.attach_plan(plan, pooled.n_val)
+
+    start = time.perf_counter()
+    shares, offsets = [], np.cumsum([0] + [len(s.y_train) for s in scaled])
+    val_offsets = np.cumsum([0] + [len(s.y_val) for s in scaled])
+    for i, shard in enumerate(scaled):
+        owned = Ownership(int(offsets[i]), len(shard.y_train), int(val_offsets[i]),
+                          len(shard.y_val))
+        shares.append(encrypt_share(keys, plan, owned, shard.x_train, shard.y_train,
+                                    shard.x_val, shard.y_val, pooled.n_train, pooled.n_val))
+    seconds["encrypt"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    dataset = combine_shares(context, plan, shares, pooled.n_train, pooled.n_val)
+    trainer = EncryptedTrainer(Evaluator(context, keyed, keys.public_key), dataset,
+                               Path(workdir) / "checkpoints")
+    state = trainer.train(decide=consortium_decide(members))
+    seconds["training"] = time.perf_counter() - start
+    say(f"trained: {state.epoch} epochs, best {state.best_epoch}, "
+        f"{seconds['training']:.1f} s")
+
+    start = time.perf_counter()
+    model = trainer.weights_of_epoch(state.best_epoch)
+    model_bytes = [ciphertext_to_bytes(ct) for ct in model]
+    for member in members:
+        member.share_model(state.best_epoch, model_bytes)
+    weights = [member.decrypt_model(model) for member in members]
+    seconds["decrypt_model"] = time.perf_counter() - start
+    return ConsortiumResult(plan, keyed, scaler, state, weights,
+                            [dict(m.judge.losses) for m in members], scaled, seconds,
+                            keys.message_bytes, mailbox, members, keys.public_key)

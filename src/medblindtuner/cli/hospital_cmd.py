@@ -39,6 +39,7 @@ from .options import (
     PatienceOpt,
     PcaOpt,
     SeedOpt,
+    TimeAllowanceOpt,
     WeightDecayOpt,
     overrides,
 )
@@ -113,6 +114,7 @@ def keygen(
     weight_decay: WeightDecayOpt = None,
     batch_size: BatchOpt = None,
     patience: PatienceOpt = 4,
+    time_allowance: TimeAllowanceOpt = 2.0,
     seed: SeedOpt = 0,
     insecure_test_params: Annotated[
         bool, typer.Option(help="Tiny NOT-secure ring (tests/demos only).")
@@ -127,7 +129,8 @@ def keygen(
     from medblindtuner.training.recipe import RecipeError
 
     params = INSECURE_TEST if insecure_test_params else PRODUCTION
-    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
+    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed,
+                      time_allowance=time_allowance)
     hospital = Hospital(workdir, params, allow_insecure=insecure_test_params,
                         log=console.print)
     console.print("training settings (derived from train/validation unless given):")

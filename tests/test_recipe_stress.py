@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from medblindtuner.experiment import run_plain
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.params import PRODUCTION
-from medblindtuner.training.recipe import derive_recipe
+from medblindtuner.hospital.recipe import derive_recipe
 
 TOLERANCE = 0.01  # one point of ACC and of AUC below the probe
 MEDMNIST_DIR = Path(os.environ.get("MEDBLINDTUNER_MEDMNIST_DIR", SHARED_DATA))
@@ -96,7 +96,7 @@ def test_binary_tasks_derived_from_real_images(retina_features, positive, name):
 def test_the_suite_catches_a_regressed_rule(monkeypatch):
     """Cutting the sigmoid ladder back to the old [-24, 24] forces a raised prior on the
     large-margin case, and the suite's check fails there."""
-    from medblindtuner.training import recipe
+    from medblindtuner.hospital import recipe
 
     case = CASES[0]
     check_within_a_point(make_features(case))

@@ -14,7 +14,7 @@ is evaluated on [-1, 1] (the map folded into a product made anyway), so a head's
 the highest whose unit series fit the levels the step leaves it (`unit_degree_for`):
 `SIGMOID_LEVELS` = 6 (binary step: look-ahead 1, logit 2, sigmoid, gradient term 9 of the 9
 levels between two sparse (2, 2) bootstraps) gives degree 59; the softmax's exp and inverse
-have 4 levels each, degree 13 (training/encrypted.py accounts for the levels of each step).
+have 4 levels each, degree 13 (cloud/trainer.py accounts for the levels of each step).
 
 Why wide intervals: the head must reach the logits its prior gives (a well-separated set
 has logits far beyond 24), not a prior raised to fit the polynomial. The gradient needs
@@ -22,7 +22,7 @@ sigma(z) - y accurate near the decision boundary and bounded far from it. A poly
 degree n bounded on [-R, R] has slope at most n / R at 0 (Bernstein), so R is set by the
 degree, i.e. by the levels: degree 59 keeps sigma within 1.2e-2 on [-48, 48] and within 0.11
 (bounded in [-0.11, 1.11]) on [-128, 128], against 1.6e-2 on [-24, 24] for degree 27 at the
-same 6 levels (`SIGMOID_BOUNDS` in training/recipe.py). Reaching +-10^3 (domain-extension
+same 6 levels (`SIGMOID_BOUNDS` in hospital/recipe.py). Reaching +-10^3 (domain-extension
 polynomials, Cheon-Kim-Kim-Song, IEEE TIFS 2022) needs more levels than a step has.
 """
 
@@ -134,7 +134,7 @@ class ActivationPlan:
     at -R), and the inverse is fitted on [c/2, 1.2 max_softmax_sum]: for c = 5, R = 3 that is
     [2.5, 49.5], where degree 13 has a relative error of 3.4e-3 (degree 5 on the naive
     [0.8, 1.1 c e^R] was off by up to 64 %). `sum_bound`, when the hospital derived it from
-    the data (`training.recipe`), replaces that worst case: a narrower interval is a more
+    the data (`hospital.recipe`), replaces that worst case: a narrower interval is a more
     accurate inverse. The hospital's range check verifies both intervals on the mirror before
     anything is encrypted.
     """

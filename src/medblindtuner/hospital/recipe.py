@@ -4,10 +4,10 @@ The cloud runs a fixed number of encrypted gradient steps, so the settings must 
 anything is encrypted, on any dataset. Each one follows from train/validation statistics (the
 test split is never read here) and is recorded with its reason:
 
-- **Reference probe** (`training.reference`): scikit-learn logistic regression on the
+- **Reference probe** (`hospital.reference`): scikit-learn logistic regression on the
   standardised full features, `C` chosen on validation. Its `C` is the L2 prior of the head.
 - **PCA width**: among `PCA_CANDIDATES` whose encrypted epochs fit the time allowance (at
-  least `MIN_EPOCHS` of them, `training.budget`), those whose probe (same `C`) is tied with
+  least `MIN_EPOCHS` of them, `hospital.budget`), those whose probe (same `C`) is tied with
   the best on validation (mean log-loss within one paired standard error of the best's); of
   these the widest whose settings keep the probe's prior (softmax: with no more data
   ciphertexts a step). Wider is preferred because the reference probe uses every feature (a
@@ -20,7 +20,7 @@ test split is never read here) and is recorded with its reason:
 - **Momentum** `(1 - sqrt(q)) / (1 + sqrt(q))`, `q = wd / L` (Nesterov's constant for a
   q-conditioned problem), at most `MAX_MOMENTUM`.
 - **Batch**: whole data ciphertexts, as few as hold `MIN_BATCH` samples and as many as keep
-  an epoch within `MAX_STEPS_PER_EPOCH` steps, split into equal batches (`training.budget`).
+  an epoch within `MAX_STEPS_PER_EPOCH` steps, split into equal batches (`hospital.budget`).
 - **Epochs**: the exact head runs until its validation loss has not improved for `patience`
   epochs (the judge's rule), capped by the epochs the time allowance buys
   (`Overrides.time_allowance_h`, default `TIME_ALLOWANCE_HOURS`); the run keeps that many.
@@ -45,8 +45,7 @@ from medblindtuner.features.extract import FeatureSet
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION, CkksParams
-from medblindtuner.training.approx import ActivationPlan, RangeError
-from medblindtuner.training.budget import (
+from medblindtuner.hospital.budget import (
     MAX_EPOCHS,
     MAX_STEPS_PER_EPOCH,
     MIN_BATCH,
@@ -57,15 +56,16 @@ from medblindtuner.training.budget import (
     derived_batch_size,
     epoch_seconds,
 )
-from medblindtuner.training.plain import TrainConfig, make_batches, train_head
-from medblindtuner.training.plan import max_batch_size
-from medblindtuner.training.reference import (
+from medblindtuner.hospital.reference import (
     ProbeResult,
     fit_logistic,
     fit_probe,
     sample_log_losses,
     tied_with_best,
 )
+from medblindtuner.training.approx import ActivationPlan, RangeError
+from medblindtuner.training.plain import TrainConfig, make_batches, train_head
+from medblindtuner.training.plan import max_batch_size
 
 PCA_CANDIDATES = (31, 63, 127, 255, 511, 1023)
 STEP_SIZE_FRACTION = 0.5
@@ -206,7 +206,7 @@ def choose_pca_dims(features: FeatureSet, n_classes: int, c: float, slots: int,
 
     Tied: the mean paired difference of per-sample validation log-losses to the best width is
     at most its standard error. Affordable: `MIN_EPOCHS` encrypted epochs fit the time
-    allowance (`training.budget`). A softmax head's step bootstraps the denominators of all
+    allowance (`hospital.budget`). A softmax head's step bootstraps the denominators of all
     its chunks at once, so its memory grows with the chunks of a step: a wider softmax width
     may not add chunks to a step.
     """

@@ -1,6 +1,6 @@
 """What an encrypted run costs, and how many epochs a time allowance buys (hospital side).
 
-The recipe (`training.recipe`) sizes the run from the data: batches of whole data
+The recipe (`hospital.recipe`) sizes the run from the data: batches of whole data
 ciphertexts, as many epochs as the validation loss keeps improving for in the plaintext twin
 (the judge's early stop ends the encrypted run at the same epoch), but never more than
 `TIME_ALLOWANCE_HOURS` (the user's `--time-allowance`) of encrypted training at the measured

@@ -16,6 +16,7 @@ from medblindtuner.training.approx import (
     ChebyshevApprox,
     RangeError,
     chebyshev_depth,
+    unit_degree_for,
 )
 from medblindtuner.training.plain import TrainConfig, evaluate, train_head
 
@@ -36,7 +37,7 @@ def test_mirror_follows_exact_head_closely():
     config = TrainConfig(learning_rate=1.0, epochs=10, batch_size=64, patience=10)
     exact = train_head(*data, 2, config)
     mirror = train_head(*data, 2, config, activation=ActivationPlan.default(2))
-    # The degree-27 sigmoid is within 5e-4 of the exact one on [-12, 12].
+    # The default sigmoid (degree 59) is within 1e-6 of the exact one on [-12, 12].
     assert np.max(np.abs(exact.weights - mirror.weights)) < 5e-3
 
 
@@ -64,6 +65,25 @@ def test_chebyshev_approximations_and_depths():
     scaled = sig.scaled(0.5)
     x = np.linspace(-12, 12, 101)
     assert np.allclose(scaled(x), 0.5 * sig(x))
+
+
+def test_head_degrees_follow_the_levels_and_reach_wide_intervals():
+    """Each approximation's level cost is a property of the plan (inputs on the unit
+    interval): 6 levels buy the sigmoid degree 59, 4 levels the exp and inverse degree 13.
+    Degree 59 keeps sigma accurate near the boundary and bounded far from it on the wide
+    rungs a weak prior needs (logits of well-separated data)."""
+    assert unit_degree_for(6) == 59 and unit_degree_for(4) == 13 and unit_degree_for(3) == 5
+    binary, softmax = ActivationPlan(2, logit_bound=48.0), ActivationPlan(5, logit_bound=7.0)
+    assert binary.levels == {"sigmoid": 6} and binary.sigmoid.degree == 59
+    assert softmax.levels == {"exp": 4, "inverse": 4}
+    assert binary.to_dict()["sigmoid"]["unit_depth"] == 6
+    assert binary.sigmoid.max_error() < 1.5e-2
+    assert ChebyshevApprox("exp", -7, 7, 13).max_error() < 5e-3
+    wide = ActivationPlan(2, logit_bound=96.0).sigmoid
+    x = np.linspace(-96, 96, 20001)
+    assert -0.1 < wide(x).min() and wide(x).max() < 1.1  # bounded (saturating) far out
+    near = np.abs(x) <= 4
+    assert np.max(np.abs(wide(x[near]) - wide.exact(x[near]))) < 0.1
 
 
 def test_layout_simulation_matches_logits():

@@ -13,19 +13,24 @@ from medblindtuner.features.backbones import BackboneInfo
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+from medblindtuner.hospital.budget import (
+    MIN_BATCH,
+    MIN_EPOCHS,
+    affordable_epochs,
+    chunks_per_step,
+    derived_batch_size,
+    epoch_seconds,
+    epoch_work,
+)
 from medblindtuner.hospital.recipe import (
     EXP_BOUNDS,
     LOGIT_HEADROOM,
-    MIN_BATCH,
+    PCA_CANDIDATES,
     SIGMOID_BOUNDS,
-    WIDTH_COST_ALLOWANCE,
     Overrides,
     RecipeError,
     choose_pca_dims,
-    chunks_per_step,
     derive_recipe,
-    derived_batch_size,
-    encrypted_work,
     logit_bounding_weight_decay,
 )
 from medblindtuner.hospital.reference import fit_probe, published_run
@@ -71,7 +76,7 @@ def test_defaults_pass_the_range_check_on_unseen_data(n_classes, scale, shift, w
     assert mirror.max_abs_logit <= 0.9 * recipe.activation.logit_bound
     ladder = SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS
     assert recipe.activation.logit_bound in ladder
-    assert recipe.pca_dims in (31, 63, 127)
+    assert recipe.pca_dims in PCA_CANDIDATES
     assert all(c.source == "derived" for c in recipe.choices)
     # the encrypted model's plaintext twin is not far below the probe on easy data
     runs = run_plain(data, recipe.config, recipe.activation)
@@ -122,14 +127,31 @@ def test_derived_batches_are_whole_ciphertexts_and_split_evenly():
 
 
 def test_large_datasets_take_bigger_steps():
-    """At most STEP_BUDGET / MIN_EPOCHS steps an epoch: 20,000 samples at 128 per
-    ciphertext need 11 of them a step, binary or softmax (whose denominators share
-    bootstraps in groups)."""
+    """At most MAX_STEPS_PER_EPOCH steps an epoch: 20,000 samples at 128 per ciphertext need
+    11 of them a step, binary or softmax (whose denominators share bootstraps in groups)."""
     layout = PackingLayout(INSECURE_TEST.slots, 8)
     assert layout.samples_per_ct == 128
     assert derived_batch_size(20_000, layout, 2) == 11 * 128
     assert derived_batch_size(20_000, layout, 5) == 11 * 128
     assert derived_batch_size(100, layout, 2) == 128  # never more than the data holds
+
+
+def test_epochs_run_until_the_validation_loss_stops_within_the_allowance():
+    """Epochs come from the data (the exact head's early stop), capped by what the time
+    allowance buys: a large allowance on a slowly converging set gives more epochs than a
+    fixed step budget's 3, a tiny allowance gives MIN_EPOCHS."""
+    features = synthetic_features(6000, 60, 2, 1.0, 0.0, [0.5, 0.5], separation=0.4)
+    data, recipe = derive_recipe(features, PRODUCTION, Overrides(pca_dims=31))
+    layout = PackingLayout(PRODUCTION.slots, 32)
+    cap = affordable_epochs(6000, 1500, layout, 2)
+    why = {c.name: c.why for c in recipe.choices}["epochs"]
+    assert MIN_EPOCHS <= recipe.config.epochs <= cap and "allowance" in why
+    exact = run_plain(data, recipe.config, recipe.activation)["plaintext"]
+    assert recipe.config.epochs > 3 and exact["best_epoch"] >= 2
+    _, short = derive_recipe(features, PRODUCTION, Overrides(pca_dims=31,
+                                                             time_allowance_h=1e-4))
+    assert short.config.epochs == MIN_EPOCHS
+    assert epoch_seconds(6000, 1500, layout, 2) * MIN_EPOCHS > 3600 * 1e-4
 
 
 def test_probe_and_published_reference():
@@ -166,51 +188,47 @@ def test_defaults_pass_on_an_image_folder(tmp_path, feature_cache_dir):
     assert data.n_classes == 3 and recipe.activation.sum_bound is not None
 
 
-def test_width_rule_takes_the_widest_tied_width_within_the_cost_allowance():
-    """Widths the validation split cannot tell apart go to the widest one, unless it costs
-    more than WIDTH_COST_ALLOWANCE times the cheapest tied width; the recipe takes the first
-    preferred width whose settings keep the probe's prior."""
-    features = synthetic_features(1000, 300, 2, 1.0, 0.0, [0.5, 0.5], separation=0.15)
+def test_width_rule_weighs_every_affordable_width_and_takes_the_widest_tied():
+    """Every candidate width whose MIN_EPOCHS encrypted epochs fit the time allowance is
+    weighed; widths the validation split cannot tell apart go to the widest one; the recipe
+    takes the first preferred width whose settings keep the probe's prior."""
+    features = synthetic_features(1000, 600, 2, 1.0, 0.0, [0.5, 0.5], separation=0.15)
     probe = fit_probe(features.splits, 2)
     preferred, why = choose_pca_dims(features, 2, probe.c, PRODUCTION.slots)
     tied = [int(k) for k in why.split("tied: [")[1].split("]")[0].split(", ")]
-    assert len(tied) >= 2 and preferred and set(preferred) <= set(tied)
-    assert preferred == sorted(preferred, reverse=True)
-    n_train, n_val = len(features.splits["train"][1]), len(features.splits["val"][1])
-    work = {k: encrypted_work(n_train, n_val, PackingLayout(PRODUCTION.slots, k + 1), 2)
-            for k in tied}
-    allowed = [k for k in tied if work[k] <= WIDTH_COST_ALLOWANCE * min(work.values())]
-    assert preferred == sorted(allowed, reverse=True)
+    assert "511:" in why.split("tied:")[0]  # 511 was weighed (the old rule stopped at 63)
+    assert len(tied) >= 2 and preferred == sorted(tied, reverse=True)
     _, recipe = derive_recipe(features, PRODUCTION)
     assert recipe.pca_dims == preferred[0]  # the widest keeps the prior on this data
+    # a tiny allowance leaves only the narrowest width
+    narrow, _ = choose_pca_dims(features, 2, probe.c, PRODUCTION.slots, hours=1e-3)
+    assert narrow == [31]
 
 
-def test_encrypted_work_counts_chunk_passes_and_steps():
+def test_epoch_work_counts_chunk_passes_and_steps():
     """Doubling the width doubles the chunk passes, not the steps (BreastMNIST's sizes)."""
-    narrow, wide = (encrypted_work(546, 78, PackingLayout(PRODUCTION.slots, k + 1), 2)
+    narrow, wide = (epoch_work(546, 78, PackingLayout(PRODUCTION.slots, k + 1), 2)
                     for k in (255, 511))
     assert narrow < wide < 2 * narrow
-    softmax = encrypted_work(1080, 120, PackingLayout(PRODUCTION.slots, 32), 5)
-    assert softmax > 0
+    assert epoch_work(1080, 120, PackingLayout(PRODUCTION.slots, 32), 5) > 0
 
 
-def test_encrypted_work_counts_each_extra_denominator_group(monkeypatch):
+def test_epoch_work_counts_each_extra_denominator_group(monkeypatch):
     """50,000 samples, 5 classes at PCA 31: 7 chunks a step, refreshed in groups of 4 (the
     2048-slot cap, two places per compact period), so each step pays 1 more denominator
     bootstrap."""
-    from medblindtuner.hospital import recipe
+    from medblindtuner.hospital import budget
 
     layout = PackingLayout(PRODUCTION.slots, 32)
-    with_groups = encrypted_work(50_000, 5_000, layout, 5)
-    per_group = recipe.EXTRA_DENOMINATOR_GROUP_IN_CHUNKS
-    monkeypatch.setattr(recipe, "EXTRA_DENOMINATOR_GROUP_IN_CHUNKS", 0.0)
-    without = encrypted_work(50_000, 5_000, layout, 5)
-    batches = recipe._derived_batch_chunks(50_000, layout, 5)
+    with_groups = epoch_work(50_000, 5_000, layout, 5)
+    per_group = budget.EXTRA_DENOMINATOR_GROUP_IN_CHUNKS
+    monkeypatch.setattr(budget, "EXTRA_DENOMINATOR_GROUP_IN_CHUNKS", 0.0)
+    without = epoch_work(50_000, 5_000, layout, 5)
+    batches = budget.batch_chunks(50_000, layout, 5)
     assert max(batches) == 7
     extra = sum(-(-c // 4) - 1 for c in batches)
     assert extra == len(batches)
-    assert with_groups - without == pytest.approx(
-        recipe.planned_epochs(len(batches)) * per_group * extra)
+    assert with_groups - without == pytest.approx(per_group * extra)
 
 
 def test_softmax_width_rule_adds_no_chunks_to_a_step():
@@ -220,11 +238,11 @@ def test_softmax_width_rule_adds_no_chunks_to_a_step():
     probe = fit_probe(features.splits, 5)
     preferred, why = choose_pca_dims(features, 5, probe.c, PRODUCTION.slots)
     tied = [int(k) for k in why.split("tied: [")[1].split("]")[0].split(", ")]
-    n_train, n_val = len(features.splits["train"][1]), len(features.splits["val"][1])
+    n_train = len(features.splits["train"][1])
 
     def layout(k):
         return PackingLayout(PRODUCTION.slots, k + 1)
 
-    cheapest = min(tied, key=lambda k: encrypted_work(n_train, n_val, layout(k), 5))
-    assert preferred and all(chunks_per_step(n_train, layout(k), 5)
-                             <= chunks_per_step(n_train, layout(cheapest), 5) for k in preferred)
+    fewest = min(chunks_per_step(n_train, layout(k), 5) for k in tied)
+    assert preferred and all(chunks_per_step(n_train, layout(k), 5) == fewest
+                             for k in preferred)

@@ -216,3 +216,16 @@ def test_combined_report(tmp_path: Path) -> None:
     assert "1 h 30 min" in row5  # falls back to the encrypted run's wall time
     bare = [line for line in md.splitlines() if line.startswith("| breastmnist | — |")]
     assert bare and bare[0].endswith("| — |")
+
+
+def test_report_states_encrypted_minus_probe_and_published(tmp_path: Path) -> None:
+    runs = {"encrypted": {"test": {"acc": 0.84, "auc": 0.90}},
+            "probe": {"test": {"acc": 0.8397, "auc": 0.9037}},
+            "published": {"label": "MedMNIST v2 ResNet-18 (28), published",
+                          "test": {"acc": 0.863, "auc": 0.901}}}
+    md = build_report({"dataset": "breastmnist", "runs": runs}, tmp_path)["markdown"].read_text()
+    assert "Encrypted minus the tuned probe" in md
+    published = next(line for line in md.splitlines()
+                     if line.startswith("Encrypted minus the published MedMNIST v2"))
+    assert "ACC −2.30 points" in published or "ACC -2.30 points" in published, published
+    assert "AUC −0.10 points" in published or "AUC -0.10 points" in published, published

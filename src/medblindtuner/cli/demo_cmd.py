@@ -14,6 +14,7 @@ from .options import (
     MomentumOpt,
     PatienceOpt,
     PcaOpt,
+    TimeAllowanceOpt,
     WeightDecayOpt,
     overrides,
 )
@@ -37,6 +38,7 @@ def demo(
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
     patience: PatienceOpt = 4,
+    time_allowance: TimeAllowanceOpt = 2.0,
     workdir: Annotated[Path, typer.Option(help="Keys, ciphertexts, service data.")] = Path(
         "runs/demo"),
     report_dir: Annotated[Path | None, typer.Option(
@@ -50,7 +52,8 @@ def demo(
     training, decryption, evaluation, encrypted inference and a report."""
     from ..demo import DemoOptions, run_demo
 
-    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience)
+    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience,
+                      time_allowance=time_allowance)
     # bad data or refused settings end as one `error:` line, exit 2 (cli.main)
     run_demo(DemoOptions(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
                          given=given, workdir=workdir, report_dir=report_dir, limit=limit,

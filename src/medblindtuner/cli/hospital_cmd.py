@@ -27,6 +27,7 @@ from .options import (
     PatienceOpt,
     PcaOpt,
     SeedOpt,
+    TimeAllowanceOpt,
     WeightDecayOpt,
     overrides,
 )
@@ -95,6 +96,7 @@ def keygen(
     weight_decay: WeightDecayOpt = None,
     batch_size: BatchOpt = None,
     patience: PatienceOpt = 4,
+    time_allowance: TimeAllowanceOpt = 2.0,
     seed: SeedOpt = 0,
     insecure_test_params: Annotated[
         bool, typer.Option(help="Tiny NOT-secure ring (tests/demos only).")
@@ -107,7 +109,8 @@ def keygen(
     from medblindtuner.hospital.recipe import RecipeError
     from medblindtuner.training.approx import RangeError
 
-    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
+    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed,
+                      time_allowance=time_allowance)
     hospital = Hospital(workdir, insecure_test_params=insecure_test_params,
                         log=console.print)
     console.print("training settings (derived from train/validation unless given):")

@@ -19,7 +19,11 @@ MomentumOpt = Annotated[float | None, typer.Option(
 WeightDecayOpt = Annotated[float | None, typer.Option(
     help="L2 weight decay (default: the tuned probe's penalty).")]
 EpochsOpt = Annotated[int | None, typer.Option(
-    help="Maximum epochs (default: about 30 steps).")]
+    help="Maximum epochs (default: until the validation loss stops improving, within the "
+         "time allowance).")]
+TimeAllowanceOpt = Annotated[float, typer.Option(
+    "--time-allowance", help="Hours of encrypted training the derived epochs and width may "
+    "plan for, at the measured costs (default 2).")]
 BatchOpt = Annotated[int | None, typer.Option(
     help="Mini-batch size, capped by one ciphertext (default: one full ciphertext).")]
 PatienceOpt = Annotated[int, typer.Option(help="Early-stopping patience in epochs.")]
@@ -28,10 +32,11 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the batch schedule.")]
 
 def overrides(pca: int | None, lr: float | None, momentum: float | None,
               weight_decay: float | None, epochs: int | None, batch_size: int | None,
-              patience: int = 4, seed: int = 0):
+              patience: int = 4, seed: int = 0, time_allowance: float | None = None):
     """The user's settings as `hospital.recipe.Overrides` (None: derived)."""
     from ..hospital.recipe import Overrides
 
     return Overrides(pca_dims=pca, learning_rate=lr, momentum=momentum,
                      weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
-                     patience=patience, seed=seed)
+                     patience=patience, seed=seed,
+                     **({} if time_allowance is None else {"time_allowance_h": time_allowance}))

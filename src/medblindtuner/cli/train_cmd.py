@@ -23,6 +23,7 @@ from .options import (
     PatienceOpt,
     PcaOpt,
     SeedOpt,
+    TimeAllowanceOpt,
     WeightDecayOpt,
     overrides,
 )
@@ -86,6 +87,7 @@ def train_plain(
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
     patience: PatienceOpt = 4,
+    time_allowance: TimeAllowanceOpt = 2.0,
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
 ) -> None:
@@ -94,7 +96,8 @@ def train_plain(
     from ..hospital.recipe import derive_recipe
     from ..training.approx import RangeError
 
-    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
+    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed,
+                      time_allowance=time_allowance)
     feature_set = load_features(features, dataset, backbone)
     console.print("training settings (derived from train/validation unless given):")
     try:
@@ -123,6 +126,7 @@ def train_encrypted(
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
     patience: PatienceOpt = 4,
+    time_allowance: TimeAllowanceOpt = 2.0,
     seed: SeedOpt = 0,
     fixed_epochs: Annotated[bool, typer.Option(
         help="No interaction: train all epochs, keep the last.")] = False,
@@ -143,7 +147,8 @@ def train_encrypted(
     if insecure_test_params:
         console.print("[bold red]WARNING: insecure test parameters (ring 4096): "
                       "no security at all.[/]")
-    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
+    given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed,
+                      time_allowance=time_allowance)
     feature_set = load_features(features, dataset, backbone)
     hospital = Hospital(workdir, insecure_test_params=insecure_test_params,
                         log=console.print)

@@ -94,10 +94,26 @@ class StepKernel:
         logits = [self.logit(chunk, w) for w in diagonals]
         return logits if beta == 0.0 else [self.ev.add_scalar(z, beta) for z in logits]
 
-    def sigmoid(self, logit: ofhe.Ciphertext, scale: float) -> ofhe.Ciphertext:
-        """scale * sigmoid~(logit), the scale folded into the coefficients (no level)."""
+    def sigmoid(self, unit_logit: ofhe.Ciphertext, scale: float) -> ofhe.Ciphertext:
+        """scale * sigmoid~ of a logit already on the sigmoid's unit interval (times its unit
+        map's alpha: `unit_lookahead`, `unit_logit`), the scale folded into the coefficients:
+        `sigmoid.unit_depth` levels."""
         sig = self.plan.activation.sigmoid.scaled(scale)
-        return self.ev.chebyshev(logit, sig.coefficients, sig.a, sig.b)
+        return self.ev.chebyshev_unit(unit_logit, sig.coefficients)
+
+    def unit_lookahead(self, model: Sequence[ofhe.Ciphertext],
+                       weights: Sequence[float]) -> ofhe.Ciphertext:
+        """alpha sum_j weights_j model_j, alpha the sigmoid's unit map (the interval is
+        symmetric, beta = 0): the look-ahead whose logits are on [-1, 1], in the one level the
+        look-ahead costs anyway (binary head)."""
+        alpha = self.plan.activation.sigmoid.unit_map[0]
+        return self.ev.linear_combination(model, [alpha * w for w in weights])
+
+    def unit_logit(self, chunk: EncryptedChunk, model: ofhe.Ciphertext) -> ofhe.Ciphertext:
+        """alpha * logit under `model` itself (validation): the level OpenFHE's own linear map
+        would spend inside the series."""
+        return self.ev.mul_scalar(self.logit(chunk, model),
+                                  self.plan.activation.sigmoid.unit_map[0])
 
     def exponentials(self, logits: list[ofhe.Ciphertext]) -> list[ofhe.Ciphertext]:
         """exp~ of logits already on the unit interval (`softmax_logits`)."""
@@ -147,7 +163,8 @@ class StepKernel:
     # ---- the step's phases ---------------------------------------------------------------------
     def binary_terms(self, lookahead: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
                      scale: float) -> ofhe.Ciphertext:
-        """Sum over these chunks of (scale sigmoid~(z) - scale y) * x_grad (binary head)."""
+        """Sum over these chunks of (scale sigmoid~(z) - scale y) * x_grad (binary head);
+        `lookahead` comes from `unit_lookahead`."""
         terms = []
         for _, index in placed:
             chunk = self.chunks[index]

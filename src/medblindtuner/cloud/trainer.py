@@ -14,7 +14,7 @@ bootstrap, which leaves 9 (see `he.params`).
 Binary head (model = [W, W_prev], each d-periodic; ONE d-slot bootstrap per step):
     V = (1+m) W - m W_prev                    1
     Z = rotsum(x_dup * V)                     2   log2(d) rotations
-    A = (lr/n) sigmoid~(Z)                    8   degree 27
+    A = (lr/n) sigmoid~(Z)                    8   degree 59 on [-1, 1] (V carries its map)
     G = rotsum(sum over chunks of (A - (lr/n) Y) * x_grad)    9   log2(slots/d) rotations
     W_new = (1 - lr wd) V - G  -> d-slot bootstrap  (the decay is a second combination of
                                                  the model, level 1: no extra level)
@@ -23,7 +23,7 @@ c-class softmax (model = [M, M_prev] in the class-diagonal layout of `he.packing
 c diagonals; sparse bootstraps per step: the model's and one per denominator group, whatever c):
     W_k = diagonal k of a (1+m) M - a m M_prev, k < c        1   a: exp's unit map; masks
     Z_k = rotsum(x_dup * W_k)                               2   sample i sees class_of(i, k)
-    e_k = exp~(Z_k); S = sum_k e_k                          6   degree 9 on [-1, 1]
+    e_k = exp~(Z_k); S = sum_k e_k                          6   degree 13 on [-1, 1]
     compact = fold(sum_j rot(S_j * b select, -s_j))         7   b: inverse's unit map;
                                                                 s_j: place j's shift
     inv_j = rot(inverse~(compact + beta), s_j - d)          4   degree 13 on [-1, 1]
@@ -146,7 +146,7 @@ class EncryptedTrainer:
         """Probabilities of one chunk under `model` (validation; softmax: its own bootstrap)."""
         kernel = self.kernel
         if self.softmax is None:
-            return [kernel.sigmoid(kernel.logit(chunk, model), 1.0)]
+            return [kernel.sigmoid(kernel.unit_logit(chunk, model), 1.0)]
         exps = kernel.exponentials_under(chunk, model)
         inverse = self._refresh_inverse(kernel.compact_sums(exps))
         return kernel.spread_inverse(inverse, -self.layout.block, 1.0, exps)
@@ -165,7 +165,8 @@ class EncryptedTrainer:
         lookahead = self.ev.linear_combination(self.model, [1 + m, -m])
         ridden = None
         if self.softmax is None:
-            terms = self.shards.binary_terms(lookahead, placed, scale)
+            terms = self.shards.binary_terms(
+                self.kernel.unit_lookahead(self.model, [1 + m, -m]), placed, scale)
             gradient = self.ev.rotate_and_sum(terms, self.layout.gradient_strides)
             period = self.layout.block
         else:

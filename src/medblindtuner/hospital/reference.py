@@ -9,6 +9,7 @@ end-to-end baseline of each MedMNIST flag.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -92,6 +93,21 @@ def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, c: float, n_classes: 
         raise DatasetError(f"the training split holds {len(model.classes_)} of {n_classes} "
                          "classes: every class needs training samples")
     return model
+
+
+def sample_log_losses(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-sample log-loss of a fitted scikit-learn classifier (labels 0..K-1)."""
+    proba = model.predict_proba(x)
+    return -np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0))
+
+
+def tied_with_best(differences: np.ndarray) -> bool:
+    """Mean paired difference within one standard error of zero (the best is tied with
+    itself)."""
+    if len(differences) < 2 or not np.any(differences):
+        return True
+    return float(differences.mean()) <= float(differences.std(ddof=1) /
+                                              math.sqrt(len(differences)))
 
 
 def val_log_loss(model, x_val: np.ndarray, y_val: np.ndarray, n_classes: int) -> float:

@@ -9,9 +9,21 @@ plan with the mirror before anything is encrypted (`check_ranges`).
 
 Depths (levels including OpenFHE's pending lazy rescale, measured with OpenFHE 1.6, see
 tests/test_he_engine.py): degree <= 5: 4, <= 13: 5, <= 27: 6, <= 59: 7; one less when the
-input is already mapped onto [-1, 1] (`ChebyshevApprox.unit_map`). Between two sparse
-bootstraps (level budget (2, 2)) 9 levels are usable. That fixes the default degrees below
-(cloud/trainer.py accounts for the levels of each step).
+input is already mapped onto [-1, 1] (`ChebyshevApprox.unit_map`, `unit_depth`). Every series
+is evaluated on [-1, 1] (the map folded into a product made anyway), so a head's degrees are
+the highest whose unit series fit the levels the step leaves it (`unit_degree_for`):
+`SIGMOID_LEVELS` = 6 (binary step: look-ahead 1, logit 2, sigmoid, gradient term 9 of the 9
+levels between two sparse (2, 2) bootstraps) gives degree 59; the softmax's exp and inverse
+have 4 levels each, degree 13 (cloud/trainer.py accounts for the levels of each step).
+
+Why wide intervals: the head must reach the logits its prior gives (a well-separated set
+has logits far beyond 24), not a prior raised to fit the polynomial. The gradient needs
+sigma(z) - y accurate near the decision boundary and bounded far from it. A polynomial of
+degree n bounded on [-R, R] has slope at most n / R at 0 (Bernstein), so R is set by the
+degree, i.e. by the levels: degree 59 keeps sigma within 1.2e-2 on [-48, 48] and within 0.11
+(bounded in [-0.11, 1.11]) on [-128, 128], against 1.6e-2 on [-24, 24] for degree 27 at the
+same 6 levels (`SIGMOID_BOUNDS` in hospital/recipe.py). Reaching +-10^3 (domain-extension
+polynomials, Cheon-Kim-Kim-Song, IEEE TIFS 2022) needs more levels than a step has.
 """
 
 from __future__ import annotations
@@ -23,13 +35,25 @@ import numpy as np
 
 from medblindtuner.errors import MedBlindTunerError
 
+_DEPTHS = ((5, 4), (13, 5), (27, 6), (59, 7), (119, 8))
+SIGMOID_LEVELS = 6  # levels the binary step leaves its sigmoid (see the module docstring)
+EXP_LEVELS = INVERSE_LEVELS = 4  # levels the softmax step leaves its exp and its inverse
+
 
 def chebyshev_depth(degree: int) -> int:
     """Multiplicative levels OpenFHE's EvalChebyshevSeries consumes for this degree."""
-    for limit, depth in ((5, 4), (13, 5), (27, 6), (59, 7), (119, 8)):
+    for limit, depth in _DEPTHS:
         if degree <= limit:
             return depth
     raise ValueError(f"degree {degree} too high")
+
+
+def unit_degree_for(levels: int) -> int:
+    """The highest degree whose series on [-1, 1] costs at most `levels` levels."""
+    fitting = [limit for limit, depth in _DEPTHS if depth - 1 <= levels]
+    if not fitting:
+        raise ValueError(f"no Chebyshev series fits {levels} levels")
+    return max(fitting)
 
 
 @dataclass(frozen=True)
@@ -54,7 +78,14 @@ class ChebyshevApprox:
 
     @property
     def depth(self) -> int:
+        """Levels of the series with OpenFHE's own linear map (input on [a, b])."""
         return chebyshev_depth(self.degree)
+
+    @property
+    def unit_depth(self) -> int:
+        """Levels of the series on an input already mapped onto [-1, 1] (how the encrypted
+        step evaluates it: `unit_map`)."""
+        return self.depth - 1
 
     @property
     def unit_map(self) -> tuple[float, float]:
@@ -82,7 +113,8 @@ class ChebyshevApprox:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "interval": [self.a, self.b], "degree": self.degree,
-                "scale": self.scale, "depth": self.depth, "max_error": self.max_error()}
+                "scale": self.scale, "depth": self.depth, "unit_depth": self.unit_depth,
+                "max_error": self.max_error()}
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -109,14 +141,22 @@ class ActivationPlan:
 
     n_classes: int
     logit_bound: float = 12.0
-    sigmoid_degree: int = 27
-    exp_degree: int = 9
-    inverse_degree: int = 13
+    sigmoid_degree: int = unit_degree_for(SIGMOID_LEVELS)
+    exp_degree: int = unit_degree_for(EXP_LEVELS)
+    inverse_degree: int = unit_degree_for(INVERSE_LEVELS)
     sum_bound: float | None = None  # upper end of the inverse's interval (softmax)
 
     @property
     def binary(self) -> bool:
         return self.n_classes == 2
+
+    @property
+    def levels(self) -> dict[str, int]:
+        """Levels each approximation of this head costs in the encrypted step (inputs on the
+        unit interval): what a step's level accounting asks for."""
+        parts = {"sigmoid": self.sigmoid} if self.binary else {
+            "exp": self.exp, "inverse": self.inverse}
+        return {name: approx.unit_depth for name, approx in parts.items()}
 
     @property
     def sigmoid(self) -> ChebyshevApprox:

@@ -1,0 +1,89 @@
+"""What an encrypted run costs, and how many epochs a time allowance buys (hospital side).
+
+The recipe (`hospital.recipe`) sizes the run from the data: batches of whole data
+ciphertexts, as many epochs as the validation loss keeps improving for in the plaintext twin
+(the judge's early stop ends the encrypted run at the same epoch), but never more than
+`TIME_ALLOWANCE_HOURS` (the user's `--time-allowance`) of encrypted training at the measured
+cost per chunk and per step. The costs are estimates from benchmarks/scale.py (production
+128-bit, one process; docs/results.md), used to compare widths and to cap epochs, never as
+promises.
+"""
+
+from __future__ import annotations
+
+from medblindtuner.he.packing import PackingLayout
+from medblindtuner.training.plain import make_batches
+from medblindtuner.training.plan import denominator_group_chunks, max_batch_size
+
+TIME_ALLOWANCE_HOURS = 2.0  # default encrypted training time the recipe may plan for
+MIN_EPOCHS, MAX_EPOCHS = 2, 60
+MIN_BATCH = 256
+MAX_STEPS_PER_EPOCH = 15  # larger sets take bigger steps (a step's bootstraps are paid once)
+# Seconds of one data ciphertext's per-chunk work (benchmarks/scale.py, production, local:
+# binary PCA 63 1.76-2.25 s, softmax 5 classes PCA 31 8.4-12.2 s; docs/results.md).
+CHUNK_SECONDS = {"binary": 2.0, "softmax": 10.0}
+# A step's serial work (model update and bootstraps) in units of one data ciphertext's
+# per-chunk work, binary and softmax heads (benchmarks/scale.py: serial s / step over
+# s / chunk, docs/results.md); used only to compare widths' costs.
+STEP_COST_IN_CHUNKS = {"binary": 5.5, "softmax": 3.1}
+# Each further softmax denominator group of a step: one more bootstrap at the shared slot
+# count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against 8.6 s a softmax chunk,
+# benchmarks/scale.py; docs/results.md).
+EXTRA_DENOMINATOR_GROUP_IN_CHUNKS = 1.8
+
+
+def head_kind(n_classes: int) -> str:
+    return "binary" if n_classes == 2 else "softmax"
+
+
+def derived_batch_size(n_samples: int, layout: PackingLayout, n_classes: int) -> int:
+    """Whole ciphertexts: at least MIN_BATCH samples, at most MAX_STEPS_PER_EPOCH steps an
+    epoch, no more than a step takes (`plan.max_batch_size`) or the data holds."""
+    per_ct = layout.samples_per_ct
+    wanted = max(-(-MIN_BATCH // per_ct), -(-n_samples // (per_ct * MAX_STEPS_PER_EPOCH)))
+    chunks = min(wanted, max_batch_size(layout, n_classes) // per_ct, -(-n_samples // per_ct))
+    return chunks * per_ct
+
+
+def batch_chunks(n_train: int, layout: PackingLayout, n_classes: int) -> list[int]:
+    """Data ciphertexts of each batch under the derived batch rule."""
+    batches = make_batches(n_train, derived_batch_size(n_train, layout, n_classes), 0)
+    return [-(-len(b) // layout.samples_per_ct) for b in batches]
+
+
+def chunks_per_step(n_train: int, layout: PackingLayout, n_classes: int) -> int:
+    """Data ciphertexts in the largest batch under the derived batch rule."""
+    return max(batch_chunks(n_train, layout, n_classes))
+
+
+def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int) -> float:
+    """One epoch's encrypted work in data-ciphertext passes: every training and validation
+    chunk, plus each step's serial work (`STEP_COST_IN_CHUNKS`) and softmax's further
+    denominator groups."""
+    chunks = batch_chunks(n_train, layout, n_classes)
+    passes = sum(chunks) + -(-n_val // layout.samples_per_ct)
+    serial = len(chunks) * STEP_COST_IN_CHUNKS[head_kind(n_classes)]
+    if n_classes > 2:
+        group = denominator_group_chunks(layout, max(chunks))
+        serial += EXTRA_DENOMINATOR_GROUP_IN_CHUNKS * sum(-(-c // group) - 1 for c in chunks)
+    return float(passes + serial)
+
+
+def epoch_seconds(n_train: int, n_val: int, layout: PackingLayout, n_classes: int) -> float:
+    """Estimated seconds of one encrypted epoch in one process (production parameters)."""
+    return epoch_work(n_train, n_val, layout, n_classes) * CHUNK_SECONDS[head_kind(n_classes)]
+
+
+def affordable_epochs(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
+                      hours: float = TIME_ALLOWANCE_HOURS) -> int:
+    """Epochs that fit `hours` of encrypted training, between MIN_EPOCHS and MAX_EPOCHS."""
+    fitting = int(3600.0 * hours // epoch_seconds(n_train, n_val, layout, n_classes))
+    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, fitting)))
+
+
+def encrypted_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
+                   hours: float = TIME_ALLOWANCE_HOURS) -> float:
+    """Work of the longest run the allowance plans at this layout (affordable epochs times
+    one epoch's work), in data-ciphertext passes."""
+    return affordable_epochs(n_train, n_val, layout, n_classes, hours) * epoch_work(
+        n_train, n_val, layout, n_classes)

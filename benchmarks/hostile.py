@@ -39,8 +39,8 @@ import httpx
 import numpy as np
 
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+from medblindtuner.hospital.client import HospitalClient
 from medblindtuner.hospital.crypto import HospitalJudge, encrypt_dataset
-from medblindtuner.service.client import HospitalClient
 from medblindtuner.service.local import LocalService
 from medblindtuner.training.plain import TrainConfig, add_bias
 from medblindtuner.training.plan import TrainingPlan

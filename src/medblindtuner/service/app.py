@@ -20,15 +20,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from medblindtuner.service.errors import CloudError, TooLarge
-from medblindtuner.service.jobs import CloudService, configure_logging
-from medblindtuner.service.limits import ServiceConfig
-from medblindtuner.service.protocol import (
+from medblindtuner.protocol import (
     CHUNK_SHA_HEADER,
     CONTENT_SHA_HEADER,
     EPOCH_HEADER,
     query_id_of,
 )
+from medblindtuner.service.errors import CloudError, TooLarge
+from medblindtuner.service.jobs import CloudService, configure_logging
+from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.uploads import chunk_digest
 
 log = logging.getLogger("medblindtuner.service")

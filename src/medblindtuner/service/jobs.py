@@ -24,18 +24,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
-from medblindtuner.service.blobs import BlobStore, is_safe_name
-from medblindtuner.service.errors import (
-    Conflict,
-    Forbidden,
-    Internal,
-    NotFound,
-    TooManyRequests,
-    Unauthorized,
-    Unprocessable,
-)
-from medblindtuner.service.limits import ServiceConfig
-from medblindtuner.service.protocol import (
+from medblindtuner.protocol import (
     ACTIVE_STATES,
     ARTIFACT_KINDS,
     AWAITING_DECISION,
@@ -56,6 +45,17 @@ from medblindtuner.service.protocol import (
     decision_path,
     query_kind,
 )
+from medblindtuner.service.blobs import BlobStore, is_safe_name
+from medblindtuner.service.errors import (
+    Conflict,
+    Forbidden,
+    Internal,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+)
+from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.quotas import RateLimiter
 from medblindtuner.service.store import (
     DecisionRow,

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medblindtuner.service.protocol import query_dir
+from medblindtuner.protocol import query_dir
 
 GIB = 1 << 30
 MIB = 1 << 20

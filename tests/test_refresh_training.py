@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from helpers_he import plan_and_keys, toy_problem
 
+from medblindtuner.cloud.trainer import EncryptedTrainer
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.params import HOSPITAL, params_for_mode
 from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
 from medblindtuner.hospital.refresher import local_refresher
-from medblindtuner.training.encrypted import EncryptedTrainer
 from medblindtuner.training.plain import TrainConfig
 
 WEIGHT_TOL = 2e-3

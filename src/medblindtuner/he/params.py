@@ -148,7 +148,7 @@ INSECURE_TEST = CkksParams(
 )
 
 
-# Levels a training step uses between two refreshes (training.encrypted: 9 for both heads).
+# Levels a training step uses between two refreshes (cloud.trainer: 9 for both heads).
 STEP_LEVELS = 9
 # Interactive refresh (OpenFHE IntMPBoot*, FLEXIBLEAUTO): the input must keep at least 4 towers
 # once its pending rescale is done, i.e. its effective level is at most depth - 3 (measured:

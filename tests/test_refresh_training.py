@@ -14,8 +14,9 @@ from helpers_he import plan_and_keys, toy_problem
 from medblindtuner.cloud.trainer import EncryptedTrainer
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.params import HOSPITAL, params_for_mode
+from medblindtuner.he.refresh import CloudRefresher
 from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
-from medblindtuner.hospital.refresher import local_refresher
+from medblindtuner.hospital.refresher import HospitalRefresher
 from medblindtuner.training.plain import TrainConfig
 
 WEIGHT_TOL = 2e-3
@@ -24,8 +25,9 @@ PARAMS = params_for_mode(HOSPITAL, insecure=True)
 
 def trainer_for(keys, plan, dataset, directory, judge=None) -> EncryptedTrainer:
     stopped = (lambda: judge.stopped) if judge is not None else (lambda: False)
-    refresher = local_refresher(keys, plan, directory / "hospital", directory / "journal",
-                                stopped=stopped)
+    holder = HospitalRefresher(keys, plan, directory / "hospital", stopped=stopped)
+    refresher = CloudRefresher(keys.context, keys.params, keys.public_key, holder, holder.job,
+                               directory / "journal")
     evaluator = Evaluator(keys.context, keys.params, keys.public_key, refresher)
     return EncryptedTrainer(evaluator, dataset, directory / "ckpt")
 
@@ -79,3 +81,20 @@ def test_refresh_mode_resumes_with_the_same_weights(tmp_path):
     assert state.epoch == 2 and state.steps == straight.state.steps
     a, b = (decrypt_weights(keys, plan, t.weights) for t in (straight, resumed))
     assert np.max(np.abs(a - b)) < WEIGHT_TOL
+
+
+def test_api_trains_in_refresh_mode_through_the_hospital_ledger(tmp_path):
+    """The Python API with a local cloud: refresh mode "hospital" by default, every refresh
+    answered by the hospital folder's ledger (and only the planned number)."""
+    from medblindtuner import EncryptedHeadClassifier
+    from medblindtuner.hospital.refresher import HospitalRefresher
+
+    x, y, x_val, y_val = toy_problem(2, n_train=150, n_val=40, seed=3)
+    clf = EncryptedHeadClassifier(insecure_test_params=True, workdir=tmp_path, pca_dims=0,
+                                  epochs=2)
+    clf.fit(x[:, :-1], y, x_val[:, :-1], y_val)
+    hospital = clf.hospital_
+    assert hospital.keyed.refresh == "hospital" and hospital.keyed.bootstrap_slots == ()
+    ledger = HospitalRefresher(hospital.keys, hospital.plan, hospital.folder.refresh_state)
+    assert 0 < ledger.answered <= hospital.plan.max_refreshes
+    assert clf.score(x_val[:, :-1], y_val) > 0.8

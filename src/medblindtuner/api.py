@@ -25,6 +25,8 @@ class EncryptedHeadClassifier:
 
     Parameters left at None are derived from the training/validation data as the product does
     (`hospital.recipe`); `insecure_test_params=True` selects a tiny, NOT secure ring for tests.
+    `refresh`: "hospital" (this process refreshes the cloud's ciphertexts with its key: no
+    bootstrapping keys, a smaller ring) or "bootstrap" (the cloud bootstraps alone).
     `workdir` keeps the hospital's and the local cloud's folders (keys, ciphertexts, result);
     without it they go to a temporary folder that lives as long as the estimator.
     """
@@ -33,7 +35,7 @@ class EncryptedHeadClassifier:
                  momentum: float | None = None, weight_decay: float | None = None,
                  epochs: int | None = None, batch_size: int | None = None, patience: int = 4,
                  seed: int = 0, cloud: str = "local", workdir: str | Path | None = None,
-                 insecure_test_params: bool = False,
+                 insecure_test_params: bool = False, refresh: str | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self.pca_dims = pca_dims
         self.learning_rate = learning_rate
@@ -46,13 +48,14 @@ class EncryptedHeadClassifier:
         self.cloud = cloud
         self.workdir = workdir
         self.insecure_test_params = insecure_test_params
+        self.refresh = refresh
         self.log = log
 
     # ---- scikit-learn conventions --------------------------------------------------------
     def get_params(self, deep: bool = True) -> dict:
         return {k: getattr(self, k) for k in (
             "pca_dims", "learning_rate", "momentum", "weight_decay", "epochs", "batch_size",
-            "patience", "seed", "cloud", "workdir", "insecure_test_params", "log")}
+            "patience", "seed", "cloud", "workdir", "insecure_test_params", "refresh", "log")}
 
     def set_params(self, **params) -> EncryptedHeadClassifier:
         for key, value in params.items():
@@ -65,7 +68,7 @@ class EncryptedHeadClassifier:
             y_val: np.ndarray) -> EncryptedHeadClassifier:
         """Train under encryption; the validation split drives the settings and early stop."""
         from medblindtuner.features.extract import FeatureSet
-        from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+        from medblindtuner.he.params import default_refresh, params_for_mode
         from medblindtuner.hospital.hospital import Hospital
         from medblindtuner.hospital.recipe import Overrides
 
@@ -85,7 +88,8 @@ class EncryptedHeadClassifier:
             workdir = Path(self.scratch_.name)
         else:
             workdir = Path(self.workdir)
-        params = INSECURE_TEST if self.insecure_test_params else PRODUCTION
+        mode = self.refresh or default_refresh(service=self.cloud != "local")
+        params = params_for_mode(mode, self.insecure_test_params)
         hospital = Hospital(workdir / "hospital", params,
                             allow_insecure=self.insecure_test_params, log=self.log)
         given = Overrides(pca_dims=self.pca_dims, learning_rate=self.learning_rate,
@@ -125,6 +129,7 @@ class EncryptedHeadClassifier:
 def _train_in_process(hospital, cloud_dir: Path) -> list[dict]:
     """The cloud's role in this process: evaluation keys and ciphertexts only."""
     from medblindtuner.cloud.trainer import EncryptedTrainer
+    from medblindtuner.experiment import in_process_refresher
     from medblindtuner.he.engine import Evaluator
     from medblindtuner.he.keys import CloudCrypto
     from medblindtuner.training.artifacts import EncryptedDataset, EncryptedResult
@@ -132,7 +137,8 @@ def _train_in_process(hospital, cloud_dir: Path) -> list[dict]:
     judge = hospital.judge()
     cloud = CloudCrypto.load(hospital.folder.public_bundle,
                              allow_insecure=hospital.allow_insecure)
-    evaluator = Evaluator(cloud.context, cloud.params, cloud.public_key)
+    evaluator = Evaluator(cloud.context, cloud.params, cloud.public_key, in_process_refresher(
+        hospital, cloud.context, cloud.public_key, cloud_dir / "refresh_journal", judge))
     trainer = EncryptedTrainer(evaluator, EncryptedDataset.load(
         hospital.folder.encrypted_dataset, cloud.params, adopt=evaluator.adopt),
         cloud_dir / "checkpoints")

@@ -20,7 +20,8 @@ from medblindtuner.cloud.trainer import EncryptedTrainer
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import bundle_size_bytes
 from medblindtuner.he.params import CkksParams
-from medblindtuner.hospital.crypto import decrypt_weights
+from medblindtuner.he.refresh import CloudRefresher
+from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights
 from medblindtuner.hospital.hospital import Hospital
 from medblindtuner.hospital.recipe import PreparedData, Recipe
 from medblindtuner.hospital.reference import published_run
@@ -126,6 +127,17 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def in_process_refresher(hospital: Hospital, context, public_key, journal: Path,
+                         judge: HospitalJudge | None = None) -> CloudRefresher | None:
+    """Refresh mode "hospital" with both roles in one process (train-encrypted, experiments,
+    the API's local cloud): the cloud's refresher asks this hospital's ledger through the same
+    request and answer bytes as over the service. None in bootstrap mode."""
+    if hospital.keyed is None or not hospital.keyed.refreshed_by_hospital:
+        return None
+    holder = hospital.refresher(judge)
+    return CloudRefresher(context, hospital.keyed, public_key, holder, holder.job, journal)
+
+
 def run_encrypted(
     hospital: Hospital,
     interactive: bool = True,
@@ -145,7 +157,7 @@ def run_encrypted(
     config = plan.config
     log(f"plan: {len(plan.train_batch_sizes)} batches of <= {config.batch_size} samples, "
         f"{plan.layout.n_features} features (block {plan.layout.block}), {plan.rows} weight "
-        f"row(s), sparse bootstrap slots {plan.bootstrap_slots}")
+        f"row(s), refreshed by {hospital.keyed.refresh if hospital.keyed else '?'}")
     if (hint := plan.batch_hint()) is not None:
         log(f"note: {hint}")
     plain = run_plain(data, config, plan.activation, plan.layout)
@@ -162,7 +174,9 @@ def run_encrypted(
     with tqdm(total=n_cts, desc="encrypt batches", unit="batch") as bar:
         hospital.encrypt_dataset(progress=bar.update)
     timings["encrypt"] = time.perf_counter() - start
-    evaluator = Evaluator(keys.context, keyed, keys.public_key)
+    judge = hospital.judge() if interactive else None
+    evaluator = Evaluator(keys.context, keyed, keys.public_key, in_process_refresher(
+        hospital, keys.context, keys.public_key, workdir / "refresh_journal", judge))
     dataset = EncryptedDataset.load(hospital.folder.encrypted_dataset, keyed,
                                     adopt=evaluator.adopt)
     shards = cluster_shards(ray_address, dataset, hospital.folder.public_bundle, evaluator,
@@ -170,7 +184,6 @@ def run_encrypted(
     if shards is not None:
         log(f"step kernels on {len(shards.actors)} Ray actors ({ray_address})")
     trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints", shards=shards)
-    judge = hospital.judge() if interactive else None
     total_steps = config.epochs * len(plan.train_batch_sizes)
     start = time.perf_counter()
     try:

@@ -22,9 +22,11 @@ from .options import (
     MomentumOpt,
     PatienceOpt,
     PcaOpt,
+    RefreshOpt,
     SeedOpt,
     WeightDecayOpt,
     overrides,
+    refresh_params,
 )
 
 console = Console()
@@ -133,18 +135,19 @@ def train_encrypted(
     ray_address: Annotated[str, typer.Option(
         help="Where the steps' chunks are computed: 'local' (this process), or a Ray cluster "
              "('auto', 'host:port', 'ray://host:port'; one actor per node).")] = "local",
+    refresh: RefreshOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Encrypted training (both roles, one process) next to the plaintext trainers."""
     from ..experiment import run_encrypted
-    from ..he.params import INSECURE_TEST, PRODUCTION
     from ..hospital.hospital import Hospital
     from ..training.approx import RangeError
 
     if insecure_test_params:
         console.print("[bold red]WARNING: insecure test parameters (ring 4096): "
                       "no security at all.[/]")
-    params = INSECURE_TEST if insecure_test_params else PRODUCTION
+    params = refresh_params(refresh, insecure_test_params)
+    console.print(f"refresh mode: {params.refresh} ({params.name}, ring {params.ring_dim})")
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
     feature_set = load_features(features, dataset, backbone)
     hospital = Hospital(workdir, params, allow_insecure=insecure_test_params,

@@ -191,6 +191,13 @@ def params_for_mode(mode: str, insecure: bool = False) -> CkksParams:
     return _refresh_params(probe.name, probe.security, smallest_openfhe_ring(probe))
 
 
+def default_refresh(service: bool = False) -> str:
+    """The refresh mode used when none is given: HOSPITAL, measured faster end to end
+    (docs/results.md, "Refresh by the key holder"); over the service BOOTSTRAP until the
+    service relays refresh requests."""
+    return BOOTSTRAP if service else HOSPITAL
+
+
 def require_secure(params: CkksParams, allow_insecure: bool = False) -> None:
     """Refuse insecure parameters unless the caller opted in explicitly."""
     if params.is_secure:

@@ -24,7 +24,6 @@ from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.he.ciphertexts import atomic_write_bytes, atomic_write_json
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.refresh import (
-    CloudRefresher,
     RefreshError,
     RefreshRequest,
     masked_share,
@@ -139,14 +138,4 @@ class HospitalRefresher:
         self._answer_path(request.index - KEPT_ANSWERS).unlink(missing_ok=True)
 
 
-def local_refresher(keys: HospitalKeys, plan: TrainingPlan, state_dir: Path | None = None,
-                    journal: Path | None = None, stopped=lambda: False) -> CloudRefresher:
-    """Cloud and hospital in one process (train-encrypted, experiments, the API's local
-    cloud): the cloud's refresher talks to this hospital's `HospitalRefresher` through the
-    same request and answer bytes as over the service."""
-    holder = HospitalRefresher(keys, plan, state_dir, stopped=stopped)
-    return CloudRefresher(keys.context, keys.params, keys.public_key, holder, holder.job,
-                          journal)
-
-
-__all__ = ["HospitalRefresher", "RefreshError", "RefreshRefusal", "local_refresher"]
+__all__ = ["HospitalRefresher", "RefreshError", "RefreshRefusal"]

@@ -27,7 +27,7 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the batch schedule.")]
 RefreshOpt = Annotated[str | None, typer.Option(
     "--refresh", help="Who refreshes the cloud's ciphertexts: 'hospital' (the key holder, "
     "interactively: no bootstrapping keys, ring 2^15) or 'bootstrap' (the cloud alone). "
-    "Default: the faster mode, 'hospital' (docs/results.md).")]
+    "Default: 'hospital' (docs/results.md, 'Refresh by the key holder').")]
 
 
 def refresh_params(refresh: str | None, insecure: bool, service: bool = False):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medblindtuner.experiment import run_encrypted
 from medblindtuner.features.extract import FeatureSet
-from medblindtuner.he.params import BOOTSTRAP, REFRESH_MODES, params_for_mode
+from medblindtuner.he.params import BOOTSTRAP, REFRESH_MODES
 from medblindtuner.hospital.hospital import Hospital
 from medblindtuner.hospital.recipe import Overrides
 
@@ -42,11 +42,11 @@ def main() -> None:
                         help="who refreshes: the cloud ('bootstrap') or the hospital")
     args = parser.parse_args()
 
-    params = params_for_mode(args.refresh, args.insecure_test_params)
     given = Overrides(pca_dims=args.pca, learning_rate=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, epochs=args.epochs,
                       batch_size=args.batch_size, patience=args.patience, seed=args.seed)
-    hospital = Hospital(args.workdir, params, allow_insecure=args.insecure_test_params, log=print)
+    hospital = Hospital(args.workdir, insecure_test_params=args.insecure_test_params,
+                        refresh=args.refresh, log=print)
     hospital.prepare(FeatureSet.load(args.features), given)
     results = run_encrypted(hospital)
     results["command"] = "python benchmarks/encrypted_training.py " + " ".join(

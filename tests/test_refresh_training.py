@@ -94,7 +94,7 @@ def test_api_trains_in_refresh_mode_through_the_hospital_ledger(tmp_path):
                                   epochs=2)
     clf.fit(x[:, :-1], y, x_val[:, :-1], y_val)
     hospital = clf.hospital_
-    assert hospital.keyed.refresh == "hospital" and hospital.keyed.bootstrap_slots == ()
+    assert hospital.params.refresh == "hospital" and hospital.params.bootstrap_slots == ()
     ledger = HospitalRefresher(hospital.keys, hospital.plan, hospital.folder.refresh_state)
     assert 0 < ledger.answered <= hospital.plan.max_refreshes
     assert clf.score(x_val[:, :-1], y_val) > 0.8

@@ -146,11 +146,12 @@ def train_encrypted(
     if insecure_test_params:
         console.print("[bold red]WARNING: insecure test parameters (ring 4096): "
                       "no security at all.[/]")
-    params = refresh_params(refresh, insecure_test_params)
-    console.print(f"refresh mode: {params.refresh} ({params.name}, ring {params.ring_dim})")
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
     feature_set = load_features(features, dataset, backbone)
-    hospital = Hospital(workdir, params, allow_insecure=insecure_test_params,
+    params = refresh_params(refresh, insecure_test_params)
+    console.print(f"refresh mode: {params.refresh} ({params.name}, ring {params.ring_dim})")
+    hospital = Hospital(workdir, insecure_test_params=insecure_test_params,
+                        refresh=params.refresh,
                         log=console.print)
     console.print("training settings (derived from train/validation unless given):")
     try:

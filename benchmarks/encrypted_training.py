@@ -18,6 +18,7 @@ from pathlib import Path
 
 from medblindtuner.experiment import run_encrypted
 from medblindtuner.features.extract import FeatureSet
+from medblindtuner.he.params import BOOTSTRAP, REFRESH_MODES
 from medblindtuner.hospital.hospital import Hospital
 from medblindtuner.hospital.recipe import Overrides
 
@@ -37,12 +38,15 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench/work"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
     parser.add_argument("--insecure-test-params", action="store_true")
+    parser.add_argument("--refresh", choices=REFRESH_MODES, default=BOOTSTRAP,
+                        help="who refreshes: the cloud ('bootstrap') or the hospital")
     args = parser.parse_args()
 
     given = Overrides(pca_dims=args.pca, learning_rate=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, epochs=args.epochs,
                       batch_size=args.batch_size, patience=args.patience, seed=args.seed)
-    hospital = Hospital(args.workdir, insecure_test_params=args.insecure_test_params, log=print)
+    hospital = Hospital(args.workdir, insecure_test_params=args.insecure_test_params,
+                        refresh=args.refresh, log=print)
     hospital.prepare(FeatureSet.load(args.features), given)
     results = run_encrypted(hospital)
     results["command"] = "python benchmarks/encrypted_training.py " + " ".join(
@@ -51,7 +55,8 @@ def main() -> None:
     slim = json.loads(json.dumps(results, default=float))
     args.out.write_text(json.dumps(slim, indent=2))
     runs = results["runs"]
-    print(f"\n== {results['dataset']} ({results['ckks']['name']}) ==")
+    print(f"\n== {results['dataset']} ({results['ckks']['name']}, refresh "
+          f"{results['ckks']['refresh']}) ==")
     for name in ("published", "probe"):
         if name in runs:
             print(f"{name:10s} ACC {runs[name]['test']['acc']:.4f} "

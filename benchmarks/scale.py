@@ -3,6 +3,7 @@
     python benchmarks/scale.py --out runs/bench/scale.json                 # local, all sizes
     python benchmarks/scale.py --heads binary --sizes 2000 --steps 2       # one quick case
     python benchmarks/scale.py --ray-nodes 1 2 --out runs/bench/scale_ray.json
+    python benchmarks/scale.py --refresh hospital bootstrap --sizes 10000   # both modes
 
 For each head (binary at PCA 63, 5-class softmax at PCA 31) and each training-set size N, it
 makes synthetic features of that width (cost does not depend on the values; accuracy is
@@ -14,6 +15,11 @@ is its own, as in a deployment. `--ray-nodes S` also runs the steps on a local R
 S worker nodes (`cloud.cluster`). The per-step split into the chunks' part (parallel
 over nodes) and the driver's part (serial: update, bootstraps) gives a projection for more
 nodes, printed and stored as a projection.
+
+`--refresh hospital` (issue #24): the key holder refreshes instead of the cloud bootstrapping
+(`he.refresh`); the cloud's process then talks to a third process, the hospital's key holder
+(`--key-holder`, its secret key and refresh ledger only), over a pipe with the same request and
+answer bytes as the service, so the round trip and the key holder's own peak RSS are measured.
 """
 
 from __future__ import annotations
@@ -106,16 +112,17 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool) -> dict:
+def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool, mode: str) -> dict:
     """The hospital's process of a case: settings, keys, the encrypted dataset and the public
-    bundle written under `workdir` (what a hospital uploads)."""
-    from medblindtuner.he.keys import HospitalKeys
-    from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+    bundle written under `workdir` (what a hospital uploads; in refresh mode "hospital" also
+    the secret key and the plan, for the key-holder process)."""
+    from medblindtuner.he.keys import HospitalKeys, bundle_size_bytes
+    from medblindtuner.he.params import params_for_mode
     from medblindtuner.hospital.crypto import write_encrypted_dataset
     from medblindtuner.hospital.recipe import Overrides, derive_recipe
     from medblindtuner.training.plan import TrainingPlan
 
-    params = INSECURE_TEST if insecure else PRODUCTION
+    params = params_for_mode(mode, insecure)
     n_classes, dim = HEADS[head]
     data, recipe = derive_recipe(synthetic_features(n_train, n_classes, dim), params,
                                  Overrides(pca_dims=0))
@@ -123,12 +130,13 @@ def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool) -> dic
                                recipe.config, recipe.activation)
     keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
     result: dict = {"head": head, "n_train": n_train, "features": dim, "params": keyed.name,
+                    "refresh": mode, "ring_dim": keyed.ring_dim, "depth": keyed.depth,
                     "batch_size": plan.config.batch_size,
                     "samples_per_step": round(float(np.mean(plan.train_batch_sizes)), 1),
                     "chunks_per_step": plan.chunks_per_step,
                     "samples_per_ct": plan.layout.samples_per_ct,
                     "steps_per_epoch": len(plan.train_batch_sizes),
-                    "bootstrap_slots": list(plan.bootstrap_slots)}
+                    "bootstrap_slots": list(keyed.bootstrap_slots)}
     start = time.perf_counter()
     keys = HospitalKeys.generate(keyed, plan.rotation_indices, allow_insecure=insecure,
                                  shard_rotation_indices=plan.kernel_rotation_indices)
@@ -139,8 +147,85 @@ def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool) -> dic
     result["encrypt_s"] = round(time.perf_counter() - start, 1)
     result["dataset_gb"] = round(sum(f["bytes"] for f in manifest["files"].values()) / 1e9, 2)
     keys.save_public_bundle(workdir / "bundle")
+    result["bundle_mb"] = round(bundle_size_bytes(workdir / "bundle") / 1e6, 1)
+    if keyed.refreshed_by_hospital:
+        keys.save_secret_key(workdir / "secret_key.bin")
+        (workdir / "plan.json").write_text(json.dumps(plan.to_dict(), default=float))
     result["hospital_peak_rss_gb"] = round(peak_rss_gb(), 2)
     return result
+
+
+def own_peak_rss_gb() -> float:
+    """This process's own peak RSS (VmHWM): unlike ru_maxrss it does not carry over the
+    parent's peak from before a fork and exec (the key holder is started by the cloud)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return peak_rss_gb()
+
+
+def _send(stream, data: bytes) -> None:
+    stream.write(len(data).to_bytes(8, "big") + data)
+    stream.flush()
+
+
+def _receive(stream) -> bytes | None:
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    return stream.read(int.from_bytes(head, "big"))
+
+
+def key_holder_part(workdir: Path, insecure: bool) -> None:
+    """The hospital's key holder while the cloud trains: answers refresh requests read from
+    stdin (length-prefixed bytes) on stdout; at the end of input, its own measurements."""
+    from medblindtuner.he.keys import HospitalKeys
+    from medblindtuner.hospital.refresher import HospitalRefresher
+    from medblindtuner.training.plan import TrainingPlan
+
+    keys = HospitalKeys.load(workdir / "bundle", workdir / "secret_key.bin",
+                             allow_insecure=insecure, with_eval_keys=False)
+    plan = TrainingPlan.from_dict(json.loads((workdir / "plan.json").read_text()))
+    holder = HospitalRefresher(keys, plan, workdir / "key_holder")
+    seconds, count = 0.0, 0
+    while (request := _receive(sys.stdin.buffer)) is not None:
+        start = time.perf_counter()
+        answer = holder(request)
+        seconds += time.perf_counter() - start
+        count += 1
+        _send(sys.stdout.buffer, answer)
+    _send(sys.stdout.buffer, json.dumps({
+        "key_holder_peak_rss_gb": round(own_peak_rss_gb(), 2),
+        "key_holder_s_per_refresh": round(seconds / max(count, 1), 3)}).encode())
+
+
+class PipeKeyHolder:
+    """The cloud's end of the pipe to the key-holder process; times each round trip."""
+
+    def __init__(self, workdir: Path, insecure: bool) -> None:
+        command = [sys.executable, __file__, "--key-holder", str(workdir)]
+        command += ["--insecure-test-params"] if insecure else []
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.seconds, self.count, self.request_bytes, self.answer_bytes = 0.0, 0, 0, 0
+
+    def __call__(self, request: bytes) -> bytes:
+        start = time.perf_counter()
+        _send(self.process.stdin, request)
+        answer = _receive(self.process.stdout)
+        if answer is None:
+            raise RuntimeError("the key-holder process ended without an answer")
+        self.seconds += time.perf_counter() - start
+        self.count += 1
+        self.request_bytes, self.answer_bytes = len(request), len(answer)
+        return answer
+
+    def close(self) -> dict:
+        self.process.stdin.close()
+        final = json.loads(_receive(self.process.stdout) or b"{}")
+        self.process.wait()
+        return {**final, "refresh_round_trip_s": round(self.seconds / max(self.count, 1), 3),
+                "request_mb": round(self.request_bytes / 1e6, 2),
+                "answer_mb": round(self.answer_bytes / 1e6, 2)}
 
 
 def cloud_part(ray_nodes: int, steps: int, workdir: Path, dataset_gb: float,
@@ -152,6 +237,15 @@ def cloud_part(ray_nodes: int, steps: int, workdir: Path, dataset_gb: float,
     cloud = Cloud(workdir / "bundle", allow_insecure=insecure, verify=False)
     dataset = cloud.load_dataset(workdir / "data")
     plan = dataset.plan
+    holder = None
+    crypto = cloud.crypto
+    if crypto.params.refreshed_by_hospital:
+        from medblindtuner.he.refresh import CloudRefresher
+
+        holder = PipeKeyHolder(workdir, insecure)
+        cloud.evaluator.refresher = CloudRefresher(crypto.context, crypto.params,
+                                                   crypto.public_key, holder,
+                                                   plan.job_tag(crypto.params))
     result: dict = {"ray_nodes": ray_nodes,
                     "resident": bool(getattr(dataset.train, "resident", True))}
     cluster = shards = None
@@ -189,6 +283,8 @@ def cloud_part(ray_nodes: int, steps: int, workdir: Path, dataset_gb: float,
         shards.close()
         ray.shutdown()
         cluster.shutdown()
+    if holder is not None:
+        result.update(holder.close())
     timed_records = records[1:] or records  # the first step also encodes the masks once
     samples = sum(r["samples"] for r in timed_records)
     step_s = sum(r["step_s"] for r in timed_records)
@@ -206,9 +302,9 @@ def cloud_part(ray_nodes: int, steps: int, workdir: Path, dataset_gb: float,
     return result
 
 
-def run_part(part: list[str], args: argparse.Namespace) -> dict | None:
+def run_part(part: list[str], args: argparse.Namespace, mode: str) -> dict | None:
     """One part of a case in its own process (its peak RSS is its own); None if it failed."""
-    command = [sys.executable, __file__, *part, "--steps", str(args.steps)]
+    command = [sys.executable, __file__, *part, "--steps", str(args.steps), "--refresh", mode]
     command += ["--insecure-test-params"] if args.insecure_test_params else []
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -235,14 +331,22 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench/scale_work"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/scale.json"))
     parser.add_argument("--insecure-test-params", action="store_true")
+    parser.add_argument("--refresh", nargs="+", default=["bootstrap"],
+                        choices=["hospital", "bootstrap"],
+                        help="refresh modes to run, each case in each mode (issue #24)")
+    parser.add_argument("--key-holder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--hospital", nargs=3, metavar=("HEAD", "N", "DIR"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--cloud", nargs=3, metavar=("NODES", "DIR", "DATASET_GB"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.key_holder:
+        key_holder_part(args.key_holder, args.insecure_test_params)
+        return
     if args.hospital:
         head, n, folder = args.hospital
-        print(json.dumps(hospital_part(head, int(n), Path(folder), args.insecure_test_params)))
+        print(json.dumps(hospital_part(head, int(n), Path(folder), args.insecure_test_params,
+                                       args.refresh[0])))
         return
     if args.cloud:
         nodes, folder, dataset_gb = args.cloud
@@ -250,34 +354,36 @@ def main() -> None:
                                     args.insecure_test_params)))
         return
     cases = []
-    for head in args.heads:
-        for n in args.sizes:
-            folder = args.workdir / f"{head}_{n}"
-            shutil.rmtree(folder, ignore_errors=True)
-            hospital = run_part(["--hospital", head, str(n), str(folder)], args)
-            if hospital is None:
+    for head, n, mode in ((h, n, m) for h in args.heads for n in args.sizes
+                          for m in args.refresh):
+        folder = args.workdir / f"{head}_{n}_{mode}"
+        shutil.rmtree(folder, ignore_errors=True)
+        hospital = run_part(["--hospital", head, str(n), str(folder)], args, mode)
+        if hospital is None:
+            continue
+        for nodes in args.ray_nodes:
+            shutil.rmtree(folder / "ckpt", ignore_errors=True)
+            cloud = run_part(["--cloud", str(nodes), str(folder),
+                              str(hospital["dataset_gb"])], args, mode)
+            if cloud is None:
                 continue
-            for nodes in args.ray_nodes:
-                shutil.rmtree(folder / "ckpt", ignore_errors=True)
-                cloud = run_part(["--cloud", str(nodes), str(folder),
-                                  str(hospital["dataset_gb"])], args)
-                if cloud is None:
-                    continue
-                case = {**hospital, **cloud}
-                if nodes == 0:
-                    case["projection_ms_per_sample_epoch"] = {
-                        str(k): projection(case, k) for k in PROJECTED_NODES}
-                cases.append(case)
-                where = f"Ray {nodes} node(s)" if nodes else "local"
-                print(f"{head:8s} N={n:6d} {where:14s} batch {case['batch_size']:5d} "
-                      f"({case['chunks_per_step']} cts) {case['ms_per_sample_epoch']:7.2f} "
-                      f"ms/sample-epoch, {case['bootstraps_per_1000_samples']:.2f} "
-                      f"bootstraps/1000 samples, peak RSS GiB: cloud {case['peak_rss_gb']:.1f}"
-                      f", hospital {case['hospital_peak_rss_gb']:.1f}", flush=True)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"command": " ".join(sys.argv),
-                                                "cases": cases}, indent=2))
-            shutil.rmtree(folder, ignore_errors=True)
+            case = {**hospital, **cloud}
+            if nodes == 0:
+                case["projection_ms_per_sample_epoch"] = {
+                    str(k): projection(case, k) for k in PROJECTED_NODES}
+            cases.append(case)
+            where = f"Ray {nodes} node(s)" if nodes else "local"
+            print(f"{head:8s} N={n:6d} {mode:9s} {where:14s} batch {case['batch_size']:5d} "
+                  f"({case['chunks_per_step']} cts) {case['ms_per_sample_epoch']:7.2f} "
+                  f"ms/sample-epoch, {case['bootstraps_per_1000_samples']:.2f} "
+                  f"bootstraps/1000 samples, peak RSS GiB: cloud {case['peak_rss_gb']:.1f}"
+                  f", hospital {case['hospital_peak_rss_gb']:.1f}, key holder "
+                  f"{case.get('key_holder_peak_rss_gb', '-')}; bundle "
+                  f"{case['bundle_mb']:.0f} MB", flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"command": " ".join(sys.argv),
+                                            "cases": cases}, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
     for case in cases:
         if "projection_ms_per_sample_epoch" in case:
             print(f"projection {case['head']} N={case['n_train']}: " + ", ".join(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medblindtuner.he.keys import HospitalKeys
-from medblindtuner.he.params import INSECURE_TEST
+from medblindtuner.he.params import INSECURE_TEST, CkksParams
 from medblindtuner.training.plain import TrainConfig, add_bias
 from medblindtuner.training.plan import TrainingPlan
 
@@ -30,11 +30,12 @@ def toy_problem(
 
 
 def plan_and_keys(n_classes: int, config: TrainConfig, data,
-                  denominator_chunks: int | None = None):
+                  denominator_chunks: int | None = None, base: CkksParams = INSECURE_TEST):
+    """`base`: the insecure set of a refresh mode (`params_for_mode(mode, insecure=True)`)."""
     x_train, _, x_val, _ = data
-    plan = TrainingPlan.create(INSECURE_TEST, x_train, x_val, n_classes, config,
+    plan = TrainingPlan.create(base, x_train, x_val, n_classes, config,
                                denominator_chunks=denominator_chunks)
-    params = INSECURE_TEST.with_bootstrap_slots(plan.bootstrap_slots)
+    params = base.with_bootstrap_slots(plan.bootstrap_slots)
     keys = HospitalKeys.generate(params, plan.rotation_indices, allow_insecure=True,
                                  shard_rotation_indices=plan.kernel_rotation_indices)
     return plan, keys

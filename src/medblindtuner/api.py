@@ -39,6 +39,7 @@ class EncryptedHeadClassifier(ClassifierMixin, BaseEstimator):
                  epochs: int | None = None, batch_size: int | None = None, patience: int = 4,
                  seed: int = 0, validation_fraction: float = 0.25, cloud: str = "local",
                  workdir: str | Path | None = None, insecure_test_params: bool = False,
+                 refresh: str | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self.pca_dims = pca_dims
         self.learning_rate = learning_rate
@@ -52,6 +53,7 @@ class EncryptedHeadClassifier(ClassifierMixin, BaseEstimator):
         self.cloud = cloud
         self.workdir = workdir
         self.insecure_test_params = insecure_test_params
+        self.refresh = refresh
         self.log = log
 
     def fit(self, X, y, X_val=None, y_val=None) -> EncryptedHeadClassifier:  # noqa: N803
@@ -116,7 +118,11 @@ class EncryptedHeadClassifier(ClassifierMixin, BaseEstimator):
             workdir = Path(self.scratch_.name)
         else:
             workdir = Path(self.workdir)
+        from medblindtuner.he.params import default_refresh
+
+        refresh = self.refresh or default_refresh(service=self.cloud != "local")
         return Hospital(workdir / "hospital", insecure_test_params=self.insecure_test_params,
+                        refresh=refresh,
                         log=self.log)
 
     # ---- prediction ---------------------------------------------------------------------
@@ -190,10 +196,14 @@ def _fold_into_inputs(weights: np.ndarray, scaler) -> tuple[np.ndarray, np.ndarr
 def _train_in_process(hospital, cloud_dir: Path) -> list[dict]:
     """The cloud's role in this process: evaluation keys and ciphertexts only."""
     from medblindtuner.cloud.cloud import Cloud
+    from medblindtuner.experiment import in_process_refresher
 
     judge = hospital.judge()
     cloud = Cloud(hospital.folder.public_bundle,
                   allow_insecure=hospital.insecure_test_params)
+    cloud.evaluator.refresher = in_process_refresher(
+        hospital, cloud.crypto.context, cloud.crypto.public_key, cloud_dir / "refresh_journal",
+        judge)
     cloud.run_training(hospital.folder.encrypted_dataset, cloud_dir / "checkpoints",
                        hospital.folder.result, decide=judge)
     return [{"epoch": e, "val_loss": loss} for e, loss in sorted(judge.losses.items())]

@@ -19,6 +19,8 @@ from medblindtuner.cloud.cloud import Cloud
 from medblindtuner.cloud.cluster import LOCAL
 from medblindtuner.he.keys import bundle_size_bytes
 from medblindtuner.he.params import CkksParams
+from medblindtuner.he.refresh import CloudRefresher
+from medblindtuner.hospital.crypto import HospitalJudge
 from medblindtuner.hospital.hospital import Hospital
 from medblindtuner.hospital.recipe import PreparedData, Recipe
 from medblindtuner.hospital.reference import published_run
@@ -123,6 +125,17 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def in_process_refresher(hospital: Hospital, context, public_key, journal: Path,
+                         judge: HospitalJudge | None = None) -> CloudRefresher | None:
+    """Refresh mode "hospital" with both roles in one process (train-encrypted, experiments,
+    the API's local cloud): the cloud's refresher asks this hospital's ledger through the same
+    request and answer bytes as over the service. None in bootstrap mode."""
+    if not hospital.params.refreshed_by_hospital:
+        return None
+    holder = hospital.refresher(judge)
+    return CloudRefresher(context, hospital.params, public_key, holder, holder.job, journal)
+
+
 def run_encrypted(
     hospital: Hospital,
     interactive: bool = True,
@@ -142,7 +155,7 @@ def run_encrypted(
     config = plan.config
     log(f"plan: {len(plan.train_batch_sizes)} batches of <= {config.batch_size} samples, "
         f"{plan.layout.n_features} features (block {plan.layout.block}), {plan.rows} weight "
-        f"row(s), sparse bootstrap slots {plan.bootstrap_slots}")
+        f"row(s), refreshed by {hospital.params.refresh}")
     if (hint := plan.batch_hint()) is not None:
         log(f"note: {hint}")
     plain = run_plain(data, config, plan.activation, plan.layout)
@@ -162,6 +175,9 @@ def run_encrypted(
     # the cloud's role: the public bundle only, as a service worker would load it
     cloud = Cloud(hospital.folder.public_bundle, allow_insecure=hospital.insecure_test_params)
     judge = hospital.judge() if interactive else None
+    cloud.evaluator.refresher = in_process_refresher(
+        hospital, cloud.crypto.context, cloud.crypto.public_key, workdir / "refresh_journal",
+        judge)
     total_steps = config.epochs * len(plan.train_batch_sizes)
     with tqdm(total=total_steps, desc="encrypted training", unit="step") as bar:
         def on_step(info: dict) -> None:

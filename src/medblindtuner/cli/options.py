@@ -28,6 +28,17 @@ BatchOpt = Annotated[int | None, typer.Option(
     help="Mini-batch size, capped by one ciphertext (default: one full ciphertext).")]
 PatienceOpt = Annotated[int, typer.Option(help="Early-stopping patience in epochs.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the batch schedule.")]
+RefreshOpt = Annotated[str | None, typer.Option(
+    "--refresh", help="Who refreshes the cloud's ciphertexts: 'hospital' (the key holder, "
+    "interactively: no bootstrapping keys, ring 2^15) or 'bootstrap' (the cloud alone). "
+    "Default: 'hospital' (docs/results.md, 'Refresh by the key holder').")]
+
+
+def refresh_params(refresh: str | None, insecure: bool, service: bool = False):
+    """The CKKS parameter set of the chosen refresh mode (ParameterError on an unknown one)."""
+    from ..he.params import default_refresh, params_for_mode
+
+    return params_for_mode(refresh or default_refresh(service), insecure)
 
 
 def overrides(pca: int | None, lr: float | None, momentum: float | None,

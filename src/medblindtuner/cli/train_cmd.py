@@ -22,10 +22,12 @@ from .options import (
     MomentumOpt,
     PatienceOpt,
     PcaOpt,
+    RefreshOpt,
     SeedOpt,
     TimeAllowanceOpt,
     WeightDecayOpt,
     overrides,
+    refresh_params,
 )
 
 console = Console()
@@ -137,6 +139,7 @@ def train_encrypted(
     ray_address: Annotated[str, typer.Option(
         help="Where the steps' chunks are computed: 'local' (this process), or a Ray cluster "
              "('auto', 'host:port', 'ray://host:port'; one actor per node).")] = "local",
+    refresh: RefreshOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Encrypted training (both roles, one process) next to the plaintext trainers."""
@@ -150,7 +153,10 @@ def train_encrypted(
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed,
                       time_allowance=time_allowance)
     feature_set = load_features(features, dataset, backbone)
+    params = refresh_params(refresh, insecure_test_params)
+    console.print(f"refresh mode: {params.refresh} ({params.name}, ring {params.ring_dim})")
     hospital = Hospital(workdir, insecure_test_params=insecure_test_params,
+                        refresh=params.refresh,
                         log=console.print)
     console.print("training settings (derived from train/validation unless given):")
     try:

@@ -128,8 +128,11 @@ class EncryptedTrainer:
         return self.rows(self.model)
 
     def _zero_model(self) -> list[ofhe.Ciphertext]:
-        """Encrypted zeros derived from a data ciphertext (x * 0): no key needed."""
-        zero = self.ev.mul_scalar(self.data.train[0].x_grad, 0.0)
+        """Encrypted zeros derived from a data ciphertext (x - x): no key needed, and no level
+        spent, so the first step starts where a refreshed model does (a hospital refresh
+        leaves no spare level)."""
+        x = self.data.train[0].x_grad
+        zero = self.ev.sub(x, x)
         return [zero, zero.Clone()]
 
     # ---- the step ---------------------------------------------------------------------------
@@ -262,6 +265,8 @@ class EncryptedTrainer:
         atomic_write_json(self.checkpoint_dir / "state.json", {
             "state": self.state.__dict__, "ops": self.ev.ops.snapshot(), "files": files,
         })
+        if self.ev.refresher is not None:  # refreshes before the checkpoint are in it
+            self.ev.refresher.forget_before(self.ev.ops["bootstraps"])
         keep = {self.state.epoch, self.state.best_epoch}
         for old in self.checkpoint_dir.glob("epoch_*"):
             if int(old.name.split("_")[1]) not in keep:

@@ -4,7 +4,9 @@ Every encrypted computation goes through `Evaluator` so benchmarks can report bo
 rotations and multiplications per step, and so bootstrapping happens in exactly one place:
 `ensure_levels` refreshes a ciphertext only when the next operation needs more levels than
 remain (OpenFHE, FLEXIBLEAUTO: one multiplicative level per ct x ct, ct x plaintext or
-non-integer scalar product).
+non-integer scalar product). `bootstrap` is the one refresh: OpenFHE's bootstrapping, or, when
+the parameters say the hospital refreshes (`CkksParams.refresh`), a `he.refresh.CloudRefresher`
+that asks the key holder (counted as "bootstraps" either way, and as "refreshes").
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import openfhe as ofhe
 
 from medblindtuner.he.params import CkksParams
+from medblindtuner.he.refresh import CloudRefresher, max_refresh_level
 
 
 @dataclass
@@ -73,10 +76,12 @@ class Evaluator:
     """Thin, counted wrapper over an OpenFHE CryptoContext holding only evaluation keys."""
 
     def __init__(self, context: ofhe.CryptoContext, params: CkksParams,
-                 public_key: ofhe.PublicKey | None = None) -> None:
+                 public_key: ofhe.PublicKey | None = None,
+                 refresher: CloudRefresher | None = None) -> None:
         self.context = context
         self.params = params
         self.public_key = public_key
+        self.refresher = refresher
         self.ops = OpCounter()
         self._plain_cache: dict[tuple, ofhe.Plaintext] = {}
         self._zeros: dict[int, ofhe.Ciphertext] = {}
@@ -103,7 +108,9 @@ class Evaluator:
     # ---- levels ----------------------------------------------------------------------------
     @property
     def max_level(self) -> int:
-        """Highest level a ciphertext may reach and still be bootstrapped."""
+        """Highest level a ciphertext may reach and still be bootstrapped (or refreshed)."""
+        if self.params.refreshed_by_hospital:
+            return max_refresh_level(self.params)
         return self.params.depth - BOOTSTRAP_MAX_INPUT_LEVEL_MARGIN
 
     def levels_left(self, ct: ofhe.Ciphertext) -> int:
@@ -122,6 +129,12 @@ class Evaluator:
         return self.bootstrap(ct, period)
 
     def bootstrap(self, ct: ofhe.Ciphertext, period: int | None = None) -> ofhe.Ciphertext:
+        """A fresh ciphertext of the same values. `period`: the values repeat with it, so
+        OpenFHE bootstraps `period` slots; a hospital refresh covers every slot anyway. The
+        refresh's index in the job is the count of refreshes so far (checkpointed with the
+        counters, so a resumed run asks for the same indices)."""
+        if self.params.refreshed_by_hospital:
+            return self._refresh_by_hospital(ct)
         slots = period or self.params.slots
         if slots not in self.params.bootstrap_slots:
             raise ValueError(
@@ -133,6 +146,14 @@ class Evaluator:
             fresh = self.context.EvalBootstrap(work)
         fresh.SetSlots(self.params.slots)
         return fresh
+
+    def _refresh_by_hospital(self, ct: ofhe.Ciphertext) -> ofhe.Ciphertext:
+        if self.refresher is None:
+            raise RuntimeError("these parameters refresh through the hospital, but this "
+                               "evaluator was given no refresher")
+        index = self.ops["bootstraps"]
+        with self.ops.timed("bootstraps"), self.ops.timed("refreshes"):
+            return self.refresher.refresh(ct, index)
 
     # ---- arithmetic --------------------------------------------------------------------------
     def plaintext(self, values: np.ndarray, level: int = 0) -> ofhe.Plaintext:

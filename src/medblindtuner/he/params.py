@@ -4,6 +4,11 @@ The production set is 128-bit secure (HE standard, ring dimension 2^16). The ins
 uses a tiny ring so tests run in seconds; it is only reachable by name (`INSECURE_TEST`) or with
 an explicit `allow_insecure=True`, and every artifact records which set made it so that a
 mismatch is refused on load.
+
+Two refresh modes (`CkksParams.refresh`): "bootstrap" (the cloud bootstraps alone: bootstrap
+depth and keys) and "hospital" (the key holder refreshes interactively, `he.refresh`: no
+bootstrapping keys, depth = a step's levels + the protocol's headroom, and the smallest ring
+that stays 128-bit for that modulus: `params_for_mode`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,25 @@ from medblindtuner.errors import MedBlindTunerError
 
 class ParameterError(MedBlindTunerError, ValueError):
     """Raised when CKKS parameters are unsafe or do not match an artifact."""
+
+
+BOOTSTRAP = "bootstrap"  # the cloud bootstraps alone (bootstrapping keys in the bundle)
+HOSPITAL = "hospital"  # the key holder refreshes interactively (he.refresh)
+REFRESH_MODES = (HOSPITAL, BOOTSTRAP)
+
+# Largest log2(Q) for 128-bit classic security per ring dimension (HE standard, ternary
+# secret; OpenFHE's table); the key-switching primes count too, so OpenFHE may need the next
+# ring: `params_for_mode` asks OpenFHE itself.
+HE_STANDARD_128_MAX_BITS = {1 << 13: 218, 1 << 14: 438, 1 << 15: 881, 1 << 16: 1761,
+                            1 << 17: 3524}
+
+
+def min_secure_ring(modulus_bits: int) -> int:
+    """Smallest ring dimension the HE standard allows for a modulus of this many bits."""
+    for ring, bits in sorted(HE_STANDARD_128_MAX_BITS.items()):
+        if modulus_bits <= bits:
+            return ring
+    raise ParameterError(f"no ring dimension is 128-bit secure for a {modulus_bits}-bit modulus")
 
 
 @dataclass(frozen=True)
@@ -40,6 +64,7 @@ class CkksParams:
     sparse_level_budget: tuple[int, int] = (2, 2)  # few-slot (model) bootstrapping
     secret_key_dist: str = "SPARSE_ENCAPSULATED"
     bootstrap_slots: tuple[int, ...] = field(default_factory=tuple)
+    refresh: str = BOOTSTRAP  # who refreshes ciphertexts: BOOTSTRAP (cloud) or HOSPITAL
 
     @property
     def slots(self) -> int:
@@ -48,12 +73,25 @@ class CkksParams:
 
     @property
     def is_secure(self) -> bool:
-        return self.security == "HEStd_128_classic" and self.ring_dim >= 1 << 16
+        """128-bit classic (HE standard) and a ring at least as large as the standard's
+        table asks for this modulus (OpenFHE checks the same when it builds the context)."""
+        return (self.security == "HEStd_128_classic"
+                and self.ring_dim >= min_secure_ring(self.modulus_bits))
+
+    @property
+    def modulus_bits(self) -> int:
+        """Bits of the ciphertext modulus Q (the key-switching primes come on top)."""
+        return self.first_mod_bits + self.depth * self.scaling_bits
+
+    @property
+    def refreshed_by_hospital(self) -> bool:
+        return self.refresh == HOSPITAL
 
     def with_bootstrap_slots(self, slots: tuple[int, ...]) -> CkksParams:
-        """Same parameters with the sparse bootstrap slot counts a training plan needs."""
+        """Same parameters with the sparse bootstrap slot counts a training plan needs (none
+        when the hospital refreshes: no bootstrapping keys at all)."""
         values = asdict(self)
-        values["bootstrap_slots"] = tuple(sorted(set(slots)))
+        values["bootstrap_slots"] = () if self.refreshed_by_hospital else tuple(sorted(set(slots)))
         values["level_budget"] = tuple(self.level_budget)
         values["sparse_level_budget"] = tuple(self.sparse_level_budget)
         return CkksParams(**values)
@@ -71,6 +109,10 @@ class CkksParams:
         values["level_budget"] = tuple(values.get("level_budget", (3, 3)))
         values["sparse_level_budget"] = tuple(values.get("sparse_level_budget", (2, 2)))
         values["bootstrap_slots"] = tuple(values.get("bootstrap_slots", ()))
+        values.setdefault("refresh", BOOTSTRAP)
+        if values["refresh"] not in REFRESH_MODES:
+            raise ParameterError(f"unknown refresh mode {values['refresh']!r} "
+                                 f"(known: {', '.join(REFRESH_MODES)})")
         return cls(**values)
 
     def fingerprint(self) -> str:
@@ -106,6 +148,57 @@ INSECURE_TEST = CkksParams(
 )
 
 
+# Levels a training step uses between two refreshes (cloud.trainer: 9 for both heads).
+STEP_LEVELS = 9
+# Interactive refresh (OpenFHE IntMPBoot*, FLEXIBLEAUTO): the input must keep at least 4 towers
+# once its pending rescale is done, i.e. its effective level is at most depth - 3 (measured:
+# tests/test_refresh.py; one tower fewer throws or, per environment-measurements.md, decrypts
+# to garbage).
+REFRESH_HEADROOM_LEVELS = 3
+# Scaling bits in hospital-refresh mode: 45 bits keep depth 12 (Q = 593 bits) inside ring 2^15
+# with OpenFHE's key-switching primes; 46 bits already need ring 2^16 (measured with
+# GenCryptoContext, docs/results.md).
+REFRESH_SCALING_BITS = 45
+REFRESH_FIRST_MOD_BITS = 53
+
+
+def _refresh_params(name: str, security: str, ring_dim: int) -> CkksParams:
+    return CkksParams(name=name, ring_dim=ring_dim, security=security,
+                      scaling_bits=REFRESH_SCALING_BITS, first_mod_bits=REFRESH_FIRST_MOD_BITS,
+                      depth=STEP_LEVELS + REFRESH_HEADROOM_LEVELS,
+                      secret_key_dist="UNIFORM_TERNARY", refresh=HOSPITAL)
+
+
+def smallest_openfhe_ring(params: CkksParams) -> int:
+    """The ring dimension OpenFHE picks for `params`' modulus (and its key-switching primes)
+    at 128-bit classic security when none is given: the smallest that stays secure."""
+    cc_params = _context_parameters(params)
+    cc_params.SetRingDim(0)
+    return int(ofhe.GenCryptoContext(cc_params).GetRingDimension())
+
+
+def params_for_mode(mode: str, insecure: bool = False) -> CkksParams:
+    """The parameter set of a refresh mode: PRODUCTION (or INSECURE_TEST) for "bootstrap";
+    for "hospital" depth STEP_LEVELS + REFRESH_HEADROOM_LEVELS, no bootstrapping, and the
+    smallest ring OpenFHE accepts as 128-bit (2^15; the insecure set keeps ring 2^12)."""
+    if mode not in REFRESH_MODES:
+        raise ParameterError(f"unknown refresh mode {mode!r} (choose {' or '.join(REFRESH_MODES)})")
+    if mode == BOOTSTRAP:
+        return INSECURE_TEST if insecure else PRODUCTION
+    if insecure:
+        return _refresh_params("INSECURE-test-only-refresh", "HEStd_NotSet", 1 << 12)
+    probe = _refresh_params("production-128-refresh", "HEStd_128_classic", 1 << 16)
+    return _refresh_params(probe.name, probe.security, smallest_openfhe_ring(probe))
+
+
+def default_refresh(service: bool = False) -> str:
+    """The refresh mode used when none is given: HOSPITAL in one process (11x less serial
+    work a step, 6.8x smaller bundle, 5.7x faster key generation measured; the whole step's
+    comparison was inconclusive under load: docs/results.md, "Refresh by the key holder");
+    over the service BOOTSTRAP until the service relays refresh requests."""
+    return BOOTSTRAP if service else HOSPITAL
+
+
 def require_secure(params: CkksParams, allow_insecure: bool = False) -> None:
     """Refuse insecure parameters unless the caller opted in explicitly."""
     if params.is_secure:
@@ -117,8 +210,7 @@ def require_secure(params: CkksParams, allow_insecure: bool = False) -> None:
         )
 
 
-def build_context(params: CkksParams) -> ofhe.CryptoContext:
-    """Create the CryptoContext for `params` with every feature training needs enabled."""
+def _context_parameters(params: CkksParams) -> ofhe.CCParamsCKKSRNS:
     cc_params = ofhe.CCParamsCKKSRNS()
     cc_params.SetSecretKeyDist(getattr(ofhe, params.secret_key_dist))
     cc_params.SetSecurityLevel(getattr(ofhe, params.security))
@@ -127,8 +219,16 @@ def build_context(params: CkksParams) -> ofhe.CryptoContext:
     cc_params.SetFirstModSize(params.first_mod_bits)
     cc_params.SetScalingTechnique(ofhe.FLEXIBLEAUTO)
     cc_params.SetMultiplicativeDepth(params.depth)
-    context = ofhe.GenCryptoContext(cc_params)
-    for feature in (ofhe.PKE, ofhe.KEYSWITCH, ofhe.LEVELEDSHE, ofhe.ADVANCEDSHE, ofhe.FHE):
+    return cc_params
+
+
+def build_context(params: CkksParams) -> ofhe.CryptoContext:
+    """Create the CryptoContext for `params` with every feature training needs enabled
+    (hospital refresh: the interactive bootstrapping of OpenFHE's MULTIPARTY feature instead
+    of FHE's bootstrapping)."""
+    context = ofhe.GenCryptoContext(_context_parameters(params))
+    last = ofhe.MULTIPARTY if params.refreshed_by_hospital else ofhe.FHE
+    for feature in (ofhe.PKE, ofhe.KEYSWITCH, ofhe.LEVELEDSHE, ofhe.ADVANCEDSHE, last):
         context.Enable(feature)
     if context.GetRingDimension() != params.ring_dim:
         raise ParameterError(
@@ -150,7 +250,10 @@ def level_budget_for(params: CkksParams, slots: int) -> tuple[int, int]:
 
 
 def data_level(params: CkksParams) -> int:
-    """Level at which data is encrypted: where the refreshed model meets it (smaller files)."""
+    """Level at which data is encrypted: where the refreshed model meets it (smaller files;
+    a hospital refresh returns a ciphertext at level 0)."""
+    if params.refreshed_by_hospital:
+        return 0
     return BOOTSTRAP_OUTPUT_LEVEL[tuple(params.sparse_level_budget)]
 
 

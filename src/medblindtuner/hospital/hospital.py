@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.keys import HospitalKeys
-from medblindtuner.he.params import INSECURE_TEST, PRODUCTION, CkksParams
+from medblindtuner.he.params import BOOTSTRAP, CkksParams, params_for_mode
 from medblindtuner.hospital.crypto import (
     HospitalJudge,
     JudgeRefusal,
@@ -35,6 +36,7 @@ from medblindtuner.hospital.crypto import (
     write_encrypted_dataset,
 )
 from medblindtuner.hospital.recipe import Overrides, PreparedData, Recipe, derive_recipe
+from medblindtuner.hospital.refresher import HospitalRefresher
 from medblindtuner.training.artifacts import EncryptedResult, load_scores
 from medblindtuner.training.plain import class_probabilities
 from medblindtuner.training.plan import TrainingPlan
@@ -51,7 +53,8 @@ class HospitalFolder:
     public_bundle/        uploaded: context + evaluation keys (no secret)
     encrypted_dataset/    uploaded: CKKS ciphertexts of the features and labels
     local/                NEVER uploaded (mode 0700): secret key, scaled features, scaler,
-                          the early-stopping judge's answers (judge.json)
+                          the early-stopping judge's answers (judge.json), the refresh
+                          ledger and latest answers (refreshes/, refresh mode "hospital")
     plan.json             public training plan, CKKS parameters, recipe
     job.json              service URL, job id and bearer token (mode 0600)
     result/               downloaded encrypted weights
@@ -89,6 +92,10 @@ class HospitalFolder:
         return self.local / "judge.json"
 
     @property
+    def refresh_state(self) -> Path:
+        return self.local / "refreshes"
+
+    @property
     def plan(self) -> Path:
         return self.root / "plan.json"
 
@@ -104,10 +111,11 @@ class HospitalFolder:
         return self.root / "queries" / query_id
 
 
-def ckks_params(insecure_test_params: bool) -> CkksParams:
-    """The CKKS parameters of a security level: production (128-bit), or the tiny, NOT secure
-    test ring (the one place the flag becomes parameters)."""
-    return INSECURE_TEST if insecure_test_params else PRODUCTION
+def ckks_params(insecure_test_params: bool, refresh: str = BOOTSTRAP) -> CkksParams:
+    """The CKKS parameters of a security level and refresh mode: production (128-bit), or the
+    tiny, NOT secure test ring (the one place the flag becomes parameters); refresh mode
+    "hospital" has its own depth and ring (`he.params.params_for_mode`)."""
+    return params_for_mode(refresh, insecure_test_params)
 
 
 class Hospital:
@@ -118,10 +126,10 @@ class Hospital:
     """
 
     def __init__(self, workdir: str | os.PathLike[str], *, insecure_test_params: bool = False,
-                 log: Callable[[str], None] | None = None):
+                 refresh: str = BOOTSTRAP, log: Callable[[str], None] | None = None):
         self.folder = HospitalFolder(Path(workdir))
         self.insecure_test_params = insecure_test_params
-        self.params = ckks_params(insecure_test_params)
+        self.params = ckks_params(insecure_test_params, refresh)
         self.log = log
         self.data: PreparedData | None = None
         self.recipe: Recipe | None = None
@@ -144,6 +152,7 @@ class Hospital:
         self._scaler = data.feature_scaler
         self.folder.local.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.folder.judge_state.unlink(missing_ok=True)  # a new plan is a new job
+        shutil.rmtree(self.folder.refresh_state, ignore_errors=True)
         arrays = {f"{s}_x": x for s, x in data.x.items()}
         arrays.update({f"{s}_y": y for s, y in data.y.items()})
         np.savez(self.folder.prepared, **arrays)
@@ -239,6 +248,13 @@ class Hospital:
         """Decrypts one validation loss per epoch and answers continue/stop + best epoch."""
         return HospitalJudge(self.keys, self._require_plan(), int(self.meta["n_val"]),
                              state_path=self.folder.judge_state)
+
+    def refresher(self, judge: HospitalJudge | None = None) -> HospitalRefresher:
+        """Answers the cloud's refresh requests in refresh mode "hospital": the planned ones
+        only, in order, none after `judge` stopped training; persisted in local/refreshes/."""
+        stopped = (lambda: judge.stopped) if judge is not None else (lambda: False)
+        return HospitalRefresher(self.keys, self._require_plan(), self.folder.refresh_state,
+                                 stopped=stopped)
 
     def decrypt_result(self, directory: Path | None = None) -> np.ndarray:
         """(rows, features) weights from the downloaded encrypted result; refused when the

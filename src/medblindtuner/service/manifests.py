@@ -107,6 +107,7 @@ class ParamsModel(_Strict):
     secret_key_dist: Literal["UNIFORM_TERNARY", "SPARSE_TERNARY", "SPARSE_ENCAPSULATED"]
     bootstrap_slots: Annotated[list[Annotated[int, Field(ge=1, le=1 << 16)]],
                                Field(max_length=8)]
+    refresh: Literal["bootstrap", "hospital"] = "bootstrap"
 
     @field_validator("ring_dim")
     @classmethod

@@ -230,6 +230,10 @@ class Uploads:
             raise Unprocessable(f"bundle manifest has no valid 'params': {exc}") from exc
         if params.fingerprint() != manifest.get("params_fingerprint"):
             raise BadRequest("bundle manifest parameters do not match their fingerprint")
+        if params.refreshed_by_hospital:
+            raise BadRequest("this bundle is for refresh mode 'hospital' (the key holder "
+                             "refreshes interactively); this service does not relay refresh "
+                             "requests yet: make the keys with --refresh bootstrap")
         try:
             require_secure(params, self.config.allow_insecure)
         except ParameterError as exc:

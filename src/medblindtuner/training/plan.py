@@ -7,6 +7,8 @@ mirror, that the encrypted polynomials stay inside their intervals.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -114,6 +116,31 @@ class TrainingPlan:
         if softmax is None:
             return (self.layout.block,)
         return (softmax.bootstrap_period,)
+
+    @property
+    def refreshes_per_step(self) -> int:
+        """Refreshes (bootstraps) of one training step: the model's, and for a softmax head
+        one per denominator group."""
+        softmax = self.softmax_layout
+        if softmax is None:
+            return 1
+        return 1 + -(-self.chunks_per_step // softmax.chunks)
+
+    @property
+    def max_refreshes(self) -> int:
+        """Most refreshes the whole job may ask for: every step's, and for a softmax head one
+        per validation chunk and epoch (chunks that ride in a step's group need fewer). The
+        key holder answers no refresh beyond it (`hospital.refresher`)."""
+        steps = self.config.epochs * len(self.train_batch_sizes)
+        validation = 0 if self.softmax_layout is None else len(self.val_batch_sizes)
+        return steps * self.refreshes_per_step + self.config.epochs * validation
+
+    def job_tag(self, params: CkksParams) -> str:
+        """Public name of this plan under these parameters: a refresh request carries it, and
+        the key holder refuses one made for another job."""
+        blob = json.dumps({"plan": self.to_dict(), "params": params.fingerprint()},
+                          sort_keys=True, default=float).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
     def rotation_indices(self) -> list[int]:

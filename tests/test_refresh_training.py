@@ -1,0 +1,100 @@
+"""Encrypted training in refresh mode "hospital" vs its plaintext mirror (insecure test ring).
+
+Same checks and tolerance as tests/test_encrypted_training.py (weights within 2e-3 of the
+mirror, validation losses within 1e-3); the refreshes go through the hospital's ledger as
+bytes, as they would over the service, and there is no bootstrapping key anywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers_he import plan_and_keys, toy_problem
+
+from medblindtuner.cloud.trainer import EncryptedTrainer
+from medblindtuner.he.engine import Evaluator
+from medblindtuner.he.params import HOSPITAL, params_for_mode
+from medblindtuner.he.refresh import CloudRefresher
+from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
+from medblindtuner.hospital.refresher import HospitalRefresher
+from medblindtuner.training.plain import TrainConfig
+
+WEIGHT_TOL = 2e-3
+PARAMS = params_for_mode(HOSPITAL, insecure=True)
+
+
+def trainer_for(keys, plan, dataset, directory, judge=None) -> EncryptedTrainer:
+    stopped = (lambda: judge.stopped) if judge is not None else (lambda: False)
+    holder = HospitalRefresher(keys, plan, directory / "hospital", stopped=stopped)
+    refresher = CloudRefresher(keys.context, keys.params, keys.public_key, holder, holder.job,
+                               directory / "journal")
+    evaluator = Evaluator(keys.context, keys.params, keys.public_key, refresher)
+    return EncryptedTrainer(evaluator, dataset, directory / "ckpt")
+
+
+@pytest.mark.parametrize(("n_classes", "n_train", "batch", "epochs"),
+                         [(2, 150, 64, 3), (2, 300, 300, 2), (5, 64, 64, 2), (5, 300, 300, 2)])
+def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs):
+    data = toy_problem(n_classes, n_train=n_train, n_val=30, seed=5)
+    lr = 2.0 if n_classes == 2 else 1.0
+    config = TrainConfig(learning_rate=lr, momentum=0.9, epochs=epochs, batch_size=batch,
+                         patience=3)
+    plan, keys = plan_and_keys(n_classes, config, data, base=PARAMS)
+    assert keys.params.bootstrap_slots == () and keys.params.refreshed_by_hospital
+    mirror = plan.check_ranges(*data)
+    judge = HospitalJudge(keys, plan, len(data[3]))
+    trainer = trainer_for(keys, plan, encrypt_dataset(keys, plan, *data), tmp_path, judge)
+    state = trainer.train(decide=judge)
+    assert state.epoch == epochs
+    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(epochs))
+    assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
+    for record in mirror.history:
+        assert abs(judge.losses[record["epoch"]] - record["val_loss"]) < 1e-3
+    ops = trainer.ev.ops
+    assert ops["refreshes"] == ops["bootstraps"] <= plan.max_refreshes
+    assert not any(key.startswith("bootstraps_") for key in ops.counts)  # no OpenFHE bootstrap
+
+
+def test_refresh_mode_resumes_with_the_same_weights(tmp_path):
+    """Killed after epoch 1's checkpoint and again in the middle of a refresh (answered by the
+    hospital, never received): the re-run finishes with the uninterrupted run's weights."""
+    data = toy_problem(2, n_train=150, n_val=30, seed=4)
+    config = TrainConfig(learning_rate=2.0, momentum=0.9, epochs=2, batch_size=64, patience=3)
+    plan, keys = plan_and_keys(2, config, data, base=PARAMS)
+    dataset = encrypt_dataset(keys, plan, *data)
+    straight = trainer_for(keys, plan, dataset, tmp_path / "straight")
+    straight.train()
+    first = trainer_for(keys, plan, dataset, tmp_path / "resumed")
+    first.train(stop_after_epochs=1)
+    crashing = trainer_for(keys, plan, dataset, tmp_path / "resumed")
+    holder = crashing.ev.refresher.key_holder
+
+    def answered_then_killed(request: bytes) -> bytes:
+        holder(request)
+        raise KeyboardInterrupt("killed between the hospital's answer and its receipt")
+
+    crashing.ev.refresher.key_holder = answered_then_killed
+    with pytest.raises(KeyboardInterrupt):
+        crashing.train()
+    resumed = trainer_for(keys, plan, dataset, tmp_path / "resumed")
+    state = resumed.train()
+    assert state.epoch == 2 and state.steps == straight.state.steps
+    a, b = (decrypt_weights(keys, plan, t.weights) for t in (straight, resumed))
+    assert np.max(np.abs(a - b)) < WEIGHT_TOL
+
+
+def test_api_trains_in_refresh_mode_through_the_hospital_ledger(tmp_path):
+    """The Python API with a local cloud: refresh mode "hospital" by default, every refresh
+    answered by the hospital folder's ledger (and only the planned number)."""
+    from medblindtuner import EncryptedHeadClassifier
+    from medblindtuner.hospital.refresher import HospitalRefresher
+
+    x, y, x_val, y_val = toy_problem(2, n_train=150, n_val=40, seed=3)
+    clf = EncryptedHeadClassifier(insecure_test_params=True, workdir=tmp_path, pca_dims=0,
+                                  epochs=2)
+    clf.fit(x[:, :-1], y, x_val[:, :-1], y_val)
+    hospital = clf.hospital_
+    assert hospital.params.refresh == "hospital" and hospital.params.bootstrap_slots == ()
+    ledger = HospitalRefresher(hospital.keys, hospital.plan, hospital.folder.refresh_state)
+    assert 0 < ledger.answered <= hospital.plan.max_refreshes
+    assert clf.score(x_val[:, :-1], y_val) > 0.8

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
+from medblindtuner.failpoints import failpoint
 from medblindtuner.service.blobs import BlobStore, is_safe_name
 from medblindtuner.service.errors import (
     Conflict,
@@ -33,6 +34,7 @@ from medblindtuner.service.errors import (
     TooManyRequests,
     Unauthorized,
     Unprocessable,
+    out_of_space_is_507,
 )
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.protocol import (
@@ -211,14 +213,21 @@ class CloudService:
             if live >= limits.max_live_jobs:
                 raise TooManyRequests(f"the service holds {live} jobs, its limit; delete "
                                       "finished jobs or try again later", retry_after_s=60)
-            self.job_dir(job_id).mkdir(parents=True)
-            session.add(Job(id=job_id, token_hash=hash_token(token), state=CREATED))
+        try:
+            with out_of_space_is_507("creating the job"), self.store.session() as session:
+                session.add(Job(id=job_id, token_hash=hash_token(token), state=CREATED,
+                                client=client[:64]))
+                failpoint("disk.job")
+                self.job_dir(job_id).mkdir(parents=True)
+        except Exception:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            raise
         log.info("job %s created", job_id)
         return {"job_id": job_id, "token": token, "chunk_bytes": limits.chunk_bytes,
                 "max_upload_bytes": limits.max_upload_bytes,
                 "max_job_bytes": limits.max_job_bytes}
 
-    def authorise(self, job_id: str, token: str | None) -> str:
+    def authorise(self, job_id: str, token: str | None, client: str = "local") -> str:
         """401 without a bearer token, 404 for unknown jobs, 403 for another job's token."""
         if not token:
             raise Unauthorized("missing bearer token")

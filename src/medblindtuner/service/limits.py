@@ -61,6 +61,9 @@ class ServiceConfig:
     worker_poll_s: float = 0.25  # how often a waiting worker re-reads the DB
     monitor_interval_s: float = 2.0  # how often the web process checks its workers
     max_worker_restarts: int = 3
+    # Addresses of reverse proxies whose X-Forwarded-For is believed (uvicorn's
+    # forwarded_allow_ips, e.g. "10.0.0.5"); None: no proxy headers at all.
+    forwarded_allow_ips: str | None = None
 
     @property
     def resolved_db_url(self) -> str:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,15 @@ from medblindtuner.service.blobs import (
     sha256_bytes,
     write_at,
 )
-from medblindtuner.service.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
+from medblindtuner.service.errors import (
+    BadRequest,
+    CloudError,
+    Conflict,
+    NotFound,
+    TooLarge,
+    Unprocessable,
+    out_of_space_is_507,
+)
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import file_lock
 from medblindtuner.service.manifests import parse_json, validate_manifest
@@ -97,6 +108,32 @@ class Uploads:
         if is_query_kind(kind):
             return self.config.query_dir(job_id, query_id_of(kind)) / QUERY_INPUT_DIR
         return self.config.job_dir(job_id) / kind
+
+    # ---- a job deleted, a disk full, while a request works ------------------------------------
+    def _job_exists(self, job_id: str) -> bool:
+        with self.store.session() as session:
+            return session.get(Job, job_id) is not None
+
+    @contextmanager
+    def job_may_vanish(self, job_id: str, what: str) -> Iterator[None]:
+        """A `DELETE` of the job may run while this request works: what then fails (a row
+        gone, the staging folder removed) is a 404 and what it left behind is removed; a
+        full disk is a 507. Anything else is a bug and passes unchanged."""
+        try:
+            with out_of_space_is_507(what):
+                yield
+        except CloudError:
+            raise
+        except Exception as exc:
+            if self._job_exists(job_id):
+                raise
+            self._remove_leftovers(job_id)
+            raise NotFound(f"the job was deleted while {what}") from exc
+
+    def _remove_leftovers(self, job_id: str) -> None:
+        """Files a request re-created for a job deleted meanwhile (staging, links)."""
+        shutil.rmtree(self.config.staging_dir / job_id, ignore_errors=True)
+        shutil.rmtree(self.config.job_dir(job_id), ignore_errors=True)
 
     # ---- state -----------------------------------------------------------------------------
     def _check_open(self, session: Session, job: Job, kind: str, closed: str) -> QuerySet | None:
@@ -165,6 +202,10 @@ class Uploads:
     # ---- 1. manifest -----------------------------------------------------------------------
     def accept_manifest(self, job_id: str, kind: str, raw: bytes) -> dict[str, Any]:
         """Check the manifest against the limits and the job, then announce its files."""
+        with self.job_may_vanish(job_id, "its manifest was stored"):
+            return self._accept_manifest(job_id, kind, raw)
+
+    def _accept_manifest(self, job_id: str, kind: str, raw: bytes) -> dict[str, Any]:
         limits = self.config.limits
         what = f"{'query' if is_query_kind(kind) else kind} manifest"
         manifest = parse_json(raw, limits, what)  # size, depth, digits: before parsing
@@ -314,6 +355,11 @@ class Uploads:
     def accept_chunk(self, job_id: str, kind: str, name: str, index: int, data: bytes,
                      chunk_sha: str) -> dict[str, Any]:
         """Write a verified chunk durably into staging, then record it (crash-safe order)."""
+        with self.job_may_vanish(job_id, f"chunk {index} of {name} was written"):
+            return self._accept_chunk(job_id, kind, name, index, data, chunk_sha)
+
+    def _accept_chunk(self, job_id: str, kind: str, name: str, index: int, data: bytes,
+                      chunk_sha: str) -> dict[str, Any]:
         with self.store.session() as session:
             job = session.get(Job, job_id)
             self._check_open(session, job, kind, "uploads are closed")
@@ -339,6 +385,7 @@ class Uploads:
                     raise NotFound(f"{name!r} is no longer part of this upload")
                 if upload.finalized:  # finalized while this request waited for the lock
                     return {"index": index, "complete": True}
+            failpoint("disk.chunk")
             write_at(staged, index * chunk_size, data)
             with self.store.session() as session:
                 if session.get(UploadChunk, (upload_id, index)) is None:
@@ -355,6 +402,10 @@ class Uploads:
         the service fails after the rename, the next finalize finds the blob (verified again)
         and completes the link and the record; nothing is left that cannot be finished.
         """
+        with self.job_may_vanish(job_id, f"{name} was finalized"):
+            return self._finalize(job_id, kind, name)
+
+    def _finalize(self, job_id: str, kind: str, name: str) -> dict[str, Any]:
         upload_id, size, digest = self._finalizable(job_id, kind, name)
         if upload_id is None:
             return {"name": name, "complete": True, "sha256": digest}
@@ -374,12 +425,16 @@ class Uploads:
                 except BadRequest as exc:
                     raise self._reject(job_id, kind, name, upload_id, staged,
                                        exc.message) from exc
+                failpoint("disk.finalize")
                 self.blobs.commit(staged, digest, destination)  # hashed above, under the lock
                 failpoint("upload.blob_committed")
             elif not self.blobs.relink(digest, destination):
                 raise self._reject(job_id, kind, name, upload_id, staged,
                                    f"the staged bytes of {name} are gone; upload it again")
-            self._record_finalized(job_id, upload_id, size)
+            if not self._record_finalized(job_id, upload_id, size):
+                self._remove_leftovers(job_id)
+                self.blobs.collect({digest})
+                raise NotFound(f"the job was deleted while {name} was finalized")
         log.info("job %s: %s/%s stored (%d bytes, sha256 %s)", job_id, kind, name, size,
                  digest[:16])
         return {"name": name, "complete": True, "sha256": digest}
@@ -407,22 +462,27 @@ class Uploads:
                 raise Conflict(f"{name}: chunks {missing[:20]} not received yet")
             return upload.id, upload.size, upload.sha256
 
-    def _record_finalized(self, job_id: str, upload_id: int, size: int) -> None:
-        """The DB half of finalize: idempotent (a retry after a crash counts the bytes once)."""
+    def _record_finalized(self, job_id: str, upload_id: int, size: int) -> bool:
+        """The DB half of finalize: idempotent (a retry after a crash counts the bytes once).
+        False if the upload (its job) was deleted meanwhile."""
         with self.store.session() as session:
             upload = session.get(Upload, upload_id)
             if upload is None or upload.finalized:
-                return
+                return upload is not None
             upload.finalized = True
             upload.finalized_at = utcnow()
             job = session.get(Job, job_id)
             job.bytes_uploaded += size
             job.updated_at = utcnow()
+        return True
 
     def _reject(self, job_id: str, kind: str, name: str, upload_id: int, staged: Path,
-                message: str) -> BadRequest:
+                message: str) -> CloudError:
         """Drop the staged bytes and chunk records so the client can upload the file again."""
         staged.unlink(missing_ok=True)
+        if not self._job_exists(job_id):
+            self._remove_leftovers(job_id)
+            return NotFound(f"the job was deleted while {name} was finalized")
         with self.store.session() as session:
             session.execute(delete(UploadChunk).where(UploadChunk.upload_id == upload_id))
         log.warning("job %s: %s/%s refused: %s", job_id, kind, name, message[:300])

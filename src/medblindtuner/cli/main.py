@@ -20,8 +20,10 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except MedBlindTunerError as exc:
             from rich.console import Console
+            from rich.markup import escape
 
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}",
+                                       soft_wrap=True)
             ctx.exit(EXIT_USER_ERROR)
 
 

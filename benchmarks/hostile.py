@@ -727,8 +727,10 @@ def run(quick: bool = False, workdir: Path | None = None, log: Callable[[str], N
         defects += [f"after all cases: {p}" for p in final]
         summary = (f"{len(cases)} tried, {handled} handled, {len(defects)} defects; "
                    f"data lost: {'yes' if lost else 'no'}")
+        from hostile_round2 import MEASURED
+
         return {"tried": len(cases), "handled": handled, "defects": defects,
-                "data_lost": lost, "summary": summary,
+                "data_lost": lost, "summary": summary, "measured": dict(MEASURED),
                 "seconds": round(time.monotonic() - started, 1)}
     finally:
         for service in services:
@@ -748,6 +750,8 @@ def main() -> int:
     for defect in report["defects"]:
         print("DEFECT", defect)
     print(report["summary"], f"({report['seconds']} s)")
+    for name, value in report["measured"].items():
+        print(name, json.dumps(value))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0 if not report["defects"] else 1

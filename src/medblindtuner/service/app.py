@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from medblindtuner.service.errors import CloudError, TooLarge, printable
-from medblindtuner.service.jobs import CloudService, configure_logging
+from medblindtuner.service.jobs import CloudService
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.protocol import (
     CHUNK_SHA_HEADER,
@@ -31,6 +31,7 @@ from medblindtuner.service.protocol import (
     query_id_of,
 )
 from medblindtuner.service.uploads import chunk_digest
+from medblindtuner.service.views import configure_logging
 
 log = logging.getLogger("medblindtuner.service")
 _OCTET_BODY = {

@@ -46,6 +46,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)  # noqa: UP017 - explicit for readers on older Pythons
 
 
+def aware(value: datetime) -> datetime:
+    """A stored timestamp as UTC-aware (SQLite hands them back naive)."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value  # noqa: UP017
+
+
 def hash_token(token: str) -> str:
     """Only this digest is stored: a DB leak must not let anyone act as the hospital."""
     return hashlib.sha256(token.encode()).hexdigest()

@@ -14,14 +14,15 @@ import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from medblindtuner.failpoints import failpoint
-from medblindtuner.formats import dataset_file_name, sha256_file
+from medblindtuner.formats import sha256_file
 from medblindtuner.he import keys as he_keys
 from medblindtuner.he.keys import BUNDLE_FORMAT
 from medblindtuner.he.params import CkksParams, ParameterError, require_secure
@@ -44,7 +45,7 @@ from medblindtuner.service.errors import (
 )
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import file_lock
-from medblindtuner.service.manifests import parse_json, validate_manifest
+from medblindtuner.service.manifests import dataset_files, parse_json, validate_manifest
 from medblindtuner.service.protocol import (
     BUNDLE,
     CHUNK_SHA_HEADER,
@@ -57,7 +58,7 @@ from medblindtuner.service.protocol import (
     query_file_name,
     query_id_of,
 )
-from medblindtuner.service.store import Job, QuerySet, Store, Upload, UploadChunk, utcnow
+from medblindtuner.service.store import Job, QuerySet, Store, Upload, UploadChunk, aware, utcnow
 from medblindtuner.service.validate import Validator
 from medblindtuner.training.artifacts import DATASET_FORMAT, QUERIES_FORMAT
 from medblindtuner.training.plan import TrainingPlan, max_batch_size
@@ -66,15 +67,6 @@ log = logging.getLogger("medblindtuner.service")
 # The exact file set of a public bundle: the keys module's definition, so the two never drift.
 # The only use of a private name of `he.keys` in the service; to become its public name.
 BUNDLE_FILES = frozenset(he_keys._PUBLIC_FILES.values())
-
-
-def dataset_files(plan: TrainingPlan) -> set[str]:
-    """The exact file set of an encrypted dataset made for `plan` (what the hospital saves)."""
-    kinds = ["x_dup", "x_grad"] + [f"y{j}" for j in range(plan.label_cts)]
-    return {dataset_file_name(split, index, kind)
-            for split, count in (("train", len(plan.train_chunk_sizes)),
-                                 ("val", len(plan.val_batch_sizes)))
-            for index in range(count) for kind in kinds}
 
 
 def chunk_digest(header: str | None) -> str:
@@ -116,9 +108,8 @@ class Uploads:
 
     @contextmanager
     def job_may_vanish(self, job_id: str, what: str) -> Iterator[None]:
-        """A `DELETE` of the job may run while this request works: what then fails (a row
-        gone, the staging folder removed) is a 404 and what it left behind is removed; a
-        full disk is a 507. Anything else is a bug and passes unchanged."""
+        """A `DELETE` of the job may run meanwhile: what then fails is a 404 (leftovers are
+        removed); a full disk is a 507; anything else is a bug and passes unchanged."""
         try:
             with out_of_space_is_507(what):
                 yield
@@ -238,7 +229,7 @@ class Uploads:
                 raise TooLarge(f"job would upload {declared + sum(u.size for u in other)} "
                                f"bytes (manifests included); the per-job limit is "
                                f"{limits.max_job_bytes}")
-            everyone = session.scalar(select(func.coalesce(func.sum(Upload.size), 0))) or 0
+            everyone = self._reserved_bytes(session)
             if declared + everyone > limits.max_total_bytes:
                 raise TooLarge(f"the service holds {everyone} bytes of uploads; {declared} more "
                                f"would pass its disk bound of {limits.max_total_bytes} bytes: "
@@ -260,6 +251,16 @@ class Uploads:
         log.info("job %s: %s manifest accepted (%d files, %d bytes declared, sha256 %s)",
                  job_id, kind, len(files), declared, digest[:16])
         return {"accepted": True, "resumed": False}
+
+    def _reserved_bytes(self, session: Session) -> int:
+        """Bytes counted against the disk bound: every stored file, and the declared files
+        of jobs that sent something within `upload_reservation_ttl_s` (a declaration with
+        no bytes arriving stops reserving space)."""
+        cutoff = utcnow() - timedelta(seconds=self.config.limits.upload_reservation_ttl_s)
+        rows = session.execute(select(Upload.size, Upload.finalized, Job.updated_at).join(
+            Job, Job.id == Upload.job_id)).all()
+        return sum(size for size, finalized, seen in rows
+                   if finalized or aware(seen) >= cutoff)
 
     def _check_bundle_manifest(self, manifest: dict, job: Job) -> None:
         """Secure (or allowed) parameters matching their fingerprint, exactly the public files."""
@@ -377,6 +378,7 @@ class Uploads:
                 raise BadRequest(f"chunk {index} of {name} does not match its SHA-256 header "
                                  "(corrupted in transit?); resend it")
             upload_id, chunk_size, n_chunks = upload.id, upload.chunk_size, upload.n_chunks
+            job.updated_at = utcnow()  # bytes arrive: its reservation stays alive
         staged = self.staging_path(job_id, kind, name)
         with file_lock(self.lock_path(staged)):  # never while a finalize reads the file
             with self.store.session() as session:
@@ -421,7 +423,7 @@ class Uploads:
                                        f"{name} does not match the SHA-256 in its manifest "
                                        "(tampered or truncated); upload it again")
                 try:
-                    self.validator.check_file(staged, kind, name, self._ring_dim(job_id))
+                    self.validator.check_file(staged, kind, name, self._declared_params(job_id))
                 except BadRequest as exc:
                     raise self._reject(job_id, kind, name, upload_id, staged,
                                        exc.message) from exc
@@ -439,11 +441,11 @@ class Uploads:
                  digest[:16])
         return {"name": name, "complete": True, "sha256": digest}
 
-    def _ring_dim(self, job_id: str) -> int | None:
-        """The ring dimension the job's bundle manifest declares (None before it arrived)."""
+    def _declared_params(self, job_id: str) -> dict | None:
+        """The CKKS parameters the job's bundle manifest declares (None before it arrived)."""
         path = self.artifact_dir(job_id, BUNDLE) / MANIFEST_NAME
         try:
-            return int(json.loads(path.read_text())["params"]["ring_dim"])
+            return dict(json.loads(path.read_text())["params"])
         except (OSError, KeyError, TypeError, ValueError):
             return None
 

@@ -21,9 +21,9 @@ from scipy.special import log_softmax
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION
-from medblindtuner.training import recipe as recipe_module
+from medblindtuner.hospital import recipe as recipe_module
+from medblindtuner.hospital.recipe import Overrides, derive_recipe
 from medblindtuner.training.plain import make_batches, one_hot, train_head
-from medblindtuner.training.recipe import Overrides, derive_recipe
 
 
 def objective(weights: np.ndarray, x: np.ndarray, y: np.ndarray, n_classes: int,

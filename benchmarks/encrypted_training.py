@@ -20,13 +20,13 @@ from medblindtuner.experiment import run_encrypted
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
 from medblindtuner.hospital.hospital import Hospital
-from medblindtuner.training.recipe import Overrides
+from medblindtuner.hospital.recipe import Overrides
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", required=True, type=Path)
-    # settings left out are derived from the data, as the product does (training.recipe)
+    # settings left out are derived from the data, as the product does (hospital.recipe)
     parser.add_argument("--pca", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--momentum", type=float, default=None)

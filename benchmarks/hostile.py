@@ -41,8 +41,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # hostile_round2 next to this file
 
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+from medblindtuner.hospital.client import HospitalClient
 from medblindtuner.hospital.crypto import HospitalJudge, encrypt_dataset
-from medblindtuner.service.client import HospitalClient
 from medblindtuner.service.local import LocalService
 from medblindtuner.training.plain import TrainConfig, add_bias
 from medblindtuner.training.plan import TrainingPlan

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from hostile import CHUNK, OK, Case, Defect, Lab, sha
 
-from medblindtuner.service.client import HospitalClient
+from medblindtuner.hospital.client import HospitalClient
 
 GONE = (404, 409)
 

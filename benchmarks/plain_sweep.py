@@ -20,10 +20,10 @@ from pathlib import Path
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION
+from medblindtuner.hospital.recipe import prepare_features
 from medblindtuner.training.approx import ActivationPlan, RangeError
 from medblindtuner.training.plain import TrainConfig, evaluate, train_head
 from medblindtuner.training.plan import RANGE_MARGIN
-from medblindtuner.training.recipe import prepare_features
 
 
 def _numbers(text: str, kind=float) -> list:

@@ -17,15 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from medblindtuner.cloud.trainer import EncryptedTrainer
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import PRODUCTION
 from medblindtuner.hospital.crypto import encrypt_dataset
+from medblindtuner.hospital.recipe import derive_recipe
 from medblindtuner.training.artifacts import EncryptedDataset
-from medblindtuner.training.encrypted import EncryptedTrainer
 from medblindtuner.training.plan import TrainingPlan
-from medblindtuner.training.recipe import derive_recipe
 
 
 def timed_step(trainer: EncryptedTrainer, batch_index: int) -> dict:

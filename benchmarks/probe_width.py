@@ -17,8 +17,8 @@ import numpy as np
 
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.features.preprocess import FeatureScaler
-from medblindtuner.training.recipe import PCA_CANDIDATES, sample_log_losses
-from medblindtuner.training.reference import fit_logistic, fit_probe, scores
+from medblindtuner.hospital.recipe import PCA_CANDIDATES, sample_log_losses
+from medblindtuner.hospital.reference import fit_logistic, fit_probe, scores
 
 
 def main() -> None:

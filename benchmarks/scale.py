@@ -11,7 +11,7 @@ settings (batch size from N), generates production keys, encrypts and writes the
 by chunk with the public bundle (the hospital's process), then loads bundle and dataset as the
 service's worker does and times `--steps` steps (the cloud's process): each role's peak RSS
 is its own, as in a deployment. `--ray-nodes S` also runs the steps on a local Ray cluster of
-S worker nodes (`training.cluster`). The per-step split into the chunks' part (parallel
+S worker nodes (`cloud.cluster`). The per-step split into the chunks' part (parallel
 over nodes) and the driver's part (serial: update, bootstraps) gives a projection for more
 nodes, printed and stored as a projection.
 """
@@ -112,8 +112,8 @@ def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool) -> dic
     from medblindtuner.he.keys import HospitalKeys
     from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
     from medblindtuner.hospital.crypto import write_encrypted_dataset
+    from medblindtuner.hospital.recipe import Overrides, derive_recipe
     from medblindtuner.training.plan import TrainingPlan
-    from medblindtuner.training.recipe import Overrides, derive_recipe
 
     params = INSECURE_TEST if insecure else PRODUCTION
     n_classes, dim = HEADS[head]
@@ -147,10 +147,10 @@ def cloud_part(ray_nodes: int, steps: int, workdir: Path, dataset_gb: float,
                insecure: bool) -> dict:
     """The cloud's process of a case: the public bundle and the dataset as the service's
     worker loads them, `steps` timed steps (on a local Ray cluster with `ray_nodes`)."""
+    from medblindtuner.cloud.trainer import EncryptedTrainer
     from medblindtuner.he.engine import Evaluator
     from medblindtuner.he.keys import CloudCrypto
     from medblindtuner.training.artifacts import EncryptedDataset
-    from medblindtuner.training.encrypted import EncryptedTrainer
 
     crypto = CloudCrypto.load(workdir / "bundle", allow_insecure=insecure)
     evaluator = Evaluator(crypto.context, crypto.params, crypto.public_key)
@@ -161,7 +161,7 @@ def cloud_part(ray_nodes: int, steps: int, workdir: Path, dataset_gb: float,
     cluster = shards = None
     if ray_nodes:
         cluster = local_cluster(ray_nodes, dataset_gb)
-        from medblindtuner.training.cluster import RayShards
+        from medblindtuner.cloud.cluster import RayShards
         start = time.perf_counter()
         shards = RayShards.start(cluster.address, dataset, workdir / "bundle", evaluator,
                                  n_actors=ray_nodes,

@@ -27,8 +27,8 @@ import numpy as np
 
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import INSECURE_TEST
+from medblindtuner.hospital.client import HospitalClient
 from medblindtuner.hospital.crypto import HospitalJudge, encrypt_dataset
-from medblindtuner.service.client import HospitalClient
 from medblindtuner.training.plain import TrainConfig, add_bias
 from medblindtuner.training.plan import TrainingPlan
 

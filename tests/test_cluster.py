@@ -12,13 +12,13 @@ import openfhe as ofhe
 import pytest
 from helpers_he import plan_and_keys, toy_problem
 
+from medblindtuner.cloud.trainer import EncryptedTrainer
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.hospital.crypto import decrypt_weights, encrypt_dataset
-from medblindtuner.training.encrypted import EncryptedTrainer
 from medblindtuner.training.plain import TrainConfig
 
 ray = pytest.importorskip("ray")
-from medblindtuner.training.cluster import (  # noqa: E402
+from medblindtuner.cloud.cluster import (  # noqa: E402
     LOCAL,
     RayShards,
     chunk_owners,

@@ -26,8 +26,8 @@ from helpers_he import plan_and_keys, toy_problem
 from helpers_service import ServiceProcess
 
 from medblindtuner.failpoints import FAILPOINT_ENV, FAILPOINTS, MARKER_ENV
+from medblindtuner.hospital.client import HospitalClient, load_result_weights
 from medblindtuner.hospital.crypto import HospitalJudge, encrypt_dataset
-from medblindtuner.service.client import HospitalClient, load_result_weights
 from medblindtuner.training.plain import TrainConfig
 
 # A resumed run against the uninterrupted one: the same operations on the same ciphertexts,

@@ -7,7 +7,7 @@ import json
 from conftest import SHARED_DATA, SMALL_SUBSET
 
 from medblindtuner.demo import DemoOptions, run_demo
-from medblindtuner.training.recipe import Overrides
+from medblindtuner.hospital.recipe import Overrides
 
 
 def test_demo_pipeline_writes_report_and_matches_plaintext(

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from helpers_he import plan_and_keys, toy_problem
 
+from medblindtuner.cloud.trainer import EncryptedTrainer
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
 from medblindtuner.training.approx import RangeError
 from medblindtuner.training.artifacts import EncryptedDataset
-from medblindtuner.training.encrypted import Decision, EncryptedTrainer
 from medblindtuner.training.plain import TrainConfig, train_head
+from medblindtuner.training.plan import Decision
 
 WEIGHT_TOL = 2e-3
 CONFIG = TrainConfig(learning_rate=2.0, momentum=0.9, epochs=3, batch_size=64, patience=3)
@@ -118,7 +119,7 @@ def test_trainer_runs_with_only_the_public_bundle(setup, tmp_path):
         from medblindtuner.he.keys import CloudCrypto
         from medblindtuner.he.engine import Evaluator
         from medblindtuner.training.artifacts import EncryptedDataset
-        from medblindtuner.training.encrypted import EncryptedTrainer
+        from medblindtuner.cloud.trainer import EncryptedTrainer
         cloud = CloudCrypto.load({str(tmp_path / 'bundle')!r}, allow_insecure=True)
         data = EncryptedDataset.load(Path({str(tmp_path / 'data')!r}), cloud.params)
         trainer = EncryptedTrainer(Evaluator(cloud.context, cloud.params, cloud.public_key), data,

@@ -35,7 +35,7 @@ from medblindtuner.he.ciphertexts import ciphertext_to_bytes
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import CloudCrypto
 from medblindtuner.he.params import data_level
-from medblindtuner.service.protocol import (
+from medblindtuner.protocol import (
     AWAITING_DECISION,
     CONTENT_SHA_HEADER,
     EPOCH_HEADER,

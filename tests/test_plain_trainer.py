@@ -10,6 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from medblindtuner.experiment import run_plain
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION
+from medblindtuner.hospital.recipe import Overrides, derive_recipe, prepare_features
 from medblindtuner.training.approx import (
     ActivationPlan,
     ChebyshevApprox,
@@ -17,7 +18,6 @@ from medblindtuner.training.approx import (
     chebyshev_depth,
 )
 from medblindtuner.training.plain import TrainConfig, evaluate, train_head
-from medblindtuner.training.recipe import Overrides, derive_recipe, prepare_features
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])

@@ -13,9 +13,7 @@ from medblindtuner.features.backbones import BackboneInfo
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
-from medblindtuner.training.approx import RangeError
-from medblindtuner.training.plan import TrainingPlan
-from medblindtuner.training.recipe import (
+from medblindtuner.hospital.recipe import (
     EXP_BOUNDS,
     LOGIT_HEADROOM,
     MIN_BATCH,
@@ -30,7 +28,9 @@ from medblindtuner.training.recipe import (
     encrypted_work,
     logit_bounding_weight_decay,
 )
-from medblindtuner.training.reference import fit_probe, published_run
+from medblindtuner.hospital.reference import fit_probe, published_run
+from medblindtuner.training.approx import RangeError
+from medblindtuner.training.plan import TrainingPlan
 
 
 def synthetic_features(n: int, dim: int, n_classes: int, scale: float, shift: float,
@@ -198,7 +198,7 @@ def test_encrypted_work_counts_each_extra_denominator_group(monkeypatch):
     """50,000 samples, 5 classes at PCA 31: 7 chunks a step, refreshed in groups of 4 (the
     2048-slot cap, two places per compact period), so each step pays 1 more denominator
     bootstrap."""
-    from medblindtuner.training import recipe
+    from medblindtuner.hospital import recipe
 
     layout = PackingLayout(PRODUCTION.slots, 32)
     with_groups = encrypted_work(50_000, 5_000, layout, 5)

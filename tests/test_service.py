@@ -23,8 +23,8 @@ from helpers_he import plan_and_keys, toy_problem
 from helpers_service import CHUNK, ServiceProcess
 
 from medblindtuner.he.keys import HospitalKeys, looks_like_secret_key
+from medblindtuner.hospital.client import HospitalClient, ServiceError, load_result_weights
 from medblindtuner.hospital.crypto import HospitalJudge, encrypt_dataset
-from medblindtuner.service.client import HospitalClient, ServiceError, load_result_weights
 from medblindtuner.training.plain import TrainConfig
 from medblindtuner.training.plan import TrainingPlan
 

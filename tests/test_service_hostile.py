@@ -22,8 +22,8 @@ from helpers_service import ServiceProcess
 from medblindtuner.formats import sha256_file
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import PRODUCTION
+from medblindtuner.hospital.client import HospitalClient, ServiceError, load_result_weights
 from medblindtuner.hospital.crypto import encrypt_dataset
-from medblindtuner.service.client import HospitalClient, ServiceError, load_result_weights
 from medblindtuner.training.plain import TrainConfig
 from medblindtuner.training.plan import TrainingPlan
 

@@ -19,13 +19,13 @@ from helpers_he import plan_and_keys, toy_problem
 from test_service import MAX_UPLOAD, ServiceProcess
 
 from medblindtuner.he.keys import HospitalKeys, looks_like_secret_key
+from medblindtuner.hospital.client import HospitalClient, ServiceError, load_result_weights
 from medblindtuner.hospital.crypto import (
     HospitalJudge,
     decrypt_scores,
     encrypt_dataset,
     encrypt_queries,
 )
-from medblindtuner.service.client import HospitalClient, ServiceError, load_result_weights
 from medblindtuner.training.artifacts import load_scores
 from medblindtuner.training.plain import TrainConfig, class_probabilities
 from medblindtuner.training.plan import TrainingPlan

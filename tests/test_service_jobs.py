@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from helpers_he import toy_problem
 
+from medblindtuner import protocol
 from medblindtuner.he.keys import BUNDLE_FORMAT
 from medblindtuner.he.params import INSECURE_TEST
-from medblindtuner.service import protocol
 from medblindtuner.service.errors import (
     BadRequest,
     CloudError,
@@ -768,7 +768,7 @@ def _drop_log_handler(tmp_path: Path) -> None:
 def test_client_retries_connection_errors_and_429_with_bounded_backoff():
     import httpx
 
-    from medblindtuner.service.client import HospitalClient, ServiceError
+    from medblindtuner.hospital.client import HospitalClient, ServiceError
 
     calls: list[str] = []
 

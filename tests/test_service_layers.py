@@ -1,5 +1,6 @@
-"""The service package keeps its layering: no module imports one above it, the hospital client
-needs only the wire protocol, only `app.py` knows the web framework, no module grows huge.
+"""The service package keeps its layering: no module imports one above it, the hospital's
+client (`hospital/client.py`) needs only the wire protocol, only `app.py` knows the web
+framework, no module grows huge.
 
 Static checks (the source is parsed, not imported), plus one import in a fresh interpreter.
 """
@@ -18,12 +19,11 @@ PREFIX = "medblindtuner.service."
 
 # Lowest first; a module may import service modules of lower layers only.
 LAYERS = [
-    {"protocol"},
     {"errors", "limits", "locks"},
     {"store", "blobs", "validate", "manifests", "quotas"},
     {"supervisor", "uploads", "views"},
     {"jobs"},
-    {"app", "worker", "client"},
+    {"app", "worker"},
     {"command", "local"},  # the `serve` Typer command; `local` starts it as a process
 ]
 ENTRY_POINTS = {"__init__", "__main__"}  # `python -m medblindtuner.service`: starts the CLI
@@ -61,10 +61,14 @@ def test_no_module_imports_one_above_it():
                 assert layer_of(imported) < layer_of(module), f"{module} imports {imported}"
 
 
+CLIENT = PACKAGE.parent / "hospital" / "client.py"
+
+
 def test_client_needs_only_the_protocol():
-    service_imports = {name for name in imports_of(service_modules()["client"])
-                       if name.startswith(PREFIX)}
-    assert service_imports == {PREFIX + "protocol"}
+    """The hospital's client shares the wire protocol with the service, and nothing else of it."""
+    names = imports_of(CLIENT)
+    assert "medblindtuner.protocol" in names
+    assert not {name for name in names if name.startswith(PREFIX)}
 
 
 def test_only_the_app_knows_the_web_framework():
@@ -79,7 +83,7 @@ def test_no_module_over_500_lines():
 
 
 def test_client_import_pulls_neither_the_db_nor_the_web_stack():
-    code = ("import sys, medblindtuner.service.client; "
+    code = ("import sys, medblindtuner.hospital.client; "
             "print(sorted(m for m in ('sqlalchemy', 'fastapi', 'uvicorn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
@@ -94,8 +98,8 @@ def test_only_subprocesses_parse_uploaded_openfhe_bytes():
     """The web process never deserialises what a client sent: a crafted key file could crash
     or exhaust it. Only the validator and the worker (own processes) call OpenFHE parsers."""
     for module, path in service_modules().items():
-        if module in ("validate", "worker", "client"):
-            continue  # subprocesses; the client runs at the hospital, on its own files
+        if module in ("validate", "worker"):
+            continue  # subprocesses
         source = path.read_text()
         found = [name for name in PARSERS if name in source]
         assert not found, f"{module} calls {found}"

@@ -24,7 +24,7 @@ class EncryptedHeadClassifier:
     """Linear (sigmoid/softmax) head on frozen features, trained under CKKS encryption.
 
     Parameters left at None are derived from the training/validation data as the product does
-    (`training.recipe`); `insecure_test_params=True` selects a tiny, NOT secure ring for tests.
+    (`hospital.recipe`); `insecure_test_params=True` selects a tiny, NOT secure ring for tests.
     `workdir` keeps the hospital's and the local cloud's folders (keys, ciphertexts, result);
     without it they go to a temporary folder that lives as long as the estimator.
     """
@@ -67,7 +67,7 @@ class EncryptedHeadClassifier:
         from medblindtuner.features.extract import FeatureSet
         from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
         from medblindtuner.hospital.hospital import Hospital
-        from medblindtuner.training.recipe import Overrides
+        from medblindtuner.hospital.recipe import Overrides
 
         classes = np.unique(np.concatenate([np.asarray(y).reshape(-1),
                                             np.asarray(y_val).reshape(-1)]))
@@ -124,10 +124,10 @@ class EncryptedHeadClassifier:
 
 def _train_in_process(hospital, cloud_dir: Path) -> list[dict]:
     """The cloud's role in this process: evaluation keys and ciphertexts only."""
+    from medblindtuner.cloud.trainer import EncryptedTrainer
     from medblindtuner.he.engine import Evaluator
     from medblindtuner.he.keys import CloudCrypto
     from medblindtuner.training.artifacts import EncryptedDataset, EncryptedResult
-    from medblindtuner.training.encrypted import EncryptedTrainer
 
     judge = hospital.judge()
     cloud = CloudCrypto.load(hospital.folder.public_bundle,
@@ -145,7 +145,7 @@ def _train_in_process(hospital, cloud_dir: Path) -> list[dict]:
 
 def _train_on_service(hospital, url: str) -> list[dict]:
     """Upload, answer the early-stopping questions, download the encrypted result."""
-    from medblindtuner.service.client import HospitalClient
+    from medblindtuner.hospital.client import HospitalClient
 
     judge = hospital.judge()
     client = HospitalClient(url, progress=False)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from medblindtuner.hospital.recipe import Overrides
 from medblindtuner.service.local import LocalService
-from medblindtuner.training.recipe import Overrides
 
 console = Console()
 
@@ -73,9 +73,9 @@ def run_demo(options: DemoOptions) -> dict:
     from medblindtuner.features import extract_features
     from medblindtuner.he.keys import bundle_size_bytes
     from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+    from medblindtuner.hospital.client import HospitalClient
     from medblindtuner.hospital.hospital import Hospital
     from medblindtuner.report import build_report
-    from medblindtuner.service.client import HospitalClient
 
     clock = PhaseClock()
     workdir = Path(options.workdir)

@@ -15,15 +15,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medblindtuner.cloud.cluster import LOCAL, cluster_shards
+from medblindtuner.cloud.trainer import EncryptedTrainer
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import bundle_size_bytes
 from medblindtuner.he.params import CkksParams
 from medblindtuner.hospital.crypto import decrypt_weights
 from medblindtuner.hospital.hospital import Hospital
+from medblindtuner.hospital.recipe import PreparedData, Recipe
+from medblindtuner.hospital.reference import published_run
 from medblindtuner.training.approx import ActivationPlan
 from medblindtuner.training.artifacts import EncryptedDataset
-from medblindtuner.training.cluster import LOCAL, cluster_shards
-from medblindtuner.training.encrypted import EncryptedTrainer
 from medblindtuner.training.plain import (
     VALIDATION_LOSS_NAME,
     TrainConfig,
@@ -31,8 +33,6 @@ from medblindtuner.training.plain import (
     train_head,
 )
 from medblindtuner.training.plan import TrainingPlan
-from medblindtuner.training.recipe import PreparedData, Recipe
-from medblindtuner.training.reference import published_run
 
 
 def _run_summary(label: str, result, data: PreparedData) -> dict:

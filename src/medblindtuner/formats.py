@@ -1,7 +1,7 @@
 """Artifact format tags and file names, spelled once (standard library only).
 
 The hospital writes and reads these folders with `training.artifacts` (OpenFHE); the cloud
-service's wire protocol (`service.protocol`) and the hospital's HTTP client need the same
+service's wire protocol (`protocol`) and the hospital's HTTP client need the same
 names without OpenFHE, so they live here, below both.
 """
 

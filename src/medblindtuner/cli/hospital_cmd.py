@@ -96,7 +96,7 @@ def _raw_features(path: Path, split: str | None) -> np.ndarray:
 
 
 def _client(workdir: Path, progress: bool = True):
-    from medblindtuner.service.client import HospitalClient
+    from medblindtuner.hospital.client import HospitalClient
 
     job = _read_json(workdir / "job.json", "submit")
     return HospitalClient(job["url"], token=job["token"], job_id=job["job_id"],
@@ -127,8 +127,8 @@ def keygen(
     from medblindtuner.he.keys import bundle_size_bytes
     from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
     from medblindtuner.hospital.hospital import Hospital
+    from medblindtuner.hospital.recipe import RecipeError
     from medblindtuner.training.approx import RangeError
-    from medblindtuner.training.recipe import RecipeError
 
     params = INSECURE_TEST if insecure_test_params else PRODUCTION
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
@@ -166,8 +166,8 @@ def submit(
     workdir: WorkDir = DEFAULT_WORKDIR,
 ) -> None:
     """Create a job, upload bundle + encrypted dataset (resumable), start training."""
+    from medblindtuner.hospital.client import HospitalClient, ServiceError
     from medblindtuner.hospital.hospital import HospitalFolder
-    from medblindtuner.service.client import HospitalClient, ServiceError
 
     folder = HospitalFolder(workdir)
     job_file = folder.job
@@ -216,7 +216,7 @@ def fetch(
     poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 1.0,
 ) -> None:
     """Answer early-stopping questions (decrypting locally) until done; download weights."""
-    from medblindtuner.service.client import ServiceError
+    from medblindtuner.hospital.client import ServiceError
 
     hospital = _open(workdir)
     plan, judge = hospital.plan, hospital.judge()
@@ -241,8 +241,8 @@ def _answer_cloud_questions(client, judge, plan, poll: float) -> dict:  # noqa: 
     import httpx
     from tqdm import tqdm
 
+    from medblindtuner.hospital.client import CloudProtocolError, JobFailed, ServiceError
     from medblindtuner.hospital.crypto import JudgeRefusal
-    from medblindtuner.service.client import CloudProtocolError, JobFailed, ServiceError
 
     try:
         judge.require_open()
@@ -330,7 +330,7 @@ def predict(
     import time
 
     from medblindtuner.he.keys import BundleError
-    from medblindtuner.service.client import JobFailed, ServiceError
+    from medblindtuner.hospital.client import JobFailed, ServiceError
 
     if split is not None and features is not None:
         _fail("give either --split or --features, not both")

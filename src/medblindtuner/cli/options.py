@@ -1,6 +1,6 @@
 """Training options shared by every command that trains (declared once).
 
-Every setting defaults to "derive it from the data" (`training.recipe`); a value given here
+Every setting defaults to "derive it from the data" (`hospital.recipe`); a value given here
 is kept as given, and refused with a clear error if it fails the range check.
 """
 
@@ -29,8 +29,8 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the batch schedule.")]
 def overrides(pca: int | None, lr: float | None, momentum: float | None,
               weight_decay: float | None, epochs: int | None, batch_size: int | None,
               patience: int = 4, seed: int = 0):
-    """The user's settings as `training.recipe.Overrides` (None: derived)."""
-    from ..training.recipe import Overrides
+    """The user's settings as `hospital.recipe.Overrides` (None: derived)."""
+    from ..hospital.recipe import Overrides
 
     return Overrides(pca_dims=pca, learning_rate=lr, momentum=momentum,
                      weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,

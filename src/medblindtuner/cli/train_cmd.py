@@ -91,8 +91,8 @@ def train_plain(
 ) -> None:
     """Train the plaintext head (exact and polynomial mirror) next to the tuned probe."""
     from ..experiment import reference_runs, run_plain
+    from ..hospital.recipe import derive_recipe
     from ..training.approx import RangeError
-    from ..training.recipe import derive_recipe
 
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
     feature_set = load_features(features, dataset, backbone)

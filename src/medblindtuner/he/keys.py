@@ -10,7 +10,7 @@ method; it can only evaluate. OpenFHE writes each key file straight to disk (key
 checksums are computed by streaming, so no key is held twice in memory (except the step
 kernel's rotation keys at the hospital, kept as bytes from key generation to the bundle).
 
-Shard workers (`ShardKeys`, `training.cluster`): a node computing step kernels gets the context,
+Shard workers (`ShardKeys`, `cloud.cluster`): a node computing step kernels gets the context,
 public key, relinearisation key and the kernel's rotation keys as bytes, never the bootstrapping
 keys (OpenFHE keeps those in the same automorphism-key map as the rotations, which is why the
 kernel's subset is serialised at key generation, before any bootstrapping key exists).

@@ -372,7 +372,7 @@ class SoftmaxLayout:
 
     @property
     def kernel_rotation_indices(self) -> list[int]:
-        """Rotations of the per-chunk arithmetic (`training.kernel.StepKernel`): the model's
+        """Rotations of the per-chunk arithmetic (`cloud.kernel.StepKernel`): the model's
         shifts into the diagonals and the terms' way back (2d (C - s), the same modulo Q once
         the driver sums the periods), the spread, each chunk's move into and out of the
         compact vector (chunk 0's way out is -d). The logits' strides are the packing's."""

@@ -1,7 +1,7 @@
 """The key holder's cryptographic work: encrypt data and queries, judge, decrypt.
 
 Only the hospital runs this (it needs the secret key). The cloud's counterpart is
-`training.encrypted.EncryptedTrainer` and `training.inference.score_queries`.
+`cloud.trainer.EncryptedTrainer` and `cloud.inference.score_queries`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import CkksParams, data_level
 from medblindtuner.training.approx import exact_probabilities
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset, EncryptedQueries
-from medblindtuner.training.encrypted import Decision
 from medblindtuner.training.plain import make_batches, one_hot
-from medblindtuner.training.plan import TrainingPlan
+from medblindtuner.training.plan import Decision, TrainingPlan
 
 
 def encrypted_chunks(

@@ -34,10 +34,10 @@ from medblindtuner.hospital.crypto import (
     encrypt_queries,
     write_encrypted_dataset,
 )
+from medblindtuner.hospital.recipe import Overrides, PreparedData, Recipe, derive_recipe
 from medblindtuner.training.artifacts import EncryptedResult, load_scores
 from medblindtuner.training.plain import class_probabilities
 from medblindtuner.training.plan import TrainingPlan
-from medblindtuner.training.recipe import Overrides, PreparedData, Recipe, derive_recipe
 
 
 class HospitalError(MedBlindTunerError, RuntimeError):

@@ -21,15 +21,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from medblindtuner.service.errors import CloudError, TooLarge, printable
-from medblindtuner.service.jobs import CloudService
-from medblindtuner.service.limits import ServiceConfig
-from medblindtuner.service.protocol import (
+from medblindtuner.protocol import (
     CHUNK_SHA_HEADER,
     CONTENT_SHA_HEADER,
     EPOCH_HEADER,
     query_id_of,
 )
+from medblindtuner.service.errors import CloudError, TooLarge, printable
+from medblindtuner.service.jobs import CloudService
+from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.uploads import chunk_digest
 from medblindtuner.service.views import configure_logging
 

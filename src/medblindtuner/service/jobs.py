@@ -29,19 +29,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 
 from medblindtuner.failpoints import failpoint
-from medblindtuner.service.blobs import BlobStore, is_safe_name
-from medblindtuner.service.errors import (
-    Conflict,
-    Forbidden,
-    Internal,
-    NotFound,
-    TooManyRequests,
-    Unauthorized,
-    Unprocessable,
-    out_of_space_is_507,
-)
-from medblindtuner.service.limits import ServiceConfig
-from medblindtuner.service.protocol import (
+from medblindtuner.protocol import (
     ACTIVE_STATES,
     ARTIFACT_KINDS,
     AWAITING_DECISION,
@@ -61,6 +49,18 @@ from medblindtuner.service.protocol import (
     decision_path,
     query_kind,
 )
+from medblindtuner.service.blobs import BlobStore, is_safe_name
+from medblindtuner.service.errors import (
+    Conflict,
+    Forbidden,
+    Internal,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+    out_of_space_is_507,
+)
+from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.quotas import RateLimiter
 from medblindtuner.service.store import (
     DecisionRow,

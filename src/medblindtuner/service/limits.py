@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medblindtuner.he.untrusted import machine_memory_bytes
-from medblindtuner.service.protocol import query_dir
+from medblindtuner.protocol import query_dir
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from medblindtuner.service.protocol import WORKER_LOCK
+from medblindtuner.protocol import WORKER_LOCK
 
 
 def worker_alive(directory: Path, lock_name: str = WORKER_LOCK) -> bool:

@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from medblindtuner.service.protocol import CREATED, Q_UPLOADING
+from medblindtuner.protocol import CREATED, Q_UPLOADING
 
 # The states, upload kinds and file names these rows refer to are wire constants: `protocol`.
 

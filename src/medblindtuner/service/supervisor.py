@@ -22,9 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from medblindtuner.service.limits import ServiceConfig
-from medblindtuner.service.locks import worker_alive
-from medblindtuner.service.protocol import (
+from medblindtuner.protocol import (
     ACTIVE_STATES,
     FAILED,
     Q_ACTIVE_STATES,
@@ -34,6 +32,8 @@ from medblindtuner.service.protocol import (
     WORKER_LOG,
     WORKER_PID,
 )
+from medblindtuner.service.limits import ServiceConfig
+from medblindtuner.service.locks import worker_alive
 from medblindtuner.service.store import Job, QuerySet, Store, utcnow
 
 log = logging.getLogger("medblindtuner.service")

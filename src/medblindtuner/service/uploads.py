@@ -26,6 +26,18 @@ from medblindtuner.formats import sha256_file
 from medblindtuner.he import keys as he_keys
 from medblindtuner.he.keys import BUNDLE_FORMAT
 from medblindtuner.he.params import CkksParams, ParameterError, require_secure
+from medblindtuner.protocol import (
+    BUNDLE,
+    CHUNK_SHA_HEADER,
+    CREATED,
+    DATASET,
+    MANIFEST_NAME,
+    Q_UPLOADING,
+    QUERY_INPUT_DIR,
+    is_query_kind,
+    query_file_name,
+    query_id_of,
+)
 from medblindtuner.service.blobs import (
     BlobStore,
     atomic_write_bytes,
@@ -46,18 +58,6 @@ from medblindtuner.service.errors import (
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import file_lock
 from medblindtuner.service.manifests import dataset_files, parse_json, validate_manifest
-from medblindtuner.service.protocol import (
-    BUNDLE,
-    CHUNK_SHA_HEADER,
-    CREATED,
-    DATASET,
-    MANIFEST_NAME,
-    Q_UPLOADING,
-    QUERY_INPUT_DIR,
-    is_query_kind,
-    query_file_name,
-    query_id_of,
-)
 from medblindtuner.service.store import Job, QuerySet, Store, Upload, UploadChunk, aware, utcnow
 from medblindtuner.service.validate import Validator
 from medblindtuner.training.artifacts import DATASET_FORMAT, QUERIES_FORMAT

@@ -147,7 +147,7 @@ def check_job(job_dir: Path, allow_insecure: bool, query_id: str | None) -> None
     """Start-time checks: bundle, dataset (or one query set), headers vs declared params."""
     from medblindtuner.he.keys import _reset_openfhe_state, verify_public_bundle
     from medblindtuner.he.params import CkksParams
-    from medblindtuner.service.protocol import BUNDLE, DATASET, QUERY_INPUT_DIR, query_dir
+    from medblindtuner.protocol import BUNDLE, DATASET, QUERY_INPUT_DIR, query_dir
 
     bundle = Path(job_dir) / BUNDLE
     manifest = verify_public_bundle(bundle, allow_insecure=allow_insecure)

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from medblindtuner.protocol import Q_DONE, TERMINAL_STATES
 from medblindtuner.service.errors import NotFound
 from medblindtuner.service.limits import ServiceConfig
-from medblindtuner.service.protocol import Q_DONE, TERMINAL_STATES
 from medblindtuner.service.store import Job, QuerySet, aware
 
 log = logging.getLogger("medblindtuner.service")

@@ -30,9 +30,7 @@ import time
 from pathlib import Path
 
 from medblindtuner.failpoints import failpoint
-from medblindtuner.service.limits import ServiceConfig
-from medblindtuner.service.locks import acquire_lock
-from medblindtuner.service.protocol import (
+from medblindtuner.protocol import (
     AWAITING_DECISION,
     BUNDLE,
     CANCELLED,
@@ -57,6 +55,8 @@ from medblindtuner.service.protocol import (
     decision_path,
     decision_tmp_path,
 )
+from medblindtuner.service.limits import ServiceConfig
+from medblindtuner.service.locks import acquire_lock
 from medblindtuner.service.store import DecisionRow, Job, QuerySet, Store, utcnow
 
 log = logging.getLogger("medblindtuner.worker")
@@ -117,7 +117,7 @@ class JobRunner:
     def _decide(self, epoch: int, loss_ct):
         """Publish the encrypted loss and block until the hospital answers (or cancels)."""
         from medblindtuner.he.ciphertexts import save_ciphertext
-        from medblindtuner.training.encrypted import Decision
+        from medblindtuner.training.plan import Decision
 
         with self.store.session() as session:
             known = session.get(DecisionRow, (self.job_id, epoch)) is not None
@@ -169,11 +169,11 @@ class JobRunner:
         return result.save(self.dir / RESULT_DIR, trainer.ev.params)
 
     def run(self) -> None:
+        from medblindtuner.cloud.cluster import RAY_ADDRESS_ENV, cluster_shards
+        from medblindtuner.cloud.trainer import EncryptedTrainer
         from medblindtuner.he.engine import Evaluator
         from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
         from medblindtuner.training.artifacts import EncryptedDataset
-        from medblindtuner.training.cluster import RAY_ADDRESS_ENV, cluster_shards
-        from medblindtuner.training.encrypted import EncryptedTrainer
 
         with self.store.session() as session:
             job = session.get(Job, self.job_id)
@@ -234,6 +234,7 @@ class ScoreRunner:
             query.updated_at = utcnow()
 
     def run(self) -> None:
+        from medblindtuner.cloud.inference import score_queries
         from medblindtuner.he.ciphertexts import replace_dir
         from medblindtuner.he.engine import Evaluator
         from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
@@ -243,7 +244,6 @@ class ScoreRunner:
             read_dataset_manifest,
             save_scores,
         )
-        from medblindtuner.training.inference import score_queries
         from medblindtuner.training.plan import TrainingPlan
 
         with self.store.session() as session:

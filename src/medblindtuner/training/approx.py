@@ -11,7 +11,7 @@ Depths (levels including OpenFHE's pending lazy rescale, measured with OpenFHE 1
 tests/test_he_engine.py): degree <= 5: 4, <= 13: 5, <= 27: 6, <= 59: 7; one less when the
 input is already mapped onto [-1, 1] (`ChebyshevApprox.unit_map`). Between two sparse
 bootstraps (level budget (2, 2)) 9 levels are usable. That fixes the default degrees below
-(training/encrypted.py accounts for the levels of each step).
+(cloud/trainer.py accounts for the levels of each step).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class ActivationPlan:
     at -R), and the inverse is fitted on [c/2, 1.2 max_softmax_sum]: for c = 5, R = 3 that is
     [2.5, 49.5], where degree 13 has a relative error of 3.4e-3 (degree 5 on the naive
     [0.8, 1.1 c e^R] was off by up to 64 %). `sum_bound`, when the hospital derived it from
-    the data (`training.recipe`), replaces that worst case: a narrower interval is a more
+    the data (`hospital.recipe`), replaces that worst case: a narrower interval is a more
     accurate inverse. The hospital's range check verifies both intervals on the mirror before
     anything is encrypted.
     """

@@ -30,7 +30,7 @@ from medblindtuner.training.approx import ActivationPlan, RangeError, exact_prob
 class TrainConfig:
     """Hyperparameters shared by the exact, mirror and encrypted trainers.
 
-    The product derives them from the data (`training.recipe.derive_recipe`); a config built
+    The product derives them from the data (`hospital.recipe.derive_recipe`); a config built
     by hand must give the learning rate.
     """
 
@@ -49,7 +49,7 @@ class TrainConfig:
         """This config, after refusing values no trainer can use."""
         if self.learning_rate is None:
             raise ValueError("TrainConfig.learning_rate is not set: build the config with "
-                             "training.recipe.derive_recipe or give a learning rate")
+                             "hospital.recipe.derive_recipe or give a learning rate")
         if not (self.learning_rate > 0 and 0 <= self.momentum < 1 and self.epochs >= 1
                 and self.batch_size >= 1 and self.patience >= 1 and self.weight_decay >= 0):
             raise ValueError(f"invalid training settings: {self.to_dict()}")

@@ -31,6 +31,14 @@ MAX_CHUNKS_PER_STEP = 32
 MAX_DENOMINATOR_SLOTS = 2048
 
 
+@dataclass
+class Decision:
+    """The hospital's answer after reading one epoch's validation loss."""
+
+    continue_training: bool
+    best_epoch: int
+
+
 def split_into_chunks(n_samples: int, per_chunk: int) -> list[int]:
     """Consecutive chunks of `per_chunk` samples and a last, shorter one (the mirror's range
     check walks the logit slots in the same pieces)."""
@@ -116,7 +124,7 @@ class TrainingPlan:
 
     @property
     def kernel_rotation_indices(self) -> list[int]:
-        """The rotations of `training.kernel.StepKernel` alone: the keys a shard worker gets
+        """The rotations of `cloud.kernel.StepKernel` alone: the keys a shard worker gets
         (the driver's gradient sums, fold, period sums and bootstraps stay with the driver)."""
         softmax = self.softmax_layout
         extra = softmax.kernel_rotation_indices if softmax is not None else []

@@ -4,7 +4,7 @@ A step's batch is one or more data ciphertexts ("chunks", `TrainingPlan.batch_ch
 each chunk needs (logit products and rotations, polynomials, gradient terms) runs in a
 `StepKernel`, which uses relinearisation and rotation keys only, never bootstrapping keys: it
 can run wherever the chunks are (this process, or a Ray actor per node). The driver
-(`training.encrypted.EncryptedTrainer`) adds the kernels' partial results, bootstraps and
+(`cloud.trainer.EncryptedTrainer`) adds the kernels' partial results, bootstraps and
 updates the model. A chunk's position in its step (0, 1, ...) fixes where its softmax
 denominators sit in the step's one compact bootstrap (`he.packing.SoftmaxLayout`).
 

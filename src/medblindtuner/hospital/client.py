@@ -7,7 +7,7 @@ asked which chunks it already holds and only the rest is sent, so a dropped conn
 most one chunk.
 
 Encrypted inference uses the same upload protocol: `upload_queries` sends a query set (made by
-`medblindtuner.training.inference.encrypt_queries`), `score` starts the cloud-side scoring,
+`hospital.crypto.encrypt_queries`), `score` starts the cloud-side scoring,
 `wait_scores` polls and `fetch_scores` downloads the encrypted scores, which only the
 hospital can decrypt (`decrypt_scores`).
 """
@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from medblindtuner.service.protocol import (
+from medblindtuner.protocol import (
     AWAITING_DECISION,
     CHUNK_SHA_HEADER,
     CONTENT_SHA_HEADER,
@@ -389,7 +389,7 @@ class HospitalClient:
         return self._request("GET", self._query(query_id, "/scores")).json()
 
     def fetch_scores(self, query_id: str, dest: Path) -> dict[str, Any]:
-        """Download the encrypted scores into `dest` (read with `inference.load_scores`)."""
+        """Download the encrypted scores into `dest` (read: `artifacts.load_scores`)."""
         return self._download(self._query(query_id, "/scores"), self.scores_manifest(query_id),
                               dest, "scores")
 

@@ -1,6 +1,6 @@
 """Step kernels on a Ray cluster: a step's chunks computed in parallel, one actor per node.
 
-`RayShards` is the `training.encrypted.Shards` of a cluster. Chunk j of every step (its
+`RayShards` is the `cloud.trainer.Shards` of a cluster. Chunk j of every step (its
 position in the step) belongs to shard j mod S, so the chunks of one step run on S actors at
 once; each actor is a `ShardWorker` holding only its own chunks and the step kernel's keys
 (`he.keys.ShardKeys`: context, public, relinearisation and the kernel's rotation keys; never
@@ -28,11 +28,11 @@ from typing import Any
 
 import openfhe as ofhe
 
+from medblindtuner.cloud.kernel import PlacedChunk, StepKernel
 from medblindtuner.he.ciphertexts import ciphertext_from_bytes, ciphertext_to_bytes
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import BundleError, ShardKeys
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset
-from medblindtuner.training.kernel import PlacedChunk, StepKernel
 from medblindtuner.training.plan import TrainingPlan
 
 log = logging.getLogger("medblindtuner.cluster")

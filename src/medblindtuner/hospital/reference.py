@@ -3,7 +3,7 @@
 The probe is what a hospital would get from scikit-learn on the same frozen features, in the
 clear: `LogisticRegression` on the standardised full-width features, its inverse regularisation
 `C` chosen on the validation split (log-loss). Its `C` is also the product's L2 prior for the
-encrypted head (`training.recipe`). The MedMNIST v2 ResNet-18 (28) row is the published
+encrypted head (`hospital.recipe`). The MedMNIST v2 ResNet-18 (28) row is the published
 end-to-end baseline of each MedMNIST flag.
 """
 

@@ -6,7 +6,7 @@ hospital encrypted once (`training.artifacts`, `hospital.crypto`) under a public
 encrypted validation loss.
 
 A step's batch is one or more data ciphertexts ("chunks"); their arithmetic runs in
-`training.kernel.StepKernel` (here, or on Ray actors holding the chunks: `Shards`), and the
+`cloud.kernel.StepKernel` (here, or on Ray actors holding the chunks: `Shards`), and the
 driver below adds their partial results, bootstraps and updates the model, so a step costs its
 bootstraps once whatever the number of chunks. Levels are counted from a sparse (2, 2)
 bootstrap, which leaves 9 (see `he.params`).
@@ -49,6 +49,7 @@ from typing import Protocol
 
 import openfhe as ofhe
 
+from medblindtuner.cloud.kernel import PlacedChunk, StepKernel
 from medblindtuner.failpoints import failpoint
 from medblindtuner.he.ciphertexts import (
     atomic_write_json,
@@ -59,8 +60,8 @@ from medblindtuner.he.ciphertexts import (
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import BundleError
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset
-from medblindtuner.training.kernel import PlacedChunk, StepKernel
 from medblindtuner.training.plain import epoch_batch_order
+from medblindtuner.training.plan import Decision
 
 
 class Shards(Protocol):
@@ -75,14 +76,6 @@ class Shards(Protocol):
 
     def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
                          scale: float) -> ofhe.Ciphertext: ...
-
-
-@dataclass
-class Decision:
-    """The hospital's answer after reading one epoch's validation loss."""
-
-    continue_training: bool
-    best_epoch: int
 
 
 @dataclass

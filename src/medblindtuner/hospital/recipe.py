@@ -4,7 +4,7 @@ The cloud runs a fixed number of encrypted gradient steps, so the settings must 
 anything is encrypted, on any dataset. Each one follows from train/validation statistics (the
 test split is never read here) and is recorded with its reason:
 
-- **Reference probe** (`training.reference`): scikit-learn logistic regression on the
+- **Reference probe** (`hospital.reference`): scikit-learn logistic regression on the
   standardised full features, `C` chosen on validation. Its `C` is the L2 prior of the head.
 - **PCA width**: among `PCA_CANDIDATES`, those whose probe (same `C`) is statistically tied
   with the best on validation (mean log-loss within one paired standard error of the best's)
@@ -45,14 +45,14 @@ from medblindtuner.features.extract import FeatureSet
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION, CkksParams
-from medblindtuner.training.approx import ActivationPlan, RangeError
-from medblindtuner.training.plain import TrainConfig, make_batches, train_head
-from medblindtuner.training.plan import denominator_group_chunks, max_batch_size
-from medblindtuner.training.reference import (
+from medblindtuner.hospital.reference import (
     ProbeResult,
     fit_logistic,
     fit_probe,
 )
+from medblindtuner.training.approx import ActivationPlan, RangeError
+from medblindtuner.training.plain import TrainConfig, make_batches, train_head
+from medblindtuner.training.plan import denominator_group_chunks, max_batch_size
 
 PCA_CANDIDATES = (31, 63, 127, 255, 511)
 WIDTH_COST_ALLOWANCE = 1.5

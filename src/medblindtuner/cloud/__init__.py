@@ -1,0 +1,1 @@
+"""The cloud (untrusted compute): trains and scores on ciphertexts with a public bundle only."""

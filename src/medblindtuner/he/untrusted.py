@@ -76,14 +76,14 @@ def run_isolated(args: list[str], timeout_s: float, memory_bytes: int, what: str
         )
     except subprocess.TimeoutExpired:
         return Verdict(False, f"validating {what} took longer than {timeout_s:g} s: refused")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode < 0:
         try:
             name = signal.Signals(-done.returncode).name
         except ValueError:
             name = f"signal {-done.returncode}"
-        return Verdict(False, f"{what} crashed the OpenFHE parser ({name}; limits "
-                              f"{memory_bytes >> 20} MiB, {timeout_s:g} s): malformed, refused")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        return Verdict(False, f"{what} crashed OpenFHE ({name}; limits {memory_bytes >> 20} "
+                              f"MiB, {timeout_s:g} s){last_stage(lines)}: malformed, refused")
     try:
         answer = json.loads(lines[-1])
         verdict = Verdict(bool(answer["ok"]), answer.get("error"))
@@ -93,6 +93,23 @@ def run_isolated(args: list[str], timeout_s: float, memory_bytes: int, what: str
     if not verdict.ok and not verdict.error:
         return Verdict(False, f"{what} refused by the validator")
     return verdict
+
+
+def last_stage(lines: list[str]) -> str:
+    """`while <stage>` from the child's last `stage` line (what it was doing when it died)."""
+    for line in reversed(lines):
+        try:
+            stage = json.loads(line).get("stage")
+        except (ValueError, AttributeError):
+            continue
+        if stage:
+            return f" while checking {str(stage)[:300]}"
+    return ""
+
+
+def stage(text: str) -> None:
+    """Child: announce the next step, so a crash in it is reported with its name."""
+    print(json.dumps({"stage": text}), flush=True)
 
 
 # ---- child side: the actual parsing (OpenFHE imported only here) ----------------------------

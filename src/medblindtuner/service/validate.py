@@ -40,6 +40,7 @@ from medblindtuner.he.untrusted import (
     parse,
     ring_dimension,
     run_isolated,
+    stage,
 )
 from medblindtuner.service.errors import BadRequest, CloudError
 from medblindtuner.service.limits import ServiceLimits
@@ -169,11 +170,36 @@ def check_job(job_dir: Path, allow_insecure: bool, query_id: str | None) -> None
     listed = json.loads((artifact / "manifest.json").read_text())
     if listed.get("params_fingerprint") != params.fingerprint():
         raise ValueError("the ciphertexts were made for other parameters than the bundle")
+    sample = None
     for name in sorted(listed["files"]):
         ciphertext = parse(artifact / name, "ciphertext")
         if ring_dimension(ciphertext) != params.ring_dim:
             raise ValueError(f"{name} has ring dimension {ring_dimension(ciphertext)}, the "
                              f"bundle declares {params.ring_dim}")
+        sample = sample or ciphertext
+    if query_id is None and sample is not None:
+        check_bootstrapping(context, params, sample)
+
+
+def check_bootstrapping(context, params, sample) -> None:  # noqa: ANN001 - OpenFHE objects
+    """The declared bootstrapping set-up works with the uploaded keys: set up as the worker
+    will (declared level budgets and slot counts) and bootstrap one dataset ciphertext per
+    slot count. Keys made for another set-up lack the rotations it needs."""
+    from medblindtuner.he.params import level_budget_for, setup_bootstrapping
+
+    budgets = sorted({tuple(level_budget_for(params, n)) for n in params.bootstrap_slots})
+    stage(f"the declared bootstrapping set-up (level budgets {budgets}, slots "
+          f"{list(params.bootstrap_slots)}) with the uploaded keys")
+    try:
+        setup_bootstrapping(context, params)
+        for slots in params.bootstrap_slots:
+            work = sample.Clone()
+            work.SetSlots(slots)
+            context.EvalBootstrap(work)
+    except RuntimeError as exc:
+        raise ValueError(f"the declared bootstrapping set-up (level budgets {budgets}, slots "
+                         f"{list(params.bootstrap_slots)}) does not work with the uploaded "
+                         f"keys: {str(exc)[:300]}") from exc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -697,7 +697,8 @@ def run(quick: bool = False, workdir: Path | None = None, log: Callable[[str], N
     try:
         started = time.monotonic()
         hospital = make_hospital(root / "hospital")
-        lab = lab_factory(limits or ["create_burst=10000", "token_burst=100000"])
+        lab = lab_factory(limits or ["create_burst=10000", "token_burst=100000",
+                                    "failed_auth_burst=100000"])
         canaries = make_canaries(lab, train=not quick)
         cases = [c for c in catalogue(lab_factory, quick) if select is None or select(c)]
         defects: list[str] = []

@@ -183,14 +183,14 @@ class CloudService:
 
     def authorise(self, job_id: str, token: str | None, client: str = "local") -> str:
         """401 without a bearer token, 404 for unknown jobs, 403 for another job's token.
-        Each failure is charged to the caller's address; once its bucket is empty, every
-        authentication from it is a 429 (guessing tokens or job ids costs time)."""
+        Each wrong token or unknown job is charged to the caller's address; once its bucket
+        is empty, every authentication from it is a 429 (guessing costs time)."""
         if self.auth_failures.exhausted(client):
             raise TooManyRequests("too many failed authentications from this address; retry "
                                   "later", retry_after_s=self.auth_failures.retry_after_s())
         try:
             self._check_token(job_id, token)
-        except (Unauthorized, Forbidden, NotFound):
+        except (Forbidden, NotFound):  # a guess (no token at all guesses nothing: 401)
             if not self.auth_failures.exhausted(client):
                 self.auth_failures.charge(client)
             raise

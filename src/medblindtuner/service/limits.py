@@ -59,8 +59,8 @@ class ServiceLimits:
     token_burst: int = 400  # ... after a burst of this many
     create_rate_per_s: float = 2.0  # job creations per client address ...
     create_burst: int = 60
-    failed_auth_rate_per_s: float = 0.5  # failed authentications per client address ...
-    failed_auth_burst: int = 30  # ... beyond which its every authentication is a 429
+    failed_auth_rate_per_s: float = 1.0  # wrong tokens / unknown jobs per client address ...
+    failed_auth_burst: int = 100  # ... beyond which its every authentication is a 429
     max_jobs_per_client: int = 100  # jobs one client address may hold at once
     # A job not started (or failed/cancelled) with no activity for this long is deleted when
     # the next job is created; its declared-but-unsent bytes stop counting towards

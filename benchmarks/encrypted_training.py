@@ -18,7 +18,6 @@ from pathlib import Path
 
 from medblindtuner.experiment import run_encrypted
 from medblindtuner.features.extract import FeatureSet
-from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
 from medblindtuner.hospital.hospital import Hospital
 from medblindtuner.hospital.recipe import Overrides
 
@@ -40,11 +39,10 @@ def main() -> None:
     parser.add_argument("--insecure-test-params", action="store_true")
     args = parser.parse_args()
 
-    params = INSECURE_TEST if args.insecure_test_params else PRODUCTION
     given = Overrides(pca_dims=args.pca, learning_rate=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, epochs=args.epochs,
                       batch_size=args.batch_size, patience=args.patience, seed=args.seed)
-    hospital = Hospital(args.workdir, params, allow_insecure=args.insecure_test_params, log=print)
+    hospital = Hospital(args.workdir, insecure_test_params=args.insecure_test_params, log=print)
     hospital.prepare(FeatureSet.load(args.features), given)
     results = run_encrypted(hospital)
     results["command"] = "python benchmarks/encrypted_training.py " + " ".join(

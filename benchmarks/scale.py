@@ -147,27 +147,21 @@ def cloud_part(ray_nodes: int, steps: int, workdir: Path, dataset_gb: float,
                insecure: bool) -> dict:
     """The cloud's process of a case: the public bundle and the dataset as the service's
     worker loads them, `steps` timed steps (on a local Ray cluster with `ray_nodes`)."""
-    from medblindtuner.cloud.trainer import EncryptedTrainer
-    from medblindtuner.he.engine import Evaluator
-    from medblindtuner.he.keys import CloudCrypto
-    from medblindtuner.training.artifacts import EncryptedDataset
+    from medblindtuner.cloud.cloud import Cloud
 
-    crypto = CloudCrypto.load(workdir / "bundle", allow_insecure=insecure)
-    evaluator = Evaluator(crypto.context, crypto.params, crypto.public_key)
-    dataset = EncryptedDataset.load(workdir / "data", crypto.params, adopt=evaluator.adopt)
+    cloud = Cloud(workdir / "bundle", allow_insecure=insecure, verify=False)
+    dataset = cloud.load_dataset(workdir / "data")
     plan = dataset.plan
     result: dict = {"ray_nodes": ray_nodes,
                     "resident": bool(getattr(dataset.train, "resident", True))}
     cluster = shards = None
     if ray_nodes:
         cluster = local_cluster(ray_nodes, dataset_gb)
-        from medblindtuner.cloud.cluster import RayShards
         start = time.perf_counter()
-        shards = RayShards.start(cluster.address, dataset, workdir / "bundle", evaluator,
-                                 n_actors=ray_nodes,
-                                 cpus_per_actor=cpus_per_node(ray_nodes), allow_insecure=insecure)
+        shards = cloud.start_shards(dataset, cluster.address, n_actors=ray_nodes,
+                                    cpus_per_actor=cpus_per_node(ray_nodes))
         result["ray_start_s"] = round(time.perf_counter() - start, 1)
-    trainer = EncryptedTrainer(evaluator, dataset, workdir / "ckpt", shards=shards)
+    trainer = cloud.trainer(dataset, workdir / "ckpt", shards=shards)
     timed = TimedShards(trainer.shards)
     trainer.shards = timed
     trainer.initialise_or_resume()

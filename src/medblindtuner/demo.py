@@ -61,30 +61,27 @@ class PhaseClock:
 
 def run_demo(options: DemoOptions) -> dict:
     """Run every phase; returns the results dict (report schema) and writes the report."""
-    from medblindtuner.data import load_medmnist
-    from medblindtuner.experiment import (
-        artifact_sizes,
-        encrypted_run_summary,
-        experiment_header,
-        peak_rss_bytes,
-        reference_runs,
-        run_plain,
-    )
-    from medblindtuner.features import extract_features
-    from medblindtuner.he.keys import bundle_size_bytes
-    from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
-    from medblindtuner.hospital.client import HospitalClient
-    from medblindtuner.hospital.hospital import Hospital
     from medblindtuner.report import build_report
 
     clock = PhaseClock()
     workdir = Path(options.workdir)
-    hospital_dir, cloud_dir = workdir / "hospital", workdir / "cloud"  # the two roles
     report_dir = Path(options.report_dir or workdir / "report")
-    params = INSECURE_TEST if options.insecure_test_params else PRODUCTION
     if options.insecure_test_params:
         console.print("[bold red]INSECURE test parameters (ring 4096): a demo of the "
                       "mechanics only, no security.[/]")
+    dataset, features = _features_phase(options, clock)
+    hospital, plain = _plaintext_phase(options, clock, features, workdir / "hospital")
+    hospital_rss = _keys_phase(clock, hospital)
+    cloud = _cloud_phases(options, clock, hospital, workdir / "cloud")  # the two roles
+    results = _results(options, clock, dataset, hospital, plain, cloud, hospital_rss)
+    paths = build_report(json.loads(json.dumps(results, default=float)), report_dir)
+    _print_summary(results, paths)
+    return results
+
+
+def _features_phase(options: DemoOptions, clock: PhaseClock):
+    from medblindtuner.data import load_medmnist
+    from medblindtuner.features import extract_features
 
     with clock.phase("features", "1/8 hospital: data and frozen-backbone features"):
         dataset = load_medmnist(options.dataset, data_dir=options.data_dir)
@@ -94,11 +91,18 @@ def run_demo(options: DemoOptions) -> dict:
         features = extract_features(dataset, backbone=options.backbone, **cache)
         console.print(f"{features.dataset_name}: {features.n_classes} classes, splits "
                       f"{features.sizes()}, {features.feature_dim}-d features")
+    return dataset, features
+
+
+def _plaintext_phase(options: DemoOptions, clock: PhaseClock, features, hospital_dir: Path):
+    """The prepared hospital and the plaintext runs (probe, published, exact head, mirror)."""
+    from medblindtuner.experiment import reference_runs, run_plain
+    from medblindtuner.hospital.hospital import Hospital
 
     with clock.phase("plaintext", "2/8 hospital: tuned probe, training settings, plaintext "
                                   "reference and range check"):
         console.print("training settings (derived from train/validation unless given):")
-        hospital = Hospital(hospital_dir, params, allow_insecure=options.insecure_test_params,
+        hospital = Hospital(hospital_dir, insecure_test_params=options.insecure_test_params,
                             log=console.print)
         recipe = hospital.prepare(features, options.given)
         data, plan = hospital.data, hospital.plan
@@ -114,11 +118,18 @@ def run_demo(options: DemoOptions) -> dict:
                       f"{plan.activation.logit_bound}")
         if (hint := plan.batch_hint()) is not None:
             console.print(f"[yellow]note:[/yellow] {hint}")
+    return hospital, plain
+
+
+def _keys_phase(clock: PhaseClock, hospital) -> int:
+    """Keys and the encrypted dataset; the hospital's peak memory until then."""
+    from medblindtuner.experiment import peak_rss_bytes
+    from medblindtuner.he.keys import bundle_size_bytes
 
     with clock.phase("keygen", "3/8 hospital: CKKS keys"):
-        keyed = hospital.keyed
+        params = hospital.params
         hospital.generate_keys()
-        console.print(f"{keyed.name}: ring {keyed.ring_dim}, public bundle "
+        console.print(f"{params.name}: ring {params.ring_dim}, public bundle "
                       f"{bundle_size_bytes(hospital.folder.public_bundle) / 2**20:.0f} MiB")
 
     with clock.phase("encrypt", "4/8 hospital: encrypt features and labels"):
@@ -126,48 +137,62 @@ def run_demo(options: DemoOptions) -> dict:
         hospital_rss = peak_rss_bytes()
         # the hospital only decrypts from now on: no evaluation keys in memory
         hospital.release_evaluation_keys()
+    return hospital_rss
+
+
+@dataclass
+class _CloudRun:
+    """What the demo's cloud phases leave: the session, the result manifest, the decrypted
+    weights and the encrypted-inference check."""
+
+    session: object
+    result: dict
+    weights: np.ndarray
+    inference: dict | None
+
+
+def _cloud_phases(options: DemoOptions, clock: PhaseClock, hospital,
+                  cloud_dir: Path) -> _CloudRun:
+    from medblindtuner.hospital.session import CloudSession
 
     with LocalService(cloud_dir, insecure=options.insecure_test_params) as cloud:
         console.print(f"cloud service pid {cloud.process.pid} on {cloud.url} "
                       f"(API docs: {cloud.url}/docs)")
         with clock.phase("upload", "5/8 hospital -> cloud: upload bundle and ciphertexts"):
-            client = HospitalClient(cloud.url)
-            client.create_job()
-            client.upload_dir("bundle", hospital.folder.public_bundle)
-            client.upload_dir("dataset", hospital.folder.encrypted_dataset)
-            client.start()
+            session = CloudSession.create(hospital, cloud.url)
+            session.submit()
 
         with clock.phase("training", "6/8 cloud: encrypted training (hospital answers "
                                      "one early-stopping bit per epoch)"):
-            judge = hospital.judge()
-            last = {"line": ""}
-
-            def on_status(status: dict) -> None:
-                line = (f"state {status.get('state')} epoch {status.get('epoch')} step "
-                        f"{status.get('step')}/{status.get('steps_per_epoch')} bootstraps "
-                        f"{status.get('bootstraps')} ETA {status.get('eta_seconds')} s")
-                if line != last["line"]:
-                    console.print(line)
-                    last["line"] = line
-
-            client.answer_decisions(judge, poll_s=1.0, on_status=on_status)
-            result = client.fetch_result(hospital.folder.result)
+            session.answer_decisions(poll_s=1.0, on_status=_status_printer())
+            result = session.fetch_result()
 
         with clock.phase("evaluate", "7/8 hospital: decrypt, evaluate, encrypted inference"):
-            weights = hospital.decrypt_result()
-            inference = _encrypted_inference(client, hospital, weights, options.inference)
-        client.close()
+            weights = session.decrypt()
+            inference = _encrypted_inference(session, weights) if options.inference else None
+        session.close()
+    return _CloudRun(session, result, weights, inference)
 
-    history = [{"epoch": e, "val_loss": loss} for e, loss in sorted(judge.losses.items())]
+
+def _results(options: DemoOptions, clock: PhaseClock, dataset, hospital, plain: dict,
+             cloud: _CloudRun, hospital_rss: int) -> dict:
+    """The results dict in the report's schema."""
+    from medblindtuner.experiment import (
+        artifact_sizes,
+        encrypted_run_summary,
+        experiment_header,
+    )
+
+    result = cloud.result
     encrypted = encrypted_run_summary(
-        weights, data, history=history, epochs=int(result["epochs"]),
-        best_epoch=int(result["best_epoch"]), steps=int(result["steps"]),
-        wall_time_s=clock.timings["training"], ops=result.get("ops", {}),
-        mirror_weights=np.asarray(plain["mirror"]["weights"]))
-    if inference:
-        encrypted["inference"] = inference
-    results = {
-        **experiment_header(data, plan, keyed, recipe),
+        cloud.weights, hospital.data, history=cloud.session.history,
+        epochs=int(result["epochs"]), best_epoch=int(result["best_epoch"]),
+        steps=int(result["steps"]), wall_time_s=clock.timings["training"],
+        ops=result.get("ops", {}), mirror_weights=np.asarray(plain["mirror"]["weights"]))
+    if cloud.inference:
+        encrypted["inference"] = cloud.inference
+    return {
+        **experiment_header(hospital.data, hospital.plan, hospital.params, hospital.recipe),
         "class_names": dataset.class_names,
         "command": " ".join(part for part in (
             "medblindtuner demo --dataset", options.dataset, options.given.command_line(),
@@ -182,25 +207,28 @@ def run_demo(options: DemoOptions) -> dict:
                       "time_to_first_result": clock.first_output_s},
         "runs": {**plain, "encrypted": encrypted},
     }
-    paths = build_report(json.loads(json.dumps(results, default=float)), report_dir)
-    _print_summary(results, paths)
-    return results
 
 
-def _encrypted_inference(client, hospital, weights, enabled: bool):
+def _status_printer():
+    """An `on_status` callback that prints the job's progress when it changes."""
+    last = {"line": ""}
+
+    def on_status(status: dict) -> None:
+        line = (f"state {status.get('state')} epoch {status.get('epoch')} step "
+                f"{status.get('step')}/{status.get('steps_per_epoch')} bootstraps "
+                f"{status.get('bootstraps')} ETA {status.get('eta_seconds')} s")
+        if line != last["line"]:
+            console.print(line)
+            last["line"] = line
+
+    return on_status
+
+
+def _encrypted_inference(session, weights) -> dict:
     """Cloud scores the encrypted test split; compare with plaintext predictions."""
-    if not enabled or not hasattr(client, "upload_queries"):
-        return None
-    x_test = hospital.data.x["test"]
-    query_id = client.create_query()
-    queries = hospital.encrypt_queries(x_test, hospital.folder.query(query_id) / "encrypted")
-    client.upload_queries(queries, query_id=query_id)
-    client.score(query_id)
-    client.wait_scores(query_id)
-    scores_dir = hospital.folder.query(query_id) / "scores"
-    client.fetch_scores(query_id, scores_dir)
-    encrypted_probs = hospital.decrypt_scores(scores_dir)
-    plain_probs = hospital.probabilities(weights, x_test)
+    x_test = session.hospital.data.x["test"]
+    encrypted_probs = session.predict(x_test).probabilities
+    plain_probs = session.hospital.probabilities(weights, x_test)
     agree = float(np.mean(encrypted_probs.argmax(1) == plain_probs.argmax(1)))
     diff = float(np.max(np.abs(encrypted_probs - plain_probs)))
     console.print(f"encrypted inference on {len(x_test)} test images: predictions agree with "

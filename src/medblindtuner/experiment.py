@@ -15,17 +15,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medblindtuner.cloud.cluster import LOCAL, cluster_shards
-from medblindtuner.cloud.trainer import EncryptedTrainer
-from medblindtuner.he.engine import Evaluator
+from medblindtuner.cloud.cloud import Cloud
+from medblindtuner.cloud.cluster import LOCAL
 from medblindtuner.he.keys import bundle_size_bytes
 from medblindtuner.he.params import CkksParams
-from medblindtuner.hospital.crypto import decrypt_weights
 from medblindtuner.hospital.hospital import Hospital
 from medblindtuner.hospital.recipe import PreparedData, Recipe
 from medblindtuner.hospital.reference import published_run
 from medblindtuner.training.approx import ActivationPlan
-from medblindtuner.training.artifacts import EncryptedDataset
 from medblindtuner.training.plain import (
     VALIDATION_LOSS_NAME,
     TrainConfig,
@@ -151,50 +148,42 @@ def run_encrypted(
     plain = run_plain(data, config, plan.activation, plan.layout)
 
     start = time.perf_counter()
-    keys = hospital.generate_keys()
-    keyed = hospital.keyed
+    hospital.generate_keys()
+    params = hospital.params
     timings["keygen"] = time.perf_counter() - start
-    log(f"keys generated and saved in {timings['keygen']:.1f} s ({keyed.name}, ring "
-        f"{keyed.ring_dim})")
+    log(f"keys generated and saved in {timings['keygen']:.1f} s ({params.name}, ring "
+        f"{params.ring_dim})")
 
     start = time.perf_counter()
     n_cts = len(plan.train_batch_sizes) + len(plan.val_batch_sizes)
     with tqdm(total=n_cts, desc="encrypt batches", unit="batch") as bar:
         hospital.encrypt_dataset(progress=bar.update)
     timings["encrypt"] = time.perf_counter() - start
-    evaluator = Evaluator(keys.context, keyed, keys.public_key)
-    dataset = EncryptedDataset.load(hospital.folder.encrypted_dataset, keyed,
-                                    adopt=evaluator.adopt)
-    shards = cluster_shards(ray_address, dataset, hospital.folder.public_bundle, evaluator,
-                            allow_insecure=hospital.allow_insecure)
-    if shards is not None:
-        log(f"step kernels on {len(shards.actors)} Ray actors ({ray_address})")
-    trainer = EncryptedTrainer(evaluator, dataset, workdir / "checkpoints", shards=shards)
+    # the cloud's role: the public bundle only, as a service worker would load it
+    cloud = Cloud(hospital.folder.public_bundle, allow_insecure=hospital.insecure_test_params)
     judge = hospital.judge() if interactive else None
     total_steps = config.epochs * len(plan.train_batch_sizes)
-    start = time.perf_counter()
-    try:
-        with tqdm(total=total_steps, desc="encrypted training", unit="step") as bar:
-            def on_step(info: dict) -> None:
-                bar.update(1)
-                bar.set_postfix(epoch=info["epoch"], s_per_step=f"{info['step_seconds']:.1f}",
-                                bootstraps=info["bootstraps"])
-            state = trainer.train(decide=judge, on_step=on_step)
-    finally:
-        if shards is not None:
-            shards.close()
-    timings["training"] = time.perf_counter() - start
-    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(state.best_epoch))
+    with tqdm(total=total_steps, desc="encrypted training", unit="step") as bar:
+        def on_step(info: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(epoch=info["epoch"], s_per_step=f"{info['step_seconds']:.1f}",
+                            bootstraps=info["bootstraps"])
+        run = cloud.run_training(hospital.folder.encrypted_dataset, workdir / "checkpoints",
+                                 hospital.folder.result, decide=judge, on_step=on_step,
+                                 ray_address=ray_address, log=log)
+    state = run.state
+    timings["training"] = run.train_seconds
+    weights = hospital.decrypt_result()
     timings["total"] = time.perf_counter() - t0
 
     history = [{"epoch": r["epoch"], **({"val_loss": judge.losses.get(r["epoch"])}
                                         if judge is not None else {})} for r in state.history]
     encrypted = encrypted_run_summary(
         weights, data, history=history, epochs=state.epoch, best_epoch=state.best_epoch,
-        steps=state.steps, wall_time_s=timings["training"], ops=evaluator.ops.snapshot(),
+        steps=state.steps, wall_time_s=timings["training"], ops=cloud.evaluator.ops.snapshot(),
         mirror_weights=np.asarray(plain["mirror"]["weights"]))
     return {
-        **experiment_header(data, plan, keyed, recipe),
+        **experiment_header(data, plan, params, recipe),
         "sizes_bytes": artifact_sizes(hospital.folder.public_bundle, hospital.folder.secret_key,
                                       hospital.folder.encrypted_dataset),
         "peak_rss_bytes": {"process": peak_rss_bytes()},

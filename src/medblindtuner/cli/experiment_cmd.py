@@ -35,13 +35,11 @@ def experiment(
     from ..data import load_medmnist
     from ..experiment import run_encrypted
     from ..features import extract_features
-    from ..he.params import INSECURE_TEST, PRODUCTION
     from ..hospital.hospital import Hospital
     from ..report import build_combined_report, build_report
 
     flags = [d.strip() for d in datasets.split(",") if d.strip()]
     given = overrides(pca, lr, None, None, epochs, None)
-    params = INSECURE_TEST if insecure_test_params else PRODUCTION
     combined = []
     for flag in flags:
         for backbone in [b.strip() for b in backbones.split(",") if b.strip()]:
@@ -51,8 +49,8 @@ def experiment(
                 dataset = dataset.subset(limit)
             features = extract_features(dataset, backbone=backbone)
             run_dir = out / f"{flag}-{backbone}"
-            hospital = Hospital(run_dir / "work", params,
-                                allow_insecure=insecure_test_params, log=console.print)
+            hospital = Hospital(run_dir / "work", insecure_test_params=insecure_test_params,
+                                log=console.print)
             hospital.prepare(features, given)
             results = run_encrypted(hospital, log=console.print)
             results["command"] = " ".join(part for part in (

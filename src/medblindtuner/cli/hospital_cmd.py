@@ -1,26 +1,14 @@
 """`medblindtuner hospital ...`: the key holder's side of a cloud training job.
 
-Everything lives in one hospital work directory (`--workdir`):
-
-    public_bundle/        uploaded: context + evaluation keys (no secret)
-    encrypted_dataset/    uploaded: CKKS ciphertexts of the features and labels
-    local/secret_key.bin  NEVER uploaded (mode 0600)
-    local/prepared.npz    NEVER uploaded: the scaled plaintext features (for encrypt/evaluate)
-    local/scaler.npz      NEVER uploaded: the train-fitted FeatureScaler (for `predict`)
-    plan.json             public training plan + CKKS parameters
-    job.json              service URL, job id and bearer token (mode 0600)
-    result/               downloaded encrypted weights
-    queries/<query id>/   encrypted query sets sent for scoring and the encrypted scores
-
 keygen -> encrypt -> submit -> fetch (answers the early-stopping questions, downloads the
-weights) -> evaluate (decrypts locally, compares with the plaintext trainers);
-predict: encrypted inference, the cloud scores encrypted rows with the encrypted weights.
+weights) -> evaluate (decrypts locally, compares with the plaintext trainers); predict:
+encrypted inference. Each command parses, calls `Hospital` / `CloudSession` and prints; the
+work directory's layout is `hospital.hospital.HospitalFolder`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -57,12 +45,6 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     raise typer.Exit(code)
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.exists():
-        _fail(f"{path} not found: run `medblindtuner hospital {what}` first")
-    return json.loads(path.read_text())
-
-
 def _open(workdir: Path):
     """The prepared hospital folder (`Hospital.open`), or a clear error."""
     from medblindtuner.hospital.hospital import Hospital, HospitalError
@@ -95,12 +77,12 @@ def _raw_features(path: Path, split: str | None) -> np.ndarray:
     return np.vstack([x for x, _ in feature_set.splits.values()]).astype(np.float64)
 
 
-def _client(workdir: Path, progress: bool = True):
-    from medblindtuner.hospital.client import HospitalClient
+def _session(workdir: Path, progress: bool = True):
+    """The job recorded in the folder's job.json (`CloudSession.resume`)."""
+    from medblindtuner.hospital.hospital import Hospital
+    from medblindtuner.hospital.session import CloudSession
 
-    job = _read_json(workdir / "job.json", "submit")
-    return HospitalClient(job["url"], token=job["token"], job_id=job["job_id"],
-                          progress=progress)
+    return CloudSession.resume(Hospital.open(workdir, log=console.print), progress=progress)
 
 
 app = typer.Typer(name="hospital", help="Hospital side: keys, encryption, submit, fetch, evaluate.",
@@ -125,14 +107,12 @@ def keygen(
     """Plan the training, check approximation ranges, generate keys, write the bundle."""
     from medblindtuner.features.extract import FeatureSet
     from medblindtuner.he.keys import bundle_size_bytes
-    from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
     from medblindtuner.hospital.hospital import Hospital
     from medblindtuner.hospital.recipe import RecipeError
     from medblindtuner.training.approx import RangeError
 
-    params = INSECURE_TEST if insecure_test_params else PRODUCTION
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
-    hospital = Hospital(workdir, params, allow_insecure=insecure_test_params,
+    hospital = Hospital(workdir, insecure_test_params=insecure_test_params,
                         log=console.print)
     console.print("training settings (derived from train/validation unless given):")
     try:
@@ -141,7 +121,7 @@ def keygen(
         _fail(str(exc))
     if (hint := hospital.plan.batch_hint()) is not None:
         console.print(f"[yellow]note:[/yellow] {hint}")
-    console.print(f"generating {hospital.keyed.name} keys (ring {hospital.keyed.ring_dim}); "
+    console.print(f"generating {hospital.params.name} keys (ring {hospital.params.ring_dim}); "
                   "production keys take minutes and several GB of RAM ...")
     hospital.generate_keys()
     bundle = hospital.folder.public_bundle
@@ -166,29 +146,21 @@ def submit(
     workdir: WorkDir = DEFAULT_WORKDIR,
 ) -> None:
     """Create a job, upload bundle + encrypted dataset (resumable), start training."""
-    from medblindtuner.hospital.client import HospitalClient, ServiceError
-    from medblindtuner.hospital.hospital import HospitalFolder
+    from medblindtuner.hospital.client import ServiceError
+    from medblindtuner.hospital.hospital import Hospital
+    from medblindtuner.hospital.session import CloudSession
 
-    folder = HospitalFolder(workdir)
-    job_file = folder.job
+    hospital = Hospital.open(workdir, log=console.print)
     try:
-        if job_file.exists():  # resume an interrupted submit
-            client = _client(workdir)
-            console.print(f"resuming job {client.job_id}")
+        if CloudSession.has_job(hospital):  # resume an interrupted submit
+            session = CloudSession.resume(hospital)
+            console.print(f"resuming job {session.job_id}")
         else:
-            client = HospitalClient(url)
-            client.create_job()
-            fd = os.open(job_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"url": url, "job_id": client.job_id, "token": client.token},
-                          handle)
-        client.upload_dir("bundle", folder.public_bundle)
-        client.upload_dir("dataset", folder.encrypted_dataset)
-        if client.status()["state"] == "created":
-            client.start()
+            session = CloudSession.create(hospital, url)
+        session.submit()
     except ServiceError as exc:
         _fail(str(exc))
-    console.print(f"job {client.job_id} started; `medblindtuner hospital fetch` answers "
+    console.print(f"job {session.job_id} started; `medblindtuner hospital fetch` answers "
                   "the early-stopping questions and downloads the result")
 
 @app.command("status")
@@ -197,7 +169,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show the job's state and progress."""
-    current = _client(workdir, progress=False).status()
+    current = _session(workdir, progress=False).status()
     if as_json:
         sys.stdout.write(json.dumps(current, indent=2) + "\n")
         return
@@ -217,15 +189,16 @@ def fetch(
 ) -> None:
     """Answer early-stopping questions (decrypting locally) until done; download weights."""
     from medblindtuner.hospital.client import ServiceError
+    from medblindtuner.hospital.session import CloudSession
 
     hospital = _open(workdir)
-    plan, judge = hospital.plan, hospital.judge()
-    client = _client(workdir)
-    final = _answer_cloud_questions(client, judge, plan, poll)
-    for epoch, loss in sorted(judge.losses.items()):
-        console.print(f"epoch {epoch}: validation Brier loss {loss:.5f}")
+    session = CloudSession.resume(hospital)
+    final = _answer_cloud_questions(session, hospital, poll)
+    for record in session.history:
+        console.print(f"epoch {record['epoch']}: validation Brier loss "
+                      f"{record['val_loss']:.5f}")
     try:
-        client.fetch_result(hospital.folder.result)
+        session.fetch_result()
         final_epochs, best = final.get("epochs_done"), final.get("best_epoch")
     except (ServiceError, KeyError, TypeError, ValueError) as exc:
         _fail(f"the cloud's result could not be downloaded: {exc}")
@@ -233,7 +206,7 @@ def fetch(
                   f"encrypted weights in {hospital.folder.result}")
 
 
-def _answer_cloud_questions(client, judge, plan, poll: float) -> dict:  # noqa: ANN001
+def _answer_cloud_questions(session, hospital, poll: float) -> dict:  # noqa: ANN001
     """The cloud's questions until the job ends. Every refusal and every malformed answer of
     the cloud ends here: one `error:` line, exit 2; malformed answers are recorded in the
     judge's state like any refusal (so a re-run refuses too). HTTP errors are not recorded
@@ -245,9 +218,10 @@ def _answer_cloud_questions(client, judge, plan, poll: float) -> dict:  # noqa: 
     from medblindtuner.hospital.crypto import JudgeRefusal
 
     try:
-        judge.require_open()
+        hospital.judge().require_open()
     except JudgeRefusal as exc:
         _fail(str(exc))
+    plan = hospital.plan
     total = plan.config.epochs * len(plan.train_batch_sizes)
     with tqdm(total=total, desc="encrypted training", unit="step") as bar:
         def on_status(current: dict) -> None:
@@ -256,14 +230,15 @@ def _answer_cloud_questions(client, judge, plan, poll: float) -> dict:  # noqa: 
 
         failure = None
         try:
-            return client.answer_decisions(judge, poll_s=poll, on_status=on_status)
+            return session.answer_decisions(poll_s=poll, on_status=on_status)
         except JudgeRefusal as exc:
             failure = str(exc)
-        except CloudProtocolError as exc:
-            failure = str(judge.refuse(f"malformed answer from the cloud: {exc.message}"))
+        except CloudProtocolError as exc:  # recorded with the judge's state as it is now
+            failure = str(hospital.judge().refuse(
+                f"malformed answer from the cloud: {exc.message}"))
         except (KeyError, TypeError, ValueError) as exc:
-            failure = str(judge.refuse(f"malformed answer from the cloud: "
-                                       f"{type(exc).__name__} {str(exc)[:200]}"))
+            failure = str(hospital.judge().refuse(
+                f"malformed answer from the cloud: {type(exc).__name__} {str(exc)[:200]}"))
         except (ServiceError, JobFailed, httpx.HTTPError) as exc:
             failure = str(exc)
     _fail(failure)  # after the progress bar closed its line
@@ -327,16 +302,27 @@ def predict(
     timeout: Annotated[float | None, typer.Option(help="Give up after seconds.")] = None,
 ) -> None:
     """Encrypted inference: encrypt rows here, the cloud scores them, decrypt here."""
-    import time
-
-    from medblindtuner.he.keys import BundleError
     from medblindtuner.hospital.client import JobFailed, ServiceError
+    from medblindtuner.hospital.session import CloudSession
 
     if split is not None and features is not None:
         _fail("give either --split or --features, not both")
     hospital = _open(workdir)
-    plan = hospital.plan
-    labels = None
+    x, labels, source = _rows_to_score(hospital, split, features, features_split)
+    session = CloudSession.resume(hospital)
+    try:
+        prediction = session.predict(x, poll_s=poll, timeout_s=timeout)
+        if labels is not None:
+            session.ensure_result()  # the decrypted weights' plaintext predictions compare
+    except (ServiceError, JobFailed, TimeoutError) as exc:
+        _fail(str(exc))
+    report = _prediction_report(hospital, session.job_id, prediction, x, labels, source)
+    _print_predictions(report, prediction, source, json_path)
+
+
+def _rows_to_score(hospital, split: str | None, features: Path | None,
+                   features_split: str | None) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(scaled rows, their labels or None, a description): a prepared split, or new rows."""
     if features is None:
         split = split or "test"
         x_all, y_all = hospital.data.x, hospital.data.y
@@ -344,47 +330,28 @@ def predict(
             _fail(f"no prepared split {split!r} (have {sorted(x_all)})")
         x, labels, source = x_all[split], y_all[split], f"split {split}"
     else:
-        raw = _raw_features(features, features_split)
         try:
-            x = hospital.scale(raw)
+            x = hospital.scale(_raw_features(features, features_split))
         except ValueError as exc:
             _fail(f"{features}: {exc}")
+        labels = None
         source = f"{features}" + (f" [{features_split}]" if features_split else "")
-    if x.shape[1] != plan.n_features or len(x) == 0:
+    if x.shape[1] != hospital.plan.n_features or len(x) == 0:
         _fail(f"rows have {x.shape[1]} columns (with bias); the model expects "
-              f"{plan.n_features}")
-    client = _client(workdir)
-    timings: dict[str, float] = {}
-    try:
-        query_id = client.create_query()
-        query_root = hospital.folder.query(query_id)
-        started = time.perf_counter()
-        hospital.encrypt_queries(x, query_root / "encrypted")
-        timings["encrypt_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        client.upload_queries(query_root / "encrypted", query_id=query_id)
-        timings["upload_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        client.score(query_id)
-        final = client.wait_scores(query_id, poll_s=poll, timeout_s=timeout)
-        timings["cloud_scoring_wait_s"] = time.perf_counter() - started
-        client.fetch_scores(query_id, query_root / "scores")
-        if features is None and not (hospital.folder.result / "manifest.json").exists():
-            client.fetch_result(hospital.folder.result)
-    except (ServiceError, JobFailed, TimeoutError) as exc:
-        _fail(str(exc))
-    started = time.perf_counter()
-    try:
-        probs = hospital.decrypt_scores(query_root / "scores")
-    except BundleError as exc:
-        _fail(str(exc))
-    timings["decrypt_s"] = time.perf_counter() - started
-    predicted = probs.argmax(axis=1)
+              f"{hospital.plan.n_features}")
+    return x, labels, source
+
+
+def _prediction_report(hospital, job_id: str, prediction, x: np.ndarray,
+                       labels: np.ndarray | None, source: str) -> dict:
+    """The JSON report: predictions and, for a labelled split, accuracy and agreement with
+    the plaintext predictions of the decrypted weights."""
+    probs, predicted = prediction.probabilities, prediction.classes
     report: dict = {
-        "job_id": client.job_id, "query_id": query_id, "source": source,
-        "n": int(len(x)), "n_classes": plan.n_classes,
-        "cloud_seconds": final.get("seconds"),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "job_id": job_id, "query_id": prediction.query_id, "source": source,
+        "n": int(len(x)), "n_classes": hospital.plan.n_classes,
+        "cloud_seconds": prediction.cloud_seconds,
+        "timings": {k: round(v, 3) for k, v in prediction.timings.items()},
     }
     if labels is not None:
         report["accuracy"] = float(np.mean(predicted == labels))
@@ -397,6 +364,12 @@ def predict(
     report["probabilities"] = probs.tolist()
     if labels is not None:
         report["labels"] = np.asarray(labels).astype(int).tolist()
+    return report
+
+
+def _print_predictions(report: dict, prediction, source: str, json_path: Path | None) -> None:
+    """Rows to stdout (or the report to `json_path`), a summary to stderr."""
+    probs, predicted = prediction.probabilities, prediction.classes
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -406,8 +379,8 @@ def predict(
         for i, (c, row) in enumerate(zip(predicted, probs, strict=True)):
             sys.stdout.write(f"{i}\t{c}\t" + "\t".join(f"{p:.6f}" for p in row) + "\n")
     counts = np.bincount(predicted, minlength=probs.shape[1]).tolist()
-    console.print(f"{len(x)} rows from {source} scored under encryption (query set "
-                  f"{query_id}); predicted class counts {counts}")
+    console.print(f"{report['n']} rows from {source} scored under encryption (query set "
+                  f"{prediction.query_id}); predicted class counts {counts}")
     if "agreement" in report:
         agreement = report["agreement"]
         console.print(f"accuracy {report['accuracy']:.4f}; agreement with plaintext "

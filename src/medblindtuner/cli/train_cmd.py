@@ -137,17 +137,15 @@ def train_encrypted(
 ) -> None:
     """Encrypted training (both roles, one process) next to the plaintext trainers."""
     from ..experiment import run_encrypted
-    from ..he.params import INSECURE_TEST, PRODUCTION
     from ..hospital.hospital import Hospital
     from ..training.approx import RangeError
 
     if insecure_test_params:
         console.print("[bold red]WARNING: insecure test parameters (ring 4096): "
                       "no security at all.[/]")
-    params = INSECURE_TEST if insecure_test_params else PRODUCTION
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed)
     feature_set = load_features(features, dataset, backbone)
-    hospital = Hospital(workdir, params, allow_insecure=insecure_test_params,
+    hospital = Hospital(workdir, insecure_test_params=insecure_test_params,
                         log=console.print)
     console.print("training settings (derived from train/validation unless given):")
     try:

@@ -297,10 +297,12 @@ class RayShards:
 
 
 def cluster_shards(address: str | None, dataset: EncryptedDataset, bundle_dir: Path,
-                   evaluator: Evaluator, allow_insecure: bool = False) -> RayShards | None:
+                   evaluator: Evaluator, allow_insecure: bool = False,
+                   **options: Any) -> RayShards | None:
     """The `shards` of a trainer for `address`: None for `local` (or no address), which keeps
-    the kernel in the trainer's process; otherwise `RayShards` started on that cluster."""
+    the kernel in the trainer's process; otherwise `RayShards` started on that cluster
+    (`options`: `RayShards.start`'s actor count and CPUs per actor)."""
     if address is None or address.strip() in ("", LOCAL):
         return None
     return RayShards.start(address.strip(), dataset, bundle_dir, evaluator,
-                           allow_insecure=allow_insecure)
+                           allow_insecure=allow_insecure, **options)

@@ -64,31 +64,9 @@ def load_image_folder(
         raise DatasetError(
             f"{root}: invalid split fractions val={val_fraction} test={test_fraction}"
         )
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(class_dirs) < 2:
-        raise DatasetError(f"{root}: need at least 2 class sub-folders, found {len(class_dirs)}")
-    files: dict[str, list[Path]] = {}
-    for d in class_dirs:
-        imgs = sorted(
-            p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        if not imgs:
-            raise DatasetError(f"{d}: class folder contains no .png/.jpg/.jpeg images")
-        files[d.name] = imgs
-
+    files = _class_files(root)
     if grayscale is None:
-        grayscale = True
-        for imgs in files.values():
-            for p in imgs:
-                try:
-                    with Image.open(p) as im:
-                        if im.mode not in ("L", "1", "I", "I;16", "F"):
-                            grayscale = False
-                            break
-                except (UnidentifiedImageError, OSError) as exc:
-                    raise DatasetError(f"{p}: unreadable image ({exc})") from exc
-            if not grayscale:
-                break
+        grayscale = _all_single_channel(files)
     mode = "L" if grayscale else "RGB"
 
     h = hashlib.md5()
@@ -114,15 +92,7 @@ def load_image_folder(
             h.update(f"{cls}/{p.name}".encode())
             h.update(hashlib.md5(p.read_bytes()).digest())
 
-    channels = 1 if grayscale else 3
-    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for s, (xs, ys) in parts.items():
-        x = (
-            np.stack(xs).astype(np.uint8)
-            if xs
-            else np.zeros((0, image_size, image_size, channels), np.uint8)
-        )
-        splits[s] = (x, np.asarray(ys, dtype=np.int64))
+    splits = _stacked(parts, image_size, 1 if grayscale else 3)
     if splits["train"][1].size == 0:
         raise DatasetError(f"{root}: training split is empty")
     return Dataset(
@@ -134,3 +104,46 @@ def load_image_folder(
         md5=h.hexdigest(),
         extra={"split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction},
     )
+
+
+def _class_files(root: Path) -> dict[str, list[Path]]:
+    """Class folder name -> its sorted image files (at least two classes, none empty)."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DatasetError(f"{root}: need at least 2 class sub-folders, found {len(class_dirs)}")
+    files: dict[str, list[Path]] = {}
+    for d in class_dirs:
+        imgs = sorted(
+            p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not imgs:
+            raise DatasetError(f"{d}: class folder contains no .png/.jpg/.jpeg images")
+        files[d.name] = imgs
+    return files
+
+
+def _all_single_channel(files: dict[str, list[Path]]) -> bool:
+    """Whether every image is single-channel (then the dataset stays grayscale)."""
+    for imgs in files.values():
+        for p in imgs:
+            try:
+                with Image.open(p) as im:
+                    if im.mode not in ("L", "1", "I", "I;16", "F"):
+                        return False
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DatasetError(f"{p}: unreadable image ({exc})") from exc
+    return True
+
+
+def _stacked(parts: dict[str, tuple[list[np.ndarray], list[int]]], image_size: int,
+             channels: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each split's images as one uint8 array (an empty split: shape (0, s, s, channels))."""
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for s, (xs, ys) in parts.items():
+        x = (
+            np.stack(xs).astype(np.uint8)
+            if xs
+            else np.zeros((0, image_size, image_size, channels), np.uint8)
+        )
+        splits[s] = (x, np.asarray(ys, dtype=np.int64))
+    return splits

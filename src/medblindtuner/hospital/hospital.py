@@ -1,14 +1,14 @@
 """The hospital as an object: one work folder, the workflow in order, nothing rebuilt by hand.
 
-    hospital = Hospital("hospital-job")
+    hospital = Hospital("hospital-job")  # insecure_test_params=True: the tiny test ring
     hospital.prepare(features)          # probe, recipe, plan, range check, scaler (fitted once)
     hospital.generate_keys()            # public bundle + secret key (local/, mode 0600)
     hospital.encrypt_dataset()          # encrypted_dataset/ for the cloud
     judge = hospital.judge()            # answers one early-stopping question per epoch
     weights = hospital.decrypt_result() # after the cloud's result/ is downloaded
 
-`Hospital.open(workdir)` picks a prepared folder up again (the CLI runs one step per command).
-The CLI, the demo, the experiment pipeline and the Python API all call this.
+`Hospital.open(workdir)` picks a prepared folder up again (the CLI runs one step per command);
+`hospital.session.CloudSession` carries its job to a cloud service.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.keys import HospitalKeys
-from medblindtuner.he.params import PRODUCTION, CkksParams
+from medblindtuner.he.params import INSECURE_TEST, PRODUCTION, CkksParams
 from medblindtuner.hospital.crypto import (
     HospitalJudge,
     JudgeRefusal,
@@ -104,19 +104,28 @@ class HospitalFolder:
         return self.root / "queries" / query_id
 
 
-class Hospital:
-    """The key holder's side of one training job."""
+def ckks_params(insecure_test_params: bool) -> CkksParams:
+    """The CKKS parameters of a security level: production (128-bit), or the tiny, NOT secure
+    test ring (the one place the flag becomes parameters)."""
+    return INSECURE_TEST if insecure_test_params else PRODUCTION
 
-    def __init__(self, workdir: str | os.PathLike[str], params: CkksParams = PRODUCTION, *,
-                 allow_insecure: bool = False, log: Callable[[str], None] | None = None):
+
+class Hospital:
+    """The key holder's side of one training job.
+
+    `insecure_test_params` is the security level, the same name from the command line on;
+    `params` are the job's CKKS parameters (after `prepare`: with the plan's bootstrap slots).
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], *, insecure_test_params: bool = False,
+                 log: Callable[[str], None] | None = None):
         self.folder = HospitalFolder(Path(workdir))
-        self.params = params
-        self.allow_insecure = allow_insecure
+        self.insecure_test_params = insecure_test_params
+        self.params = ckks_params(insecure_test_params)
         self.log = log
         self.data: PreparedData | None = None
         self.recipe: Recipe | None = None
         self.plan: TrainingPlan | None = None
-        self.keyed: CkksParams | None = None  # params with the plan's bootstrap slots
         self.meta: dict = {}
         self._keys: HospitalKeys | None = None
         self._scaler: FeatureScaler | None = None
@@ -126,11 +135,12 @@ class Hospital:
         """Probe, derived settings, public plan and range check; writes plan.json and the
         local prepared data and scaler. Raises RangeError/RecipeError on refused settings."""
         # derive_recipe has already run the range check on exactly this plan's mirror
-        data, recipe = derive_recipe(features, self.params, given, log=self.log)
-        plan = TrainingPlan.create(self.params, data.x["train"], data.x["val"],
+        level = ckks_params(self.insecure_test_params)
+        data, recipe = derive_recipe(features, level, given, log=self.log)
+        plan = TrainingPlan.create(level, data.x["train"], data.x["val"],
                                    data.n_classes, recipe.config, recipe.activation)
         self.data, self.recipe, self.plan = data, recipe, plan
-        self.keyed = self.params.with_bootstrap_slots(plan.bootstrap_slots)
+        self.params = level.with_bootstrap_slots(plan.bootstrap_slots)
         self._scaler = data.feature_scaler
         self.folder.local.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.folder.judge_state.unlink(missing_ok=True)  # a new plan is a new job
@@ -138,9 +148,9 @@ class Hospital:
         arrays.update({f"{s}_y": y for s, y in data.y.items()})
         np.savez(self.folder.prepared, **arrays)
         data.feature_scaler.save(self.folder.scaler)
-        self.meta = {"plan": plan.to_dict(), "params": self.keyed.to_dict(),
+        self.meta = {"plan": plan.to_dict(), "params": self.params.to_dict(),
                      "n_val": int(len(data.y["val"])), "n_classes": data.n_classes,
-                     "dataset": data.name, "insecure": not self.keyed.is_secure,
+                     "dataset": data.name, "insecure": not self.params.is_secure,
                      "pca_dims": recipe.pca_dims, "recipe": recipe.to_dict(),
                      "scaler": data.scaler, "backbone": data.backbone}
         self.folder.plan.write_text(json.dumps(self.meta, indent=2, default=float))
@@ -155,9 +165,8 @@ class Hospital:
             raise HospitalError(f"{folder.plan} not found: run `medblindtuner hospital keygen` "
                                 "first")
         meta = json.loads(folder.plan.read_text())
-        keyed = CkksParams.from_dict(meta["params"])
-        hospital = cls(workdir, keyed, allow_insecure=bool(meta.get("insecure")), log=log)
-        hospital.meta, hospital.keyed = meta, keyed
+        hospital = cls(workdir, insecure_test_params=bool(meta.get("insecure")), log=log)
+        hospital.meta, hospital.params = meta, CkksParams.from_dict(meta["params"])
         hospital.plan = TrainingPlan.from_dict(meta["plan"])
         if folder.prepared.exists():
             with np.load(folder.prepared, allow_pickle=False) as z:
@@ -169,7 +178,7 @@ class Hospital:
         return hospital
 
     def _require_plan(self) -> TrainingPlan:
-        if self.plan is None or self.keyed is None:
+        if self.plan is None:
             raise HospitalError("no training plan yet: call prepare() first")
         return self.plan
 
@@ -182,8 +191,8 @@ class Hospital:
     def generate_keys(self) -> HospitalKeys:
         """CKKS keys for the plan: public bundle for the cloud, secret key kept in local/."""
         plan = self._require_plan()
-        keys = HospitalKeys.generate(self.keyed, plan.rotation_indices,
-                                     allow_insecure=self.allow_insecure,
+        keys = HospitalKeys.generate(self.params, plan.rotation_indices,
+                                     allow_insecure=self.insecure_test_params,
                                      shard_rotation_indices=plan.kernel_rotation_indices)
         keys.save_public_bundle(self.folder.public_bundle)
         self.folder.local.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -199,7 +208,7 @@ class Hospital:
             if not self.folder.secret_key.exists():
                 raise HospitalError(f"{self.folder.secret_key} not found: generate keys first")
             self._keys = HospitalKeys.load(self.folder.public_bundle, self.folder.secret_key,
-                                           allow_insecure=self.allow_insecure,
+                                           allow_insecure=self.insecure_test_params,
                                            with_eval_keys=False)
         return self._keys
 
@@ -235,7 +244,7 @@ class Hospital:
         """(rows, features) weights from the downloaded encrypted result; refused when the
         cloud claims a best epoch other than the one this hospital's judge chose."""
         plan = self._require_plan()
-        result = EncryptedResult.load(directory or self.folder.result, self.keyed, plan.rows)
+        result = EncryptedResult.load(directory or self.folder.result, self.params, plan.rows)
         if self.folder.judge_state.exists():
             chosen = self.judge().best_epoch
             if chosen and result.best_epoch != chosen:
@@ -268,12 +277,12 @@ class Hospital:
 
     def encrypt_queries(self, x: np.ndarray, directory: Path) -> Path:
         """Encrypt scaled rows for the cloud to score; returns the artifact folder."""
-        encrypt_queries(self.keys, self._require_plan(), x).save(directory, self.keyed)
+        encrypt_queries(self.keys, self._require_plan(), x).save(directory, self.params)
         return Path(directory)
 
     def decrypt_scores(self, directory: Path) -> np.ndarray:
         """(n, c) class probabilities from the cloud's encrypted scores."""
-        scores, sizes = load_scores(directory, self.keyed)
+        scores, sizes = load_scores(directory, self.params)
         return decrypt_scores(self.keys, self._require_plan(), scores, sizes)
 
     def probabilities(self, weights: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -75,8 +75,39 @@ def _test_arrays(run: Mapping[str, Any], n_classes: int | None) -> _TestArrays |
 
 def _plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     """Train (dashed) and validation (solid) loss per epoch for every run with a history."""
+    series = _loss_series(results)
+    if not series:
+        return False
+    has_acc = any(a is not None for *_, acc in series for a in acc)
+    with rc_context(_RC):
+        ncols = 2 if has_acc else 1
+        fig = Figure(figsize=(6.5 * ncols, 4.6), dpi=_DPI, layout="constrained")
+        axes = fig.subplots(1, ncols, squeeze=False)[0]
+        ax = axes[0]
+        best_drawn = False
+        for key, run, idx, epochs, train, val, acc in series:
+            drawn = _draw_run_losses(ax, axes[1] if has_acc else None, key, run, idx, epochs,
+                                     train, val, acc)
+            best_drawn = best_drawn or drawn
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(str(results.get("loss_name") or "Loss"))
+        ax.set_title("Loss per epoch")
+        _loss_legend(ax, series, best_drawn)
+        if has_acc:
+            axes[1].set_xlabel("Epoch")
+            axes[1].set_ylabel("Validation accuracy")
+            axes[1].set_title("Validation accuracy per epoch")
+            axes[1].legend(loc="best", frameon=True, framealpha=0.9)
+        for a in axes:
+            a.xaxis.get_major_locator().set_params(integer=True)
+        fig.savefig(path)
+    return True
+
+
+def _loss_series(results: Mapping[str, Any]) -> list[tuple]:
+    """(key, run, index, epochs, train losses, val losses, val accuracies) per run with a
+    history."""
     series = []
-    has_acc = False
     for idx, (key, run) in enumerate(_ordered_runs(results)):
         hist = run.get("history") or []
         rows = [h for h in hist if isinstance(h, Mapping)]
@@ -87,115 +118,107 @@ def _plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
         train = [_num(h.get("train_loss")) for h in rows]
         val = [_num(h.get("val_loss")) for h in rows]
         acc = [_as_fraction(h.get("val_acc")) for h in rows]
-        has_acc = has_acc or any(a is not None for a in acc)
         series.append((key, run, idx, epochs, train, val, acc))
-    if not series:
-        return False
+    return series
 
-    def _xy(xs: list[float], ys: list[float | None]) -> tuple[list[float], list[float]]:
-        pairs = [(x, y) for x, y in zip(xs, ys, strict=False) if y is not None]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    with rc_context(_RC):
-        ncols = 2 if has_acc else 1
-        fig = Figure(figsize=(6.5 * ncols, 4.6), dpi=_DPI, layout="constrained")
-        axes = fig.subplots(1, ncols, squeeze=False)[0]
-        ax = axes[0]
-        best_drawn = False
-        for key, run, idx, epochs, train, val, acc in series:
-            style = _run_style(key, idx)
-            label = _run_label(key, run)
-            every = max(1, len(epochs) // 15)
-            x, y = _xy(epochs, val)
-            if x:
-                ax.plot(
-                    x,
-                    y,
-                    "-",
-                    color=style["color"],
-                    marker=style["marker"],
-                    markersize=4,
-                    markevery=every,
-                    lw=1.8,
-                    label=f"{label} — validation",
-                )
-            x, y = _xy(epochs, train)
-            if x:
-                ax.plot(
-                    x, y, "--", color=style["color"], lw=1.4, alpha=0.85, label=f"{label} — train"
-                )
-            best = _num(run.get("best_epoch"))
-            if best is not None and best in epochs:
-                bval = val[epochs.index(best)]
-                if bval is not None:
-                    ax.plot(
-                        [best],
-                        [bval],
-                        "*",
-                        color=style["color"],
-                        markersize=14,
-                        markeredgecolor="black",
-                        markeredgewidth=0.6,
-                        zorder=5,
-                    )
-                    best_drawn = True
-            if has_acc:
-                x, y = _xy(epochs, acc)
-                if x:
-                    axes[1].plot(
-                        x,
-                        y,
-                        "-",
-                        color=style["color"],
-                        marker=style["marker"],
-                        markersize=4,
-                        markevery=every,
-                        lw=1.8,
-                        label=label,
-                    )
-        ax.set_xlabel("Epoch")
-        ax.set_ylabel(str(results.get("loss_name") or "Loss"))
-        ax.set_title("Loss per epoch")
-        # Compact legend: one colour entry per run plus line-style keys, instead of 2 x runs.
-        handles = [
+def _xy(xs: list[float], ys: list[float | None]) -> tuple[list[float], list[float]]:
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=False) if y is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _draw_run_losses(ax: Any, acc_ax: Any, key: str, run: Mapping[str, Any], idx: int,
+                     epochs: list, train: list, val: list, acc: list) -> bool:
+    """One run's validation and train losses (and accuracies on `acc_ax`); True when its best
+    epoch was marked."""
+    has_acc = acc_ax is not None
+    axes = [ax, acc_ax]
+    best_drawn = False
+    style = _run_style(key, idx)
+    label = _run_label(key, run)
+    every = max(1, len(epochs) // 15)
+    x, y = _xy(epochs, val)
+    if x:
+        ax.plot(
+            x,
+            y,
+            "-",
+            color=style["color"],
+            marker=style["marker"],
+            markersize=4,
+            markevery=every,
+            lw=1.8,
+            label=f"{label} — validation",
+        )
+    x, y = _xy(epochs, train)
+    if x:
+        ax.plot(
+            x, y, "--", color=style["color"], lw=1.4, alpha=0.85, label=f"{label} — train"
+        )
+    best = _num(run.get("best_epoch"))
+    if best is not None and best in epochs:
+        bval = val[epochs.index(best)]
+        if bval is not None:
+            ax.plot(
+                [best],
+                [bval],
+                "*",
+                color=style["color"],
+                markersize=14,
+                markeredgecolor="black",
+                markeredgewidth=0.6,
+                zorder=5,
+            )
+            best_drawn = True
+    if has_acc:
+        x, y = _xy(epochs, acc)
+        if x:
+            axes[1].plot(
+                x,
+                y,
+                "-",
+                color=style["color"],
+                marker=style["marker"],
+                markersize=4,
+                markevery=every,
+                lw=1.8,
+                label=label,
+            )
+    return best_drawn
+
+
+def _loss_legend(ax: Any, series: list[tuple], best_drawn: bool) -> None:
+    """Compact legend: one colour entry per run plus line-style keys, instead of 2 x runs."""
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=_run_style(key, idx)["color"],
+            marker=_run_style(key, idx)["marker"],
+            lw=1.8,
+            label=_run_label(key, run),
+        )
+        for key, run, idx, *_ in series
+    ]
+    handles += [
+        Line2D([], [], color="dimgray", ls="-", lw=1.8, label="validation"),
+        Line2D([], [], color="dimgray", ls="--", lw=1.4, label="train"),
+    ]
+    if best_drawn:
+        handles.append(
             Line2D(
                 [],
                 [],
-                color=_run_style(key, idx)["color"],
-                marker=_run_style(key, idx)["marker"],
-                lw=1.8,
-                label=_run_label(key, run),
+                ls="",
+                marker="*",
+                markersize=12,
+                color="lightgray",
+                markeredgecolor="black",
+                markeredgewidth=0.6,
+                label="best epoch",
             )
-            for key, run, idx, *_ in series
-        ]
-        handles += [
-            Line2D([], [], color="dimgray", ls="-", lw=1.8, label="validation"),
-            Line2D([], [], color="dimgray", ls="--", lw=1.4, label="train"),
-        ]
-        if best_drawn:
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    ls="",
-                    marker="*",
-                    markersize=12,
-                    color="lightgray",
-                    markeredgecolor="black",
-                    markeredgewidth=0.6,
-                    label="best epoch",
-                )
-            )
-        ax.legend(handles=handles, loc="upper right", frameon=True, framealpha=0.9)
-        if has_acc:
-            axes[1].set_xlabel("Epoch")
-            axes[1].set_ylabel("Validation accuracy")
-            axes[1].set_title("Validation accuracy per epoch")
-            axes[1].legend(loc="best", frameon=True, framealpha=0.9)
-        for a in axes:
-            a.xaxis.get_major_locator().set_params(integer=True)
-        fig.savefig(path)
-    return True
+        )
+    ax.legend(handles=handles, loc="upper right", frameon=True, framealpha=0.9)
 
 
 def _plot_confusion(
@@ -276,8 +299,6 @@ def _macro_roc(
 
 def _plot_roc(results: Mapping[str, Any], n_classes: int, path: Path) -> bool:
     """Binary: one curve per run. Multi-class: macro-average per run + per-class (encrypted)."""
-    from sklearn.metrics import auc, roc_curve
-
     names = _class_names(results, n_classes)
     runs = []
     for idx, (key, run) in enumerate(_ordered_runs(results)):
@@ -286,34 +307,44 @@ def _plot_roc(results: Mapping[str, Any], n_classes: int, path: Path) -> bool:
             runs.append((key, run, idx, arrays))
     if not runs:
         return False
-    multiclass = n_classes > 2
+    if n_classes > 2:
+        return _plot_multiclass_roc(runs, names, path)
+    return _plot_binary_roc(runs, names, path)
+
+
+def _plot_binary_roc(runs: list[tuple], names: list[str], path: Path) -> bool:
+    """One ROC curve per run (positive class: the second)."""
+    from sklearn.metrics import auc, roc_curve
 
     with rc_context(_RC):
-        if not multiclass:
-            fig = Figure(figsize=(6.4, 5.8), dpi=_DPI, layout="constrained")
-            ax = fig.subplots()
-            drawn = 0
-            for key, run, idx, arrays in runs:
-                score = _binary_scores(arrays)
-                yt = (arrays.y_true == 1).astype(int)
-                if score is None or yt.min() == yt.max():
-                    continue
-                fpr, tpr, _ = roc_curve(yt, score)
-                style = _run_style(key, idx)
-                ax.plot(
-                    fpr,
-                    tpr,
-                    color=style["color"],
-                    lw=2,
-                    label=f"{_run_label(key, run)}: AUC {auc(fpr, tpr):.4f}",
-                )
-                drawn += 1
-            if not drawn:
-                return False
-            _finish_roc_axes(ax, f"ROC on the test split (positive class: {names[1]})")
-            fig.savefig(path)
-            return True
+        fig = Figure(figsize=(6.4, 5.8), dpi=_DPI, layout="constrained")
+        ax = fig.subplots()
+        drawn = 0
+        for key, run, idx, arrays in runs:
+            score = _binary_scores(arrays)
+            yt = (arrays.y_true == 1).astype(int)
+            if score is None or yt.min() == yt.max():
+                continue
+            fpr, tpr, _ = roc_curve(yt, score)
+            style = _run_style(key, idx)
+            ax.plot(
+                fpr,
+                tpr,
+                color=style["color"],
+                lw=2,
+                label=f"{_run_label(key, run)}: AUC {auc(fpr, tpr):.4f}",
+            )
+            drawn += 1
+        if not drawn:
+            return False
+        _finish_roc_axes(ax, f"ROC on the test split (positive class: {names[1]})")
+        fig.savefig(path)
+        return True
 
+
+def _plot_multiclass_roc(runs: list[tuple], names: list[str], path: Path) -> bool:
+    """Macro-average one-vs-rest ROC per run, and per-class curves of the encrypted run."""
+    with rc_context(_RC):
         detail_key = "encrypted" if any(r[0] == "encrypted" for r in runs) else runs[-1][0]
         fig = Figure(figsize=(12.6, 5.8), dpi=_DPI, layout="constrained")
         ax_macro, ax_cls = fig.subplots(1, 2)

@@ -122,8 +122,28 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
     backbone = _backbone_name(results) or DASH
     n_classes = _n_classes(results)
     runs = _ordered_runs(results)
+    confusion = _write_plots(results, runs, n_classes, out_dir, paths)
 
-    # ---- plots
+    title = f"MedBlindTuner report — {dataset} · {backbone}"
+    blocks: list[_Block] = [_Block("h1", title), _Block("p", _generated_line())]
+    blocks += _header_blocks(results, dataset, backbone, n_classes)
+    blocks += _results_blocks(results, runs)
+    blocks += _settings_and_ops_blocks(results)
+    blocks += _sizes_blocks(results)
+    blocks += _ckks_blocks(results)
+    blocks += _plot_blocks(paths, confusion)
+    blocks += _reproduce_blocks(results)
+
+    md_path, html_path = _write_docs(blocks, title, out_dir)
+    paths["markdown"] = md_path
+    paths["html"] = html_path
+    return paths
+
+
+def _write_plots(results: Mapping[str, Any], runs, n_classes: int | None, out_dir: Path,
+                 paths: dict[str, Path]) -> list[tuple[str, str, Path]]:
+    """Loss curves, ROC and one confusion matrix per run (those the data allow), recorded in
+    ``paths``; returns the confusion matrices as (run key, label, path)."""
     loss_path = out_dir / "loss_curves.png"
     if _plot_loss_curves(results, loss_path):
         paths["loss_curves"] = loss_path
@@ -141,10 +161,13 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
         paths[f"confusion_{_safe_name(key)}"] = p
         confusion.append((key, _run_label(key, run), p))
 
-    # ---- document
-    title = f"MedBlindTuner report — {dataset} · {backbone}"
-    blocks: list[_Block] = [_Block("h1", title), _Block("p", _generated_line())]
+    return confusion
 
+
+def _header_blocks(results: Mapping[str, Any], dataset: str, backbone: str,
+                   n_classes: int | None) -> list[_Block]:
+    """Dataset, classes and backbone."""
+    blocks: list[_Block] = []
     bb = results.get("backbone") if isinstance(results.get("backbone"), Mapping) else {}
     names = results.get("class_names")
     class_txt = f"{n_classes}" if n_classes is not None else DASH
@@ -163,6 +186,12 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
         )
     )
 
+    return blocks
+
+
+def _results_blocks(results: Mapping[str, Any], runs) -> list[_Block]:
+    """The runs table and the encrypted run's gaps to the plaintext head and the probe."""
+    blocks: list[_Block] = []
     blocks.append(_Block("h2", "Results"))
     rows = []
     for key, run in runs:
@@ -224,6 +253,12 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
                 ),
             )
         )
+    return blocks
+
+
+def _settings_and_ops_blocks(results: Mapping[str, Any]) -> list[_Block]:
+    """The derived training settings (with reasons) and the encrypted run's HE operations."""
+    blocks: list[_Block] = []
     choices = _get(results, "recipe", "choices")
     if isinstance(choices, list) and choices:
         blocks.append(_Block("h3", "Training settings and why"))
@@ -256,6 +291,12 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
             )
         )
 
+    return blocks
+
+
+def _sizes_blocks(results: Mapping[str, Any]) -> list[_Block]:
+    """Artifact sizes, peak memory per role, timings."""
+    blocks: list[_Block] = []
     blocks.append(_Block("h2", "Sizes and memory"))
     sizes = results.get("sizes_bytes") if isinstance(results.get("sizes_bytes"), Mapping) else {}
     size_rows = [[label, _fmt_bytes(sizes.get(k))] for k, label in _SIZE_LABELS.items()]
@@ -290,6 +331,12 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
         ]
         blocks.append(_Block("table", headers=["Stage", "Wall time"], rows=t_rows))
 
+    return blocks
+
+
+def _ckks_blocks(results: Mapping[str, Any]) -> list[_Block]:
+    """The CKKS parameters table."""
+    blocks: list[_Block] = []
     blocks.append(_Block("h2", "CKKS parameters"))
     ckks = results.get("ckks")
     if isinstance(ckks, Mapping) and ckks:
@@ -304,6 +351,12 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
     else:
         blocks.append(_Block("p", DASH))
 
+    return blocks
+
+
+def _plot_blocks(paths: Mapping[str, Path], confusion: list[tuple[str, str, Path]]) -> list[_Block]:
+    """The plots written by `_write_plots` (or a dash where one could not be drawn)."""
+    blocks: list[_Block] = []
     blocks.append(_Block("h2", "Plots"))
     if "loss_curves" in paths:
         blocks.append(
@@ -324,6 +377,12 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
         for _key, label, p in confusion:
             blocks.append(_Block("img", f"Confusion matrix — {label}", headers=[p.name]))
 
+    return blocks
+
+
+def _reproduce_blocks(results: Mapping[str, Any]) -> list[_Block]:
+    """The command that produced the results."""
+    blocks: list[_Block] = []
     blocks.append(_Block("h2", "How to reproduce"))
     command = results.get("command")
     if command:
@@ -332,10 +391,7 @@ def build_report(results: dict, out_dir: Path) -> dict[str, Path]:
         blocks.append(_Block("p", f"Command: {DASH}"))
     blocks.append(_Block("p", "The full input of this report is in `results.json`."))
 
-    md_path, html_path = _write_docs(blocks, title, out_dir)
-    paths["markdown"] = md_path
-    paths["html"] = html_path
-    return paths
+    return blocks
 
 
 def _rel_link(report_dir: Any, out_dir: Path, text: str) -> _Link | str:

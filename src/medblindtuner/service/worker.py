@@ -158,22 +158,9 @@ class JobRunner:
                  decision.continue_training, decision.best_epoch)
         return decision
 
-    def _write_result(self, trainer, state) -> dict:
-        """The best epoch's encrypted weights as the result artifact (moved into place)."""
-        from medblindtuner.training.artifacts import EncryptedResult
-
-        result = EncryptedResult(trainer.weights_of_epoch(state.best_epoch), state.best_epoch,
-                                 state.epoch, state.steps,
-                                 {"job_id": self.job_id, "ops": trainer.ev.ops.snapshot(),
-                                  "peak_rss_bytes": peak_rss_bytes()})
-        return result.save(self.dir / RESULT_DIR, trainer.ev.params)
-
     def run(self) -> None:
-        from medblindtuner.cloud.cluster import RAY_ADDRESS_ENV, cluster_shards
-        from medblindtuner.cloud.trainer import EncryptedTrainer
-        from medblindtuner.he.engine import Evaluator
-        from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
-        from medblindtuner.training.artifacts import EncryptedDataset
+        from medblindtuner.cloud.cloud import Cloud
+        from medblindtuner.cloud.cluster import RAY_ADDRESS_ENV
 
         with self.store.session() as session:
             job = session.get(Job, self.job_id)
@@ -186,25 +173,20 @@ class JobRunner:
             job.worker_pid = os.getpid()
             job.started_at = job.started_at or utcnow()
             job.updated_at = utcnow()
-        bundle_dir = self.dir / BUNDLE
-        allow = self.config.allow_insecure
-        verify_public_bundle(bundle_dir, allow_insecure=allow)
-        crypto = CloudCrypto.load(bundle_dir, allow_insecure=allow)
-        evaluator = Evaluator(crypto.context, crypto.params, crypto.public_key)
-        dataset = EncryptedDataset.load(self.dir / DATASET, crypto.params,
-                                        adopt=evaluator.adopt)
+        cloud = Cloud(self.dir / BUNDLE, allow_insecure=self.config.allow_insecure)
+        dataset = cloud.load_dataset(self.dir / DATASET)
         # $MEDBLINDTUNER_RAY_ADDRESS: the chunks' kernels on that Ray cluster (its actors end
         # with this process, their driver)
-        shards = cluster_shards(os.environ.get(RAY_ADDRESS_ENV), dataset, bundle_dir, evaluator,
-                                allow_insecure=allow)
-        trainer = EncryptedTrainer(evaluator, dataset, self.dir / CHECKPOINTS_DIR, shards=shards)
+        shards = cloud.start_shards(dataset, os.environ.get(RAY_ADDRESS_ENV))
+        trainer = cloud.trainer(dataset, self.dir / CHECKPOINTS_DIR, shards=shards)
         self._update(steps_per_epoch=len(trainer.plan.train_batch_sizes),
                      max_epochs=trainer.plan.config.epochs)
         log.info("job %s: loaded bundle %s and %d train / %d val chunks; resuming: %s",
-                 self.job_id, crypto.params.fingerprint(), len(trainer.data.train),
+                 self.job_id, cloud.params.fingerprint(), len(trainer.data.train),
                  len(trainer.data.val), (self.dir / CHECKPOINTS_DIR / "state.json").exists())
-        state = trainer.train(decide=self._decide, on_step=self._on_step)
-        manifest = self._write_result(trainer, state)
+        state = cloud.train(trainer, decide=self._decide, on_step=self._on_step)
+        manifest = cloud.write_result(trainer, state, self.dir / RESULT_DIR,
+                                      {"job_id": self.job_id, "peak_rss_bytes": peak_rss_bytes()})
         failpoint("result.written")
         self._update(state=FINISHED, result_ready=True, finished_at=utcnow(),
                      epochs_done=state.epoch, best_epoch=state.best_epoch, steps=state.steps,
@@ -234,16 +216,9 @@ class ScoreRunner:
             query.updated_at = utcnow()
 
     def run(self) -> None:
-        from medblindtuner.cloud.inference import score_queries
+        from medblindtuner.cloud.cloud import Cloud
         from medblindtuner.he.ciphertexts import replace_dir
-        from medblindtuner.he.engine import Evaluator
-        from medblindtuner.he.keys import CloudCrypto, verify_public_bundle
-        from medblindtuner.training.artifacts import (
-            EncryptedQueries,
-            EncryptedResult,
-            read_dataset_manifest,
-            save_scores,
-        )
+        from medblindtuner.training.artifacts import read_dataset_manifest
         from medblindtuner.training.plan import TrainingPlan
 
         with self.store.session() as session:
@@ -264,23 +239,14 @@ class ScoreRunner:
             query.updated_at = utcnow()
         started = time.monotonic()
         job_root = self.config.job_dir(self.job_id)
-        bundle_dir = job_root / BUNDLE
-        allow = self.config.allow_insecure
-        verify_public_bundle(bundle_dir, allow_insecure=allow)
-        crypto = CloudCrypto.load(bundle_dir, allow_insecure=allow)
-        params = crypto.params
-        plan = TrainingPlan.from_dict(read_dataset_manifest(job_root / DATASET, params)["plan"])
-        result = EncryptedResult.load(job_root / RESULT_DIR, params, plan.rows)
-        weights = result.weights
-        queries = EncryptedQueries.load(self.dir / QUERY_INPUT_DIR, params)
-        evaluator = Evaluator(crypto.context, params, crypto.public_key)
-        log.info("job %s query set %s: scoring %d ciphertexts (%d rows) against %d weight "
-                 "rows (best epoch %s)", self.job_id, self.query_id, len(queries.cts),
-                 sum(queries.sizes), len(weights), result.best_epoch)
-        scores = score_queries(evaluator, plan, weights, queries)
+        cloud = Cloud(job_root / BUNDLE, allow_insecure=self.config.allow_insecure)
+        plan = TrainingPlan.from_dict(
+            read_dataset_manifest(job_root / DATASET, cloud.params)["plan"])
         tmp = self.dir / SCORES_TMP_DIR
         shutil.rmtree(tmp, ignore_errors=True)
-        save_scores(tmp, scores, queries.sizes, params)
+        cloud.score(plan, job_root / RESULT_DIR, self.dir / QUERY_INPUT_DIR, tmp,
+                    log=lambda line: log.info("job %s query set %s: %s", self.job_id,
+                                              self.query_id, line))
         replace_dir(tmp, self.dir / SCORES_DIR)
         seconds = time.monotonic() - started
         self._set(state=Q_DONE, finished_at=utcnow(), seconds=round(seconds, 3), error=None)

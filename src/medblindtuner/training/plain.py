@@ -144,6 +144,48 @@ class TrainResult:
     min_softmax_sum: float = float("inf")
 
 
+class _RangeTracker:
+    """The head's activation (exact, or the mirror's polynomials) with the ranges it saw: the
+    largest |logit| (every slot of the logit ciphertexts, with a layout) and softmax sums;
+    RangeError when the mirror leaves its approximation interval."""
+
+    def __init__(self, result: TrainResult, n_classes: int, activation: ActivationPlan | None,
+                 layout: PackingLayout | None) -> None:
+        self.result, self.n_classes = result, n_classes
+        self.activation, self.layout = activation, layout
+
+    def record_range(self, peak: float, where: str) -> None:
+        self.result.max_abs_logit = max(self.result.max_abs_logit, peak)
+        activation = self.activation
+        if activation is not None and not peak <= activation.logit_bound:
+            raise RangeError(
+                f"{where} reached {peak:.3g}, outside the approximation interval "
+                f"[-{activation.logit_bound}, {activation.logit_bound}]: the polynomial head "
+                "would diverge; lower the learning rate or raise the logit bound"
+            )
+
+    def track_slots(self, x: np.ndarray, w: np.ndarray) -> None:
+        layout = self.layout
+        if layout is None:
+            return
+        for start in range(0, len(x), layout.samples_per_ct):
+            chunk = x[start : start + layout.samples_per_ct]
+            for row in w:
+                peak = float(np.max(np.abs(layout.logit_slots(chunk, row))))
+                self.record_range(peak, "a logit-ciphertext slot")
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        self.record_range(float(np.max(np.abs(logits))), "a logit")
+        if self.n_classes > 2:  # sums of exponentials: the softmax inverse's input range
+            exp = np.exp if self.activation is None else self.activation.exp
+            sums = exp(logits).sum(axis=1)
+            self.result.max_softmax_sum = max(self.result.max_softmax_sum, float(sums.max()))
+            self.result.min_softmax_sum = min(self.result.min_softmax_sum, float(sums.min()))
+        if self.activation is None:
+            return exact_probabilities(logits, self.n_classes)
+        return self.activation.probabilities(logits)
+
+
 def train_head(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -161,58 +203,28 @@ def train_head(
     """
     start = time.perf_counter()
     config = config.checked()
-    rows = n_weight_rows(n_classes)
     targets = one_hot(y_train, n_classes)
     val_targets = one_hot(y_val, n_classes)
-    weights = np.zeros((rows, x_train.shape[1]))
+    weights = np.zeros((n_weight_rows(n_classes), x_train.shape[1]))
     previous = weights.copy()
     result = TrainResult(weights=weights.copy())
+    head = _RangeTracker(result, n_classes, activation, layout)
     batches = make_batches(len(x_train), config.batch_size, config.seed)
-
-    def record_range(peak: float, where: str) -> None:
-        result.max_abs_logit = max(result.max_abs_logit, peak)
-        if activation is not None and not peak <= activation.logit_bound:
-            raise RangeError(
-                f"{where} reached {peak:.3g}, outside the approximation interval "
-                f"[-{activation.logit_bound}, {activation.logit_bound}]: the polynomial head "
-                "would diverge; lower the learning rate or raise the logit bound"
-            )
-
-    def track_slots(x: np.ndarray, w: np.ndarray) -> None:
-        if layout is None:
-            return
-        for start in range(0, len(x), layout.samples_per_ct):
-            chunk = x[start : start + layout.samples_per_ct]
-            for row in w:
-                peak = float(np.max(np.abs(layout.logit_slots(chunk, row))))
-                record_range(peak, "a logit-ciphertext slot")
-
-    def head(logits: np.ndarray) -> np.ndarray:
-        record_range(float(np.max(np.abs(logits))), "a logit")
-        if n_classes > 2:  # sums of exponentials: the softmax inverse's input range
-            exp = np.exp if activation is None else activation.exp
-            sums = exp(logits).sum(axis=1)
-            result.max_softmax_sum = max(result.max_softmax_sum, float(sums.max()))
-            result.min_softmax_sum = min(result.min_softmax_sum, float(sums.min()))
-        if activation is None:
-            return exact_probabilities(logits, n_classes)
-        return activation.probabilities(logits)
-
     best_loss = float("inf")
     since_best = 0
     for epoch in range(1, config.epochs + 1):
         for batch_index in epoch_batch_order(len(batches), config.seed, epoch):
             idx = batches[batch_index]
             lookahead = (1 + config.momentum) * weights - config.momentum * previous
-            track_slots(x_train[idx], lookahead)
-            probs = head(x_train[idx] @ lookahead.T)
+            head.track_slots(x_train[idx], lookahead)
+            probs = head.probabilities(x_train[idx] @ lookahead.T)
             gradient = (probs - targets[idx]).T @ x_train[idx]
             previous, weights = weights, (config.decay_factor * lookahead
                                           - (config.learning_rate / len(idx)) * gradient)
             result.steps += 1
-        track_slots(x_val, weights)
-        val_loss = brier_loss(head(x_val @ weights.T), val_targets)
-        train_loss = brier_loss(head(x_train @ weights.T), targets)
+        head.track_slots(x_val, weights)
+        val_loss = brier_loss(head.probabilities(x_val @ weights.T), val_targets)
+        train_loss = brier_loss(head.probabilities(x_train @ weights.T), targets)
         record = {"epoch": epoch, "val_loss": val_loss, "train_loss": train_loss,
                   "val_acc": evaluate(weights, x_val, y_val, n_classes)["acc"]}
         result.history.append(record)

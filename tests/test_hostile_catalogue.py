@@ -36,3 +36,39 @@ def test_hostile_subset_is_handled(tmp_path):
     assert report["defects"] == [], report["defects"]
     assert report["summary"] == f"{len(SUBSET)} tried, {len(SUBSET)} handled, 0 defects; " \
                                 "data lost: no"
+
+
+def run_cases(tmp_path, prefix: str) -> tuple[dict, list[str]]:
+    lines: list[str] = []
+    report = hostile.run(quick=True, workdir=tmp_path, log=lines.append,
+                         select=lambda case: case.name.startswith(prefix))
+    return report, lines
+
+
+def test_round2_no_500(tmp_path):
+    """Issue 26, family 2: no 500 for odd JSON, concurrent deletes or a full disk."""
+    report, lines = run_cases(tmp_path, "no500:")
+    assert report["tried"] == 6, lines
+    assert report["defects"] == [], report["defects"]
+
+
+def test_round2_hospital_judge(tmp_path):
+    """Issue 26, family 1: the judge refuses for good, within its budget, in isolation."""
+    report, lines = run_cases(tmp_path, "hospital:")
+    assert report["tried"] == 5, lines
+    assert report["defects"] == [], report["defects"]
+
+
+def test_round2_exhaustion(tmp_path):
+    """Issue 26, family 4: queued validators, /healthz under 1 s, quotas that hold."""
+    report, lines = run_cases(tmp_path, "exhaustion:")
+    assert report["tried"] == 5, lines
+    assert report["defects"] == [], report["defects"]
+    assert report["measured"]["healthz_during_burst"]["max_s"] < 1.0
+
+
+def test_round2_lying_contexts(tmp_path):
+    """Issue 26, family 3: the context's own parameters against its manifest."""
+    report, lines = run_cases(tmp_path, "context:")
+    assert report["tried"] == 7, lines
+    assert report["defects"] == [], report["defects"]

@@ -40,17 +40,55 @@ def test_answers_in_order_then_refuses_extra_questions(setup, tmp_path):
         judge(5, loss_ct(keys, judge, 0.1))  # beyond the plan's 4 epochs
 
 
-def test_refuses_skipped_epochs_and_impossible_losses(setup):
+@pytest.mark.parametrize("epoch, loss, message", [(2, 0.3, "only epoch 1"),
+                                                   (1, -0.5, "Brier range"),
+                                                   (1, 7.0, "Brier range")])
+def test_refuses_skipped_epochs_and_impossible_losses_for_good(setup, tmp_path, epoch, loss,
+                                                               message):
     plan, keys, n_val = setup
-    judge = HospitalJudge(keys, plan, n_val)
-    with pytest.raises(JudgeRefusal, match="only epoch 1"):
-        judge(2, loss_ct(keys, judge, 0.3))
-    with pytest.raises(JudgeRefusal, match="Brier range"):
-        judge(1, loss_ct(keys, judge, -0.5))
-    with pytest.raises(JudgeRefusal, match="Brier range"):
-        judge(1, loss_ct(keys, judge, 7.0))
-    assert judge.answers == {} and judge.losses == {}  # refused questions leave no trace
+    state = tmp_path / "judge.json"
+    judge = HospitalJudge(keys, plan, n_val, state_path=state)
+    with pytest.raises(JudgeRefusal, match=message):
+        judge(epoch, loss_ct(keys, judge, loss))
+    assert judge.answers == {} and judge.losses == {}  # refused questions get no answer
+    # the refusal ends the job's questions, in this process and in any later one
+    for again in (judge, HospitalJudge(keys, plan, n_val, state_path=state)):
+        with pytest.raises(JudgeRefusal, match="ended with a refusal"):
+            again(1, loss_ct(keys, again, 0.3))
     assert issubclass(JudgeRefusal, MedBlindTunerError)
+
+
+def test_the_decryption_budget_is_the_plans_epochs_across_processes(setup, tmp_path):
+    """Each decryption is counted before it happens; the same bytes again cost nothing."""
+    plan, keys, n_val = setup
+    state = tmp_path / "judge.json"
+    judge = HospitalJudge(keys, plan, n_val, state_path=state)
+    first = loss_ct(keys, judge, 0.3)
+    judge(1, first)
+    judge.answers.clear()  # as if killed after decrypting, before answering
+    judge.losses.clear()
+    judge(1, first)  # the same ciphertext again: no new decryption counted
+    assert len(judge.decrypted) == 1
+    for epoch in range(2, plan.config.epochs + 1):
+        judge.answers.clear()
+        judge.losses.clear()
+        judge._save()
+        judge = HospitalJudge(keys, plan, n_val, state_path=state)  # a new process
+        judge(1, loss_ct(keys, judge, 0.3 - 0.01 * epoch))  # new bytes: one more decryption
+    assert len(judge.decrypted) == plan.config.epochs
+    judge.answers.clear()
+    judge.losses.clear()
+    with pytest.raises(JudgeRefusal, match=f"the plan allows {plan.config.epochs}"):
+        judge(1, loss_ct(keys, judge, 0.2))
+
+
+@pytest.mark.parametrize("header", [None, "abc", "1e3", "-1", "01.0", "9" * 8])
+def test_a_malformed_epoch_from_the_cloud_is_refused_for_good(setup, tmp_path, header):
+    plan, keys, n_val = setup
+    judge = HospitalJudge(keys, plan, n_val, state_path=tmp_path / "judge.json")
+    with pytest.raises(JudgeRefusal, match="not a plain integer"):
+        judge.answer_cloud(header, b"")
+    assert "not a plain integer" in judge.refused and judge.decrypted == []
 
 
 def test_repeated_question_gets_the_recorded_answer_without_decrypting(setup):

@@ -47,6 +47,9 @@ from medblindtuner.training.plan import TrainingPlan
 
 EPOCHS = 4
 PATIENCE = 2
+# A length field of a serialised ciphertext: flipping this bit makes OpenFHE's parser ask for
+# gigabytes (found by scanning single-bit flips); the hospital parses it in a limited child.
+FLIP_OFFSET, FLIP_BIT = 20, 0x40
 JOB_ID = "0123456789abcdef0123456789abcdef"
 
 
@@ -95,12 +98,16 @@ class AttackerView:
 
 @dataclass
 class FakeCloud:
-    """Serves `questions` one by one (epoch, ciphertext), then reports `final_state`."""
+    """Serves `questions` one by one (epoch, ciphertext), then reports `final_state`. An
+    epoch may be any header text and a question raw bytes (malformed answers); `status_body`
+    replaces the status JSON."""
 
-    questions: list[tuple[int, Callable[[], ofhe.Ciphertext]]]
+    questions: list[tuple[int | str, Callable[[], ofhe.Ciphertext | bytes]]]
     final_state: str = FINISHED
+    status_body: bytes | None = None
     decisions: list[dict] = field(default_factory=list)
     downloads: int = 0
+    answered_epochs: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def status(self) -> dict:
@@ -128,11 +135,18 @@ class FakeCloud:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 with cloud.lock:
+                    if self.path == f"/jobs/{JOB_ID}" and cloud.status_body is not None:
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(cloud.status_body)))
+                        self.end_headers()
+                        self.wfile.write(cloud.status_body)
+                        return None
                     if self.path == f"/jobs/{JOB_ID}":
                         return self._json(cloud.status())
                     if self.path == f"/jobs/{JOB_ID}/validation-loss" and cloud.questions:
                         epoch, make = cloud.questions[0]
-                        data = ciphertext_to_bytes(make())
+                        made = make()
+                        data = made if isinstance(made, bytes) else ciphertext_to_bytes(made)
                         cloud.downloads += 1
                         self.send_response(200)
                         self.send_header(EPOCH_HEADER, str(epoch))
@@ -152,6 +166,7 @@ class FakeCloud:
                         return self._json({"detail": "not found"}, 404)
                     cloud.decisions.append(body)
                     cloud.questions.pop(0)
+                    cloud.answered_epochs.append(body["epoch"])
                     return self._json({"state": RUNNING})
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -162,7 +177,8 @@ class FakeCloud:
 def hospital_fetch(prepared: Path, tmp_path: Path, cloud: FakeCloud):
     """Run the unmodified `medblindtuner hospital fetch` (own process) against `cloud`."""
     work = tmp_path / "hospital"
-    shutil.copytree(prepared, work)
+    if not work.exists():  # a second call with the same tmp_path: a re-run of fetch
+        shutil.copytree(prepared, work)
     server, url = cloud.serve()
     (work / "job.json").write_text(json.dumps({"url": url, "job_id": JOB_ID,
                                                "token": "t" * 43}))
@@ -174,9 +190,21 @@ def hospital_fetch(prepared: Path, tmp_path: Path, cloud: FakeCloud):
     finally:
         server.shutdown()
         server.server_close()
-    judge_state = work / "local" / "judge.json"
-    saved = json.loads(judge_state.read_text()) if judge_state.exists() else {"losses": {}}
-    return done, {int(e): v for e, v in saved["losses"].items()}
+    return done, {int(e): v for e, v in judge_state(work)["losses"].items()}
+
+
+def judge_state(work: Path) -> dict:
+    path = work / "local" / "judge.json"
+    return json.loads(path.read_text()) if path.exists() else {"losses": {}}
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    """A clean refusal: exit 2, no traceback, exactly one `error:` line on stderr."""
+    assert done.returncode == EXIT_USER_ERROR, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +275,87 @@ def test_more_epochs_than_planned_are_refused(prepared, attacker, tmp_path):
     assert done.returncode == EXIT_USER_ERROR, done.stdout + done.stderr
     assert f"the plan has {EPOCHS} epochs" in " ".join(done.stderr.split())
     assert [d["best_epoch"] for d in cloud.decisions] == list(range(1, EPOCHS + 1))
+
+
+# ---- issue 26: no bit beyond the plan, across re-runs; every malformed answer refused -----------
+def test_a_refusal_ends_the_jobs_questions_for_good(prepared, attacker, tmp_path):
+    """The round-2 attack: a refused question is asked again in a re-run of `hospital fetch`
+    (8 re-runs gave RARARAAA). Now the first refusal is persisted and every later question,
+    in any re-run, is refused unread: no decision, no decryption."""
+    first = FakeCloud([(1, lambda: attacker.loss(0.3)), (2, lambda: attacker.loss(7.0))])
+    done, losses = hospital_fetch(prepared, tmp_path, first)
+    assert "outside the Brier range" in one_error_line(done)
+    assert first.answered_epochs == [1] and sorted(losses) == [1]
+    for threshold in np.linspace(-0.9, 0.9, 4):  # re-runs, each with a fresh question
+        again = FakeCloud([(2, lambda t=threshold: attacker.feature_below(t))])
+        done, losses = hospital_fetch(prepared, tmp_path, again)
+        assert "ended with a refusal" in one_error_line(done)
+        assert again.decisions == [] and again.downloads == 0  # refused before reading
+        assert sorted(losses) == [1]
+    saved = judge_state(tmp_path / "hospital")
+    assert "Brier range" in saved["refused"] and len(saved["decrypted"]) == 2
+
+
+def test_decryption_budget_holds_across_restarts(prepared, attacker, tmp_path):
+    """Decryptions are counted before they happen: a state file whose budget is spent (a
+    process killed after each decryption, before its answer) allows no new decryption."""
+    work = tmp_path / "hospital"
+    shutil.copytree(prepared, work)
+    spent = [[e, f"{e:064x}"] for e in range(1, EPOCHS + 1)]  # E decryptions, no answers
+    (work / "local" / "judge.json").write_text(json.dumps(
+        {"losses": {}, "answers": {}, "decrypted": spent, "refused": None}))
+    cloud = FakeCloud([(1, lambda: attacker.loss(0.3))])
+    done, losses = hospital_fetch(prepared, tmp_path, cloud)
+    assert f"the plan allows {EPOCHS}" in one_error_line(done)
+    assert cloud.decisions == [] and losses == {}
+
+
+@pytest.mark.parametrize("epoch_text", ["abc", "1e3", "-1", "1.0", "1 2", "", "9" * 30],
+                         ids=["abc", "1e3", "negative", "float", "inner-space", "empty",
+                              "30-digits"])
+def test_malformed_epoch_header_is_a_recorded_refusal(prepared, attacker, tmp_path,
+                                                      epoch_text):
+    cloud = FakeCloud([(epoch_text, lambda: attacker.loss(0.3))])
+    done, losses = hospital_fetch(prepared, tmp_path, cloud)
+    assert "not a plain integer" in one_error_line(done)
+    assert cloud.decisions == [] and losses == {}
+    assert "not a plain integer" in judge_state(tmp_path / "hospital")["refused"]
+
+
+@pytest.fixture(scope="module")
+def foreign_loss(attacker) -> bytes:
+    """A loss ciphertext the cloud made under its own keys and context (same parameters)."""
+    from medblindtuner.he.keys import HospitalKeys
+
+    params = attacker.crypto.params
+    keys = HospitalKeys.generate(params, [], allow_insecure=True)
+    vector = np.zeros(params.slots)
+    vector[0] = 0.3 * attacker.n_val + attacker.padding_loss
+    return ciphertext_to_bytes(keys.encrypt(vector, data_level(params)))
+
+
+@pytest.mark.parametrize("kind", ["foreign-context", "garbage", "truncated", "oversized",
+                                  "flipped-length"])
+def test_malformed_loss_ciphertext_is_a_recorded_refusal(prepared, attacker, foreign_loss,
+                                                         tmp_path, kind):
+    good = ciphertext_to_bytes(attacker.loss(0.3))
+    flipped = bytearray(good)
+    flipped[FLIP_OFFSET] ^= FLIP_BIT
+    data = {"foreign-context": foreign_loss, "garbage": b"\x00garbage" * 100,
+            "truncated": good[: len(good) // 2], "oversized": good + b"\0" * (64 << 20),
+            "flipped-length": bytes(flipped)}[kind]
+    cloud = FakeCloud([(1, lambda: data)])
+    done, losses = hospital_fetch(prepared, tmp_path, cloud)
+    line = one_error_line(done)
+    assert "refused" in line
+    assert cloud.decisions == [] and losses == {}
+    assert judge_state(tmp_path / "hospital")["refused"]
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"state": 3}', b"{}"],
+                         ids=["not-json", "list", "state-int", "empty"])
+def test_malformed_status_is_a_recorded_refusal(prepared, tmp_path, body):
+    cloud = FakeCloud([], status_body=body)
+    done, _ = hospital_fetch(prepared, tmp_path, cloud)
+    assert "malformed answer from the cloud" in one_error_line(done)
+    assert "malformed" in judge_state(tmp_path / "hospital")["refused"]

@@ -21,7 +21,7 @@ PREFIX = "medblindtuner.service."
 LAYERS = [
     {"errors", "limits", "locks"},
     {"store", "blobs", "validate", "manifests", "quotas"},
-    {"supervisor", "uploads"},
+    {"supervisor", "uploads", "views"},
     {"jobs"},
     {"app", "worker"},
     {"command", "local"},  # the `serve` Typer command; `local` starts it as a process

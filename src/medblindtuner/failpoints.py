@@ -8,10 +8,15 @@ names one, `failpoint()` is a dictionary lookup and nothing else; the product ne
     MEDBLINDTUNER_FAILPOINT_MARKER=/some/file      written just before the kill; while it
                                                    exists the failpoint never fires again
                                                    (a restarted worker inherits the variables)
+    MEDBLINDTUNER_FAILPOINT=disk.chunk@2:enospc,disk.job@1:enospc
+                                                   raise OSError(ENOSPC) ("disk full") at
+                                                   those hits instead of a kill (several
+                                                   points, comma-separated)
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -28,25 +33,36 @@ FAILPOINTS = {
     "result.staged": "the result's files written to the temporary folder",
     "result.written": "the result in place, the job not yet marked finished",
     "upload.blob_committed": "an uploaded file renamed into the blob store, not yet recorded",
+    "disk.chunk": "an upload chunk about to be written into its staging file",
+    "disk.finalize": "a verified upload about to be committed into the blob store",
+    "disk.job": "a new job's folder about to be created",
 }
 
 _hits: dict[str, int] = {}
 
 
 def failpoint(name: str) -> None:
-    """SIGKILL this process here if the environment arms `name` for this hit."""
+    """SIGKILL this process here (or raise ENOSPC) if the environment arms `name` for this
+    hit."""
     armed = os.environ.get(FAILPOINT_ENV)
     if not armed:
         return
-    target, _, count = armed.partition("@")
-    if target not in FAILPOINTS:
-        raise ValueError(f"{FAILPOINT_ENV}={armed!r}: unknown failpoint {target!r}")
-    if target != name:
-        return
+    for item in armed.split(","):
+        spec, _, action = item.partition(":")
+        target, _, count = spec.partition("@")
+        if target not in FAILPOINTS:
+            raise ValueError(f"{FAILPOINT_ENV}={armed!r}: unknown failpoint {target!r}")
+        if target == name:
+            _fire(name, int(count or 1), action)
+
+
+def _fire(name: str, count: int, action: str) -> None:
     _hits[name] = _hits.get(name, 0) + 1
     marker = os.environ.get(MARKER_ENV)
-    if _hits[name] != int(count or 1) or (marker and Path(marker).exists()):
+    if _hits[name] != count or (marker and Path(marker).exists()):
         return
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (failpoint {name})")
     if marker:
         Path(marker).write_text(f"{name}@{_hits[name]} pid {os.getpid()}\n")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -38,7 +38,11 @@ DEFAULT_WORKDIR = Path("hospital-job")
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    """One `error:` line (the message escaped: a cloud's text is no markup) and exit 2."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(' '.join(str(message).split()))}",
+                  soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -187,31 +191,62 @@ def fetch(
     poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 1.0,
 ) -> None:
     """Answer early-stopping questions (decrypting locally) until done; download weights."""
-    from tqdm import tqdm
-
-    from medblindtuner.hospital.client import JobFailed
+    from medblindtuner.hospital.client import ServiceError
     from medblindtuner.hospital.session import CloudSession
 
     hospital = _open(workdir)
     session = CloudSession.resume(hospital)
+    final = _answer_cloud_questions(session, hospital, poll)
+    for record in session.history:
+        console.print(f"epoch {record['epoch']}: validation Brier loss "
+                      f"{record['val_loss']:.5f}")
+    try:
+        session.fetch_result()
+        final_epochs, best = final.get("epochs_done"), final.get("best_epoch")
+    except (ServiceError, KeyError, TypeError, ValueError) as exc:
+        _fail(f"the cloud's result could not be downloaded: {exc}")
+    console.print(f"job finished after {final_epochs} epochs (best epoch {best}); "
+                  f"encrypted weights in {hospital.folder.result}")
+
+
+def _answer_cloud_questions(session, hospital, poll: float) -> dict:  # noqa: ANN001
+    """The cloud's questions until the job ends. Every refusal and every malformed answer of
+    the cloud ends here: one `error:` line, exit 2; malformed answers are recorded in the
+    judge's state like any refusal (so a re-run refuses too). HTTP errors are not recorded
+    (a network fault must not end the job)."""
+    import httpx
+    from tqdm import tqdm
+
+    from medblindtuner.hospital.client import CloudProtocolError, JobFailed, ServiceError
+    from medblindtuner.hospital.crypto import JudgeRefusal
+
+    try:
+        hospital.judge().require_open()
+    except JudgeRefusal as exc:
+        _fail(str(exc))
     plan = hospital.plan
     total = plan.config.epochs * len(plan.train_batch_sizes)
     with tqdm(total=total, desc="encrypted training", unit="step") as bar:
         def on_status(current: dict) -> None:
-            bar.update(max(current["steps"] - bar.n, 0))
-            bar.set_postfix(state=current["state"], epoch=current["epoch"],
-                            bootstraps=current["bootstraps"])
+            bar.update(max(int(current.get("steps") or 0) - bar.n, 0))
+            bar.set_postfix(state=str(current["state"])[:20])
 
+        failure = None
         try:
-            final = session.answer_decisions(poll_s=poll, on_status=on_status)
-        except JobFailed as exc:
-            _fail(str(exc))
-    for record in session.history:
-        console.print(f"epoch {record['epoch']}: validation Brier loss "
-                      f"{record['val_loss']:.5f}")
-    session.fetch_result()
-    console.print(f"job finished after {final['epochs_done']} epochs (best epoch "
-                  f"{final['best_epoch']}); encrypted weights in {hospital.folder.result}")
+            return session.answer_decisions(poll_s=poll, on_status=on_status)
+        except JudgeRefusal as exc:
+            failure = str(exc)
+        except CloudProtocolError as exc:  # recorded with the judge's state as it is now
+            failure = str(hospital.judge().refuse(
+                f"malformed answer from the cloud: {exc.message}"))
+        except (KeyError, TypeError, ValueError) as exc:
+            failure = str(hospital.judge().refuse(
+                f"malformed answer from the cloud: {type(exc).__name__} {str(exc)[:200]}"))
+        except (ServiceError, JobFailed, httpx.HTTPError) as exc:
+            failure = str(exc)
+    _fail(failure)  # after the progress bar closed its line
+    raise AssertionError("unreachable")  # _fail exits
+
 
 @app.command("evaluate")
 def evaluate_cmd(

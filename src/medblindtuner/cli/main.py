@@ -23,7 +23,8 @@ class _Commands(TyperGroup):
             from rich.markup import escape
 
             # one line whatever the terminal width; the message's brackets are text, not markup
-            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}",
+                                       soft_wrap=True)
             ctx.exit(EXIT_USER_ERROR)
 
 

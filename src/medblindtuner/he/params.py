@@ -261,3 +261,90 @@ def setup_bootstrapping(context: ofhe.CryptoContext, params: CkksParams) -> None
     """Public bootstrapping precomputation; must be redone in every process (not serialized)."""
     for slots in params.bootstrap_slots:
         context.EvalBootstrapSetup(list(level_budget_for(params, slots)), [0, 0], slots)
+
+
+# Largest log2(Q) the HE standard allows for 128-bit classical security with a ternary
+# secret, per ring dimension (HomomorphicEncryption.org standard, table of OpenFHE's
+# StdLatticeParm; Q·P must stay below it, so Q alone is a necessary condition).
+MAX_LOG_Q_128 = {1 << 10: 27, 1 << 11: 54, 1 << 12: 109, 1 << 13: 218, 1 << 14: 438,
+                 1 << 15: 881, 1 << 16: 1747, 1 << 17: 3523}
+
+
+def _crypto_parameters_tree(context: ofhe.CryptoContext) -> dict:
+    """OpenFHE's own JSON serialisation of a context: the Python bindings have no getters
+    for the security level, the secret-key distribution or the modulus chain."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "context.json"
+        if not ofhe.SerializeToFile(str(path), context, ofhe.JSON):
+            raise ParameterError("the context cannot be re-serialised to read its parameters")
+        return json.loads(path.read_text())
+
+
+def _first_dict_with(tree: object, key: str) -> dict:
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if key in node:
+                return node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    raise ParameterError(f"the context's serialisation has no {key!r}")
+
+
+def context_facts(context: ofhe.CryptoContext) -> dict:
+    """What a (deserialised) context is, read from the context itself, never declared."""
+    tree = _crypto_parameters_tree(context)
+    crypto = _first_dict_with(tree, "slv")
+    towers = _first_dict_with(_first_dict_with(tree, "elp")["elp"], "p")["p"]
+    moduli = [int(_first_dict_with(t, "cm")["cm"]["v"]) for t in towers]
+    return {
+        "ring_dim": int(context.GetRingDimension()),
+        "security": ofhe.SecurityLevel(int(crypto["slv"])).name,
+        "secret_key_dist": ofhe.SecretKeyDist(int(crypto["mo"])).name,
+        "depth": int(context.GetMultiplicativeDepth()),
+        "scaling_bits": int(context.GetPlaintextModulus()),
+        "scaling_technique": context.GetScalingTechnique().name,
+        "tower_bits": [m.bit_length() for m in moduli],
+        "log_q": sum(m.bit_length() for m in moduli),
+    }
+
+
+def context_mismatches(context: ofhe.CryptoContext, params: CkksParams) -> list[str]:
+    """Every way the context differs from the declared `params` (empty: it is what it
+    claims): ring, security level, key distribution, depth and modulus chain, scaling,
+    and whether the declared bootstrapping level budgets fit its depth."""
+    facts = context_facts(context)
+    labels = {"ring_dim": "ring dimension", "security": "security level",
+              "secret_key_dist": "secret-key distribution", "depth": "multiplicative depth",
+              "scaling_bits": "scaling bits"}
+    found = [f"{label} {facts[name]} (declared {getattr(params, name)})"
+             for name, label in labels.items() if facts[name] != getattr(params, name)]
+    if facts["scaling_technique"] != "FLEXIBLEAUTO":
+        found.append(f"scaling technique {facts['scaling_technique']} (FLEXIBLEAUTO expected)")
+    bits = facts["tower_bits"]
+    if len(bits) != params.depth + 1:
+        found.append(f"{len(bits)} moduli (declared depth {params.depth} needs "
+                     f"{params.depth + 1})")
+    if bits and abs(bits[0] - params.first_mod_bits) > 1:
+        found.append(f"first modulus of {bits[0]} bits (declared {params.first_mod_bits})")
+    if any(abs(b - params.scaling_bits) > 1 for b in bits[1:]):
+        found.append(f"scaling moduli of {sorted(set(bits[1:]))} bits (declared "
+                     f"{params.scaling_bits})")
+    bound = MAX_LOG_Q_128.get(facts["ring_dim"], 0)
+    if params.security == "HEStd_128_classic" and facts["log_q"] > bound:
+        found.append(f"a {facts['log_q']}-bit modulus, beyond the {bound} bits of 128-bit "
+                     f"security at ring {facts['ring_dim']}")
+    dist = getattr(ofhe, params.secret_key_dist)
+    for budget in {tuple(params.level_budget), tuple(params.sparse_level_budget)}:
+        if tuple(budget) not in BOOTSTRAP_OUTPUT_LEVEL:
+            found.append(f"bootstrapping level budget {list(budget)} (known: "
+                         f"{sorted(BOOTSTRAP_OUTPUT_LEVEL)})")
+        elif context.GetBootstrapDepth(list(budget), dist) >= facts["depth"]:
+            found.append(f"bootstrapping level budget {list(budget)} needs more than the "
+                         f"context's depth {facts['depth']}")
+    return found

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +61,14 @@ class ServiceError(RuntimeError):
         super().__init__(f"HTTP {status_code}: {message}")
         self.status_code = status_code
         self.message = message
+
+
+class CloudProtocolError(ServiceError):
+    """An answer of the cloud that does not follow the protocol (not JSON, fields missing or
+    of the wrong type): the hospital treats it as a refusal, like a malformed question."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(MISMATCH_STATUS, message)
 
 
 class JobFailed(RuntimeError):
@@ -141,7 +148,12 @@ class HospitalClient:
         return data
 
     def status(self) -> dict[str, Any]:
-        return self._request("GET", self._job()).json()
+        response = self._request("GET", self._job())
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise CloudProtocolError(f"the job status is not JSON: {response.text[:200]!r}") \
+                from exc
 
     def start(self) -> dict[str, Any]:
         return self._request("POST", self._job("/start")).json()
@@ -222,14 +234,22 @@ class HospitalClient:
         return {"sent_chunks": sent, "skipped_chunks": skipped, "interrupted": False}
 
     # ---- early stopping -----------------------------------------------------------------------
-    def validation_loss_bytes(self) -> tuple[int, bytes]:
+    def validation_loss_raw(self) -> tuple[str | None, bytes]:
+        """The question as the cloud sent it: its `X-Epoch` header (unparsed: the judge
+        refuses a malformed one) and the ciphertext bytes (SHA-256 checked)."""
         response = self._request("GET", self._job("/validation-loss"))
         data = response.content
         digest = response.headers.get(CONTENT_SHA_HEADER)
         if digest and hashlib.sha256(data).hexdigest() != digest:
             raise ServiceError(MISMATCH_STATUS,
                                "validation-loss ciphertext does not match its SHA-256")
-        return int(response.headers[EPOCH_HEADER]), data
+        return response.headers.get(EPOCH_HEADER), data
+
+    def validation_loss_bytes(self) -> tuple[int, bytes]:
+        epoch, data = self.validation_loss_raw()
+        if epoch is None or not epoch.isascii() or not epoch.isdigit() or len(epoch) > 7:
+            raise CloudProtocolError(f"the cloud sent the epoch {str(epoch)[:40]!r}")
+        return int(epoch), data
 
     def decide(self, epoch: int, continue_training: bool, best_epoch: int) -> dict[str, Any]:
         body = {"continue": continue_training, "best_epoch": best_epoch, "epoch": epoch}
@@ -241,6 +261,9 @@ class HospitalClient:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             current = self.status()
+            if not isinstance(current, dict) or not isinstance(current.get("state"), str):
+                raise CloudProtocolError(f"the job status is not the protocol's: "
+                                         f"{str(current)[:200]}")
             if on_status:
                 on_status(current)
             if current["state"] == AWAITING_DECISION or current["state"] in TERMINAL:
@@ -253,11 +276,11 @@ class HospitalClient:
                          on_status: Callable[[dict], None] | None = None) -> dict[str, Any]:
         """Answer every early-stopping question with `judge` (a `HospitalJudge`) until the end.
 
-        The loss ciphertext is decrypted here, at the hospital; only the one-bit decision and
-        the best epoch go back. Raises JobFailed unless the job finishes.
+        The loss ciphertext is handed to the judge exactly as the cloud sent it (epoch header
+        and bytes: `judge.answer_cloud` parses them in a limited subprocess and decrypts here,
+        at the hospital); only the one-bit decision and the best epoch go back. Raises
+        JobFailed unless the job finishes.
         """
-        from medblindtuner.he.ciphertexts import load_ciphertext
-
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         mismatches = 0
         while True:
@@ -268,7 +291,7 @@ class HospitalClient:
             if current["state"] in TERMINAL:
                 raise JobFailed(f"job {self.job_id} {current['state']}: {current.get('error')}")
             try:
-                epoch, data = self.validation_loss_bytes()
+                epoch_text, data = self.validation_loss_raw()
             except ServiceError as exc:
                 if exc.status_code == 409:  # answered meanwhile (e.g. by a restarted worker)
                     continue
@@ -279,13 +302,10 @@ class HospitalClient:
                     continue
                 raise
             mismatches = 0
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "loss.bin"
-                path.write_bytes(data)
-                loss_ct = load_ciphertext(path)
-            decision = judge(epoch, loss_ct)
+            decision = judge.answer_cloud(epoch_text, data)
             try:
-                self.decide(epoch, decision.continue_training, decision.best_epoch)
+                self.decide(int(epoch_text or 0), decision.continue_training,
+                            decision.best_epoch)
             except ServiceError as exc:
                 if exc.status_code != 409:
                     raise

@@ -6,17 +6,24 @@ Only the hospital runs this (it needs the secret key). The cloud's counterpart i
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import openfhe as ofhe
 
 from medblindtuner.errors import MedBlindTunerError
-from medblindtuner.he.ciphertexts import atomic_write_json
+from medblindtuner.he.ciphertexts import (
+    atomic_write_json,
+    ciphertext_from_bytes,
+    ciphertext_to_bytes,
+)
 from medblindtuner.he.keys import HospitalKeys
-from medblindtuner.he.params import data_level
+from medblindtuner.he.params import CkksParams, data_level
 from medblindtuner.training.approx import exact_probabilities
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset, EncryptedQueries
 from medblindtuner.training.plain import make_batches, one_hot
@@ -77,6 +84,10 @@ def write_encrypted_dataset(directory: Path, keys: HospitalKeys, plan: TrainingP
     return EncryptedDataset.write(directory, keys.params, plan, train, val)
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class JudgeRefusal(MedBlindTunerError):
     """The cloud asked an early-stopping question outside the plan: not answered."""
 
@@ -84,33 +95,83 @@ class JudgeRefusal(MedBlindTunerError):
 # CKKS noise on the decrypted validation loss is ~1e-4 of the per-sample Brier loss; anything
 # further outside [0, 2] did not come from the plan's computation.
 LOSS_TOLERANCE = 0.05
+# The cloud's epoch header: a plain decimal integer of at most this many digits.
+MAX_EPOCH_DIGITS = 7
+
+
+@dataclass(frozen=True)
+class UntrustedParseLimits:
+    """The subprocess that parses a cloud-supplied ciphertext before this process does (the
+    same machinery as the service's validator, `he.untrusted`)."""
+
+    memory_bytes: int = 4 << 30
+    timeout_s: float = 120.0
+
+
+def parse_epoch(text: str | None) -> int:
+    """The cloud's `X-Epoch` header: digits only (no sign, exponent, spaces or `abc`)."""
+    if (text is None or not text.isascii() or not text.isdigit()
+            or not 1 <= len(text) <= MAX_EPOCH_DIGITS):
+        raise JudgeRefusal(f"the cloud sent the epoch {str(text)[:40]!r}, not a plain "
+                           "integer: refused")
+    return int(text)
+
+
+def loss_ciphertext_bound(params: CkksParams) -> int:
+    """Largest serialised size a validation-loss ciphertext of these parameters can have
+    (two polynomials at the top level, 8 bytes per coefficient per tower, plus headers)."""
+    return 2 * params.ring_dim * (params.depth + 2) * 8 + (1 << 20)
 
 
 class HospitalJudge:
     """Key holder's side of early stopping: decrypts one scalar per epoch, strictly by plan.
 
-    Every answer leaks one bit about the decrypted value, so the judge is a state machine:
-    epochs must come 1, 2, 3, ... up to the plan's number of epochs and not after a stop; a
-    question about an epoch already answered gets the recorded answer again without a new
-    decryption; a loss outside the Brier range [0, 2] (plus CKKS noise) is refused. With
-    `state_path` the history is saved after every answer, so a repeated `fetch` (after a
-    crash or a restart) continues it instead of starting anew.
+    Every answer leaks one bit about the decrypted value, so the judge is a state machine
+    persisted in `state_path` (the hospital folder's `local/judge.json`):
+
+    * epochs come 1, 2, 3, ... up to the plan's number of epochs E and not after a stop; a
+      question about an epoch already answered gets the recorded answer without a decryption;
+    * **the decryption budget is E for the job's whole life**: each decryption is counted
+      in the state file *before* it happens (one ciphertext of one epoch counts once, so a
+      fetch cut off mid-decryption may retry the same bytes), across processes and crashes;
+    * **the first refusal ends the job's questions for good**: it is persisted, and every
+      later question (any process, any re-run of `hospital fetch`) is refused unread;
+    * a loss outside the Brier range [0, 2] (plus CKKS noise), a ciphertext that does not
+      parse (in a limited subprocess) or decrypt, or a malformed epoch is a refusal.
+
+    So the cloud sees at most E answers, each "improved" or "not" (the best epoch is the
+    current or the previous one; continue/stop follows from it and the patience), possibly
+    ended by one refusal: at most 2^(E+1) - 1 outcome sequences, fewer than E + 1 bits.
     """
 
     def __init__(self, keys: HospitalKeys, plan: TrainingPlan, n_val: int,
-                 state_path: Path | None = None):
+                 state_path: Path | None = None,
+                 parse_limits: UntrustedParseLimits | None = None):
         self.keys = keys
         self.plan = plan
         self.n_val = n_val
         padding = sum(plan.layout.samples_per_ct - n for n in plan.val_batch_sizes)
         self.padding_loss = plan.padding_loss(padding)
         self.state_path = Path(state_path) if state_path is not None else None
+        self.parse_limits = parse_limits or UntrustedParseLimits()
         self.losses: dict[int, float] = {}
         self.answers: dict[int, Decision] = {}
+        self.decrypted: list[tuple[int, str]] = []  # (epoch, SHA-256 of the ciphertext)
+        self.refused: str | None = None
         if self.state_path is not None and self.state_path.exists():
-            saved = json.loads(self.state_path.read_text())
-            self.losses = {int(e): float(v) for e, v in saved["losses"].items()}
-            self.answers = {int(e): Decision(**d) for e, d in saved["answers"].items()}
+            self._load(json.loads(self.state_path.read_text()))
+
+    def _load(self, saved: dict) -> None:
+        self.losses = {int(e): float(v) for e, v in saved["losses"].items()}
+        self.answers = {int(e): Decision(**d) for e, d in saved["answers"].items()}
+        self.decrypted = [(int(e), str(d)) for e, d in saved.get(
+            "decrypted", [[e, ""] for e in sorted(self.losses)])]
+        self.refused = saved.get("refused")
+
+    @property
+    def budget(self) -> int:
+        """Decryptions this job may ever cost: its plan's epochs."""
+        return self.plan.config.epochs
 
     @property
     def best_epoch(self) -> int:
@@ -124,25 +185,104 @@ class HospitalJudge:
         total = float(self.keys.decrypt(loss_ct, length=1)[0])
         return (total - self.padding_loss) / self.n_val
 
-    def __call__(self, epoch: int, loss_ct: ofhe.Ciphertext) -> Decision:
-        epoch = int(epoch)
+    # ---- the two ways a question arrives ------------------------------------------------------
+    def answer_cloud(self, epoch_text: str | None, data: bytes) -> Decision:
+        """A question exactly as the cloud sent it: its epoch header and ciphertext bytes.
+        Parsed in a limited subprocess first; every malformed part is a (persisted)
+        refusal."""
+        self.require_open()
+        epoch = self._guarded(lambda: parse_epoch(epoch_text))
         if epoch in self.answers:  # asked again (a resumed cloud): same answer, no decryption
             return self.answers[epoch]
+        self._check_in_plan(epoch)
+        self._check_parses(epoch, data)
+        try:
+            loss_ct = ciphertext_from_bytes(data)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise self.refuse(f"the validation loss of epoch {epoch} is not a ciphertext "
+                              f"({str(exc)[:200]}): refused") from exc
+        return self._answer_new(epoch, loss_ct, sha256_bytes(data))
+
+    def __call__(self, epoch: int, loss_ct: ofhe.Ciphertext) -> Decision:
+        """A question from a trusted, in-process trainer (no cloud: `experiment`, tests)."""
+        self.require_open()
+        epoch = int(epoch)
+        if epoch in self.answers:
+            return self.answers[epoch]
+        self._check_in_plan(epoch)
+        return self._answer_new(epoch, loss_ct, sha256_bytes(ciphertext_to_bytes(loss_ct)))
+
+    # ---- refusals -----------------------------------------------------------------------------
+    def require_open(self) -> None:
+        """Refuse at once if an earlier question of this job was refused."""
+        if self.refused is not None:
+            raise JudgeRefusal(f"this job's questions ended with a refusal: {self.refused}")
+
+    def refuse(self, message: str) -> JudgeRefusal:
+        """Persist the refusal (every later question is refused unread) and return it."""
+        self.refused = message
+        self._save()
+        return JudgeRefusal(message)
+
+    def _guarded(self, check: Callable[[], int]) -> int:
+        try:
+            return check()
+        except JudgeRefusal as exc:
+            raise self.refuse(str(exc)) from exc
+
+    def _check_in_plan(self, epoch: int) -> None:
         expected = max(self.answers, default=0) + 1
         if self.stopped:
-            raise JudgeRefusal(f"the cloud asked about epoch {epoch} after the hospital "
-                               f"stopped training at epoch {expected - 1}: refused")
+            raise self.refuse(f"the cloud asked about epoch {epoch} after the hospital "
+                              f"stopped training at epoch {expected - 1}: refused")
         if epoch > self.plan.config.epochs:
-            raise JudgeRefusal(f"the cloud asked about epoch {epoch}; the plan has "
-                               f"{self.plan.config.epochs} epochs: refused")
+            raise self.refuse(f"the cloud asked about epoch {epoch}; the plan has "
+                              f"{self.plan.config.epochs} epochs: refused")
         if epoch != expected:
-            raise JudgeRefusal(f"the cloud asked about epoch {epoch}; the plan allows only "
-                               f"epoch {expected} next: refused")
-        loss = self.validation_loss(loss_ct)
+            raise self.refuse(f"the cloud asked about epoch {epoch}; the plan allows only "
+                              f"epoch {expected} next: refused")
+
+    def _check_parses(self, epoch: int, data: bytes) -> None:
+        """The ciphertext bytes parse, within the limits, as one of this job's ring."""
+        from medblindtuner.he.untrusted import run_isolated
+
+        bound = loss_ciphertext_bound(self.keys.params)
+        if len(data) > bound:
+            raise self.refuse(f"the validation-loss ciphertext is {len(data)} bytes; one of "
+                              f"these parameters has at most {bound}: refused")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "loss.bin"
+            path.write_bytes(data)
+            verdict = run_isolated([str(path), "--role", "ciphertext", "--ring-dim",
+                                    str(self.keys.params.ring_dim)],
+                                   self.parse_limits.timeout_s, self.parse_limits.memory_bytes,
+                                   "the validation-loss ciphertext")
+        if not verdict.ok:
+            raise self.refuse(f"the validation loss of epoch {epoch} is refused: "
+                              f"{verdict.error}")
+
+    # ---- a new answer: one decryption of the budget ----------------------------------------
+    def _spend_decryption(self, epoch: int, digest: str) -> None:
+        """Count this decryption in the state file before it happens (write-ahead)."""
+        if (epoch, digest) in self.decrypted:
+            return  # the same bytes again (a fetch cut off mid-decryption): no new value
+        if len(self.decrypted) >= self.budget:
+            raise self.refuse(f"epoch {epoch} would be decryption {len(self.decrypted) + 1}; "
+                              f"the plan allows {self.budget}: refused")
+        self.decrypted.append((epoch, digest))
+        self._save()
+
+    def _answer_new(self, epoch: int, loss_ct: ofhe.Ciphertext, digest: str) -> Decision:
+        self._spend_decryption(epoch, digest)
+        try:
+            loss = self.validation_loss(loss_ct)
+        except (RuntimeError, ValueError) as exc:  # e.g. made under another key or context
+            raise self.refuse(f"the validation loss of epoch {epoch} does not decrypt under "
+                              f"this job's key ({str(exc)[:200]}): refused") from exc
         if not -LOSS_TOLERANCE <= loss <= 2 + LOSS_TOLERANCE:
-            raise JudgeRefusal(f"the decrypted validation loss of epoch {epoch} is {loss:.4g}, "
-                               "outside the Brier range [0, 2]: the ciphertext did not come "
-                               "from the planned computation; refused")
+            raise self.refuse(f"the decrypted validation loss of epoch {epoch} is "
+                              f"{loss:.4g}, outside the Brier range [0, 2]: the ciphertext "
+                              "did not come from the planned computation; refused")
         best_loss = min(self.losses.values(), default=float("inf"))
         best_epoch = epoch if loss < best_loss - 1e-12 else self.best_epoch
         keep_going = epoch - best_epoch < self.plan.config.patience
@@ -156,7 +296,9 @@ class HospitalJudge:
         if self.state_path is not None:
             atomic_write_json(self.state_path, {
                 "losses": {str(e): v for e, v in self.losses.items()},
-                "answers": {str(e): d.__dict__ for e, d in self.answers.items()}})
+                "answers": {str(e): d.__dict__ for e, d in self.answers.items()},
+                "decrypted": [[e, d] for e, d in self.decrypted],
+                "refused": self.refused})
 
 
 def decrypt_weights(keys: HospitalKeys, plan: TrainingPlan, cts: list[ofhe.Ciphertext]):

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi import Path as FastAPIPath
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,10 +27,11 @@ from medblindtuner.protocol import (
     EPOCH_HEADER,
     query_id_of,
 )
-from medblindtuner.service.errors import CloudError, TooLarge
-from medblindtuner.service.jobs import CloudService, configure_logging
+from medblindtuner.service.errors import CloudError, TooLarge, printable
+from medblindtuner.service.jobs import CloudService
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.uploads import chunk_digest
+from medblindtuner.service.views import configure_logging
 
 log = logging.getLogger("medblindtuner.service")
 _OCTET_BODY = {
@@ -80,10 +82,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
             413: "Over a size limit (chunk, file, manifest, job, service disk bound)",
             422: "Well-formed but invalid (schema, ranges, nesting, integer length)",
             429: "Over a quota (request rate of the token, job creations, live jobs)"}
+    text[507] = "The service's disk is full; nothing was recorded, retry later"
     return {code: {"model": ErrorOut, "description": text[code]} for code in codes}
 
 
-JOB_ERRORS = _errors(400, 401, 403, 404, 409, 413, 422, 429)
+JOB_ERRORS = _errors(400, 401, 403, 404, 409, 413, 422, 429, 507)
 
 
 class JobCreated(BaseModel):
@@ -116,14 +119,21 @@ def _service(request: Request) -> CloudService:
 _bearer = HTTPBearer(auto_error=False)
 
 
+def client_address(request: Request) -> str:
+    """The caller's address (the proxy's `X-Forwarded-For` only where `serve
+    --forwarded-allow-ips` trusts that proxy): the key of its quotas."""
+    return request.client.host if request.client else "unknown"
+
+
 def authorised(
     job_id: str,
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
-    """401 without a bearer token, 404 for unknown jobs, 403 for another job's token."""
+    """401 without a bearer token, 404 for unknown jobs, 403 for another job's token; each
+    failure is charged to the caller's address (429 once it has failed too often)."""
     token = credentials.credentials if credentials is not None else None
-    return _service(request).authorise(job_id, token)
+    return _service(request).authorise(job_id, token, client_address(request))
 
 
 def check_kind(kind: str) -> str:
@@ -142,17 +152,22 @@ def query_of_job(job_id: JobId, query_id: str, request: Request) -> str:
 QueryKind = Annotated[str, Depends(query_of_job)]
 
 
+def validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's list of schema errors as the one documented `detail` string."""
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return printable("invalid request: " + "; ".join(parts), 1000)
+
+
 def _file(path_and_digest: tuple, headers: dict[str, str] | None = None) -> FileResponse:
     path, digest = path_and_digest
     return FileResponse(path, media_type="application/octet-stream",
                         headers={**(headers or {}), CONTENT_SHA_HEADER: digest})
 
 
-def create_app(config: ServiceConfig) -> FastAPI:
-    """Build the FastAPI application for one data directory."""
-    configure_logging(config)
-    service = CloudService(config)
-
+def _lifespan(service: CloudService, config: ServiceConfig):  # noqa: ANN202 - a lifespan
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         service.start()
@@ -162,16 +177,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
             yield
         finally:
             service.stop()
+    return lifespan
 
-    app = FastAPI(
-        title="MedBlindTuner cloud service",
-        description="Trains a classifier head on CKKS-encrypted features. It never holds a "
-                    "secret key; every job endpoint needs that job's bearer token.",
-        version="1.0",
-        lifespan=lifespan,
-    )
-    app.state.service = service
 
+def _install_refusals(app: FastAPI) -> None:
+    """Body limits before reading, and every refusal as `{"detail": str}` with its status."""
     @app.middleware("http")
     async def bounded_small_bodies(request: Request, call_next):  # noqa: ANN001, ANN202
         """413 for an oversized body on a route that takes a small one, before it is read."""
@@ -185,29 +195,32 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.exception_handler(CloudError)
     async def refused(_request: Request, exc: CloudError) -> JSONResponse:
         """Every refusal of the domain: its status and `{"detail": message}`."""
-        return JSONResponse({"detail": exc.message}, status_code=exc.status_code,
+        return JSONResponse({"detail": printable(exc.message)}, status_code=exc.status_code,
                             headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """Schema errors of FastAPI itself: 422 with one string, whatever the input held
+        (lone surrogates, 9e999)."""
+        return JSONResponse({"detail": validation_message(exc)}, status_code=422)
+
+
+def _service_routes(app: FastAPI, service: CloudService, config: ServiceConfig) -> None:
     @app.get("/healthz", tags=["service"])
-    def healthz() -> dict[str, Any]:
+    async def healthz() -> dict[str, Any]:
+        """On the event loop itself: answers while every worker thread is busy."""
         return {"ok": True, "insecure_test_params": config.allow_insecure}
 
     @app.post("/jobs", status_code=201, response_model=JobCreated, tags=["jobs"],
-              responses=_errors(429))
+              responses=_errors(429, 507))
     def create_job(request: Request) -> JobCreated:
         """New job; the token is returned once (only its SHA-256 is stored)."""
-        client = request.client.host if request.client else "unknown"
-        return JobCreated(**service.create_job(client))
+        return JobCreated(**service.create_job(client_address(request)))
 
-    # Every route below needs a job's token: they share one router and its error responses.
-    router = APIRouter(responses=JOB_ERRORS)
 
-    @router.get("/jobs/{job_id}", tags=["jobs"])
-    def job_status(job_id: JobId) -> dict[str, Any]:
-        return service.status(job_id)
-
+def _upload_routes(router: APIRouter, service: CloudService, config: ServiceConfig) -> None:
     @router.put("/jobs/{job_id}/artifacts/{kind}/manifest", tags=["uploads"],
-             openapi_extra=_OCTET_BODY)
+                openapi_extra=_OCTET_BODY)
     async def put_manifest(job_id: JobId, kind: Kind, request: Request) -> dict[str, Any]:
         """Announce an artifact's files (their sizes and SHA-256); checked before any upload."""
         raw = await _read_body(request, config.limits.max_manifest_bytes, "manifest")
@@ -218,16 +231,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """Which chunks the server holds: the client resumes from here."""
         return service.uploads.status(job_id, kind)
 
-    async def accept_chunk_request(job_id: str, kind: str, name: str, index: int,
-                                   request: Request, chunk_sha256: str | None) -> dict[str, Any]:
-        """Shared by artifact and query uploads: header check, bounded read, store."""
-        digest = chunk_digest(chunk_sha256)
-        data = await _read_body(request, config.limits.chunk_bytes, "chunk")
-        return await run_in_threadpool(service.uploads.accept_chunk, job_id, kind, name, index,
-                                       data, digest)
-
-    @router.put("/jobs/{job_id}/artifacts/{kind}/files/{name}/chunks/{index}", tags=["uploads"],
-             openapi_extra=_OCTET_BODY)
+    @router.put("/jobs/{job_id}/artifacts/{kind}/files/{name}/chunks/{index}",
+                tags=["uploads"], openapi_extra=_OCTET_BODY)
     async def put_chunk(
         job_id: JobId,
         kind: Kind,
@@ -237,12 +242,29 @@ def create_app(config: ServiceConfig) -> FastAPI:
         chunk_sha256: Annotated[str | None, Header(alias=CHUNK_SHA_HEADER)] = None,
     ) -> dict[str, Any]:
         """One chunk (offset index * chunk_bytes) with its SHA-256 in the X-Chunk-SHA256 header."""
-        return await accept_chunk_request(job_id, kind, name, index, request, chunk_sha256)
+        return await accept_chunk_request(service, config, job_id, kind, name, index,
+                                          request, chunk_sha256)
 
     @router.post("/jobs/{job_id}/artifacts/{kind}/files/{name}/finalize", tags=["uploads"])
     def finalize(job_id: JobId, kind: Kind, name: str) -> dict[str, Any]:
         """Whole-file SHA-256 check against the manifest, secret-key check, then store."""
         return service.uploads.finalize(job_id, kind, name)
+
+
+async def accept_chunk_request(service: CloudService, config: ServiceConfig, job_id: str,
+                               kind: str, name: str, index: int, request: Request,
+                               chunk_sha256: str | None) -> dict[str, Any]:
+    """Shared by artifact and query uploads: header check, bounded read, store."""
+    digest = chunk_digest(chunk_sha256)
+    data = await _read_body(request, config.limits.chunk_bytes, "chunk")
+    return await run_in_threadpool(service.uploads.accept_chunk, job_id, kind, name, index,
+                                   data, digest)
+
+
+def _training_routes(router: APIRouter, service: CloudService) -> None:
+    @router.get("/jobs/{job_id}", tags=["jobs"])
+    def job_status(job_id: JobId) -> dict[str, Any]:
+        return service.status(job_id)
 
     @router.post("/jobs/{job_id}/start", tags=["training"])
     def start(job_id: JobId) -> dict[str, Any]:
@@ -250,7 +272,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return service.start_job(job_id)
 
     @router.get("/jobs/{job_id}/validation-loss", tags=["training"],
-             response_class=FileResponse)
+                response_class=FileResponse)
     def validation_loss(job_id: JobId) -> FileResponse:
         """The encrypted validation loss of the epoch awaiting the hospital's decision."""
         path, epoch, digest = service.validation_loss(job_id)
@@ -268,11 +290,23 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return service.result_manifest(job_id)
 
     @router.get("/jobs/{job_id}/result/files/{name}", tags=["results"],
-             response_class=FileResponse)
+                response_class=FileResponse)
     def result_file(job_id: JobId, name: str) -> FileResponse:
         return _file(service.result_file(job_id, name))
 
-    # ---- encrypted inference: query sets -----------------------------------------------------
+    @router.post("/jobs/{job_id}/cancel", tags=["jobs"])
+    def cancel(job_id: JobId) -> dict[str, Any]:
+        return service.cancel(job_id)
+
+    @router.delete("/jobs/{job_id}", tags=["jobs"])
+    def delete_job(job_id: JobId) -> dict[str, Any]:
+        """Stop the worker and remove the job, its files and unreferenced blobs."""
+        service.delete_job(job_id)
+        return {"deleted": True, "job_id": job_id}
+
+
+def _query_upload_routes(router: APIRouter, service: CloudService,
+                         config: ServiceConfig) -> None:
     @router.post("/jobs/{job_id}/queries", status_code=201, tags=["inference"])
     def create_query(job_id: JobId) -> dict[str, Any]:
         """New encrypted query set for a finished job -> {query_id, state, ...}."""
@@ -288,7 +322,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return service.query_status(job_id, query_id_of(kind))
 
     @router.put("/jobs/{job_id}/queries/{query_id}/manifest", tags=["inference"],
-             openapi_extra=_OCTET_BODY)
+                openapi_extra=_OCTET_BODY)
     async def put_query_manifest(job_id: JobId, kind: QueryKind,
                                  request: Request) -> dict[str, Any]:
         """The query set's manifest.json: format, params fingerprint, rows per ciphertext."""
@@ -296,7 +330,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return await run_in_threadpool(service.uploads.accept_manifest, job_id, kind, raw)
 
     @router.put("/jobs/{job_id}/queries/{query_id}/files/{name}/chunks/{index}",
-             tags=["inference"], openapi_extra=_OCTET_BODY)
+                tags=["inference"], openapi_extra=_OCTET_BODY)
     async def put_query_chunk(
         job_id: JobId,
         kind: QueryKind,
@@ -305,12 +339,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
         request: Request,
         chunk_sha256: Annotated[str | None, Header(alias=CHUNK_SHA_HEADER)] = None,
     ) -> dict[str, Any]:
-        return await accept_chunk_request(job_id, kind, name, index, request, chunk_sha256)
+        return await accept_chunk_request(service, config, job_id, kind, name, index,
+                                          request, chunk_sha256)
 
     @router.post("/jobs/{job_id}/queries/{query_id}/files/{name}/finalize", tags=["inference"])
     def finalize_query_file(job_id: JobId, kind: QueryKind, name: str) -> dict[str, Any]:
         return service.uploads.finalize(job_id, kind, name)
 
+
+def _scoring_routes(router: APIRouter, service: CloudService) -> None:
     @router.post("/jobs/{job_id}/queries/{query_id}/score", tags=["inference"])
     def score(job_id: JobId, kind: QueryKind) -> dict[str, Any]:
         """Start scoring in a worker process (the web process never loads keys)."""
@@ -322,7 +359,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return service.scores_manifest(job_id, query_id_of(kind))
 
     @router.get("/jobs/{job_id}/queries/{query_id}/scores/files/{name}", tags=["inference"],
-             response_class=FileResponse)
+                response_class=FileResponse)
     def score_file(job_id: JobId, kind: QueryKind, name: str) -> FileResponse:
         return _file(service.score_file(job_id, query_id_of(kind), name))
 
@@ -332,22 +369,38 @@ def create_app(config: ServiceConfig) -> FastAPI:
         service.delete_query(job_id, query_id_of(kind))
         return {"deleted": True, "query_id": query_id_of(kind)}
 
-    @router.post("/jobs/{job_id}/cancel", tags=["jobs"])
-    def cancel(job_id: JobId) -> dict[str, Any]:
-        return service.cancel(job_id)
 
-    @router.delete("/jobs/{job_id}", tags=["jobs"])
-    def delete_job(job_id: JobId) -> dict[str, Any]:
-        """Stop the worker and remove the job, its files and unreferenced blobs."""
-        service.delete_job(job_id)
-        return {"deleted": True, "job_id": job_id}
-
+def create_app(config: ServiceConfig) -> FastAPI:
+    """Build the FastAPI application for one data directory."""
+    configure_logging(config)
+    service = CloudService(config)
+    app = FastAPI(
+        title="MedBlindTuner cloud service",
+        description="Trains a classifier head on CKKS-encrypted features. It never holds a "
+                    "secret key; every job endpoint needs that job's bearer token.",
+        version="1.0",
+        lifespan=_lifespan(service, config),
+    )
+    app.state.service = service
+    _install_refusals(app)
+    _service_routes(app, service, config)
+    # Every route below needs a job's token: they share one router and its error responses.
+    router = APIRouter(responses=JOB_ERRORS)
+    _training_routes(router, service)
+    _upload_routes(router, service, config)
+    _query_upload_routes(router, service, config)
+    _scoring_routes(router, service)
     app.include_router(router)
     return app
 
 
 def run_server(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Blocking: serve the app with uvicorn (one process; training happens in workers)."""
+    """Blocking: serve the app with uvicorn (one process; training happens in workers).
+
+    Proxy headers (`X-Forwarded-For`) are trusted only from `config.forwarded_allow_ips`;
+    by default from nobody, so a client cannot pick the address its quotas are charged to."""
     import uvicorn
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+    trusted = config.forwarded_allow_ips
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info",
+                proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)

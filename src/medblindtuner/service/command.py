@@ -55,6 +55,11 @@ def serve(
     chunk_bytes: Annotated[
         int | None, typer.Option(help="Upload chunk size clients must use, in bytes.")
     ] = None,
+    forwarded_allow_ips: Annotated[
+        str | None,
+        typer.Option(help="Reverse proxies whose X-Forwarded-For is trusted (comma-separated "
+                          "addresses); default: none, quotas use the TCP peer address.")
+    ] = None,
     limit: Annotated[
         list[str] | None,
         typer.Option(help="Any other limit or quota of ServiceLimits as NAME=VALUE, e.g. "
@@ -79,5 +84,6 @@ def serve(
         typer.secho("WARNING: accepting INSECURE test parameters (never use with real "
                     "patient data)", fg=typer.colors.RED, err=True)
     config = ServiceConfig(data_dir=data_dir, db_url=db_url,
-                           allow_insecure=insecure_test_params, limits=limits)
+                           allow_insecure=insecure_test_params, limits=limits,
+                           forwarded_allow_ips=forwarded_allow_ips)
     run_server(config, host=host, port=port)

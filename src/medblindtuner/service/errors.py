@@ -7,6 +7,12 @@ exception handler. The status codes are the API's, so tests of the domain can as
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
 
 class CloudError(Exception):
     """A request the service refuses: what the client is told, and with which status."""
@@ -62,6 +68,13 @@ class Unprocessable(CloudError):
     status_code = 422
 
 
+class InsufficientStorage(CloudError):
+    """The service's disk (or its database) is full: nothing of the request was recorded;
+    the same request can be retried once space is freed."""
+
+    status_code = 507
+
+
 class Internal(CloudError):
     """The service's own files are not what it wrote."""
 
@@ -76,3 +89,31 @@ class TooManyRequests(CloudError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.headers = {"Retry-After": str(max(1, int(retry_after_s + 0.999)))}
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An out-of-space failure of the file system or of the database (SQLite says so in its
+    message; PostgreSQL too)."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(exc).lower()
+    return "disk is full" in text or "no space left" in text
+
+
+@contextmanager
+def out_of_space_is_507(what: str) -> Iterator[None]:
+    """Turn a full disk while doing `what` into a clear 507; other errors pass unchanged."""
+    try:
+        yield
+    except CloudError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise InsufficientStorage(f"the service is out of disk space while {what}; "
+                                      "nothing of it was recorded: retry later") from exc
+        raise
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """A message safe to put in a JSON answer: no lone surrogates, bounded length."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")

@@ -19,11 +19,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select
 
+from medblindtuner.failpoints import failpoint
 from medblindtuner.protocol import (
     ACTIVE_STATES,
     ARTIFACT_KINDS,
@@ -41,7 +46,6 @@ from medblindtuner.protocol import (
     QUEUED,
     RESULT_DIR,
     SCORES_DIR,
-    TERMINAL_STATES,
     decision_path,
     query_kind,
 )
@@ -54,6 +58,7 @@ from medblindtuner.service.errors import (
     TooManyRequests,
     Unauthorized,
     Unprocessable,
+    out_of_space_is_507,
 )
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.quotas import RateLimiter
@@ -62,6 +67,7 @@ from medblindtuner.service.store import (
     Job,
     QuerySet,
     Store,
+    aware,
     hash_token,
     new_job_id,
     new_query_id,
@@ -72,89 +78,14 @@ from medblindtuner.service.store import (
 from medblindtuner.service.supervisor import Spawner, Supervisor, WorkerRef, spawn_worker
 from medblindtuner.service.uploads import Uploads
 from medblindtuner.service.validate import Validator
+from medblindtuner.service.views import (
+    job_status,
+    listed_file,
+    query_status,
+)
 from medblindtuner.training.artifacts import SCORES_FORMAT
 
 log = logging.getLogger("medblindtuner.service")
-
-
-def configure_logging(config: ServiceConfig) -> None:
-    """Service log file in the data dir (ids, sizes and hashes only; never plaintext)."""
-    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(config.data_dir) / "service.log"
-    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
-        return
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
-def _iso(value) -> str | None:  # noqa: ANN001 - datetime or None
-    return value.isoformat() if value else None
-
-
-def job_status(job: Job) -> dict[str, Any]:
-    """What `GET /jobs/{id}` shows: progress, ETA and public facts, never data."""
-    total = job.max_epochs * job.steps_per_epoch
-    eta = None
-    if job.state in TERMINAL_STATES:
-        eta = 0.0
-    elif job.seconds_per_step and total:
-        # Upper bound: early stopping may end the job sooner.
-        eta = round(max(total - job.steps, 0) * job.seconds_per_step, 1)
-    return {
-        "job_id": job.id,
-        "state": job.state,
-        "epoch": job.epoch,
-        "epochs_done": job.epochs_done,
-        "max_epochs": job.max_epochs,
-        "step": job.step_in_epoch,
-        "steps_per_epoch": job.steps_per_epoch,
-        "steps": job.steps,
-        "total_steps": total,
-        "seconds_per_step": job.seconds_per_step,
-        "eta_seconds": eta,
-        "bootstraps": job.bootstraps,
-        "best_epoch": job.best_epoch,
-        "awaiting_epoch": job.awaiting_epoch,
-        "result_ready": job.result_ready,
-        "restarts": job.restarts,
-        "error": job.error,
-        "params": {"name": job.params_name, "fingerprint": job.params_fingerprint,
-                   "secure": job.params_secure},
-        "bytes_uploaded": job.bytes_uploaded,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "updated_at": _iso(job.updated_at),
-    }
-
-
-def query_status(query: QuerySet) -> dict[str, Any]:
-    """The scoring state of one query set."""
-    return {
-        "query_id": query.id,
-        "job_id": query.job_id,
-        "state": query.state,
-        "n_rows": query.n_rows,
-        "n_ciphertexts": query.n_ciphertexts,
-        "scores_ready": query.state == Q_DONE,
-        "seconds": query.seconds,
-        "restarts": query.restarts,
-        "error": query.error,
-        "created_at": _iso(query.created_at),
-        "started_at": _iso(query.started_at),
-        "finished_at": _iso(query.finished_at),
-    }
-
-
-def listed_file(manifest: dict[str, Any], directory: Path, name: str,
-                what: str) -> tuple[Path, str]:
-    """Path and SHA-256 of a file that `manifest` lists (result weights, scores); names not
-    listed are refused, so no other file of the job can be read this way."""
-    if name not in manifest["files"]:
-        raise NotFound(f"{name!r} is not part of the {what}")
-    return directory / name, manifest["files"][name]["sha256"]
 
 
 class CloudService:
@@ -182,6 +113,11 @@ class CloudService:
                                       "this job token")
         self.creation_rate = RateLimiter(limits.create_rate_per_s, limits.create_burst,
                                          "job creation from this address")
+        self.auth_failures = RateLimiter(limits.failed_auth_rate_per_s,
+                                         limits.failed_auth_burst,
+                                         "failed authentications from this address")
+        self._validating: set[str] = set()  # jobs (or query sets) being validated now
+        self._claims = threading.Lock()
 
     def start(self) -> None:
         """Crash recovery (restart dead workers), then supervise in the background."""
@@ -202,24 +138,66 @@ class CloudService:
     def create_job(self, client: str = "local") -> dict[str, Any]:
         """New job; the token is returned once (only its SHA-256 is stored).
 
-        Quotas: job creations per client address (429), live jobs on the service (429)."""
+        Quotas: job creations per client address, jobs held per client address, live jobs
+        on the service (429 each); idle jobs are expired first."""
         limits = self.config.limits
         self.creation_rate.charge(client)
+        self.expire_idle_jobs()
         job_id, token = new_job_id(), new_token()
         with self.store.session() as session:
             live = session.scalar(select(func.count()).select_from(Job)) or 0
             if live >= limits.max_live_jobs:
                 raise TooManyRequests(f"the service holds {live} jobs, its limit; delete "
                                       "finished jobs or try again later", retry_after_s=60)
-            self.job_dir(job_id).mkdir(parents=True)
-            session.add(Job(id=job_id, token_hash=hash_token(token), state=CREATED))
+            held = session.scalar(select(func.count()).select_from(Job).where(
+                Job.client == client[:64])) or 0
+            if held >= limits.max_jobs_per_client:
+                raise TooManyRequests(f"this address holds {held} jobs, the per-client limit; "
+                                      "delete some first", retry_after_s=60)
+        try:
+            with out_of_space_is_507("creating the job"), self.store.session() as session:
+                session.add(Job(id=job_id, token_hash=hash_token(token), state=CREATED,
+                                client=client[:64]))
+                failpoint("disk.job")
+                self.job_dir(job_id).mkdir(parents=True)
+        except Exception:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            raise
         log.info("job %s created", job_id)
         return {"job_id": job_id, "token": token, "chunk_bytes": limits.chunk_bytes,
                 "max_upload_bytes": limits.max_upload_bytes,
                 "max_job_bytes": limits.max_job_bytes}
 
-    def authorise(self, job_id: str, token: str | None) -> str:
-        """401 without a bearer token, 404 for unknown jobs, 403 for another job's token."""
+    def expire_idle_jobs(self, limit: int = 100) -> int:
+        """Delete jobs never started (or failed/cancelled) that saw no request for
+        `idle_job_ttl_s`: one client cannot hold the live-job cap with abandoned jobs."""
+        cutoff = utcnow() - timedelta(seconds=self.config.limits.idle_job_ttl_s)
+        with self.store.session() as session:
+            rows = session.execute(select(Job.id, Job.updated_at).where(
+                Job.state.in_((CREATED, FAILED, CANCELLED)))).all()
+        idle = [job_id for job_id, seen in rows if aware(seen) < cutoff][:limit]
+        for job_id in idle:
+            self.delete_job(job_id)
+            log.info("job %s expired (idle)", job_id)
+        return len(idle)
+
+    def authorise(self, job_id: str, token: str | None, client: str = "local") -> str:
+        """401 without a bearer token, 404 for unknown jobs, 403 for another job's token.
+        Each wrong token or unknown job is charged to the caller's address; once its bucket
+        is empty, every authentication from it is a 429 (guessing costs time)."""
+        if self.auth_failures.exhausted(client):
+            raise TooManyRequests("too many failed authentications from this address; retry "
+                                  "later", retry_after_s=self.auth_failures.retry_after_s())
+        try:
+            self._check_token(job_id, token)
+        except (Forbidden, NotFound):  # a guess (no token at all guesses nothing: 401)
+            if not self.auth_failures.exhausted(client):
+                self.auth_failures.charge(client)
+            raise
+        self.token_rate.charge(job_id)  # 429 beyond the token's request rate
+        return job_id
+
+    def _check_token(self, job_id: str, token: str | None) -> None:
         if not token:
             raise Unauthorized("missing bearer token")
         with self.store.session() as session:
@@ -228,8 +206,20 @@ class CloudService:
                 raise NotFound("no such job")
             if not token_matches(token, job.token_hash):
                 raise Forbidden("this token does not grant access to this job")
-        self.token_rate.charge(job_id)  # 429 beyond the token's request rate
-        return job_id
+
+    @contextmanager
+    def validating(self, key: str) -> Iterator[None]:
+        """One validation per job (or query set) at a time: a concurrent start is a 409
+        before any validator work is queued."""
+        with self._claims:
+            if key in self._validating:
+                raise Conflict("this job is being validated by another request")
+            self._validating.add(key)
+        try:
+            yield
+        finally:
+            with self._claims:
+                self._validating.discard(key)
 
     @staticmethod
     def check_kind(kind: str) -> str:
@@ -260,7 +250,10 @@ class CloudService:
                 raise Conflict(f"job is already {job.state}")
         for kind in ARTIFACT_KINDS:
             self.uploads.require_complete(job_id, kind, kind)
-        self.validator.check_job(self.job_dir(job_id))  # 400 "refusing to train: ..."
+        with self.validating(job_id):
+            self._check_state(job_id, CREATED)
+            self.validator.check_job(self.job_dir(job_id))  # 400 "refusing to train: ..."
+            self._check_state(job_id, CREATED)  # deleted or started while it was checked
         with self.store.session() as session:
             job = session.get(Job, job_id)
             if job.state != CREATED:
@@ -270,6 +263,14 @@ class CloudService:
             job.updated_at = utcnow()
         self.supervisor.launch(WorkerRef(job_id))
         return self.status(job_id)
+
+    def _check_state(self, job_id: str, state: str) -> None:
+        with self.store.session() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise NotFound("the job was deleted")
+            if job.state != state:
+                raise Conflict(f"job is already {job.state}")
 
     def validation_loss(self, job_id: str) -> tuple[Path, int, str]:
         """The encrypted loss awaiting a decision: (file, epoch, SHA-256 or "")."""
@@ -389,7 +390,8 @@ class CloudService:
             if query.state in (*Q_ACTIVE_STATES, Q_DONE):
                 return query_status(query)
         self.uploads.require_complete(job_id, query_kind(query_id), "query")
-        self.validator.check_job(self.job_dir(job_id), query_id)  # 400 "refusing to score"
+        with self.validating(f"{job_id}/{query_id}"):
+            self.validator.check_job(self.job_dir(job_id), query_id)  # 400 "refusing to score"
         with self.store.session() as session:
             query = session.get(QuerySet, query_id)
             if query.state not in (Q_UPLOADING, Q_FAILED):

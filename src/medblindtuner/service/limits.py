@@ -11,10 +11,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medblindtuner.he.untrusted import machine_memory_bytes
 from medblindtuner.protocol import query_dir
 
 GIB = 1 << 30
 MIB = 1 << 20
+
+
+def machine_share(fraction: float, cap: int) -> int:
+    """`fraction` of this machine's memory (or its cgroup limit), at most `cap`."""
+    return min(cap, int(machine_memory_bytes() * fraction))
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,16 @@ class ServiceLimits:
     # The subprocesses that parse uploaded OpenFHE files (`validate`): wall clock and address
     # space. One file at finalize (context, public key, ciphertexts: MBs; a length field
     # flipped to 2^62 must fail fast, not swap) and the whole job at start (rotation keys: GBs).
+    # The memory bounds are shares of this machine; at most `max_concurrent_validators` run
+    # at once (the others queue, up to `validator_queue_s`, then 503), so together they stay
+    # under half the machine's memory.
     validate_timeout_s: float = 120.0
-    validate_memory_bytes: int = 4 * GIB
+    validate_memory_bytes: int = field(default_factory=lambda: machine_share(0.25, 4 * GIB))
     validate_job_timeout_s: float = 1800.0
-    validate_job_memory_bytes: int = 48 * GIB
+    validate_job_memory_bytes: int = field(
+        default_factory=lambda: machine_share(0.5, 48 * GIB))
+    max_concurrent_validators: int = 1
+    validator_queue_s: float = 900.0
     # Quotas: per job token (requests), per client address (job creation), global.
     max_live_jobs: int = 1_000  # jobs stored at once (any state); POST /jobs answers 429 beyond
     max_total_bytes: int = 1 << 40  # everything all jobs may upload together (disk bound)
@@ -47,6 +59,14 @@ class ServiceLimits:
     token_burst: int = 400  # ... after a burst of this many
     create_rate_per_s: float = 2.0  # job creations per client address ...
     create_burst: int = 60
+    failed_auth_rate_per_s: float = 1.0  # wrong tokens / unknown jobs per client address ...
+    failed_auth_burst: int = 100  # ... beyond which its every authentication is a 429
+    max_jobs_per_client: int = 100  # jobs one client address may hold at once
+    # A job not started (or failed/cancelled) with no activity for this long is deleted when
+    # the next job is created; its declared-but-unsent bytes stop counting towards
+    # `max_total_bytes` after `upload_reservation_ttl_s` without a byte.
+    idle_job_ttl_s: float = 24 * 3600.0
+    upload_reservation_ttl_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,9 @@ class ServiceConfig:
     worker_poll_s: float = 0.25  # how often a waiting worker re-reads the DB
     monitor_interval_s: float = 2.0  # how often the web process checks its workers
     max_worker_restarts: int = 3
+    # Addresses of reverse proxies whose X-Forwarded-For is believed (uvicorn's
+    # forwarded_allow_ips, e.g. "10.0.0.5"); None: no proxy headers at all.
+    forwarded_allow_ips: str | None = None
 
     @property
     def resolved_db_url(self) -> str:

@@ -19,8 +19,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from medblindtuner.formats import dataset_file_name
 from medblindtuner.service.errors import BadRequest, TooLarge, Unprocessable
 from medblindtuner.service.limits import ServiceLimits
+from medblindtuner.training.plan import TrainingPlan
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NON_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
@@ -222,3 +224,12 @@ def _check_plan_bounds(plan: PlanModel, limits: ServiceLimits, what: str) -> Non
     if plan.activation.n_classes != plan.n_classes:
         raise Unprocessable(f"{what}: the activation is for {plan.activation.n_classes} "
                             f"classes, the plan for {plan.n_classes}")
+
+
+def dataset_files(plan: TrainingPlan) -> set[str]:
+    """The exact file set of an encrypted dataset made for `plan` (what the hospital saves)."""
+    kinds = ["x_dup", "x_grad"] + [f"y{j}" for j in range(plan.label_cts)]
+    return {dataset_file_name(split, index, kind)
+            for split, count in (("train", len(plan.train_chunk_sizes)),
+                                 ("val", len(plan.val_batch_sizes)))
+            for index in range(count) for kind in kinds}

@@ -45,3 +45,15 @@ class RateLimiter:
             self._buckets[key] = (level - cost, now)
             while len(self._buckets) > MAX_BUCKETS:
                 self._buckets.popitem(last=False)
+
+    def exhausted(self, key: str) -> bool:
+        """True while `key`'s bucket cannot pay for one request (nothing is charged)."""
+        if self.rate <= 0:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            level, stamp = self._buckets.get(key, (self.burst, now))
+            return min(self.burst, level + (now - stamp) * self.rate) < 1.0
+
+    def retry_after_s(self) -> float:
+        return 1.0 / self.rate if self.rate > 0 else 1.0

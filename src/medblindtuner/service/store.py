@@ -46,6 +46,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)  # noqa: UP017 - explicit for readers on older Pythons
 
 
+def aware(value: datetime) -> datetime:
+    """A stored timestamp as UTC-aware (SQLite hands them back naive)."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value  # noqa: UP017
+
+
 def hash_token(token: str) -> str:
     """Only this digest is stored: a DB leak must not let anyone act as the hospital."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -72,6 +77,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64))
+    # The address that created it (per-client job cap); not patient data.
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     state: Mapped[str] = mapped_column(String(32), default=CREATED, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from medblindtuner.failpoints import failpoint
-from medblindtuner.formats import dataset_file_name, sha256_file
+from medblindtuner.formats import sha256_file
 from medblindtuner.he import keys as he_keys
 from medblindtuner.he.keys import BUNDLE_FORMAT
 from medblindtuner.he.params import CkksParams, ParameterError, require_secure
@@ -42,11 +46,19 @@ from medblindtuner.service.blobs import (
     sha256_bytes,
     write_at,
 )
-from medblindtuner.service.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
+from medblindtuner.service.errors import (
+    BadRequest,
+    CloudError,
+    Conflict,
+    NotFound,
+    TooLarge,
+    Unprocessable,
+    out_of_space_is_507,
+)
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import file_lock
-from medblindtuner.service.manifests import parse_json, validate_manifest
-from medblindtuner.service.store import Job, QuerySet, Store, Upload, UploadChunk, utcnow
+from medblindtuner.service.manifests import dataset_files, parse_json, validate_manifest
+from medblindtuner.service.store import Job, QuerySet, Store, Upload, UploadChunk, aware, utcnow
 from medblindtuner.service.validate import Validator
 from medblindtuner.training.artifacts import DATASET_FORMAT, QUERIES_FORMAT
 from medblindtuner.training.plan import TrainingPlan, max_batch_size
@@ -55,15 +67,6 @@ log = logging.getLogger("medblindtuner.service")
 # The exact file set of a public bundle: the keys module's definition, so the two never drift.
 # The only use of a private name of `he.keys` in the service; to become its public name.
 BUNDLE_FILES = frozenset(he_keys._PUBLIC_FILES.values())
-
-
-def dataset_files(plan: TrainingPlan) -> set[str]:
-    """The exact file set of an encrypted dataset made for `plan` (what the hospital saves)."""
-    kinds = ["x_dup", "x_grad"] + [f"y{j}" for j in range(plan.label_cts)]
-    return {dataset_file_name(split, index, kind)
-            for split, count in (("train", len(plan.train_chunk_sizes)),
-                                 ("val", len(plan.val_batch_sizes)))
-            for index in range(count) for kind in kinds}
 
 
 def chunk_digest(header: str | None) -> str:
@@ -97,6 +100,31 @@ class Uploads:
         if is_query_kind(kind):
             return self.config.query_dir(job_id, query_id_of(kind)) / QUERY_INPUT_DIR
         return self.config.job_dir(job_id) / kind
+
+    # ---- a job deleted, a disk full, while a request works ------------------------------------
+    def _job_exists(self, job_id: str) -> bool:
+        with self.store.session() as session:
+            return session.get(Job, job_id) is not None
+
+    @contextmanager
+    def job_may_vanish(self, job_id: str, what: str) -> Iterator[None]:
+        """A `DELETE` of the job may run meanwhile: what then fails is a 404 (leftovers are
+        removed); a full disk is a 507; anything else is a bug and passes unchanged."""
+        try:
+            with out_of_space_is_507(what):
+                yield
+        except CloudError:
+            raise
+        except Exception as exc:
+            if self._job_exists(job_id):
+                raise
+            self._remove_leftovers(job_id)
+            raise NotFound(f"the job was deleted while {what}") from exc
+
+    def _remove_leftovers(self, job_id: str) -> None:
+        """Files a request re-created for a job deleted meanwhile (staging, links)."""
+        shutil.rmtree(self.config.staging_dir / job_id, ignore_errors=True)
+        shutil.rmtree(self.config.job_dir(job_id), ignore_errors=True)
 
     # ---- state -----------------------------------------------------------------------------
     def _check_open(self, session: Session, job: Job, kind: str, closed: str) -> QuerySet | None:
@@ -165,6 +193,10 @@ class Uploads:
     # ---- 1. manifest -----------------------------------------------------------------------
     def accept_manifest(self, job_id: str, kind: str, raw: bytes) -> dict[str, Any]:
         """Check the manifest against the limits and the job, then announce its files."""
+        with self.job_may_vanish(job_id, "its manifest was stored"):
+            return self._accept_manifest(job_id, kind, raw)
+
+    def _accept_manifest(self, job_id: str, kind: str, raw: bytes) -> dict[str, Any]:
         limits = self.config.limits
         what = f"{'query' if is_query_kind(kind) else kind} manifest"
         manifest = parse_json(raw, limits, what)  # size, depth, digits: before parsing
@@ -197,7 +229,7 @@ class Uploads:
                 raise TooLarge(f"job would upload {declared + sum(u.size for u in other)} "
                                f"bytes (manifests included); the per-job limit is "
                                f"{limits.max_job_bytes}")
-            everyone = session.scalar(select(func.coalesce(func.sum(Upload.size), 0))) or 0
+            everyone = self._reserved_bytes(session)
             if declared + everyone > limits.max_total_bytes:
                 raise TooLarge(f"the service holds {everyone} bytes of uploads; {declared} more "
                                f"would pass its disk bound of {limits.max_total_bytes} bytes: "
@@ -219,6 +251,16 @@ class Uploads:
         log.info("job %s: %s manifest accepted (%d files, %d bytes declared, sha256 %s)",
                  job_id, kind, len(files), declared, digest[:16])
         return {"accepted": True, "resumed": False}
+
+    def _reserved_bytes(self, session: Session) -> int:
+        """Bytes counted against the disk bound: every stored file, and the declared files
+        of jobs that sent something within `upload_reservation_ttl_s` (a declaration with
+        no bytes arriving stops reserving space)."""
+        cutoff = utcnow() - timedelta(seconds=self.config.limits.upload_reservation_ttl_s)
+        rows = session.execute(select(Upload.size, Upload.finalized, Job.updated_at).join(
+            Job, Job.id == Upload.job_id)).all()
+        return sum(size for size, finalized, seen in rows
+                   if finalized or aware(seen) >= cutoff)
 
     def _check_bundle_manifest(self, manifest: dict, job: Job) -> None:
         """Secure (or allowed) parameters matching their fingerprint, exactly the public files."""
@@ -318,6 +360,11 @@ class Uploads:
     def accept_chunk(self, job_id: str, kind: str, name: str, index: int, data: bytes,
                      chunk_sha: str) -> dict[str, Any]:
         """Write a verified chunk durably into staging, then record it (crash-safe order)."""
+        with self.job_may_vanish(job_id, f"chunk {index} of {name} was written"):
+            return self._accept_chunk(job_id, kind, name, index, data, chunk_sha)
+
+    def _accept_chunk(self, job_id: str, kind: str, name: str, index: int, data: bytes,
+                      chunk_sha: str) -> dict[str, Any]:
         with self.store.session() as session:
             job = session.get(Job, job_id)
             self._check_open(session, job, kind, "uploads are closed")
@@ -335,6 +382,7 @@ class Uploads:
                 raise BadRequest(f"chunk {index} of {name} does not match its SHA-256 header "
                                  "(corrupted in transit?); resend it")
             upload_id, chunk_size, n_chunks = upload.id, upload.chunk_size, upload.n_chunks
+            job.updated_at = utcnow()  # bytes arrive: its reservation stays alive
         staged = self.staging_path(job_id, kind, name)
         with file_lock(self.lock_path(staged)):  # never while a finalize reads the file
             with self.store.session() as session:
@@ -343,6 +391,7 @@ class Uploads:
                     raise NotFound(f"{name!r} is no longer part of this upload")
                 if upload.finalized:  # finalized while this request waited for the lock
                     return {"index": index, "complete": True}
+            failpoint("disk.chunk")
             write_at(staged, index * chunk_size, data)
             with self.store.session() as session:
                 if session.get(UploadChunk, (upload_id, index)) is None:
@@ -359,6 +408,10 @@ class Uploads:
         the service fails after the rename, the next finalize finds the blob (verified again)
         and completes the link and the record; nothing is left that cannot be finished.
         """
+        with self.job_may_vanish(job_id, f"{name} was finalized"):
+            return self._finalize(job_id, kind, name)
+
+    def _finalize(self, job_id: str, kind: str, name: str) -> dict[str, Any]:
         upload_id, size, digest = self._finalizable(job_id, kind, name)
         if upload_id is None:
             return {"name": name, "complete": True, "sha256": digest}
@@ -374,25 +427,29 @@ class Uploads:
                                        f"{name} does not match the SHA-256 in its manifest "
                                        "(tampered or truncated); upload it again")
                 try:
-                    self.validator.check_file(staged, kind, name, self._ring_dim(job_id))
+                    self.validator.check_file(staged, kind, name, self._declared_params(job_id))
                 except BadRequest as exc:
                     raise self._reject(job_id, kind, name, upload_id, staged,
                                        exc.message) from exc
+                failpoint("disk.finalize")
                 self.blobs.commit(staged, digest, destination)  # hashed above, under the lock
                 failpoint("upload.blob_committed")
             elif not self.blobs.relink(digest, destination):
                 raise self._reject(job_id, kind, name, upload_id, staged,
                                    f"the staged bytes of {name} are gone; upload it again")
-            self._record_finalized(job_id, upload_id, size)
+            if not self._record_finalized(job_id, upload_id, size):
+                self._remove_leftovers(job_id)
+                self.blobs.collect({digest})
+                raise NotFound(f"the job was deleted while {name} was finalized")
         log.info("job %s: %s/%s stored (%d bytes, sha256 %s)", job_id, kind, name, size,
                  digest[:16])
         return {"name": name, "complete": True, "sha256": digest}
 
-    def _ring_dim(self, job_id: str) -> int | None:
-        """The ring dimension the job's bundle manifest declares (None before it arrived)."""
+    def _declared_params(self, job_id: str) -> dict | None:
+        """The CKKS parameters the job's bundle manifest declares (None before it arrived)."""
         path = self.artifact_dir(job_id, BUNDLE) / MANIFEST_NAME
         try:
-            return int(json.loads(path.read_text())["params"]["ring_dim"])
+            return dict(json.loads(path.read_text())["params"])
         except (OSError, KeyError, TypeError, ValueError):
             return None
 
@@ -411,22 +468,27 @@ class Uploads:
                 raise Conflict(f"{name}: chunks {missing[:20]} not received yet")
             return upload.id, upload.size, upload.sha256
 
-    def _record_finalized(self, job_id: str, upload_id: int, size: int) -> None:
-        """The DB half of finalize: idempotent (a retry after a crash counts the bytes once)."""
+    def _record_finalized(self, job_id: str, upload_id: int, size: int) -> bool:
+        """The DB half of finalize: idempotent (a retry after a crash counts the bytes once).
+        False if the upload (its job) was deleted meanwhile."""
         with self.store.session() as session:
             upload = session.get(Upload, upload_id)
             if upload is None or upload.finalized:
-                return
+                return upload is not None
             upload.finalized = True
             upload.finalized_at = utcnow()
             job = session.get(Job, job_id)
             job.bytes_uploaded += size
             job.updated_at = utcnow()
+        return True
 
     def _reject(self, job_id: str, kind: str, name: str, upload_id: int, staged: Path,
-                message: str) -> BadRequest:
+                message: str) -> CloudError:
         """Drop the staged bytes and chunk records so the client can upload the file again."""
         staged.unlink(missing_ok=True)
+        if not self._job_exists(job_id):
+            self._remove_leftovers(job_id)
+            return NotFound(f"the job was deleted while {name} was finalized")
         with self.store.session() as session:
             session.execute(delete(UploadChunk).where(UploadChunk.upload_id == upload_id))
         log.warning("job %s: %s/%s refused: %s", job_id, kind, name, message[:300])

@@ -25,70 +25,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import signal
-import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from medblindtuner.service.errors import BadRequest
+from medblindtuner.he.untrusted import (
+    ROLES,
+    Verdict,
+    answer,
+    check_file,
+    limit_resources,
+    parse,
+    ring_dimension,
+    run_isolated,
+    stage,
+)
+from medblindtuner.service.errors import BadRequest, CloudError
 from medblindtuner.service.limits import ServiceLimits
 
 MODULE = "medblindtuner.service.validate"
-ROLES = ("context", "public_key", "mult_key", "rotation_keys", "ciphertext", "unknown")
-# Roles cheap enough to parse at finalize; the evaluation keys (GBs) are parsed at start.
-FINALIZE_PARSED = ("context", "public_key", "ciphertext")
 BUNDLE_ROLES = {"context.bin": "context", "public_key.bin": "public_key",
                 "mult_key.bin": "mult_key", "rotation_keys.bin": "rotation_keys",
                 "shard_keys.bin": "rotation_keys"}  # the Ray shard actors' subset
-
-
-@dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    error: str | None = None
-
-
-# ---- web-process side: run the child and read its verdict ------------------------------------
-def limit_resources(memory_bytes: int, cpu_s: int) -> None:
-    """The child's first act, before it reads a byte: cap its address space and CPU time and
-    forbid core dumps. (Set by the child itself rather than in a `preexec_fn`, which is not
-    safe in the web process's threads.)"""
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+__all__ = ["Validator", "Verdict", "check_job", "limit_resources", "run_validator"]
 
 
 def run_validator(args: list[str], timeout_s: float, memory_bytes: int, what: str,
                   python: str = sys.executable) -> Verdict:
-    """Run the validator child; any crash, timeout or garbled answer is a refusal verdict."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run(
-            [python, "-m", MODULE, "--memory-bytes", str(memory_bytes), "--cpu-s",
-             str(int(timeout_s) + 1), *args], capture_output=True, text=True, env=env,
-            timeout=timeout_s, stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        return Verdict(False, f"validating {what} took longer than {timeout_s:g} s: refused")
-    if done.returncode < 0:
-        try:
-            name = signal.Signals(-done.returncode).name
-        except ValueError:
-            name = f"signal {-done.returncode}"
-        return Verdict(False, f"{what} crashed the OpenFHE parser ({name}): malformed, refused")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    try:
-        answer = json.loads(lines[-1])
-        verdict = Verdict(bool(answer["ok"]), answer.get("error"))
-    except (IndexError, KeyError, TypeError, ValueError):
-        return Verdict(False, f"{what} could not be parsed (validator exit code "
-                              f"{done.returncode}, e.g. out of memory): refused")
-    if not verdict.ok and not verdict.error:
-        return Verdict(False, f"{what} refused by the validator")
-    return verdict
+    """This module's child (`file` or `job` mode) under the limits; always a verdict."""
+    return run_isolated(args, timeout_s, memory_bytes, what, MODULE, python)
 
 
 def file_role(kind: str, name: str) -> str:
@@ -98,9 +65,18 @@ def file_role(kind: str, name: str) -> str:
     return "ciphertext"
 
 
+class ValidatorsBusy(CloudError):
+    """Every validator slot stayed busy for the whole queueing time."""
+
+    status_code = 503
+    headers = {"Retry-After": "30"}
+
+
 class Validator:
     """The service's checks of uploaded OpenFHE files, each in its own limited subprocess.
 
+    At most `limits.max_concurrent_validators` children run at once, whatever the number of
+    concurrent finalizes and starts: the others wait for a slot (a queue, not N at once).
     Replaceable (like the supervisor's spawner): in-process tests on random bytes use a
     stand-in, the real subprocess is exercised by the tests that upload real keys."""
 
@@ -109,14 +85,30 @@ class Validator:
         self.limits = limits
         self.allow_insecure = allow_insecure
         self.python = python
+        self._slots = threading.BoundedSemaphore(max(1, limits.max_concurrent_validators))
 
-    def check_file(self, path: Path, kind: str, name: str, ring_dim: int | None = None) -> None:
+    @contextmanager
+    def slot(self, what: str) -> Iterator[None]:
+        """One of the validator slots, waited for; 503 if none frees up in time."""
+        if not self._slots.acquire(timeout=self.limits.validator_queue_s):
+            raise ValidatorsBusy(f"every validator was busy for {self.limits.validator_queue_s:g}"
+                                 f" s; {what} was not checked: retry later")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def check_file(self, path: Path, kind: str, name: str,
+                   declared: dict | None = None) -> None:
         """Finalize: not a secret key, parses as its role (small roles), of the declared ring
-        dimension (if given). 400 otherwise."""
-        extra = ["--ring-dim", str(ring_dim)] if ring_dim else []
-        verdict = run_validator(["file", str(path), "--role", file_role(kind, name), *extra],
-                                self.limits.validate_timeout_s,
-                                self.limits.validate_memory_bytes, name, self.python)
+        dimension; a context must be what the bundle manifest's `declared` parameters say
+        (read from the context itself). 400 otherwise."""
+        extra = (["--ring-dim", str(declared["ring_dim"]), "--params", json.dumps(declared)]
+                 if declared else [])
+        with self.slot(name):
+            verdict = run_validator(["file", str(path), "--role", file_role(kind, name),
+                                     *extra], self.limits.validate_timeout_s,
+                                    self.limits.validate_memory_bytes, name, self.python)
         if not verdict.ok:
             raise BadRequest(verdict.error or f"{name} refused")
 
@@ -126,57 +118,30 @@ class Validator:
         if query_id is not None:
             args += ["--query", query_id]
         what = "the query set" if query_id else "the job's artifacts"
-        verdict = run_validator(args, self.limits.validate_job_timeout_s,
-                                self.limits.validate_job_memory_bytes, what, self.python)
+        with self.slot(what):
+            verdict = run_validator(args, self.limits.validate_job_timeout_s,
+                                    self.limits.validate_job_memory_bytes, what, self.python)
         if not verdict.ok:
             prefix = "refusing to score: " if query_id else "refusing to train: "
             raise BadRequest(prefix + (verdict.error or "refused"))
 
 
-# ---- child side: the actual parsing (OpenFHE imported only here) ----------------------------
-def _parse(path: Path, role: str, context=None):  # noqa: ANN001, ANN202 - OpenFHE objects
-    """Deserialise `path` as `role` (evaluation keys into `context`); ValueError if it is not
-    one."""
-    import openfhe as ofhe
+# ---- child side: the start-time checks (OpenFHE imported only in the child) -------------
+def check_context(context, params) -> None:  # noqa: ANN001 - OpenFHE context, CkksParams
+    """The context is what the manifest declares: read from the context, never trusted."""
+    from medblindtuner.he.params import context_mismatches
 
-    if role == "context":
-        obj, ok = ofhe.DeserializeCryptoContext(str(path), ofhe.BINARY)
-    elif role == "public_key":
-        obj, ok = ofhe.DeserializePublicKey(str(path), ofhe.BINARY)
-    elif role == "ciphertext":
-        obj, ok = ofhe.DeserializeCiphertext(str(path), ofhe.BINARY)
-    elif role == "mult_key":
-        obj, ok = None, context.DeserializeEvalMultKey(str(path), ofhe.BINARY)
-    elif role == "rotation_keys":
-        obj, ok = None, context.DeserializeEvalAutomorphismKey(str(path), ofhe.BINARY)
-    else:
-        return None
-    if not ok:
-        raise ValueError(f"{path.name} is not an OpenFHE {role.replace('_', ' ')}")
-    return obj
+    found = context_mismatches(context, params)
+    if found:
+        raise ValueError("the uploaded context does not match the bundle manifest: it has "
+                         + "; ".join(found))
 
 
-def check_file(path: Path, role: str, ring_dim: int | None = None) -> None:
-    """Finalize-time checks of one staged file."""
-    from medblindtuner.he.keys import looks_like_secret_key
+def check_context_file(path: Path, declared: str) -> None:
+    """Finalize of context.bin: its parameters against the bundle manifest's."""
+    from medblindtuner.he.params import CkksParams
 
-    if looks_like_secret_key(path):
-        raise ValueError(f"{path.name} is an OpenFHE secret key: refusing it. The secret key "
-                         "must never leave the hospital")
-    if role in FINALIZE_PARSED:
-        try:
-            parsed = _parse(path, role)
-        except RuntimeError as exc:
-            raise ValueError(f"not a valid OpenFHE {role}: {str(exc)[:300]}") from exc
-        actual = (parsed.GetRingDimension() if role == "context" else
-                  _ring_dimension(parsed) if role == "ciphertext" else None)
-        if ring_dim and actual is not None and actual != ring_dim:
-            raise ValueError(f"{path.name} has ring dimension {actual}; the job's bundle "
-                             f"manifest declares {ring_dim}")
-
-
-def _ring_dimension(ciphertext) -> int:  # noqa: ANN001 - OpenFHE object
-    return int(ciphertext.GetCryptoContext().GetRingDimension())
+    check_context(parse(path, "context"), CkksParams.from_dict(json.loads(declared)))
 
 
 def check_job(job_dir: Path, allow_insecure: bool, query_id: str | None) -> None:
@@ -189,26 +154,52 @@ def check_job(job_dir: Path, allow_insecure: bool, query_id: str | None) -> None
     manifest = verify_public_bundle(bundle, allow_insecure=allow_insecure)
     params = CkksParams.from_dict(manifest["params"])
     _reset_openfhe_state()
-    context = _parse(bundle / "context.bin", "context")
+    context = parse(bundle / "context.bin", "context")
     if context.GetRingDimension() != params.ring_dim:
         raise ValueError(f"the bundle declares parameters {params.name!r} (ring "
                          f"{params.ring_dim}) but its context has ring dimension "
                          f"{context.GetRingDimension()}")
-    _parse(bundle / "public_key.bin", "public_key")
+    check_context(context, params)
+    parse(bundle / "public_key.bin", "public_key")
     if query_id is None:  # the evaluation keys (GBs) were parsed when the job started
         optional = [name for name in ("shard_keys.bin",) if name in manifest["files"]]
         for name in ["mult_key.bin", "rotation_keys.bin", *optional]:
-            _parse(bundle / name, BUNDLE_ROLES[name], context)
+            parse(bundle / name, BUNDLE_ROLES[name], context)
     artifact = (query_dir(Path(job_dir), query_id) / QUERY_INPUT_DIR if query_id
                 else Path(job_dir) / DATASET)
     listed = json.loads((artifact / "manifest.json").read_text())
     if listed.get("params_fingerprint") != params.fingerprint():
         raise ValueError("the ciphertexts were made for other parameters than the bundle")
+    sample = None
     for name in sorted(listed["files"]):
-        ciphertext = _parse(artifact / name, "ciphertext")
-        if _ring_dimension(ciphertext) != params.ring_dim:
-            raise ValueError(f"{name} has ring dimension {_ring_dimension(ciphertext)}, the "
+        ciphertext = parse(artifact / name, "ciphertext")
+        if ring_dimension(ciphertext) != params.ring_dim:
+            raise ValueError(f"{name} has ring dimension {ring_dimension(ciphertext)}, the "
                              f"bundle declares {params.ring_dim}")
+        sample = sample or ciphertext
+    if query_id is None and sample is not None:
+        check_bootstrapping(context, params, sample)
+
+
+def check_bootstrapping(context, params, sample) -> None:  # noqa: ANN001 - OpenFHE objects
+    """The declared bootstrapping set-up works with the uploaded keys: set up as the worker
+    will (declared level budgets and slot counts) and bootstrap one dataset ciphertext per
+    slot count. Keys made for another set-up lack the rotations it needs."""
+    from medblindtuner.he.params import level_budget_for, setup_bootstrapping
+
+    budgets = sorted({tuple(level_budget_for(params, n)) for n in params.bootstrap_slots})
+    stage(f"the declared bootstrapping set-up (level budgets {budgets}, slots "
+          f"{list(params.bootstrap_slots)}) with the uploaded keys")
+    try:
+        setup_bootstrapping(context, params)
+        for slots in params.bootstrap_slots:
+            work = sample.Clone()
+            work.SetSlots(slots)
+            context.EvalBootstrap(work)
+    except RuntimeError as exc:
+        raise ValueError(f"the declared bootstrapping set-up (level budgets {budgets}, slots "
+                         f"{list(params.bootstrap_slots)}) does not work with the uploaded "
+                         f"keys: {str(exc)[:300]}") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,27 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("path", type=Path)
     one.add_argument("--role", choices=ROLES, default="unknown")
     one.add_argument("--ring-dim", type=int, default=None)
+    one.add_argument("--params", default=None, help="declared CkksParams (JSON)")
     job = sub.add_parser("job")
     job.add_argument("job_dir", type=Path)
     job.add_argument("--allow-insecure", action="store_true")
     job.add_argument("--query", default=None)
     args = parser.parse_args(argv)
     limit_resources(args.memory_bytes, args.cpu_s)
-    try:
-        if args.mode == "file":
+    if args.mode == "file":
+        def checks() -> None:
             check_file(args.path, args.role, args.ring_dim)
-        else:
-            check_job(args.job_dir, args.allow_insecure, args.query)
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:  # BundleError is a ValueError
-        print(json.dumps({"ok": False, "error": str(exc)[:2000]}), flush=True)
-        return 0
-    except MemoryError:
-        print(json.dumps({"ok": False, "error": "parsing it needed more memory than the "
-                                                "validator may use: malformed, refused"}),
-              flush=True)
-        return 0
-    print(json.dumps({"ok": True}), flush=True)
-    return 0
+            if args.role == "context" and args.params:
+                check_context_file(args.path, args.params)
+        return answer(checks)
+    return answer(lambda: check_job(args.job_dir, args.allow_insecure, args.query))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""Parse OpenFHE bytes from the other side in a short-lived, resource-limited subprocess.
+
+Both roles receive OpenFHE objects they must not trust: the cloud gets keys and ciphertexts
+from hospitals it does not know, the hospital gets validation-loss ciphertexts from a cloud
+that may be malicious. OpenFHE's deserialisers are C++ code: one crafted length field makes
+them allocate gigabytes, spin or abort. So neither role calls a `Deserialize*` on such bytes
+in its own process before this module's child has parsed them
+
+    python -m medblindtuner.he.untrusted [--memory-bytes N --cpu-s S] PATH --role R
+                                         [--ring-dim N]
+
+under `setrlimit` limits on address space and CPU time (set by the child before it reads
+anything) and a wall-clock timeout. The child prints one JSON verdict line; a crash, a timeout
+or no answer is a refusal of the bytes, never of the caller. The service adds its own
+start-time checks on top (`service.validate`, which uses the runner below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MODULE = "medblindtuner.he.untrusted"
+ROLES = ("context", "public_key", "mult_key", "rotation_keys", "ciphertext", "unknown")
+# Roles cheap enough to parse one file alone; the evaluation keys need their context.
+ALONE_PARSED = ("context", "public_key", "ciphertext")
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    error: str | None = None
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine, or its cgroup's limit if that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max",
+                       "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def limit_resources(memory_bytes: int, cpu_s: int) -> None:
+    """The child's first act, before it reads a byte: cap its address space and CPU time and
+    forbid core dumps. (Set by the child itself rather than in a `preexec_fn`, which is not
+    safe in a threaded parent.)"""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run_isolated(args: list[str], timeout_s: float, memory_bytes: int, what: str,
+                 module: str = MODULE, python: str = sys.executable) -> Verdict:
+    """Run `python -m module` with the limits; any crash, timeout or garbled answer is a
+    refusal verdict with its reason (every input gets a verdict)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(
+            [python, "-m", module, "--memory-bytes", str(memory_bytes), "--cpu-s",
+             str(int(timeout_s) + 1), *args], capture_output=True, text=True, env=env,
+            timeout=timeout_s, stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return Verdict(False, f"validating {what} took longer than {timeout_s:g} s: refused")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
+        return Verdict(False, f"{what} crashed OpenFHE ({name}; limits {memory_bytes >> 20} "
+                              f"MiB, {timeout_s:g} s){last_stage(lines)}: malformed, refused")
+    try:
+        answer = json.loads(lines[-1])
+        verdict = Verdict(bool(answer["ok"]), answer.get("error"))
+    except (IndexError, KeyError, TypeError, ValueError):
+        return Verdict(False, f"{what} could not be parsed (validator exit code "
+                              f"{done.returncode}, e.g. out of memory): refused")
+    if not verdict.ok and not verdict.error:
+        return Verdict(False, f"{what} refused by the validator")
+    return verdict
+
+
+def last_stage(lines: list[str]) -> str:
+    """`while <stage>` from the child's last `stage` line (what it was doing when it died)."""
+    for line in reversed(lines):
+        try:
+            stage = json.loads(line).get("stage")
+        except (ValueError, AttributeError):
+            continue
+        if stage:
+            return f" while checking {str(stage)[:300]}"
+    return ""
+
+
+def stage(text: str) -> None:
+    """Child: announce the next step, so a crash in it is reported with its name."""
+    print(json.dumps({"stage": text}), flush=True)
+
+
+# ---- child side: the actual parsing (OpenFHE imported only here) ----------------------------
+def parse(path: Path, role: str, context=None):  # noqa: ANN001, ANN201 - OpenFHE objects
+    """Deserialise `path` as `role` (evaluation keys into `context`); ValueError if it is not
+    one."""
+    import openfhe as ofhe
+
+    if role == "context":
+        obj, ok = ofhe.DeserializeCryptoContext(str(path), ofhe.BINARY)
+    elif role == "public_key":
+        obj, ok = ofhe.DeserializePublicKey(str(path), ofhe.BINARY)
+    elif role == "ciphertext":
+        obj, ok = ofhe.DeserializeCiphertext(str(path), ofhe.BINARY)
+    elif role == "mult_key":
+        obj, ok = None, context.DeserializeEvalMultKey(str(path), ofhe.BINARY)
+    elif role == "rotation_keys":
+        obj, ok = None, context.DeserializeEvalAutomorphismKey(str(path), ofhe.BINARY)
+    else:
+        return None
+    if not ok:
+        raise ValueError(f"{path.name} is not an OpenFHE {role.replace('_', ' ')}")
+    return obj
+
+
+def ring_dimension(ciphertext) -> int:  # noqa: ANN001 - OpenFHE object
+    return int(ciphertext.GetCryptoContext().GetRingDimension())
+
+
+def check_file(path: Path, role: str, ring_dim: int | None = None) -> None:
+    """One file alone: not a secret key; the small roles parse as such and have the expected
+    ring dimension."""
+    from medblindtuner.he.keys import looks_like_secret_key
+
+    if looks_like_secret_key(path):
+        raise ValueError(f"{path.name} is an OpenFHE secret key: refusing it. The secret key "
+                         "must never leave the hospital")
+    if role in ALONE_PARSED:
+        try:
+            parsed = parse(path, role)
+        except RuntimeError as exc:
+            raise ValueError(f"not a valid OpenFHE {role}: {str(exc)[:300]}") from exc
+        actual = (parsed.GetRingDimension() if role == "context" else
+                  ring_dimension(parsed) if role == "ciphertext" else None)
+        if ring_dim and actual is not None and actual != ring_dim:
+            raise ValueError(f"{path.name} has ring dimension {actual}; expected {ring_dim}")
+
+
+def answer(check) -> int:  # noqa: ANN001 - a callable running the checks
+    """Run `check()` and print the one verdict line the parent reads."""
+    try:
+        check()
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        print(json.dumps({"ok": False, "error": str(exc)[:2000]}), flush=True)
+        return 0
+    except MemoryError:
+        print(json.dumps({"ok": False, "error": "parsing it needed more memory than the "
+                                                "validator may use: malformed, refused"}),
+              flush=True)
+        return 0
+    print(json.dumps({"ok": True}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory-bytes", type=int, default=4 * GIB)
+    parser.add_argument("--cpu-s", type=int, default=120)
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--role", choices=ROLES, default="unknown")
+    parser.add_argument("--ring-dim", type=int, default=None)
+    args = parser.parse_args(argv)
+    limit_resources(args.memory_bytes, args.cpu_s)
+    return answer(lambda: check_file(args.path, args.role, args.ring_dim))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -143,7 +143,7 @@ class Hospital:
         """Probe, derived settings, public plan and range check; writes plan.json and the
         local prepared data and scaler. Raises RangeError/RecipeError on refused settings."""
         # derive_recipe has already run the range check on exactly this plan's mirror
-        level = ckks_params(self.insecure_test_params)
+        level = ckks_params(self.insecure_test_params, self.params.refresh)
         data, recipe = derive_recipe(features, level, given, log=self.log)
         plan = TrainingPlan.create(level, data.x["train"], data.x["val"],
                                    data.n_classes, recipe.config, recipe.activation)

@@ -257,14 +257,17 @@ def judge_cases() -> list[Case]:
 MEASURED: dict[str, object] = {}  # numbers the catalogue reports (healthz under a burst)
 
 
-def validator_processes() -> int:
-    """Validator children alive right now (of any service on this machine)."""
+def validator_processes(service_pid: int) -> int:
+    """Validator children of this service alive right now (other services on the machine,
+    e.g. a test suite running beside, have their own)."""
     count = 0
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"medblindtuner.service.validate" in cmdline.read_bytes():
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if (parent == service_pid
+                    and b"medblindtuner.service.validate" in (proc / "cmdline").read_bytes()):
                 count += 1
-        except OSError:
+        except (OSError, ValueError, IndexError):
             pass
     return count
 
@@ -289,7 +292,8 @@ class Watch:
                 self.latencies.append(time.monotonic() - started)
             except httpx.HTTPError:
                 self.latencies.append(float("inf"))
-            self.validators = max(self.validators, validator_processes())
+            self.validators = max(self.validators,
+                                  validator_processes(self.lab.service.process.pid))
             time.sleep(0.1)
 
     def __enter__(self) -> Watch:

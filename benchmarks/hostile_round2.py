@@ -465,7 +465,7 @@ def context_cases() -> list[Case]:
             lambda p: replace(p, first_mod_bits=60), same, "first modulus of 60 bits")),
         Case("context: level budget (4, 4) declared", lie(
             same, lambda p: replace(p, level_budget=(4, 4)), "level budget [4, 4]")),
-        Case("context: HEStd_NotSet 1830-bit ring 2^16 declared production-128", lie(
+        Case("context: HEStd_NotSet 1838-bit ring 2^16 declared production-128", lie(
             lambda p: replace(PRODUCTION, security="HEStd_NotSet", depth=35,
                               bootstrap_slots=p.bootstrap_slots),
             lambda p: PRODUCTION.with_bootstrap_slots(p.bootstrap_slots),

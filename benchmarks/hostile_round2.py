@@ -12,7 +12,7 @@ message, and nothing half-written recorded.
              DELETE during finalize and during concurrent chunk writes (404/409), disk full
              at POST /jobs, while writing a chunk and at finalize (507, then the retry works)
     context  a context made with other depth, scaling, key distribution, first modulus,
-             level budget, or HEStd_NotSet with a 1830-bit modulus, than its manifest
+             level budget, or HEStd_NotSet with a 1838-bit modulus, than its manifest
              declares: 400 at the context's finalize, naming the mismatch; keys made for
              another known level budget: 400 at start (a trial bootstrap)
     exhaustion  6 parser bombs finalized and 8 starts of one job at once (one validator at

@@ -27,12 +27,8 @@ from nacl.utils import randombytes_deterministic
 from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.packing import PackingLayout
-from medblindtuner.hospital.recipe import (
-    MAX_MOMENTUM,
-    STEP_SIZE_FRACTION,
-    derived_batch_size,
-    planned_epochs,
-)
+from medblindtuner.hospital.budget import affordable_epochs, derived_batch_size
+from medblindtuner.hospital.recipe import MAX_MOMENTUM, STEP_SIZE_FRACTION
 from medblindtuner.training.plain import TrainConfig
 
 from .sealing import Roster
@@ -151,14 +147,14 @@ def agreed_config(scaler: FeatureScaler, n_train: int, n_features: int, slots: i
     the curvature bound h * lambda_max of the pooled, scaled second moment, which is bias^2
     (the features are centred on the pooled mean, and the bias is balanced with them); the
     weight decay is the consortium's choice (no hospital can fit the pooled probe that sets it
-    for one hospital)."""
+    for one hospital); epochs: what the time allowance affords (the judges' early stop ends
+    the run sooner)."""
     curvature = (0.25 if n_classes == 2 else 0.5) * scaler.bias_**2
     smoothness = curvature + weight_decay
     q = weight_decay / smoothness
     layout = PackingLayout(slots, n_features)
     batch = derived_batch_size(n_train, layout, n_classes)
-    steps = -(-n_train // batch)
     return TrainConfig(learning_rate=STEP_SIZE_FRACTION / smoothness,
                        momentum=min(MAX_MOMENTUM, (1 - math.sqrt(q)) / (1 + math.sqrt(q))),
-                       epochs=planned_epochs(steps), batch_size=batch, patience=patience,
-                       seed=seed, weight_decay=weight_decay).checked()
+                       epochs=affordable_epochs(n_train, 0, layout, n_classes),
+                       batch_size=batch, patience=patience, seed=seed, weight_decay=weight_decay).checked()

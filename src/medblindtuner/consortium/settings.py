@@ -157,4 +157,5 @@ def agreed_config(scaler: FeatureScaler, n_train: int, n_features: int, slots: i
     return TrainConfig(learning_rate=STEP_SIZE_FRACTION / smoothness,
                        momentum=min(MAX_MOMENTUM, (1 - math.sqrt(q)) / (1 + math.sqrt(q))),
                        epochs=affordable_epochs(n_train, 0, layout, n_classes),
-                       batch_size=batch, patience=patience, seed=seed, weight_decay=weight_decay).checked()
+                       batch_size=batch, patience=patience, seed=seed,
+                       weight_decay=weight_decay).checked()

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medblindtuner.cloud.trainer import EncryptedTrainer
+from medblindtuner.cloud.cloud import Cloud
 from medblindtuner.consortium.__main__ import skewed_split, synthetic_features
 from medblindtuner.consortium.run import HospitalShard, run_consortium
-from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import INSECURE_TEST
 from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
@@ -42,9 +41,9 @@ def one_key_run(result, workdir: Path) -> dict:
     dataset = encrypt_dataset(keys, plan, *union)
     seconds["encrypt"] = time.perf_counter() - start
     start = time.perf_counter()
-    trainer = EncryptedTrainer(Evaluator(keys.context, keys.params, keys.public_key), dataset,
-                               workdir / "one-key")
-    state = trainer.train(decide=HospitalJudge(keys, plan, len(union[3])))
+    cloud = Cloud.sharing_context(keys.context, keys.params, keys.public_key)
+    trainer = cloud.trainer(dataset, workdir / "one-key")
+    state = cloud.train(trainer, decide=HospitalJudge(keys, plan, len(union[3])))
     seconds["training"] = time.perf_counter() - start
     weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(state.best_epoch))
     return {"seconds": {k: round(v, 2) for k, v in seconds.items()},

@@ -66,6 +66,20 @@ class Cloud:
         self.crypto = CloudCrypto.load(self.bundle_dir, allow_insecure=allow_insecure)
         self.evaluator = self.build_evaluator(**(evaluator_options or {}))
 
+    @classmethod
+    def sharing_context(cls, context: ofhe.CryptoContext, params: CkksParams,
+                        public_key: ofhe.PublicKey, *,
+                        evaluator_options: dict[str, Any] | None = None) -> Cloud:
+        """A cloud over a context already loaded in this process, for single-process runs
+        that hold every role (the consortium's in-process run, benchmarks): loading a bundle
+        would reset OpenFHE's shared state under the hospitals' keys. No bundle, no Ray."""
+        cloud = cls.__new__(cls)
+        cloud.bundle_dir = None
+        cloud.allow_insecure = not params.is_secure
+        cloud.crypto = CloudCrypto(params, context, public_key, (), {})
+        cloud.evaluator = cloud.build_evaluator(**(evaluator_options or {}))
+        return cloud
+
     @property
     def params(self) -> CkksParams:
         return self.crypto.params

@@ -10,10 +10,10 @@ and trains with `EncryptedTrainer`; each epoch's validation loss and the final m
 decrypted by every hospital from all n sealed shares (`member.ConsortiumMember`). What each
 party learns: docs/security.md.
 
-The trainer is built here from the ceremony's context rather than by `cloud.Cloud`, which
-opens a bundle and resets OpenFHE's process-wide key maps and contexts: in one process the
-hospitals' shares must stay on the same context as the cloud's ciphertexts. In a deployment
-the cloud is its own process and opens the joint bundle with `Cloud`
+The cloud is `cloud.Cloud.sharing_context` on the ceremony's context rather than a `Cloud`
+that opens the bundle (which resets OpenFHE's process-wide key maps and contexts): in one
+process the hospitals' shares must stay on the same context as the cloud's ciphertexts. In a
+deployment the cloud is its own process and opens the joint bundle with `Cloud`
 (`tests/test_threshold.py` does that).
 """
 
@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import openfhe as ofhe
 
-from medblindtuner.cloud.trainer import EncryptedState, EncryptedTrainer
+from medblindtuner.cloud.cloud import Cloud
+from medblindtuner.cloud.trainer import EncryptedState
 from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.ciphertexts import ciphertext_to_bytes
-from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.params import CkksParams, require_secure
 from medblindtuner.he.threshold import joint_params
 from medblindtuner.training.plan import Decision, TrainingPlan
@@ -185,9 +185,9 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
 
     start = time.perf_counter()
     dataset = combine_shares(context, plan, shares, pooled.n_train, pooled.n_val)
-    trainer = EncryptedTrainer(Evaluator(context, keyed, keys.public_key), dataset,
-                               Path(workdir) / "checkpoints")
-    state = trainer.train(decide=consortium_decide(members))
+    cloud = Cloud.sharing_context(context, keyed, keys.public_key)
+    trainer = cloud.trainer(dataset, Path(workdir) / "checkpoints")
+    state = cloud.train(trainer, decide=consortium_decide(members))
     seconds["training"] = time.perf_counter() - start
     say(f"trained: {state.epoch} epochs, best {state.best_epoch}, "
         f"{seconds['training']:.1f} s")

@@ -79,16 +79,6 @@ def atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes so a crash leaves either the old or the new file, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written directory into place (old one removed only after)."""

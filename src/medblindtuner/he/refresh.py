@@ -33,11 +33,8 @@ from pathlib import Path
 import openfhe as ofhe
 
 from medblindtuner.errors import MedBlindTunerError
-from medblindtuner.he.ciphertexts import (
-    atomic_write_bytes,
-    ciphertext_from_bytes,
-    ciphertext_to_bytes,
-)
+from medblindtuner.formats import atomic_write_bytes
+from medblindtuner.he.ciphertexts import ciphertext_from_bytes, ciphertext_to_bytes
 from medblindtuner.he.keys import BundleError
 from medblindtuner.he.params import REFRESH_HEADROOM_LEVELS, CkksParams
 

@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 
 from medblindtuner.errors import MedBlindTunerError
-from medblindtuner.he.ciphertexts import atomic_write_bytes, atomic_write_json
+from medblindtuner.formats import atomic_write_bytes
+from medblindtuner.he.ciphertexts import atomic_write_json
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.refresh import (
     RefreshError,

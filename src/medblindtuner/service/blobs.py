@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from medblindtuner.formats import sha256_file
+from medblindtuner.formats import fsync_dir, sha256_file
 from medblindtuner.service.locks import file_lock
 
 log = logging.getLogger("medblindtuner.service")
@@ -42,19 +42,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable (the directory entry, not only the file data)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def write_at(path: Path, offset: int, data: bytes) -> None:
     """Write one verified chunk in place in a sparse staging file and fsync it.
@@ -72,17 +59,6 @@ def write_at(path: Path, offset: int, data: bytes) -> None:
     finally:
         os.close(fd)
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class BlobStore:

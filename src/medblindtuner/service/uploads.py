@@ -22,7 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from medblindtuner.failpoints import failpoint
-from medblindtuner.formats import sha256_file
+from medblindtuner.formats import atomic_write_bytes, sha256_file
 from medblindtuner.he import keys as he_keys
 from medblindtuner.he.keys import BUNDLE_FORMAT
 from medblindtuner.he.params import CkksParams, ParameterError, require_secure
@@ -40,7 +40,6 @@ from medblindtuner.protocol import (
 )
 from medblindtuner.service.blobs import (
     BlobStore,
-    atomic_write_bytes,
     is_safe_name,
     is_sha256,
     sha256_bytes,

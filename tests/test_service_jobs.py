@@ -21,7 +21,7 @@ from helpers_he import toy_problem
 
 from medblindtuner import protocol
 from medblindtuner.he.keys import BUNDLE_FORMAT
-from medblindtuner.he.params import HOSPITAL, INSECURE_TEST, params_for_mode
+from medblindtuner.he.params import INSECURE_TEST
 from medblindtuner.service.errors import (
     BadRequest,
     CloudError,
@@ -77,10 +77,6 @@ def plan() -> TrainingPlan:
 @pytest.fixture(scope="module")
 def params(plan):
     return INSECURE_TEST.with_bootstrap_slots(plan.bootstrap_slots)
-
-
-# a bundle for refresh mode "hospital" (issue #24): refused until the service relays refreshes
-_REFRESH = params_for_mode(HOSPITAL, insecure=True)
 
 
 def bundle_artifact(params, **override) -> Artifact:
@@ -308,8 +304,6 @@ def test_bad_chunks_and_tampered_files_are_refused(cloud, params):
      "power of two"),
     (lambda m: {**m, "params": {**m["params"], "depth": 10**6}}, Unprocessable, "params.depth"),
     (lambda m: {**m, "surprise": 1}, Unprocessable, "surprise: Extra inputs"),
-    (lambda m: {**m, "params": _REFRESH.to_dict(), "params_fingerprint": _REFRESH.fingerprint()},
-     BadRequest, "does not relay refresh requests"),
     (lambda m: json.dumps(m).replace('"depth": 24', '"depth": ' + "9" * 5000).encode(),
      Unprocessable, "integer of 5000 digits"),
     (lambda m: b"[" * 100_000 + b"]" * 100_000, Unprocessable, "nests deeper than 16"),

@@ -20,7 +20,7 @@ PREFIX = "medblindtuner.service."
 # Lowest first; a module may import service modules of lower layers only.
 LAYERS = [
     {"errors", "limits", "locks"},
-    {"store", "blobs", "validate", "manifests", "quotas"},
+    {"store", "blobs", "validate", "manifests", "quotas", "refreshes"},
     {"supervisor", "uploads", "views"},
     {"jobs"},
     {"app", "worker"},

@@ -120,7 +120,7 @@ class EncryptedHeadClassifier(ClassifierMixin, BaseEstimator):
             workdir = Path(self.workdir)
         from medblindtuner.he.params import default_refresh
 
-        refresh = self.refresh or default_refresh(service=self.cloud != "local")
+        refresh = self.refresh or default_refresh()
         return Hospital(workdir / "hospital", insecure_test_params=self.insecure_test_params,
                         refresh=refresh,
                         log=self.log)

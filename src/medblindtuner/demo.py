@@ -40,6 +40,7 @@ class DemoOptions:
     report_dir: Path | None = None
     limit: int | None = None  # images per split (quick runs)
     insecure_test_params: bool = False
+    refresh: str | None = None  # None: he.params.default_refresh()
     inference: bool = True
     feature_cache: Path | None = None  # None: the default cache folder
 
@@ -99,13 +100,14 @@ def _features_phase(options: DemoOptions, clock: PhaseClock):
 def _plaintext_phase(options: DemoOptions, clock: PhaseClock, features, hospital_dir: Path):
     """The prepared hospital and the plaintext runs (probe, published, exact head, mirror)."""
     from medblindtuner.experiment import reference_runs, run_plain
+    from medblindtuner.he.params import default_refresh
     from medblindtuner.hospital.hospital import Hospital
 
     with clock.phase("plaintext", "2/8 hospital: tuned probe, training settings, plaintext "
                                   "reference and range check"):
         console.print("training settings (derived from train/validation unless given):")
         hospital = Hospital(hospital_dir, insecure_test_params=options.insecure_test_params,
-                            log=console.print)
+                            refresh=options.refresh or default_refresh(), log=console.print)
         recipe = hospital.prepare(features, options.given)
         data, plan = hospital.data, hospital.plan
         plain = {**reference_runs(data, recipe),
@@ -164,8 +166,9 @@ def _cloud_phases(options: DemoOptions, clock: PhaseClock, hospital,
             session = CloudSession.create(hospital, cloud.url)
             session.submit()
 
+        refreshes = " and the refreshes" if hospital.params.refreshed_by_hospital else ""
         with clock.phase("training", "6/8 cloud: encrypted training (hospital answers "
-                                     "one early-stopping bit per epoch)"):
+                                     f"one early-stopping bit per epoch{refreshes})"):
             session.answer_decisions(poll_s=1.0, on_status=_status_printer())
             result = session.fetch_result()
 
@@ -199,6 +202,7 @@ def _results(options: DemoOptions, clock: PhaseClock, dataset, hospital, plain: 
         "command": " ".join(part for part in (
             "medblindtuner demo --dataset", options.dataset, options.given.command_line(),
             "--insecure-test-params" if options.insecure_test_params else "",
+            f"--refresh {hospital.params.refresh}",
             f"--limit {options.limit}" if options.limit else "") if part),
         "sizes_bytes": artifact_sizes(hospital.folder.public_bundle,
                                       hospital.folder.secret_key,

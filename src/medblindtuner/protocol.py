@@ -22,6 +22,11 @@ AUTHORIZATION_HEADER = "Authorization"  # "Bearer <token of the job>"
 CHUNK_SHA_HEADER = "X-Chunk-SHA256"  # hex SHA-256 of one uploaded chunk
 CONTENT_SHA_HEADER = "X-Content-SHA256"  # hex SHA-256 of a downloaded file
 EPOCH_HEADER = "X-Epoch"  # the epoch a validation-loss download belongs to
+REFRESH_INDEX_HEADER = "X-Refresh-Index"  # the index of a refresh request download
+# Refresh mode "hospital": the longest a `GET /jobs/{id}/refresh?wait=S` waits for a request
+# (the client's default long poll; docs/service.md, "Refresh requests").
+MAX_REFRESH_WAIT_S = 60.0
+REFRESH_WAIT_S = 25.0
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -78,10 +83,15 @@ def query_id_of(kind: str) -> str:
 # checkpoints/            per-epoch training state (EncryptedTrainer)
 # decisions/              loss_epoch_NNNN.bin: encrypted validation loss awaiting a decision
 # result/                 w{j}.bin + manifest.json: encrypted weights of the best epoch
+# refreshes/              request_NNNNNNN.bin / answer_NNNNNNN.bin: refresh requests relayed
+#                         to the hospital and its answers (refresh mode "hospital")
+# refresh_journal/        the worker's CloudRefresher journal (he.refresh)
 # queries/<q>/            input/ (uploaded queries), scores/ (encrypted scores), score.lock
 # worker.lock worker.pid worker.log   the training worker (the same three in queries/<q>/)
 CHECKPOINTS_DIR = "checkpoints"
 DECISIONS_DIR = "decisions"
+REFRESHES_DIR = "refreshes"
+REFRESH_JOURNAL_DIR = "refresh_journal"
 RESULT_DIR = "result"
 QUERIES_DIR = "queries"
 QUERY_INPUT_DIR = "input"
@@ -103,8 +113,9 @@ def decision_tmp_path(job_dir: Path, epoch: int) -> Path:
     return Path(job_dir) / DECISIONS_DIR / f".loss_epoch_{epoch:04d}.tmp"
 
 
-
-
+def refresh_path(job_dir: Path, index: int, kind: str) -> Path:
+    """The relayed refresh request (`kind` "request") or the hospital's answer ("answer")."""
+    return Path(job_dir) / REFRESHES_DIR / f"{kind}_{index:07d}.bin"
 
 
 def query_dir(job_dir: Path, query_id: str) -> Path:

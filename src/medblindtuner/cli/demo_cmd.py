@@ -14,9 +14,11 @@ from .options import (
     MomentumOpt,
     PatienceOpt,
     PcaOpt,
+    RefreshOpt,
     TimeAllowanceOpt,
     WeightDecayOpt,
     overrides,
+    refresh_params,
 )
 
 app = typer.Typer()
@@ -47,6 +49,7 @@ def demo(
         help="Use only the first N images per split (quick look).")] = None,
     insecure_test_params: Annotated[bool, typer.Option(
         help="Tiny INSECURE ring: shows the mechanics in minutes, no security.")] = False,
+    refresh: RefreshOpt = None,
 ) -> None:
     """Run the whole system: features, keys, encryption, cloud service, encrypted
     training, decryption, evaluation, encrypted inference and a report."""
@@ -57,4 +60,5 @@ def demo(
     # bad data or refused settings end as one `error:` line, exit 2 (cli.main)
     run_demo(DemoOptions(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
                          given=given, workdir=workdir, report_dir=report_dir, limit=limit,
-                         insecure_test_params=insecure_test_params))
+                         insecure_test_params=insecure_test_params,
+                         refresh=refresh_params(refresh, insecure_test_params).refresh))

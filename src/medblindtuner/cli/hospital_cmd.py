@@ -26,10 +26,12 @@ from .options import (
     MomentumOpt,
     PatienceOpt,
     PcaOpt,
+    RefreshOpt,
     SeedOpt,
     TimeAllowanceOpt,
     WeightDecayOpt,
     overrides,
+    refresh_params,
 )
 
 console = Console(stderr=True)
@@ -105,6 +107,7 @@ def keygen(
     insecure_test_params: Annotated[
         bool, typer.Option(help="Tiny NOT-secure ring (tests/demos only).")
     ] = False,
+    refresh: RefreshOpt = None,
 ) -> None:
     """Plan the training, check approximation ranges, generate keys, write the bundle."""
     from medblindtuner.features.extract import FeatureSet
@@ -115,8 +118,13 @@ def keygen(
 
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience, seed,
                       time_allowance=time_allowance)
-    hospital = Hospital(workdir, insecure_test_params=insecure_test_params,
+    try:
+        mode = refresh_params(refresh, insecure_test_params).refresh
+    except ValueError as exc:
+        _fail(str(exc))
+    hospital = Hospital(workdir, insecure_test_params=insecure_test_params, refresh=mode,
                         log=console.print)
+    console.print(f"refresh mode: {mode}")
     console.print("training settings (derived from train/validation unless given):")
     try:
         hospital.prepare(FeatureSet.load(features), given)
@@ -219,6 +227,7 @@ def _answer_cloud_questions(session, hospital, poll: float) -> dict:  # noqa: AN
 
     from medblindtuner.hospital.client import CloudProtocolError, JobFailed, ServiceError
     from medblindtuner.hospital.crypto import JudgeRefusal
+    from medblindtuner.hospital.refresher import RefreshRefusal
 
     try:
         hospital.judge().require_open()
@@ -234,7 +243,7 @@ def _answer_cloud_questions(session, hospital, poll: float) -> dict:  # noqa: AN
         failure = None
         try:
             return session.answer_decisions(poll_s=poll, on_status=on_status)
-        except JudgeRefusal as exc:
+        except (JudgeRefusal, RefreshRefusal) as exc:
             failure = str(exc)
         except CloudProtocolError as exc:  # recorded with the judge's state as it is now
             failure = str(hospital.judge().refuse(

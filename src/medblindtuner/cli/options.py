@@ -34,11 +34,12 @@ RefreshOpt = Annotated[str | None, typer.Option(
     "Default: 'hospital' (docs/results.md, 'Refresh by the key holder').")]
 
 
-def refresh_params(refresh: str | None, insecure: bool, service: bool = False):
-    """The CKKS parameter set of the chosen refresh mode (ParameterError on an unknown one)."""
+def refresh_params(refresh: str | None, insecure: bool):
+    """The CKKS parameter set of the chosen refresh mode (`he.params.default_refresh` when
+    none is given; ParameterError on an unknown one)."""
     from ..he.params import default_refresh, params_for_mode
 
-    return params_for_mode(refresh or default_refresh(service), insecure)
+    return params_for_mode(refresh or default_refresh(), insecure)
 
 
 def overrides(pca: int | None, lr: float | None, momentum: float | None,

@@ -125,6 +125,13 @@ class RefreshAnswer:
         return cls(_index(header), str(header.get("request_digest")), a, h0, h1)
 
 
+def message_bound(params: CkksParams) -> int:
+    """Largest request or answer these parameters can give: three ring elements (an answer's
+    `a`, `h0`, `h1`; a request holds one) at the top level, 8 bytes per coefficient per tower
+    and OpenFHE's headers, plus the framing. Checked before anything is parsed."""
+    return min(3 * 2 * params.ring_dim * (params.depth + 2) * 8 + (1 << 20), MAX_MESSAGE_BYTES)
+
+
 def max_refresh_level(params: CkksParams) -> int:
     """Highest effective level (pending rescale counted) a refreshable input may have."""
     return params.depth - REFRESH_HEADROOM_LEVELS

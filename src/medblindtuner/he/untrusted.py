@@ -28,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODULE = "medblindtuner.he.untrusted"
-ROLES = ("context", "public_key", "mult_key", "rotation_keys", "ciphertext", "unknown")
+ROLES = ("context", "public_key", "mult_key", "rotation_keys", "ciphertext", "refresh_request",
+         "refresh_answer", "unknown")
+# A refresh message (he.refresh): framing, then each ciphertext part parsed as one.
+REFRESH_ROLES = ("refresh_request", "refresh_answer")
 # Roles cheap enough to parse one file alone; the evaluation keys need their context.
 ALONE_PARSED = ("context", "public_key", "ciphertext")
 GIB = 1 << 30
@@ -147,7 +150,9 @@ def check_file(path: Path, role: str, ring_dim: int | None = None) -> None:
     if looks_like_secret_key(path):
         raise ValueError(f"{path.name} is an OpenFHE secret key: refusing it. The secret key "
                          "must never leave the hospital")
-    if role in ALONE_PARSED:
+    if role in REFRESH_ROLES:
+        check_refresh_message(path, role, ring_dim)
+    elif role in ALONE_PARSED:
         try:
             parsed = parse(path, role)
         except RuntimeError as exc:
@@ -156,6 +161,42 @@ def check_file(path: Path, role: str, ring_dim: int | None = None) -> None:
                   ring_dimension(parsed) if role == "ciphertext" else None)
         if ring_dim and actual is not None and actual != ring_dim:
             raise ValueError(f"{path.name} has ring dimension {actual}; expected {ring_dim}")
+
+
+def check_refresh_message(path: Path, role: str, ring_dim: int | None) -> None:
+    """A refresh request (c1) or answer (a, h0, h1): well framed, each part one ring element
+    of the expected ring dimension."""
+    from medblindtuner.he.ciphertexts import ciphertext_from_bytes
+    from medblindtuner.he.refresh import RefreshAnswer, RefreshRequest
+
+    data = path.read_bytes()
+    message = (RefreshRequest if role == "refresh_request" else RefreshAnswer).from_bytes(data)
+    parts = ([message.c1] if role == "refresh_request" else [message.a, message.h0, message.h1])
+    for number, part in enumerate(parts):
+        stage(f"part {number} of the {role.replace('_', ' ')}")
+        try:
+            parsed = ciphertext_from_bytes(part)
+        except Exception as exc:  # noqa: BLE001 - BundleError or OpenFHE's RuntimeError
+            raise ValueError(f"part {number} of the {role.replace('_', ' ')} is not a "
+                             f"ciphertext: {str(exc)[:300]}") from exc
+        if parsed.NumberCiphertextElements() != 1:
+            raise ValueError(f"part {number} of the {role.replace('_', ' ')} holds "
+                             f"{parsed.NumberCiphertextElements()} elements, not one")
+        if ring_dim and ring_dimension(parsed) != ring_dim:
+            raise ValueError(f"part {number} of the {role.replace('_', ' ')} has ring "
+                             f"dimension {ring_dimension(parsed)}; expected {ring_dim}")
+
+
+def check_bytes(data: bytes, role: str, ring_dim: int | None, what: str,
+                memory_bytes: int = 4 * GIB, timeout_s: float = 120.0) -> Verdict:
+    """`data` checked as `role` by the limited child (written to a private temporary file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "untrusted.bin"
+        path.write_bytes(data)
+        args = [str(path), "--role", role, *(["--ring-dim", str(ring_dim)] if ring_dim else [])]
+        return run_isolated(args, timeout_s, memory_bytes, what)
 
 
 def answer(check) -> int:  # noqa: ANN001 - a callable running the checks

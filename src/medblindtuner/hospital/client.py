@@ -35,6 +35,8 @@ from medblindtuner.protocol import (
     Q_DONE,
     Q_FAILED,
     Q_TERMINAL_STATES,
+    REFRESH_INDEX_HEADER,
+    REFRESH_WAIT_S,
     TERMINAL_STATES,
     bearer,
 )
@@ -256,8 +258,11 @@ class HospitalClient:
         return self._request("POST", self._job("/decision"), json=body).json()
 
     def wait_for_decision(self, poll_s: float = 0.5, timeout_s: float | None = None,
-                          on_status: Callable[[dict], None] | None = None) -> dict[str, Any]:
-        """Poll until the job awaits a decision or ends; returns the last status."""
+                          on_status: Callable[[dict], None] | None = None,
+                          refresher=None, wait_s: float = REFRESH_WAIT_S) -> dict[str, Any]:  # noqa: ANN001
+        """Poll until the job awaits a decision or ends; returns the last status. With a
+        `refresher` (a `HospitalRefresher`), refresh requests are answered meanwhile: each
+        pause is a long poll of up to `wait_s` s for one (0: plain polling every `poll_s`)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             current = self.status()
@@ -270,11 +275,56 @@ class HospitalClient:
                 return current
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.job_id} still {current['state']}")
-            time.sleep(poll_s)
+            started = time.monotonic()
+            if refresher is not None and self.answer_refresh(refresher, wait_s):
+                continue
+            time.sleep(max(poll_s - (time.monotonic() - started), 0.0))
+
+    # ---- refresh mode "hospital" --------------------------------------------------------------
+    def refresh_request(self, wait_s: float = 0.0) -> tuple[str | None, bytes] | None:
+        """The refresh request awaiting an answer, as the cloud sent it (its `X-Refresh-Index`
+        header, unparsed, and bytes, SHA-256 checked), waiting up to `wait_s` s for one; None
+        when there is none."""
+        response = self._request("GET", self._job("/refresh"), params={"wait": wait_s},
+                                 timeout=max(self.http.timeout.read or 0.0, wait_s + 30.0))
+        if response.status_code == 204:
+            return None
+        data = response.content
+        digest = response.headers.get(CONTENT_SHA_HEADER)
+        if digest and hashlib.sha256(data).hexdigest() != digest:
+            raise ServiceError(MISMATCH_STATUS, "refresh request does not match its SHA-256")
+        return response.headers.get(REFRESH_INDEX_HEADER), data
+
+    def post_refresh_answer(self, answer: bytes) -> dict[str, Any]:
+        return self._request("POST", self._job("/refresh"), content=answer, headers={
+            "Content-Type": "application/octet-stream"}).json()
+
+    def answer_refresh(self, refresher, wait_s: float = REFRESH_WAIT_S) -> bool:  # noqa: ANN001
+        """Answer the pending refresh request, if one comes within `wait_s` s, with
+        `refresher.answer_cloud` (the hospital's ledger: planned, in order, once); whether
+        one was answered. A request answered meanwhile (409) is not an error."""
+        try:
+            got = self.refresh_request(wait_s)
+        except ServiceError as exc:
+            if exc.status_code == MISMATCH_STATUS:  # republished between two reads
+                return False
+            raise
+        if got is None:
+            return False
+        index_text, data = got
+        answer = refresher.answer_cloud(data, index_text)
+        try:
+            self.post_refresh_answer(answer)
+        except ServiceError as exc:
+            if exc.status_code != 409:
+                raise
+        return True
 
     def answer_decisions(self, judge, poll_s: float = 0.5, timeout_s: float | None = None,
-                         on_status: Callable[[dict], None] | None = None) -> dict[str, Any]:
-        """Answer every early-stopping question with `judge` (a `HospitalJudge`) until the end.
+                         on_status: Callable[[dict], None] | None = None,
+                         refresher=None, wait_s: float = REFRESH_WAIT_S) -> dict[str, Any]:  # noqa: ANN001
+        """Answer every early-stopping question with `judge` (a `HospitalJudge`) until the end,
+        and, with a `refresher`, every refresh request (`wait_for_decision`).
 
         The loss ciphertext is handed to the judge exactly as the cloud sent it (epoch header
         and bytes: `judge.answer_cloud` parses them in a limited subprocess and decrypts here,
@@ -285,7 +335,7 @@ class HospitalClient:
         mismatches = 0
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            current = self.wait_for_decision(poll_s, left, on_status)
+            current = self.wait_for_decision(poll_s, left, on_status, refresher, wait_s)
             if current["state"] == FINISHED:
                 return current
             if current["state"] in TERMINAL:

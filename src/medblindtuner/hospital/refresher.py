@@ -28,6 +28,7 @@ from medblindtuner.he.refresh import (
     RefreshError,
     RefreshRequest,
     masked_share,
+    message_bound,
     request_levels,
 )
 from medblindtuner.training.plan import TrainingPlan
@@ -82,13 +83,52 @@ class HospitalRefresher:
         return len(self.digests)
 
     def __call__(self, request_bytes: bytes) -> bytes:
-        """Answer bytes for one request's bytes, or RefreshRefusal / RefreshError."""
+        """Answer bytes for one request's bytes from a trusted, in-process cloud, or
+        RefreshRefusal / RefreshError."""
+        request = self._planned(request_bytes)
+        if request.index in self.digests:
+            return self._again(request)
+        return self._answer_new(request)
+
+    def answer_cloud(self, request_bytes: bytes, index_text: str | None = None) -> bytes:
+        """A request exactly as a cloud sent it over the service (and its `X-Refresh-Index`
+        header, which must agree): size and framing checked, the plan's rules applied, and
+        only then its `c1` parsed in the limited child (`he.untrusted`) before this process
+        (which holds the secret key) reads it. Every refusal is a RefreshRefusal."""
+        from medblindtuner.he.untrusted import check_bytes
+
+        bound = message_bound(self.keys.params)
+        if not isinstance(request_bytes, bytes) or len(request_bytes) > bound:
+            raise RefreshRefusal(f"a refresh request of these parameters is at most {bound} "
+                                 "bytes: refused")
+        try:
+            request = self._planned(request_bytes)
+        except RefreshError as exc:
+            raise RefreshRefusal(f"malformed refresh request from the cloud: {exc}") from exc
+        if index_text is not None and index_text != str(request.index):
+            raise RefreshRefusal(f"the cloud labelled refresh request {request.index} as "
+                                 f"{index_text[:20]!r}: refused")
+        if request.index in self.digests:
+            return self._again(request)
+        self._check_next(request.index)
+        verdict = check_bytes(request_bytes, "refresh_request", self.keys.params.ring_dim,
+                              f"refresh request {request.index}")
+        if not verdict.ok:
+            raise RefreshRefusal(f"refresh request {request.index} is refused: "
+                                 f"{verdict.error}")
+        try:
+            return self._answer_new(request)
+        except RefreshError as exc:
+            raise RefreshRefusal(str(exc)) from exc
+
+    def _planned(self, request_bytes: bytes) -> RefreshRequest:
         request = RefreshRequest.from_bytes(request_bytes)
         if request.job != self.job:
             raise RefreshRefusal(f"refresh request {request.index} names job {request.job!r}; "
                                  f"this hospital refreshes job {self.job!r} only: refused")
-        if request.index in self.digests:
-            return self._again(request)
+        return request
+
+    def _answer_new(self, request: RefreshRequest) -> bytes:
         self._check_next(request.index)
         answer = masked_share(self.keys.context, self.keys.secret_key, self.keys.public_key,
                               request, self._request_levels()).to_bytes()

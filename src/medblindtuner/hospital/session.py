@@ -20,6 +20,7 @@ import numpy as np
 
 from medblindtuner.hospital.client import HospitalClient
 from medblindtuner.hospital.hospital import Hospital, HospitalError
+from medblindtuner.protocol import REFRESH_WAIT_S
 
 StatusCallback = Callable[[dict[str, Any]], None]
 
@@ -106,12 +107,18 @@ class CloudSession:
         return self.client.status()
 
     def answer_decisions(self, poll_s: float = 1.0, on_status: StatusCallback | None = None,
-                         timeout_s: float | None = None) -> dict[str, Any]:
-        """Decrypt each epoch's validation loss and answer until the job ends; the final
-        status (raises `JobFailed` if the cloud's job failed)."""
+                         timeout_s: float | None = None,
+                         refresh_wait_s: float = REFRESH_WAIT_S) -> dict[str, Any]:
+        """Decrypt each epoch's validation loss and answer until the job ends, and in refresh
+        mode "hospital" answer the cloud's refresh requests through the folder's ledger
+        (`Hospital.refresher`; long polls of `refresh_wait_s`, 0: polling every `poll_s`);
+        the final status (raises `JobFailed` if the cloud's job failed)."""
         judge = self.hospital.judge()
+        refresher = (self.hospital.refresher(judge)
+                     if self.hospital.params.refreshed_by_hospital else None)
         final = self.client.answer_decisions(judge, poll_s=poll_s, timeout_s=timeout_s,
-                                             on_status=on_status)
+                                             on_status=on_status, refresher=refresher,
+                                             wait_s=refresh_wait_s)
         self.losses = dict(judge.losses)
         return final
 

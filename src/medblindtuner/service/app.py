@@ -9,15 +9,17 @@ turns every `CloudError` into its HTTP status in one exception handler.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi import Path as FastAPIPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +27,8 @@ from medblindtuner.protocol import (
     CHUNK_SHA_HEADER,
     CONTENT_SHA_HEADER,
     EPOCH_HEADER,
+    MAX_REFRESH_WAIT_S,
+    REFRESH_INDEX_HEADER,
     query_id_of,
 )
 from medblindtuner.service.errors import CloudError, TooLarge, printable
@@ -48,11 +52,16 @@ MAX_CHUNK_INDEX = 1 << 31
 # Bodies other than manifests and chunks are small JSON (a decision): refused beyond this.
 MAX_SMALL_BODY = 64 << 10
 ChunkIndex = Annotated[int, FastAPIPath(ge=0, lt=MAX_CHUNK_INDEX)]
+RefreshWait = Annotated[float, Query(ge=0, le=MAX_REFRESH_WAIT_S, allow_inf_nan=False,
+                                     description="Seconds to wait for a request (long poll).")]
+# How often a long poll looks for a new refresh request (one small database read).
+REFRESH_LOOK_S = 0.02
 
 
 def _large_body_route(path: str) -> bool:
-    """Manifests and chunks carry their own, larger limits (read by `_read_body`)."""
-    return path.endswith("/manifest") or "/chunks/" in path
+    """Manifests, chunks and refresh answers carry their own, larger limits (read by
+    `_read_body`)."""
+    return path.endswith(("/manifest", "/refresh")) or "/chunks/" in path
 
 
 class DecisionIn(BaseModel):
@@ -283,6 +292,32 @@ def _training_routes(router: APIRouter, service: CloudService) -> None:
         """{"continue": bool, "best_epoch": int[, "epoch": int]} for the awaited epoch."""
         return service.decide(job_id, decision.continue_training, decision.best_epoch,
                               decision.epoch)
+
+    @router.get("/jobs/{job_id}/refresh", tags=["training"], response_class=Response,
+                responses={200: {"content": {"application/octet-stream": {}}},
+                           204: {"description": "No refresh request awaits an answer"}})
+    async def refresh_request(job_id: JobId, wait: RefreshWait = 0.0) -> Response:
+        """Refresh mode "hospital": the request awaiting the hospital's answer
+        (`X-Refresh-Index`, `X-Content-SHA256`). With `wait`, a long poll: it answers as soon
+        as a request is published, or with 204 when the wait ends or the job stops training
+        (awaits a decision, ended)."""
+        deadline = time.monotonic() + wait
+        while True:
+            pending, training = await run_in_threadpool(service.refresh_request, job_id)
+            if pending is not None:
+                index, data, digest = pending
+                return Response(data, media_type="application/octet-stream", headers={
+                    REFRESH_INDEX_HEADER: str(index), CONTENT_SHA_HEADER: digest})
+            if not training or time.monotonic() >= deadline:
+                return Response(status_code=204)
+            await asyncio.sleep(REFRESH_LOOK_S)
+
+    @router.post("/jobs/{job_id}/refresh", tags=["training"], openapi_extra=_OCTET_BODY)
+    async def post_refresh_answer(job_id: JobId, request: Request) -> dict[str, Any]:
+        """The hospital's answer (`he.refresh.RefreshAnswer` bytes) to the pending request."""
+        limit = await run_in_threadpool(service.refresh_answer_bound, job_id)
+        data = await _read_body(request, limit, "refresh answer")
+        return await run_in_threadpool(service.answer_refresh, job_id, data)
 
     @router.get("/jobs/{job_id}/result", tags=["results"])
     def result(job_id: JobId) -> dict[str, Any]:

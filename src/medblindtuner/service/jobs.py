@@ -62,10 +62,12 @@ from medblindtuner.service.errors import (
 )
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.quotas import RateLimiter
+from medblindtuner.service.refreshes import RefreshRelay
 from medblindtuner.service.store import (
     DecisionRow,
     Job,
     QuerySet,
+    RefreshRow,
     Store,
     aware,
     hash_token,
@@ -108,6 +110,7 @@ class CloudService:
                                                 config.python)
         self.uploads = Uploads(config, self.store, self.blobs, self.validator)
         self.supervisor = Supervisor(config, self.store, spawn)
+        self.refreshes = RefreshRelay(config, self.store)
         limits = config.limits
         self.token_rate = RateLimiter(limits.token_rate_per_s, limits.token_burst,
                                       "this job token")
@@ -240,7 +243,8 @@ class CloudService:
     # ---- training --------------------------------------------------------------------------
     def status(self, job_id: str) -> dict[str, Any]:
         with self.store.session() as session:
-            return job_status(session.get(Job, job_id))
+            status = job_status(session.get(Job, job_id))
+        return {**status, **self.refreshes.summary(job_id)}
 
     def start_job(self, job_id: str) -> dict[str, Any]:
         """Verify the bundle and the dataset against it, then start the training worker."""
@@ -304,6 +308,20 @@ class CloudService:
         log.info("job %s: decision for epoch %d recorded", job_id, awaited)
         return {"accepted": True, "epoch": awaited}
 
+    def refresh_request(self, job_id: str) -> tuple[tuple[int, bytes, str] | None, bool]:
+        """The refresh request awaiting the hospital's answer (index, bytes, SHA-256) or
+        None, and whether the job is training now (refresh mode "hospital",
+        `service.refreshes`)."""
+        return self.refreshes.pending(job_id)
+
+    def refresh_answer_bound(self, job_id: str) -> int:
+        """Largest refresh answer this job's parameters allow (409 for a bootstrap job)."""
+        return self.refreshes.answer_bound(job_id)
+
+    def answer_refresh(self, job_id: str, data: bytes) -> dict[str, Any]:
+        """Record the hospital's answer to the pending refresh (422/409 when it is not one)."""
+        return self.refreshes.accept(job_id, data)
+
     def result_manifest(self, job_id: str) -> dict[str, Any]:
         """Manifest of the encrypted best-epoch weights, once the job finished."""
         with self.store.session() as session:
@@ -340,6 +358,7 @@ class CloudService:
         with self.store.session() as session:
             digests = self.uploads.drop_rows(session, job_id)
             session.execute(delete(DecisionRow).where(DecisionRow.job_id == job_id))
+            session.execute(delete(RefreshRow).where(RefreshRow.job_id == job_id))
             queries = session.scalars(select(QuerySet.id).where(
                 QuerySet.job_id == job_id)).all()
             session.execute(delete(QuerySet).where(QuerySet.job_id == job_id))

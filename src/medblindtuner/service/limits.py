@@ -79,6 +79,7 @@ class ServiceConfig:
     limits: ServiceLimits = field(default_factory=ServiceLimits)
     python: str = sys.executable  # interpreter that runs `-m medblindtuner.service.worker`
     worker_poll_s: float = 0.25  # how often a waiting worker re-reads the DB
+    refresh_poll_s: float = 0.01  # how often a worker awaiting a refresh answer looks for it
     monitor_interval_s: float = 2.0  # how often the web process checks its workers
     max_worker_restarts: int = 3
     # Addresses of reverse proxies whose X-Forwarded-For is believed (uvicorn's

@@ -179,6 +179,22 @@ class DecisionRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class RefreshRow(Base):
+    """One refresh request relayed to the hospital (refresh mode "hospital") and, once given,
+    its answer: SHA-256s only (the bytes are ciphertext parts in the job's `refreshes/`)."""
+
+    __tablename__ = "refreshes"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    answer_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API object
     """WAL lets the web process read while a worker writes; busy_timeout instead of errors."""
     cursor = dbapi_connection.cursor()

@@ -271,10 +271,6 @@ class Uploads:
             raise Unprocessable(f"bundle manifest has no valid 'params': {exc}") from exc
         if params.fingerprint() != manifest.get("params_fingerprint"):
             raise BadRequest("bundle manifest parameters do not match their fingerprint")
-        if params.refreshed_by_hospital:
-            raise BadRequest("this bundle is for refresh mode 'hospital' (the key holder "
-                             "refreshes interactively); this service does not relay refresh "
-                             "requests yet: make the keys with --refresh bootstrap")
         try:
             require_secure(params, self.config.allow_insecure)
         except ParameterError as exc:
@@ -306,7 +302,7 @@ class Uploads:
         params = CkksParams.from_dict(bundle["params"])
         if plan.slots != params.slots:
             raise BadRequest("training plan slot count differs from the bundle's parameters")
-        if not set(needed) <= set(params.bootstrap_slots):
+        if not params.refreshed_by_hospital and not set(needed) <= set(params.bootstrap_slots):
             raise BadRequest(f"the training plan bootstraps at {list(needed)} slots but the "
                              f"bundle has bootstrapping keys for {list(params.bootstrap_slots)}")
         largest = max_batch_size(layout, plan.n_classes)

@@ -45,6 +45,7 @@ from medblindtuner.protocol import (
     Q_SCORING,
     QUERY_INPUT_DIR,
     QUEUED,
+    REFRESH_JOURNAL_DIR,
     RESULT_DIR,
     RUNNING,
     SCORE_LOCK,
@@ -57,6 +58,7 @@ from medblindtuner.protocol import (
 )
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import acquire_lock
+from medblindtuner.service.refreshes import RefreshRelay
 from medblindtuner.service.store import DecisionRow, Job, QuerySet, Store, utcnow
 
 log = logging.getLogger("medblindtuner.worker")
@@ -83,6 +85,7 @@ class JobRunner:
         self.job_id = job_id
         self.dir = config.job_dir(job_id)
         self._last_step_time: float | None = None
+        self.ring_dim: int | None = None
 
     def _update(self, **fields) -> Job:
         with self.store.session() as session:
@@ -158,6 +161,44 @@ class JobRunner:
                  decision.continue_training, decision.best_epoch)
         return decision
 
+    def _refresh(self, request: bytes) -> bytes:
+        """Refresh mode "hospital": relay one request to the hospital and block until its
+        answer (or a cancel); the answer is parsed in the limited child before it is used."""
+        from medblindtuner.he.refresh import RefreshError, RefreshRequest
+        from medblindtuner.he.untrusted import check_bytes
+
+        index = RefreshRequest.from_bytes(request).index
+        relay = RefreshRelay(self.config, self.store)
+        relay.publish(self.job_id, index, request)
+        failpoint("refresh.published")
+        asked = looked = time.monotonic()
+        while (answer := relay.answer(self.job_id, index)) is None:
+            if time.monotonic() - looked > self.config.worker_poll_s:  # cancelled meanwhile?
+                self._update()
+                looked = time.monotonic()
+            time.sleep(self.config.refresh_poll_s)
+        waited = time.monotonic() - asked
+        verdict = check_bytes(answer, "refresh_answer", self.ring_dim,
+                              f"the hospital's answer to refresh {index}")
+        if not verdict.ok:
+            raise RefreshError(str(verdict.error))
+        log.info("job %s: refresh %d answered after %.3f s (answer parsed in %.3f s)",
+                 self.job_id, index, waited, time.monotonic() - asked - waited)
+        failpoint("refresh.received")
+        return answer
+
+    def _refresher(self, cloud, plan):  # noqa: ANN001, ANN202 - Cloud, TrainingPlan
+        """The evaluator's refresher in refresh mode "hospital" (None when it bootstraps):
+        journaled beside the checkpoints, asking through the relay."""
+        from medblindtuner.he.refresh import CloudRefresher
+
+        if not cloud.params.refreshed_by_hospital:
+            return None
+        self.ring_dim = cloud.params.ring_dim
+        return CloudRefresher(cloud.crypto.context, cloud.params, cloud.crypto.public_key,
+                              self._refresh, plan.job_tag(cloud.params),
+                              self.dir / REFRESH_JOURNAL_DIR)
+
     def run(self) -> None:
         from medblindtuner.cloud.cloud import Cloud
         from medblindtuner.cloud.cluster import RAY_ADDRESS_ENV
@@ -179,6 +220,7 @@ class JobRunner:
         # with this process, their driver)
         shards = cloud.start_shards(dataset, os.environ.get(RAY_ADDRESS_ENV))
         trainer = cloud.trainer(dataset, self.dir / CHECKPOINTS_DIR, shards=shards)
+        cloud.evaluator.refresher = self._refresher(cloud, trainer.plan)
         self._update(steps_per_epoch=len(trainer.plan.train_batch_sizes),
                      max_epochs=trainer.plan.config.epochs)
         log.info("job %s: loaded bundle %s and %d train / %d val chunks; resuming: %s",

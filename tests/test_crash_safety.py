@@ -28,6 +28,7 @@ from helpers_service import ServiceProcess
 from medblindtuner.failpoints import FAILPOINT_ENV, FAILPOINTS, MARKER_ENV
 from medblindtuner.hospital.client import HospitalClient, load_result_weights
 from medblindtuner.hospital.crypto import HospitalJudge, encrypt_dataset
+from medblindtuner.hospital.refresher import HospitalRefresher
 from medblindtuner.training.plain import TrainConfig
 
 # A resumed run against the uninterrupted one: the same operations on the same ciphertexts,
@@ -48,6 +49,13 @@ class Hospital:
 
     def judge(self, state: Path) -> HospitalJudge:
         return HospitalJudge(self.keys, self.plan, self.n_val, state_path=state)
+
+    def refresher(self, ledger: Path, judge: HospitalJudge) -> HospitalRefresher | None:
+        """Refresh mode "hospital": the ledger the hospital keeps in its folder (a new
+        `fetch` reads it again); None when the cloud bootstraps."""
+        if not self.keys.params.refreshed_by_hospital:
+            return None
+        return HospitalRefresher(self.keys, self.plan, ledger, stopped=lambda: judge.stopped)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +115,11 @@ def run_job(hospital: Hospital, root: Path, kill_service: bool = False) -> Outco
         while True:
             fetching = HospitalClient(server.url, token=client.token, job_id=client.job_id,
                                       progress=False, retries=1, backoff_s=0.2)
+            judge = hospital.judge(state)
             try:
-                final = fetching.answer_decisions(hospital.judge(state), poll_s=0.2,
-                                                  timeout_s=300)
+                final = fetching.answer_decisions(
+                    judge, poll_s=0.2, timeout_s=300,
+                    refresher=hospital.refresher(root / "refreshes", judge))
                 break
             except httpx.TransportError:
                 reconnects += 1

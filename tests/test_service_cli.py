@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from test_service import ServiceProcess
 from typer.testing import CliRunner
 
@@ -12,6 +13,7 @@ from medblindtuner.cli.main import app
 from medblindtuner.features.backbones import BackboneInfo
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.keys import looks_like_secret_key
+from medblindtuner.hospital.hospital import Hospital
 
 
 def toy_features(path) -> None:
@@ -29,7 +31,10 @@ def toy_features(path) -> None:
                backbone).save(path)
 
 
-def test_hospital_cli_round_trip(tmp_path):
+@pytest.mark.parametrize("refresh", ["hospital", "bootstrap"])
+def test_hospital_cli_round_trip(tmp_path, refresh):
+    """Both refresh modes: "hospital" (the default) has `fetch` answer the relayed refresh
+    requests beside the decisions; "bootstrap" keeps the cloud bootstrapping alone."""
     toy_features(tmp_path / "features.npz")
     work = tmp_path / "hospital"
     runner = CliRunner()
@@ -41,7 +46,7 @@ def test_hospital_cli_round_trip(tmp_path):
 
     run("keygen", "--features", str(tmp_path / "features.npz"), "--pca", "6",
         "--epochs", "2", "--batch-size", "128", "--patience", "5", "--lr", "1.0",
-        "--insecure-test-params")
+        "--insecure-test-params", *(["--refresh", refresh] if refresh == "bootstrap" else []))
     assert (work / "public_bundle" / "manifest.json").exists()
     assert looks_like_secret_key(work / "local" / "secret_key.bin")
     run("encrypt")
@@ -57,6 +62,12 @@ def test_hospital_cli_round_trip(tmp_path):
     finally:
         server.stop()
         server.kill_workers()
+    assert status["params"]["name"].endswith("refresh") == (refresh == "hospital")
+    refreshes = json.loads((work / "local" / "refreshes" / "ledger.json").read_text())[
+        "digests"] if refresh == "hospital" else {}
+    plan = Hospital.open(work).plan
+    steps = plan.config.epochs * len(plan.train_batch_sizes) * plan.refreshes_per_step
+    assert len(refreshes) == (steps if refresh == "hospital" else 0)  # one per step, binary
     assert report["split"] == "test"
     assert report["max_abs_weight_diff_vs_mirror"] < 1e-3
     assert abs(report["encrypted"]["acc"] - report["mirror"]["acc"]) < 1e-9

@@ -439,6 +439,7 @@ def auth_cases() -> list[Case]:
         paths = [("GET", f"/jobs/{owner}"), ("GET", f"/jobs/{owner}/artifacts/bundle"),
                  ("POST", f"/jobs/{owner}/start"), ("GET", f"/jobs/{owner}/validation-loss"),
                  ("GET", f"/jobs/{owner}/result"), ("POST", f"/jobs/{owner}/cancel"),
+                 ("GET", f"/jobs/{owner}/refresh"), ("POST", f"/jobs/{owner}/refresh"),
                  ("GET", f"/jobs/{owner}/queries"), ("DELETE", f"/jobs/{owner}")]
         for method, path in paths:
             lab.expect(lab.http.request(method, path), 401)

@@ -323,6 +323,8 @@ def test_every_job_endpoint_needs_that_jobs_token(service):
         ("POST", f"{job}/start", {}),
         ("GET", f"{job}/validation-loss", {}),
         ("POST", f"{job}/decision", {"json": {"continue": True, "best_epoch": 1}}),
+        ("GET", f"{job}/refresh?wait=0", {}),
+        ("POST", f"{job}/refresh", {"content": b"answer"}),
         ("GET", f"{job}/result", {}),
         ("GET", f"{job}/result/files/w0.bin", {}),
         ("POST", f"{job}/cancel", {}),

@@ -20,8 +20,8 @@ PREFIX = "medblindtuner.service."
 # Lowest first; a module may import service modules of lower layers only.
 LAYERS = [
     {"errors", "limits", "locks"},
-    {"store", "blobs", "validate", "manifests", "quotas", "refreshes"},
-    {"supervisor", "uploads", "views"},
+    {"store", "blobs", "validate", "manifests", "quotas"},
+    {"supervisor", "uploads", "views", "refreshes"},
     {"jobs"},
     {"app", "worker"},
     {"command", "local"},  # the `serve` Typer command; `local` starts it as a process

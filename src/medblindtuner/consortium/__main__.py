@@ -1,5 +1,6 @@
-"""`python -m medblindtuner.consortium`: a consortium run in one process (insecure ring only
-until the production depth limit is solved, docs/security.md).
+"""`python -m medblindtuner.consortium`: a consortium run in one process (refresh mode
+"hospital", the default, runs at 128 bits; "bootstrap" does not fit the production ring,
+docs/security.md).
 
     python -m medblindtuner.consortium --features breast.npz --hospitals 3 --pca 31 \\
         --insecure-test-params
@@ -23,7 +24,7 @@ import numpy as np
 
 from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.extract import FeatureSet
-from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+from medblindtuner.he.params import HOSPITAL, REFRESH_MODES, params_for_mode
 from medblindtuner.training.plain import evaluate as _evaluate
 from medblindtuner.training.plain import train_head
 
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pca", type=int, default=None, help="PCA width (pooled covariance)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--weight-decay", type=float, default=1e-3)
+    parser.add_argument("--refresh", choices=REFRESH_MODES, default=HOSPITAL,
+                        help="hospital: joint refresh by all members (fits 128-bit); "
+                             "bootstrap: joint bootstrapping keys (insecure ring only)")
     parser.add_argument("--insecure-test-params", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         val = skewed_split(*features.splits["val"], args.hospitals, seed=2)
         shards = [HospitalShard(xt, yt, xv, yv) for (xt, yt), (xv, yv) in zip(train, val,
                                                                             strict=True)]
-        params = INSECURE_TEST if args.insecure_test_params else PRODUCTION
+        params = params_for_mode(args.refresh, insecure=args.insecure_test_params)
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medblindtuner-consortium-"))
         result = run_consortium(shards, n_classes, params, workdir, pca_dims=args.pca,
                                 weight_decay=args.weight_decay, epochs=args.epochs,
@@ -106,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     report["pooled_plaintext_same_settings"] = evaluate(pooled.weights, x_test, y_test,
                                                         n_classes)
     report["seconds"] = {k: round(v, 2) for k, v in result.seconds.items()}
+    trips = np.asarray(result.refresh_round_trips)
+    if trips.size:
+        report["joint_refreshes"] = len(trips)
+        report["refresh_round_trip_s_per_member"] = [round(float(t), 4)
+                                                     for t in trips.mean(axis=0)]
     report["relay_MiB_key_rounds"] = round(result.relay_bytes / 2**20, 2)
     report["params"] = result.params.name
     print(json.dumps(report, indent=2, default=float))

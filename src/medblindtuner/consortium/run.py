@@ -77,6 +77,7 @@ class ConsortiumResult:
     joint_public_key: ofhe.PublicKey | None = None
     # refresh mode "hospital": seconds waiting on each member, per joint refresh
     refresh_round_trips: list[list[float]] = field(default_factory=list)
+    model: list[ofhe.Ciphertext] = field(default_factory=list)  # the best epoch's, encrypted
 
 
 def consortium_decide(members: Sequence[ConsortiumMember]
@@ -209,7 +210,7 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
     return ConsortiumResult(plan, keyed, scaler, state, weights,
                             [dict(m.judge.losses) for m in members], scaled, seconds,
                             keys.message_bytes, mailbox, members, keys.public_key,
-                            [] if refresher is None else refresher.round_trips)
+                            [] if refresher is None else refresher.round_trips, model)
 
 
 def train_on_union(dataset, keys, members: Sequence[ConsortiumMember], workdir: Path,

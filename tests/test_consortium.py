@@ -28,7 +28,7 @@ from medblindtuner.consortium.settings import (
     pool,
 )
 from medblindtuner.he.ciphertexts import ciphertext_from_bytes, ciphertext_to_bytes
-from medblindtuner.he.params import INSECURE_TEST
+from medblindtuner.he.params import HOSPITAL, INSECURE_TEST, params_for_mode
 from medblindtuner.he.threshold import RoundError
 from medblindtuner.hospital.crypto import JudgeRefusal
 
@@ -60,6 +60,15 @@ def consortium(tmp_path_factory):
     return shards, result
 
 
+@pytest.fixture(scope="module")
+def refreshed(tmp_path_factory):
+    """Refresh mode "hospital": every refresh through all three members (he.joint_refresh)."""
+    result = run_consortium(skewed_shards(), 2, params_for_mode(HOSPITAL, insecure=True),
+                            tmp_path_factory.mktemp("refreshed"), job_id="job-h", epochs=3,
+                            allow_insecure=True)
+    return result
+
+
 def union(result):
     parts = result.scaled
     return (np.vstack([p.x_train for p in parts]), np.concatenate([p.y_train for p in parts]),
@@ -78,6 +87,23 @@ def test_consortium_equals_its_plaintext_mirror(consortium):
     x_val, y_val = union(result)[2:]
     accuracy = np.mean(((x_val @ result.weights[0].T)[:, 0] > 0) == y_val)
     assert accuracy > 0.8
+
+
+def test_consortium_in_refresh_mode_equals_its_plaintext_mirror(refreshed):
+    result = refreshed
+    assert result.params.joint_key and result.params.bootstrap_slots == ()
+    assert result.params.depth == 13  # one level more headroom than one key holder's 12
+    mirror = result.plan.check_ranges(*union(result))
+    assert result.state.best_epoch == mirror.best_epoch
+    for weights in result.weights:
+        assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
+    for losses in result.losses:
+        for record in mirror.history:
+            assert abs(losses[record["epoch"]] - record["val_loss"]) < LOSS_TOL
+    # every refresh waited on all three members, each member's ledger holds them in order
+    trips = result.refresh_round_trips
+    assert len(trips) == result.state.steps * result.plan.refreshes_per_step
+    assert all(len(t) == 3 and min(t) > 0 for t in trips)
 
 
 def test_each_decoding_adds_its_own_noise(consortium):

@@ -23,6 +23,28 @@ from .options import (
 
 app = typer.Typer()
 
+# PCA width of the consortium demo: what the BreastMNIST consortium runs used (docs/security.md)
+CONSORTIUM_DEMO_PCA = 31
+
+
+def consortium_demo(dataset: str, data_dir: Path | None, backbone: str, weights: str | None,
+                    limit: int | None, hospitals: int, pca: int | None, epochs: int | None,
+                    weight_decay: float | None, workdir: Path, report_dir: Path | None,
+                    insecure: bool) -> None:
+    """`demo --hospitals N`: the consortium job end to end on the dataset's features, its
+    report (who took part, that no single party could decrypt, the scores) in
+    REPORT_DIR/consortium.json."""
+    from medblindtuner.he.params import HOSPITAL
+
+    from .consortium_cmd import load_features, run_and_print
+
+    features = load_features(None, dataset, data_dir, backbone, limit, weights=weights)
+    out = Path(report_dir or workdir / "report") / "consortium.json"
+    run_and_print(features, hospitals, HOSPITAL, insecure, workdir / "consortium",
+                  CONSORTIUM_DEMO_PCA if pca is None else pca, epochs,
+                  1e-3 if weight_decay is None else weight_decay, out)
+
+
 @app.command("demo")
 def demo(
     dataset: Annotated[str, typer.Option(help="MedMNIST flag or .npz path.")] = "breastmnist",
@@ -50,10 +72,23 @@ def demo(
     insecure_test_params: Annotated[bool, typer.Option(
         help="Tiny INSECURE ring: shows the mechanics in minutes, no security.")] = False,
     refresh: RefreshOpt = None,
+    hospitals: Annotated[int, typer.Option(
+        min=1, max=16, help="2 or more: a consortium of that many hospitals (the training "
+        "split divided among them, joint key, joint refresh; all roles in this process; PCA "
+        f"{CONSORTIUM_DEMO_PCA} unless --pca).")] = 1,
 ) -> None:
     """Run the whole system: features, keys, encryption, cloud service, encrypted
     training, decryption, evaluation, encrypted inference and a report."""
     from ..demo import DemoOptions, run_demo
+
+    if hospitals > 1:
+        if refresh == "bootstrap":
+            raise typer.BadParameter("a consortium refreshes jointly (every hospital's share); "
+                                     "--refresh bootstrap is for one hospital",
+                                     param_hint="--refresh")
+        consortium_demo(dataset, data_dir, backbone, weights, limit, hospitals, pca, epochs,
+                        weight_decay, workdir, report_dir, insecure_test_params)
+        return
 
     given = overrides(pca, lr, momentum, weight_decay, epochs, batch_size, patience,
                       time_allowance=time_allowance)

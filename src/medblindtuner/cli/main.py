@@ -51,6 +51,7 @@ _COMMAND_MODULES = [
     "medblindtuner.cli.hospital_cmd",
     "medblindtuner.cli.demo_cmd",
     "medblindtuner.cli.experiment_cmd",
+    "medblindtuner.cli.consortium_cmd",
 ]
 
 for _name in _COMMAND_MODULES:

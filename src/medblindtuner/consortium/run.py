@@ -6,7 +6,9 @@
 In order: sealing keys and roster; settings from securely aggregated statistics (every
 hospital computes the same scaler and plan); the joint key rounds; each hospital encrypts its
 rows of the union's chunks under the joint key; the cloud adds them into the union's dataset
-and trains with `EncryptedTrainer`; each epoch's validation loss and the final model are
+and trains with `EncryptedTrainer` (refresh mode "bootstrap": joint bootstrapping keys;
+"hospital": every refresh through all members, `he.joint_refresh`, the mode that fits the
+128-bit ring); each epoch's validation loss and the final model are
 decrypted by every hospital from all n sealed shares (`member.ConsortiumMember`). What each
 party learns: docs/security.md.
 
@@ -32,6 +34,7 @@ from medblindtuner.cloud.trainer import EncryptedState
 from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.ciphertexts import ciphertext_to_bytes
+from medblindtuner.he.joint_refresh import JointCloudRefresher
 from medblindtuner.he.params import CkksParams, require_secure
 from medblindtuner.he.threshold import joint_params
 from medblindtuner.training.plan import Decision, TrainingPlan
@@ -39,6 +42,7 @@ from medblindtuner.training.plan import Decision, TrainingPlan
 from .ceremony import make_parties, run_key_ceremony
 from .data import Ownership, combine_shares, encrypt_share
 from .member import ConsortiumMember
+from .refresher import MemberRefresher
 from .sealing import Roster, SealedMailbox, new_sealing_key, open_share, seal_share
 from .settings import SecureAggregator, agreed_config, local_statistics, pool
 
@@ -71,6 +75,9 @@ class ConsortiumResult:
     mailbox: SealedMailbox | None = None
     members: list[ConsortiumMember] = field(default_factory=list)
     joint_public_key: ofhe.PublicKey | None = None
+    # refresh mode "hospital": seconds waiting on each member, per joint refresh
+    refresh_round_trips: list[list[float]] = field(default_factory=list)
+    model: list[ofhe.Ciphertext] = field(default_factory=list)  # the best epoch's, encrypted
 
 
 def consortium_decide(members: Sequence[ConsortiumMember]
@@ -185,12 +192,13 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
 
     start = time.perf_counter()
     dataset = combine_shares(context, plan, shares, pooled.n_train, pooled.n_val)
-    cloud = Cloud.sharing_context(context, keyed, keys.public_key)
-    trainer = cloud.trainer(dataset, Path(workdir) / "checkpoints")
-    state = cloud.train(trainer, decide=consortium_decide(members))
+    trainer, state, refresher = train_on_union(dataset, keys, members, Path(workdir),
+                                                seconds)
     seconds["training"] = time.perf_counter() - start
     say(f"trained: {state.epoch} epochs, best {state.best_epoch}, "
-        f"{seconds['training']:.1f} s")
+        f"{seconds['training']:.1f} s"
+        + ("" if refresher is None else
+           f", {len(refresher.round_trips)} joint refreshes of {len(members)} members"))
 
     start = time.perf_counter()
     model = trainer.weights_of_epoch(state.best_epoch)
@@ -201,4 +209,34 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
     seconds["decrypt_model"] = time.perf_counter() - start
     return ConsortiumResult(plan, keyed, scaler, state, weights,
                             [dict(m.judge.losses) for m in members], scaled, seconds,
-                            keys.message_bytes, mailbox, members, keys.public_key)
+                            keys.message_bytes, mailbox, members, keys.public_key,
+                            [] if refresher is None else refresher.round_trips, model)
+
+
+def train_on_union(dataset, keys, members: Sequence[ConsortiumMember], workdir: Path,
+                   seconds: dict[str, float]):
+    """The cloud trains on the union (`Cloud.sharing_context`). Refresh mode "hospital": its
+    evaluator refreshes through every member (`JointCloudRefresher`), each member answering
+    by its own ledger (`MemberRefresher`, none after its judge stopped). Adds the mean step
+    time to `seconds`. Returns (trainer, state, the joint refresher or None)."""
+    params = keys.params
+    cloud = Cloud.sharing_context(keys.context, params, keys.public_key)
+    refresher = None
+    if params.refreshed_by_hospital:
+        plan = members[0].plan
+        holders = [MemberRefresher(m.party, params, plan, workdir / f"member-{m.index}" /
+                                   "refreshes", stopped=_stopped_of(m)) for m in members]
+        refresher = JointCloudRefresher(keys.context, params, keys.public_key, holders,
+                                        plan.job_tag(params), workdir / "refresh_journal")
+        cloud.evaluator.refresher = refresher
+    trainer = cloud.trainer(dataset, workdir / "checkpoints")
+    steps: list[float] = []
+    state = cloud.train(trainer, decide=consortium_decide(members),
+                        on_step=lambda info: steps.append(info["step_seconds"]))
+    if steps:
+        seconds["step_mean"] = float(np.mean(steps))
+    return trainer, state, refresher
+
+
+def _stopped_of(member: ConsortiumMember) -> Callable[[], bool]:
+    return lambda: member.judge is not None and member.judge.stopped

@@ -65,6 +65,9 @@ class CkksParams:
     secret_key_dist: str = "SPARSE_ENCAPSULATED"
     bootstrap_slots: tuple[int, ...] = field(default_factory=tuple)
     refresh: str = BOOTSTRAP  # who refreshes ciphertexts: BOOTSTRAP (cloud) or HOSPITAL
+    # a joint (threshold) key of several hospitals (he.threshold); left out of `to_dict` when
+    # False, so every one-key fingerprint and manifest stays as it was
+    joint_key: bool = False
 
     @property
     def slots(self) -> int:
@@ -87,6 +90,12 @@ class CkksParams:
     def refreshed_by_hospital(self) -> bool:
         return self.refresh == HOSPITAL
 
+    @property
+    def refresh_headroom(self) -> int:
+        """Levels a refresh input keeps (REFRESH_HEADROOM_LEVELS; one more under a joint key,
+        JOINT_REFRESH_EXTRA_LEVELS)."""
+        return REFRESH_HEADROOM_LEVELS + (JOINT_REFRESH_EXTRA_LEVELS if self.joint_key else 0)
+
     def with_bootstrap_slots(self, slots: tuple[int, ...]) -> CkksParams:
         """Same parameters with the sparse bootstrap slot counts a training plan needs (none
         when the hospital refreshes: no bootstrapping keys at all)."""
@@ -101,6 +110,8 @@ class CkksParams:
         data["level_budget"] = list(self.level_budget)
         data["sparse_level_budget"] = list(self.sparse_level_budget)
         data["bootstrap_slots"] = list(self.bootstrap_slots)
+        if not self.joint_key:
+            del data["joint_key"]
         return data
 
     @classmethod
@@ -155,6 +166,10 @@ STEP_LEVELS = 9
 # tests/test_refresh.py; one tower fewer throws or, per environment-measurements.md, decrypts
 # to garbage).
 REFRESH_HEADROOM_LEVELS = 3
+# Under a joint key of n >= 2 parties (he.joint_refresh) 3 towers decrypt to garbage for every
+# n measured (2, 3, 5), 4 towers to ~1.3e-5: one level more (a joint refresh set has depth 13,
+# still ring 2^15 at 128 bits with 45-bit scaling: docs/results.md).
+JOINT_REFRESH_EXTRA_LEVELS = 1
 # Scaling bits in hospital-refresh mode: 45 bits keep depth 12 (Q = 593 bits) inside ring 2^15
 # with OpenFHE's key-switching primes; 46 bits already need ring 2^16 (measured with
 # GenCryptoContext, docs/results.md).

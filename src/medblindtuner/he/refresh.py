@@ -17,7 +17,7 @@ answer (and any refusal) does not depend on the plaintext. Which refreshes the k
 answers is decided above this layer (`hospital.refresher`). Requests and answers are bytes
 (`to_bytes` / `from_bytes`), the same in-process and over the service.
 
-Levels: the input must keep `REFRESH_HEADROOM_LEVELS + 1` towers (`he.params`); fewer are
+Levels: the input must keep `params.refresh_headroom + 1` towers (`he.params`); fewer are
 refused here, loudly, before OpenFHE could throw or return garbage.
 """
 
@@ -36,7 +36,7 @@ from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.formats import atomic_write_bytes
 from medblindtuner.he.ciphertexts import ciphertext_from_bytes, ciphertext_to_bytes
 from medblindtuner.he.keys import BundleError
-from medblindtuner.he.params import REFRESH_HEADROOM_LEVELS, CkksParams
+from medblindtuner.he.params import CkksParams
 
 REQUEST_FORMAT = "medblindtuner-refresh-request/1"
 ANSWER_FORMAT = "medblindtuner-refresh-answer/1"
@@ -134,7 +134,7 @@ def message_bound(params: CkksParams) -> int:
 
 def max_refresh_level(params: CkksParams) -> int:
     """Highest effective level (pending rescale counted) a refreshable input may have."""
-    return params.depth - REFRESH_HEADROOM_LEVELS
+    return params.depth - params.refresh_headroom
 
 
 # Towers an adjusted ciphertext keeps: 4 for inputs up to effective level depth - 4, 3 at
@@ -146,10 +146,11 @@ def request_levels(context: ofhe.CryptoContext, public_key: ofhe.PublicKey,
                    params: CkksParams) -> range:
     """Levels a well-formed request's c1 can have: from where `IntMPBootAdjustScale` puts a
     fresh input (measured on an encryption of zeros, so it follows OpenFHE) to where it keeps
-    MIN_REQUEST_TOWERS towers."""
+    MIN_REQUEST_TOWERS towers (under a joint key one more: `CkksParams.refresh_headroom`)."""
     zero = context.Encrypt(public_key, context.MakeCKKSPackedPlaintext([0.0] * params.slots))
     lowest = int(context.IntMPBootAdjustScale(zero).GetLevel())
-    return range(lowest, params.depth + 2 - MIN_REQUEST_TOWERS)
+    towers = max(MIN_REQUEST_TOWERS, params.refresh_headroom)
+    return range(lowest, params.depth + 2 - towers)
 
 
 def _ciphertext(data: bytes, what: str) -> ofhe.Ciphertext:
@@ -209,7 +210,7 @@ class CloudRefresher:
             raise RefreshError(
                 f"refresh {index}: the ciphertext is at effective level {effective}; a refresh "
                 f"needs at most {max_refresh_level(self.params)} (depth {self.params.depth} "
-                f"less {REFRESH_HEADROOM_LEVELS} levels of headroom): refused")
+                f"less {self.params.refresh_headroom} levels of headroom): refused")
         adjusted = self.context.IntMPBootAdjustScale(ct)
         c1 = adjusted.Clone()
         c1.RemoveElement(0)

@@ -34,7 +34,14 @@ import numpy as np
 import openfhe as ofhe
 
 from medblindtuner.errors import MedBlindTunerError
-from medblindtuner.he.params import CkksParams, ParameterError, build_context, level_budget_for
+from medblindtuner.he.params import (
+    JOINT_REFRESH_EXTRA_LEVELS,
+    CkksParams,
+    ParameterError,
+    build_context,
+    data_level,
+    level_budget_for,
+)
 
 MESSAGE_FORMAT = "medblindtuner-threshold-round/1"
 JOINT_SECRET_DIST = "UNIFORM_TERNARY"
@@ -56,17 +63,26 @@ def joint_params(params: CkksParams) -> CkksParams:
     """The same parameters with a uniform ternary secret (what a joint key needs) and the
     depth raised by the levels its bootstrap consumes beyond the given secret's (4 at level
     budgets (2, 2) and (3, 3)), so a refreshed ciphertext has as many levels left as the
-    one-key plan counts on (`he.params.BOOTSTRAP_OUTPUT_LEVEL`)."""
+    one-key plan counts on (`he.params.BOOTSTRAP_OUTPUT_LEVEL`). Refresh mode "hospital"
+    (already uniform ternary, no bootstrap): the members refresh jointly (`he.joint_refresh`),
+    which needs JOINT_REFRESH_EXTRA_LEVELS more headroom, so the depth grows by as much and a
+    step keeps its levels (depth 13: still ring 2^15 at 128 bits)."""
+    if params.refreshed_by_hospital:
+        return replace(params, secret_key_dist=JOINT_SECRET_DIST, joint_key=True,
+                       depth=params.depth + JOINT_REFRESH_EXTRA_LEVELS)
     extra = max(_bootstrap_depth(b, JOINT_SECRET_DIST) - _bootstrap_depth(b,
                                                                           params.secret_key_dist)
                 for b in (params.level_budget, params.sparse_level_budget))
-    return replace(params, secret_key_dist=JOINT_SECRET_DIST, depth=params.depth + extra)
+    return replace(params, secret_key_dist=JOINT_SECRET_DIST, joint_key=True,
+                   depth=params.depth + extra)
 
 
 def joint_data_level(params: CkksParams) -> int:
     """Level of a freshly bootstrapped ciphertext under a joint key (a sparse bootstrap's
     depth minus one: 13 for one key at (2, 2), 17 for a uniform ternary secret), where data
-    is encrypted."""
+    is encrypted. Refresh mode "hospital": level 0, where a joint refresh leaves the model."""
+    if params.refreshed_by_hospital:
+        return data_level(params)
     return _bootstrap_depth(params.sparse_level_budget, params.secret_key_dist) - 1
 
 
@@ -320,6 +336,21 @@ class ThresholdParty:
                 share = self.context.MultipartyDecryptMain([ct], self._secret_key())[0]
             return _dump(share)
         return self._answer(round_of_decryption(request_id), [ciphertext], make)
+
+
+    # 6. interactive refresh (he.joint_refresh), rules above this layer (consortium.refresher)
+    def random_element(self) -> ofhe.Ciphertext:
+        """A fresh uniform ring element (this party's a_i of a refresh's commit-reveal)."""
+        if self.joint_public_key is None:
+            raise RoundError("the joint public key is not known yet: finish the key chain first")
+        return self.context.IntMPBootRandomElementGen(self.joint_public_key)
+
+    def refresh_share(self, c1: ofhe.Ciphertext, a: ofhe.Ciphertext
+                      ) -> tuple[ofhe.Ciphertext, ofhe.Ciphertext]:
+        """`IntMPBootDecrypt(s_i, c1, a)`: this party's masked share (h0_i, h1_i) of one
+        refresh; useless without all n parties' shares."""
+        h0, h1 = self.context.IntMPBootDecrypt(self._secret_key(), c1, a)
+        return h0, h1
 
 
 # ---- the relay: public material only ---------------------------------------------------------

@@ -1,0 +1,115 @@
+"""`medblindtuner consortium ...`: several hospitals train one head under a joint key.
+
+    medblindtuner consortium run --features breast.npz --hospitals 3 --pca 31
+    medblindtuner consortium run --dataset breastmnist --hospitals 3 --insecure-test-params
+
+All roles run in this process (n hospitals, the relay, the cloud: `consortium.run`); the
+service's per-hospital roles and tokens are not built (docs/security.md). `medblindtuner demo
+--hospitals N` runs the same job on a MedMNIST dataset with a report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from medblindtuner.errors import MedBlindTunerError
+from medblindtuner.he.params import HOSPITAL, REFRESH_MODES
+
+app = typer.Typer(name="consortium", no_args_is_help=True,
+                  help="Several hospitals train one model under a joint (threshold) key: no "
+                       "single party can decrypt.")
+
+HospitalsOpt = Annotated[int, typer.Option(
+    min=2, max=16, help="Hospitals in the consortium (n-of-n: all are needed).")]
+RefreshOpt = Annotated[str, typer.Option(
+    help=f"{' | '.join(REFRESH_MODES)}: hospital = every refresh through all members (runs "
+         "at 128 bits); bootstrap = joint bootstrapping keys (insecure ring only).")]
+InsecureOpt = Annotated[bool, typer.Option(
+    help="Tiny INSECURE ring: shows the mechanics in minutes, no security.")]
+
+
+def load_features(features: Path | None, dataset: str | None, data_dir: Path | None,
+                  backbone: str, limit: int | None, synthetic: bool = False,
+                  weights: str | None = None):
+    """A FeatureSet from a .npz, a MedMNIST dataset (features extracted, cached) or
+    synthetic blobs; exactly one source."""
+    from medblindtuner.consortium.job import synthetic_features
+    from medblindtuner.features.extract import FeatureSet
+
+    if sum([features is not None, dataset is not None, synthetic]) != 1:
+        raise typer.BadParameter("give exactly one of --features, --dataset, --synthetic")
+    if synthetic:
+        return synthetic_features()
+    if features is not None:
+        try:
+            return FeatureSet.load(features)
+        except (OSError, KeyError, ValueError) as exc:
+            raise MedBlindTunerError(f"{features}: not a readable feature set ({exc})") from exc
+    from medblindtuner.data import load_medmnist
+    from medblindtuner.features import extract_features
+
+    data = load_medmnist(dataset, data_dir=data_dir)
+    if limit:
+        data = data.subset(limit)
+    return extract_features(data, backbone=backbone, weights=weights)
+
+
+def run_and_print(features, hospitals: int, refresh: str, insecure: bool,
+                  workdir: Path | None, pca: int | None, epochs: int | None,
+                  weight_decay: float, out: Path | None) -> dict:
+    """Run the job, print its summary, write the report JSON (`out`); returns the report."""
+    from medblindtuner.consortium.job import run_job, summary_lines
+
+    console = Console()
+    if insecure:
+        console.print("[bold red]INSECURE test parameters: the mechanics only, no "
+                      "security.[/]")
+    try:
+        _result, report = run_job(features, hospitals, refresh, insecure, workdir, pca,
+                                  epochs, weight_decay, log=console.print)
+    except ValueError as exc:  # bad shapes or sizes of the given data
+        raise MedBlindTunerError(str(exc)) from exc
+    for line in summary_lines(report):
+        console.print(line, soft_wrap=True, markup=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=float))
+        console.print(f"report: {out}")
+    return report
+
+
+@app.command("run")
+def run(
+    features: Annotated[Path | None, typer.Option(
+        help="A FeatureSet .npz (medblindtuner features --out).")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="MedMNIST flag or .npz path (features extracted first).")] = None,
+    synthetic: Annotated[bool, typer.Option(help="Gaussian blobs, 16 dims.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder with <flag>.npz.")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone for --dataset.")] = "auto",
+    limit: Annotated[int | None, typer.Option(help="First N images per split.")] = None,
+    hospitals: HospitalsOpt = 3,
+    pca: Annotated[int | None, typer.Option(
+        help="PCA width from the pooled covariance (secure aggregation).")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help="Maximum epochs (default: the time allowance's; judges stop early).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-3,
+    refresh: RefreshOpt = HOSPITAL,
+    workdir: Annotated[Path | None, typer.Option(
+        help="Checkpoints, members' ledgers, refresh journal (default: a temp folder).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
+    insecure_test_params: InsecureOpt = False,
+) -> None:
+    """Split the data among the hospitals, agree settings, make joint keys, train encrypted
+    on the union, decrypt with every hospital's share; print who took part and the scores."""
+    if refresh not in REFRESH_MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(REFRESH_MODES)}",
+                                 param_hint="--refresh")
+    data = load_features(features, dataset, data_dir, backbone, limit, synthetic)
+    run_and_print(data, hospitals, refresh, insecure_test_params, workdir, pca, epochs,
+                  weight_decay, out)

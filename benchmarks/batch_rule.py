@@ -21,7 +21,7 @@ from scipy.special import log_softmax
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import PRODUCTION
-from medblindtuner.hospital import recipe as recipe_module
+from medblindtuner.hospital import budget
 from medblindtuner.hospital.recipe import Overrides, derive_recipe
 from medblindtuner.training.plain import make_batches, one_hot, train_head
 
@@ -55,7 +55,7 @@ def main() -> None:
     features = FeatureSet.load(args.features)
     rows = []
     for candidate in args.min_batch:
-        recipe_module.MIN_BATCH = candidate
+        budget.MIN_BATCH = candidate  # read by budget.derived_batch_size
         data, chosen = derive_recipe(features, PRODUCTION, Overrides())
         config = chosen.config
         x, y = data.x["train"], data.y["train"]

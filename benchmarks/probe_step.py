@@ -24,7 +24,6 @@ from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import PRODUCTION
 from medblindtuner.hospital.crypto import write_encrypted_dataset
 from medblindtuner.hospital.recipe import derive_recipe
-from medblindtuner.training.plan import TrainingPlan
 
 
 def timed_step(trainer: EncryptedTrainer, batch_index: int) -> dict:
@@ -42,8 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     data, recipe = derive_recipe(FeatureSet.load(args.features), PRODUCTION)  # product defaults
-    plan = TrainingPlan.create(PRODUCTION, data.x["train"], data.x["val"], data.n_classes,
-                               recipe.config, recipe.activation)
+    plan = recipe.plan
     params = PRODUCTION.with_bootstrap_slots(plan.bootstrap_slots)
     start = time.perf_counter()
     keys = HospitalKeys.generate(params, plan.rotation_indices,

@@ -120,14 +120,12 @@ def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool, mode: 
     from medblindtuner.he.params import params_for_mode
     from medblindtuner.hospital.crypto import write_encrypted_dataset
     from medblindtuner.hospital.recipe import Overrides, derive_recipe
-    from medblindtuner.training.plan import TrainingPlan
 
     params = params_for_mode(mode, insecure)
     n_classes, dim = HEADS[head]
     data, recipe = derive_recipe(synthetic_features(n_train, n_classes, dim), params,
                                  Overrides(pca_dims=0))
-    plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
-                               recipe.config, recipe.activation)
+    plan = recipe.plan
     keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
     result: dict = {"head": head, "n_train": n_train, "features": dim, "params": keyed.name,
                     "refresh": mode, "ring_dim": keyed.ring_dim, "depth": keyed.depth,

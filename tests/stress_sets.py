@@ -3,7 +3,8 @@
 Each set is a `FeatureSet` the recipe has never seen: large margins, heavy imbalance,
 10^2 to 10^5 training samples, 2 to 10 classes, other raw scales and widths, and features
 shaped like other backbones' (ReLU-pooled CNN features: non-negative, skewed, low-rank;
-transformer CLS tokens: a few dimensions with huge activations). Test splits are large
+transformer CLS tokens: a few dimensions with huge activations; transformer features with
+heavy tails, per-dimension gains and large norms, 192 to 768 wide). Test splits are large
 (1,000 samples) so that one point of ACC is ten samples; validation splits are capped at
 1,000 samples so that the suite stays fast.
 """
@@ -28,7 +29,7 @@ class StressCase:
     n_classes: int
     separation: float
     priors: tuple[float, ...] = ()
-    shape: str = "gaussian"  # gaussian | relu_pooled | cls_token
+    shape: str = "gaussian"  # gaussian | relu_pooled | cls_token | transformer
     scale: float = 1.0
     shift: float = 0.0
     label_noise: float = 0.0  # fraction of labels replaced by a random class
@@ -57,6 +58,18 @@ CASES: tuple[StressCase, ...] = (
     StressCase("ViT-like 768-d 3 classes", 800, 768, 3, 0.35, shape="cls_token"),
     StressCase("ViT-like 384-d imbalanced", 1000, 384, 2, 0.4, priors=(0.85, 0.15),
                shape="cls_token"),
+    # transformer features as an ONNX encoder gives them (issue #25's check): heavy tails,
+    # per-dimension gains, a few massive dimensions, norms in the tens to hundreds
+    StressCase("ViT-Ti-like 192-d heavy-tailed 4 classes", 1500, 192, 4, 0.45,
+               shape="transformer", scale=8.0),
+    StressCase("ViT-S-like 384-d heavy-tailed", 3000, 384, 2, 0.3, shape="transformer",
+               scale=20.0),
+    StressCase("ViT-B-like 768-d heavy-tailed imbalanced", 1200, 768, 2, 0.35,
+               priors=(0.8, 0.2), shape="transformer", scale=50.0),
+    StressCase("5,000 strongly separated binary", 5000, 384, 2, 1.2, label_noise=0.01,
+               shape="transformer", scale=20.0),
+    StressCase("very imbalanced 99:1", 5000, 128, 2, 0.9, priors=(0.99, 0.01),
+               shape="relu_pooled"),
 )
 
 _INFO = BackboneInfo(name="synthetic", arch="none", feature_dim=0, weights_source="test",
@@ -72,6 +85,10 @@ def _features(case: StressCase, latent: np.ndarray, mixing: np.ndarray,
         return np.maximum(mixed + rng.normal(0, 0.5, mixed.shape) - 0.5, 0.0) ** 1.5
     if case.shape == "cls_token":  # a few "massive activation" dimensions, the rest Gaussian
         return mixed + spikes * (1.0 + 0.1 * rng.normal(size=(len(mixed), 1)))
+    if case.shape == "transformer":  # Student-t (3) noise, LayerNorm-like gains, spikes
+        gains = np.exp(rng.normal(0, 0.7, mixed.shape[1]))
+        tails = rng.standard_t(3, mixed.shape)
+        return (mixed + tails) * gains + spikes * (1.0 + 0.2 * rng.standard_t(3, (len(mixed), 1)))
     return mixed
 
 

@@ -58,9 +58,13 @@ def synthetic_features(n: int, dim: int, n_classes: int, scale: float, shift: fl
 
 
 def check_plan(data, recipe, params=PRODUCTION):
+    """The recipe hands on the plan it checked (Hospital.prepare writes that one): the plan
+    of its settings, and it passes the range check."""
     plan = TrainingPlan.create(params, data.x["train"], data.x["val"], data.n_classes,
                                recipe.config, recipe.activation)
-    return plan.check_ranges(data.x["train"], data.y["train"], data.x["val"], data.y["val"])
+    assert recipe.plan == plan
+    return recipe.plan.check_ranges(data.x["train"], data.y["train"], data.x["val"],
+                                    data.y["val"])
 
 
 @pytest.mark.parametrize("n_classes,scale,shift,weights", [

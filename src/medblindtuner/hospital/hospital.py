@@ -142,11 +142,9 @@ class Hospital:
     def prepare(self, features: FeatureSet, given: Overrides | None = None) -> Recipe:
         """Probe, derived settings, public plan and range check; writes plan.json and the
         local prepared data and scaler. Raises RangeError/RecipeError on refused settings."""
-        # derive_recipe has already run the range check on exactly this plan's mirror
         level = ckks_params(self.insecure_test_params, self.params.refresh)
         data, recipe = derive_recipe(features, level, given, log=self.log)
-        plan = TrainingPlan.create(level, data.x["train"], data.x["val"],
-                                   data.n_classes, recipe.config, recipe.activation)
+        plan = recipe.plan  # the plan whose mirror passed derive_recipe's range check
         self.data, self.recipe, self.plan = data, recipe, plan
         self.params = level.with_bootstrap_slots(plan.bootstrap_slots)
         self._scaler = data.feature_scaler

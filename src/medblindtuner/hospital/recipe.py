@@ -65,7 +65,7 @@ from medblindtuner.hospital.reference import (
 )
 from medblindtuner.training.approx import ActivationPlan, RangeError
 from medblindtuner.training.plain import TrainConfig, make_batches, train_head
-from medblindtuner.training.plan import max_batch_size
+from medblindtuner.training.plan import RANGE_MARGIN, TrainingPlan, max_batch_size
 
 PCA_CANDIDATES = (31, 63, 127, 255, 511, 1023)
 STEP_SIZE_FRACTION = 0.5
@@ -166,6 +166,7 @@ class Recipe:
     config: TrainConfig
     activation: ActivationPlan
     probe: ProbeResult
+    plan: TrainingPlan  # the public plan whose mirror passed the range check
     choices: list[Choice] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -188,6 +189,7 @@ class _AtWidth:
     steps_per_epoch: int
     config: TrainConfig
     activation: ActivationPlan
+    plan: TrainingPlan
     wd_why: str
     raised: bool
     epochs_why: str = ""
@@ -302,7 +304,7 @@ def derive_recipe(
          dims_why + (f"; {skipped} needed a raised prior" if skipped else ""))
     _note_settings(job, chosen, note)
     recipe = Recipe(pca_dims=chosen.dims, config=chosen.config, activation=chosen.activation,
-                    probe=probe, choices=choices)
+                    probe=probe, plan=chosen.plan, choices=choices)
     return chosen.data, recipe
 
 
@@ -363,7 +365,7 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
         except ValueError as err:
             raise RecipeError(str(err)) from err
 
-    def confirmed(wd: float) -> tuple[TrainConfig, ActivationPlan]:
+    def confirmed(wd: float) -> tuple[TrainConfig, ActivationPlan, TrainingPlan]:
         config = settings(wd)
         return _confirmed_activation(data, config, layout, job.params, n_classes,
                                      derive_epochs=given.epochs is None)
@@ -373,19 +375,19 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
     wd_why = (f"the probe's penalty in scaled units, s^2/(C n) with s = "
               f"{data.feature_scaler.scale_:.4g}, n = {n}")
     try:
-        config, activation = confirmed(wd)
+        config, activation, plan = confirmed(wd)
         raised = False
     except RangeError as err:
         if given.weight_decay is not None:
             raise RangeError(f"the given settings leave the approximation intervals: "
                              f"{err}") from err
-        config, activation, wd_why = _raised_weight_decay(
+        config, activation, plan, wd_why = _raised_weight_decay(
             confirmed, wd, err, logit_bounding_weight_decay(
                 x_train, n_classes, LOGIT_HEADROOM * _ladder(n_classes)[-1]))
         raised = True
     epochs_why = ("given" if given.epochs is not None else _epochs_why(
         config.epochs, cap, steps_per_epoch, given))
-    return _AtWidth(dims, data, layout, curvature, steps_per_epoch, config, activation,
+    return _AtWidth(dims, data, layout, curvature, steps_per_epoch, config, activation, plan,
                     wd_why, raised, epochs_why)
 
 
@@ -416,15 +418,15 @@ def _ladder(n_classes: int) -> tuple[float, ...]:
 
 
 def _raised_weight_decay(
-    confirmed: Callable[[float], tuple[TrainConfig, ActivationPlan]],
+    confirmed: Callable[[float], tuple[TrainConfig, ActivationPlan, TrainingPlan]],
     failing: float, err: RangeError, bounding: float,
-) -> tuple[TrainConfig, ActivationPlan, str]:
+) -> tuple[TrainConfig, ActivationPlan, TrainingPlan, str]:
     """Settings with a penalty above `failing` whose logits fit, close to the smallest such.
 
     A stronger prior shrinks the logits: first raised by the overshoot squared (logits scale
     about linearly with |W|); on nearly separable data they shrink only logarithmically, so
     then the bounding penalty (a fit by construction) and a geometric bisection back down.
-    Returns (config, activation, why); RecipeError if even the bounding penalty fails.
+    Returns (config, activation, plan, why); RecipeError if even the bounding penalty fails.
     """
     first = failing
     found = None
@@ -458,15 +460,14 @@ def _raised_weight_decay(
 
 def _confirmed_activation(data: PreparedData, config: TrainConfig, layout: PackingLayout,
                           params: CkksParams, n_classes: int, derive_epochs: bool
-                          ) -> tuple[TrainConfig, ActivationPlan]:
+                          ) -> tuple[TrainConfig, ActivationPlan, TrainingPlan]:
     """Epochs and intervals from the exact head, the intervals confirmed (or widened along
-    the ladder) by the mirror's range check; RangeError when the top of the ladder fails too.
+    the ladder) by the mirror's range check, with the plan that passed it; RangeError when
+    the top of the ladder fails too.
 
     With `derive_epochs`, `config.epochs` is a cap: the exact head runs until its validation
     loss stops improving for `patience` epochs (the judge's rule), and the run keeps that
     many epochs."""
-    from medblindtuner.training.plan import RANGE_MARGIN, TrainingPlan
-
     splits = (data.x["train"], data.y["train"], data.x["val"], data.y["val"])
     exact = train_head(*splits, n_classes, config, layout=layout)
     if derive_epochs:
@@ -490,7 +491,7 @@ def _confirmed_activation(data: PreparedData, config: TrainConfig, layout: Packi
                                    activation)
         try:
             plan.check_ranges(*splits)
-            return config, activation
+            return config, activation, plan
         except RangeError as err:
             failure = str(err)
             if sum_bound is not None:

@@ -78,6 +78,12 @@ class TimedShards:
     def binary_terms(self, *args):
         return self._timed("binary_terms", *args)
 
+    def binary_forward(self, *args):
+        return self._timed("binary_forward", *args)
+
+    def binary_backward(self, *args):
+        return self._timed("binary_backward", *args)
+
     def softmax_forward(self, *args):
         return self._timed("softmax_forward", *args)
 

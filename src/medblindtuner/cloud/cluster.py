@@ -105,6 +105,14 @@ class ShardWorker:
                      scale: float) -> PartialResult:
         return self._result({0: self.kernel.binary_terms(self._read(lookahead), placed, scale)})
 
+    def binary_forward(self, lookahead: bytes, placed: list[PlacedChunk]) -> PartialResult:
+        return self._result({0: self.kernel.binary_forward(self._read(lookahead), placed)})
+
+    def binary_backward(self, probabilities: bytes, placed: list[PlacedChunk],
+                        scale: float) -> PartialResult:
+        return self._result({0: self.kernel.binary_backward(self._read(probabilities), placed,
+                                                            scale)})
+
     def softmax_forward(self, model: list[bytes], weights: list[float],
                         placed: list[PlacedChunk]) -> PartialResult:
         return self._result(self.kernel.softmax_forward(
@@ -269,6 +277,22 @@ class RayShards:
         model = ray.put(ciphertext_to_bytes(lookahead))
         return self._run("binary_terms", {shard: (model, mine, scale)
                                           for shard, mine in self._by_shard(placed).items()})[0]
+
+    def binary_forward(self, lookahead: ofhe.Ciphertext,
+                       placed: Sequence[PlacedChunk]) -> ofhe.Ciphertext:
+        import ray
+
+        model = ray.put(ciphertext_to_bytes(lookahead))
+        return self._run("binary_forward", {shard: (model, mine)
+                                            for shard, mine in self._by_shard(placed).items()})[0]
+
+    def binary_backward(self, probabilities: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
+                        scale: float) -> ofhe.Ciphertext:
+        import ray
+
+        blob = ray.put(ciphertext_to_bytes(probabilities))
+        return self._run("binary_backward", {shard: (blob, mine, scale)
+                                             for shard, mine in self._by_shard(placed).items()})[0]
 
     def softmax_forward(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
                         placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:

@@ -172,6 +172,36 @@ class StepKernel:
             terms.append(self._term(probability, chunk.labels[0], scale, chunk.x_grad))
         return self.ev.add_many(terms)
 
+    def binary_forward(self, lookahead: ofhe.Ciphertext,
+                       placed: Sequence[PlacedChunk]) -> ofhe.Ciphertext:
+        """These chunks' logits gathered into one ciphertext (compact sigmoid,
+        `TrainingPlan.compact_sigmoid`): the chunk at step position p keeps its logit at slot
+        p of each block (the logit fills the first half), zero elsewhere; summed over the
+        chunks, one level after the logits."""
+        return self.ev.add_many([
+            self.masked(self.logit(self.chunks[index], lookahead), ("compact", position),
+                        lambda p=position: self.layout.compact_mask(p, 0))
+            for position, index in placed])
+
+    def binary_backward(self, probabilities: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
+                        scale: float) -> ofhe.Ciphertext:
+        """Sum over these chunks of (P - scale y) * x_grad, from `probabilities`: scale
+        sigmoid~ of the step's gathered logits moved right by d (position p's value at slot
+        d + p of each block). Each chunk's value is picked (one level) and spread over the
+        first half of its block (rotate-and-sum over 1, ..., d/2 and d; the spill lands in
+        second halves, where x_grad and the labels are zero)."""
+        d = self.layout.block
+        terms = []
+        for position, index in placed:
+            chunk = self.chunks[index]
+            own = self.masked(probabilities, ("compact", position, "back"),
+                              lambda p=position: self.layout.compact_mask(p, d))
+            spread = self.ev.rotate_and_sum(own, self.layout.logit_strides)
+            half = self.ev.rotate(spread, d // 2)
+            spread = self.ev.add(spread, self.ev.rotate(half, d // 2))  # stride d, keyless
+            terms.append(self._term(spread, chunk.labels[0], scale, chunk.x_grad))
+        return self.ev.add_many(terms)
+
     def softmax_forward(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
                         placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
         """These chunks' share of each denominator group's compact vector (before the fold),

@@ -71,6 +71,12 @@ class Shards(Protocol):
     def binary_terms(self, lookahead: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
                      scale: float) -> ofhe.Ciphertext: ...
 
+    def binary_forward(self, lookahead: ofhe.Ciphertext,
+                       placed: Sequence[PlacedChunk]) -> ofhe.Ciphertext: ...
+
+    def binary_backward(self, probabilities: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
+                        scale: float) -> ofhe.Ciphertext: ...
+
     def softmax_forward(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
                         placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]: ...
 
@@ -144,6 +150,17 @@ class EncryptedTrainer:
         unit = self.ev.add_scalar(fresh, inverse.unit_map[1])  # alpha came with the selection
         return self.ev.chebyshev_unit(unit, inverse.coefficients)
 
+    def _compact_terms(self, unit: ofhe.Ciphertext, placed: list[PlacedChunk],
+                       scale: float) -> ofhe.Ciphertext:
+        """Binary terms with ONE sigmoid a step (`TrainingPlan.compact_sigmoid`): the chunks'
+        gathered logits are refreshed, the sigmoid runs once on them, and its output, moved
+        right by d (the gradient strides add up to slots - d: no key of its own), goes back
+        to the chunks."""
+        compact = self.ev.bootstrap(self.shards.binary_forward(unit, placed))
+        probabilities = self.ev.rotate_chain(
+            self.kernel.sigmoid(compact, scale), self.layout.gradient_strides)
+        return self.shards.binary_backward(probabilities, placed, scale)
+
     def probabilities(self, chunk: EncryptedChunk,
                       model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
         """Probabilities of one chunk under `model` (validation; softmax: its own bootstrap)."""
@@ -168,8 +185,9 @@ class EncryptedTrainer:
         lookahead = self.ev.linear_combination(self.model, [1 + m, -m])
         ridden = None
         if self.softmax is None:
-            terms = self.shards.binary_terms(
-                self.kernel.unit_lookahead(self.model, [1 + m, -m]), placed, scale)
+            unit = self.kernel.unit_lookahead(self.model, [1 + m, -m])
+            terms = (self._compact_terms(unit, placed, scale) if self.plan.compact_sigmoid
+                     else self.shards.binary_terms(unit, placed, scale))
             gradient = self.ev.rotate_and_sum(terms, self.layout.gradient_strides)
             period = self.layout.block
         else:

@@ -220,6 +220,13 @@ class Evaluator:
             total = self.add(total, self.rotate(total, stride))
         return total
 
+    def rotate_chain(self, ct: ofhe.Ciphertext, steps: Sequence[int]) -> ofhe.Ciphertext:
+        """ct rotated by sum(steps), one key-switch per step (a rotation without a key of
+        its own, composed from keys there are)."""
+        for step in steps:
+            ct = self.rotate(ct, step)
+        return ct
+
     def chebyshev(self, ct: ofhe.Ciphertext, coefficients: Sequence[float], a: float, b: float):
         """OpenFHE's Chebyshev series (Paterson-Stockmeyer): the polynomial's depth in levels."""
         with self.ops.timed("polynomial_evaluations"):

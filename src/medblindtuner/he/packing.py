@@ -111,6 +111,16 @@ class PackingLayout:
         blocks[:n_samples, 0, 0] = 1.0
         return blocks.reshape(-1)
 
+    def compact_mask(self, position: int, offset: int) -> np.ndarray:
+        """1 at slot offset + position of every block (a binary step's gathered logits:
+        position p < d, offset 0 before the sigmoid, d after)."""
+        if not 0 <= position < self.block:
+            raise ValueError(f"position {position} outside the {self.block} slots a block "
+                             "gives the gathered logits")
+        blocks = np.zeros((self.samples_per_ct, self.stride))
+        blocks[:, offset + position] = 1.0
+        return blocks.reshape(-1)
+
     def encode_weights(self, w: np.ndarray) -> np.ndarray:
         w = np.asarray(w, dtype=np.float64).reshape(-1)
         if len(w) != self.n_features:

@@ -60,6 +60,13 @@ def denominator_group_chunks(layout: PackingLayout, chunks_per_step: int) -> int
     return max(1, min(chunks_per_step, SoftmaxLayout.max_chunks(layout), fitting))
 
 
+def compact_sigmoid_fits(layout: PackingLayout, chunks_per_step: int) -> bool:
+    """Whether a binary step's logits fit one ciphertext: one slot per chunk in the first
+    half of each block (`PackingLayout.compact_mask`), a block of at least 2 slots, and
+    more than one chunk (one chunk has one sigmoid anyway: a second refresh would not pay)."""
+    return 2 <= layout.block and 2 <= chunks_per_step <= layout.block
+
+
 @dataclass(frozen=True)
 class TrainingPlan:
     """Everything public about a training job: fixed by the hospital, shared with the cloud."""
@@ -73,6 +80,9 @@ class TrainingPlan:
     val_batch_sizes: tuple[int, ...]
     # softmax: chunks per denominator bootstrap (None: `denominator_group_chunks`)
     denominator_chunks: int | None = None
+    # binary head, hospital refresh: a step's logits are gathered into one ciphertext that the
+    # key holder refreshes, so the sigmoid runs once a step, not once a chunk (`cloud.trainer`)
+    compact_sigmoid: bool = False
 
     @property
     def layout(self) -> PackingLayout:
@@ -120,10 +130,10 @@ class TrainingPlan:
     @property
     def refreshes_per_step(self) -> int:
         """Refreshes (bootstraps) of one training step: the model's, and for a softmax head
-        one per denominator group."""
+        one per denominator group, for a compact sigmoid the gathered logits'."""
         softmax = self.softmax_layout
         if softmax is None:
-            return 1
+            return 2 if self.compact_sigmoid else 1
         return 1 + -(-self.chunks_per_step // softmax.chunks)
 
     @property
@@ -195,6 +205,7 @@ class TrainingPlan:
             "train_batch_sizes": list(self.train_batch_sizes),
             "val_batch_sizes": list(self.val_batch_sizes),
             "denominator_chunks": self.denominator_chunks,
+            "compact_sigmoid": self.compact_sigmoid,
         }
 
     @classmethod
@@ -209,6 +220,7 @@ class TrainingPlan:
             val_batch_sizes=tuple(data["val_batch_sizes"]),
             denominator_chunks=(None if data.get("denominator_chunks") is None
                                 else int(data["denominator_chunks"])),
+            compact_sigmoid=bool(data.get("compact_sigmoid", False)),
         )
 
     @classmethod
@@ -244,6 +256,9 @@ class TrainingPlan:
             val_batch_sizes=val_sizes,
             denominator_chunks=denominator_chunks,
         )
+        if n_classes == 2 and params.refreshed_by_hospital:
+            plan = replace(plan, compact_sigmoid=compact_sigmoid_fits(layout,
+                                                                      plan.chunks_per_step))
         if n_classes > 2 and denominator_chunks is None:
             plan = replace(plan, denominator_chunks=denominator_group_chunks(
                 layout, plan.chunks_per_step))

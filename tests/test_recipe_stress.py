@@ -65,7 +65,8 @@ def check_within_a_point(features: FeatureSet) -> None:
 
 
 # Known gaps (issue #25, open): softmax logits of well-separated classes leave the widest exp
-# interval, the prior is raised and the head falls behind the probe.
+# interval, the prior is raised and the head falls behind the probe (the inverse of the sums
+# of exponentials, not the exp, is what a wider interval breaks: docs/results.md).
 KNOWN_GAPS = {"10 classes"}
 
 

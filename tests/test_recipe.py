@@ -124,10 +124,10 @@ def test_derived_batches_are_whole_ciphertexts_and_split_evenly():
     plan = TrainingPlan.create(INSECURE_TEST, data.x["train"], data.x["val"], 3,
                                recipe.config, recipe.activation)
     per_ct = plan.layout.samples_per_ct
-    assert recipe.config.batch_size == per_ct * -(-MIN_BATCH // per_ct)  # 8 of 32
+    assert recipe.config.batch_size == per_ct * -(-MIN_BATCH // per_ct)  # 16 of 32
     sizes = plan.train_batch_sizes
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 1030
-    assert plan.chunks_per_step == 7  # 206 samples a step
+    assert plan.chunks_per_step == 11  # 344 samples a step
 
 
 def test_large_datasets_take_bigger_steps():

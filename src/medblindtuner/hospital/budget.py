@@ -17,7 +17,12 @@ from medblindtuner.training.plan import denominator_group_chunks, max_batch_size
 
 TIME_ALLOWANCE_HOURS = 2.0  # default encrypted training time the recipe may plan for
 MIN_EPOCHS, MAX_EPOCHS = 2, 60
-MIN_BATCH = 256
+# At least 512 samples a step: at a constant step size the head wanders around its optimum by
+# the gradient's noise, which halves with twice the batch (RetinaMNIST "moderate or worse" at
+# PCA 1023: test ACC 74.25-75.5 % from epoch to epoch at 256, the early stop's pick -1.25
+# points against the probe; -0.75 at 512; docs/results.md). Epochs come from the early stop,
+# so fewer steps an epoch no longer cut the steps a run takes (the reason 256 was kept).
+MIN_BATCH = 512
 MAX_STEPS_PER_EPOCH = 15  # larger sets take bigger steps (a step's bootstraps are paid once)
 # Seconds of one data ciphertext's per-chunk work (benchmarks/scale.py, production, local:
 # binary PCA 63 3.4 s with the degree-59 sigmoid (was 1.76-2.25 s at degree 27), softmax 5

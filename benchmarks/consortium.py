@@ -104,7 +104,11 @@ def main() -> None:
         "consortium": {"seconds": {k: round(v, 2) for k, v in result.seconds.items()},
                        "best_epoch": result.state.best_epoch,
                        "key_round_MiB": round(result.relay_bytes / 2**20, 2),
-                       "joint_depth": result.params.depth},
+                       "joint_depth": result.params.depth,
+                       "refresh_round_trip_s_per_member": [
+                           round(float(t), 4) for t in np.mean(result.refresh_round_trips,
+                                                               axis=0)]
+                       if result.refresh_round_trips else None},
         "one_key": {k: v for k, v in single.items() if k != "weights"},
         "consortium_vs_mirror": mirror_comparison(result, [
             np.concatenate([getattr(p, f) for p in result.scaled])

@@ -27,6 +27,9 @@ def _check_report(report: dict, n: int) -> None:
         alone = party["own_share_alone_on_the_model"]
         assert "garbage" in alone or "cannot be decoded" in alone, alone
     assert len(report["hospitals"]) == n
+    mirror = report["mirror"]  # the test module's tolerances (tests/test_consortium.py)
+    assert mirror["max_abs_weight_diff"] < 2e-3 and mirror["max_abs_val_loss_diff"] < 1e-3
+    assert mirror["best_epoch_equal"]
 
 
 def test_consortium_run_on_synthetic_features(tmp_path):

@@ -102,6 +102,7 @@ def report_of(features: FeatureSet, result: ConsortiumResult) -> dict:
     pooled = train_head(*union, n_classes, config)
     report["pooled_plaintext_same_settings"] = evaluate(pooled.weights, x_test, y_test,
                                                         n_classes)
+    report["mirror"] = mirror_comparison(result, union)
     report["seconds"] = {k: round(v, 2) for k, v in result.seconds.items()}
     trips = np.asarray(result.refresh_round_trips)
     if trips.size:
@@ -110,6 +111,20 @@ def report_of(features: FeatureSet, result: ConsortiumResult) -> dict:
                                                      for t in trips.mean(axis=0)]
     report["relay_MiB_key_rounds"] = round(result.relay_bytes / 2**20, 2)
     return report
+
+
+def mirror_comparison(result: ConsortiumResult, union: list[np.ndarray]) -> dict:
+    """The encrypted run against its plaintext mirror on the union (the same polynomial
+    activations, packing and batches; what no single hospital can compute, only this
+    all-roles process): largest weight and validation-loss differences over the hospitals'
+    decryptions, and whether the best epochs agree."""
+    mirror = result.plan.check_ranges(*union)
+    losses = [abs(losses[r["epoch"]] - r["val_loss"]) for losses in result.losses
+              for r in mirror.history if r["epoch"] in losses]
+    return {"max_abs_weight_diff": float(max(np.max(np.abs(w - mirror.weights))
+                                             for w in result.weights)),
+            "max_abs_val_loss_diff": float(max(losses, default=0.0)),
+            "best_epoch_equal": int(mirror.best_epoch) == int(result.state.best_epoch)}
 
 
 def parties_of(result: ConsortiumResult) -> list[dict]:

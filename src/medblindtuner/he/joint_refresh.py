@@ -37,6 +37,7 @@ from pathlib import Path
 
 import openfhe as ofhe
 
+from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.he.ciphertexts import ciphertext_to_bytes
 from medblindtuner.he.params import CkksParams
 from medblindtuner.he.refresh import (
@@ -151,6 +152,11 @@ def common_element(context: ofhe.CryptoContext, reveals: Sequence[JointMessage]
     return context.IntMPBootAdd([[e, e] for e in elements])[0]
 
 
+class RefreshPaused(RefreshError):
+    """A member did not answer (unreachable) or refused: the refresh, and training, wait; a
+    re-run with the same journal finishes the same refresh."""
+
+
 JointKeyHolder = Callable[[bytes], bytes]
 """How the cloud reaches one party: a `JointMessage`'s bytes in, the party's answer out."""
 
@@ -180,7 +186,13 @@ class JointCloudRefresher(CloudRefresher):
         answers = []
         for i, party in enumerate(self.parties):
             start = time.perf_counter()
-            answers.append(party(message))
+            try:
+                answers.append(party(message))
+            except (OSError, MedBlindTunerError) as exc:  # ConnectionError is an OSError
+                raise RefreshPaused(
+                    f"refresh {request.index} paused in phase {phase!r}: member {i} "
+                    f"{'refused' if isinstance(exc, MedBlindTunerError) else 'did not answer'}"
+                    f" ({exc}); every member is needed, a re-run resumes this refresh") from exc
             self.seconds[i] += time.perf_counter() - start
             self.round_trips[-1][i] += time.perf_counter() - start
         return by_party(answers, phase, request.index, self.job, request.digest,

@@ -168,7 +168,8 @@ STEP_LEVELS = 9
 REFRESH_HEADROOM_LEVELS = 3
 # Under a joint key of n >= 2 parties (he.joint_refresh) 3 towers decrypt to garbage for every
 # n measured (2, 3, 5), 4 towers to ~1.3e-5: one level more (a joint refresh set has depth 13,
-# still ring 2^15 at 128 bits with 45-bit scaling: docs/results.md).
+# still ring 2^15 at 128 bits with 45-bit scaling: benchmarks/joint_refresh_towers.py,
+# docs/results.md).
 JOINT_REFRESH_EXTRA_LEVELS = 1
 # Scaling bits in hospital-refresh mode: 45 bits keep depth 12 (Q = 593 bits) inside ring 2^15
 # with OpenFHE's key-switching primes; 46 bits already need ring 2^16 (measured with

@@ -174,6 +174,14 @@ def test_long_poll_answers_when_a_request_is_published(http):
     for wait in ("-1", "61", "nan", "inf", "abc"):
         response = client.get(url, params={"wait": wait}, headers=auth)
         assert response.status_code == 422 and isinstance(response.json()["detail"], str)
+    first = threading.Thread(target=client.get, args=(url,),
+                             kwargs={"params": {"wait": 2}, "headers": auth})
+    first.start()
+    time.sleep(0.3)
+    started = time.monotonic()  # one long poll per job waits; another answers at once
+    assert client.get(url, params={"wait": 20}, headers=auth).status_code == 204
+    assert time.monotonic() - started < 1.5
+    first.join()
     req = request(0)
     publisher = threading.Timer(0.5, service.refreshes.publish, (job_id, 0, req.to_bytes()))
     publisher.start()

@@ -188,8 +188,8 @@ def status(
     table.add_column("field")
     table.add_column("value")
     for key in ("state", "epoch", "epochs_done", "max_epochs", "step", "steps_per_epoch",
-                "steps", "bootstraps", "seconds_per_step", "eta_seconds", "best_epoch",
-                "restarts", "error"):
+                "steps", "bootstraps", "refreshes", "awaiting_refresh", "seconds_per_step",
+                "eta_seconds", "best_epoch", "restarts", "error"):
         table.add_row(key, str(current.get(key)))
     Console().print(table)
 

@@ -198,7 +198,8 @@ def fetch(
     workdir: WorkDir = DEFAULT_WORKDIR,
     poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 1.0,
 ) -> None:
-    """Answer early-stopping questions (decrypting locally) until done; download weights."""
+    """Answer early-stopping questions (decrypting locally) and, in refresh mode "hospital",
+    the cloud's refresh requests (long polls) until done; download weights."""
     from medblindtuner.hospital.client import ServiceError
     from medblindtuner.hospital.session import CloudSession
 

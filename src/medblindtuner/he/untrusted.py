@@ -246,6 +246,12 @@ class PrewarmedChecker:
             self._spare.communicate()
             self._spare = None
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: the child exits anyway
+            pass
+
 
 def answer(check) -> int:  # noqa: ANN001 - a callable running the checks
     """Run `check()` and print the one verdict line the parent reads."""

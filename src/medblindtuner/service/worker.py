@@ -166,6 +166,7 @@ class JobRunner:
         """Refresh mode "hospital": relay one request to the hospital and block until its
         answer (or a cancel); the answer is parsed in the limited child before it is used."""
         from medblindtuner.he.refresh import RefreshError, RefreshRequest
+
         index = RefreshRequest.from_bytes(request).index
         relay = RefreshRelay(self.config, self.store)
         relay.publish(self.job_id, index, request)

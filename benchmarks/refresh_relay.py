@@ -34,6 +34,8 @@ from medblindtuner.service.local import LocalService
 from medblindtuner.training.plain import TrainConfig, add_bias
 from medblindtuner.training.plan import TrainingPlan
 
+REQUESTED = re.compile(r"refresh \d+ requested \((\d+) bytes")
+ANSWER_BYTES = re.compile(r"refresh \d+ answered \((\d+) bytes")
 ANSWERED = re.compile(r"refresh (\d+) answered after ([\d.]+) s \(answer parsed in ([\d.]+) s\)")
 
 
@@ -104,11 +106,14 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         service.stop()
     log = "".join(path.read_text() for path in (root / "cloud" / "jobs").glob("*/worker.log"))
     found = [(float(w), float(p)) for _i, w, p in ANSWERED.findall(log)]
+    service_log = (root / "cloud" / "service.log").read_text()
     return {
         "params": params.name, "ring_dim": params.ring_dim, "wait_s": args.wait,
         "poll_s": args.poll, "state": final["state"], "refreshes": final.get("refreshes"),
         "steps": final.get("steps"), "keygen_s": round(keygen_s, 1),
         "train_s": round(train_s, 1),
+        "request_bytes": max(map(int, REQUESTED.findall(log)), default=None),
+        "answer_bytes": max(map(int, ANSWER_BYTES.findall(service_log)), default=None),
         "worker_wait_s": summary([w for w, _p in found]),
         "worker_answer_parse_s": summary([p for _w, p in found]),
         "round_trip_s": summary([w + p for w, p in found]),

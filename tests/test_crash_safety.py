@@ -116,15 +116,18 @@ def run_job(hospital: Hospital, root: Path, kill_service: bool = False) -> Outco
             fetching = HospitalClient(server.url, token=client.token, job_id=client.job_id,
                                       progress=False, retries=1, backoff_s=0.2)
             judge = hospital.judge(state)
+            refresher = hospital.refresher(root / "refreshes", judge)
             try:
-                final = fetching.answer_decisions(
-                    judge, poll_s=0.2, timeout_s=300,
-                    refresher=hospital.refresher(root / "refreshes", judge))
+                final = fetching.answer_decisions(judge, poll_s=0.2, timeout_s=300,
+                                                  refresher=refresher)
                 break
             except httpx.TransportError:
                 reconnects += 1
                 assert reconnects < 20, "the service never came back"
                 time.sleep(1.0)
+            finally:
+                if refresher is not None:
+                    refresher.close()  # its spare parsing child
         assert final["state"] == "finished"
         fetching.fetch_result(root / "result")
         weights = load_result_weights(hospital.keys, hospital.plan, root / "result")

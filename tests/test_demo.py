@@ -32,6 +32,9 @@ def test_demo_pipeline_writes_report_and_matches_plaintext(
     assert runs["encrypted"]["max_abs_weight_diff_vs_mirror"] < 2e-3
     assert abs(runs["encrypted"]["test"]["acc"] - runs["mirror"]["test"]["acc"]) <= 1 / 160
     assert runs["encrypted"]["ops"]["per_step"]["bootstraps"] == 1.0
+    # the default refresh mode over the service: the hospital answers the relayed refreshes
+    assert results["ckks"]["refresh"] == "hospital"
+    assert runs["encrypted"]["ops"]["per_step"]["refreshes"] == 1.0
     assert json.loads((report / "results.json").read_text())["dataset"] == "breastmnist"
     inference = runs["encrypted"].get("inference")
     if inference is not None:  # encrypted scoring by the cloud

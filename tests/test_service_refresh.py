@@ -174,6 +174,14 @@ def test_long_poll_answers_when_a_request_is_published(http):
     for wait in ("-1", "61", "nan", "inf", "abc"):
         response = client.get(url, params={"wait": wait}, headers=auth)
         assert response.status_code == 422 and isinstance(response.json()["detail"], str)
+    first = threading.Thread(target=client.get, args=(url,),
+                             kwargs={"params": {"wait": 2}, "headers": auth})
+    first.start()
+    time.sleep(0.3)
+    started = time.monotonic()  # one long poll per job waits; another answers at once
+    assert client.get(url, params={"wait": 20}, headers=auth).status_code == 204
+    assert time.monotonic() - started < 1.5
+    first.join()
     req = request(0)
     publisher = threading.Timer(0.5, service.refreshes.publish, (job_id, 0, req.to_bytes()))
     publisher.start()
@@ -193,3 +201,40 @@ def test_long_poll_answers_when_a_request_is_published(http):
     started = time.monotonic()
     assert client.get(url, params={"wait": 20}, headers=auth).status_code == 204
     assert time.monotonic() - started < 2
+
+
+# ---- the limited children that parse refresh messages ---------------------------------------
+def test_prewarmed_checker_parses_each_message_in_a_fresh_limited_child():
+    """Good parts pass; framing errors, non-ciphertexts and a length-field bomb are refused
+    (the bomb kills only its child); a spare child waits for the next message and exits at
+    the end of its input."""
+    import numpy as np
+
+    from medblindtuner.he.ciphertexts import ciphertext_to_bytes
+    from medblindtuner.he.keys import HospitalKeys
+    from medblindtuner.he.refresh import CloudRefresher
+    from medblindtuner.he.untrusted import PrewarmedChecker
+
+    keys = HospitalKeys.generate(REFRESH, [1], allow_insecure=True)
+    ct = keys.context.Encrypt(keys.public_key,
+                              keys.context.MakeCKKSPackedPlaintext(np.zeros(REFRESH.slots)))
+    good = CloudRefresher(keys.context, REFRESH, keys.public_key, None, "job").prepare(ct, 0)[1]
+    bomb = bytearray(good.c1)
+    bomb[20] ^= 0x40  # a length field: OpenFHE's parser asks for gigabytes
+    checker = PrewarmedChecker("refresh_request", REFRESH.ring_dim, memory_bytes=1 << 30)
+    try:
+        assert checker.check(good.to_bytes(), "good").ok
+        spare = checker._spare
+        assert spare is not None and spare.poll() is None
+        for data, reason in ((b"garbage", "refresh message"),
+                             (RefreshRequest(0, "job", b"no ciphertext").to_bytes(), "not a"),
+                             (RefreshRequest(0, "job", bytes(bomb)).to_bytes(), ""),
+                             (RefreshRequest(0, "job", ciphertext_to_bytes(ct)).to_bytes(),
+                              "holds 2 elements")):
+            verdict = checker.check(data, "bad")
+            assert not verdict.ok and reason in verdict.error, verdict
+        assert spare.poll() is not None  # each message had its own child
+        assert checker.check(good.to_bytes(), "good again").ok
+    finally:
+        checker.close()
+    assert checker._spare is None

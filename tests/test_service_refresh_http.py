@@ -10,6 +10,8 @@ run's weights. The crash harness is tests/test_crash_safety.py's.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from helpers_he import plan_and_keys, toy_problem
@@ -92,3 +94,32 @@ def test_killed_refresh_relay_ends_with_the_uninterrupted_weights(
     print(f"{armed}: loss gap {loss_gap:.2e}, weight gap {weight_gap:.2e}, restarts "
           f"{outcome.restarts}, reconnects {outcome.reconnects}")
     assert loss_gap < LOSS_TOL and weight_gap < WEIGHT_TOL
+
+
+def test_api_with_a_service_url_answers_the_refreshes(tmp_path):
+    """`EncryptedHeadClassifier(cloud=URL)` in the default refresh mode: its hospital answers
+    the relayed refreshes (ledger in its folder) and the model is its plaintext mirror's."""
+    from helpers_service import ServiceProcess
+
+    from medblindtuner import EncryptedHeadClassifier
+    from medblindtuner.training.plain import train_head
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 240)
+    x = rng.normal(size=(240, 6)) + 2.0 * y[:, None]
+    server = ServiceProcess(tmp_path / "cloud").start()
+    try:
+        clf = EncryptedHeadClassifier(cloud=server.url, insecure_test_params=True, epochs=2,
+                                      pca_dims=0, workdir=tmp_path / "api").fit(x, y)
+    finally:
+        server.stop()
+        server.kill_workers()
+    hospital = clf.hospital_
+    assert hospital.params.refresh == "hospital"
+    ledger = json.loads((hospital.folder.refresh_state / "ledger.json").read_text())
+    plan = hospital.plan
+    assert len(ledger["digests"]) == plan.config.epochs * len(plan.train_batch_sizes)
+    data = hospital.data
+    mirror = train_head(data.x["train"], data.y["train"], data.x["val"], data.y["val"],
+                        data.n_classes, plan.config, activation=plan.activation)
+    assert np.max(np.abs(clf.weights_ - mirror.weights)) < MIRROR_TOL

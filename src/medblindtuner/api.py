@@ -31,7 +31,9 @@ class EncryptedHeadClassifier(ClassifierMixin, BaseEstimator):
     `validation_fraction` of the rows (seeded by `seed`) for the settings and early stopping.
     `insecure_test_params=True` selects a tiny, NOT secure ring for tests. `workdir` keeps the
     hospital's and the local cloud's folders (keys, ciphertexts, result); without it they go
-    to a temporary folder that lives as long as the fitted estimator.
+    to a temporary folder that lives as long as the fitted estimator. `refresh`: "hospital"
+    (this process refreshes the cloud's spent ciphertexts, through the service when the cloud
+    is a URL) or "bootstrap"; None: `he.params.default_refresh()`, local or remote alike.
     """
 
     def __init__(self, *, pca_dims: int | None = None, learning_rate: float | None = None,

@@ -188,8 +188,8 @@ def status(
     table.add_column("field")
     table.add_column("value")
     for key in ("state", "epoch", "epochs_done", "max_epochs", "step", "steps_per_epoch",
-                "steps", "bootstraps", "seconds_per_step", "eta_seconds", "best_epoch",
-                "restarts", "error"):
+                "steps", "bootstraps", "refreshes", "awaiting_refresh", "seconds_per_step",
+                "eta_seconds", "best_epoch", "restarts", "error"):
         table.add_row(key, str(current.get(key)))
     Console().print(table)
 
@@ -198,7 +198,8 @@ def fetch(
     workdir: WorkDir = DEFAULT_WORKDIR,
     poll: Annotated[float, typer.Option(help="Status poll interval, seconds.")] = 1.0,
 ) -> None:
-    """Answer early-stopping questions (decrypting locally) until done; download weights."""
+    """Answer early-stopping questions (decrypting locally) and, in refresh mode "hospital",
+    the cloud's refresh requests (long polls) until done; download weights."""
     from medblindtuner.hospital.client import ServiceError
     from medblindtuner.hospital.session import CloudSession
 

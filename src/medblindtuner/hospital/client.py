@@ -259,7 +259,8 @@ class HospitalClient:
 
     def wait_for_decision(self, poll_s: float = 0.5, timeout_s: float | None = None,
                           on_status: Callable[[dict], None] | None = None,
-                          refresher=None, wait_s: float = REFRESH_WAIT_S) -> dict[str, Any]:  # noqa: ANN001
+                          refresher: Any = None,
+                          wait_s: float = REFRESH_WAIT_S) -> dict[str, Any]:
         """Poll until the job awaits a decision or ends; returns the last status. With a
         `refresher` (a `HospitalRefresher`), refresh requests are answered meanwhile: each
         pause is a long poll of up to `wait_s` s for one (0: plain polling every `poll_s`)."""
@@ -299,7 +300,7 @@ class HospitalClient:
         return self._request("POST", self._job("/refresh"), content=answer, headers={
             "Content-Type": "application/octet-stream"}).json()
 
-    def answer_refresh(self, refresher, wait_s: float = REFRESH_WAIT_S) -> bool:  # noqa: ANN001
+    def answer_refresh(self, refresher: Any, wait_s: float = REFRESH_WAIT_S) -> bool:
         """Answer the pending refresh request, if one comes within `wait_s` s, with
         `refresher.answer_cloud` (the hospital's ledger: planned, in order, once); whether
         one was answered. A request answered meanwhile (409) is not an error."""
@@ -322,7 +323,8 @@ class HospitalClient:
 
     def answer_decisions(self, judge, poll_s: float = 0.5, timeout_s: float | None = None,
                          on_status: Callable[[dict], None] | None = None,
-                         refresher=None, wait_s: float = REFRESH_WAIT_S) -> dict[str, Any]:  # noqa: ANN001
+                         refresher: Any = None,
+                         wait_s: float = REFRESH_WAIT_S) -> dict[str, Any]:
         """Answer every early-stopping question with `judge` (a `HospitalJudge`) until the end,
         and, with a `refresher`, every refresh request (`wait_for_decision`).
 

@@ -31,6 +31,7 @@ from medblindtuner.he.refresh import (
     message_bound,
     request_levels,
 )
+from medblindtuner.he.untrusted import PrewarmedChecker
 from medblindtuner.training.plan import TrainingPlan
 
 # Answers kept for a repeated request: the cloud journals every answer it received, so only
@@ -62,6 +63,7 @@ class HospitalRefresher:
         self.digests: dict[int, str] = {}
         self.answers: dict[int, bytes] = {}
         self._levels: range | None = None
+        self._parser: PrewarmedChecker | None = None
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             if self._ledger.exists():
@@ -95,8 +97,6 @@ class HospitalRefresher:
         header, which must agree): size and framing checked, the plan's rules applied, and
         only then its `c1` parsed in the limited child (`he.untrusted`) before this process
         (which holds the secret key) reads it. Every refusal is a RefreshRefusal."""
-        from medblindtuner.he.untrusted import check_bytes
-
         bound = message_bound(self.keys.params)
         if not isinstance(request_bytes, bytes) or len(request_bytes) > bound:
             raise RefreshRefusal(f"a refresh request of these parameters is at most {bound} "
@@ -111,8 +111,7 @@ class HospitalRefresher:
         if request.index in self.digests:
             return self._again(request)
         self._check_next(request.index)
-        verdict = check_bytes(request_bytes, "refresh_request", self.keys.params.ring_dim,
-                              f"refresh request {request.index}")
+        verdict = self._checker().check(request_bytes, f"refresh request {request.index}")
         if not verdict.ok:
             raise RefreshRefusal(f"refresh request {request.index} is refused: "
                                  f"{verdict.error}")
@@ -120,6 +119,18 @@ class HospitalRefresher:
             return self._answer_new(request)
         except RefreshError as exc:
             raise RefreshRefusal(str(exc)) from exc
+
+    def _checker(self) -> PrewarmedChecker:
+        """The limited children that parse the cloud's requests (the next one started while
+        the cloud computes its next request)."""
+        if self._parser is None:
+            self._parser = PrewarmedChecker("refresh_request", self.keys.params.ring_dim)
+        return self._parser
+
+    def close(self) -> None:
+        """Stop the spare parsing child (it also ends with this process)."""
+        if self._parser is not None:
+            self._parser.close()
 
     def _planned(self, request_bytes: bytes) -> RefreshRequest:
         request = RefreshRequest.from_bytes(request_bytes)

@@ -116,9 +116,13 @@ class CloudSession:
         judge = self.hospital.judge()
         refresher = (self.hospital.refresher(judge)
                      if self.hospital.params.refreshed_by_hospital else None)
-        final = self.client.answer_decisions(judge, poll_s=poll_s, timeout_s=timeout_s,
-                                             on_status=on_status, refresher=refresher,
-                                             wait_s=refresh_wait_s)
+        try:
+            final = self.client.answer_decisions(judge, poll_s=poll_s, timeout_s=timeout_s,
+                                                 on_status=on_status, refresher=refresher,
+                                                 wait_s=refresh_wait_s)
+        finally:
+            if refresher is not None:
+                refresher.close()
         self.losses = dict(judge.losses)
         return final
 

@@ -293,32 +293,6 @@ def _training_routes(router: APIRouter, service: CloudService) -> None:
         return service.decide(job_id, decision.continue_training, decision.best_epoch,
                               decision.epoch)
 
-    @router.get("/jobs/{job_id}/refresh", tags=["training"], response_class=Response,
-                responses={200: {"content": {"application/octet-stream": {}}},
-                           204: {"description": "No refresh request awaits an answer"}})
-    async def refresh_request(job_id: JobId, wait: RefreshWait = 0.0) -> Response:
-        """Refresh mode "hospital": the request awaiting the hospital's answer
-        (`X-Refresh-Index`, `X-Content-SHA256`). With `wait`, a long poll: it answers as soon
-        as a request is published, or with 204 when the wait ends or the job stops training
-        (awaits a decision, ended)."""
-        deadline = time.monotonic() + wait
-        while True:
-            pending, training = await run_in_threadpool(service.refresh_request, job_id)
-            if pending is not None:
-                index, data, digest = pending
-                return Response(data, media_type="application/octet-stream", headers={
-                    REFRESH_INDEX_HEADER: str(index), CONTENT_SHA_HEADER: digest})
-            if not training or time.monotonic() >= deadline:
-                return Response(status_code=204)
-            await asyncio.sleep(REFRESH_LOOK_S)
-
-    @router.post("/jobs/{job_id}/refresh", tags=["training"], openapi_extra=_OCTET_BODY)
-    async def post_refresh_answer(job_id: JobId, request: Request) -> dict[str, Any]:
-        """The hospital's answer (`he.refresh.RefreshAnswer` bytes) to the pending request."""
-        limit = await run_in_threadpool(service.refresh_answer_bound, job_id)
-        data = await _read_body(request, limit, "refresh answer")
-        return await run_in_threadpool(service.answer_refresh, job_id, data)
-
     @router.get("/jobs/{job_id}/result", tags=["results"])
     def result(job_id: JobId) -> dict[str, Any]:
         """Manifest of the encrypted weights of the best epoch (files listed with SHA-256)."""
@@ -338,6 +312,45 @@ def _training_routes(router: APIRouter, service: CloudService) -> None:
         """Stop the worker and remove the job, its files and unreferenced blobs."""
         service.delete_job(job_id)
         return {"deleted": True, "job_id": job_id}
+
+
+def _refresh_routes(router: APIRouter, service: CloudService) -> None:
+    """Refresh mode "hospital": the relay's two routes (`service.refreshes`)."""
+    waiting: set[str] = set()  # jobs with a long poll waiting (one each; on the event loop)
+
+    @router.get("/jobs/{job_id}/refresh", tags=["training"], response_class=Response,
+                responses={200: {"content": {"application/octet-stream": {}}},
+                           204: {"description": "No refresh request awaits an answer"}})
+    async def refresh_request(job_id: JobId, wait: RefreshWait = 0.0) -> Response:
+        """Refresh mode "hospital": the request awaiting the hospital's answer
+        (`X-Refresh-Index`, `X-Content-SHA256`). With `wait`, a long poll: it answers as soon
+        as a request is published, or with 204 when the wait ends or the job stops training
+        (awaits a decision, ended). One long poll per job waits at a time; another one of
+        the same job answers at once, as with `wait=0`."""
+        waits = wait > 0 and job_id not in waiting
+        deadline = time.monotonic() + (wait if waits else 0.0)
+        if waits:
+            waiting.add(job_id)
+        try:
+            while True:
+                pending, training = await run_in_threadpool(service.refresh_request, job_id)
+                if pending is not None:
+                    index, data, digest = pending
+                    return Response(data, media_type="application/octet-stream", headers={
+                        REFRESH_INDEX_HEADER: str(index), CONTENT_SHA_HEADER: digest})
+                if not training or time.monotonic() >= deadline:
+                    return Response(status_code=204)
+                await asyncio.sleep(REFRESH_LOOK_S)
+        finally:
+            if waits:
+                waiting.discard(job_id)
+
+    @router.post("/jobs/{job_id}/refresh", tags=["training"], openapi_extra=_OCTET_BODY)
+    async def post_refresh_answer(job_id: JobId, request: Request) -> dict[str, Any]:
+        """The hospital's answer (`he.refresh.RefreshAnswer` bytes) to the pending request."""
+        limit = await run_in_threadpool(service.refresh_answer_bound, job_id)
+        data = await _read_body(request, limit, "refresh answer")
+        return await run_in_threadpool(service.answer_refresh, job_id, data)
 
 
 def _query_upload_routes(router: APIRouter, service: CloudService,
@@ -422,6 +435,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     # Every route below needs a job's token: they share one router and its error responses.
     router = APIRouter(responses=JOB_ERRORS)
     _training_routes(router, service)
+    _refresh_routes(router, service)
     _upload_routes(router, service, config)
     _query_upload_routes(router, service, config)
     _scoring_routes(router, service)

@@ -173,7 +173,10 @@ class RefreshRelay:
                     return {"accepted": True, "index": answer.index, "again": True}
                 raise Conflict(f"refresh {answer.index} was already answered")
             request_sha = row.request_sha256
-        request = self._path(job_id, answer.index, "request").read_bytes()
+        try:
+            request = self._path(job_id, answer.index, "request").read_bytes()
+        except FileNotFoundError as exc:  # pruned: long past
+            raise Conflict(f"refresh {answer.index} is no longer pending") from exc
         if sha256(request) != request_sha:
             raise Conflict(f"refresh {answer.index} was requested again meanwhile; retry")
         if RefreshRequest.from_bytes(request).digest != answer.request_digest:

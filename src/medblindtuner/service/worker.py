@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from medblindtuner.failpoints import failpoint
+from medblindtuner.he.untrusted import PrewarmedChecker
 from medblindtuner.protocol import (
     AWAITING_DECISION,
     BUNDLE,
@@ -85,7 +86,7 @@ class JobRunner:
         self.job_id = job_id
         self.dir = config.job_dir(job_id)
         self._last_step_time: float | None = None
-        self.ring_dim: int | None = None
+        self.answer_parser: PrewarmedChecker | None = None  # refresh mode "hospital"
 
     def _update(self, **fields) -> Job:
         with self.store.session() as session:
@@ -165,7 +166,6 @@ class JobRunner:
         """Refresh mode "hospital": relay one request to the hospital and block until its
         answer (or a cancel); the answer is parsed in the limited child before it is used."""
         from medblindtuner.he.refresh import RefreshError, RefreshRequest
-        from medblindtuner.he.untrusted import check_bytes
 
         index = RefreshRequest.from_bytes(request).index
         relay = RefreshRelay(self.config, self.store)
@@ -178,8 +178,7 @@ class JobRunner:
                 looked = time.monotonic()
             time.sleep(self.config.refresh_poll_s)
         waited = time.monotonic() - asked
-        verdict = check_bytes(answer, "refresh_answer", self.ring_dim,
-                              f"the hospital's answer to refresh {index}")
+        verdict = self.answer_parser.check(answer, f"the hospital's answer to refresh {index}")
         if not verdict.ok:
             raise RefreshError(str(verdict.error))
         log.info("job %s: refresh %d answered after %.3f s (answer parsed in %.3f s)",
@@ -194,7 +193,7 @@ class JobRunner:
 
         if not cloud.params.refreshed_by_hospital:
             return None
-        self.ring_dim = cloud.params.ring_dim
+        self.answer_parser = PrewarmedChecker("refresh_answer", cloud.params.ring_dim)
         return CloudRefresher(cloud.crypto.context, cloud.params, cloud.crypto.public_key,
                               self._refresh, plan.job_tag(cloud.params),
                               self.dir / REFRESH_JOURNAL_DIR)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import openfhe as ofhe
 
+from medblindtuner.cloud.cloud import Cloud
 from medblindtuner.cloud.kernel import StepKernel
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.params import PRODUCTION, build_context, data_level, params_for_mode
@@ -32,7 +33,6 @@ from medblindtuner.training.artifacts import EncryptedChunk
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import synthetic_features  # noqa: E402
-
 
 INSECURE = False  # --insecure-test-params: the tiny test ring, to try the script quickly
 
@@ -95,7 +95,7 @@ def timed(ev: Evaluator, work) -> dict:
 def chunk_probe(mode: str, repeats: int, refreshed: bool) -> dict:
     params, plan, context, keys = setup(mode, 2000)
     (chunk,), model = encrypted_chunks(params, plan, context, keys, 1)
-    ev = Evaluator(context, params, keys.publicKey)
+    ev = Cloud.sharing_context(context, params, keys.publicKey).evaluator
     if refreshed and params.refreshed_by_hospital:
         refresher = in_process_refresher(context, params, keys)
         model = [refresher.refresh(ev.mul_scalar(ct, 1.0), 0) for ct in model]
@@ -109,15 +109,16 @@ def chunk_probe(mode: str, repeats: int, refreshed: bool) -> dict:
 
 
 def step_probe(repeats: int) -> list[dict]:
-    from medblindtuner.cloud.trainer import EncryptedTrainer
     from medblindtuner.training.artifacts import EncryptedDataset
 
     params, plan, context, keys = setup("hospital", 10000)
     count = plan.chunks_per_step
     chunks, model = encrypted_chunks(params, plan, context, keys, count)
-    ev = Evaluator(context, params, keys.publicKey, in_process_refresher(context, params, keys))
+    cloud = Cloud.sharing_context(context, params, keys.publicKey, evaluator_options={
+        "refresher": in_process_refresher(context, params, keys)})
+    ev = cloud.evaluator
     dataset = EncryptedDataset(plan, chunks, [], adopt=ev.adopt)
-    trainer = EncryptedTrainer(ev, dataset, Path(tempfile.mkdtemp(prefix="probe_step_")))
+    trainer = cloud.trainer(dataset, Path(tempfile.mkdtemp(prefix="probe_step_")))
     trainer.model = model
     placed, scale = list(enumerate(range(count))), 0.01
     kernel = trainer.kernel

@@ -18,6 +18,9 @@ Binary head (model = [W, W_prev], each d-periodic; ONE d-slot bootstrap per step
     G = rotsum(sum over chunks of (A - (lr/n) Y) * x_grad)    9   log2(slots/d) rotations
     W_new = (1 - lr wd) V - G  -> d-slot bootstrap  (the decay is a second combination of
                                                  the model, level 1: no extra level)
+In refresh mode "hospital" with several chunks a step (`TrainingPlan.compact_sigmoid`) the
+logits are gathered and refreshed and the sigmoid runs once a step (`_compact_terms`;
+docs/design.md, "One sigmoid a step").
 
 c-class softmax (model = [M, M_prev] in the class-diagonal layout of `he.packing.SoftmaxLayout`,
 c diagonals; sparse bootstraps per step: the model's and one per denominator group, whatever c):

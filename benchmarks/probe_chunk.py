@@ -1,137 +1,164 @@
-"""Op-level cost of one binary chunk of an encrypted step, per refresh mode and variant.
+"""Op-level cost of a binary step's chunk work, per refresh mode and variant (issue #24).
 
-    flock /work/prod.lock python benchmarks/probe_chunk.py --variants bootstrap hospital
+    flock /work/prod.lock python benchmarks/probe_chunk.py chunk --variants bootstrap hospital
+    flock /work/prod.lock python benchmarks/probe_chunk.py step --repeats 2
 
-Builds only what a chunk needs (context, relinearisation and the logit rotation keys; no
-bootstrapping keys), encrypts one chunk of synthetic samples at the data level of the mode and
-a model at the level the refreshed model has, and times `StepKernel.binary_terms` on it with
-the evaluator's per-kind seconds (`--repeats` times; the best is printed). Issue #24's chunk
-profile: docs/results.md.
+`chunk`: one chunk of synthetic samples at the mode's data level, a model at level 0 (a
+refreshed one: `--refreshed`, through a real interactive refresh as bytes), timed through
+`StepKernel.binary_terms` with the evaluator's per-kind seconds: what one chunk costs.
+`step`: refresh mode "hospital", the chunks of one step at N = 10,000 (6 of 128 samples at
+PCA 63), timed three ways in turns in one process (so load drifts alike): a sigmoid per chunk
+(`binary_terms`), one sigmoid a step (`EncryptedTrainer._compact_terms`) without the level
+drops, and with them (as trained). Only what these need is generated (relinearisation and
+rotation keys, no bootstrapping key). Results: docs/results.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import openfhe as ofhe
 
+from medblindtuner.cloud.cloud import Cloud
 from medblindtuner.cloud.kernel import StepKernel
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.params import PRODUCTION, build_context, data_level, params_for_mode
 from medblindtuner.training.artifacts import EncryptedChunk
 
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import synthetic_features  # noqa: E402
 
-def variant_params(name: str):
-    """bootstrap | hospital | hospital-2^16 (same depth, twice the ring)."""
-    if name == "bootstrap":
-        return PRODUCTION
-    params = params_for_mode("hospital")
-    if name == "hospital-2^16":
-        return dataclasses.replace(params, ring_dim=1 << 16, name=params.name + "-2^16")
-    return params
+INSECURE = False  # --insecure-test-params: the tiny test ring, to try the script quickly
 
 
-def refresh_through_bytes(context, params, keys, ct):
-    """A real interactive refresh, every message through bytes as over the wire."""
-    from medblindtuner.he.refresh import (
-        CloudRefresher,
-        RefreshAnswer,
-        RefreshRequest,
-        masked_share,
-    )
-
-    def holder(data: bytes) -> bytes:
-        request = RefreshRequest.from_bytes(data)
-        return masked_share(context, keys.secretKey, keys.publicKey, request,
-                            range(0, params.depth + 1)).to_bytes()
-
-    _ = RefreshAnswer
-    return CloudRefresher(context, params, keys.publicKey, holder, "probe").refresh(ct, 0)
-
-
-def run(name: str, repeats: int, features: int, refreshed: bool, adopt: bool) -> dict:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from scale import synthetic_features
-
+def setup(mode: str, n_train: int, features: int = 63):
+    """Plan, context with its keys (relinearisation, every rotation of the plan)."""
     from medblindtuner.hospital.recipe import Overrides, derive_recipe
     from medblindtuner.training.plan import TrainingPlan
 
-    params = variant_params(name)
-    data, recipe = derive_recipe(synthetic_features(2000, 2, features), params,
+    params = params_for_mode(mode, INSECURE) if INSECURE or mode != "bootstrap" else PRODUCTION
+    data, recipe = derive_recipe(synthetic_features(n_train, 2, features), params,
                                  Overrides(pca_dims=0))
     plan = TrainingPlan.create(params, data.x["train"], data.x["val"], 2, recipe.config,
                                recipe.activation)
     context = build_context(params)
     keys = context.KeyGen()
-    start = time.perf_counter()
     context.EvalMultKeyGen(keys.secretKey)
-    context.EvalRotateKeyGen(keys.secretKey, plan.kernel_rotation_indices)
-    keygen = time.perf_counter() - start
-    layout = plan.layout
-    level = data_level(params)
-    rng = np.random.default_rng(0)
-    n = layout.samples_per_ct
-    x = rng.normal(0, 0.1, (n, plan.n_features))
+    context.EvalRotateKeyGen(keys.secretKey, plan.rotation_indices)
+    return params, plan, context, keys
 
-    def enc(values, at=level):
-        plain = context.MakeCKKSPackedPlaintext(values, 1, at, None, params.slots)
+
+def encrypted_chunks(params, plan, context, keys, count: int, seed: int = 0):
+    layout, level = plan.layout, data_level(params)
+    rng = np.random.default_rng(seed)
+
+    def enc(values):
+        plain = context.MakeCKKSPackedPlaintext(values, 1, level, None, params.slots)
         return context.Encrypt(keys.publicKey, plain)
 
-    chunk = EncryptedChunk(n, enc(layout.encode_x_dup(x)), enc(layout.encode_x_grad(x)),
-                           [enc(layout.encode_per_sample(rng.integers(0, 2, n)))])
+    chunks = []
+    for _ in range(count):
+        n = layout.samples_per_ct
+        x = rng.normal(0, 0.1, (n, plan.n_features))
+        chunks.append(EncryptedChunk(n, enc(layout.encode_x_dup(x)), enc(layout.encode_x_grad(x)),
+                                     [enc(layout.encode_per_sample(rng.integers(0, 2, n)))]))
     w = layout.encode_weights(rng.normal(0, 0.1, plan.n_features))
-    model = fresh = [enc(w), enc(w)]
-    ev = Evaluator(context, params, keys.publicKey)
+    return chunks, [enc(w), enc(w)]
+
+
+def in_process_refresher(context, params, keys):
+    """A real interactive refresh, every message through bytes as over the wire."""
+    from medblindtuner.he.refresh import CloudRefresher, RefreshRequest, masked_share
+
+    def holder(data: bytes) -> bytes:
+        return masked_share(context, keys.secretKey, keys.publicKey,
+                            RefreshRequest.from_bytes(data), range(0, params.depth + 1)
+                            ).to_bytes()
+
+    return CloudRefresher(context, params, keys.publicKey, holder, "probe")
+
+
+def timed(ev: Evaluator, work) -> dict:
+    ev.ops.seconds.clear()
+    ev.ops.counts.clear()
+    start = time.perf_counter()
+    work()
+    return {"total_s": round(time.perf_counter() - start, 3), **ev.ops.snapshot()}
+
+
+def chunk_probe(mode: str, repeats: int, refreshed: bool) -> dict:
+    params, plan, context, keys = setup(mode, 2000)
+    (chunk,), model = encrypted_chunks(params, plan, context, keys, 1)
+    ev = Cloud.sharing_context(context, params, keys.publicKey).evaluator
     if refreshed and params.refreshed_by_hospital:
-        model = [refresh_through_bytes(context, params, keys, ev.mul_scalar(ct, 1.0))
-                 for ct in model]
-        if adopt:
-            model = [ev.adopt(ct) for ct in model]
-        error = np.abs(np.array(context.Decrypt(keys.secretKey, model[0]).GetRealPackedValue())
-                       - w).max()
-        print(f"refreshed model error {error:.2e}", flush=True)
+        refresher = in_process_refresher(context, params, keys)
+        model = [refresher.refresh(ev.mul_scalar(ct, 1.0), 0) for ct in model]
     kernel = StepKernel(ev, plan, [chunk])
-    best = None
-    for rep in range(repeats):
-        for label, weights in (("fresh", fresh), ("refreshed", model)):
-            if label == "fresh" and model is fresh:
-                continue
-            ev.ops.seconds.clear()
-            ev.ops.counts.clear()
-            start = time.perf_counter()
-            lookahead = kernel.unit_lookahead(weights, [1.9, -0.9])
-            terms = kernel.binary_terms(lookahead, [(0, 0)], 0.01)
-            total = time.perf_counter() - start
-            row = {"model": label, "total_s": round(total, 3), **ev.ops.snapshot()}
-            print(json.dumps({"rep": rep, **row}), flush=True)
-            if label != "fresh" and (best is None or total < best["total_s"]):
-                best = row
-    return {"variant": name, "refreshed_model": refreshed, "adopted": adopt,
-            "ring": params.ring_dim, "depth": params.depth,
-            "samples": n, "data_level": level, "terms_level": terms.GetLevel(),
-            "kernel_keygen_s": round(keygen, 1),
-            "ms_per_sample": round(1000 * best["total_s"] / n, 2), **best}
+    rows = [timed(ev, lambda: kernel.binary_terms(kernel.unit_lookahead(model, [1.9, -0.9]),
+                                                  [(0, 0)], 0.01)) for _ in range(repeats)]
+    best = min(rows, key=lambda r: r["total_s"])
+    return {"probe": "chunk", "mode": mode, "refreshed_model": refreshed,
+            "ring": params.ring_dim, "depth": params.depth, "samples": chunk.n_samples,
+            "ms_per_sample": round(1000 * best["total_s"] / chunk.n_samples, 2), **best}
+
+
+def step_probe(repeats: int) -> list[dict]:
+    from medblindtuner.training.artifacts import EncryptedDataset
+
+    params, plan, context, keys = setup("hospital", 10000)
+    count = plan.chunks_per_step
+    chunks, model = encrypted_chunks(params, plan, context, keys, count)
+    cloud = Cloud.sharing_context(context, params, keys.publicKey, evaluator_options={
+        "refresher": in_process_refresher(context, params, keys)})
+    ev = cloud.evaluator
+    dataset = EncryptedDataset(plan, chunks, [], adopt=ev.adopt)
+    trainer = cloud.trainer(dataset, Path(tempfile.mkdtemp(prefix="probe_step_")))
+    trainer.model = model
+    placed, scale = list(enumerate(range(count))), 0.01
+    kernel = trainer.kernel
+    drop_to = ev.drop_to
+    variants = {
+        "sigmoid per chunk": lambda: kernel.binary_terms(
+            kernel.unit_lookahead(model, [1.9, -0.9]), placed, scale),
+        "one sigmoid, no level drops": lambda: trainer._compact_terms(placed, scale),
+        "one sigmoid, level drops": lambda: trainer._compact_terms(placed, scale),
+    }
+    rows: dict[str, dict] = {}
+    for _ in range(repeats):
+        for name, work in variants.items():
+            ev.drop_to = (lambda ct, level: ct) if "no level" in name else drop_to
+            row = timed(ev, work)
+            if name not in rows or row["total_s"] < rows[name]["total_s"]:
+                rows[name] = row
+    return [{"probe": "step", "variant": name, "chunks": count,
+             "samples": count * plan.layout.samples_per_ct,
+             "ms_per_sample": round(1000 * row["total_s"] / (count * plan.layout.samples_per_ct),
+                                    2), **row} for name, row in rows.items()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=["chunk", "step"])
     parser.add_argument("--variants", nargs="+", default=["bootstrap", "hospital"])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--features", type=int, default=63)
     parser.add_argument("--refreshed", action="store_true",
-                        help="hospital mode: the model comes out of a real refresh (bytes)")
-    parser.add_argument("--adopt", action="store_true", help="adopt the refreshed model")
+                        help="chunk: the model comes out of a real refresh (bytes)")
+    parser.add_argument("--insecure-test-params", action="store_true")
     args = parser.parse_args()
-    for name in args.variants:
-        row = run(name, args.repeats, args.features, args.refreshed, args.adopt)
-        print(json.dumps(row), flush=True)
+    global INSECURE
+    INSECURE = args.insecure_test_params
+    if args.probe == "step":
+        for row in step_probe(args.repeats):
+            print(json.dumps(row), flush=True)
+        return
+    for mode in args.variants:
+        print(json.dumps(chunk_probe(mode, args.repeats, args.refreshed)), flush=True)
         ofhe.ClearEvalMultKeys()
         ofhe.CryptoContext.ClearEvalAutomorphismKeys()
         ofhe.ReleaseAllContexts()

@@ -45,12 +45,13 @@ def cluster():
 
 
 def _job(n_classes: int, n_train: int, batch: int, seed: int, tmp_path_factory,
-         denominator_chunks: int | None = None):
+         denominator_chunks: int | None = None, base=None):
     """Keys, bundle and encrypted dataset of a toy job whose steps hold several chunks."""
     data = toy_problem(n_classes, n_train=n_train, n_val=30, seed=seed)
     config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=batch,
                          patience=2)
-    plan, keys = plan_and_keys(n_classes, config, data, denominator_chunks)
+    plan, keys = plan_and_keys(n_classes, config, data, denominator_chunks,
+                               **({} if base is None else {"base": base}))
     bundle = tmp_path_factory.mktemp("bundle")
     keys.save_public_bundle(bundle)
     return data, plan, keys, encrypt_dataset(keys, plan, *data), bundle
@@ -122,6 +123,34 @@ def test_lost_actor_is_replaced_and_its_part_redone(cluster, binary_job, binary_
         remote = _train(binary_job, tmp_path / "ray", shards=shards, on_step=kill_after_first)
         assert shards.replacements == 1
     assert np.max(np.abs(remote - binary_local)) < WEIGHT_TOL
+
+
+def test_compact_sigmoid_on_ray_shards_equals_local(cluster, tmp_path_factory, tmp_path):
+    """Refresh mode "hospital": the binary step's two phases (gathered logits, then the
+    terms from the one sigmoid) run on the actors; the driver's refreshes go to the key
+    holder. Same weights as the local trainer."""
+    from medblindtuner.he.params import HOSPITAL, params_for_mode
+    from medblindtuner.he.refresh import CloudRefresher
+    from medblindtuner.hospital.refresher import HospitalRefresher
+
+    job = _job(2, 300, 300, 6, tmp_path_factory, base=params_for_mode(HOSPITAL, insecure=True))
+    _, plan, keys, dataset, bundle = job
+    assert plan.compact_sigmoid and plan.chunks_per_step == 3
+    weights = []
+    for remote in (False, True):
+        holder = HospitalRefresher(keys, plan)
+        evaluator = Evaluator(keys.context, keys.params, keys.public_key, CloudRefresher(
+            keys.context, keys.params, keys.public_key, holder, holder.job))
+        shards = RayShards.start("auto", dataset, bundle, evaluator, n_actors=2,
+                                 allow_insecure=True) if remote else None
+        trainer = EncryptedTrainer(evaluator, dataset, tmp_path / str(remote), shards=shards)
+        trainer.train()
+        if shards is not None:
+            shards.close()
+        weights.append(decrypt_weights(keys, plan, trainer.weights))
+        # one sigmoid a step, in the driver (no validation: no judge)
+        assert evaluator.ops["polynomial_evaluations"] == trainer.state.steps
+    assert np.max(np.abs(weights[1] - weights[0])) < WEIGHT_TOL
 
 
 def test_softmax_head_on_ray_shards_equals_local(cluster, softmax_job, softmax_local, tmp_path):

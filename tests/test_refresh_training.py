@@ -52,15 +52,24 @@ def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs
         assert abs(judge.losses[record["epoch"]] - record["val_loss"]) < 1e-3
     ops = trainer.ev.ops
     assert ops["refreshes"] == ops["bootstraps"] <= plan.max_refreshes
+    if n_classes == 2:  # several chunks a step: their logits share one refresh and sigmoid
+        assert plan.compact_sigmoid == (plan.chunks_per_step > 1)
+        assert ops["refreshes"] == plan.max_refreshes
+        assert ops["polynomial_evaluations"] == (
+            state.steps * (1 if plan.compact_sigmoid else plan.chunks_per_step)
+            + epochs * len(plan.val_batch_sizes))
     assert not any(key.startswith("bootstraps_") for key in ops.counts)  # no OpenFHE bootstrap
 
 
-def test_refresh_mode_resumes_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("batch", [64, 150])  # one chunk a step; two (compact sigmoid)
+def test_refresh_mode_resumes_with_the_same_weights(tmp_path, batch):
     """Killed after epoch 1's checkpoint and again in the middle of a refresh (answered by the
     hospital, never received): the re-run finishes with the uninterrupted run's weights."""
     data = toy_problem(2, n_train=150, n_val=30, seed=4)
-    config = TrainConfig(learning_rate=2.0, momentum=0.9, epochs=2, batch_size=64, patience=3)
+    config = TrainConfig(learning_rate=2.0, momentum=0.9, epochs=2, batch_size=batch,
+                         patience=3)
     plan, keys = plan_and_keys(2, config, data, base=PARAMS)
+    assert plan.compact_sigmoid == (batch > plan.layout.samples_per_ct)
     dataset = encrypt_dataset(keys, plan, *data)
     straight = trainer_for(keys, plan, dataset, tmp_path / "straight")
     straight.train()

@@ -1,7 +1,7 @@
 """The service relays refresh requests (refresh mode "hospital", `service/refreshes.py`).
 
-In-process (a `CloudService` on SQLite and PostgreSQL, stand-in workers, request and answer bytes with the
-real framing over made-up parts): the worker's publish, the hospital's long poll and answer,
+In-process (a `CloudService` on SQLite and PostgreSQL, stand-in workers, request and answer
+bytes with the real framing over made-up parts): the worker's publish, the hospital's long poll and answer,
 idempotence for crash safety, and every refusal (422 / 409 / 413, `{"detail": str}`, never a
 500). The real HTTP job, the malicious cloud and the crashes are in
 tests/test_service_refresh_http.py.
@@ -15,8 +15,8 @@ import time
 
 import pytest
 from test_service_jobs import StandIns, make_service, set_job, sha
-from test_service_jobs import workers as workers  # noqa: F401 - the fixture
 from test_service_jobs import _database as _database  # noqa: F401 - SQLite and PostgreSQL
+from test_service_jobs import workers as workers  # noqa: F401 - the fixture
 
 from medblindtuner import protocol
 from medblindtuner.he.params import HOSPITAL, INSECURE_TEST, params_for_mode

@@ -10,6 +10,10 @@ denominators sit in the step's one compact bootstrap (`he.packing.SoftmaxLayout`
 
 Binary head, per chunk:  (sigmoid~(rotsum(x_dup * V)) * lr/n - lr/n Y) * x_grad, summed over
 the chunks before the driver's gradient rotate-and-sum.
+Binary head with one sigmoid a step (`TrainingPlan.compact_sigmoid`, refresh mode "hospital"),
+two phases around the driver's refresh and sigmoid: `binary_forward` gathers the chunks'
+logits (place p at slot p of each block), `binary_backward` spreads each chunk's value of the
+step's sigmoid back over its block and forms the same terms.
 Softmax head, two phases around the driver's denominator bootstrap:
     forward:  e_k = exp~(Z_k); the chunk's sums of exponentials at its compact slots, shifted
               by its place in its denominator group, summed per group (the driver folds each

@@ -18,6 +18,9 @@ Binary head (model = [W, W_prev], each d-periodic; ONE d-slot bootstrap per step
     G = rotsum(sum over chunks of (A - (lr/n) Y) * x_grad)    9   log2(slots/d) rotations
     W_new = (1 - lr wd) V - G  -> d-slot bootstrap  (the decay is a second combination of
                                                  the model, level 1: no extra level)
+In refresh mode "hospital" with several chunks a step (`TrainingPlan.compact_sigmoid`) the
+logits are gathered and refreshed and the sigmoid runs once a step (`_compact_terms`;
+docs/design.md, "One sigmoid a step").
 
 c-class softmax (model = [M, M_prev] in the class-diagonal layout of `he.packing.SoftmaxLayout`,
 c diagonals; sparse bootstraps per step: the model's and one per denominator group, whatever c):
@@ -150,13 +153,19 @@ class EncryptedTrainer:
         unit = self.ev.add_scalar(fresh, inverse.unit_map[1])  # alpha came with the selection
         return self.ev.chebyshev_unit(unit, inverse.coefficients)
 
-    def _compact_terms(self, unit: ofhe.Ciphertext, placed: list[PlacedChunk],
-                       scale: float) -> ofhe.Ciphertext:
+    def _compact_terms(self, placed: list[PlacedChunk], scale: float) -> ofhe.Ciphertext:
         """Binary terms with ONE sigmoid a step (`TrainingPlan.compact_sigmoid`): the chunks'
         gathered logits are refreshed, the sigmoid runs once on them, and its output, moved
         right by d (the gradient strides add up to slots - d: no key of its own), goes back
-        to the chunks."""
+        to the chunks. Both halves start as high as their levels allow (fewer towers): the
+        logits' lookahead, mask and product end at the highest refreshable level, the
+        sigmoid, mask and gradient product at the level the update may have."""
+        m, top = self.plan.config.momentum, self.ev.max_level
+        model = [self.ev.drop_to(ct, top - 3) for ct in self.model]
+        unit = self.kernel.unit_lookahead(model, [1 + m, -m])
         compact = self.ev.bootstrap(self.shards.binary_forward(unit, placed))
+        sigmoid_depth = self.plan.activation.sigmoid.unit_depth
+        compact = self.ev.drop_to(compact, top - sigmoid_depth - 2)
         probabilities = self.ev.rotate_chain(
             self.kernel.sigmoid(compact, scale), self.layout.gradient_strides)
         return self.shards.binary_backward(probabilities, placed, scale)
@@ -184,10 +193,13 @@ class EncryptedTrainer:
         placed = list(enumerate(chunk_ids))
         lookahead = self.ev.linear_combination(self.model, [1 + m, -m])
         ridden = None
-        if self.softmax is None:
-            unit = self.kernel.unit_lookahead(self.model, [1 + m, -m])
-            terms = (self._compact_terms(unit, placed, scale) if self.plan.compact_sigmoid
-                     else self.shards.binary_terms(unit, placed, scale))
+        if self.softmax is None and self.plan.compact_sigmoid:
+            terms = self._compact_terms(placed, scale)
+            gradient = self.ev.rotate_and_sum(terms, self.layout.gradient_strides)
+            period = self.layout.block
+        elif self.softmax is None:
+            terms = self.shards.binary_terms(
+                self.kernel.unit_lookahead(self.model, [1 + m, -m]), placed, scale)
             gradient = self.ev.rotate_and_sum(terms, self.layout.gradient_strides)
             period = self.layout.block
         else:

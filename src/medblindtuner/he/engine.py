@@ -176,6 +176,14 @@ class Evaluator:
         """The ciphertext's level once its pending (lazy) rescale is done."""
         return ct.GetLevel() + ct.GetNoiseScaleDeg() - 1
 
+    def drop_to(self, ct: ofhe.Ciphertext, level: int) -> ofhe.Ciphertext:
+        """A fresh (no pending rescale) ciphertext at `level` rather than below it: the same
+        values in fewer towers, so that what follows is cheaper (OpenFHE's Compress; nothing
+        to do at or past `level`)."""
+        if ct.GetNoiseScaleDeg() != 1 or ct.GetLevel() >= level:
+            return ct
+        return self.context.Compress(ct, self.params.depth + 1 - level)
+
     def add(self, a, b):
         with self.ops.timed("additions"):
             return self.context.EvalAdd(a, b)

@@ -1,8 +1,8 @@
 """The service relays refresh requests (refresh mode "hospital", `service/refreshes.py`).
 
 In-process (a `CloudService` on SQLite and PostgreSQL, stand-in workers, request and answer
-bytes with the real framing over made-up parts): the worker's publish, the hospital's long poll and answer,
-idempotence for crash safety, and every refusal (422 / 409 / 413, `{"detail": str}`, never a
+bytes with the real framing over made-up parts): the worker's publish, the hospital's long
+poll and answer, idempotence for crash safety, and every refusal (422 / 409 / 413, `{"detail": str}`, never a
 500). The real HTTP job, the malicious cloud and the crashes are in
 tests/test_service_refresh_http.py.
 """

@@ -2,9 +2,9 @@
 
 In-process (a `CloudService` on SQLite and PostgreSQL, stand-in workers, request and answer
 bytes with the real framing over made-up parts): the worker's publish, the hospital's long
-poll and answer, idempotence for crash safety, and every refusal (422 / 409 / 413, `{"detail": str}`, never a
-500). The real HTTP job, the malicious cloud and the crashes are in
-tests/test_service_refresh_http.py.
+poll and answer, idempotence for crash safety, and every refusal (422 / 409 / 413,
+`{"detail": str}`, never a 500). The real HTTP job, the malicious cloud and the crashes are
+in tests/test_service_refresh_http.py.
 """
 
 from __future__ import annotations

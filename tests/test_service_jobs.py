@@ -371,6 +371,11 @@ def test_dataset_must_follow_and_match_the_bundle(cloud, params, plan):
         (lambda p: {**p, "activation": {**p["activation"], "n_classes": 3}}, Unprocessable,
          "activation is for 3 classes"),
         (lambda p: {**p, "denominator_chunks": 0}, Unprocessable, "greater than or equal"),
+        (lambda p: {**p, "compact_sigmoid": "yes"}, Unprocessable,
+         "compact_sigmoid: Input should be a valid boolean"),
+        (lambda p: {**p, "n_classes": 3, "compact_sigmoid": True,
+                    "activation": {**p["activation"], "n_classes": 3}}, Unprocessable,
+         "compact_sigmoid is for a binary head"),
         (lambda p: {**p, "n_features": 4 * p["n_features"]}, BadRequest,
          "bootstraps at .* but the bundle has bootstrapping keys for"),
     ]:

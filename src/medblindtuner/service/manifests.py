@@ -173,6 +173,7 @@ class PlanModel(_Strict):
     train_batch_sizes: Annotated[list[Count], Field(min_length=1)]
     val_batch_sizes: list[Count]
     denominator_chunks: Annotated[int, Field(ge=1, le=1024)] | None = None
+    compact_sigmoid: bool = False  # binary head, refresh mode: one sigmoid a step
 
 
 class DatasetManifest(_Strict):
@@ -224,6 +225,9 @@ def _check_plan_bounds(plan: PlanModel, limits: ServiceLimits, what: str) -> Non
     if plan.activation.n_classes != plan.n_classes:
         raise Unprocessable(f"{what}: the activation is for {plan.activation.n_classes} "
                             f"classes, the plan for {plan.n_classes}")
+    if plan.compact_sigmoid and plan.n_classes != 2:
+        raise Unprocessable(f"{what}: compact_sigmoid is for a binary head, the plan has "
+                            f"{plan.n_classes} classes")
 
 
 def dataset_files(plan: TrainingPlan) -> set[str]:

@@ -12,6 +12,7 @@ promises.
 from __future__ import annotations
 
 from medblindtuner.he.packing import PackingLayout
+from medblindtuner.he.params import BOOTSTRAP, HOSPITAL
 from medblindtuner.training.plain import make_batches
 from medblindtuner.training.plan import denominator_group_chunks, max_batch_size
 
@@ -24,14 +25,21 @@ MIN_EPOCHS, MAX_EPOCHS = 2, 60
 # so fewer steps an epoch no longer cut the steps a run takes (the reason 256 was kept).
 MIN_BATCH = 512
 MAX_STEPS_PER_EPOCH = 15  # larger sets take bigger steps (a step's bootstraps are paid once)
-# Seconds of one data ciphertext's per-chunk work (benchmarks/scale.py, production, local:
-# binary PCA 63 3.4 s with the degree-59 sigmoid (was 1.76-2.25 s at degree 27), softmax 5
-# classes PCA 31 8.4-12.2 s (measured with the degree-9 exp); docs/results.md).
-CHUNK_SECONDS = {"binary": 3.4, "softmax": 10.0}
-# A step's serial work (model update and bootstraps) in units of one data ciphertext's
-# per-chunk work, binary and softmax heads (benchmarks/scale.py: serial s / step over
-# s / chunk, binary 11.8 s / 3.4 s; docs/results.md); used only to compare widths' costs.
-STEP_COST_IN_CHUNKS = {"binary": 3.5, "softmax": 3.1}
+# Seconds of one data ciphertext's per-chunk work, per refresh mode and head
+# (benchmarks/scale.py, production, local, quiet; docs/results.md). Bootstrap mode (ring 2^16,
+# 256 samples a ciphertext at PCA 63): binary 3.4 s with the degree-59 sigmoid, softmax
+# 5 classes PCA 31 8.4-12.2 s (degree-9 exp). Hospital refresh (ring 2^15, 128 samples a
+# ciphertext at PCA 63): binary 0.455 s with one sigmoid a step (N = 10,000, 6 chunks a step,
+# "One sigmoid a step in refresh mode"); softmax not measured quietly in refresh mode: the
+# bootstrap-mode figure, an upper bound (a chunk at half the ring).
+CHUNK_SECONDS = {(BOOTSTRAP, "binary"): 3.4, (BOOTSTRAP, "softmax"): 10.0,
+                 (HOSPITAL, "binary"): 0.455, (HOSPITAL, "softmax"): 10.0}
+# A step's serial work (model update and bootstraps or refreshes) in units of one data
+# ciphertext's per-chunk work (benchmarks/scale.py: serial s / step over s / chunk; bootstrap
+# binary 11.8 s / 3.4 s, hospital binary 2.05 s / 0.455 s incl. the gathered logits' refresh
+# and sigmoid; docs/results.md); used only to compare widths' costs and cap epochs.
+STEP_COST_IN_CHUNKS = {(BOOTSTRAP, "binary"): 3.5, (BOOTSTRAP, "softmax"): 3.1,
+                       (HOSPITAL, "binary"): 4.5, (HOSPITAL, "softmax"): 3.1}
 # Each further softmax denominator group of a step: one more bootstrap at the shared slot
 # count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against 8.6 s a softmax chunk,
 # benchmarks/scale.py; docs/results.md).
@@ -62,28 +70,32 @@ def chunks_per_step(n_train: int, layout: PackingLayout, n_classes: int) -> int:
     return max(batch_chunks(n_train, layout, n_classes))
 
 
-def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int) -> float:
+def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
+               refresh: str = BOOTSTRAP) -> float:
     """One epoch's encrypted work in data-ciphertext passes: every training and validation
     chunk, plus each step's serial work (`STEP_COST_IN_CHUNKS`) and softmax's further
     denominator groups."""
     chunks = batch_chunks(n_train, layout, n_classes)
     passes = sum(chunks) + -(-n_val // layout.samples_per_ct)
-    serial = len(chunks) * STEP_COST_IN_CHUNKS[head_kind(n_classes)]
+    serial = len(chunks) * STEP_COST_IN_CHUNKS[refresh, head_kind(n_classes)]
     if n_classes > 2:
         group = denominator_group_chunks(layout, max(chunks))
         serial += EXTRA_DENOMINATOR_GROUP_IN_CHUNKS * sum(-(-c // group) - 1 for c in chunks)
     return float(passes + serial)
 
 
-def epoch_seconds(n_train: int, n_val: int, layout: PackingLayout, n_classes: int) -> float:
-    """Estimated seconds of one encrypted epoch in one process (production parameters)."""
-    return epoch_work(n_train, n_val, layout, n_classes) * CHUNK_SECONDS[head_kind(n_classes)]
+def epoch_seconds(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
+                  refresh: str = BOOTSTRAP) -> float:
+    """Estimated seconds of one encrypted epoch in one process (production parameters of
+    refresh mode `refresh`)."""
+    return (epoch_work(n_train, n_val, layout, n_classes, refresh)
+            * CHUNK_SECONDS[refresh, head_kind(n_classes)])
 
 
 def affordable_epochs(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
-                      hours: float = TIME_ALLOWANCE_HOURS) -> int:
+                      hours: float = TIME_ALLOWANCE_HOURS, refresh: str = BOOTSTRAP) -> int:
     """Epochs that fit `hours` of encrypted training, between MIN_EPOCHS and MAX_EPOCHS."""
-    fitting = int(3600.0 * hours // epoch_seconds(n_train, n_val, layout, n_classes))
+    fitting = int(3600.0 * hours // epoch_seconds(n_train, n_val, layout, n_classes, refresh))
     return int(min(MAX_EPOCHS, max(MIN_EPOCHS, fitting)))
 
 

@@ -19,11 +19,9 @@ test split is never read here) and is recorded with its reason:
   balanced with the features (`FeatureScaler.bias_`), so L is set by the data, not the 1s.
 - **Momentum** `(1 - sqrt(q)) / (1 + sqrt(q))`, `q = wd / L` (Nesterov's constant for a
   q-conditioned problem), at most `MAX_MOMENTUM`.
-- **Batch**: whole data ciphertexts, as few as hold `MIN_BATCH` samples and as many as keep
-  an epoch within `MAX_STEPS_PER_EPOCH` steps, split into equal batches (`hospital.budget`).
-- **Epochs**: the exact head runs until its validation loss has not improved for `patience`
-  epochs (the judge's rule), capped by the epochs the time allowance buys
-  (`Overrides.time_allowance_h`, default `TIME_ALLOWANCE_HOURS`); the run keeps that many.
+- **Batch**: whole data ciphertexts, >= `MIN_BATCH` samples, <= `MAX_STEPS_PER_EPOCH` steps.
+- **Epochs**: the exact head's early stop (the judge's rule, `patience`), capped by what the
+  time allowance buys at the job's refresh mode's costs (`hospital.budget`).
 - **Approximation intervals**: the smallest rung of a ladder that leaves `LOGIT_HEADROOM`
   above the exact head's largest logit slot (and, for softmax, `SUM_HEADROOM` above its
   largest sum of exponentials); the range check on the polynomial mirror then confirms them,
@@ -44,7 +42,7 @@ from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.packing import PackingLayout
-from medblindtuner.he.params import PRODUCTION, CkksParams
+from medblindtuner.he.params import BOOTSTRAP, PRODUCTION, CkksParams
 from medblindtuner.hospital.budget import (
     MAX_EPOCHS,
     MAX_STEPS_PER_EPOCH,
@@ -201,7 +199,8 @@ def _fmt(value: object) -> str:
 
 def choose_pca_dims(features: FeatureSet, n_classes: int, c: float, slots: int,
                     candidates: tuple[int, ...] = PCA_CANDIDATES,
-                    hours: float = TIME_ALLOWANCE_HOURS) -> tuple[list[int | None], str]:
+                    hours: float = TIME_ALLOWANCE_HOURS,
+                    refresh: str = BOOTSTRAP) -> tuple[list[int | None], str]:
     """Widths to try, preferred first: every affordable width whose probe is tied with the
     best on validation, widest first (`derive_recipe` takes the first that keeps the probe's
     prior).
@@ -221,8 +220,11 @@ def choose_pca_dims(features: FeatureSet, n_classes: int, c: float, slots: int,
     def layout(k: int) -> PackingLayout:
         return PackingLayout(slots, k + 1)
 
+    def epoch_hours(k: int) -> float:
+        return epoch_seconds(n, n_val, layout(k), n_classes, refresh) / 3600.0
+
     def affordable(k: int) -> bool:
-        return MIN_EPOCHS * epoch_seconds(n, n_val, layout(k), n_classes) <= 3600.0 * hours
+        return MIN_EPOCHS * epoch_hours(k) <= hours
 
     usable = [k for k in candidates if k < min(x_train.shape[1], n)
               and (k == candidates[0] or affordable(k))]
@@ -240,8 +242,7 @@ def choose_pca_dims(features: FeatureSet, n_classes: int, c: float, slots: int,
     preferred = sorted((k for k in tied if n_classes == 2 or chunks[k] <= fewest),
                        reverse=True)
     table = ", ".join(f"{k}: {losses[k].mean():.4f}" for k in usable)
-    hours_at = ", ".join(f"{k}: {epoch_seconds(n, n_val, layout(k), n_classes) / 3600:.2g}"
-                         for k in usable)
+    hours_at = ", ".join(f"{k}: {epoch_hours(k):.2g}" for k in usable)
     return preferred, (f"widest affordable width (estimated hours an epoch: {hours_at}; "
                        f"allowance {hours:g} h for at least {MIN_EPOCHS} epochs) whose probe's "
                        f"validation log-loss is within one paired standard error of the best "
@@ -288,7 +289,7 @@ def derive_recipe(
     job = _Job(features, params, given, n_classes, probe)
     if given.pca_dims is None:
         widths, dims_why = choose_pca_dims(features, n_classes, probe.c, params.slots,
-                                           hours=given.time_allowance_h)
+                                           hours=given.time_allowance_h, refresh=params.refresh)
     else:
         widths, dims_why = [given.pca_dims if given.pca_dims > 0 else None], "given"
     # Widest preferred width whose settings keep the probe's prior (a raised prior pulls the
@@ -348,7 +349,7 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
     batch = min(batch, max_batch_size(layout, n_classes))
     steps_per_epoch = len(make_batches(n, batch, given.seed))
     cap = given.epochs if given.epochs is not None else affordable_epochs(
-        n, len(data.x["val"]), layout, n_classes, given.time_allowance_h)
+        n, len(data.x["val"]), layout, n_classes, given.time_allowance_h, job.params.refresh)
 
     def settings(wd: float) -> TrainConfig:
         """Step size and momentum follow from the curvature and the weight decay."""

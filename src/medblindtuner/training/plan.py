@@ -25,8 +25,12 @@ from medblindtuner.training.plain import (
 
 # The hospital refuses a plan whose mirror logits pass this share of the approximation interval.
 RANGE_MARGIN = 0.9
-# A step's transient ciphertexts grow with its chunks (a softmax keeps C exponentials each).
-MAX_CHUNKS_PER_STEP = 32
+# A step's transient ciphertexts grow with its chunks (a softmax keeps C exponentials each):
+# at most 32 data ciphertexts' worth of ring 2^16 (2^15 slots) a step, in slots, so a smaller
+# ring (refresh mode: 2^15, ciphertexts half the size) takes as many samples a step (a cap in
+# chunks halved RetinaMNIST "moderate or worse" steps at PCA 1023 to 256 samples: -1.25 ACC
+# against -0.75 at 512, docs/results.md).
+MAX_STEP_SLOTS = 32 << 15
 # Most slots of a softmax denominator bootstrap: OpenFHE's bootstrap precomputation and keys
 # grow with the slot count (docs/results.md), so a step's chunks share bootstraps in groups
 # whose folded denominators fit this many slots, however many chunks the step has.
@@ -49,7 +53,7 @@ def split_into_chunks(n_samples: int, per_chunk: int) -> list[int]:
 
 def max_batch_size(layout: PackingLayout, n_classes: int) -> int:
     """Largest batch one step takes."""
-    return MAX_CHUNKS_PER_STEP * layout.samples_per_ct
+    return max(1, MAX_STEP_SLOTS // layout.slots) * layout.samples_per_ct
 
 
 def denominator_group_chunks(layout: PackingLayout, chunks_per_step: int) -> int:

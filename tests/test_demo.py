@@ -8,6 +8,7 @@ from conftest import SHARED_DATA, SMALL_SUBSET
 
 from medblindtuner.demo import DemoOptions, run_demo
 from medblindtuner.hospital.recipe import Overrides
+from medblindtuner.training.plan import TrainingPlan
 
 
 def test_demo_pipeline_writes_report_and_matches_plaintext(
@@ -31,10 +32,15 @@ def test_demo_pipeline_writes_report_and_matches_plaintext(
     assert "Probe" in (report / "report.md").read_text()
     assert runs["encrypted"]["max_abs_weight_diff_vs_mirror"] < 2e-3
     assert abs(runs["encrypted"]["test"]["acc"] - runs["mirror"]["test"]["acc"]) <= 1 / 160
-    assert runs["encrypted"]["ops"]["per_step"]["bootstraps"] == 1.0
-    # the default refresh mode over the service: the hospital answers the relayed refreshes
+    # the default refresh mode over the service: the hospital answers the relayed refreshes,
+    # the model's and, with several chunks a step, their gathered logits' (one sigmoid a step)
     assert results["ckks"]["refresh"] == "hospital"
-    assert runs["encrypted"]["ops"]["per_step"]["refreshes"] == 1.0
+    plan = TrainingPlan.from_dict(json.loads(
+        next((tmp_path / "demo").rglob("plan.json")).read_text())["plan"])
+    assert plan.compact_sigmoid == (plan.chunks_per_step > 1)
+    per_step = runs["encrypted"]["ops"]["per_step"]
+    assert per_step["bootstraps"] == per_step["refreshes"] == (2.0 if plan.compact_sigmoid
+                                                                else 1.0)
     assert json.loads((report / "results.json").read_text())["dataset"] == "breastmnist"
     inference = runs["encrypted"].get("inference")
     if inference is not None:  # encrypted scoring by the cloud

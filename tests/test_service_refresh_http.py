@@ -118,7 +118,8 @@ def test_api_with_a_service_url_answers_the_refreshes(tmp_path):
     assert hospital.params.refresh == "hospital"
     ledger = json.loads((hospital.folder.refresh_state / "ledger.json").read_text())
     plan = hospital.plan
-    assert len(ledger["digests"]) == plan.config.epochs * len(plan.train_batch_sizes)
+    assert len(ledger["digests"]) == (plan.config.epochs * len(plan.train_batch_sizes)
+                                      * plan.refreshes_per_step)
     data = hospital.data
     mirror = train_head(data.x["train"], data.y["train"], data.x["val"], data.y["val"],
                         data.n_classes, plan.config, activation=plan.activation)

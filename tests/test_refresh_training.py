@@ -32,10 +32,14 @@ def trainer_for(keys, plan, dataset, directory, judge=None) -> EncryptedTrainer:
     return EncryptedTrainer(evaluator, dataset, directory / "ckpt")
 
 
-@pytest.mark.parametrize(("n_classes", "n_train", "batch", "epochs"),
-                         [(2, 150, 64, 3), (2, 300, 300, 2), (5, 64, 64, 2), (5, 300, 300, 2)])
-def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs):
-    data = toy_problem(n_classes, n_train=n_train, n_val=30, seed=5)
+@pytest.mark.parametrize(("n_classes", "n_train", "batch", "epochs", "n_val"),
+                         [(2, 150, 64, 3, 30), (2, 300, 300, 2, 30), (5, 64, 64, 2, 30),
+                          (5, 300, 300, 2, 30),
+                          # 5 chunks a step (8 places of 1 slot: every slot summed by the
+                          # step), 3 validation chunks gathered under one sigmoid
+                          (2, 600, 600, 2, 300)])
+def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val):
+    data = toy_problem(n_classes, n_train=n_train, n_val=n_val, seed=5)
     lr = 2.0 if n_classes == 2 else 1.0
     config = TrainConfig(learning_rate=lr, momentum=0.9, epochs=epochs, batch_size=batch,
                          patience=3)
@@ -55,9 +59,10 @@ def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs
     if n_classes == 2:  # several chunks a step: their logits share one refresh and sigmoid
         assert plan.compact_sigmoid == (plan.chunks_per_step > 1)
         assert ops["refreshes"] == plan.max_refreshes
+        validation = len(plan.val_batch_sizes)
         assert ops["polynomial_evaluations"] == (
             state.steps * (1 if plan.compact_sigmoid else plan.chunks_per_step)
-            + epochs * len(plan.val_batch_sizes))
+            + epochs * (1 if validation > 1 else validation))
     assert not any(key.startswith("bootstraps_") for key in ops.counts)  # no OpenFHE bootstrap
 
 

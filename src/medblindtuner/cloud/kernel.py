@@ -12,8 +12,9 @@ Binary head, per chunk:  (sigmoid~(rotsum(x_dup * V)) * lr/n - lr/n Y) * x_grad,
 the chunks before the driver's gradient rotate-and-sum.
 Binary head with one sigmoid a step (`TrainingPlan.compact_sigmoid`, refresh mode "hospital"),
 two phases around the driver's refresh and sigmoid: `binary_forward` gathers the chunks'
-logits (place p at slot p of each block), `binary_backward` spreads each chunk's value of the
-step's sigmoid back over its block and forms the same terms.
+partial logits (place p at slots p r .. p r + r - 1 of each block, `TrainingPlan.
+compact_period`), `binary_backward` spreads each chunk's value of the step's sigmoid back over
+its block and forms the same terms; the driver does the rotations all chunks share.
 Softmax head, two phases around the driver's denominator bootstrap:
     forward:  e_k = exp~(Z_k); the chunk's sums of exponentials at its compact slots, shifted
               by its place in its denominator group, summed per group (the driver folds each
@@ -105,6 +106,12 @@ class StepKernel:
         sig = self.plan.activation.sigmoid.scaled(scale)
         return self.ev.chebyshev_unit(unit_logit, sig.coefficients)
 
+    def sigmoid_odd(self, unit_logit: ofhe.Ciphertext, scale: float) -> ofhe.Ciphertext:
+        """The odd part of scale * sigmoid~ (`ChebyshevApprox.odd_part`): 0 where the input
+        is 0, the series' value at zero left out (the caller adds it back)."""
+        odd = self.plan.activation.sigmoid.scaled(scale).odd_part()[0]
+        return self.ev.chebyshev_unit(unit_logit, odd)
+
     def unit_lookahead(self, model: Sequence[ofhe.Ciphertext],
                        weights: Sequence[float]) -> ofhe.Ciphertext:
         """alpha sum_j weights_j model_j, alpha the sigmoid's unit map (the interval is
@@ -178,31 +185,40 @@ class StepKernel:
 
     def binary_forward(self, lookahead: ofhe.Ciphertext,
                        placed: Sequence[PlacedChunk]) -> ofhe.Ciphertext:
-        """These chunks' logits gathered into one ciphertext (compact sigmoid,
-        `TrainingPlan.compact_sigmoid`): the chunk at step position p keeps its logit at slot
-        p of each block (the logit fills the first half), zero elsewhere; summed over the
-        chunks, one level after the logits."""
+        """These chunks' partial logits gathered into one ciphertext (compact sigmoid,
+        `TrainingPlan.compact_sigmoid`): the chunk at step position p sums its products over
+        strides r .. d/2 (r = `TrainingPlan.compact_period`) and keeps slots p r .. p r + r - 1
+        of each block, which then hold its logit's r residue sums (the duplicated x makes
+        every window of d slots a whole logit); summed over the chunks, one level after the
+        logits. The driver adds the last r slots once for the whole step."""
+        r = self.plan.compact_period
+        strides = self.layout.strides_from(r, self.layout.block // 2)
         return self.ev.add_many([
-            self.masked(self.logit(self.chunks[index], lookahead), ("compact", position),
-                        lambda p=position: self.layout.compact_mask(p, 0))
+            self.masked(self.ev.rotate_and_sum(self.ev.mul(self.chunks[index].x_dup, lookahead),
+                                               strides),
+                        ("compact", position, r),
+                        lambda p=position: self.layout.window_mask([p * r], r))
             for position, index in placed])
 
     def binary_backward(self, probabilities: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
                         scale: float) -> ofhe.Ciphertext:
-        """Sum over these chunks of (P - scale y) * x_grad, from `probabilities`: scale
-        sigmoid~ of the step's gathered logits moved right by d (position p's value at slot
-        d + p of each block). Each chunk's value is picked (one level) and spread over the
-        first half of its block (rotate-and-sum over 1, ..., d/2 and d; the spill lands in
-        second halves, where x_grad and the labels are zero)."""
-        d = self.layout.block
+        """Sum over these chunks of (P - scale y) * x_grad. `probabilities`: the odd part of
+        scale sigmoid~ of the step's gathered logits (zero wherever no logit is), moved right
+        by d and summed over strides 1 .. r/2 by the driver, so chunk p's value fills slots
+        d + p r - r + 1 .. d + p r of each block and no other chunk's reaches them. Each
+        chunk picks its window (one level) and spreads it over strides r .. d/2 and d, which
+        covers the first half of its block once (the spill lands in second halves, where
+        x_grad and the labels are zero), and adds the series' value at zero."""
+        d, r = self.layout.block, self.plan.compact_period
+        strides = self.layout.strides_from(r, d // 2) + [d]
+        at_zero = self.plan.activation.sigmoid.scaled(scale).odd_part()[1]
         terms = []
         for position, index in placed:
             chunk = self.chunks[index]
-            own = self.masked(probabilities, ("compact", position, "back"),
-                              lambda p=position: self.layout.compact_mask(p, d))
-            spread = self.ev.rotate_and_sum(own, self.layout.logit_strides)
-            half = self.ev.rotate(spread, d // 2)
-            spread = self.ev.add(spread, self.ev.rotate(half, d // 2))  # stride d, keyless
+            start = d + position * r - r + 1
+            own = self.masked(probabilities, ("compact", position, r, "back"),
+                              lambda s=start: self.layout.window_mask([s], r))
+            spread = self.ev.add_scalar(self.ev.rotate_and_sum(own, strides), at_zero)
             terms.append(self._term(spread, chunk.labels[0], scale, chunk.x_grad))
         return self.ev.add_many(terms)
 

@@ -62,6 +62,7 @@ from medblindtuner.he.ciphertexts import (
 )
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.he.keys import BundleError
+from medblindtuner.he.packing import next_power_of_two
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset
 from medblindtuner.training.plain import epoch_batch_order
 from medblindtuner.training.plan import Decision
@@ -155,20 +156,36 @@ class EncryptedTrainer:
 
     def _compact_terms(self, placed: list[PlacedChunk], scale: float) -> ofhe.Ciphertext:
         """Binary terms with ONE sigmoid a step (`TrainingPlan.compact_sigmoid`): the chunks'
-        gathered logits are refreshed, the sigmoid runs once on them, and its output, moved
-        right by d (the gradient strides add up to slots - d: no key of its own), goes back
-        to the chunks. Both halves start as high as their levels allow (fewer towers): the
-        logits' lookahead, mask and product end at the highest refreshable level, the
-        sigmoid, mask and gradient product at the level the update may have."""
+        gathered partial logits are summed over their last r slots once for the step
+        (`TrainingPlan.compact_period`) and refreshed, then masked to the logits' slots (the
+        partial sums between them could leave the sigmoid's interval); the odd part of the
+        sigmoid (zero off the logits) runs once, and its output, moved right by d (the
+        gradient strides add up to slots - d: no key of its own) and summed over the same r
+        slots, goes back to the chunks. Each half starts as high as its levels allow (fewer
+        towers): the refresh leaves the mask, the sigmoid, the chunks' mask and product."""
         m, top = self.plan.config.momentum, self.ev.max_level
+        r = self.plan.compact_period
+        shared = self.layout.strides_from(1, r // 2)
+        after_refresh = self.plan.activation.sigmoid.unit_depth + 2 + bool(shared)
+        if after_refresh > top:
+            raise ValueError(f"one sigmoid a step needs {after_refresh} levels after a "
+                             f"refresh; these parameters leave {top}")
         model = [self.ev.drop_to(ct, top - 3) for ct in self.model]
         unit = self.kernel.unit_lookahead(model, [1 + m, -m])
-        compact = self.ev.bootstrap(self.shards.binary_forward(unit, placed))
-        sigmoid_depth = self.plan.activation.sigmoid.unit_depth
-        compact = self.ev.drop_to(compact, top - sigmoid_depth - 2)
-        probabilities = self.ev.rotate_chain(
-            self.kernel.sigmoid(compact, scale), self.layout.gradient_strides)
-        return self.shards.binary_backward(probabilities, placed, scale)
+        gathered = self.ev.rotate_and_sum(self.shards.binary_forward(unit, placed), shared)
+        compact = self.ev.drop_to(self.ev.bootstrap(gathered), top - after_refresh)
+        if shared:
+            compact = self._logit_slots(compact, len(placed))
+        probabilities = self.ev.rotate_chain(self.kernel.sigmoid_odd(compact, scale),
+                                             self.layout.gradient_strides)
+        return self.shards.binary_backward(self.ev.rotate_and_sum(probabilities, shared),
+                                           placed, scale)
+
+    def _logit_slots(self, gathered: ofhe.Ciphertext, chunks: int) -> ofhe.Ciphertext:
+        """Only the step's logits (slot p r of each block for its chunks p), zero elsewhere."""
+        r = self.plan.compact_period
+        return self.kernel.masked(gathered, ("logit slots", r, chunks),
+                                  lambda: self.layout.window_mask(range(0, chunks * r, r)))
 
     def probabilities(self, chunk: EncryptedChunk,
                       model: ofhe.Ciphertext) -> list[ofhe.Ciphertext]:
@@ -248,8 +265,30 @@ class EncryptedTrainer:
         Squares of every chunk and class are added first (slot-wise), so the sum over samples
         costs one rotate-and-sum in total.
         """
+        if self.softmax is None and 2 <= len(self.data.val) <= self.layout.block:
+            return self._gathered_sum_of_squares(self.model[0])
         return self._sum_of_squares([(chunk, self.probabilities(chunk, self.model[0]))
                                      for chunk in self.data.val])
+
+    def _gathered_sum_of_squares(self, model: ofhe.Ciphertext) -> ofhe.Ciphertext:
+        """Binary head, several validation chunks: what `_sum_of_squares` gives, with ONE
+        sigmoid. Chunk p's logits are gathered at slot p of each block (the sigmoid's unit
+        map in the mask, so no level of its own), its labels alike less the series' value at
+        zero, and the odd part of the series (zero off the logits) runs once."""
+        kernel, layout = self.kernel, self.layout
+        alpha = self.plan.activation.sigmoid.unit_map[0]
+        odd, at_zero = self.plan.activation.sigmoid.odd_part()
+        logits, labels = [], []
+        for p, chunk in enumerate(self.data.val):
+            logits.append(kernel.masked(kernel.logit(chunk, model), ("val logit", p, alpha),
+                                        lambda p=p: alpha * layout.window_mask([p])))
+            labels.append(kernel.masked(self.ev.add_scalar(chunk.labels[0], -at_zero),
+                                        ("val label", p), lambda p=p: layout.window_mask([p])))
+        diff = self.ev.sub(self.ev.chebyshev_unit(self.ev.add_many(logits), odd),
+                           self.ev.add_many(labels))
+        places = layout.strides_from(1, next_power_of_two(len(self.data.val)) // 2)
+        return self.ev.rotate_and_sum(self.ev.mul(diff, diff),
+                                      places + layout.sample_sum_strides)
 
     def _sum_of_squares(self, chunks) -> ofhe.Ciphertext:
         """(chunk, probabilities) pairs -> the summed squared errors in slot 0."""

@@ -111,15 +111,25 @@ class PackingLayout:
         blocks[:n_samples, 0, 0] = 1.0
         return blocks.reshape(-1)
 
-    def compact_mask(self, position: int, offset: int) -> np.ndarray:
-        """1 at slot offset + position of every block (a binary step's gathered logits:
-        position p < d, offset 0 before the sigmoid, d after)."""
-        if not 0 <= position < self.block:
-            raise ValueError(f"position {position} outside the {self.block} slots a block "
-                             "gives the gathered logits")
+    def window_mask(self, starts: Iterable[int], width: int = 1) -> np.ndarray:
+        """1 at slots start .. start + width - 1 of every block, for each start (a binary
+        step's gathered logits, `TrainingPlan.compact_period`)."""
         blocks = np.zeros((self.samples_per_ct, self.stride))
-        blocks[:, offset + position] = 1.0
+        for start in starts:
+            if not 0 <= start and start + width <= self.stride:
+                raise ValueError(f"slots {start}..{start + width - 1} outside a block of "
+                                 f"{self.stride}")
+            blocks[:, start:start + width] = 1.0
         return blocks.reshape(-1)
+
+    def strides_from(self, first: int, last: int) -> list[int]:
+        """first, 2 first, ..., last (powers of two): a rotate-and-sum over a window of
+        2 last / first groups of first slots."""
+        out, stride = [], first
+        while stride <= last:
+            out.append(stride)
+            stride *= 2
+        return out
 
     def encode_weights(self, w: np.ndarray) -> np.ndarray:
         w = np.asarray(w, dtype=np.float64).reshape(-1)

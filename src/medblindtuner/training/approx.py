@@ -95,6 +95,17 @@ class ChebyshevApprox:
         width = self.b - self.a
         return 2.0 / width, -(self.a + self.b) / width
 
+    def odd_part(self) -> tuple[tuple[float, ...], float]:
+        """(the series' odd coefficients, its value at t = 0): the odd part is exactly 0 where
+        its input is 0, and odd part + value at 0 is the series wherever its even
+        coefficients past c0 vanish (a sigmoid on a symmetric interval: they are rounding
+        noise), so slots holding zero stay zero through it (`cloud.trainer`)."""
+        coeffs = np.array(self.coefficients)
+        even, odd = coeffs.copy(), coeffs.copy()
+        even[1::2], odd[0::2] = 0.0, 0.0
+        at_zero = float(np.polynomial.chebyshev.chebval(0.0, even) - 0.5 * even[0])
+        return tuple(float(c) for c in odd), at_zero
+
     def scaled(self, factor: float) -> ChebyshevApprox:
         return ChebyshevApprox(self.name, self.a, self.b, self.degree, self.scale * factor)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from medblindtuner.he.packing import PackingLayout, SoftmaxLayout
+from medblindtuner.he.packing import PackingLayout, SoftmaxLayout, next_power_of_two
 from medblindtuner.he.params import CkksParams
 from medblindtuner.training.approx import ActivationPlan, RangeError
 from medblindtuner.training.plain import (
@@ -65,9 +65,10 @@ def denominator_group_chunks(layout: PackingLayout, chunks_per_step: int) -> int
 
 
 def compact_sigmoid_fits(layout: PackingLayout, chunks_per_step: int) -> bool:
-    """Whether a binary step's logits fit one ciphertext: one slot per chunk in the first
-    half of each block (`PackingLayout.compact_mask`), a block of at least 2 slots, and
-    more than one chunk (one chunk has one sigmoid anyway: a second refresh would not pay)."""
+    """Whether a binary step's logits fit one ciphertext: a window of slots per chunk in the
+    first half of each block (`TrainingPlan.compact_period`), a block of at least 2 slots,
+    and more than one chunk (one chunk has one sigmoid anyway: a second refresh would not
+    pay)."""
     return 2 <= layout.block and 2 <= chunks_per_step <= layout.block
 
 
@@ -125,6 +126,15 @@ class TrainingPlan:
         return list(range(start, start + len(self.chunk_sizes(self.train_batch_sizes[batch]))))
 
     @property
+    def compact_period(self) -> int:
+        """r: with one sigmoid a step (`compact_sigmoid`), chunk p of a step owns slots
+        p r .. p r + r - 1 of each block's first half, r = d / (chunks a step rounded up to a
+        power of two). A chunk sums its logits' products over strides r .. d/2 alone
+        (log2(d / r) rotations), the step adds the last r slots once for all its chunks, and
+        the way back mirrors it (`cloud.kernel.StepKernel.binary_forward`)."""
+        return self.layout.block // next_power_of_two(self.chunks_per_step)
+
+    @property
     def bootstrap_slots(self) -> tuple[int, ...]:
         softmax = self.softmax_layout
         if softmax is None:
@@ -169,6 +179,8 @@ class TrainingPlan:
         (the driver's gradient sums, fold, period sums and bootstraps stay with the driver)."""
         softmax = self.softmax_layout
         extra = softmax.kernel_rotation_indices if softmax is not None else []
+        if self.compact_sigmoid:  # the way back spreads over the whole block (d)
+            extra = [self.layout.block]
         return sorted(set(self.layout.logit_strides + extra))
 
     def label_vectors(self, targets: np.ndarray) -> list[np.ndarray]:

@@ -116,10 +116,20 @@ class HospitalKeys:
             raise BundleError("OpenFHE failed to serialise the shard workers' rotation keys")
         indices = nonzero(tuple(rotation_indices) + shard_indices)
         rest = sorted(set(indices) - set(shard_indices))
+        # the bundle's rotation_keys.bin holds the driver's other keys only (the cloud loads
+        # both files): each shard key once, not twice
+        context.ClearEvalAutomorphismKeys()
         if rest:
             context.EvalRotateKeyGen(pair.secretKey, rest)
         for slots in params.bootstrap_slots:
             context.EvalBootstrapKeyGen(pair.secretKey, slots)
+        driver_file = Path(shard_keys.name) / _PUBLIC_FILES["rotation_keys"]
+        if not context.SerializeEvalAutomorphismKey(str(driver_file), ofhe.BINARY,
+                                                    pair.secretKey.GetKeyTag()):
+            raise BundleError("OpenFHE failed to serialise the driver's rotation keys")
+        if shard_indices and not context.DeserializeEvalAutomorphismKey(str(shard_file),
+                                                                        ofhe.BINARY):
+            raise BundleError("OpenFHE failed to reload the shard workers' rotation keys")
         return cls(
             params=params,
             context=context,
@@ -150,9 +160,11 @@ class HospitalKeys:
         if self.shard_keys is None:
             raise BundleError("these keys were reloaded without the shard keys, which exist "
                               "only at key generation: generate the bundle anew")
+        keys_dir = Path(self.shard_keys.name)
         return write_public_bundle(directory, self.params, self.context, self.public_key,
                                    self.rotation_indices, self.shard_rotation_indices,
-                                   Path(self.shard_keys.name) / _PUBLIC_FILES["shard_keys"])
+                                   keys_dir / _PUBLIC_FILES["shard_keys"],
+                                   keys_dir / _PUBLIC_FILES["rotation_keys"])
 
     def save_secret_key(self, path: Path) -> None:
         """Secret key in its own file (mode 0600), with a sidecar naming its parameters."""
@@ -196,19 +208,25 @@ class HospitalKeys:
 
 def write_public_bundle(directory: Path, params: CkksParams, context: ofhe.CryptoContext,
                         public_key: ofhe.PublicKey, rotation_indices: tuple[int, ...],
-                        shard_rotation_indices: tuple[int, ...], shard_keys_file: Path) -> dict:
+                        shard_rotation_indices: tuple[int, ...], shard_keys_file: Path,
+                        rotation_keys_file: Path | None = None) -> dict:
     """A public bundle from the context's current evaluation keys (one key holder's, or a
-    consortium's joint keys): context, public key, relinearisation and automorphism keys, and
-    the shard workers' rotation keys copied from `shard_keys_file`. Returns the manifest."""
+    consortium's joint keys): context, public key, relinearisation keys, the shard workers'
+    rotation keys copied from `shard_keys_file`, and the driver's other automorphism keys
+    copied from `rotation_keys_file` (None: all the context holds, shard keys again).
+    The cloud loads both key files. Returns the manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {key: directory / name for key, name in _PUBLIC_FILES.items()}
     shutil.copyfile(shard_keys_file, paths["shard_keys"])
+    if rotation_keys_file is not None:
+        shutil.copyfile(rotation_keys_file, paths["rotation_keys"])
     ok = [
         ofhe.SerializeToFile(str(paths["context"]), context, ofhe.BINARY),
         ofhe.SerializeToFile(str(paths["public_key"]), public_key, ofhe.BINARY),
         context.SerializeEvalMultKey(str(paths["mult_key"]), ofhe.BINARY),
-        context.SerializeEvalAutomorphismKey(str(paths["rotation_keys"]), ofhe.BINARY),
+        rotation_keys_file is not None
+        or context.SerializeEvalAutomorphismKey(str(paths["rotation_keys"]), ofhe.BINARY),
     ]
     if not all(ok):
         raise BundleError(f"OpenFHE failed to serialise the public bundle into {directory}")
@@ -309,6 +327,10 @@ class CloudCrypto:
         if with_eval_keys and not context.DeserializeEvalAutomorphismKey(rotation_file,
                                                                          ofhe.BINARY):
             raise BundleError(f"{rotation_file} is not a rotation-key file")
+        shard_file = bundle_dir / _PUBLIC_FILES["shard_keys"]
+        if (with_eval_keys and shard_file.stat().st_size
+                and not context.DeserializeEvalAutomorphismKey(str(shard_file), ofhe.BINARY)):
+            raise BundleError(f"{shard_file} is not a rotation-key file")
         if context.GetRingDimension() != params.ring_dim:
             raise ParameterError("context ring dimension differs from the manifest's parameters")
         if setup_bootstrap and with_eval_keys:

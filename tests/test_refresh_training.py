@@ -47,7 +47,13 @@ def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs
     assert keys.params.bootstrap_slots == () and keys.params.refreshed_by_hospital
     mirror = plan.check_ranges(*data)
     judge = HospitalJudge(keys, plan, len(data[3]))
-    trainer = trainer_for(keys, plan, encrypt_dataset(keys, plan, *data), tmp_path, judge)
+    dataset = encrypt_dataset(keys, plan, *data)
+    # one sigmoid a step meets its training chunks below the top: they are encrypted there
+    train_level = plan.train_data_level(keys.params)
+    assert (train_level > 0) == plan.compact_sigmoid
+    assert {ct.GetLevel() for c in dataset.train for ct in c.files().values()} == {train_level}
+    assert {ct.GetLevel() for c in dataset.val for ct in c.files().values()} == {0}
+    trainer = trainer_for(keys, plan, dataset, tmp_path, judge)
     state = trainer.train(decide=judge)
     assert state.epoch == epochs
     weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(epochs))

@@ -65,7 +65,7 @@ from medblindtuner.he.keys import BundleError
 from medblindtuner.he.packing import next_power_of_two
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset
 from medblindtuner.training.plain import epoch_batch_order
-from medblindtuner.training.plan import Decision
+from medblindtuner.training.plan import COMPACT_FORWARD_LEVELS, Decision
 
 
 class Shards(Protocol):
@@ -140,8 +140,9 @@ class EncryptedTrainer:
     def _zero_model(self) -> list[ofhe.Ciphertext]:
         """Encrypted zeros derived from a data ciphertext (x - x): no key needed, and no level
         spent, so the first step starts where a refreshed model does (a hospital refresh
-        leaves no spare level)."""
-        x = self.data.train[0].x_grad
+        leaves no spare level). A validation chunk's: training chunks may sit lower
+        (`TrainingPlan.train_data_level`)."""
+        x = (self.data.val or self.data.train)[0].x_grad
         zero = self.ev.sub(x, x)
         return [zero, zero.Clone()]
 
@@ -170,7 +171,7 @@ class EncryptedTrainer:
         if after_refresh > top:
             raise ValueError(f"one sigmoid a step needs {after_refresh} levels after a "
                              f"refresh; these parameters leave {top}")
-        model = [self.ev.drop_to(ct, top - 3) for ct in self.model]
+        model = [self.ev.drop_to(ct, top - COMPACT_FORWARD_LEVELS) for ct in self.model]
         unit = self.kernel.unit_lookahead(model, [1 + m, -m])
         gathered = self.ev.rotate_and_sum(self.shards.binary_forward(unit, placed), shared)
         compact = self.ev.drop_to(self.ev.bootstrap(gathered), top - after_refresh)

@@ -39,12 +39,12 @@ def encrypted_chunks(
     y_val: np.ndarray,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Iterator[EncryptedChunk], Iterator[EncryptedChunk]]:
-    """Hospital: the fixed batches' chunks and the validation chunks, encrypted at the
-    post-refresh level one at a time as they are consumed."""
+    """Hospital: the fixed batches' chunks and the validation chunks, encrypted one at a
+    time as they are consumed, each at the level the step first uses it
+    (`TrainingPlan.train_data_level`, `he.params.data_level`)."""
     layout = plan.layout
-    level = data_level(keys.params)
 
-    def encrypt_chunk(x: np.ndarray, y: np.ndarray) -> EncryptedChunk:
+    def encrypt_chunk(x: np.ndarray, y: np.ndarray, level: int) -> EncryptedChunk:
         labels = [keys.encrypt(vector, level)
                   for vector in plan.label_vectors(one_hot(y, plan.n_classes))]
         chunk = EncryptedChunk(
@@ -58,10 +58,11 @@ def encrypted_chunks(
         return chunk
 
     step = layout.samples_per_ct
-    train = (encrypt_chunk(x_train[idx[i : i + step]], y_train[idx[i : i + step]])
+    train_level, val_level = plan.train_data_level(keys.params), data_level(keys.params)
+    train = (encrypt_chunk(x_train[idx[i : i + step]], y_train[idx[i : i + step]], train_level)
              for idx in make_batches(len(x_train), plan.config.batch_size, plan.config.seed)
              for i in range(0, len(idx), step))
-    val = (encrypt_chunk(x_val[i : i + step], y_val[i : i + step])
+    val = (encrypt_chunk(x_val[i : i + step], y_val[i : i + step], val_level)
            for i in range(0, len(x_val), step))
     return train, val
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from medblindtuner.he.packing import PackingLayout, SoftmaxLayout, next_power_of_two
-from medblindtuner.he.params import CkksParams
+from medblindtuner.he.params import CkksParams, data_level
+from medblindtuner.he.refresh import max_refresh_level
 from medblindtuner.training.approx import ActivationPlan, RangeError
 from medblindtuner.training.plain import (
     TrainConfig,
@@ -62,6 +63,11 @@ def denominator_group_chunks(layout: PackingLayout, chunks_per_step: int) -> int
     period; at least one."""
     fitting = max(1, 2 * (MAX_DENOMINATOR_SLOTS // SoftmaxLayout.compact_period_of(layout)))
     return max(1, min(chunks_per_step, SoftmaxLayout.max_chunks(layout), fitting))
+
+
+# Levels a step with one sigmoid spends from its model to the refresh of the gathered logits:
+# the look-ahead, the product with x_dup and the chunk's window mask (`cloud.trainer`).
+COMPACT_FORWARD_LEVELS = 3
 
 
 def compact_sigmoid_fits(layout: PackingLayout, chunks_per_step: int) -> bool:
@@ -124,6 +130,16 @@ class TrainingPlan:
         """File indices of the chunks of training batch `batch`."""
         start = sum(len(self.chunk_sizes(n)) for n in self.train_batch_sizes[:batch])
         return list(range(start, start + len(self.chunk_sizes(self.train_batch_sizes[batch]))))
+
+    def train_data_level(self, params: CkksParams) -> int:
+        """Level of the training chunks' ciphertexts: with one sigmoid a step in refresh mode
+        the level where the step first meets them (the look-ahead of the model dropped
+        `COMPACT_FORWARD_LEVELS` below the refreshable top, `cloud.trainer`), fewer towers
+        to upload and to multiply; otherwise where a fresh model meets them
+        (`he.params.data_level`). Validation chunks stay at `data_level`."""
+        if self.compact_sigmoid and params.refreshed_by_hospital:
+            return max_refresh_level(params) - COMPACT_FORWARD_LEVELS + 1
+        return data_level(params)
 
     @property
     def compact_period(self) -> int:

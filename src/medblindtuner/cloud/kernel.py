@@ -31,6 +31,7 @@ import numpy as np
 import openfhe as ofhe
 
 from medblindtuner.he.engine import Evaluator
+from medblindtuner.he.packing import power_parts
 from medblindtuner.training.artifacts import EncryptedChunk
 from medblindtuner.training.plan import TrainingPlan
 
@@ -75,11 +76,11 @@ class StepKernel:
         coefficients = [alpha * w for w in weights]
         if softmax.cyclic:
             combined = self.ev.linear_combination(model, coefficients)
-            return [self.ev.rotate(combined, stride * k) if k else combined
+            return [self.ev.rotate_chain(combined, power_parts(stride * k))
                     for k in range(softmax.n_classes)]
         out: list[ofhe.Ciphertext | None] = [None] * softmax.n_classes
         for shift in softmax.model_shifts:
-            shifted = [self.ev.rotate(ct, stride * shift) if shift else ct for ct in model]
+            shifted = [self.ev.rotate_chain(ct, power_parts(stride * shift)) for ct in model]
             for k in softmax.shift_diagonals(shift):
                 for ct, c in zip(shifted, coefficients, strict=True):
                     term = self.masked(ct, ("diagonal", k, shift, c),
@@ -160,15 +161,16 @@ class StepKernel:
         sum over shifts s of rot(sum_k P_ks T_k, 2d (C - s)), the diagonals' way back."""
         softmax, stride, width = self.softmax, self.layout.stride, self.softmax.class_slots
         if softmax.cyclic:
-            return self.ev.add_many([self.ev.rotate(t, stride * (width - k)) if k else t
-                                     for k, t in enumerate(terms)])
+            return self.ev.add_many([self.ev.rotate_chain(t, power_parts(stride * (width - k)))
+                                     if k else t for k, t in enumerate(terms)])
         parts = []
         for shift in softmax.model_shifts:
             picked = self.ev.add_many([
                 self.masked(terms[k], ("gather", k, shift),
                             lambda k=k, s=shift: softmax.diagonal_mask(k, s))
                 for k in softmax.shift_diagonals(shift)])
-            parts.append(self.ev.rotate(picked, stride * (width - shift)) if shift else picked)
+            parts.append(self.ev.rotate_chain(picked, power_parts(stride * (width - shift)))
+                         if shift else picked)
         return self.ev.add_many(parts)
 
     # ---- the step's phases ---------------------------------------------------------------------

@@ -30,6 +30,13 @@ def next_power_of_two(value: int) -> int:
     return 1 << max(int(value) - 1, 0).bit_length()
 
 
+def power_parts(amount: int) -> list[int]:
+    """A non-negative rotation as distinct powers of two, largest first: a rotation made once
+    a step is composed from keys a plan has anyway instead of costing a key of its own (a key
+    is ~26 MB at ring 2^15)."""
+    return [1 << k for k in reversed(range(int(amount).bit_length())) if amount >> k & 1]
+
+
 @dataclass(frozen=True)
 class PackingLayout:
     slots: int
@@ -394,11 +401,13 @@ class SoftmaxLayout:
     def kernel_rotation_indices(self) -> list[int]:
         """Rotations of the per-chunk arithmetic (`cloud.kernel.StepKernel`): the model's
         shifts into the diagonals and the terms' way back (2d (C - s), the same modulo Q once
-        the driver sums the periods), the spread, each chunk's move into and out of the
+        the driver sums the periods), both once a step and composed from powers of two
+        (`power_parts`), the spread, each chunk's move into and out of the
         compact vector (chunk 0's way out is -d). The logits' strides are the packing's."""
         stride = self.layout.stride
-        shifts = [stride * s for s in self.model_shifts if s]
-        back = [stride * (self.class_slots - s) for s in self.model_shifts if s]
+        shifts = [p for s in self.model_shifts for p in power_parts(stride * s)]
+        back = [p for s in self.model_shifts if s
+                for p in power_parts(stride * (self.class_slots - s))]
         return sorted(set(shifts + back + self.spread_strides
                           + self.place_moves(range(self.chunks))) - {0})
 

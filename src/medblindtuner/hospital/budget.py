@@ -25,25 +25,21 @@ MIN_EPOCHS, MAX_EPOCHS = 2, 60
 # so fewer steps an epoch no longer cut the steps a run takes (the reason 256 was kept).
 MIN_BATCH = 512
 MAX_STEPS_PER_EPOCH = 15  # larger sets take bigger steps (a step's bootstraps are paid once)
-# Seconds of one data ciphertext's per-chunk work, per refresh mode and head
-# (benchmarks/scale.py, production, local, quiet; docs/results.md). Bootstrap mode (ring 2^16,
-# 256 samples a ciphertext at PCA 63): binary 3.4 s with the degree-59 sigmoid, softmax
-# 5 classes PCA 31 8.4-12.2 s (degree-9 exp). Hospital refresh (ring 2^15, 128 samples a
-# ciphertext at PCA 63): binary 0.455 s with one sigmoid a step (N = 10,000, 6 chunks a step,
-# "One sigmoid a step in refresh mode"); softmax not measured quietly in refresh mode: the
-# bootstrap-mode figure, an upper bound (a chunk at half the ring).
-CHUNK_SECONDS = {(BOOTSTRAP, "binary"): 3.4, (BOOTSTRAP, "softmax"): 10.0,
-                 (HOSPITAL, "binary"): 0.455, (HOSPITAL, "softmax"): 10.0}
-# A step's serial work (model update and bootstraps or refreshes) in units of one data
-# ciphertext's per-chunk work (benchmarks/scale.py: serial s / step over s / chunk; bootstrap
-# binary 11.8 s / 3.4 s, hospital binary 2.05 s / 0.455 s incl. the gathered logits' refresh
-# and sigmoid; docs/results.md); used only to compare widths' costs and cap epochs.
-STEP_COST_IN_CHUNKS = {(BOOTSTRAP, "binary"): 3.5, (BOOTSTRAP, "softmax"): 3.1,
-                       (HOSPITAL, "binary"): 4.5, (HOSPITAL, "softmax"): 3.1}
-# Each further softmax denominator group of a step: one more bootstrap at the shared slot
-# count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against 8.6 s a softmax chunk,
-# benchmarks/scale.py; docs/results.md).
-EXTRA_DENOMINATOR_GROUP_IN_CHUNKS = 1.8
+# Seconds of one data ciphertext's per-chunk work, per refresh mode and head, and a step's
+# serial work (model update and bootstraps or refreshes, incl. the gathered logits' refresh
+# and sigmoid) in units of it: benchmarks/scale.py, production, one process, quiet, N =
+# 10,000, both modes and heads in one run ("Fewer rotations a chunk" in docs/results.md):
+# binary PCA 63, hospital 0.228 s a chunk of 128 samples and 2.24 s serial, bootstrap 3.31 s a
+# chunk of 256 and 12.24 s; 5-class PCA 31, hospital 5.06 s a chunk of 256 and 1.2 s, bootstrap
+# 20.0 s a chunk of 512 and 37.1 s. Used to compare widths and to cap epochs, never promised.
+CHUNK_SECONDS = {(BOOTSTRAP, "binary"): 3.31, (BOOTSTRAP, "softmax"): 20.0,
+                 (HOSPITAL, "binary"): 0.228, (HOSPITAL, "softmax"): 5.06}
+STEP_COST_IN_CHUNKS = {(BOOTSTRAP, "binary"): 3.7, (BOOTSTRAP, "softmax"): 1.85,
+                       (HOSPITAL, "binary"): 9.8, (HOSPITAL, "softmax"): 0.24}
+# Each further softmax denominator group of a step: bootstrap mode one more bootstrap at the
+# shared slot count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against a 20.0 s
+# chunk); refresh mode one more refresh round trip and inverse (~0.5 s against 5.06 s).
+EXTRA_DENOMINATOR_GROUP_IN_CHUNKS = {BOOTSTRAP: 0.78, HOSPITAL: 0.1}
 
 
 def head_kind(n_classes: int) -> str:
@@ -80,7 +76,7 @@ def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
     serial = len(chunks) * STEP_COST_IN_CHUNKS[refresh, head_kind(n_classes)]
     if n_classes > 2:
         group = denominator_group_chunks(layout, max(chunks))
-        serial += EXTRA_DENOMINATOR_GROUP_IN_CHUNKS * sum(-(-c // group) - 1 for c in chunks)
+        serial += EXTRA_DENOMINATOR_GROUP_IN_CHUNKS[refresh] * sum(-(-c // group) - 1 for c in chunks)
     return float(passes + serial)
 
 

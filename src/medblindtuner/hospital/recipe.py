@@ -10,8 +10,10 @@ test split is never read here) and is recorded with its reason:
   least `MIN_EPOCHS` of them, `hospital.budget`), those whose probe (same `C`) is tied with
   the best on validation (mean log-loss within one paired standard error of the best's); of
   these the widest whose settings keep the probe's prior (softmax: with no more data
-  ciphertexts a step). Wider is preferred because the reference probe uses every feature (a
-  small validation split cannot see the difference the test split may).
+  ciphertexts a step) and whose early stop comes within the allowance (a width the allowance
+  would cut while it still improves gives way to a narrower tied one). Wider is preferred
+  because the reference probe uses every feature (a small validation split cannot see the
+  difference the test split may).
 - **Weight decay** `wd = s^2 / (C n)`: the probe's penalty ||w||^2 / (2 C n) per sample,
   expressed in the scaled coordinates (features multiplied by `s`).
 - **Step size** `lr = STEP_SIZE_FRACTION / L`, `L = h * lambda_max(X^T X / n) + wd`, the
@@ -191,6 +193,8 @@ class _AtWidth:
     wd_why: str
     raised: bool
     epochs_why: str = ""
+    # the plaintext twin still improved when the time allowance's epochs ran out
+    capped: bool = False
 
 
 def _fmt(value: object) -> str:
@@ -293,16 +297,20 @@ def derive_recipe(
     else:
         widths, dims_why = [given.pca_dims if given.pca_dims > 0 else None], "given"
     # Widest preferred width whose settings keep the probe's prior (a raised prior pulls the
-    # head away from the reference); if every one needs a raise, the widest.
+    # head away from the reference) and whose early stop fits the time allowance; failing
+    # that, the widest that keeps the prior; if every one needs a raise, the widest.
     tried: list[_AtWidth] = []
     for dims in widths:
         tried.append(_derive_at(job, dims))
-        if not tried[-1].raised:
+        if not tried[-1].raised and not tried[-1].capped:
             break
-    chosen = next((t for t in tried if not t.raised), tried[0])
+    chosen = next((t for t in tried if not t.raised and not t.capped),
+                  next((t for t in tried if not t.raised), tried[0]))
     skipped = [t.dims for t in tried if t.raised and t is not chosen]
+    cut = [t.dims for t in tried if t.capped and not t.raised and t is not chosen]
     note("pca_dims", chosen.dims, given.pca_dims is not None,
-         dims_why + (f"; {skipped} needed a raised prior" if skipped else ""))
+         dims_why + (f"; {skipped} needed a raised prior" if skipped else "")
+         + (f"; {cut} still improved when the time allowance ran out" if cut else ""))
     _note_settings(job, chosen, note)
     recipe = Recipe(pca_dims=chosen.dims, config=chosen.config, activation=chosen.activation,
                     probe=probe, plan=chosen.plan, choices=choices)
@@ -388,8 +396,9 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
         raised = True
     epochs_why = ("given" if given.epochs is not None else _epochs_why(
         config.epochs, cap, steps_per_epoch, given))
+    capped = given.epochs is None and config.epochs >= cap and cap < MAX_EPOCHS
     return _AtWidth(dims, data, layout, curvature, steps_per_epoch, config, activation, plan,
-                    wd_why, raised, epochs_why)
+                    wd_why, raised, epochs_why, capped)
 
 
 def _epochs_why(epochs: int, cap: int, steps_per_epoch: int, given: Overrides) -> str:

@@ -76,7 +76,8 @@ def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
     serial = len(chunks) * STEP_COST_IN_CHUNKS[refresh, head_kind(n_classes)]
     if n_classes > 2:
         group = denominator_group_chunks(layout, max(chunks))
-        serial += EXTRA_DENOMINATOR_GROUP_IN_CHUNKS[refresh] * sum(-(-c // group) - 1 for c in chunks)
+        serial += EXTRA_DENOMINATOR_GROUP_IN_CHUNKS[refresh] * sum(-(-c // group) - 1
+                                                                   for c in chunks)
     return float(passes + serial)
 
 

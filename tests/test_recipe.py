@@ -12,7 +12,7 @@ from medblindtuner.experiment import reference_runs, run_plain
 from medblindtuner.features.backbones import BackboneInfo
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.packing import PackingLayout
-from medblindtuner.he.params import INSECURE_TEST, PRODUCTION
+from medblindtuner.he.params import BOOTSTRAP, INSECURE_TEST, PRODUCTION
 from medblindtuner.hospital.budget import (
     MIN_BATCH,
     MIN_EPOCHS,
@@ -145,9 +145,10 @@ def test_epochs_run_until_the_validation_loss_stops_within_the_allowance():
     allowance buys: a large allowance on a slowly converging set gives more epochs than a
     fixed step budget's 3, a tiny allowance gives MIN_EPOCHS."""
     features = synthetic_features(6000, 60, 2, 1.0, 0.0, [0.5, 0.5], separation=0.4)
-    data, recipe = derive_recipe(features, PRODUCTION, Overrides(pca_dims=31))
+    data, recipe = derive_recipe(features, PRODUCTION, Overrides(pca_dims=31,
+                                                                 time_allowance_h=2.0))
     layout = PackingLayout(PRODUCTION.slots, 32)
-    cap = affordable_epochs(6000, 1500, layout, 2)
+    cap = affordable_epochs(6000, 1500, layout, 2, hours=2.0)
     why = {c.name: c.why for c in recipe.choices}["epochs"]
     assert MIN_EPOCHS <= recipe.config.epochs <= cap and "allowance" in why
     exact = run_plain(data, recipe.config, recipe.activation)["plaintext"]
@@ -202,8 +203,14 @@ def test_width_rule_weighs_every_affordable_width_and_takes_the_widest_tied():
     tied = [int(k) for k in why.split("tied: [")[1].split("]")[0].split(", ")]
     assert "511:" in why.split("tied:")[0]  # 511 was weighed (the old rule stopped at 63)
     assert len(tied) >= 2 and preferred == sorted(tied, reverse=True)
-    _, recipe = derive_recipe(features, PRODUCTION)
+    _, recipe = derive_recipe(features, PRODUCTION, Overrides(time_allowance_h=2.0))
     assert recipe.pca_dims == preferred[0]  # the widest keeps the prior on this data
+    # the default allowance (bootstrap mode's costs) cuts the widest short while its twin
+    # still improves: the widest tied width whose early stop fits it is taken instead
+    _, quick = derive_recipe(features, PRODUCTION)
+    why = {c.name: c.why for c in quick.choices}["pca_dims"]
+    assert quick.pca_dims in tied and quick.pca_dims < preferred[0]
+    assert "still improved when the time allowance ran out" in why
     # a tiny allowance leaves only the narrowest width
     narrow, _ = choose_pca_dims(features, 2, probe.c, PRODUCTION.slots, hours=1e-3)
     assert narrow == [31]
@@ -225,8 +232,9 @@ def test_epoch_work_counts_each_extra_denominator_group(monkeypatch):
 
     layout = PackingLayout(PRODUCTION.slots, 32)
     with_groups = epoch_work(50_000, 5_000, layout, 5)
-    per_group = budget.EXTRA_DENOMINATOR_GROUP_IN_CHUNKS
-    monkeypatch.setattr(budget, "EXTRA_DENOMINATOR_GROUP_IN_CHUNKS", 0.0)
+    per_group = budget.EXTRA_DENOMINATOR_GROUP_IN_CHUNKS[BOOTSTRAP]
+    monkeypatch.setattr(budget, "EXTRA_DENOMINATOR_GROUP_IN_CHUNKS",
+                        {mode: 0.0 for mode in budget.EXTRA_DENOMINATOR_GROUP_IN_CHUNKS})
     without = epoch_work(50_000, 5_000, layout, 5)
     batches = budget.batch_chunks(50_000, layout, 5)
     assert max(batches) == 7

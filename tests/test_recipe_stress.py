@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from medblindtuner.experiment import run_plain
 from medblindtuner.features.extract import FeatureSet
-from medblindtuner.he.params import PRODUCTION
+from medblindtuner.he.params import default_refresh, params_for_mode
 from medblindtuner.hospital.recipe import derive_recipe
 
 TOLERANCE = 0.01  # one point of ACC and of AUC below the probe
@@ -44,8 +44,10 @@ def mirror_minus_probe(features: FeatureSet) -> dict[str, float]:
 
     A binary head must also keep the probe's prior: the sigmoid ladder reaches the logits of
     well-separated data, so raising the prior to fit the polynomial is a regression (softmax
-    still raises it beyond the exp's [-7, 7])."""
-    data, recipe = derive_recipe(features, PRODUCTION)
+    still raises it beyond the exp's [-7, 7]). Defaults throughout: the default refresh
+    mode's production parameters (its ring packs the data, its costs size the run) and the
+    default time allowance."""
+    data, recipe = derive_recipe(features, params_for_mode(default_refresh()))
     if data.n_classes == 2:
         why = {c.name: c.why for c in recipe.choices}["weight_decay"]
         assert "raised" not in why, why

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .options import (
+    TIME_ALLOWANCE_HOURS,
     BatchOpt,
     EpochsOpt,
     LrOpt,
@@ -62,7 +63,7 @@ def demo(
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
     patience: PatienceOpt = 4,
-    time_allowance: TimeAllowanceOpt = 2.0,
+    time_allowance: TimeAllowanceOpt = TIME_ALLOWANCE_HOURS,
     workdir: Annotated[Path, typer.Option(help="Keys, ciphertexts, service data.")] = Path(
         "runs/demo"),
     report_dir: Annotated[Path | None, typer.Option(

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from ..errors import EXIT_USER_ERROR
 from .options import (
+    TIME_ALLOWANCE_HOURS,
     BatchOpt,
     EpochsOpt,
     LrOpt,
@@ -102,7 +103,7 @@ def keygen(
     weight_decay: WeightDecayOpt = None,
     batch_size: BatchOpt = None,
     patience: PatienceOpt = 4,
-    time_allowance: TimeAllowanceOpt = 2.0,
+    time_allowance: TimeAllowanceOpt = TIME_ALLOWANCE_HOURS,
     seed: SeedOpt = 0,
     insecure_test_params: Annotated[
         bool, typer.Option(help="Tiny NOT-secure ring (tests/demos only).")

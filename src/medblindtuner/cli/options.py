@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from medblindtuner.hospital.budget import TIME_ALLOWANCE_HOURS
+
 PcaOpt = Annotated[int | None, typer.Option(
     "--pca", help="PCA dimensions (default: chosen on validation; 0: no PCA).")]
 LrOpt = Annotated[float | None, typer.Option(
@@ -23,7 +25,7 @@ EpochsOpt = Annotated[int | None, typer.Option(
          "time allowance).")]
 TimeAllowanceOpt = Annotated[float, typer.Option(
     "--time-allowance", help="Hours of encrypted training the derived epochs and width may "
-    "plan for, at the measured costs (default 2).")]
+    f"plan for, at the measured costs (default {TIME_ALLOWANCE_HOURS:g}: 9 minutes).")]
 BatchOpt = Annotated[int | None, typer.Option(
     help="Mini-batch size, capped by one ciphertext (default: one full ciphertext).")]
 PatienceOpt = Annotated[int, typer.Option(help="Early-stopping patience in epochs.")]

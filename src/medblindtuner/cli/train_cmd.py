@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .options import (
+    TIME_ALLOWANCE_HOURS,
     BatchOpt,
     EpochsOpt,
     LrOpt,
@@ -89,7 +90,7 @@ def train_plain(
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
     patience: PatienceOpt = 4,
-    time_allowance: TimeAllowanceOpt = 2.0,
+    time_allowance: TimeAllowanceOpt = TIME_ALLOWANCE_HOURS,
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
 ) -> None:
@@ -128,7 +129,7 @@ def train_encrypted(
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
     patience: PatienceOpt = 4,
-    time_allowance: TimeAllowanceOpt = 2.0,
+    time_allowance: TimeAllowanceOpt = TIME_ALLOWANCE_HOURS,
     seed: SeedOpt = 0,
     fixed_epochs: Annotated[bool, typer.Option(
         help="No interaction: train all epochs, keep the last.")] = False,

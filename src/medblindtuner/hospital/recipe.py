@@ -193,8 +193,10 @@ class _AtWidth:
     wd_why: str
     raised: bool
     epochs_why: str = ""
-    # the plaintext twin still improved when the time allowance's epochs ran out
+    # the plaintext twin still improved when the time allowance's epochs ran out, and its
+    # best validation loss within them (compared when every width is cut short)
     capped: bool = False
+    capped_val_loss: float = math.inf
 
 
 def _fmt(value: object) -> str:
@@ -297,20 +299,24 @@ def derive_recipe(
     else:
         widths, dims_why = [given.pca_dims if given.pca_dims > 0 else None], "given"
     # Widest preferred width whose settings keep the probe's prior (a raised prior pulls the
-    # head away from the reference) and whose early stop fits the time allowance; failing
-    # that, the widest that keeps the prior; if every one needs a raise, the widest.
+    # head away from the reference) and whose early stop fits the time allowance; if the
+    # allowance cuts every one short, the one whose plaintext twin gets furthest (lowest
+    # validation loss) within it; if every one needs a raise, the widest.
     tried: list[_AtWidth] = []
     for dims in widths:
         tried.append(_derive_at(job, dims))
         if not tried[-1].raised and not tried[-1].capped:
             break
-    chosen = next((t for t in tried if not t.raised and not t.capped),
-                  next((t for t in tried if not t.raised), tried[0]))
+    kept = [t for t in tried if not t.raised]
+    chosen = next((t for t in kept if not t.capped),
+                  min(kept, key=lambda t: t.capped_val_loss) if kept else tried[0])
     skipped = [t.dims for t in tried if t.raised and t is not chosen]
     cut = [t.dims for t in tried if t.capped and not t.raised and t is not chosen]
     note("pca_dims", chosen.dims, given.pca_dims is not None,
          dims_why + (f"; {skipped} needed a raised prior" if skipped else "")
-         + (f"; {cut} still improved when the time allowance ran out" if cut else ""))
+         + (f"; {cut} still improved when the time allowance ran out" if cut else "")
+         + ("; every width was cut short by the allowance: the lowest validation loss "
+            "within it" if kept and all(t.capped for t in kept) else ""))
     _note_settings(job, chosen, note)
     recipe = Recipe(pca_dims=chosen.dims, config=chosen.config, activation=chosen.activation,
                     probe=probe, plan=chosen.plan, choices=choices)
@@ -397,8 +403,13 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
     epochs_why = ("given" if given.epochs is not None else _epochs_why(
         config.epochs, cap, steps_per_epoch, given))
     capped = given.epochs is None and config.epochs >= cap and cap < MAX_EPOCHS
+    capped_loss = math.inf
+    if capped:
+        twin = train_head(data.x["train"], data.y["train"], data.x["val"], data.y["val"],
+                          n_classes, config, layout=layout)
+        capped_loss = min(record["val_loss"] for record in twin.history)
     return _AtWidth(dims, data, layout, curvature, steps_per_epoch, config, activation, plan,
-                    wd_why, raised, epochs_why, capped)
+                    wd_why, raised, epochs_why, capped, capped_loss)
 
 
 def _epochs_why(epochs: int, cap: int, steps_per_epoch: int, given: Overrides) -> str:

@@ -34,6 +34,7 @@ def trainer_for(keys, plan, dataset, directory, judge=None) -> EncryptedTrainer:
 
 @pytest.mark.parametrize(("n_classes", "n_train", "batch", "epochs", "n_val"),
                          [(2, 150, 64, 3, 30), (2, 300, 300, 2, 30), (5, 64, 64, 2, 30),
+                          (2, 150, 150, 2, 30),  # 2 chunks a step: windows of r = d/2 slots
                           (5, 300, 300, 2, 30),
                           # 5 chunks a step (8 places of 1 slot: every slot summed by the
                           # step), 3 validation chunks gathered under one sigmoid

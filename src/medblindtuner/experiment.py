@@ -168,8 +168,7 @@ def run_encrypted(
         f"{params.ring_dim})")
 
     start = time.perf_counter()
-    n_cts = len(plan.train_batch_sizes) + len(plan.val_batch_sizes)
-    with tqdm(total=n_cts, desc="encrypt batches", unit="batch") as bar:
+    with tqdm(total=plan.n_chunks, desc="encrypt chunks", unit="chunk") as bar:
         hospital.encrypt_dataset(progress=bar.update)
     timings["encrypt"] = time.perf_counter() - start
     # the cloud's role: the public bundle only, as a service worker would load it

@@ -147,8 +147,7 @@ def encrypt(workdir: WorkDir = DEFAULT_WORKDIR) -> None:
 
     hospital = _open(workdir)
     plan = hospital.plan
-    total = len(plan.train_batch_sizes) + len(plan.val_batch_sizes)
-    with tqdm(total=total, desc="encrypt batches", unit="batch") as bar:
+    with tqdm(total=plan.n_chunks, desc="encrypt chunks", unit="chunk") as bar:
         path = hospital.encrypt_dataset(progress=bar.update)
     console.print(f"encrypted dataset: {path}")
 

@@ -126,6 +126,11 @@ class TrainingPlan:
         """Samples in each training chunk, in file order (batch by batch)."""
         return [c for n in self.train_batch_sizes for c in self.chunk_sizes(n)]
 
+    @property
+    def n_chunks(self) -> int:
+        """Data ciphertexts the hospital encrypts: every training and validation chunk."""
+        return len(self.train_chunk_sizes) + len(self.val_batch_sizes)
+
     def batch_chunks(self, batch: int) -> list[int]:
         """File indices of the chunks of training batch `batch`."""
         start = sum(len(self.chunk_sizes(n)) for n in self.train_batch_sizes[:batch])

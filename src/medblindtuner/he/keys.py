@@ -124,8 +124,10 @@ class HospitalKeys:
         for slots in params.bootstrap_slots:
             context.EvalBootstrapKeyGen(pair.secretKey, slots)
         driver_file = Path(shard_keys.name) / _PUBLIC_FILES["rotation_keys"]
-        if not context.SerializeEvalAutomorphismKey(str(driver_file), ofhe.BINARY,
-                                                    pair.secretKey.GetKeyTag()):
+        if not rest and not params.bootstrap_slots:
+            driver_file.write_bytes(b"")  # OpenFHE serialises no empty key map
+        elif not context.SerializeEvalAutomorphismKey(str(driver_file), ofhe.BINARY,
+                                                      pair.secretKey.GetKeyTag()):
             raise BundleError("OpenFHE failed to serialise the driver's rotation keys")
         if shard_indices and not context.DeserializeEvalAutomorphismKey(str(shard_file),
                                                                         ofhe.BINARY):
@@ -323,9 +325,10 @@ class CloudCrypto:
         mult_file = str(bundle_dir / "mult_key.bin")
         if with_eval_keys and not context.DeserializeEvalMultKey(mult_file, ofhe.BINARY):
             raise BundleError(f"{mult_file} is not a relinearisation key")
-        rotation_file = str(bundle_dir / "rotation_keys.bin")
-        if with_eval_keys and not context.DeserializeEvalAutomorphismKey(rotation_file,
-                                                                         ofhe.BINARY):
+        rotation_file = bundle_dir / _PUBLIC_FILES["rotation_keys"]
+        if (with_eval_keys and rotation_file.stat().st_size
+                and not context.DeserializeEvalAutomorphismKey(str(rotation_file),
+                                                               ofhe.BINARY)):
             raise BundleError(f"{rotation_file} is not a rotation-key file")
         shard_file = bundle_dir / _PUBLIC_FILES["shard_keys"]
         if (with_eval_keys and shard_file.stat().st_size

@@ -17,8 +17,8 @@ import numpy as np
 
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.features.preprocess import FeatureScaler
-from medblindtuner.hospital.recipe import PCA_CANDIDATES
 from medblindtuner.hospital.reference import fit_logistic, fit_probe, sample_log_losses, scores
+from medblindtuner.hospital.widths import PCA_CANDIDATES
 
 
 def main() -> None:

@@ -25,15 +25,14 @@ from medblindtuner.hospital.budget import (
 from medblindtuner.hospital.recipe import (
     EXP_BOUNDS,
     LOGIT_HEADROOM,
-    PCA_CANDIDATES,
     SIGMOID_BOUNDS,
     Overrides,
     RecipeError,
-    choose_pca_dims,
     derive_recipe,
     logit_bounding_weight_decay,
 )
 from medblindtuner.hospital.reference import fit_probe, published_run
+from medblindtuner.hospital.widths import PCA_CANDIDATES, choose_pca_dims
 from medblindtuner.training.approx import RangeError
 from medblindtuner.training.plan import TrainingPlan
 

@@ -145,6 +145,40 @@ def test_production_claim_with_insecure_ring_files_is_refused(service, artifacts
     client.delete()
 
 
+def test_a_secret_key_among_a_batch_of_ciphertexts_is_refused_by_name(service, artifacts,
+                                                                       tmp_path):
+    """The dataset's files are finalized several at a time, one validator child for their
+    ciphertexts: a secret key disguised as one of them fails the batch, then each file is
+    checked alone, so the refusal names that file, the files before it are stored and it is
+    not (genuine datasets finalize in batches in every other test here)."""
+    dataset = copy_artifact(artifacts.root / "dataset", tmp_path / "dataset")
+    names = sorted(json.loads((dataset / "manifest.json").read_text())["files"])
+    assert len(names) >= 3
+    victim = names[1]
+    artifacts.keys.save_secret_key(tmp_path / "secret.bin")
+    shutil.copyfile(tmp_path / "secret.bin", dataset / victim)
+    rewrite_entry(dataset, victim)
+    client = HospitalClient(service.url, progress=False)
+    client.create_job()
+    client.upload_dir("bundle", artifacts.root / "bundle")
+    with pytest.raises(ServiceError) as err:
+        client.upload_dir("dataset", dataset)
+    assert err.value.status_code == 400
+    assert "secret key" in err.value.message and victim in err.value.message
+    files = client.artifact_status("dataset")["files"]
+    assert files[names[0]]["complete"] and not files[victim]["complete"]
+    assert files[victim]["received"] == []  # dropped: upload it again
+    with pytest.raises(ServiceError) as err:  # a batch naming no file of the upload
+        client._request("POST", client._job("/artifacts/dataset/finalize"),
+                        json={"names": ["no-such-file.bin"] * 2})
+    assert err.value.status_code == 422
+    with pytest.raises(ServiceError) as err:
+        client.start()
+    assert err.value.status_code == 409  # the job cannot start without it
+    client.delete()
+    assert alive(service)
+
+
 def test_whole_job_on_postgresql(artifacts, tmp_path):
     """The real service and its worker on a PostgreSQL job store (skipped without a server;
     CI starts one). SQLite runs the same job in test_service.py."""

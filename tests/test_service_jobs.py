@@ -134,6 +134,10 @@ class StandInValidator:
                    _ring_dim: int | None = None) -> None:
         self.files.append(name)
 
+    def batch_passes(self, paths: list[Path], _role: str, _declared: dict | None) -> bool:
+        self.files.extend(path.name.removesuffix(".part") for path in paths)
+        return True
+
     def check_job(self, job_dir: Path, query_id: str | None = None) -> None:
         from medblindtuner.he.keys import BundleError, verify_public_bundle
 
@@ -391,6 +395,53 @@ def test_dataset_must_follow_and_match_the_bundle(cloud, params, plan):
     cloud.uploads.accept_manifest(job_id, "dataset", dataset.raw)
     status = cloud.status(job_id)
     assert (status["max_epochs"], status["steps_per_epoch"]) == (2, len(plan.train_batch_sizes))
+
+
+def test_a_batch_finalize_checks_its_ciphertexts_in_one_child_or_each_alone(cloud, params, plan):
+    """`finalize_many`: the dataset's ciphertexts in one validator run; a batch that fails is
+    checked file by file (the refusal is a single finalize's); done files answer done, and a
+    batch naming a file twice or too many files is refused before anything is checked."""
+    calls: list[tuple[str, int]] = []
+
+    class Counting(StandInValidator):
+        def __init__(self, passes: bool) -> None:
+            super().__init__()
+            self.passes = passes
+
+        def check_file(self, path, kind, name, ring_dim=None) -> None:  # noqa: ANN001
+            calls.append(("file", 1))
+
+        def batch_passes(self, paths, role, declared) -> bool:  # noqa: ANN001
+            calls.append(("batch", len(paths)))
+            return self.passes
+
+    dataset = dataset_artifact(params, plan)
+    names = sorted(dataset.files)
+    for passes, expected in ((True, [("batch", 6)]), (False, [("batch", 6)] + [("file", 1)] * 6)):
+        calls.clear()
+        cloud.uploads.validator = Counting(passes)
+        job_id = cloud.create_job()["job_id"]
+        upload(cloud, job_id, "bundle", bundle_artifact(params))
+        calls.clear()
+        cloud.uploads.accept_manifest(job_id, "dataset", dataset.raw)
+        for name, data in dataset.files.items():
+            cloud.uploads.accept_chunk(job_id, "dataset", name, 0, data[:CHUNK], sha(data[:CHUNK]))
+            for index in range(1, -(-len(data) // CHUNK)):
+                chunk = data[index * CHUNK:(index + 1) * CHUNK]
+                cloud.uploads.accept_chunk(job_id, "dataset", name, index, chunk, sha(chunk))
+        answer = cloud.uploads.finalize_many(job_id, "dataset", names)
+        assert calls == expected
+        assert sorted(answer["files"]) == names and all(
+            f["complete"] and f["sha256"] == sha(dataset.files[f["name"]])
+            for f in answer["files"].values())
+        assert cloud.uploads.status(job_id, "dataset")["complete"]
+        calls.clear()
+        assert cloud.uploads.finalize_many(job_id, "dataset", names[:2])["files"][names[0]][
+            "complete"] and calls == []  # already done: nothing checked again
+    with refused(Unprocessable, "distinct"):
+        cloud.uploads.finalize_many(job_id, "dataset", [names[0], names[0]])
+    with refused(Unprocessable, "between 1 and"):
+        cloud.uploads.finalize_many(job_id, "dataset", [f"f{i}" for i in range(65)])
 
 
 # ---- training lifecycle -------------------------------------------------------------------------

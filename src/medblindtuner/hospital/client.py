@@ -32,6 +32,7 @@ from medblindtuner.protocol import (
     EPOCH_HEADER,
     FINISHED,
     MANIFEST_NAME,
+    MAX_FINALIZE_BATCH,
     Q_DONE,
     Q_FAILED,
     Q_TERMINAL_STATES,
@@ -205,7 +206,7 @@ class HospitalClient:
                     max_chunks: int | None = None) -> dict:
         """The resumable protocol against `base` (an artifact or a query set): GET base tells
         which chunks the server holds, PUT base/manifest, base/files/{name}/chunks/{i},
-        POST base/files/{name}/finalize."""
+        POST base/finalize for up to MAX_FINALIZE_BATCH files at a time."""
         directory = Path(directory)
         self._upload_manifest(base, directory)
         state = self._request("GET", base).json()
@@ -214,6 +215,7 @@ class HospitalClient:
             info["bytes"] - len(info["received"]) * info["chunk_bytes"] for info in todo.values()
         )
         sent = skipped = 0
+        uploaded: list[str] = []  # fully sent, not yet finalized
         with tqdm(total=max(remaining, 0), unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"upload {label}", disable=not self.progress) as bar:
             for name, info in sorted(todo.items()):
@@ -225,6 +227,8 @@ class HospitalClient:
                             skipped += 1
                             continue
                         if max_chunks is not None and sent >= max_chunks:
+                            if uploaded:
+                                self._finalize_files(base, uploaded)
                             return {"sent_chunks": sent, "skipped_chunks": skipped,
                                     "interrupted": True}
                         handle.seek(index * chunk)
@@ -232,8 +236,18 @@ class HospitalClient:
                         self._upload_chunk(base, name, index, data)
                         sent += 1
                         bar.update(len(data))
-                self._request("POST", f"{base}/files/{name}/finalize")
+                uploaded.append(name)
+                if len(uploaded) == MAX_FINALIZE_BATCH:
+                    self._finalize_files(base, uploaded)
+            if uploaded:
+                self._finalize_files(base, uploaded)
         return {"sent_chunks": sent, "skipped_chunks": skipped, "interrupted": False}
+
+    def _finalize_files(self, base: str, names: list[str]) -> None:
+        """POST base/finalize for `names` (emptied): one validator child checks their
+        ciphertexts on the service, instead of one child per file."""
+        self._request("POST", f"{base}/finalize", json={"names": list(names)})
+        names.clear()
 
     # ---- early stopping -----------------------------------------------------------------------
     def validation_loss_raw(self) -> tuple[str | None, bytes]:

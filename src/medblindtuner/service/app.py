@@ -27,6 +27,7 @@ from medblindtuner.protocol import (
     CHUNK_SHA_HEADER,
     CONTENT_SHA_HEADER,
     EPOCH_HEADER,
+    MAX_FINALIZE_BATCH,
     MAX_REFRESH_WAIT_S,
     REFRESH_INDEX_HEADER,
     query_id_of,
@@ -74,6 +75,14 @@ class DecisionIn(BaseModel):
                                                             "result so far.")
     epoch: int | None = Field(default=None, ge=1, le=MAX_EPOCH,
                               description="Epoch being answered (check).")
+
+
+class FinalizeIn(BaseModel):
+    """Files of one upload to finalize together (`service.finalize.finalize_many`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    names: list[Annotated[str, Field(max_length=255)]] = Field(
+        min_length=1, max_length=MAX_FINALIZE_BATCH)
 
 
 class ErrorOut(BaseModel):
@@ -259,6 +268,11 @@ def _upload_routes(router: APIRouter, service: CloudService, config: ServiceConf
         """Whole-file SHA-256 check against the manifest, secret-key check, then store."""
         return service.uploads.finalize(job_id, kind, name)
 
+    @router.post("/jobs/{job_id}/artifacts/{kind}/finalize", tags=["uploads"])
+    def finalize_files(job_id: JobId, kind: Kind, body: FinalizeIn) -> dict[str, Any]:
+        """Finalize several files at once (one validator child for their ciphertexts)."""
+        return service.uploads.finalize_many(job_id, kind, body.names)
+
 
 async def accept_chunk_request(service: CloudService, config: ServiceConfig, job_id: str,
                                kind: str, name: str, index: int, request: Request,
@@ -393,6 +407,11 @@ def _query_upload_routes(router: APIRouter, service: CloudService,
     @router.post("/jobs/{job_id}/queries/{query_id}/files/{name}/finalize", tags=["inference"])
     def finalize_query_file(job_id: JobId, kind: QueryKind, name: str) -> dict[str, Any]:
         return service.uploads.finalize(job_id, kind, name)
+
+    @router.post("/jobs/{job_id}/queries/{query_id}/finalize", tags=["inference"])
+    def finalize_query_files(job_id: JobId, kind: QueryKind,
+                             body: FinalizeIn) -> dict[str, Any]:
+        return service.uploads.finalize_many(job_id, kind, body.names)
 
 
 def _scoring_routes(router: APIRouter, service: CloudService) -> None:

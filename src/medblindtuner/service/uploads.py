@@ -22,7 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from medblindtuner.failpoints import failpoint
-from medblindtuner.formats import atomic_write_bytes, sha256_file
+from medblindtuner.formats import atomic_write_bytes
 from medblindtuner.he import keys as he_keys
 from medblindtuner.he.keys import BUNDLE_FORMAT
 from medblindtuner.he.params import CkksParams, ParameterError, require_secure
@@ -54,6 +54,7 @@ from medblindtuner.service.errors import (
     Unprocessable,
     out_of_space_is_507,
 )
+from medblindtuner.service.finalize import Finalizing
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import file_lock
 from medblindtuner.service.manifests import dataset_files, parse_json, validate_manifest
@@ -75,7 +76,7 @@ def chunk_digest(header: str | None) -> str:
     return header.lower()
 
 
-class Uploads:
+class Uploads(Finalizing):
     """Chunked, resumable, verified uploads into the job folders and the blob store."""
 
     def __init__(self, config: ServiceConfig, store: Store, blobs: BlobStore,
@@ -393,98 +394,3 @@ class Uploads:
                     session.add(UploadChunk(upload_id=upload_id, index=index,
                                             sha256=chunk_sha))
         return {"index": index, "n_chunks": n_chunks, "complete": False}
-
-    # ---- 3. finalize -----------------------------------------------------------------------
-    def finalize(self, job_id: str, kind: str, name: str) -> dict[str, Any]:
-        """Whole-file SHA-256 and validator checks, then into the blob store and the job.
-
-        Crash-safe and retryable: the staged file is checked under its upload lock (no chunk
-        can change it meanwhile), then renamed into the blob store, linked and recorded. If
-        the service fails after the rename, the next finalize finds the blob (verified again)
-        and completes the link and the record; nothing is left that cannot be finished.
-        """
-        with self.job_may_vanish(job_id, f"{name} was finalized"):
-            return self._finalize(job_id, kind, name)
-
-    def _finalize(self, job_id: str, kind: str, name: str) -> dict[str, Any]:
-        upload_id, size, digest = self._finalizable(job_id, kind, name)
-        if upload_id is None:
-            return {"name": name, "complete": True, "sha256": digest}
-        staged = self.staging_path(job_id, kind, name)
-        destination = self.artifact_dir(job_id, kind) / name
-        with file_lock(self.lock_path(staged)):
-            if size == 0:
-                raise self._reject(job_id, kind, name, upload_id, staged,
-                                   f"{name} is empty: zero-byte files are refused")
-            if staged.exists():
-                if staged.stat().st_size != size or sha256_file(staged) != digest:
-                    raise self._reject(job_id, kind, name, upload_id, staged,
-                                       f"{name} does not match the SHA-256 in its manifest "
-                                       "(tampered or truncated); upload it again")
-                try:
-                    self.validator.check_file(staged, kind, name, self._declared_params(job_id))
-                except BadRequest as exc:
-                    raise self._reject(job_id, kind, name, upload_id, staged,
-                                       exc.message) from exc
-                failpoint("disk.finalize")
-                self.blobs.commit(staged, digest, destination)  # hashed above, under the lock
-                failpoint("upload.blob_committed")
-            elif not self.blobs.relink(digest, destination):
-                raise self._reject(job_id, kind, name, upload_id, staged,
-                                   f"the staged bytes of {name} are gone; upload it again")
-            if not self._record_finalized(job_id, upload_id, size):
-                self._remove_leftovers(job_id)
-                self.blobs.collect({digest})
-                raise NotFound(f"the job was deleted while {name} was finalized")
-        log.info("job %s: %s/%s stored (%d bytes, sha256 %s)", job_id, kind, name, size,
-                 digest[:16])
-        return {"name": name, "complete": True, "sha256": digest}
-
-    def _declared_params(self, job_id: str) -> dict | None:
-        """The CKKS parameters the job's bundle manifest declares (None before it arrived)."""
-        path = self.artifact_dir(job_id, BUNDLE) / MANIFEST_NAME
-        try:
-            return dict(json.loads(path.read_text())["params"])
-        except (OSError, KeyError, TypeError, ValueError):
-            return None
-
-    def _finalizable(self, job_id: str, kind: str, name: str) -> tuple[int | None, int, str]:
-        """(upload id, size, digest) of a file ready to finalize; id None if already done."""
-        with self.store.session() as session:
-            job = session.get(Job, job_id)
-            self._check_open(session, job, kind, "uploads are closed")
-            upload = self._upload_row(session, job_id, kind, name)
-            if upload.finalized:
-                return None, upload.size, upload.sha256
-            received = set(session.scalars(
-                select(UploadChunk.index).where(UploadChunk.upload_id == upload.id)).all())
-            missing = sorted(set(range(upload.n_chunks)) - received)
-            if missing and upload.size > 0:
-                raise Conflict(f"{name}: chunks {missing[:20]} not received yet")
-            return upload.id, upload.size, upload.sha256
-
-    def _record_finalized(self, job_id: str, upload_id: int, size: int) -> bool:
-        """The DB half of finalize: idempotent (a retry after a crash counts the bytes once).
-        False if the upload (its job) was deleted meanwhile."""
-        with self.store.session() as session:
-            upload = session.get(Upload, upload_id)
-            if upload is None or upload.finalized:
-                return upload is not None
-            upload.finalized = True
-            upload.finalized_at = utcnow()
-            job = session.get(Job, job_id)
-            job.bytes_uploaded += size
-            job.updated_at = utcnow()
-        return True
-
-    def _reject(self, job_id: str, kind: str, name: str, upload_id: int, staged: Path,
-                message: str) -> CloudError:
-        """Drop the staged bytes and chunk records so the client can upload the file again."""
-        staged.unlink(missing_ok=True)
-        if not self._job_exists(job_id):
-            self._remove_leftovers(job_id)
-            return NotFound(f"the job was deleted while {name} was finalized")
-        with self.store.session() as session:
-            session.execute(delete(UploadChunk).where(UploadChunk.upload_id == upload_id))
-        log.warning("job %s: %s/%s refused: %s", job_id, kind, name, message[:300])
-        return BadRequest(message)

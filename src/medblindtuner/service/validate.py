@@ -5,7 +5,7 @@ trust: one flipped bit in a key file with a matching checksum can make them abor
 allocate without bound, and that would take the web process (every job) down with it. So the
 web process never calls an OpenFHE `Deserialize*` on uploaded bytes: it runs
 
-    python -m medblindtuner.service.validate [--memory-bytes N --cpu-s S] file PATH --role R
+    python -m medblindtuner.service.validate [--memory-bytes N --cpu-s S] file PATH... --role R
     python -m medblindtuner.service.validate [...] job JOB_DIR [--allow-insecure] [--query Q]
 
 under `setrlimit` limits on address space and CPU time (which the child sets before it reads
@@ -14,7 +14,9 @@ prints one JSON line (`{"ok": true}` or `{"ok": false, "error": ...}`); a crash,
 no answer is a refusal of the artifact, never of the service.
 
 `file` runs at finalize: the secret-key check (a file that parses as an OpenFHE private key is
-refused) and, for the small roles (context, public key, ciphertexts), a parse as that role.
+refused) and, for the small roles (context, public key, ciphertexts), a parse as that role; a
+batch of one upload's ciphertexts shares one child (`Validator.batch_passes`: the child's start
+costs more than a ciphertext's parse).
 `job` runs at start: the whole public bundle (checksums, exactly the public files, each parsed
 as its role, the context's ring dimension against the parameters the manifest declares) and
 every dataset (or query) ciphertext, whose ring dimension must be the bundle's too. The checks
@@ -112,6 +114,20 @@ class Validator:
         if not verdict.ok:
             raise BadRequest(verdict.error or f"{name} refused")
 
+    def batch_passes(self, paths: list[Path], role: str, declared: dict | None) -> bool:
+        """Finalize of several files of one job and role in ONE child: True only if every
+        file passes `check_file`'s checks. On False the caller checks each file alone (which
+        one failed, with its own reason); a batch never refuses a file by itself."""
+        if not paths:
+            return True
+        with self.slot(f"{len(paths)} files"):
+            ring = ["--ring-dim", str(declared["ring_dim"])] if declared else []
+            verdict = run_validator(["file", *map(str, paths), "--role", role, *ring],
+                                    self.limits.validate_timeout_s,
+                                    self.limits.validate_memory_bytes, f"{len(paths)} files",
+                                    self.python)
+        return verdict.ok
+
     def check_job(self, job_dir: Path, query_id: str | None = None) -> None:
         """Start (or scoring): the bundle and the ciphertexts, parsed and matched. 400."""
         args = ["job", str(job_dir)] + (["--allow-insecure"] if self.allow_insecure else [])
@@ -208,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-s", type=int, default=120)
     sub = parser.add_subparsers(dest="mode", required=True)
     one = sub.add_parser("file")
-    one.add_argument("path", type=Path)
+    one.add_argument("path", type=Path, nargs="+")
     one.add_argument("--role", choices=ROLES, default="unknown")
     one.add_argument("--ring-dim", type=int, default=None)
     one.add_argument("--params", default=None, help="declared CkksParams (JSON)")
@@ -220,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     limit_resources(args.memory_bytes, args.cpu_s)
     if args.mode == "file":
         def checks() -> None:
-            check_file(args.path, args.role, args.ring_dim)
-            if args.role == "context" and args.params:
-                check_context_file(args.path, args.params)
+            for path in args.path:
+                stage(path.name)
+                check_file(path, args.role, args.ring_dim)
+                if args.role == "context" and args.params:
+                    check_context_file(path, args.params)
         return answer(checks)
     return answer(lambda: check_job(args.job_dir, args.allow_insecure, args.query))
 

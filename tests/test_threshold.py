@@ -62,11 +62,16 @@ def test_joint_keys_relinearise_rotate_and_bootstrap(ceremony):
 
 
 def test_public_bundle_has_the_joint_keys_and_no_secret(ceremony, tmp_path):
-    _context, _parties, keys, _ = ceremony
+    _context, _parties, keys, bootstrap = ceremony
     manifest = keys.save_public_bundle(tmp_path / "bundle")
     assert verify_public_bundle(tmp_path / "bundle", allow_insecure=True) == manifest
     assert manifest["shard_rotation_indices"] == KERNEL_ROTATIONS
     assert manifest["files"]["shard_keys.bin"]["bytes"] > 0
+    # the driver's file holds the joint keys of the other rotations and of bootstrapping
+    # only: not the shard keys again, nor keys of other tags (it held 40 keys' worth, now 18)
+    per_key = manifest["files"]["shard_keys.bin"]["bytes"] / len(KERNEL_ROTATIONS)
+    others = len(set(keys.rotation_indices) - set(KERNEL_ROTATIONS)) + len(bootstrap)
+    assert manifest["files"]["rotation_keys.bin"]["bytes"] < (others + 0.5) * per_key
 
 
 def test_fewer_than_all_shares_do_not_decrypt(ceremony):

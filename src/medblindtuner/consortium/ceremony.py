@@ -56,7 +56,8 @@ class JointKeys:
     def save_public_bundle(self, directory: Path) -> dict:
         return write_public_bundle(directory, self.params, self.context, self.public_key,
                                    self.rotation_indices, self.shard_rotation_indices,
-                                   self.shard_keys_file)
+                                   self.shard_keys_file,
+                                   self.shard_keys_file.with_name("rotation_keys.bin"))
 
 
 def make_parties(job_id: str, params: CkksParams, n_parties: int):
@@ -129,12 +130,23 @@ def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
         shard_file.write_bytes(b"")
     elif not context.SerializeEvalAutomorphismKey(str(shard_file), ofhe.BINARY, tag):
         raise BundleError("OpenFHE failed to serialise the shard workers' joint rotation keys")
+    # the driver's file holds the other keys only (the cloud loads both files): each shard
+    # key once in the bundle, as for one key holder (`HospitalKeys.generate`)
+    context.ClearEvalAutomorphismKeys()
     next_chunk = join(sorted(set(every) - set(kernel)), next_chunk)
     seconds["rotations"] = time.perf_counter() - start
     start = time.perf_counter()
     done = set(every)
-    join([i for i in (bootstrap_indices or ()) if i not in done], next_chunk)
+    rest = [i for i in (bootstrap_indices or ()) if i not in done]
+    join(rest, next_chunk)
     seconds["bootstrapping"] = time.perf_counter() - start
+    driver_file = Path(shard_dir.name) / "rotation_keys.bin"
+    if not set(every) - set(kernel) and not rest:
+        driver_file.write_bytes(b"")  # OpenFHE serialises no empty key map
+    elif not context.SerializeEvalAutomorphismKey(str(driver_file), ofhe.BINARY, tag):
+        raise BundleError("OpenFHE failed to serialise the driver's joint rotation keys")
+    if kernel and not context.DeserializeEvalAutomorphismKey(str(shard_file), ofhe.BINARY):
+        raise BundleError("OpenFHE failed to reload the shard workers' joint rotation keys")
 
     def nonzero(values: Sequence[int]) -> tuple[int, ...]:
         return tuple(sorted({int(i) for i in values if int(i) % params.slots}))

@@ -70,6 +70,9 @@ CASES: tuple[StressCase, ...] = (
                shape="transformer", scale=20.0),
     StressCase("very imbalanced 99:1", 5000, 128, 2, 0.9, priors=(0.99, 0.01),
                shape="relu_pooled"),
+    # a dermatology-like multi-class set: 7 classes, one of them two thirds of the images
+    StressCase("7 classes imbalanced", 7000, 256, 7, 0.35,
+               priors=(0.67, 0.11, 0.11, 0.05, 0.03, 0.02, 0.01)),
 )
 
 _INFO = BackboneInfo(name="synthetic", arch="none", feature_dim=0, weights_source="test",

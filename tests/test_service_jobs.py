@@ -442,6 +442,11 @@ def test_a_batch_finalize_checks_its_ciphertexts_in_one_child_or_each_alone(clou
         cloud.uploads.finalize_many(job_id, "dataset", [names[0], names[0]])
     with refused(Unprocessable, "between 1 and"):
         cloud.uploads.finalize_many(job_id, "dataset", [f"f{i}" for i in range(65)])
+    for name in ("nul\x00byte.bin", "../dataset/manifest.json", "\ud800"):  # never queried
+        with refused(NotFound, "is not a file of this job"):
+            cloud.uploads.finalize_many(job_id, "dataset", [names[0], name])
+        with refused(NotFound, "is not a file of this job"):
+            cloud.uploads.finalize(job_id, "dataset", name)
 
 
 # ---- training lifecycle -------------------------------------------------------------------------

@@ -24,7 +24,15 @@ from sqlalchemy import delete, select
 from medblindtuner.failpoints import failpoint
 from medblindtuner.formats import sha256_file
 from medblindtuner.protocol import BUNDLE, MANIFEST_NAME, MAX_FINALIZE_BATCH
-from medblindtuner.service.errors import BadRequest, CloudError, Conflict, NotFound, Unprocessable
+from medblindtuner.service.blobs import is_safe_name
+from medblindtuner.service.errors import (
+    BadRequest,
+    CloudError,
+    Conflict,
+    NotFound,
+    Unprocessable,
+    printable,
+)
 from medblindtuner.service.locks import file_lock
 from medblindtuner.service.store import Job, Upload, UploadChunk, utcnow
 from medblindtuner.service.validate import file_role
@@ -94,7 +102,11 @@ class Finalizing:
         return {"files": done}
 
     def _ready(self, job_id: str, kind: str, name: str) -> _Staged | dict[str, Any]:
-        """The file to finalize, or finalize's answer if it is already done."""
+        """The file to finalize, or finalize's answer if it is already done (404 for a name
+        no manifest can list, before it reaches the database: e.g. a NUL byte)."""
+        if not is_safe_name(name):
+            raise NotFound(f"{printable(name, 80)!r} is not a file of this job's {kind} "
+                           "manifest")
         upload_id, size, digest = self._finalizable(job_id, kind, name)
         if upload_id is None:
             return {"name": name, "complete": True, "sha256": digest}

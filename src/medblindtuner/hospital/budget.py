@@ -42,6 +42,11 @@ CHUNK_SECONDS = {(BOOTSTRAP, "binary"): 3.31, (BOOTSTRAP, "softmax"): 20.0,
                  (HOSPITAL, "binary"): 0.43, (HOSPITAL, "softmax"): 5.06}
 STEP_COST_IN_CHUNKS = {(BOOTSTRAP, "binary"): 3.7, (BOOTSTRAP, "softmax"): 1.85,
                        (HOSPITAL, "binary"): 9.8, (HOSPITAL, "softmax"): 0.24}
+# A softmax chunk's work is per class diagonal (an exponential, products and rotations each),
+# so the 5-class figures above scale with c / 5: seconds a step of 2 chunks at PCA 31, hospital
+# mode, quiet (`medblindtuner train-encrypted --pca 31 --epochs 1 --fixed-epochs --json`):
+# 3 classes 9.37, 5 classes 14.1 (RetinaMNIST), 10 classes 26.63 (docs/results.md).
+SOFTMAX_COST_CLASSES = 5
 # Each further softmax denominator group of a step: bootstrap mode one more bootstrap at the
 # shared slot count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against a 20.0 s
 # chunk); refresh mode one more refresh round trip and inverse (~0.5 s against 5.06 s).
@@ -74,11 +79,14 @@ def chunks_per_step(n_train: int, layout: PackingLayout, n_classes: int) -> int:
 
 def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
                refresh: str = BOOTSTRAP) -> float:
-    """One epoch's encrypted work in data-ciphertext passes: every training and validation
+    """One epoch's encrypted work in data-ciphertext passes (of a 5-class chunk for softmax:
+    a chunk of c classes counts c / `SOFTMAX_COST_CLASSES`): every training and validation
     chunk, plus each step's serial work (`STEP_COST_IN_CHUNKS`) and softmax's further
     denominator groups."""
     chunks = batch_chunks(n_train, layout, n_classes)
     passes = sum(chunks) + -(-n_val // layout.samples_per_ct)
+    if n_classes > 2:
+        passes *= n_classes / SOFTMAX_COST_CLASSES
     serial = len(chunks) * STEP_COST_IN_CHUNKS[refresh, head_kind(n_classes)]
     if n_classes > 2:
         group = denominator_group_chunks(layout, max(chunks))

@@ -49,10 +49,19 @@ def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs
     mirror = plan.check_ranges(*data)
     judge = HospitalJudge(keys, plan, len(data[3]))
     dataset = encrypt_dataset(keys, plan, *data)
-    # one sigmoid a step meets its training chunks below the top: they are encrypted there
-    train_level = plan.train_data_level(keys.params)
-    assert (train_level > 0) == plan.compact_sigmoid
-    assert {ct.GetLevel() for c in dataset.train for ct in c.files().values()} == {train_level}
+    # each training ciphertext is encrypted where the step first meets it: one sigmoid a
+    # step meets all of a chunk below the top; otherwise x_dup one level down, the labels
+    # and x_grad where the probabilities are
+    levels = plan.train_chunk_levels(keys.params)
+    if plan.compact_sigmoid:
+        assert levels.x_dup == levels.x_grad == levels.labels > 1
+    else:  # binary: look-ahead, product, degree-59 sigmoid; softmax: degree-13 exp, spread
+        assert levels.x_dup == 1
+        assert levels.x_grad == levels.labels + 1 == 2 + (6 if n_classes == 2 else 5)
+    for chunk in dataset.train:
+        assert chunk.x_dup.GetLevel() == levels.x_dup
+        assert chunk.x_grad.GetLevel() == levels.x_grad
+        assert {ct.GetLevel() for ct in chunk.labels} == {levels.labels}
     assert {ct.GetLevel() for c in dataset.val for ct in c.files().values()} == {0}
     trainer = trainer_for(keys, plan, dataset, tmp_path, judge)
     state = trainer.train(decide=judge)

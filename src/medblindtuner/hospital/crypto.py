@@ -27,7 +27,7 @@ from medblindtuner.he.params import CkksParams, data_level
 from medblindtuner.training.approx import exact_probabilities
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset, EncryptedQueries
 from medblindtuner.training.plain import make_batches, one_hot
-from medblindtuner.training.plan import Decision, TrainingPlan
+from medblindtuner.training.plan import ChunkLevels, Decision, TrainingPlan
 
 
 def encrypted_chunks(
@@ -40,17 +40,17 @@ def encrypted_chunks(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Iterator[EncryptedChunk], Iterator[EncryptedChunk]]:
     """Hospital: the fixed batches' chunks and the validation chunks, encrypted one at a
-    time as they are consumed, each at the level the step first uses it
-    (`TrainingPlan.train_data_level`, `he.params.data_level`)."""
+    time as they are consumed, each ciphertext of a training chunk at the level the step
+    first uses it (`TrainingPlan.train_chunk_levels`), validation at `he.params.data_level`."""
     layout = plan.layout
 
-    def encrypt_chunk(x: np.ndarray, y: np.ndarray, level: int) -> EncryptedChunk:
-        labels = [keys.encrypt(vector, level)
+    def encrypt_chunk(x: np.ndarray, y: np.ndarray, levels: ChunkLevels) -> EncryptedChunk:
+        labels = [keys.encrypt(vector, levels.labels)
                   for vector in plan.label_vectors(one_hot(y, plan.n_classes))]
         chunk = EncryptedChunk(
             len(x),
-            keys.encrypt(layout.encode_x_dup(x), level),
-            keys.encrypt(layout.encode_x_grad(x), level),
+            keys.encrypt(layout.encode_x_dup(x), levels.x_dup),
+            keys.encrypt(layout.encode_x_grad(x), levels.x_grad),
             labels,
         )
         if progress:
@@ -58,7 +58,8 @@ def encrypted_chunks(
         return chunk
 
     step = layout.samples_per_ct
-    train_level, val_level = plan.train_data_level(keys.params), data_level(keys.params)
+    train_level = plan.train_chunk_levels(keys.params)
+    val_level = ChunkLevels(*[data_level(keys.params)] * 3)
     train = (encrypt_chunk(x_train[idx[i : i + step]], y_train[idx[i : i + step]], train_level)
              for idx in make_batches(len(x_train), plan.config.batch_size, plan.config.seed)
              for i in range(0, len(idx), step))

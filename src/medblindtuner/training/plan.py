@@ -79,6 +79,15 @@ def compact_sigmoid_fits(layout: PackingLayout, chunks_per_step: int) -> bool:
 
 
 @dataclass(frozen=True)
+class ChunkLevels:
+    """Levels at which a chunk's ciphertexts are encrypted (`TrainingPlan.train_chunk_levels`)."""
+
+    x_dup: int
+    x_grad: int
+    labels: int
+
+
+@dataclass(frozen=True)
 class TrainingPlan:
     """Everything public about a training job: fixed by the hospital, shared with the cloud."""
 
@@ -135,6 +144,21 @@ class TrainingPlan:
         """File indices of the chunks of training batch `batch`."""
         start = sum(len(self.chunk_sizes(n)) for n in self.train_batch_sizes[:batch])
         return list(range(start, start + len(self.chunk_sizes(self.train_batch_sizes[batch]))))
+
+    def train_chunk_levels(self, params: CkksParams) -> ChunkLevels:
+        """Level of each of a training chunk's ciphertexts: where the step first meets it
+        (fewer towers to upload, hold and multiply; encrypted = mirror either way). With one
+        sigmoid a step all at `train_data_level`; otherwise x_dup meets the look-ahead (one
+        level) in the logit products, and x_grad the probabilities (look-ahead, logit
+        product, the activation's series and, for softmax, the product with the spread
+        inverse), the labels one level before them (times the step size, one level)."""
+        base = self.train_data_level(params)
+        if self.compact_sigmoid and params.refreshed_by_hospital:
+            return ChunkLevels(base, base, base)
+        series = (self.activation.sigmoid.unit_depth if self.activation.binary
+                  else self.activation.exp.unit_depth + 1)
+        probabilities = base + 2 + series
+        return ChunkLevels(x_dup=base + 1, x_grad=probabilities, labels=probabilities - 1)
 
     def train_data_level(self, params: CkksParams) -> int:
         """Level of the training chunks' ciphertexts: with one sigmoid a step in refresh mode

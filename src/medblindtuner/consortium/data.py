@@ -20,7 +20,7 @@ import openfhe as ofhe
 from medblindtuner.he.threshold import joint_data_level
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset
 from medblindtuner.training.plain import make_batches, one_hot
-from medblindtuner.training.plan import TrainingPlan
+from medblindtuner.training.plan import ChunkLevels, TrainingPlan
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,11 @@ def encrypt_share(keys, plan: TrainingPlan, owned: Ownership, x_train: np.ndarra
                   n_train: int, n_val: int) -> tuple[list[ShareChunk], list[ShareChunk]]:
     """Hospital side: its rows of each union chunk (others' rows zero) under the joint key
     (`keys.encrypt`); chunks without any of its rows are skipped (public from the counts)."""
-    layout, level = plan.layout, joint_data_level(keys.params)
+    layout, base = plan.layout, joint_data_level(keys.params)
     train_rows, val_rows = union_chunk_rows(plan, n_train, n_val)
+    train_levels = plan.train_chunk_levels(keys.params, base)
 
-    def chunks(rows_list, offset, count, x, y) -> list[ShareChunk]:
+    def chunks(rows_list, offset, count, x, y, levels: ChunkLevels) -> list[ShareChunk]:
         targets = one_hot(y, plan.n_classes)
         out = []
         for position, rows in enumerate(rows_list):
@@ -73,13 +74,15 @@ def encrypt_share(keys, plan: TrainingPlan, owned: Ownership, x_train: np.ndarra
             x_chunk[mine] = x[rows[mine] - offset]
             t_chunk[mine] = targets[rows[mine] - offset]
             out.append(ShareChunk(
-                position, keys.encrypt(layout.encode_x_dup(x_chunk), level),
-                keys.encrypt(layout.encode_x_grad(x_chunk), level),
-                [keys.encrypt(v, level) for v in plan.label_vectors(t_chunk)]))
+                position, keys.encrypt(layout.encode_x_dup(x_chunk), levels.x_dup),
+                keys.encrypt(layout.encode_x_grad(x_chunk), levels.x_grad),
+                [keys.encrypt(v, levels.labels) for v in plan.label_vectors(t_chunk)]))
         return out
 
-    return (chunks(train_rows, owned.train_offset, owned.train_count, x_train, y_train),
-            chunks(val_rows, owned.val_offset, owned.val_count, x_val, y_val))
+    return (chunks(train_rows, owned.train_offset, owned.train_count, x_train, y_train,
+                   train_levels),
+            chunks(val_rows, owned.val_offset, owned.val_count, x_val, y_val,
+                   ChunkLevels(base, base, base)))
 
 
 def combine_shares(context: ofhe.CryptoContext, plan: TrainingPlan,

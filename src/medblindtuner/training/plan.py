@@ -145,16 +145,19 @@ class TrainingPlan:
         start = sum(len(self.chunk_sizes(n)) for n in self.train_batch_sizes[:batch])
         return list(range(start, start + len(self.chunk_sizes(self.train_batch_sizes[batch]))))
 
-    def train_chunk_levels(self, params: CkksParams) -> ChunkLevels:
+    def train_chunk_levels(self, params: CkksParams, base: int | None = None) -> ChunkLevels:
         """Level of each of a training chunk's ciphertexts: where the step first meets it
         (fewer towers to upload, hold and multiply; encrypted = mirror either way). With one
         sigmoid a step all at `train_data_level`; otherwise x_dup meets the look-ahead (one
         level) in the logit products, and x_grad the probabilities (look-ahead, logit
         product, the activation's series and, for softmax, the product with the spread
-        inverse), the labels one level before them (times the step size, one level)."""
-        base = self.train_data_level(params)
+        inverse), the labels one level before them (times the step size, one level).
+        `base`: where a fresh model meets the data (`he.params.data_level` unless given: a
+        joint key's is `he.threshold.joint_data_level`)."""
         if self.compact_sigmoid and params.refreshed_by_hospital:
-            return ChunkLevels(base, base, base)
+            level = self.train_data_level(params)
+            return ChunkLevels(level, level, level)
+        base = data_level(params) if base is None else base
         series = (self.activation.sigmoid.unit_depth if self.activation.binary
                   else self.activation.exp.unit_depth + 1)
         probabilities = base + 2 + series

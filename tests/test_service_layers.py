@@ -21,6 +21,7 @@ PREFIX = "medblindtuner.service."
 LAYERS = [
     {"errors", "limits", "locks"},
     {"store", "blobs", "validate", "manifests", "quotas"},
+    {"finalize"},  # the upload protocol's last step, below the uploads that use it
     {"supervisor", "uploads", "views", "refreshes"},
     {"jobs"},
     {"app", "worker"},

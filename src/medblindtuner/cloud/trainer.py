@@ -140,8 +140,8 @@ class EncryptedTrainer:
     def _zero_model(self) -> list[ofhe.Ciphertext]:
         """Encrypted zeros derived from a data ciphertext (x - x): no key needed, and no level
         spent, so the first step starts where a refreshed model does (a hospital refresh
-        leaves no spare level). A validation chunk's: training chunks may sit lower
-        (`TrainingPlan.train_data_level`)."""
+        leaves no spare level). A validation chunk's: training chunks' ciphertexts sit at
+        the levels the step meets them, above it (`TrainingPlan.train_chunk_levels`)."""
         x = (self.data.val or self.data.train)[0].x_grad
         zero = self.ev.sub(x, x)
         return [zero, zero.Clone()]

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import openfhe as ofhe
 
-from medblindtuner.he.keys import BundleError, write_public_bundle
+from medblindtuner.he.keys import BundleError, write_automorphism_keys, write_public_bundle
 from medblindtuner.he.params import CkksParams, setup_bootstrapping
 from medblindtuner.he.threshold import (
     AUTOMORPHISM_CHUNK,
@@ -71,6 +71,33 @@ def make_parties(job_id: str, params: CkksParams, n_parties: int):
     return context, parties, bootstrap_indices
 
 
+def _joint_public_and_relinearisation_keys(
+        context: ofhe.CryptoContext, parties: Sequence[ThresholdParty],
+        relay: Callable[[list[bytes]], list[bytes]], seconds: dict[str, float]) -> str:
+    """Rounds 1-3: the chained public key, then the joint relinearisation key installed in
+    `context`. Returns the joint key's tag."""
+    job_id, n = parties[0].job_id, len(parties)
+    start = time.perf_counter()
+    chain: list[bytes] = []
+    for party in parties:
+        chain.append(party.public_key_round(chain[-1] if chain else None))
+    relay(chain)
+    for party in parties:
+        party.accept_joint_public_key(chain[-1])
+    tag = parties[0].joint_tag
+    seconds["public_key"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    lead = parties[0].relin_share()
+    shares = relay([lead] + [p.relin_share(lead) for p in parties[1:]])
+    summed = combine_relin_shares(context, shares, job_id, n, tag)
+    products = relay([p.relin_product(summed) for p in parties])
+    relin_key = combine_relin_products(context, products, job_id, n, tag)
+    install_joint_keys(context, relin_key, [], tag)
+    seconds["relinearisation"] = time.perf_counter() - start
+    return tag
+
+
 def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
                      parties: Sequence[ThresholdParty], rotation_indices: Sequence[int],
                      kernel_rotation_indices: Sequence[int] = (),
@@ -90,24 +117,7 @@ def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
         carried += sum(len(m) for m in messages)
         return messages
 
-    start = time.perf_counter()
-    chain: list[bytes] = []
-    for party in parties:
-        chain.append(party.public_key_round(chain[-1] if chain else None))
-    relay(chain)
-    for party in parties:
-        party.accept_joint_public_key(chain[-1])
-    tag = parties[0].joint_tag
-    seconds["public_key"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    lead = parties[0].relin_share()
-    shares = relay([lead] + [p.relin_share(lead) for p in parties[1:]])
-    summed = combine_relin_shares(context, shares, job_id, n, tag)
-    products = relay([p.relin_product(summed) for p in parties])
-    relin_key = combine_relin_products(context, products, job_id, n, tag)
-    install_joint_keys(context, relin_key, [], tag)
-    seconds["relinearisation"] = time.perf_counter() - start
+    tag = _joint_public_and_relinearisation_keys(context, parties, relay, seconds)
 
     def join(indices: list[int], first_chunk: int) -> int:
         for offset, chunk in enumerate(chunks_of(indices, chunk_size)):
@@ -126,10 +136,8 @@ def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
     next_chunk = join(kernel, 0)
     shard_dir = tempfile.TemporaryDirectory(prefix="medblindtuner-joint-shard-keys-")
     shard_file = Path(shard_dir.name) / "shard_keys.bin"
-    if not kernel:
-        shard_file.write_bytes(b"")
-    elif not context.SerializeEvalAutomorphismKey(str(shard_file), ofhe.BINARY, tag):
-        raise BundleError("OpenFHE failed to serialise the shard workers' joint rotation keys")
+    write_automorphism_keys(context, shard_file, tag, bool(kernel),
+                            "the shard workers' joint rotation keys")
     # the driver's file holds the other keys only (the cloud loads both files): each shard
     # key once in the bundle, as for one key holder (`HospitalKeys.generate`)
     context.ClearEvalAutomorphismKeys()
@@ -140,11 +148,9 @@ def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
     rest = [i for i in (bootstrap_indices or ()) if i not in done]
     join(rest, next_chunk)
     seconds["bootstrapping"] = time.perf_counter() - start
-    driver_file = Path(shard_dir.name) / "rotation_keys.bin"
-    if not set(every) - set(kernel) and not rest:
-        driver_file.write_bytes(b"")  # OpenFHE serialises no empty key map
-    elif not context.SerializeEvalAutomorphismKey(str(driver_file), ofhe.BINARY, tag):
-        raise BundleError("OpenFHE failed to serialise the driver's joint rotation keys")
+    write_automorphism_keys(context, Path(shard_dir.name) / "rotation_keys.bin", tag,
+                            bool(set(every) - set(kernel) or rest),
+                            "the driver's joint rotation keys")
     if kernel and not context.DeserializeEvalAutomorphismKey(str(shard_file), ofhe.BINARY):
         raise BundleError("OpenFHE failed to reload the shard workers' joint rotation keys")
 

@@ -82,7 +82,7 @@ def encrypt_share(keys, plan: TrainingPlan, owned: Ownership, x_train: np.ndarra
     return (chunks(train_rows, owned.train_offset, owned.train_count, x_train, y_train,
                    train_levels),
             chunks(val_rows, owned.val_offset, owned.val_count, x_val, y_val,
-                   ChunkLevels(base, base, base)))
+                   ChunkLevels.uniform(base)))
 
 
 def combine_shares(context: ofhe.CryptoContext, plan: TrainingPlan,

@@ -109,11 +109,8 @@ class HospitalKeys:
             context.EvalRotateKeyGen(pair.secretKey, list(shard_indices))
         shard_keys = tempfile.TemporaryDirectory(prefix="medblindtuner-shard-keys-")
         shard_file = Path(shard_keys.name) / _PUBLIC_FILES["shard_keys"]
-        if not shard_indices:
-            shard_file.write_bytes(b"")
-        elif not context.SerializeEvalAutomorphismKey(str(shard_file), ofhe.BINARY,
-                                                      pair.secretKey.GetKeyTag()):
-            raise BundleError("OpenFHE failed to serialise the shard workers' rotation keys")
+        write_automorphism_keys(context, shard_file, pair.secretKey.GetKeyTag(),
+                                bool(shard_indices), "the shard workers' rotation keys")
         indices = nonzero(tuple(rotation_indices) + shard_indices)
         rest = sorted(set(indices) - set(shard_indices))
         # the bundle's rotation_keys.bin holds the driver's other keys only (the cloud loads
@@ -124,11 +121,9 @@ class HospitalKeys:
         for slots in params.bootstrap_slots:
             context.EvalBootstrapKeyGen(pair.secretKey, slots)
         driver_file = Path(shard_keys.name) / _PUBLIC_FILES["rotation_keys"]
-        if not rest and not params.bootstrap_slots:
-            driver_file.write_bytes(b"")  # OpenFHE serialises no empty key map
-        elif not context.SerializeEvalAutomorphismKey(str(driver_file), ofhe.BINARY,
-                                                      pair.secretKey.GetKeyTag()):
-            raise BundleError("OpenFHE failed to serialise the driver's rotation keys")
+        write_automorphism_keys(context, driver_file, pair.secretKey.GetKeyTag(),
+                                bool(rest or params.bootstrap_slots),
+                                "the driver's rotation keys")
         if shard_indices and not context.DeserializeEvalAutomorphismKey(str(shard_file),
                                                                         ofhe.BINARY):
             raise BundleError("OpenFHE failed to reload the shard workers' rotation keys")
@@ -206,6 +201,16 @@ class HospitalKeys:
             secret_key=secret_key,
             rotation_indices=cloud.rotation_indices,
         )
+
+
+def write_automorphism_keys(context: ofhe.CryptoContext, path: Path, tag: str, any_keys: bool,
+                            what: str) -> None:
+    """The context's automorphism keys of `tag` into `path`; an empty file when there are
+    none (`any_keys` False: OpenFHE serialises no empty key map). BundleError on failure."""
+    if not any_keys:
+        Path(path).write_bytes(b"")
+    elif not context.SerializeEvalAutomorphismKey(str(path), ofhe.BINARY, tag):
+        raise BundleError(f"OpenFHE failed to serialise {what}")
 
 
 def write_public_bundle(directory: Path, params: CkksParams, context: ofhe.CryptoContext,

@@ -85,10 +85,9 @@ def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
     denominator groups."""
     chunks = batch_chunks(n_train, layout, n_classes)
     passes = sum(chunks) + -(-n_val // layout.samples_per_ct)
-    if n_classes > 2:
-        passes *= n_classes / SOFTMAX_COST_CLASSES
     serial = len(chunks) * STEP_COST_IN_CHUNKS[refresh, head_kind(n_classes)]
     if n_classes > 2:
+        passes *= n_classes / SOFTMAX_COST_CLASSES
         group = denominator_group_chunks(layout, max(chunks))
         serial += EXTRA_DENOMINATOR_GROUP_IN_CHUNKS[refresh] * sum(-(-c // group) - 1
                                                                    for c in chunks)

@@ -59,7 +59,7 @@ def encrypted_chunks(
 
     step = layout.samples_per_ct
     train_level = plan.train_chunk_levels(keys.params)
-    val_level = ChunkLevels(*[data_level(keys.params)] * 3)
+    val_level = ChunkLevels.uniform(data_level(keys.params))
     train = (encrypt_chunk(x_train[idx[i : i + step]], y_train[idx[i : i + step]], train_level)
              for idx in make_batches(len(x_train), plan.config.batch_size, plan.config.seed)
              for i in range(0, len(idx), step))

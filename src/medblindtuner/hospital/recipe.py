@@ -8,13 +8,12 @@ test split is never read here) and is recorded with its reason:
   standardised full features, `C` chosen on validation. Its `C` is the L2 prior of the head.
 - **PCA width** (`hospital.widths`): among `PCA_CANDIDATES` whose encrypted epochs fit the
   time allowance (at least `MIN_EPOCHS` of them, `hospital.budget`), those whose probe (same
-  `C`) is tied with
-  the best on validation (mean log-loss within one paired standard error of the best's); of
-  these the widest whose settings keep the probe's prior (softmax: with no more data
-  ciphertexts a step) and whose early stop comes within the allowance (a width the allowance
-  would cut while it still improves gives way to a narrower tied one). Wider is preferred
-  because the reference probe uses every feature (a small validation split cannot see the
-  difference the test split may).
+  `C`) is tied with the best on validation (mean log-loss within one paired standard error
+  of the best's); of these the widest whose settings keep the probe's prior (softmax: with
+  no more data ciphertexts a step) and whose early stop comes within the allowance (a width
+  the allowance would cut while it still improves gives way to a narrower tied one). Wider
+  is preferred because the reference probe uses every feature (a small validation split
+  cannot see the difference the test split may).
 - **Weight decay** `wd = s^2 / (C n)`: the probe's penalty ||w||^2 / (2 C n) per sample,
   expressed in the scaled coordinates (features multiplied by `s`).
 - **Step size** `lr = STEP_SIZE_FRACTION / L`, `L = h * lambda_max(X^T X / n) + wd`, the

@@ -105,12 +105,8 @@ class Validator:
         """Finalize: not a secret key, parses as its role (small roles), of the declared ring
         dimension; a context must be what the bundle manifest's `declared` parameters say
         (read from the context itself). 400 otherwise."""
-        extra = (["--ring-dim", str(declared["ring_dim"]), "--params", json.dumps(declared)]
-                 if declared else [])
-        with self.slot(name):
-            verdict = run_validator(["file", str(path), "--role", file_role(kind, name),
-                                     *extra], self.limits.validate_timeout_s,
-                                    self.limits.validate_memory_bytes, name, self.python)
+        extra = ["--params", json.dumps(declared)] if declared else []
+        verdict = self._files_verdict([path], file_role(kind, name), declared, name, extra)
         if not verdict.ok:
             raise BadRequest(verdict.error or f"{name} refused")
 
@@ -118,15 +114,16 @@ class Validator:
         """Finalize of several files of one job and role in ONE child: True only if every
         file passes `check_file`'s checks. On False the caller checks each file alone (which
         one failed, with its own reason); a batch never refuses a file by itself."""
-        if not paths:
-            return True
-        with self.slot(f"{len(paths)} files"):
-            ring = ["--ring-dim", str(declared["ring_dim"])] if declared else []
-            verdict = run_validator(["file", *map(str, paths), "--role", role, *ring],
-                                    self.limits.validate_timeout_s,
-                                    self.limits.validate_memory_bytes, f"{len(paths)} files",
-                                    self.python)
-        return verdict.ok
+        return self._files_verdict(paths, role, declared, f"{len(paths)} files").ok
+
+    def _files_verdict(self, paths: list[Path], role: str, declared: dict | None, what: str,
+                       extra: list[str] = ()) -> Verdict:
+        """One `file` child over `paths`, with the declared ring dimension, in a slot."""
+        ring = ["--ring-dim", str(declared["ring_dim"])] if declared else []
+        with self.slot(what):
+            return run_validator(["file", *map(str, paths), "--role", role, *ring, *extra],
+                                 self.limits.validate_timeout_s,
+                                 self.limits.validate_memory_bytes, what, self.python)
 
     def check_job(self, job_dir: Path, query_id: str | None = None) -> None:
         """Start (or scoring): the bundle and the ciphertexts, parsed and matched. 400."""

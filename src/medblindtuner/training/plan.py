@@ -86,6 +86,10 @@ class ChunkLevels:
     x_grad: int
     labels: int
 
+    @classmethod
+    def uniform(cls, level: int) -> ChunkLevels:
+        return cls(level, level, level)
+
 
 @dataclass(frozen=True)
 class TrainingPlan:
@@ -147,31 +151,23 @@ class TrainingPlan:
 
     def train_chunk_levels(self, params: CkksParams, base: int | None = None) -> ChunkLevels:
         """Level of each of a training chunk's ciphertexts: where the step first meets it
-        (fewer towers to upload, hold and multiply; encrypted = mirror either way). With one
-        sigmoid a step all at `train_data_level`; otherwise x_dup meets the look-ahead (one
-        level) in the logit products, and x_grad the probabilities (look-ahead, logit
-        product, the activation's series and, for softmax, the product with the spread
-        inverse), the labels one level before them (times the step size, one level).
-        `base`: where a fresh model meets the data (`he.params.data_level` unless given: a
-        joint key's is `he.threshold.joint_data_level`)."""
+        (fewer towers to upload, hold and multiply; encrypted = mirror either way).
+
+        With one sigmoid a step in refresh mode, all where the look-ahead of the model, dropped
+        `COMPACT_FORWARD_LEVELS` below the refreshable top (`cloud.trainer`), meets them.
+        Otherwise x_dup one level above `base` (the look-ahead) in the logit products, x_grad
+        at the probabilities (look-ahead, logit product, the activation's series and, for
+        softmax, the product with the spread inverse), the labels one level before them
+        (times the step size, one level). `base`: where a fresh model meets the data
+        (`he.params.data_level` unless given: a joint key's is
+        `he.threshold.joint_data_level`); validation chunks stay there."""
         if self.compact_sigmoid and params.refreshed_by_hospital:
-            level = self.train_data_level(params)
-            return ChunkLevels(level, level, level)
+            return ChunkLevels.uniform(max_refresh_level(params) - COMPACT_FORWARD_LEVELS + 1)
         base = data_level(params) if base is None else base
         series = (self.activation.sigmoid.unit_depth if self.activation.binary
                   else self.activation.exp.unit_depth + 1)
         probabilities = base + 2 + series
         return ChunkLevels(x_dup=base + 1, x_grad=probabilities, labels=probabilities - 1)
-
-    def train_data_level(self, params: CkksParams) -> int:
-        """Level of the training chunks' ciphertexts: with one sigmoid a step in refresh mode
-        the level where the step first meets them (the look-ahead of the model dropped
-        `COMPACT_FORWARD_LEVELS` below the refreshable top, `cloud.trainer`), fewer towers
-        to upload and to multiply; otherwise where a fresh model meets them
-        (`he.params.data_level`). Validation chunks stay at `data_level`."""
-        if self.compact_sigmoid and params.refreshed_by_hospital:
-            return max_refresh_level(params) - COMPACT_FORWARD_LEVELS + 1
-        return data_level(params)
 
     @property
     def compact_period(self) -> int:

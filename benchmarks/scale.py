@@ -5,7 +5,9 @@
     python benchmarks/scale.py --ray-nodes 1 2 --out runs/bench/scale_ray.json
     python benchmarks/scale.py --refresh hospital bootstrap --sizes 10000   # both modes
 
-For each head (binary at PCA 63, 5-class softmax at PCA 31) and each training-set size N, it
+For each head (binary at PCA 63, 5-class softmax at PCA 31, the same on [-12, 12] with the
+saturating exponential: `--heads softmax softmax-wide` compares them) and each training-set
+size N, it
 makes synthetic features of that width (cost does not depend on the values; accuracy is
 measured on the real sets by benchmarks/encrypted_training.py), lets the product derive the
 settings (batch size from N), generates production keys, encrypts and writes the dataset chunk
@@ -36,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-HEADS = {"binary": (2, 63), "softmax": (5, 31)}
+HEADS = {"binary": (2, 63), "softmax": (5, 31), "softmax-wide": (5, 31)}
+# a head whose logits need the saturating exponential (`ActivationPlan.softmax_for`): its cost
+WIDE_LOGIT_BOUND = {"softmax-wide": 12.0}
 PROJECTED_NODES = (4, 16, 64)
 
 
@@ -132,6 +136,13 @@ def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool, mode: 
     data, recipe = derive_recipe(synthetic_features(n_train, n_classes, dim), params,
                                  Overrides(pca_dims=0))
     plan = recipe.plan
+    if head in WIDE_LOGIT_BOUND:
+        from medblindtuner.training.approx import ActivationPlan
+        from medblindtuner.training.plan import TrainingPlan
+
+        plan = TrainingPlan.create(params, data.x["train"], data.x["val"], n_classes,
+                                   recipe.config, ActivationPlan.softmax_for(
+                                       n_classes, WIDE_LOGIT_BOUND[head]))
     keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
     result: dict = {"head": head, "n_train": n_train, "features": dim, "params": keyed.name,
                     "refresh": mode, "ring_dim": keyed.ring_dim, "depth": keyed.depth,

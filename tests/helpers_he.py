@@ -6,6 +6,7 @@ import numpy as np
 
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import INSECURE_TEST, CkksParams
+from medblindtuner.training.approx import ActivationPlan
 from medblindtuner.training.plain import TrainConfig, add_bias
 from medblindtuner.training.plan import TrainingPlan
 
@@ -30,10 +31,11 @@ def toy_problem(
 
 
 def plan_and_keys(n_classes: int, config: TrainConfig, data,
-                  denominator_chunks: int | None = None, base: CkksParams = INSECURE_TEST):
+                  denominator_chunks: int | None = None, base: CkksParams = INSECURE_TEST,
+                  activation: ActivationPlan | None = None):
     """`base`: the insecure set of a refresh mode (`params_for_mode(mode, insecure=True)`)."""
     x_train, _, x_val, _ = data
-    plan = TrainingPlan.create(base, x_train, x_val, n_classes, config,
+    plan = TrainingPlan.create(base, x_train, x_val, n_classes, config, activation,
                                denominator_chunks=denominator_chunks)
     params = base.with_bootstrap_slots(plan.bootstrap_slots)
     keys = HospitalKeys.generate(params, plan.rotation_indices, allow_insecure=True,

@@ -32,7 +32,9 @@ from medblindtuner.he.params import HOSPITAL, INSECURE_TEST, params_for_mode
 from medblindtuner.he.threshold import RoundError
 from medblindtuner.hospital.crypto import JudgeRefusal
 
-WEIGHT_TOL = 2e-3
+# joint-key bootstraps on the insecure ring: 0.69e-3 to 1.1e-3 in four runs, one of ~15 at
+# 2.17e-3 (the CKKS noise is drawn afresh each run)
+WEIGHT_TOL = 3e-3
 LOSS_TOL = 1e-3
 CLASS_MIX = (0.85, 0.5, 0.15)  # share of class 0 at each hospital: skewed on purpose
 

@@ -18,7 +18,7 @@ from helpers_he import plan_and_keys, toy_problem
 from medblindtuner.cloud.trainer import EncryptedTrainer
 from medblindtuner.he.engine import Evaluator
 from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
-from medblindtuner.training.approx import RangeError
+from medblindtuner.training.approx import ActivationPlan, RangeError
 from medblindtuner.training.artifacts import EncryptedDataset
 from medblindtuner.training.plain import TrainConfig, train_head
 from medblindtuner.training.plan import Decision
@@ -41,10 +41,12 @@ def make_trainer(keys, dataset, directory):
     return trainer
 
 
-def train_and_check_mirror(n_classes, data, config, directory, denominator_chunks=None):
+def train_and_check_mirror(n_classes, data, config, directory, denominator_chunks=None,
+                           activation=None, loss_tol=1e-3):
     """Train to the end with the hospital's judge; the last epoch's weights and every
     validation loss must match the plaintext mirror. Returns (plan, trainer, state)."""
-    plan, keys = plan_and_keys(n_classes, config, data, denominator_chunks)
+    plan, keys = plan_and_keys(n_classes, config, data, denominator_chunks,
+                               activation=activation)
     mirror = plan.check_ranges(*data)
     trainer = make_trainer(keys, encrypt_dataset(keys, plan, *data), directory)
     judge = HospitalJudge(keys, plan, len(data[3]))
@@ -52,7 +54,7 @@ def train_and_check_mirror(n_classes, data, config, directory, denominator_chunk
     weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(config.epochs))
     assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
     for record in mirror.history:
-        assert abs(judge.losses[record["epoch"]] - record["val_loss"]) < 1e-3
+        assert abs(judge.losses[record["epoch"]] - record["val_loss"]) < loss_tol
     return plan, trainer, state
 
 
@@ -236,6 +238,22 @@ def test_softmax_training_matches_mirror(tmp_path):
     assert plan.label_cts == 5 and not softmax.cyclic
     assert ops[f"bootstraps_{softmax.bootstrap_period}_slots"] == 2 * steps + 1
     assert ops["bootstraps"] == 2 * steps + 1
+
+
+def test_saturating_exponential_on_a_wide_interval_matches_mirror(tmp_path):
+    """A softmax head on [-12, 12]: the saturating exp (degree 27, one level more than the
+    plain one) and the inverse of its sums fit the step's levels, masked diagonals included,
+    and the logits go past where it bends away from e^x."""
+    data = toy_problem(5, n_train=64, n_val=30, seed=5)
+    config = TrainConfig(learning_rate=16.0, momentum=0.9, epochs=3, batch_size=64, patience=3)
+    activation = ActivationPlan.softmax_for(5, 12.0)
+    assert activation.exp_saturated and activation.exp.unit_depth == 5
+    # validation losses within 3e-3 (a run of ~0.73 was 1.5e-3 off): sums of exponentials
+    # up to ~120 pass the insecure ring's denominator bootstrap, whose error grows with them
+    plan, trainer, _ = train_and_check_mirror(5, data, config, tmp_path, activation=activation,
+                                              loss_tol=3e-3)
+    assert not plan.softmax_layout.cyclic
+    assert plan.check_ranges(*data).max_abs_logit > 8.0  # exp(6 tanh(z/6)) < e^z / 10 there
 
 
 def test_four_classes_use_plain_rotations_and_match_mirror(tmp_path):

@@ -69,13 +69,25 @@ def test_chebyshev_approximations_and_depths():
 
 def test_head_degrees_follow_the_levels_and_reach_wide_intervals():
     """Each approximation's level cost is a property of the plan (inputs on the unit
-    interval): 6 levels buy the sigmoid degree 59, 4 levels the exp and inverse degree 13.
-    Degree 59 keeps sigma accurate near the boundary and bounded far from it on the wide
-    rungs a weak prior needs (logits of well-separated data)."""
+    interval): 6 levels buy the sigmoid degree 59, 4 levels the exp degree 13, 5 the
+    saturating exp and the inverse degree 27. Degree 59 keeps sigma accurate near the
+    boundary and bounded far from it on the wide rungs a weak prior needs (logits of
+    well-separated data); the saturating exp does the same for softmax beyond [-7, 7]."""
     assert unit_degree_for(6) == 59 and unit_degree_for(4) == 13 and unit_degree_for(3) == 5
-    binary, softmax = ActivationPlan(2, logit_bound=48.0), ActivationPlan(5, logit_bound=7.0)
+    binary = ActivationPlan(2, logit_bound=48.0)
+    softmax, wide_softmax = (ActivationPlan.softmax_for(5, 7.0),
+                             ActivationPlan.softmax_for(5, 24.0))
     assert binary.levels == {"sigmoid": 6} and binary.sigmoid.degree == 59
-    assert softmax.levels == {"exp": 4, "inverse": 4}
+    assert softmax.levels == {"exp": 4, "inverse": 5} and not softmax.exp_saturated
+    assert wide_softmax.levels == {"exp": 5, "inverse": 5} and wide_softmax.exp_saturated
+    restored = ActivationPlan.from_dict(wide_softmax.to_dict())  # the plan the cloud reads
+    assert (restored.exp, restored.inverse) == (wide_softmax.exp, wide_softmax.inverse)
+    saturated = wide_softmax.exp
+    x = np.linspace(-24, 24, 20001)
+    assert np.max(np.abs(saturated(x) - saturated.exact(x))) < 0.2  # values up to e^6
+    near = np.abs(x) <= 1
+    assert np.max(np.abs(saturated.exact(x[near]) / np.exp(x[near]) - 1)) < 0.01
+    assert saturated.exact(np.array([24.0]))[0] < np.exp(6.0)  # saturates
     assert binary.to_dict()["sigmoid"]["unit_depth"] == 6
     assert binary.sigmoid.max_error() < 1.5e-2
     assert ChebyshevApprox("exp", -7, 7, 13).max_error() < 5e-3

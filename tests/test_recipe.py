@@ -25,6 +25,7 @@ from medblindtuner.hospital.budget import (
 from medblindtuner.hospital.recipe import (
     EXP_BOUNDS,
     LOGIT_HEADROOM,
+    SATURATED_EXP_BOUNDS,
     SIGMOID_BOUNDS,
     Overrides,
     RecipeError,
@@ -77,7 +78,7 @@ def test_defaults_pass_the_range_check_on_unseen_data(n_classes, scale, shift, w
     data, recipe = derive_recipe(features, PRODUCTION)
     mirror = check_plan(data, recipe)  # raises RangeError if the product's choice is refused
     assert mirror.max_abs_logit <= 0.9 * recipe.activation.logit_bound
-    ladder = SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS
+    ladder = SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS + SATURATED_EXP_BOUNDS
     assert recipe.activation.logit_bound in ladder
     assert recipe.pca_dims in PCA_CANDIDATES
     assert all(c.source == "derived" for c in recipe.choices)
@@ -86,10 +87,26 @@ def test_defaults_pass_the_range_check_on_unseen_data(n_classes, scale, shift, w
     assert runs["mirror"]["test"]["acc"] >= recipe.probe.test["acc"] - 0.08
 
 
-def test_nearly_separable_data_is_not_refused():
-    """Classes far apart (a probe with a tiny penalty): raising the prior by the overshoot
+def test_nearly_separable_classes_keep_the_probes_prior():
+    """Classes far apart: logits beyond the plain exp's [-7, 7] are met by the saturating
+    exponential, so the probe's own penalty is kept."""
+    features = synthetic_features(3000, 63, 4, 1.0, 0.0, [1.0] * 4, separation=6.0, seed=3)
+    data, recipe = derive_recipe(features, PRODUCTION, Overrides(pca_dims=0))
+    mirror = check_plan(data, recipe)
+    assert EXP_BOUNDS[-1] < mirror.max_abs_logit <= recipe.activation.logit_bound
+    assert recipe.activation.exp_saturated
+    assert "raised" not in {c.name: c.why for c in recipe.choices}["weight_decay"]
+    runs = run_plain(data, recipe.config, recipe.activation)
+    assert runs["mirror"]["test"]["acc"] >= 0.95
+
+
+def test_nearly_separable_data_is_not_refused(monkeypatch):
+    """Classes far apart and only the plain exp's ladder: raising the prior by the overshoot
     barely shrinks the logits, so the recipe bisects down from the penalty that bounds them by
     construction, and keeps a penalty far below that bound."""
+    from medblindtuner.hospital import recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "SATURATED_EXP_BOUNDS", ())
     features = synthetic_features(3000, 63, 4, 1.0, 0.0, [1.0] * 4, separation=6.0, seed=3)
     data, recipe = derive_recipe(features, PRODUCTION, Overrides(pca_dims=0))
     mirror = check_plan(data, recipe)

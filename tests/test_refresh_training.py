@@ -17,6 +17,7 @@ from medblindtuner.he.params import HOSPITAL, params_for_mode
 from medblindtuner.he.refresh import CloudRefresher
 from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
 from medblindtuner.hospital.refresher import HospitalRefresher
+from medblindtuner.training.approx import ActivationPlan
 from medblindtuner.training.plain import TrainConfig
 
 WEIGHT_TOL = 2e-3
@@ -55,9 +56,10 @@ def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs
     levels = plan.train_chunk_levels(keys.params)
     if plan.compact_sigmoid:
         assert levels.x_dup == levels.x_grad == levels.labels > 1
-    else:  # binary: look-ahead, product, degree-59 sigmoid; softmax: degree-13 exp, spread
+    else:  # binary: look-ahead, product, degree-59 sigmoid; softmax: where the spread
+        # inverse is (degree-27 inverse on the refreshed denominators, unfold mask)
         assert levels.x_dup == 1
-        assert levels.x_grad == levels.labels + 1 == 2 + (6 if n_classes == 2 else 5)
+        assert levels.x_grad == levels.labels + 1 == (2 + 6 if n_classes == 2 else 5 + 1)
     for chunk in dataset.train:
         assert chunk.x_dup.GetLevel() == levels.x_dup
         assert chunk.x_grad.GetLevel() == levels.x_grad
@@ -80,6 +82,25 @@ def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs
             state.steps * (1 if plan.compact_sigmoid else plan.chunks_per_step)
             + epochs * (1 if validation > 1 else validation))
     assert not any(key.startswith("bootstraps_") for key in ops.counts)  # no OpenFHE bootstrap
+
+
+def test_saturating_exponential_fits_a_refreshed_step(tmp_path):
+    """Refresh mode: the saturating exp's extra level fits between two refreshes (the
+    refreshed denominators meet x_grad first, the exponentials one product later)."""
+    data = toy_problem(5, n_train=64, n_val=30, seed=5)
+    config = TrainConfig(learning_rate=16.0, momentum=0.9, epochs=3, batch_size=64,
+                         patience=3)
+    plan, keys = plan_and_keys(5, config, data, base=PARAMS,
+                               activation=ActivationPlan.softmax_for(5, 12.0))
+    mirror = plan.check_ranges(*data)
+    assert mirror.max_abs_logit > 8.0 and plan.activation.exp_saturated
+    judge = HospitalJudge(keys, plan, len(data[3]))
+    trainer = trainer_for(keys, plan, encrypt_dataset(keys, plan, *data), tmp_path, judge)
+    trainer.train(decide=judge)
+    weights = decrypt_weights(keys, plan, trainer.weights_of_epoch(3))
+    assert np.max(np.abs(weights - mirror.weights)) < WEIGHT_TOL
+    for record in mirror.history:
+        assert abs(judge.losses[record["epoch"]] - record["val_loss"]) < 1e-3
 
 
 @pytest.mark.parametrize("batch", [64, 150])  # one chunk a step; two (compact sigmoid)

@@ -19,8 +19,10 @@ Softmax head, two phases around the driver's denominator bootstrap:
     forward:  e_k = exp~(Z_k); the chunk's sums of exponentials at its compact slots, shifted
               by its place in its denominator group, summed per group (the driver folds each
               group's sum and bootstraps it once)
-    backward: A_k = e_k * spread(its group's inverse); (A_k - lr/n Y_k) * x_grad summed over
-              the chunks, rotated back per class (the driver adds the period sum).
+    backward: P = spread(its group's inverse) * x_grad (once per chunk);
+              e_k * P - (lr/n Y_k) * x_grad, i.e. (softmax_k - lr/n Y_k) * x_grad, summed over
+              the chunks, rotated back per class (the driver adds the period sum): the
+              exponentials meet one product, not two (a level for the saturating exp).
 """
 
 from __future__ import annotations
@@ -139,9 +141,9 @@ class StepKernel:
         return self.masked(self.ev.add_many(exps), ("select", alpha),
                            lambda: alpha * self.softmax.select_mask())
 
-    def spread_inverse(self, inverse: ofhe.Ciphertext, rotation: int, scale: float,
-                       exps: list[ofhe.Ciphertext]) -> list[ofhe.Ciphertext]:
-        """scale * softmax probabilities per diagonal, from the refreshed inverse.
+    def spread_inverse(self, inverse: ofhe.Ciphertext, rotation: int,
+                       scale: float) -> ofhe.Ciphertext:
+        """scale / S_i over the first half of each sample's block, from the refreshed inverse.
 
         `rotation` brings this chunk's own 1/S_i to the second half of each sample's block
         (offset g); the unfold mask carries the scale, the spread covers the first half (its
@@ -149,7 +151,12 @@ class StepKernel:
         softmax = self.softmax
         own = self.ev.rotate(inverse, rotation) if rotation else inverse
         unfold = self.masked(own, ("unfold", scale), lambda: scale * softmax.unfold_mask())
-        spread = self.ev.rotate_and_sum(unfold, softmax.spread_strides)
+        return self.ev.rotate_and_sum(unfold, softmax.spread_strides)
+
+    def softmax_probabilities(self, inverse: ofhe.Ciphertext, rotation: int,
+                              exps: list[ofhe.Ciphertext]) -> list[ofhe.Ciphertext]:
+        """Softmax probabilities per diagonal (validation): e_k / S."""
+        spread = self.spread_inverse(inverse, rotation, 1.0)
         return [self.ev.mul(e, spread) for e in exps]
 
     def _term(self, probability: ofhe.Ciphertext, label: ofhe.Ciphertext, scale: float,
@@ -256,10 +263,10 @@ class StepKernel:
             chunk = self.chunks[index]
             rotation = self.softmax.chunk_shift(position) - d
             inverse = inverses[self.softmax.group_of(position)]
-            probabilities = self.spread_inverse(inverse, rotation, scale, exps)
-            del exps
-            for k, p in enumerate(probabilities):
-                term = self._term(p, chunk.labels[k], scale, chunk.x_grad)
+            weighted = self.ev.mul(self.spread_inverse(inverse, rotation, scale), chunk.x_grad)
+            for k, e in enumerate(exps):
+                labelled = self.ev.mul(self.ev.mul_scalar(chunk.labels[k], scale), chunk.x_grad)
+                term = self.ev.sub(self.ev.mul(e, weighted), labelled)
                 summed[k] = term if summed[k] is None else self.ev.add(summed[k], term)
-            del probabilities, chunk
+            del exps, weighted, chunk
         return self.gather(summed)

@@ -26,12 +26,13 @@ c-class softmax (model = [M, M_prev] in the class-diagonal layout of `he.packing
 c diagonals; sparse bootstraps per step: the model's and one per denominator group, whatever c):
     W_k = diagonal k of a (1+m) M - a m M_prev, k < c        1   a: exp's unit map; masks
     Z_k = rotsum(x_dup * W_k)                               2   sample i sees class_of(i, k)
-    e_k = exp~(Z_k); S = sum_k e_k                          6   degree 13 on [-1, 1]
+    e_k = exp~(Z_k); S = sum_k e_k                          6   degree 13 on [-1, 1] (7: the
+                                                                saturating exp, degree 27)
     compact = fold(sum_j rot(S_j * b select, -s_j))         7   b: inverse's unit map;
                                                                 s_j: place j's shift
-    inv_j = rot(inverse~(compact + beta), s_j - d)          4   degree 13 on [-1, 1]
-    A_k = e_k * spread(inv * (lr/n) unfold)                 7
-    T_k = sum_j (A_jk - (lr/n) Y_jk) * x_grad_j             8
+    inv_j = rot(inverse~(compact + beta), s_j - d)          5   degree 27 on [-1, 1]
+    P_j = spread(inv_j * (lr/n) unfold) * x_grad_j          7
+    T_k = sum_j e_jk * P_j - ((lr/n) Y_jk) * x_grad_j       8
     G = periodsum(gather(T_k))                              9   masks (c < C); b -> block b
     M_new = V - (G + rot(G, -d))  -> bootstrap               9
 The previous epoch's validation chunk rides in the first step's last denominator bootstrap
@@ -196,7 +197,7 @@ class EncryptedTrainer:
             return [kernel.sigmoid(kernel.unit_logit(chunk, model), 1.0)]
         exps = kernel.exponentials_under(chunk, model)
         inverse = self._refresh_inverse(kernel.compact_sums(exps))
-        return kernel.spread_inverse(inverse, -self.layout.block, 1.0, exps)
+        return kernel.softmax_probabilities(inverse, -self.layout.block, exps)
 
     def step(self, batch: int, validation: EncryptedChunk | None = None):
         """One Nesterov step on training batch `batch` (its chunks: one bootstrap of the model
@@ -236,7 +237,7 @@ class EncryptedTrainer:
                         for group, compact in sorted(compacts.items())}
             terms = self.shards.softmax_backward(inverses, scale)
             if validation is not None:
-                ridden = self.kernel.spread_inverse(inverses[last], shift - d, 1.0, val_exps)
+                ridden = self.kernel.softmax_probabilities(inverses[last], shift - d, val_exps)
             half = self.ev.rotate_and_sum(terms, self.softmax.period_sum_strides)
             gradient = self.ev.add(half, self.ev.rotate(half, -d))
             period = self.softmax.bootstrap_period

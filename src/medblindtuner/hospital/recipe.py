@@ -72,6 +72,9 @@ SUM_HEADROOM = 1.5
 SIGMOID_BOUNDS = (8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0)
 # Degree 13 (4 levels on the unit interval): max abs error 9e-9 at 3 ... 2.9e-4 at 6, 3.3e-3 at 7.
 EXP_BOUNDS = (3.0, 4.0, 5.0, 6.0, 7.0)
+# Beyond, the saturating exp exp(6 tanh(x / 6)) at degree 27 (5 levels): max abs error 8.5e-8
+# at 8, 3.7e-3 at 16, 0.18 at 24, 1.2 at 32 (values up to e^6 = 403; `ActivationPlan.softmax_for`)
+SATURATED_EXP_BOUNDS = (8.0, 12.0, 16.0, 24.0, 32.0)
 WD_RAISES, WD_BISECTIONS = 3, 4  # range checks spent raising the prior (each one plain run)
 # Rows are scaled to L2 norm <= FEATURE_NORM. The logits do not depend on it (the step size
 # scales with 1 / FEATURE_NORM^2), but the weights the cloud bootstraps shrink with it, and the
@@ -376,7 +379,7 @@ def logit_bounding_weight_decay(x_train: np.ndarray, n_classes: int, bound: floa
 
 
 def _ladder(n_classes: int) -> tuple[float, ...]:
-    return SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS
+    return SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS + SATURATED_EXP_BOUNDS
 
 
 def _raised_weight_decay(
@@ -442,15 +445,20 @@ def _confirmed_activation(data: PreparedData, config: TrainConfig, layout: Packi
                          f"the widest interval [-{ladder[-1]}, {ladder[-1]}]")
         err.overshoot = exact.max_abs_logit / (LOGIT_HEADROOM * ladder[-1])
         raise err
-    sum_bound = None
-    if n_classes > 2:
-        sum_bound = max(2.0 * n_classes, SUM_HEADROOM * exact.max_softmax_sum)
+    # softmax: the inverse's upper end from the exact head's sums of the rung's exponential
+    # (plain or saturating), widened after each failed check
+    sums = {False: exact.max_softmax_sum, True: exact.max_saturated_sum}
+    widen = {False: 1.0, True: 1.0}
     failure = ""
     start = next((i for i, bound in enumerate(ladder)
                   if bound >= exact.max_abs_logit / LOGIT_HEADROOM), len(ladder) - 1)
     for bound in ladder[start:]:
-        activation = ActivationPlan(n_classes=n_classes, logit_bound=bound,
-                                    sum_bound=sum_bound)
+        if n_classes == 2:
+            activation = ActivationPlan(n_classes=n_classes, logit_bound=bound)
+        else:
+            saturated = ActivationPlan.softmax_for(n_classes, bound).exp_saturated
+            activation = ActivationPlan.softmax_for(n_classes, bound, sum_bound=max(
+                2.0 * n_classes, SUM_HEADROOM * widen[saturated] * sums[saturated]))
         plan = TrainingPlan.create(params, data.x["train"], data.x["val"], n_classes, config,
                                    activation)
         try:
@@ -458,6 +466,6 @@ def _confirmed_activation(data: PreparedData, config: TrainConfig, layout: Packi
             return config, activation, plan
         except RangeError as err:
             failure = str(err)
-            if sum_bound is not None:
-                sum_bound *= SUM_HEADROOM
+            if n_classes > 2:
+                widen[activation.exp_saturated] *= SUM_HEADROOM
     raise RangeError(failure)

@@ -159,6 +159,7 @@ class ActivationModel(_Strict):
     n_classes: Annotated[int, Field(ge=2, le=1024)]
     logit_bound: Annotated[float, Field(gt=0, le=1e4)]
     sum_bound: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    exp_saturated: bool = False  # softmax: the saturating exponential (training.approx)
     sigmoid: ApproxModel | None = None
     exp: ApproxModel | None = None
     inverse: ApproxModel | None = None

@@ -24,11 +24,19 @@ degree, i.e. by the levels: degree 59 keeps sigma within 1.2e-2 on [-48, 48] and
 (bounded in [-0.11, 1.11]) on [-128, 128], against 1.6e-2 on [-24, 24] for degree 27 at the
 same 6 levels (`SIGMOID_BOUNDS` in hospital/recipe.py). Reaching +-10^3 (domain-extension
 polynomials, Cheon-Kim-Kim-Song, IEEE TIFS 2022) needs more levels than a step has.
+
+The softmax's exponential cannot be bounded that way, and its sums of exponentials are what
+the inverse must cover: at the probe's prior a well-separated 7-class set has logits of 14
+and sums of 1.7e6. Beyond [-7, 7] the head therefore uses a saturating exponential,
+exp(A tanh(x / A)) with A = `EXP_SATURATION`: e^x near the decision boundary, at most e^A
+far from it, so the sums stay below c e^A and the inverse keeps its accuracy, while a
+confident sample's probabilities stay near 0 and 1 (its gradient term near 0). Degree 27
+(one level more than the plain exp's 13) keeps it within 3.7e-3 on [-16, 16] and 0.18 on
+[-24, 24] (values up to e^6 = 403, so that error is small beside the sums it enters).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +45,10 @@ from medblindtuner.errors import MedBlindTunerError
 
 _DEPTHS = ((5, 4), (13, 5), (27, 6), (59, 7), (119, 8))
 SIGMOID_LEVELS = 6  # levels the binary step leaves its sigmoid (see the module docstring)
-EXP_LEVELS = INVERSE_LEVELS = 4  # levels the softmax step leaves its exp and its inverse
+EXP_LEVELS = 4  # levels the softmax step leaves its plain exp (saturating exp: one more)
+INVERSE_LEVELS = 5  # levels the refreshed denominators leave the inverse
+EXP_SATURATION = 6.0  # A of the saturating exponential exp(A tanh(x / A))
+PLAIN_EXP_BOUND = 7.0  # widest interval of the plain exp (degree 13: 3.3e-3 on [-7, 7])
 
 
 def chebyshev_depth(degree: int) -> int:
@@ -132,7 +143,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-_FUNCTIONS = {"sigmoid": _sigmoid, "exp": np.exp, "inverse": lambda x: 1.0 / x}
+def saturated_exp(x: np.ndarray) -> np.ndarray:
+    """exp(A tanh(x / A)), A = EXP_SATURATION: e^x for |x| well below A, at most e^A."""
+    return np.exp(EXP_SATURATION * np.tanh(np.asarray(x, dtype=np.float64) / EXP_SATURATION))
+
+
+_FUNCTIONS = {"sigmoid": _sigmoid, "exp": np.exp, "saturated_exp": saturated_exp,
+              "inverse": lambda x: 1.0 / x}
 
 
 @dataclass(frozen=True)
@@ -146,8 +163,9 @@ class ActivationPlan:
     [2.5, 49.5], where degree 13 has a relative error of 3.4e-3 (degree 5 on the naive
     [0.8, 1.1 c e^R] was off by up to 64 %). `sum_bound`, when the hospital derived it from
     the data (`hospital.recipe`), replaces that worst case: a narrower interval is a more
-    accurate inverse. The hospital's range check verifies both intervals on the mirror before
-    anything is encrypted.
+    accurate inverse. With `exp_saturated` the head's exponential is `saturated_exp` (wide
+    intervals, `softmax_for`). The hospital's range check verifies both intervals on the
+    mirror before anything is encrypted.
     """
 
     n_classes: int
@@ -156,6 +174,7 @@ class ActivationPlan:
     exp_degree: int = unit_degree_for(EXP_LEVELS)
     inverse_degree: int = unit_degree_for(INVERSE_LEVELS)
     sum_bound: float | None = None  # upper end of the inverse's interval (softmax)
+    exp_saturated: bool = False  # softmax: exp(A tanh(x / A)) instead of e^x
 
     @property
     def binary(self) -> bool:
@@ -175,13 +194,15 @@ class ActivationPlan:
 
     @property
     def exp(self) -> ChebyshevApprox:
-        return ChebyshevApprox("exp", -self.logit_bound, self.logit_bound, self.exp_degree)
+        name = "saturated_exp" if self.exp_saturated else "exp"
+        return ChebyshevApprox(name, -self.logit_bound, self.logit_bound, self.exp_degree)
 
     @property
     def max_softmax_sum(self) -> float:
-        """Largest sum of exponentials of c logits in [-R, R] that sum to zero."""
+        """Largest sum of the head's exponentials of c logits in [-R, R] that sum to zero."""
         r, c = self.logit_bound, self.n_classes
-        return (c // 2) * (math.exp(r) + math.exp(-r)) + (c % 2)
+        f = _FUNCTIONS[self.exp.name]
+        return float((c // 2) * (f(r) + f(-r)) + (c % 2) * f(0.0))
 
     @property
     def inverse(self) -> ChebyshevApprox:
@@ -196,6 +217,16 @@ class ActivationPlan:
         return e * self.inverse(e.sum(axis=1, keepdims=True))
 
     @classmethod
+    def softmax_for(cls, n_classes: int, logit_bound: float,
+                    sum_bound: float | None = None) -> ActivationPlan:
+        """A softmax head on [-R, R]: the plain exp (degree 13) up to `PLAIN_EXP_BOUND`, the
+        saturating one (degree 27, one level more) beyond."""
+        if logit_bound <= PLAIN_EXP_BOUND:
+            return cls(n_classes, logit_bound, sum_bound=sum_bound)
+        return cls(n_classes, logit_bound, sum_bound=sum_bound, exp_saturated=True,
+                   exp_degree=unit_degree_for(EXP_LEVELS + 1))
+
+    @classmethod
     def default(cls, n_classes: int) -> ActivationPlan:
         return cls(n_classes=n_classes, logit_bound=12.0 if n_classes == 2 else 3.0)
 
@@ -203,7 +234,8 @@ class ActivationPlan:
         parts = {"sigmoid": self.sigmoid} if self.binary else {
             "exp": self.exp, "inverse": self.inverse}
         return {"n_classes": self.n_classes, "logit_bound": self.logit_bound,
-                "sum_bound": self.sum_bound, **{k: v.to_dict() for k, v in parts.items()}}
+                "sum_bound": self.sum_bound, "exp_saturated": self.exp_saturated,
+                **{k: v.to_dict() for k, v in parts.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> ActivationPlan:
@@ -214,6 +246,7 @@ class ActivationPlan:
             exp_degree=int(data.get("exp", {}).get("degree", 9)),
             inverse_degree=int(data.get("inverse", {}).get("degree", 13)),
             sum_bound=None if data.get("sum_bound") is None else float(data["sum_bound"]),
+            exp_saturated=bool(data.get("exp_saturated", False)),
         )
 
 

@@ -23,7 +23,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from medblindtuner.he.packing import PackingLayout
-from medblindtuner.training.approx import ActivationPlan, RangeError, exact_probabilities
+from medblindtuner.training.approx import (
+    ActivationPlan,
+    RangeError,
+    exact_probabilities,
+    saturated_exp,
+)
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,9 @@ class TrainResult:
     max_abs_logit: float = 0.0  # over every slot of the logit ciphertexts (with a layout)
     max_softmax_sum: float = 0.0
     min_softmax_sum: float = float("inf")
+    # exact head only: the largest sum of saturating exponentials its logits would give (the
+    # inverse's interval of a softmax head on a wide interval, `ActivationPlan.softmax_for`)
+    max_saturated_sum: float = 0.0
 
 
 class _RangeTracker:
@@ -181,6 +189,10 @@ class _RangeTracker:
             sums = exp(logits).sum(axis=1)
             self.result.max_softmax_sum = max(self.result.max_softmax_sum, float(sums.max()))
             self.result.min_softmax_sum = min(self.result.min_softmax_sum, float(sums.min()))
+            if self.activation is None:
+                self.result.max_saturated_sum = max(
+                    self.result.max_saturated_sum,
+                    float(saturated_exp(logits).sum(axis=1).max()))
         if self.activation is None:
             return exact_probabilities(logits, self.n_classes)
         return self.activation.probabilities(logits)

@@ -156,17 +156,19 @@ class TrainingPlan:
         With one sigmoid a step in refresh mode, all where the look-ahead of the model, dropped
         `COMPACT_FORWARD_LEVELS` below the refreshable top (`cloud.trainer`), meets them.
         Otherwise x_dup one level above `base` (the look-ahead) in the logit products, x_grad
-        at the probabilities (look-ahead, logit product, the activation's series and, for
-        softmax, the product with the spread inverse), the labels one level before them
-        (times the step size, one level). `base`: where a fresh model meets the data
+        at the probabilities (binary: look-ahead, logit product, the sigmoid's series;
+        softmax: where the spread inverse is, from a refreshed denominator: its series and
+        the unfold mask), the labels one level before them (times the step size, one
+        level). `base`: where a fresh model meets the data
         (`he.params.data_level` unless given: a joint key's is
         `he.threshold.joint_data_level`); validation chunks stay there."""
         if self.compact_sigmoid and params.refreshed_by_hospital:
             return ChunkLevels.uniform(max_refresh_level(params) - COMPACT_FORWARD_LEVELS + 1)
         base = data_level(params) if base is None else base
-        series = (self.activation.sigmoid.unit_depth if self.activation.binary
-                  else self.activation.exp.unit_depth + 1)
-        probabilities = base + 2 + series
+        if self.activation.binary:
+            probabilities = base + 2 + self.activation.sigmoid.unit_depth
+        else:  # x_grad meets the spread inverse: the refresh, the series, the unfold mask
+            probabilities = base + self.activation.inverse.unit_depth + 1
         return ChunkLevels(x_dup=base + 1, x_grad=probabilities, labels=probabilities - 1)
 
     @property

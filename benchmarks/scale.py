@@ -7,8 +7,7 @@
 
 For each head (binary at PCA 63, 5-class softmax at PCA 31, the same on [-12, 12] with the
 saturating exponential: `--heads softmax softmax-wide` compares them) and each training-set
-size N, it
-makes synthetic features of that width (cost does not depend on the values; accuracy is
+size N, it makes synthetic features of that width (cost does not depend on the values; accuracy is
 measured on the real sets by benchmarks/encrypted_training.py), lets the product derive the
 settings (batch size from N), generates production keys, encrypts and writes the dataset chunk
 by chunk with the public bundle (the hospital's process), then loads bundle and dataset as the

@@ -100,6 +100,18 @@ def test_nearly_separable_classes_keep_the_probes_prior():
     assert runs["mirror"]["test"]["acc"] >= 0.95
 
 
+def test_a_saturating_head_plans_its_epochs_at_its_own_cost(monkeypatch):
+    """Were the saturating exponential's chunks 1000x dearer, the allowance would buy the
+    minimum of 2 epochs, and the recipe and its plan keep that many."""
+    from medblindtuner.hospital import budget
+
+    monkeypatch.setattr(budget, "SATURATED_EXP_CHUNK_COST", 1000.0)
+    features = synthetic_features(3000, 63, 4, 1.0, 0.0, [1.0] * 4, separation=6.0, seed=3)
+    _data, recipe = derive_recipe(features, PRODUCTION, Overrides(pca_dims=0))
+    assert recipe.activation.exp_saturated
+    assert recipe.config.epochs == recipe.plan.config.epochs == MIN_EPOCHS
+
+
 def test_nearly_separable_data_is_not_refused(monkeypatch):
     """Classes far apart and only the plain exp's ladder: raising the prior by the overshoot
     barely shrinks the logits, so the recipe bisects down from the penalty that bounds them by
@@ -252,6 +264,21 @@ def test_a_softmax_chunk_costs_in_proportion_to_its_classes():
     assert ten - five == pytest.approx(passes)
     assert epoch_seconds(2000, 500, layout, 10, HOSPITAL) > 1.8 * epoch_seconds(
         2000, 500, layout, 5, HOSPITAL)
+
+
+def test_the_saturating_exponential_costs_more_and_buys_fewer_epochs():
+    """Its degree-27 series makes a softmax chunk ~16 % dearer (benchmarks/scale.py): the
+    passes are scaled, the steps' serial work is not, and the same allowance buys fewer
+    epochs; a recipe that picks it plans with that cost."""
+    from medblindtuner.hospital import budget
+
+    layout = PackingLayout(PRODUCTION.slots, 32)
+    plain, wide = (epoch_work(7000, 1000, layout, 7, HOSPITAL, saturated=s) for s in (0, 1))
+    passes = (sum(budget.batch_chunks(7000, layout, 7)) + -(-1000 // layout.samples_per_ct))
+    assert wide - plain == pytest.approx(passes * 7 / 5 * (budget.SATURATED_EXP_CHUNK_COST - 1))
+    hours = 0.5
+    assert affordable_epochs(7000, 1000, layout, 7, hours, HOSPITAL, saturated=True) < \
+        affordable_epochs(7000, 1000, layout, 7, hours, HOSPITAL)
 
 
 def test_epoch_work_counts_each_extra_denominator_group(monkeypatch):

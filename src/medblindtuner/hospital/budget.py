@@ -47,6 +47,11 @@ STEP_COST_IN_CHUNKS = {(BOOTSTRAP, "binary"): 3.7, (BOOTSTRAP, "softmax"): 1.85,
 # mode, quiet (`medblindtuner train-encrypted --pca 31 --epochs 1 --fixed-epochs --json`):
 # 3 classes 9.37, 5 classes 14.1 (RetinaMNIST), 10 classes 26.63 (docs/results.md).
 SOFTMAX_COST_CLASSES = 5
+# A softmax chunk with the saturating exponential (degree 27 instead of 13, logits beyond
+# [-7, 7]): 6.88 / 5.99 s and 7.23 / 6.14 s a chunk against the plain exp in two runs
+# (`python benchmarks/scale.py --heads softmax softmax-wide --sizes 2000 --steps 3 --refresh
+# hospital`, quiet; docs/results.md).
+SATURATED_EXP_CHUNK_COST = 1.16
 # Each further softmax denominator group of a step: bootstrap mode one more bootstrap at the
 # shared slot count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against a 20.0 s
 # chunk); refresh mode one more refresh round trip and inverse (~0.5 s against 5.06 s).
@@ -78,16 +83,18 @@ def chunks_per_step(n_train: int, layout: PackingLayout, n_classes: int) -> int:
 
 
 def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
-               refresh: str = BOOTSTRAP) -> float:
+               refresh: str = BOOTSTRAP, saturated: bool = False) -> float:
     """One epoch's encrypted work in data-ciphertext passes (of a 5-class chunk for softmax:
-    a chunk of c classes counts c / `SOFTMAX_COST_CLASSES`): every training and validation
-    chunk, plus each step's serial work (`STEP_COST_IN_CHUNKS`) and softmax's further
-    denominator groups."""
+    a chunk of c classes counts c / `SOFTMAX_COST_CLASSES`, and `SATURATED_EXP_CHUNK_COST`
+    times that with the saturating exponential): every training and validation chunk, plus
+    each step's serial work (`STEP_COST_IN_CHUNKS`) and softmax's further denominator
+    groups."""
     chunks = batch_chunks(n_train, layout, n_classes)
     passes = sum(chunks) + -(-n_val // layout.samples_per_ct)
     serial = len(chunks) * STEP_COST_IN_CHUNKS[refresh, head_kind(n_classes)]
     if n_classes > 2:
         passes *= n_classes / SOFTMAX_COST_CLASSES
+        passes *= SATURATED_EXP_CHUNK_COST if saturated else 1.0
         group = denominator_group_chunks(layout, max(chunks))
         serial += EXTRA_DENOMINATOR_GROUP_IN_CHUNKS[refresh] * sum(-(-c // group) - 1
                                                                    for c in chunks)
@@ -95,17 +102,20 @@ def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
 
 
 def epoch_seconds(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
-                  refresh: str = BOOTSTRAP) -> float:
+                  refresh: str = BOOTSTRAP, saturated: bool = False) -> float:
     """Estimated seconds of one encrypted epoch in one process (production parameters of
     refresh mode `refresh`)."""
-    return (epoch_work(n_train, n_val, layout, n_classes, refresh)
+    return (epoch_work(n_train, n_val, layout, n_classes, refresh, saturated)
             * CHUNK_SECONDS[refresh, head_kind(n_classes)])
 
 
 def affordable_epochs(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
-                      hours: float = TIME_ALLOWANCE_HOURS, refresh: str = BOOTSTRAP) -> int:
-    """Epochs that fit `hours` of encrypted training, between MIN_EPOCHS and MAX_EPOCHS."""
-    fitting = int(3600.0 * hours // epoch_seconds(n_train, n_val, layout, n_classes, refresh))
+                      hours: float = TIME_ALLOWANCE_HOURS, refresh: str = BOOTSTRAP,
+                      saturated: bool = False) -> int:
+    """Epochs that fit `hours` of encrypted training, between MIN_EPOCHS and MAX_EPOCHS
+    (`saturated`: a softmax head with the saturating exponential)."""
+    fitting = int(3600.0 * hours // epoch_seconds(n_train, n_val, layout, n_classes, refresh,
+                                                  saturated))
     return int(min(MAX_EPOCHS, max(MIN_EPOCHS, fitting)))
 
 

@@ -287,11 +287,13 @@ def _note_settings(job: _Job, chosen: _AtWidth, note: Callable[..., None]) -> No
     note("epochs", config.epochs, given.epochs is not None, chosen.epochs_why)
     note("logit_bound", chosen.activation.logit_bound, False,
          "smallest rung of the ladder with headroom above the exact head's largest logit "
-         f"slot, confirmed by the mirror's range check (levels: {chosen.activation.levels})")
+         f"slot, confirmed by the mirror's range check (levels: {chosen.activation.levels})"
+         + ("; beyond [-7, 7] the saturating exponential exp(6 tanh(z/6))"
+            if chosen.activation.exp_saturated else ""))
     if chosen.activation.sum_bound is not None:
         note("softmax_sum_bound", chosen.activation.sum_bound, False,
-             f"{SUM_HEADROOM} x the exact head's largest sum of exponentials, confirmed by "
-             "the mirror")
+             f"{SUM_HEADROOM} x the exact head's largest sum of the head's exponentials, "
+             "confirmed by the mirror")
 
 
 def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
@@ -344,6 +346,12 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
             confirmed, wd, err, logit_bounding_weight_decay(
                 x_train, n_classes, LOGIT_HEADROOM * _ladder(n_classes)[-1]))
         raised = True
+    if given.epochs is None and activation.exp_saturated:  # a costlier chunk: fewer epochs fit
+        cap = affordable_epochs(n, len(data.x["val"]), layout, n_classes,
+                                given.time_allowance_h, job.params.refresh, saturated=True)
+        if config.epochs > cap:  # the first `cap` epochs of the confirmed run: ranges hold
+            config = replace(config, epochs=cap)
+            plan = replace(plan, config=config)
     epochs_why = ("given" if given.epochs is not None else _epochs_why(
         config.epochs, cap, steps_per_epoch, given))
     capped = given.epochs is None and config.epochs >= cap and cap < MAX_EPOCHS

@@ -40,7 +40,7 @@ MAX_STEPS_PER_EPOCH = 15  # larger sets take bigger steps (a step's bootstraps a
 # (2026-12-06, `benchmarks/scale.py --heads softmax --sizes 2000 --steps 3 --refresh
 # hospital`, three runs: 6.20, 5.99, 6.14 s a chunk, 1.45-1.70 s serial): 6.1 s and 0.26;
 # they predict the 7-class stress set's 342 s an epoch within 1 % and RetinaMNIST's 51 s
-# within 7 % (docs/results.md), where 5.06 s had planned 25 % too few seconds. Used to
+# within 7 % (docs/results.md), where 5.06 s had planned the 7-class epoch 28 % short. Used to
 # compare widths and to cap epochs, never promised.
 CHUNK_SECONDS = {(BOOTSTRAP, "binary"): 3.31, (BOOTSTRAP, "softmax"): 20.0,
                  (HOSPITAL, "binary"): 0.43, (HOSPITAL, "softmax"): 6.1}

@@ -464,7 +464,7 @@ def _confirmed_activation(data: PreparedData, config: TrainConfig, layout: Packi
         if n_classes == 2:
             activation = ActivationPlan(n_classes=n_classes, logit_bound=bound)
         else:
-            saturated = ActivationPlan.softmax_for(n_classes, bound).exp_saturated
+            saturated = ActivationPlan.saturates(bound)
             activation = ActivationPlan.softmax_for(n_classes, bound, sum_bound=max(
                 2.0 * n_classes, SUM_HEADROOM * widen[saturated] * sums[saturated]))
         plan = TrainingPlan.create(params, data.x["train"], data.x["val"], n_classes, config,

@@ -216,12 +216,17 @@ class ActivationPlan:
         e = self.exp(logits)
         return e * self.inverse(e.sum(axis=1, keepdims=True))
 
+    @staticmethod
+    def saturates(logit_bound: float) -> bool:
+        """Whether a softmax head on [-R, R] uses the saturating exponential."""
+        return logit_bound > PLAIN_EXP_BOUND
+
     @classmethod
     def softmax_for(cls, n_classes: int, logit_bound: float,
                     sum_bound: float | None = None) -> ActivationPlan:
         """A softmax head on [-R, R]: the plain exp (degree 13) up to `PLAIN_EXP_BOUND`, the
         saturating one (degree 27, one level more) beyond."""
-        if logit_bound <= PLAIN_EXP_BOUND:
+        if not cls.saturates(logit_bound):
             return cls(n_classes, logit_bound, sum_bound=sum_bound)
         return cls(n_classes, logit_bound, sum_bound=sum_bound, exp_saturated=True,
                    exp_degree=unit_degree_for(EXP_LEVELS + 1))

@@ -6,16 +6,17 @@
     python benchmarks/scale.py --refresh hospital bootstrap --sizes 10000   # both modes
 
 For each head (binary at PCA 63, 5-class softmax at PCA 31, the same on [-12, 12] with the
-saturating exponential: `--heads softmax softmax-wide` compares them) and each training-set
-size N, it makes synthetic features of that width (cost does not depend on the values; accuracy is
-measured on the real sets by benchmarks/encrypted_training.py), lets the product derive the
-settings (batch size from N), generates production keys, encrypts and writes the dataset chunk
-by chunk with the public bundle (the hospital's process), then loads bundle and dataset as the
-service's worker does and times `--steps` steps (the cloud's process): each role's peak RSS
-is its own, as in a deployment. `--ray-nodes S` also runs the steps on a local Ray cluster of
-S worker nodes (`cloud.cluster`). The per-step split into the chunks' part (parallel
-over nodes) and the driver's part (serial: update, bootstraps) gives a projection for more
-nodes, printed and stored as a projection.
+saturating exponential: `--heads softmax softmax-wide` compares them; `softmax-chunkwise`: the
+5-class head with an exponential a chunk and diagonal, as before one exponential a step) and
+each training-set size N, it makes synthetic features of that width (cost does not depend on the
+values; accuracy is measured on the real sets by benchmarks/encrypted_training.py), lets the
+product derive the settings (batch size from N), generates production keys, encrypts and writes
+the dataset chunk by chunk with the public bundle (the hospital's process), then loads bundle
+and dataset as the service's worker does and times `--steps` steps (the cloud's process): each
+role's peak RSS is its own, as in a deployment. `--ray-nodes S` also runs the steps on a local
+Ray cluster of S worker nodes (`cloud.cluster`). The per-step split into the chunks' part
+(parallel over nodes) and the driver's part (serial: update, bootstraps) gives a projection for
+more nodes, printed and stored as a projection.
 
 `--refresh hospital` (issue #24): the key holder refreshes instead of the cloud bootstrapping
 (`he.refresh`); the cloud's process then talks to a third process, the hospital's key holder
@@ -37,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-HEADS = {"binary": (2, 63), "softmax": (5, 31), "softmax-wide": (5, 31)}
+HEADS = {"binary": (2, 63), "softmax": (5, 31), "softmax-wide": (5, 31),
+         "softmax-chunkwise": (5, 31)}
 # a head whose logits need the saturating exponential (`ActivationPlan.softmax_for`): its cost
 WIDE_LOGIT_BOUND = {"softmax-wide": 12.0}
 PROJECTED_NODES = (4, 16, 64)
@@ -93,6 +95,12 @@ class TimedShards:
     def softmax_backward(self, *args):
         return self._timed("softmax_backward", *args)
 
+    def softmax_gather(self, *args):
+        return self._timed("softmax_gather", *args)
+
+    def softmax_scatter(self, *args):
+        return self._timed("softmax_scatter", *args)
+
 
 def cpus_per_node(nodes: int) -> int:
     """This machine's cores shared among the nodes (an actor's OpenMP threads follow them)."""
@@ -142,8 +150,13 @@ def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool, mode: 
         plan = TrainingPlan.create(params, data.x["train"], data.x["val"], n_classes,
                                    recipe.config, ActivationPlan.softmax_for(
                                        n_classes, WIDE_LOGIT_BOUND[head]))
+    if head == "softmax-chunkwise":
+        from dataclasses import replace
+
+        plan = replace(plan, compact_softmax=False)
     keyed = params.with_bootstrap_slots(plan.bootstrap_slots)
-    result: dict = {"head": head, "n_train": n_train, "features": dim, "params": keyed.name,
+    result: dict = {"head": head, "compact_softmax": plan.compact_softmax, "n_train": n_train,
+                    "features": dim, "params": keyed.name,
                     "refresh": mode, "ring_dim": keyed.ring_dim, "depth": keyed.depth,
                     "batch_size": plan.config.batch_size,
                     "samples_per_step": round(float(np.mean(plan.train_batch_sizes)), 1),
@@ -286,6 +299,7 @@ def cloud_part(ray_nodes: int, steps: int, workdir: Path, dataset_gb: float,
                         "chunk_part_s": round(timed.seconds, 2),
                         "bootstraps": trainer.ev.ops["bootstraps"] - before_boot})
         print(json.dumps({"steps_done": step + 1, **records[-1]}), file=sys.stderr, flush=True)
+    result["ops"] = trainer.ev.ops.snapshot()  # every step's operations: counts and seconds
     if shards is not None:
         import psutil  # comes with Ray
         import ray

@@ -45,9 +45,9 @@ def cluster():
 
 
 def _job(n_classes: int, n_train: int, batch: int, seed: int, tmp_path_factory,
-         denominator_chunks: int | None = None, base=None):
+         denominator_chunks: int | None = None, base=None, dim: int = 7):
     """Keys, bundle and encrypted dataset of a toy job whose steps hold several chunks."""
-    data = toy_problem(n_classes, n_train=n_train, n_val=30, seed=seed)
+    data = toy_problem(n_classes, n_train=n_train, n_val=30, seed=seed, dim=dim)
     config = TrainConfig(learning_rate=1.0, momentum=0.9, epochs=2, batch_size=batch,
                          patience=2)
     plan, keys = plan_and_keys(n_classes, config, data, denominator_chunks,
@@ -125,17 +125,20 @@ def test_lost_actor_is_replaced_and_its_part_redone(cluster, binary_job, binary_
     assert np.max(np.abs(remote - binary_local)) < WEIGHT_TOL
 
 
-def test_compact_sigmoid_on_ray_shards_equals_local(cluster, tmp_path_factory, tmp_path):
-    """Refresh mode "hospital": the binary step's two phases (gathered logits, then the
-    terms from the one sigmoid) run on the actors; the driver's refreshes go to the key
-    holder. Same weights as the local trainer."""
+@pytest.mark.parametrize(("n_classes", "n_train", "dim"), [(2, 300, 7), (3, 192, 15)])
+def test_compact_step_on_ray_shards_equals_local(cluster, tmp_path_factory, tmp_path,
+                                                 n_classes, n_train, dim):
+    """Refresh mode "hospital": the step's two phases (gathered logits, then the terms from
+    the one sigmoid, or the one exponential and inverse) run on the actors; the driver's
+    refreshes go to the key holder. Same weights as the local trainer."""
     from medblindtuner.he.params import HOSPITAL, params_for_mode
     from medblindtuner.he.refresh import CloudRefresher
     from medblindtuner.hospital.refresher import HospitalRefresher
 
-    job = _job(2, 300, 300, 6, tmp_path_factory, base=params_for_mode(HOSPITAL, insecure=True))
+    job = _job(n_classes, n_train, n_train, 6, tmp_path_factory,
+               base=params_for_mode(HOSPITAL, insecure=True), dim=dim)
     _, plan, keys, dataset, bundle = job
-    assert plan.compact_sigmoid and plan.chunks_per_step == 3
+    assert (plan.compact_sigmoid or plan.compact_softmax) and plan.chunks_per_step == 3
     weights = []
     for remote in (False, True):
         holder = HospitalRefresher(keys, plan)
@@ -148,8 +151,9 @@ def test_compact_sigmoid_on_ray_shards_equals_local(cluster, tmp_path_factory, t
         if shards is not None:
             shards.close()
         weights.append(decrypt_weights(keys, plan, trainer.weights))
-        # one sigmoid a step, in the driver (no validation: no judge)
-        assert evaluator.ops["polynomial_evaluations"] == trainer.state.steps
+        # one sigmoid (or exponential and inverse) a step, in the driver (no judge)
+        assert evaluator.ops["polynomial_evaluations"] == trainer.state.steps * (
+            1 if n_classes == 2 else 2)
     assert np.max(np.abs(weights[1] - weights[0])) < WEIGHT_TOL
 
 

@@ -12,7 +12,13 @@ from medblindtuner.experiment import reference_runs, run_plain
 from medblindtuner.features.backbones import BackboneInfo
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.packing import PackingLayout
-from medblindtuner.he.params import BOOTSTRAP, HOSPITAL, INSECURE_TEST, PRODUCTION
+from medblindtuner.he.params import (
+    BOOTSTRAP,
+    HOSPITAL,
+    INSECURE_TEST,
+    PRODUCTION,
+    params_for_mode,
+)
 from medblindtuner.hospital.budget import (
     MIN_BATCH,
     MIN_EPOCHS,
@@ -35,6 +41,7 @@ from medblindtuner.hospital.recipe import (
 from medblindtuner.hospital.reference import fit_probe, published_run
 from medblindtuner.hospital.widths import PCA_CANDIDATES, choose_pca_dims
 from medblindtuner.training.approx import RangeError
+from medblindtuner.training.plain import TrainConfig
 from medblindtuner.training.plan import TrainingPlan
 
 
@@ -252,11 +259,13 @@ def test_epoch_work_counts_chunk_passes_and_steps():
     assert epoch_work(1080, 120, PackingLayout(PRODUCTION.slots, 32), 5) > 0
 
 
-def test_a_softmax_chunk_costs_in_proportion_to_its_classes():
+def test_a_softmax_chunk_costs_in_proportion_to_its_classes(monkeypatch):
     """A chunk's work is per class diagonal: at the same layout and sizes, 10 classes are
     twice the chunk passes of 5 (measured 26.63 against 14.1 s a step), the steps' serial
-    work is not scaled."""
+    work is not scaled (an exponential a chunk: one a step is tested below)."""
     from medblindtuner.hospital import budget
+
+    monkeypatch.setattr(budget, "compact_softmax_period", lambda *args: 0)
 
     layout = PackingLayout(PRODUCTION.slots, 64)
     passes = sum(budget.batch_chunks(2000, layout, 5)) + -(-500 // layout.samples_per_ct)
@@ -266,11 +275,13 @@ def test_a_softmax_chunk_costs_in_proportion_to_its_classes():
         2000, 500, layout, 5, HOSPITAL)
 
 
-def test_the_saturating_exponential_costs_more_and_buys_fewer_epochs():
+def test_the_saturating_exponential_costs_more_and_buys_fewer_epochs(monkeypatch):
     """Its degree-27 series makes a softmax chunk ~16 % dearer (benchmarks/scale.py): the
     passes are scaled, the steps' serial work is not, and the same allowance buys fewer
-    epochs; a recipe that picks it plans with that cost."""
+    epochs; a recipe that picks it plans with that cost (an exponential a chunk)."""
     from medblindtuner.hospital import budget
+
+    monkeypatch.setattr(budget, "compact_softmax_period", lambda *args: 0)
 
     layout = PackingLayout(PRODUCTION.slots, 32)
     plain, wide = (epoch_work(7000, 1000, layout, 7, HOSPITAL, saturated=s) for s in (0, 1))
@@ -279,6 +290,31 @@ def test_the_saturating_exponential_costs_more_and_buys_fewer_epochs():
     hours = 0.5
     assert affordable_epochs(7000, 1000, layout, 7, hours, HOSPITAL, saturated=True) < \
         affordable_epochs(7000, 1000, layout, 7, hours, HOSPITAL)
+
+
+@pytest.mark.parametrize("n_classes", [3, 5, 10])
+def test_one_exponential_a_step_is_planned_at_its_own_cost(monkeypatch, n_classes):
+    """Refresh mode "hospital", where the plan takes one exponential a step: its training
+    chunks and steps at their measured cost (validation chunks keep theirs), below the cost
+    of an exponential a chunk; bootstrap mode is unchanged. The budget's rule is the plan's."""
+    from medblindtuner.hospital import budget
+
+    params = params_for_mode(HOSPITAL)
+    layout = PackingLayout(params.slots, 32)
+    chunks = budget.batch_chunks(7000, layout, n_classes)
+    val = -(-1000 // layout.samples_per_ct)
+    compact = epoch_work(7000, 1000, layout, n_classes, HOSPITAL)
+    assert compact == pytest.approx(n_classes / 5 * (
+        budget.COMPACT_SOFTMAX_CHUNK_COST * sum(chunks) + val)
+        + len(chunks) * budget.COMPACT_SOFTMAX_STEP_COST)
+    bootstrap = epoch_work(7000, 1000, layout, n_classes, BOOTSTRAP)
+    monkeypatch.setattr(budget, "compact_softmax_period", lambda *args: 0)
+    assert compact < epoch_work(7000, 1000, layout, n_classes, HOSPITAL)
+    assert bootstrap == epoch_work(7000, 1000, layout, n_classes, BOOTSTRAP)
+    x = np.zeros((7000, 32))
+    plan = TrainingPlan.create(params, x, x[:1000], n_classes, TrainConfig(
+        learning_rate=1.0, batch_size=budget.derived_batch_size(7000, layout, n_classes)))
+    assert plan.chunks_per_step == max(chunks) and plan.compact_softmax
 
 
 def test_epoch_work_counts_each_extra_denominator_group(monkeypatch):

@@ -41,7 +41,23 @@ def trainer_for(keys, plan, dataset, directory, judge=None) -> EncryptedTrainer:
                           # step), 3 validation chunks gathered under one sigmoid
                           (2, 600, 600, 2, 300)])
 def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val):
-    data = toy_problem(n_classes, n_train=n_train, n_val=n_val, seed=5)
+    check_against_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val)
+
+
+@pytest.mark.parametrize(("n_classes", "dim", "n_train", "batch"),
+                         [(5, 15, 128, 128),  # 2 chunks: 16 places of 1 slot, gather masks
+                          (3, 15, 128, 128),  # 2 chunks of 4 places of r = 2 slots
+                          (4, 15, 192, 192)])  # 3 chunks (4 of 4 places), no gather mask
+def test_one_exponential_a_step_matches_mirror(tmp_path, n_classes, dim, n_train, batch):
+    """Several chunks a step share one exponential and one inverse (`compact_softmax`)."""
+    plan = check_against_mirror(tmp_path, n_classes, n_train, batch, 2, 30, dim)
+    assert plan.chunks_per_step > 1 and plan.compact_softmax
+
+
+def check_against_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val, dim=7):
+    """Train in refresh mode on a toy problem; the weights and validation losses must match
+    the mirror's and the refreshes and polynomials be the plan's. Returns the plan."""
+    data = toy_problem(n_classes, n_train=n_train, n_val=n_val, seed=5, dim=dim)
     lr = 2.0 if n_classes == 2 else 1.0
     config = TrainConfig(learning_rate=lr, momentum=0.9, epochs=epochs, batch_size=batch,
                          patience=3)
@@ -56,6 +72,9 @@ def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs
     levels = plan.train_chunk_levels(keys.params)
     if plan.compact_sigmoid:
         assert levels.x_dup == levels.x_grad == levels.labels > 1
+    elif plan.compact_softmax:  # the gather 4 below the top; the labels where the inverse
+        # is (degree 27 on the refreshed sums), x_grad after the product and the window mask
+        assert (levels.x_dup, levels.labels, levels.x_grad) == (9 - 4 + 1, 5, 7)
     else:  # binary: look-ahead, product, degree-59 sigmoid; softmax: where the spread
         # inverse is (degree-27 inverse on the refreshed denominators, unfold mask)
         assert levels.x_dup == 1
@@ -81,7 +100,13 @@ def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs
         assert ops["polynomial_evaluations"] == (
             state.steps * (1 if plan.compact_sigmoid else plan.chunks_per_step)
             + epochs * (1 if validation > 1 else validation))
+    assert plan.compact_softmax == (n_classes > 2 and plan.softmax_period > 0)
+    if plan.compact_softmax:  # one exponential and one inverse a step, whatever its chunks
+        assert ops["refreshes"] == 3 * state.steps + epochs * len(plan.val_batch_sizes)
+        assert ops["polynomial_evaluations"] == (
+            2 * state.steps + epochs * len(plan.val_batch_sizes) * (n_classes + 1))
     assert not any(key.startswith("bootstraps_") for key in ops.counts)  # no OpenFHE bootstrap
+    return plan
 
 
 def test_saturating_exponential_fits_a_refreshed_step(tmp_path):

@@ -122,6 +122,16 @@ class ShardWorker:
         return self._result({0: self.kernel.softmax_backward(
             {group: self._read(blob) for group, blob in inverses.items()}, scale)})
 
+    def softmax_gather(self, model: list[bytes], weights: list[float],
+                       placed: list[PlacedChunk]) -> PartialResult:
+        return self._result(self.kernel.softmax_gather(
+            [self._read(blob) for blob in model], weights, placed))
+
+    def softmax_scatter(self, deltas: bytes, placed: list[PlacedChunk],
+                        scale: float) -> PartialResult:
+        return self._result({0: self.kernel.softmax_scatter(self._read(deltas), placed,
+                                                            scale)})
+
     def held_chunks(self) -> list[int]:
         return sorted(self.kernel.chunks)
 
@@ -292,6 +302,23 @@ class RayShards:
 
         blob = ray.put(ciphertext_to_bytes(probabilities))
         return self._run("binary_backward", {shard: (blob, mine, scale)
+                                             for shard, mine in self._by_shard(placed).items()})[0]
+
+    def softmax_gather(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
+                       placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
+        import ray
+
+        blobs = ray.put([ciphertext_to_bytes(ct) for ct in model])
+        weights = [float(w) for w in weights]
+        return self._run("softmax_gather", {shard: (blobs, weights, mine)
+                                            for shard, mine in self._by_shard(placed).items()})
+
+    def softmax_scatter(self, deltas: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
+                        scale: float) -> ofhe.Ciphertext:
+        import ray
+
+        blob = ray.put(ciphertext_to_bytes(deltas))
+        return self._run("softmax_scatter", {shard: (blob, mine, scale)
                                              for shard, mine in self._by_shard(placed).items()})[0]
 
     def softmax_forward(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],

@@ -23,6 +23,10 @@ Softmax head, two phases around the driver's denominator bootstrap:
               e_k * P - (lr/n Y_k) * x_grad, i.e. (softmax_k - lr/n Y_k) * x_grad, summed over
               the chunks, rotated back per class (the driver adds the period sum): the
               exponentials meet one product, not two (a level for the saturating exp).
+Softmax head with one exponential a step (`TrainingPlan.compact_softmax`, refresh mode
+"hospital"): `softmax_gather` gathers every chunk's and diagonal's partial logits (and labels)
+into one ciphertext, the driver refreshes them, runs the exponential, the sums and the inverse
+once, and `softmax_scatter` spreads each logit's softmax - label back over its block.
 """
 
 from __future__ import annotations
@@ -247,6 +251,49 @@ class StepKernel:
                 self.ev.rotate(picked, -shift) if shift else picked)
             self._pending.append((position, index, exps))
         return {group: self.ev.add_many(cts) for group, cts in parts.items()}
+
+    def softmax_gather(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
+                       placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
+        """One exponential a step (`TrainingPlan.compact_softmax`): these chunks' partial
+        logits (0) and labels (1), each gathered into one ciphertext. Logit q = p C + k
+        (chunk at step position p, diagonal k) sums its products over strides r .. d/2
+        (r = `TrainingPlan.softmax_period`) and keeps slots q r .. q r + r - 1 of each block
+        (the driver adds the last r once for the step); its label keeps slot q r."""
+        r, width = self.plan.softmax_period, self.softmax.class_slots
+        strides = self.layout.strides_from(r, self.layout.block // 2)
+        diagonals = self.diagonals(model, weights)
+        logits, labels = [], []
+        for position, index in placed:
+            chunk = self.chunks[index]
+            for k, diagonal in enumerate(diagonals):
+                q = position * width + k
+                partial = self.ev.rotate_and_sum(self.ev.mul(chunk.x_dup, diagonal), strides)
+                logits.append(self.masked(partial, ("softmax window", q, r),
+                                          lambda q=q: self.layout.window_mask([q * r], r)))
+                labels.append(self.masked(chunk.labels[k], ("softmax label", q, r),
+                                          lambda q=q: self.layout.window_mask([q * r])))
+        return {0: self.ev.add_many(logits), 1: self.ev.add_many(labels)}
+
+    def softmax_scatter(self, deltas: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
+                        scale: float) -> ofhe.Ciphertext:
+        """Gradient terms of these chunks from the step's softmax_q - Y_q (one exponential a
+        step), summed and gathered into the model layout. `deltas`: logit q's value moved
+        right by d and summed over strides 1 .. r/2 by the driver, so it fills slots
+        d + q r - r + 1 .. d + q r of each block; each (chunk, diagonal) picks its window
+        (times the step size), spreads it over strides r .. d/2 and d (the first half of its
+        block, as `binary_backward`) and meets x_grad."""
+        d, r, width = self.layout.block, self.plan.softmax_period, self.softmax.class_slots
+        strides = self.layout.strides_from(r, d // 2) + [d]
+        summed: list[ofhe.Ciphertext | None] = [None] * self.softmax.n_classes
+        for position, index in placed:
+            chunk = self.chunks[index]
+            for k in range(self.softmax.n_classes):
+                start = d + (position * width + k) * r - r + 1
+                own = self.masked(deltas, ("softmax back", start, r, scale),
+                                  lambda s=start: scale * self.layout.window_mask([s], r))
+                term = self.ev.mul(self.ev.rotate_and_sum(own, strides), chunk.x_grad)
+                summed[k] = term if summed[k] is None else self.ev.add(summed[k], term)
+        return self.gather(summed)
 
     def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
                          scale: float) -> ofhe.Ciphertext:

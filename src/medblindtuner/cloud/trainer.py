@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import openfhe as ofhe
 
 from medblindtuner.cloud.kernel import PlacedChunk, StepKernel
@@ -66,7 +67,11 @@ from medblindtuner.he.keys import BundleError
 from medblindtuner.he.packing import next_power_of_two
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset
 from medblindtuner.training.plain import epoch_batch_order
-from medblindtuner.training.plan import COMPACT_FORWARD_LEVELS, Decision
+from medblindtuner.training.plan import (
+    COMPACT_FORWARD_LEVELS,
+    SOFTMAX_GATHER_LEVELS,
+    Decision,
+)
 
 
 class Shards(Protocol):
@@ -87,6 +92,12 @@ class Shards(Protocol):
 
     def softmax_backward(self, inverses: dict[int, ofhe.Ciphertext],
                          scale: float) -> ofhe.Ciphertext: ...
+
+    def softmax_gather(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
+                       placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]: ...
+
+    def softmax_scatter(self, deltas: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
+                        scale: float) -> ofhe.Ciphertext: ...
 
 
 @dataclass
@@ -183,6 +194,58 @@ class EncryptedTrainer:
         return self.shards.binary_backward(self.ev.rotate_and_sum(probabilities, shared),
                                            placed, scale)
 
+    def _compact_softmax_terms(self, placed: list[PlacedChunk],
+                               scale: float) -> ofhe.Ciphertext:
+        """Softmax terms with ONE exponential a step (`TrainingPlan.compact_softmax`): the
+        chunks' gathered partial logits are summed over their last r slots, masked to the
+        logits' slots and refreshed; the exponential runs once (slots without a logit give
+        the series' value at the interval's map of 0, taken off as a constant); each chunk's
+        sum over its C places is selected at its first place and refreshed; the inverse runs
+        once (slots without a sum sit at the interval's centre, their value taken off) and is
+        spread right over the C places; softmax - label, moved right by d and summed over the
+        r slots, goes back to the chunks (`StepKernel.softmax_scatter`)."""
+        m, top = self.plan.config.momentum, self.ev.max_level
+        kernel, layout, softmax = self.kernel, self.layout, self.softmax
+        exp, inverse = self.plan.activation.exp, self.plan.activation.inverse
+        r, width, n = self.plan.softmax_period, softmax.class_slots, len(placed)
+        if not self.plan.compact_softmax_fits(self.ev.params):
+            raise ValueError("one exponential a step does not fit these parameters' levels")
+        shared = layout.strides_from(1, r // 2)
+        places = layout.strides_from(r, r * width // 2)
+        logit_slots = layout.window_mask([(p * width + k) * r for p in range(n)
+                                          for k in range(softmax.n_classes)])
+        sum_slots = layout.window_mask([p * width * r for p in range(n)])
+        model = [self.ev.drop_to(ct, top - SOFTMAX_GATHER_LEVELS) for ct in self.model]
+        gathered = self.shards.softmax_gather(model, [1 + m, -m], placed)
+        logits = kernel.masked(self.ev.rotate_and_sum(gathered[0], shared),
+                               ("softmax logits", r, n), lambda: logit_slots)
+        unit = self.ev.add_scalar(self.ev.bootstrap(logits), exp.unit_map[1])
+        exps = self._off_slots(self.ev.chebyshev_unit(unit, exp.coefficients),
+                               ("softmax exp off", r, n), exp.at_unit(exp.unit_map[1]),
+                               logit_slots)
+        alpha, beta = inverse.unit_map
+        sums = kernel.masked(self.ev.rotate_and_sum(exps, places), ("softmax sums", r, n, alpha),
+                             lambda: alpha * sum_slots)
+        fresh = self.ev.bootstrap(sums)
+        unit = self.ev.add_plain(fresh, self.ev.cached_plaintext(
+            ("softmax sum map", r, n, beta), lambda: beta * sum_slots,
+            self.ev.effective_level(fresh)))
+        inverses = self._off_slots(self.ev.chebyshev_unit(unit, inverse.coefficients),
+                                   ("softmax inverse off", r, n), inverse.at_unit(0.0),
+                                   sum_slots)
+        spread = self.ev.rotate_and_sum(inverses, [-s for s in places])
+        deltas = self.ev.sub(self.ev.mul(exps, spread), gathered[1])
+        moved = self.ev.rotate_and_sum(self.ev.rotate(deltas, -layout.block), shared)
+        return self.shards.softmax_scatter(moved, placed, scale)
+
+    def _off_slots(self, ct: ofhe.Ciphertext, key: tuple, value: float,
+                   kept: np.ndarray) -> ofhe.Ciphertext:
+        """ct less `value` wherever `kept` is 0 (a series' known value on slots that held no
+        input): zero there, for no level."""
+        plain = self.ev.cached_plaintext(key + (value,), lambda: -value * (1.0 - kept),
+                                         self.ev.effective_level(ct))
+        return self.ev.add_plain(ct, plain)
+
     def _logit_slots(self, gathered: ofhe.Ciphertext, chunks: int) -> ofhe.Ciphertext:
         """Only the step's logits (slot p r of each block for its chunks p), zero elsewhere."""
         r = self.plan.compact_period
@@ -221,6 +284,11 @@ class EncryptedTrainer:
                 self.kernel.unit_lookahead(self.model, [1 + m, -m]), placed, scale)
             gradient = self.ev.rotate_and_sum(terms, self.layout.gradient_strides)
             period = self.layout.block
+        elif self.plan.compact_softmax:
+            terms = self._compact_softmax_terms(placed, scale)
+            half = self.ev.rotate_and_sum(terms, self.softmax.period_sum_strides)
+            gradient = self.ev.add(half, self.ev.rotate(half, -self.layout.block))
+            period = self.softmax.bootstrap_period
         else:
             d, softmax = self.layout.block, self.softmax
             compacts = self.shards.softmax_forward(self.model, [1 + m, -m], placed)

@@ -196,6 +196,10 @@ class Evaluator:
         with self.ops.timed("additions"):
             return self.context.EvalAdd(a, float(value))
 
+    def add_plain(self, a: ofhe.Ciphertext, plain: ofhe.Plaintext) -> ofhe.Ciphertext:
+        with self.ops.timed("additions"):
+            return self.context.EvalAdd(a, plain)
+
     def add_many(self, cts: Sequence[ofhe.Ciphertext]) -> ofhe.Ciphertext:
         with self.ops.timed("additions", max(len(cts) - 1, 0)):
             return self.context.EvalAddMany(list(cts))

@@ -14,7 +14,11 @@ from __future__ import annotations
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.he.params import BOOTSTRAP, HOSPITAL
 from medblindtuner.training.plain import make_batches
-from medblindtuner.training.plan import denominator_group_chunks, max_batch_size
+from medblindtuner.training.plan import (
+    compact_softmax_period,
+    denominator_group_chunks,
+    max_batch_size,
+)
 
 # Default encrypted training time the recipe may plan for: the main job in minutes (a
 # 5,000-image binary set end to end within 15 minutes, docs/results.md); the user may give more.
@@ -56,6 +60,14 @@ SOFTMAX_COST_CLASSES = 5
 # (`python benchmarks/scale.py --heads softmax softmax-wide --sizes 2000 --steps 3 --refresh
 # hospital`, quiet; docs/results.md).
 SATURATED_EXP_CHUNK_COST = 1.16
+# One exponential a step (refresh mode "hospital", `TrainingPlan.compact_softmax`): a training
+# chunk's part costs 0.36 of a chunk with its own exponentials and the step's serial part
+# (three refreshes, the exponential and the inverse) 0.43 of one; validation chunks keep their
+# own exponentials. Measured in one run, quiet (`python benchmarks/scale.py --heads softmax
+# softmax-chunkwise --sizes 2000 --steps 3 --refresh hospital`, 5 classes, PCA 31, 2 chunks a
+# step): 2.39 and 2.83 s against a 6.58 s chunk; docs/results.md.
+COMPACT_SOFTMAX_CHUNK_COST = 0.36
+COMPACT_SOFTMAX_STEP_COST = 0.43
 # Each further softmax denominator group of a step: bootstrap mode one more bootstrap at the
 # shared slot count (15.6 s at 2048 slots, benchmarks/bootstrap_memory.py, against a 20.0 s
 # chunk); refresh mode one more refresh round trip and inverse (~0.5 s against ~5-6 s).
@@ -92,10 +104,19 @@ def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
     a chunk of c classes counts c / `SOFTMAX_COST_CLASSES`, and `SATURATED_EXP_CHUNK_COST`
     times that with the saturating exponential): every training and validation chunk, plus
     each step's serial work (`STEP_COST_IN_CHUNKS`) and softmax's further denominator
-    groups."""
+    groups; with one exponential a step (`COMPACT_SOFTMAX_CHUNK_COST`) its training chunks
+    and steps at their own cost."""
     chunks = batch_chunks(n_train, layout, n_classes)
-    passes = sum(chunks) + -(-n_val // layout.samples_per_ct)
+    validation = -(-n_val // layout.samples_per_ct)
+    passes = sum(chunks) + validation
     serial = len(chunks) * STEP_COST_IN_CHUNKS[refresh, head_kind(n_classes)]
+    if n_classes > 2 and refresh == HOSPITAL and compact_softmax_period(layout, n_classes,
+                                                                        max(chunks)):
+        per_chunk = n_classes / SOFTMAX_COST_CLASSES
+        exp_cost = SATURATED_EXP_CHUNK_COST if saturated else 1.0
+        return float(per_chunk * (COMPACT_SOFTMAX_CHUNK_COST * sum(chunks)
+                                  + exp_cost * validation)
+                     + len(chunks) * COMPACT_SOFTMAX_STEP_COST)
     if n_classes > 2:
         passes *= n_classes / SOFTMAX_COST_CLASSES
         passes *= SATURATED_EXP_CHUNK_COST if saturated else 1.0

@@ -117,6 +117,11 @@ class ChebyshevApprox:
         at_zero = float(np.polynomial.chebyshev.chebval(0.0, even) - 0.5 * even[0])
         return tuple(float(c) for c in odd), at_zero
 
+    def at_unit(self, t: float) -> float:
+        """The series' value at t on [-1, 1] (what `chebyshev_unit` gives for an input t)."""
+        coeffs = np.array(self.coefficients)
+        return float(np.polynomial.chebyshev.chebval(t, coeffs) - 0.5 * coeffs[0])
+
     def scaled(self, factor: float) -> ChebyshevApprox:
         return ChebyshevApprox(self.name, self.a, self.b, self.degree, self.scale * factor)
 

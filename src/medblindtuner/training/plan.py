@@ -68,6 +68,9 @@ def denominator_group_chunks(layout: PackingLayout, chunks_per_step: int) -> int
 # Levels a step with one sigmoid spends from its model to the refresh of the gathered logits:
 # the look-ahead, the product with x_dup and the chunk's window mask (`cloud.trainer`).
 COMPACT_FORWARD_LEVELS = 3
+# The same for one exponential a step (softmax): the diagonals, the product with x_dup, the
+# chunk's window mask and the mask to the logits' slots.
+SOFTMAX_GATHER_LEVELS = 4
 
 
 def compact_sigmoid_fits(layout: PackingLayout, chunks_per_step: int) -> bool:
@@ -76,6 +79,25 @@ def compact_sigmoid_fits(layout: PackingLayout, chunks_per_step: int) -> bool:
     and more than one chunk (one chunk has one sigmoid anyway: a second refresh would not
     pay)."""
     return 2 <= layout.block and 2 <= chunks_per_step <= layout.block
+
+
+def compact_softmax_period(layout: PackingLayout, n_classes: int, chunks_per_step: int) -> int:
+    """r for one exponential a step: logit q = p C + k (chunk p, diagonal k, C classes padded
+    to a power of two) owns slots q r .. q r + r - 1 of each block's first half; 0 when a
+    step's C x chunks (rounded up to a power of two) do not fit its d slots."""
+    places = next_power_of_two(n_classes) * next_power_of_two(chunks_per_step)
+    return layout.block // places if places <= layout.block else 0
+
+
+def compact_softmax_levels(activation: ActivationPlan, cyclic: bool) -> tuple[int, int, int]:
+    """Levels one exponential a step spends (`cloud.trainer`) after the logits' refresh, after
+    the denominators' refresh, and where the probabilities are formed (counted from a
+    refresh): the exponential's or the inverse's series, then the probabilities (one
+    product), the chunk's window mask, x_grad, and the diagonals' gather masks unless the
+    classes are a power of two; the exponentials also meet the sums' selection mask."""
+    probabilities = max(activation.exp.unit_depth, activation.inverse.unit_depth) + 1
+    tail = probabilities + 2 + (0 if cyclic else 1)
+    return max(tail, activation.exp.unit_depth + 1), tail, probabilities
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,10 @@ class TrainingPlan:
     # binary head, hospital refresh: a step's logits are gathered into one ciphertext that the
     # key holder refreshes, so the sigmoid runs once a step, not once a chunk (`cloud.trainer`)
     compact_sigmoid: bool = False
+    # softmax head, hospital refresh: a step's logits of every chunk and class are gathered
+    # into one ciphertext, so the exponential (and the inverse) runs once a step
+    # (`cloud.trainer`, docs/design.md "One exponential a step")
+    compact_softmax: bool = False
 
     @property
     def layout(self) -> PackingLayout:
@@ -164,6 +190,11 @@ class TrainingPlan:
         `he.threshold.joint_data_level`); validation chunks stay there."""
         if self.compact_sigmoid and params.refreshed_by_hospital:
             return ChunkLevels.uniform(max_refresh_level(params) - COMPACT_FORWARD_LEVELS + 1)
+        if self.compact_softmax and params.refreshed_by_hospital:
+            probabilities = compact_softmax_levels(self.activation,
+                                                   self.softmax_layout.cyclic)[2]
+            return ChunkLevels(x_dup=max_refresh_level(params) - SOFTMAX_GATHER_LEVELS + 1,
+                               x_grad=probabilities + 1, labels=probabilities - 1)
         base = data_level(params) if base is None else base
         if self.activation.binary:
             probabilities = base + 2 + self.activation.sigmoid.unit_depth
@@ -181,6 +212,11 @@ class TrainingPlan:
         return self.layout.block // next_power_of_two(self.chunks_per_step)
 
     @property
+    def softmax_period(self) -> int:
+        """r of one exponential a step (`compact_softmax_period`)."""
+        return compact_softmax_period(self.layout, self.n_classes, self.chunks_per_step)
+
+    @property
     def bootstrap_slots(self) -> tuple[int, ...]:
         softmax = self.softmax_layout
         if softmax is None:
@@ -190,10 +226,13 @@ class TrainingPlan:
     @property
     def refreshes_per_step(self) -> int:
         """Refreshes (bootstraps) of one training step: the model's, and for a softmax head
-        one per denominator group, for a compact sigmoid the gathered logits'."""
+        one per denominator group (one exponential a step: the gathered logits' and their
+        denominators'), for a compact sigmoid the gathered logits'."""
         softmax = self.softmax_layout
         if softmax is None:
             return 2 if self.compact_sigmoid else 1
+        if self.compact_softmax:
+            return 3
         return 1 + -(-self.chunks_per_step // softmax.chunks)
 
     @property
@@ -217,6 +256,9 @@ class TrainingPlan:
         """Every rotation the cloud's training uses (the driver's and the kernels')."""
         softmax = self.softmax_layout
         extra = softmax.rotation_indices if softmax is not None else []
+        if self.compact_softmax:  # the inverse's spread over a chunk's classes (rightwards)
+            r = self.softmax_period
+            extra = extra + [-s for s in self.layout.strides_from(r, r * softmax.class_slots // 2)]
         return sorted(set(self.layout.rotation_indices + extra))
 
     @property
@@ -268,6 +310,7 @@ class TrainingPlan:
             "val_batch_sizes": list(self.val_batch_sizes),
             "denominator_chunks": self.denominator_chunks,
             "compact_sigmoid": self.compact_sigmoid,
+            "compact_softmax": self.compact_softmax,
         }
 
     @classmethod
@@ -283,6 +326,7 @@ class TrainingPlan:
             denominator_chunks=(None if data.get("denominator_chunks") is None
                                 else int(data["denominator_chunks"])),
             compact_sigmoid=bool(data.get("compact_sigmoid", False)),
+            compact_softmax=bool(data.get("compact_softmax", False)),
         )
 
     @classmethod
@@ -324,7 +368,19 @@ class TrainingPlan:
         if n_classes > 2 and denominator_chunks is None:
             plan = replace(plan, denominator_chunks=denominator_group_chunks(
                 layout, plan.chunks_per_step))
+        if n_classes > 2 and params.refreshed_by_hospital:
+            plan = replace(plan, compact_softmax=plan.compact_softmax_fits(params))
         return plan
+
+    def compact_softmax_fits(self, params: CkksParams) -> bool:
+        """Whether one exponential a step fits: its logits in a block's first half
+        (`softmax_period`) and its levels between refreshes (`compact_softmax_levels`)."""
+        softmax = self.softmax_layout
+        if softmax is None or not params.refreshed_by_hospital or not self.softmax_period:
+            return False
+        top = max_refresh_level(params)
+        after_logits, after_sums, _ = compact_softmax_levels(self.activation, softmax.cyclic)
+        return max(after_logits, after_sums, SOFTMAX_GATHER_LEVELS) <= top
 
     def check_ranges(self, x_train, y_train, x_val, y_val, margin: float = RANGE_MARGIN):
         """Hospital-side check with the mirror: logits stay inside the approximation interval.

@@ -293,28 +293,32 @@ def test_the_saturating_exponential_costs_more_and_buys_fewer_epochs(monkeypatch
 
 
 @pytest.mark.parametrize("n_classes", [3, 5, 10])
-def test_one_exponential_a_step_is_planned_at_its_own_cost(monkeypatch, n_classes):
+@pytest.mark.parametrize("n_val", [1000, 300])  # 4 validation chunks; 2, gathered
+def test_one_exponential_a_step_is_planned_at_its_own_cost(monkeypatch, n_classes, n_val):
     """Refresh mode "hospital", where the plan takes one exponential a step: its training
-    chunks and steps at their measured cost (validation chunks keep theirs), below the cost
-    of an exponential a chunk; bootstrap mode is unchanged. The budget's rule is the plan's."""
+    chunks and steps at their measured cost, and its validation chunks too where the plan
+    gathers them (else at theirs), below the cost of an exponential a chunk; bootstrap mode
+    is unchanged. The budget's rules are the plan's."""
     from medblindtuner.hospital import budget
 
     params = params_for_mode(HOSPITAL)
     layout = PackingLayout(params.slots, 32)
     chunks = budget.batch_chunks(7000, layout, n_classes)
-    val = -(-1000 // layout.samples_per_ct)
-    compact = epoch_work(7000, 1000, layout, n_classes, HOSPITAL)
-    assert compact == pytest.approx(n_classes / 5 * (
-        budget.COMPACT_SOFTMAX_CHUNK_COST * sum(chunks) + val)
-        + len(chunks) * budget.COMPACT_SOFTMAX_STEP_COST)
-    bootstrap = epoch_work(7000, 1000, layout, n_classes, BOOTSTRAP)
-    monkeypatch.setattr(budget, "compact_softmax_period", lambda *args: 0)
-    assert compact < epoch_work(7000, 1000, layout, n_classes, HOSPITAL)
-    assert bootstrap == epoch_work(7000, 1000, layout, n_classes, BOOTSTRAP)
     x = np.zeros((7000, 32))
-    plan = TrainingPlan.create(params, x, x[:1000], n_classes, TrainConfig(
+    plan = TrainingPlan.create(params, x, x[:n_val], n_classes, TrainConfig(
         learning_rate=1.0, batch_size=budget.derived_batch_size(7000, layout, n_classes)))
     assert plan.chunks_per_step == max(chunks) and plan.compact_softmax
+    assert plan.compact_validation == (n_val == 300)
+    val, per_chunk = len(plan.val_batch_sizes), n_classes / 5
+    checks = (per_chunk * budget.COMPACT_SOFTMAX_CHUNK_COST * val
+              + budget.COMPACT_SOFTMAX_STEP_COST) if plan.compact_validation else per_chunk * val
+    compact = epoch_work(7000, n_val, layout, n_classes, HOSPITAL)
+    assert compact == pytest.approx(per_chunk * budget.COMPACT_SOFTMAX_CHUNK_COST * sum(chunks)
+                                    + checks + len(chunks) * budget.COMPACT_SOFTMAX_STEP_COST)
+    bootstrap = epoch_work(7000, n_val, layout, n_classes, BOOTSTRAP)
+    monkeypatch.setattr(budget, "compact_softmax_period", lambda *args: 0)
+    assert compact < epoch_work(7000, n_val, layout, n_classes, HOSPITAL)
+    assert bootstrap == epoch_work(7000, n_val, layout, n_classes, BOOTSTRAP)
 
 
 def test_epoch_work_counts_each_extra_denominator_group(monkeypatch):

@@ -259,12 +259,19 @@ class StepKernel:
         (chunk at step position p, diagonal k) sums its products over strides r .. d/2
         (r = `TrainingPlan.softmax_period`) and keeps slots q r .. q r + r - 1 of each block
         (the driver adds the last r once for the step); its label keeps slot q r."""
-        r, width = self.plan.softmax_period, self.softmax.class_slots
+        return self.gather_softmax_logits(
+            [(position, self.chunks[index]) for position, index in placed],
+            self.diagonals(model, weights), self.plan.softmax_period)
+
+    def gather_softmax_logits(self, chunks: Sequence[tuple[int, EncryptedChunk]],
+                              diagonals: Sequence[ofhe.Ciphertext],
+                              r: int) -> dict[int, ofhe.Ciphertext]:
+        """`softmax_gather` for (position, chunk) pairs under these diagonals, windows of r
+        slots (the driver gathers the validation chunks the same way)."""
+        width = self.softmax.class_slots
         strides = self.layout.strides_from(r, self.layout.block // 2)
-        diagonals = self.diagonals(model, weights)
         logits, labels = [], []
-        for position, index in placed:
-            chunk = self.chunks[index]
+        for position, chunk in chunks:
             for k, diagonal in enumerate(diagonals):
                 q = position * width + k
                 partial = self.ev.rotate_and_sum(self.ev.mul(chunk.x_dup, diagonal), strides)

@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import openfhe as ofhe
 
+from medblindtuner.cloud.compact import CompactSoftmax
 from medblindtuner.cloud.kernel import PlacedChunk, StepKernel
 from medblindtuner.failpoints import failpoint
 from medblindtuner.he.ciphertexts import (
@@ -128,6 +128,7 @@ class EncryptedTrainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.state = EncryptedState()
+        self.compact = CompactSoftmax(evaluator, self.kernel) if self.softmax else None
         # [W, W_prev]: d-periodic weight rows (binary) or class-diagonal model cts (softmax)
         self.model: list[ofhe.Ciphertext] = []
 
@@ -197,54 +198,20 @@ class EncryptedTrainer:
     def _compact_softmax_terms(self, placed: list[PlacedChunk],
                                scale: float) -> ofhe.Ciphertext:
         """Softmax terms with ONE exponential a step (`TrainingPlan.compact_softmax`): the
-        chunks' gathered partial logits are summed over their last r slots, masked to the
-        logits' slots and refreshed; the exponential runs once (slots without a logit give
-        the series' value at the interval's map of 0, taken off as a constant); each chunk's
-        sum over its C places is selected at its first place and refreshed; the inverse runs
-        once (slots without a sum sit at the interval's centre, their value taken off) and is
-        spread right over the C places; softmax - label, moved right by d and summed over the
-        r slots, goes back to the chunks (`StepKernel.softmax_scatter`)."""
+        chunks' gathered logits and labels (`StepKernel.softmax_gather`, the model dropped to
+        where the gather ends at the refreshable top) give softmax - label at each logit's
+        slot (`CompactSoftmax.deltas`), which, moved right by d and summed over the r
+        slots, goes back to the chunks (`StepKernel.softmax_scatter`)."""
         m, top = self.plan.config.momentum, self.ev.max_level
-        kernel, layout, softmax = self.kernel, self.layout, self.softmax
-        exp, inverse = self.plan.activation.exp, self.plan.activation.inverse
-        r, width, n = self.plan.softmax_period, softmax.class_slots, len(placed)
         if not self.plan.compact_softmax_fits(self.ev.params):
             raise ValueError("one exponential a step does not fit these parameters' levels")
-        shared = layout.strides_from(1, r // 2)
-        places = layout.strides_from(r, r * width // 2)
-        logit_slots = layout.window_mask([(p * width + k) * r for p in range(n)
-                                          for k in range(softmax.n_classes)])
-        sum_slots = layout.window_mask([p * width * r for p in range(n)])
+        r = self.plan.softmax_period
         model = [self.ev.drop_to(ct, top - SOFTMAX_GATHER_LEVELS) for ct in self.model]
         gathered = self.shards.softmax_gather(model, [1 + m, -m], placed)
-        logits = kernel.masked(self.ev.rotate_and_sum(gathered[0], shared),
-                               ("softmax logits", r, n), lambda: logit_slots)
-        unit = self.ev.add_scalar(self.ev.bootstrap(logits), exp.unit_map[1])
-        exps = self._off_slots(self.ev.chebyshev_unit(unit, exp.coefficients),
-                               ("softmax exp off", r, n), exp.at_unit(exp.unit_map[1]),
-                               logit_slots)
-        alpha, beta = inverse.unit_map
-        sums = kernel.masked(self.ev.rotate_and_sum(exps, places), ("softmax sums", r, n, alpha),
-                             lambda: alpha * sum_slots)
-        fresh = self.ev.bootstrap(sums)
-        unit = self.ev.add_plain(fresh, self.ev.cached_plaintext(
-            ("softmax sum map", r, n, beta), lambda: beta * sum_slots,
-            self.ev.effective_level(fresh)))
-        inverses = self._off_slots(self.ev.chebyshev_unit(unit, inverse.coefficients),
-                                   ("softmax inverse off", r, n), inverse.at_unit(0.0),
-                                   sum_slots)
-        spread = self.ev.rotate_and_sum(inverses, [-s for s in places])
-        deltas = self.ev.sub(self.ev.mul(exps, spread), gathered[1])
-        moved = self.ev.rotate_and_sum(self.ev.rotate(deltas, -layout.block), shared)
+        deltas = self.compact.deltas(gathered, len(placed), r)
+        moved = self.ev.rotate_and_sum(self.ev.rotate(deltas, -self.layout.block),
+                                       self.layout.strides_from(1, r // 2))
         return self.shards.softmax_scatter(moved, placed, scale)
-
-    def _off_slots(self, ct: ofhe.Ciphertext, key: tuple, value: float,
-                   kept: np.ndarray) -> ofhe.Ciphertext:
-        """ct less `value` wherever `kept` is 0 (a series' known value on slots that held no
-        input): zero there, for no level."""
-        plain = self.ev.cached_plaintext(key + (value,), lambda: -value * (1.0 - kept),
-                                         self.ev.effective_level(ct))
-        return self.ev.add_plain(ct, plain)
 
     def _logit_slots(self, gathered: ofhe.Ciphertext, chunks: int) -> ofhe.Ciphertext:
         """Only the step's logits (slot p r of each block for its chunks p), zero elsewhere."""
@@ -323,6 +290,10 @@ class EncryptedTrainer:
         chunk under the current (pre-step) model where its last group has a free place: the
         encrypted validation loss of that model then costs no bootstrap of its own."""
         current = self.model[0]
+        if self.plan.compact_validation:
+            loss = self.compact.loss(current, self.data.val)
+            self.step(batch)
+            return loss
         first = self.step(batch, validation=self.data.val[0])
         if first is None:  # the step's last denominator group had no free place
             first = self.probabilities(self.data.val[0], current)
@@ -337,6 +308,8 @@ class EncryptedTrainer:
         """
         if self.softmax is None and 2 <= len(self.data.val) <= self.layout.block:
             return self._gathered_sum_of_squares(self.model[0])
+        if self.plan.compact_validation:
+            return self.compact.loss(self.model[0], self.data.val)
         return self._sum_of_squares([(chunk, self.probabilities(chunk, self.model[0]))
                                      for chunk in self.data.val])
 

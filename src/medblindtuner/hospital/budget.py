@@ -11,7 +11,7 @@ promises.
 
 from __future__ import annotations
 
-from medblindtuner.he.packing import PackingLayout
+from medblindtuner.he.packing import PackingLayout, next_power_of_two
 from medblindtuner.he.params import BOOTSTRAP, HOSPITAL
 from medblindtuner.training.plain import make_batches
 from medblindtuner.training.plan import (
@@ -105,17 +105,22 @@ def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
     times that with the saturating exponential): every training and validation chunk, plus
     each step's serial work (`STEP_COST_IN_CHUNKS`) and softmax's further denominator
     groups; with one exponential a step (`COMPACT_SOFTMAX_CHUNK_COST`) its training chunks
-    and steps at their own cost."""
+    and steps at their own cost, and the validation chunks too where they are gathered
+    (`TrainingPlan.compact_validation`)."""
     chunks = batch_chunks(n_train, layout, n_classes)
     validation = -(-n_val // layout.samples_per_ct)
     passes = sum(chunks) + validation
     serial = len(chunks) * STEP_COST_IN_CHUNKS[refresh, head_kind(n_classes)]
-    if n_classes > 2 and refresh == HOSPITAL and compact_softmax_period(layout, n_classes,
-                                                                        max(chunks)):
+    period = compact_softmax_period(layout, n_classes, max(chunks))
+    if n_classes > 2 and refresh == HOSPITAL and period:
         per_chunk = n_classes / SOFTMAX_COST_CLASSES
-        exp_cost = SATURATED_EXP_CHUNK_COST if saturated else 1.0
-        return float(per_chunk * (COMPACT_SOFTMAX_CHUNK_COST * sum(chunks)
-                                  + exp_cost * validation)
+        if validation and (next_power_of_two(n_classes) * next_power_of_two(validation)
+                           * period <= layout.block):  # gathered as a step's chunks are
+            checks = (per_chunk * COMPACT_SOFTMAX_CHUNK_COST * validation
+                      + COMPACT_SOFTMAX_STEP_COST)
+        else:
+            checks = per_chunk * validation * (SATURATED_EXP_CHUNK_COST if saturated else 1.0)
+        return float(per_chunk * COMPACT_SOFTMAX_CHUNK_COST * sum(chunks) + checks
                      + len(chunks) * COMPACT_SOFTMAX_STEP_COST)
     if n_classes > 2:
         passes *= n_classes / SOFTMAX_COST_CLASSES

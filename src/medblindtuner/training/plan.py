@@ -238,11 +238,28 @@ class TrainingPlan:
     @property
     def max_refreshes(self) -> int:
         """Most refreshes the whole job may ask for: every step's, and for a softmax head one
-        per validation chunk and epoch (chunks that ride in a step's group need fewer). The
-        key holder answers no refresh beyond it (`hospital.refresher`)."""
+        per validation chunk and epoch (chunks that ride in a step's group need fewer; two
+        for all of them with `compact_validation`). The key holder answers no refresh beyond
+        it (`hospital.refresher`)."""
         steps = self.config.epochs * len(self.train_batch_sizes)
         validation = 0 if self.softmax_layout is None else len(self.val_batch_sizes)
+        if self.compact_validation:
+            validation = 2
         return steps * self.refreshes_per_step + self.config.epochs * validation
+
+    @property
+    def validation_period(self) -> int:
+        """r of the validation chunks gathered as one step's chunks are: the step's own
+        (`softmax_period`, so no other rotation key), or 0 when they do not fit its places."""
+        r = self.softmax_period
+        places = next_power_of_two(self.n_classes) * next_power_of_two(len(self.val_batch_sizes))
+        return r if self.val_batch_sizes and places * r <= self.layout.block else 0
+
+    @property
+    def compact_validation(self) -> bool:
+        """With one exponential a step, the validation loss also takes one exponential and
+        one inverse for all validation chunks when they fit one ciphertext (`cloud.trainer`)."""
+        return self.compact_softmax and self.validation_period > 0
 
     def job_tag(self, params: CkksParams) -> str:
         """Public name of this plan under these parameters: a refresh request carries it, and

@@ -265,7 +265,7 @@ def test_a_softmax_chunk_costs_in_proportion_to_its_classes(monkeypatch):
     work is not scaled (an exponential a chunk: one a step is tested below)."""
     from medblindtuner.hospital import budget
 
-    monkeypatch.setattr(budget, "compact_softmax_period", lambda *args: 0)
+    monkeypatch.setattr(budget, "compact_softmax_group", lambda *args: 0)
 
     layout = PackingLayout(PRODUCTION.slots, 64)
     passes = sum(budget.batch_chunks(2000, layout, 5)) + -(-500 // layout.samples_per_ct)
@@ -281,7 +281,7 @@ def test_the_saturating_exponential_costs_more_and_buys_fewer_epochs(monkeypatch
     epochs; a recipe that picks it plans with that cost (an exponential a chunk)."""
     from medblindtuner.hospital import budget
 
-    monkeypatch.setattr(budget, "compact_softmax_period", lambda *args: 0)
+    monkeypatch.setattr(budget, "compact_softmax_group", lambda *args: 0)
 
     layout = PackingLayout(PRODUCTION.slots, 32)
     plain, wide = (epoch_work(7000, 1000, layout, 7, HOSPITAL, saturated=s) for s in (0, 1))
@@ -293,12 +293,11 @@ def test_the_saturating_exponential_costs_more_and_buys_fewer_epochs(monkeypatch
 
 
 @pytest.mark.parametrize("n_classes", [3, 5, 10])
-@pytest.mark.parametrize("n_val", [1000, 300])  # 4 validation chunks; 2, gathered
+@pytest.mark.parametrize("n_val", [1000, 300])  # 4 validation chunks; 2
 def test_one_exponential_a_step_is_planned_at_its_own_cost(monkeypatch, n_classes, n_val):
-    """Refresh mode "hospital", where the plan takes one exponential a step: its training
-    chunks and steps at their measured cost, and its validation chunks too where the plan
-    gathers them (else at theirs), below the cost of an exponential a chunk; bootstrap mode
-    is unchanged. The budget's rules are the plan's."""
+    """Refresh mode "hospital", where the plan takes one exponential a step: its training and
+    validation chunks and its gathered groups at their measured cost, below the cost of an
+    exponential a chunk; bootstrap mode is unchanged. The budget's rules are the plan's."""
     from medblindtuner.hospital import budget
 
     params = params_for_mode(HOSPITAL)
@@ -308,15 +307,15 @@ def test_one_exponential_a_step_is_planned_at_its_own_cost(monkeypatch, n_classe
     plan = TrainingPlan.create(params, x, x[:n_val], n_classes, TrainConfig(
         learning_rate=1.0, batch_size=budget.derived_batch_size(7000, layout, n_classes)))
     assert plan.chunks_per_step == max(chunks) and plan.compact_softmax
-    assert plan.compact_validation == (n_val == 300)
-    val, per_chunk = len(plan.val_batch_sizes), n_classes / 5
-    checks = (per_chunk * budget.COMPACT_SOFTMAX_CHUNK_COST * val
-              + budget.COMPACT_SOFTMAX_STEP_COST) if plan.compact_validation else per_chunk * val
+    val = len(plan.val_batch_sizes)
+    groups = (sum(-(-c // plan.softmax_group) for c in chunks)
+              + -(-val // plan.validation_group))
     compact = epoch_work(7000, n_val, layout, n_classes, HOSPITAL)
-    assert compact == pytest.approx(per_chunk * budget.COMPACT_SOFTMAX_CHUNK_COST * sum(chunks)
-                                    + checks + len(chunks) * budget.COMPACT_SOFTMAX_STEP_COST)
+    assert compact == pytest.approx(n_classes / 5 * budget.COMPACT_SOFTMAX_CHUNK_COST
+                                    * (sum(chunks) + val)
+                                    + groups * budget.COMPACT_SOFTMAX_STEP_COST)
     bootstrap = epoch_work(7000, n_val, layout, n_classes, BOOTSTRAP)
-    monkeypatch.setattr(budget, "compact_softmax_period", lambda *args: 0)
+    monkeypatch.setattr(budget, "compact_softmax_group", lambda *args: 0)
     assert compact < epoch_work(7000, n_val, layout, n_classes, HOSPITAL)
     assert bootstrap == epoch_work(7000, n_val, layout, n_classes, BOOTSTRAP)
 

@@ -44,18 +44,20 @@ def test_refresh_mode_matches_mirror(tmp_path, n_classes, n_train, batch, epochs
     check_against_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val)
 
 
-@pytest.mark.parametrize(("n_classes", "n_train", "n_val", "gathered"),
-                         [(5, 128, 30, True),  # 2 chunks: 16 places of 1 slot, gather masks
-                          (3, 128, 30, True),  # 2 chunks of 4 places of r = 2 slots
-                          (4, 192, 30, True),  # 3 chunks (4 of 4 places), no gather mask
-                          (3, 256, 100, True),  # 2 validation chunks gathered too
-                          (3, 128, 130, False)])  # 3 validation chunks: 16 places, too many
-def test_one_exponential_a_step_matches_mirror(tmp_path, n_classes, n_train, n_val, gathered):
-    """Several chunks a step share one exponential and one inverse (`compact_softmax`), and
-    the validation chunks when they fit the step's places (`compact_validation`)."""
+@pytest.mark.parametrize(("n_classes", "n_train", "n_val", "groups"),
+                         [(5, 128, 30, (1, 1)),  # 2 chunks: 16 places of 1 slot, gather masks
+                          (3, 128, 30, (1, 1)),  # 2 chunks of 4 places of r = 2 slots
+                          (4, 192, 30, (1, 1)),  # 3 chunks (4 of 4 places), no gather mask
+                          (3, 256, 100, (1, 1)),  # 2 validation chunks gathered too
+                          (3, 128, 130, (1, 2)),  # 3 validation chunks: two groups
+                          (5, 192, 30, (2, 1))])  # 3 chunks of 8 places: groups of 2 and 1
+def test_one_exponential_a_step_matches_mirror(tmp_path, n_classes, n_train, n_val, groups):
+    """Several chunks a step share one exponential and one inverse (`compact_softmax`), up to
+    d / C of them (`softmax_group`), and the validation chunks alike (`validation_group`)."""
     plan = check_against_mirror(tmp_path, n_classes, n_train, n_train, 2, n_val, dim=15)
-    assert plan.chunks_per_step > 1 and plan.compact_softmax
-    assert plan.compact_validation == gathered and len(plan.val_batch_sizes) == -(-n_val // 64)
+    assert plan.chunks_per_step > 1 and plan.compact_softmax and plan.compact_validation
+    assert (-(-plan.chunks_per_step // plan.softmax_group),
+            -(-len(plan.val_batch_sizes) // plan.validation_group)) == groups
 
 
 def check_against_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val, dim=7):
@@ -105,13 +107,13 @@ def check_against_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val, dim
             state.steps * (1 if plan.compact_sigmoid else plan.chunks_per_step)
             + epochs * (1 if validation > 1 else validation))
     assert plan.compact_softmax == (n_classes > 2 and plan.softmax_period > 0)
-    if plan.compact_softmax:  # one exponential and one inverse a step, whatever its chunks,
-        # and for an epoch's validation chunks when they are gathered too
-        validation = len(plan.val_batch_sizes)
-        assert ops["refreshes"] == 3 * state.steps + epochs * (
-            2 if plan.compact_validation else validation) == plan.max_refreshes
-        assert ops["polynomial_evaluations"] == 2 * state.steps + epochs * (
-            2 if plan.compact_validation else validation * (n_classes + 1))
+    if plan.compact_softmax:  # one exponential and one inverse (and two refreshes) a group
+        # of a step's chunks and of the validation chunks, whatever their number
+        groups = epochs * (sum(-(-len(plan.batch_chunks(b)) // plan.softmax_group)
+                               for b in range(len(plan.train_batch_sizes)))
+                           + -(-len(plan.val_batch_sizes) // plan.validation_group))
+        assert ops["refreshes"] == state.steps + 2 * groups == plan.max_refreshes
+        assert ops["polynomial_evaluations"] == 2 * groups
     assert not any(key.startswith("bootstraps_") for key in ops.counts)  # no OpenFHE bootstrap
     return plan
 

@@ -32,15 +32,19 @@ class CompactSoftmax:
     def loss(self, model: ofhe.Ciphertext,
              chunks: Sequence[EncryptedChunk]) -> ofhe.Ciphertext:
         """The validation loss (the trainer's `_sum_of_squares`) with one exponential and one
-        inverse for all validation chunks (`TrainingPlan.compact_validation`): their logits
-        under `model` gathered as a step's are, (softmax - label)^2 at each logit's slot,
-        summed into slot 0."""
-        r, kernel = self.plan.validation_period, self.kernel
-        gathered = kernel.gather_softmax_logits(list(enumerate(chunks)),
-                                                kernel.diagonals([model], [1.0]), r)
-        deltas = self.deltas(gathered, len(chunks), r)
+        inverse per `TrainingPlan.validation_group` validation chunks: their logits under
+        `model` gathered as a step's are, (softmax - label)^2 at each logit's slot, summed
+        into slot 0."""
+        r, size, kernel = self.plan.softmax_period, self.plan.validation_group, self.kernel
+        diagonals = kernel.diagonals([model], [1.0])
+        squares = []
+        for start in range(0, len(chunks), size):
+            group = chunks[start:start + size]
+            gathered = kernel.gather_softmax_logits(list(enumerate(group)), diagonals, r)
+            deltas = self.deltas(gathered, len(group), r)
+            squares.append(self.ev.mul(deltas, deltas))
         return self.ev.rotate_and_sum(
-            self.ev.mul(deltas, deltas),
+            self.ev.add_many(squares),
             self.layout.strides_from(r, self.layout.block // 2) + self.layout.sample_sum_strides)
 
     def deltas(self, gathered: dict[int, ofhe.Ciphertext], n: int,

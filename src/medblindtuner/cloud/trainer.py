@@ -197,21 +197,26 @@ class EncryptedTrainer:
 
     def _compact_softmax_terms(self, placed: list[PlacedChunk],
                                scale: float) -> ofhe.Ciphertext:
-        """Softmax terms with ONE exponential a step (`TrainingPlan.compact_softmax`): the
-        chunks' gathered logits and labels (`StepKernel.softmax_gather`, the model dropped to
-        where the gather ends at the refreshable top) give softmax - label at each logit's
-        slot (`CompactSoftmax.deltas`), which, moved right by d and summed over the r
-        slots, goes back to the chunks (`StepKernel.softmax_scatter`)."""
+        """Softmax terms with ONE exponential a step per group of chunks
+        (`TrainingPlan.compact_softmax`, `softmax_group` chunks a group): each group's
+        gathered logits and labels (`StepKernel.softmax_gather`, the model dropped to where
+        the gather ends at the refreshable top) give softmax - label at each logit's slot
+        (`CompactSoftmax.deltas`), which, moved right by d and summed over the r slots, goes
+        back to the group's chunks (`StepKernel.softmax_scatter`)."""
         m, top = self.plan.config.momentum, self.ev.max_level
         if not self.plan.compact_softmax_fits(self.ev.params):
             raise ValueError("one exponential a step does not fit these parameters' levels")
-        r = self.plan.softmax_period
+        r, size = self.plan.softmax_period, self.plan.softmax_group
         model = [self.ev.drop_to(ct, top - SOFTMAX_GATHER_LEVELS) for ct in self.model]
-        gathered = self.shards.softmax_gather(model, [1 + m, -m], placed)
-        deltas = self.compact.deltas(gathered, len(placed), r)
-        moved = self.ev.rotate_and_sum(self.ev.rotate(deltas, -self.layout.block),
-                                       self.layout.strides_from(1, r // 2))
-        return self.shards.softmax_scatter(moved, placed, scale)
+        terms = []
+        for start in range(0, len(placed), size):
+            group = [(position - start, index) for position, index in placed[start:start + size]]
+            gathered = self.shards.softmax_gather(model, [1 + m, -m], group)
+            deltas = self.compact.deltas(gathered, len(group), r)
+            moved = self.ev.rotate_and_sum(self.ev.rotate(deltas, -self.layout.block),
+                                           self.layout.strides_from(1, r // 2))
+            terms.append(self.shards.softmax_scatter(moved, group, scale))
+        return self.ev.add_many(terms)
 
     def _logit_slots(self, gathered: ofhe.Ciphertext, chunks: int) -> ofhe.Ciphertext:
         """Only the step's logits (slot p r of each block for its chunks p), zero elsewhere."""

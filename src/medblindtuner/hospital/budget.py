@@ -15,6 +15,7 @@ from medblindtuner.he.packing import PackingLayout, next_power_of_two
 from medblindtuner.he.params import BOOTSTRAP, HOSPITAL
 from medblindtuner.training.plain import make_batches
 from medblindtuner.training.plan import (
+    compact_softmax_group,
     compact_softmax_period,
     denominator_group_chunks,
     max_batch_size,
@@ -60,12 +61,13 @@ SOFTMAX_COST_CLASSES = 5
 # (`python benchmarks/scale.py --heads softmax softmax-wide --sizes 2000 --steps 3 --refresh
 # hospital`, quiet; docs/results.md).
 SATURATED_EXP_CHUNK_COST = 1.16
-# One exponential a step (refresh mode "hospital", `TrainingPlan.compact_softmax`): a training
-# chunk's part costs 0.36 of a chunk with its own exponentials and the step's serial part
-# (three refreshes, the exponential and the inverse) 0.43 of one; validation chunks keep their
-# own exponentials. Measured in one run, quiet (`python benchmarks/scale.py --heads softmax
-# softmax-chunkwise --sizes 2000 --steps 3 --refresh hospital`, 5 classes, PCA 31, 2 chunks a
-# step): 2.39 and 2.83 s against a 6.58 s chunk; docs/results.md.
+# One exponential a step (refresh mode "hospital", `TrainingPlan.compact_softmax`): a chunk's
+# part costs 0.36 of a chunk with its own exponentials and each gathered group's serial part
+# (its two refreshes, the exponential and the inverse; the model's refresh) 0.43 of one,
+# validation chunks alike (`TrainingPlan.validation_group`). Measured in one run, quiet
+# (`python benchmarks/scale.py --heads softmax softmax-chunkwise --sizes 2000 --steps 3
+# --refresh hospital`, 5 classes, PCA 31, 2 chunks a step): 2.39 and 2.83 s against a 6.58 s
+# chunk; docs/results.md.
 COMPACT_SOFTMAX_CHUNK_COST = 0.36
 COMPACT_SOFTMAX_STEP_COST = 0.43
 # Each further softmax denominator group of a step: bootstrap mode one more bootstrap at the
@@ -104,24 +106,19 @@ def epoch_work(n_train: int, n_val: int, layout: PackingLayout, n_classes: int,
     a chunk of c classes counts c / `SOFTMAX_COST_CLASSES`, and `SATURATED_EXP_CHUNK_COST`
     times that with the saturating exponential): every training and validation chunk, plus
     each step's serial work (`STEP_COST_IN_CHUNKS`) and softmax's further denominator
-    groups; with one exponential a step (`COMPACT_SOFTMAX_CHUNK_COST`) its training chunks
-    and steps at their own cost, and the validation chunks too where they are gathered
-    (`TrainingPlan.compact_validation`)."""
+    groups; with one exponential a step (`COMPACT_SOFTMAX_CHUNK_COST`) its training and
+    validation chunks and gathered groups at their own cost."""
     chunks = batch_chunks(n_train, layout, n_classes)
     validation = -(-n_val // layout.samples_per_ct)
     passes = sum(chunks) + validation
     serial = len(chunks) * STEP_COST_IN_CHUNKS[refresh, head_kind(n_classes)]
-    period = compact_softmax_period(layout, n_classes, max(chunks))
-    if n_classes > 2 and refresh == HOSPITAL and period:
-        per_chunk = n_classes / SOFTMAX_COST_CLASSES
-        if validation and (next_power_of_two(n_classes) * next_power_of_two(validation)
-                           * period <= layout.block):  # gathered as a step's chunks are
-            checks = (per_chunk * COMPACT_SOFTMAX_CHUNK_COST * validation
-                      + COMPACT_SOFTMAX_STEP_COST)
-        else:
-            checks = per_chunk * validation * (SATURATED_EXP_CHUNK_COST if saturated else 1.0)
-        return float(per_chunk * COMPACT_SOFTMAX_CHUNK_COST * sum(chunks) + checks
-                     + len(chunks) * COMPACT_SOFTMAX_STEP_COST)
+    group = compact_softmax_group(layout, n_classes, max(chunks))
+    if n_classes > 2 and refresh == HOSPITAL and group:
+        width = next_power_of_two(n_classes)
+        checks = layout.block // (width * compact_softmax_period(layout, n_classes, max(chunks)))
+        groups = sum(-(-c // group) for c in chunks) + -(-validation // checks)
+        return float(n_classes / SOFTMAX_COST_CLASSES * COMPACT_SOFTMAX_CHUNK_COST * passes
+                     + groups * COMPACT_SOFTMAX_STEP_COST)
     if n_classes > 2:
         passes *= n_classes / SOFTMAX_COST_CLASSES
         passes *= SATURATED_EXP_CHUNK_COST if saturated else 1.0

@@ -81,12 +81,20 @@ def compact_sigmoid_fits(layout: PackingLayout, chunks_per_step: int) -> bool:
     return 2 <= layout.block and 2 <= chunks_per_step <= layout.block
 
 
+def compact_softmax_group(layout: PackingLayout, n_classes: int, chunks_per_step: int) -> int:
+    """Chunks whose logits one exponential a step gathers into one ciphertext: a step's
+    chunks, at most d / C of them (C classes padded to a power of two, each chunk's C places
+    in a block's first half); a step with more has several such groups. 0: C > d."""
+    return min(layout.block // next_power_of_two(n_classes), chunks_per_step)
+
+
 def compact_softmax_period(layout: PackingLayout, n_classes: int, chunks_per_step: int) -> int:
-    """r for one exponential a step: logit q = p C + k (chunk p, diagonal k, C classes padded
-    to a power of two) owns slots q r .. q r + r - 1 of each block's first half; 0 when a
-    step's C x chunks (rounded up to a power of two) do not fit its d slots."""
-    places = next_power_of_two(n_classes) * next_power_of_two(chunks_per_step)
-    return layout.block // places if places <= layout.block else 0
+    """r for one exponential a step: logit q = p C + k (chunk p of its group, diagonal k)
+    owns slots q r .. q r + r - 1 of each block's first half (`compact_softmax_group`);
+    0 when C > d."""
+    group = compact_softmax_group(layout, n_classes, chunks_per_step)
+    places = next_power_of_two(n_classes) * next_power_of_two(group)
+    return layout.block // places if group else 0
 
 
 def compact_softmax_levels(activation: ActivationPlan, cyclic: bool) -> tuple[int, int, int]:
@@ -217,6 +225,17 @@ class TrainingPlan:
         return compact_softmax_period(self.layout, self.n_classes, self.chunks_per_step)
 
     @property
+    def softmax_group(self) -> int:
+        """Chunks of a step gathered into one ciphertext (`compact_softmax_group`)."""
+        return compact_softmax_group(self.layout, self.n_classes, self.chunks_per_step)
+
+    @property
+    def validation_group(self) -> int:
+        """Validation chunks gathered into one ciphertext at the step's r (the same keys)."""
+        r = self.softmax_period
+        return self.layout.block // (next_power_of_two(self.n_classes) * r) if r else 0
+
+    @property
     def bootstrap_slots(self) -> tuple[int, ...]:
         softmax = self.softmax_layout
         if softmax is None:
@@ -231,35 +250,27 @@ class TrainingPlan:
         softmax = self.softmax_layout
         if softmax is None:
             return 2 if self.compact_sigmoid else 1
-        if self.compact_softmax:
-            return 3
+        if self.compact_softmax:  # the model's, and two for each gathered group of chunks
+            return 1 + 2 * -(-self.chunks_per_step // self.softmax_group)
         return 1 + -(-self.chunks_per_step // softmax.chunks)
 
     @property
     def max_refreshes(self) -> int:
         """Most refreshes the whole job may ask for: every step's, and for a softmax head one
         per validation chunk and epoch (chunks that ride in a step's group need fewer; two
-        for all of them with `compact_validation`). The key holder answers no refresh beyond
+        per gathered group with `compact_validation`). The key holder answers no refresh beyond
         it (`hospital.refresher`)."""
         steps = self.config.epochs * len(self.train_batch_sizes)
         validation = 0 if self.softmax_layout is None else len(self.val_batch_sizes)
         if self.compact_validation:
-            validation = 2
+            validation = 2 * -(-len(self.val_batch_sizes) // self.validation_group)
         return steps * self.refreshes_per_step + self.config.epochs * validation
 
     @property
-    def validation_period(self) -> int:
-        """r of the validation chunks gathered as one step's chunks are: the step's own
-        (`softmax_period`, so no other rotation key), or 0 when they do not fit its places."""
-        r = self.softmax_period
-        places = next_power_of_two(self.n_classes) * next_power_of_two(len(self.val_batch_sizes))
-        return r if self.val_batch_sizes and places * r <= self.layout.block else 0
-
-    @property
     def compact_validation(self) -> bool:
-        """With one exponential a step, the validation loss also takes one exponential and
-        one inverse for all validation chunks when they fit one ciphertext (`cloud.trainer`)."""
-        return self.compact_softmax and self.validation_period > 0
+        """With one exponential a step, the validation loss takes one exponential and one
+        inverse per `validation_group` chunks (`cloud.compact`)."""
+        return self.compact_softmax and bool(self.val_batch_sizes)
 
     def job_tag(self, params: CkksParams) -> str:
         """Public name of this plan under these parameters: a refresh request carries it, and
@@ -390,7 +401,7 @@ class TrainingPlan:
         return plan
 
     def compact_softmax_fits(self, params: CkksParams) -> bool:
-        """Whether one exponential a step fits: its logits in a block's first half
+        """Whether one exponential a step fits: a chunk's C places in a block's first half
         (`softmax_period`) and its levels between refreshes (`compact_softmax_levels`)."""
         softmax = self.softmax_layout
         if softmax is None or not params.refreshed_by_hospital or not self.softmax_period:

@@ -129,7 +129,8 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool, mode: str) -> dict:
+def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool, mode: str,
+                  batch: int | None = None) -> dict:
     """The hospital's process of a case: settings, keys, the encrypted dataset and the public
     bundle written under `workdir` (what a hospital uploads; in refresh mode "hospital" also
     the secret key and the plan, for the key-holder process)."""
@@ -141,7 +142,7 @@ def hospital_part(head: str, n_train: int, workdir: Path, insecure: bool, mode: 
     params = params_for_mode(mode, insecure)
     n_classes, dim = HEADS[head]
     data, recipe = derive_recipe(synthetic_features(n_train, n_classes, dim), params,
-                                 Overrides(pca_dims=0))
+                                 Overrides(pca_dims=0, batch_size=batch))
     plan = recipe.plan
     if head in WIDE_LOGIT_BOUND:
         from medblindtuner.training.approx import ActivationPlan
@@ -334,6 +335,7 @@ def run_part(part: list[str], args: argparse.Namespace, mode: str) -> dict | Non
     """One part of a case in its own process (its peak RSS is its own); None if it failed."""
     command = [sys.executable, __file__, *part, "--steps", str(args.steps), "--refresh", mode]
     command += ["--insecure-test-params"] if args.insecure_test_params else []
+    command += ["--batch", str(args.batch)] if args.batch else []
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         print(f"{' '.join(part)}: failed (exit {done.returncode})", flush=True)
@@ -362,6 +364,8 @@ def main() -> None:
     parser.add_argument("--refresh", nargs="+", default=["bootstrap"],
                         choices=["hospital", "bootstrap"],
                         help="refresh modes to run, each case in each mode (issue #24)")
+    parser.add_argument("--batch", type=int, help="samples a step in every case (default: the "
+                        "product's rule, which differs between the modes' rings)")
     parser.add_argument("--key-holder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--hospital", nargs=3, metavar=("HEAD", "N", "DIR"),
                         help=argparse.SUPPRESS)
@@ -374,7 +378,7 @@ def main() -> None:
     if args.hospital:
         head, n, folder = args.hospital
         print(json.dumps(hospital_part(head, int(n), Path(folder), args.insecure_test_params,
-                                       args.refresh[0])))
+                                       args.refresh[0], args.batch)))
         return
     if args.cloud:
         nodes, folder, dataset_gb = args.cloud

@@ -127,10 +127,10 @@ class ShardWorker:
         return self._result(self.kernel.softmax_gather(
             [self._read(blob) for blob in model], weights, placed))
 
-    def softmax_scatter(self, deltas: bytes, placed: list[PlacedChunk],
+    def softmax_scatter(self, deltas: dict[int, bytes], placed: list[PlacedChunk],
                         scale: float) -> PartialResult:
-        return self._result({0: self.kernel.softmax_scatter(self._read(deltas), placed,
-                                                            scale)})
+        return self._result({0: self.kernel.softmax_scatter(
+            {group: self._read(blob) for group, blob in deltas.items()}, placed, scale)})
 
     def held_chunks(self) -> list[int]:
         return sorted(self.kernel.chunks)
@@ -313,11 +313,11 @@ class RayShards:
         return self._run("softmax_gather", {shard: (blobs, weights, mine)
                                             for shard, mine in self._by_shard(placed).items()})
 
-    def softmax_scatter(self, deltas: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
-                        scale: float) -> ofhe.Ciphertext:
+    def softmax_scatter(self, deltas: dict[int, ofhe.Ciphertext],
+                        placed: Sequence[PlacedChunk], scale: float) -> ofhe.Ciphertext:
         import ray
 
-        blob = ray.put(ciphertext_to_bytes(deltas))
+        blob = ray.put({group: ciphertext_to_bytes(ct) for group, ct in deltas.items()})
         return self._run("softmax_scatter", {shard: (blob, mine, scale)
                                              for shard, mine in self._by_shard(placed).items()})[0]
 

@@ -36,21 +36,21 @@ class CompactSoftmax:
         `model` gathered as a step's are, (softmax - label)^2 at each logit's slot, summed
         into slot 0."""
         r, size, kernel = self.plan.softmax_period, self.plan.validation_group, self.kernel
-        diagonals = kernel.diagonals([model], [1.0])
+        gathered = kernel.gather_softmax_logits(list(enumerate(chunks)),
+                                                kernel.diagonals([model], [1.0]), r, size)
         squares = []
-        for start in range(0, len(chunks), size):
-            group = chunks[start:start + size]
-            gathered = kernel.gather_softmax_logits(list(enumerate(group)), diagonals, r)
-            deltas = self.deltas(gathered, len(group), r)
+        for group in range(-(-len(chunks) // size)):
+            deltas = self.deltas(gathered[2 * group], gathered[2 * group + 1],
+                                 min(size, len(chunks) - group * size), r)
             squares.append(self.ev.mul(deltas, deltas))
         return self.ev.rotate_and_sum(
             self.ev.add_many(squares),
             self.layout.strides_from(r, self.layout.block // 2) + self.layout.sample_sum_strides)
 
-    def deltas(self, gathered: dict[int, ofhe.Ciphertext], n: int,
+    def deltas(self, partial_logits: ofhe.Ciphertext, labels: ofhe.Ciphertext, n: int,
                r: int) -> ofhe.Ciphertext:
         """softmax_q - Y_q at slot q r of each block (q = p C + k, chunk p, diagonal k),
-        about zero elsewhere, from gathered partial logits (0) and labels (1) of n chunks:
+        about zero elsewhere, from the gathered partial logits and labels of n chunks:
         the partial logits are summed over their last r slots, masked to the logits' slots
         and refreshed; the exponential runs once (slots without a logit give the series'
         value at the interval's map of 0, taken off as a constant); each chunk's sum over its
@@ -64,7 +64,7 @@ class CompactSoftmax:
         logit_slots = layout.window_mask([(p * width + k) * r for p in range(n)
                                           for k in range(softmax.n_classes)])
         sum_slots = layout.window_mask([p * width * r for p in range(n)])
-        summed = self.ev.rotate_and_sum(gathered[0], layout.strides_from(1, r // 2))
+        summed = self.ev.rotate_and_sum(partial_logits, layout.strides_from(1, r // 2))
         logits = kernel.masked(summed, ("softmax logits", r, n), lambda: logit_slots)
         unit = self.ev.add_scalar(self.ev.bootstrap(logits), exp.unit_map[1])
         exps = self._off_slots(self.ev.chebyshev_unit(unit, exp.coefficients),
@@ -81,7 +81,7 @@ class CompactSoftmax:
                                    ("softmax inverse off", r, n), inverse.at_unit(0.0),
                                    sum_slots)
         spread = self.ev.rotate_and_sum(inverses, [-s for s in places])
-        return self.ev.sub(self.ev.mul(exps, spread), gathered[1])
+        return self.ev.sub(self.ev.mul(exps, spread), labels)
 
     def _off_slots(self, ct: ofhe.Ciphertext, key: tuple, value: float,
                    kept: np.ndarray) -> ofhe.Ciphertext:

@@ -255,48 +255,54 @@ class StepKernel:
     def softmax_gather(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
                        placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
         """One exponential a step (`TrainingPlan.compact_softmax`): these chunks' partial
-        logits (0) and labels (1), each gathered into one ciphertext. Logit q = p C + k
-        (chunk at step position p, diagonal k) sums its products over strides r .. d/2
-        (r = `TrainingPlan.softmax_period`) and keeps slots q r .. q r + r - 1 of each block
-        (the driver adds the last r once for the step); its label keeps slot q r."""
+        logits and labels gathered by group of `softmax_group` chunks (keys 2 j and 2 j + 1
+        for group j). Logit q = p C + k (chunk at place p of its group, diagonal k) sums its
+        products over strides r .. d/2 (r = `TrainingPlan.softmax_period`) and keeps slots
+        q r .. q r + r - 1 of each block (the driver adds the last r once a group); its label
+        keeps slot q r. The diagonals are made once for all groups."""
         return self.gather_softmax_logits(
             [(position, self.chunks[index]) for position, index in placed],
-            self.diagonals(model, weights), self.plan.softmax_period)
+            self.diagonals(model, weights), self.plan.softmax_period, self.plan.softmax_group)
 
     def gather_softmax_logits(self, chunks: Sequence[tuple[int, EncryptedChunk]],
-                              diagonals: Sequence[ofhe.Ciphertext],
-                              r: int) -> dict[int, ofhe.Ciphertext]:
+                              diagonals: Sequence[ofhe.Ciphertext], r: int,
+                              group: int) -> dict[int, ofhe.Ciphertext]:
         """`softmax_gather` for (position, chunk) pairs under these diagonals, windows of r
-        slots (the driver gathers the validation chunks the same way)."""
+        slots, `group` chunks a group (the driver gathers the validation chunks the same
+        way)."""
         width = self.softmax.class_slots
         strides = self.layout.strides_from(r, self.layout.block // 2)
-        logits, labels = [], []
+        parts: dict[int, list[ofhe.Ciphertext]] = {}
         for position, chunk in chunks:
+            key, place = 2 * (position // group), position % group
             for k, diagonal in enumerate(diagonals):
-                q = position * width + k
+                q = place * width + k
                 partial = self.ev.rotate_and_sum(self.ev.mul(chunk.x_dup, diagonal), strides)
-                logits.append(self.masked(partial, ("softmax window", q, r),
-                                          lambda q=q: self.layout.window_mask([q * r], r)))
-                labels.append(self.masked(chunk.labels[k], ("softmax label", q, r),
-                                          lambda q=q: self.layout.window_mask([q * r])))
-        return {0: self.ev.add_many(logits), 1: self.ev.add_many(labels)}
+                parts.setdefault(key, []).append(self.masked(
+                    partial, ("softmax window", q, r),
+                    lambda q=q: self.layout.window_mask([q * r], r)))
+                parts.setdefault(key + 1, []).append(self.masked(
+                    chunk.labels[k], ("softmax label", q, r),
+                    lambda q=q: self.layout.window_mask([q * r])))
+        return {key: self.ev.add_many(cts) for key, cts in parts.items()}
 
-    def softmax_scatter(self, deltas: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
-                        scale: float) -> ofhe.Ciphertext:
-        """Gradient terms of these chunks from the step's softmax_q - Y_q (one exponential a
-        step), summed and gathered into the model layout. `deltas`: logit q's value moved
-        right by d and summed over strides 1 .. r/2 by the driver, so it fills slots
-        d + q r - r + 1 .. d + q r of each block; each (chunk, diagonal) picks its window
-        (times the step size), spreads it over strides r .. d/2 and d (the first half of its
-        block, as `binary_backward`) and meets x_grad."""
+    def softmax_scatter(self, deltas: dict[int, ofhe.Ciphertext],
+                        placed: Sequence[PlacedChunk], scale: float) -> ofhe.Ciphertext:
+        """Gradient terms of these chunks from their group's softmax_q - Y_q (one exponential
+        a step; `deltas` by group j), summed and gathered into the model layout. Each group's
+        values were moved right by d and summed over strides 1 .. r/2 by the driver, so
+        logit q fills slots d + q r - r + 1 .. d + q r of each block; each (chunk, diagonal)
+        picks its window (times the step size), spreads it over strides r .. d/2 and d (the
+        first half of its block, as `binary_backward`) and meets x_grad."""
         d, r, width = self.layout.block, self.plan.softmax_period, self.softmax.class_slots
+        group = self.plan.softmax_group
         strides = self.layout.strides_from(r, d // 2) + [d]
         summed: list[ofhe.Ciphertext | None] = [None] * self.softmax.n_classes
         for position, index in placed:
-            chunk = self.chunks[index]
+            chunk, values = self.chunks[index], deltas[position // group]
             for k in range(self.softmax.n_classes):
-                start = d + (position * width + k) * r - r + 1
-                own = self.masked(deltas, ("softmax back", start, r, scale),
+                start = d + ((position % group) * width + k) * r - r + 1
+                own = self.masked(values, ("softmax back", start, r, scale),
                                   lambda s=start: scale * self.layout.window_mask([s], r))
                 term = self.ev.mul(self.ev.rotate_and_sum(own, strides), chunk.x_grad)
                 summed[k] = term if summed[k] is None else self.ev.add(summed[k], term)

@@ -96,8 +96,8 @@ class Shards(Protocol):
     def softmax_gather(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
                        placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]: ...
 
-    def softmax_scatter(self, deltas: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
-                        scale: float) -> ofhe.Ciphertext: ...
+    def softmax_scatter(self, deltas: dict[int, ofhe.Ciphertext],
+                        placed: Sequence[PlacedChunk], scale: float) -> ofhe.Ciphertext: ...
 
 
 @dataclass
@@ -198,25 +198,24 @@ class EncryptedTrainer:
     def _compact_softmax_terms(self, placed: list[PlacedChunk],
                                scale: float) -> ofhe.Ciphertext:
         """Softmax terms with ONE exponential a step per group of chunks
-        (`TrainingPlan.compact_softmax`, `softmax_group` chunks a group): each group's
+        (`TrainingPlan.compact_softmax`, `softmax_group` chunks a group): the groups'
         gathered logits and labels (`StepKernel.softmax_gather`, the model dropped to where
         the gather ends at the refreshable top) give softmax - label at each logit's slot
-        (`CompactSoftmax.deltas`), which, moved right by d and summed over the r slots, goes
-        back to the group's chunks (`StepKernel.softmax_scatter`)."""
+        (`CompactSoftmax.deltas`), which, moved right by d and summed over the r slots, go
+        back to the chunks (`StepKernel.softmax_scatter`)."""
         m, top = self.plan.config.momentum, self.ev.max_level
         if not self.plan.compact_softmax_fits(self.ev.params):
             raise ValueError("one exponential a step does not fit these parameters' levels")
         r, size = self.plan.softmax_period, self.plan.softmax_group
         model = [self.ev.drop_to(ct, top - SOFTMAX_GATHER_LEVELS) for ct in self.model]
-        terms = []
-        for start in range(0, len(placed), size):
-            group = [(position - start, index) for position, index in placed[start:start + size]]
-            gathered = self.shards.softmax_gather(model, [1 + m, -m], group)
-            deltas = self.compact.deltas(gathered, len(group), r)
-            moved = self.ev.rotate_and_sum(self.ev.rotate(deltas, -self.layout.block),
-                                           self.layout.strides_from(1, r // 2))
-            terms.append(self.shards.softmax_scatter(moved, group, scale))
-        return self.ev.add_many(terms)
+        gathered = self.shards.softmax_gather(model, [1 + m, -m], placed)
+        moved = {}
+        for group in range(-(-len(placed) // size)):
+            chunks = min(size, len(placed) - group * size)
+            deltas = self.compact.deltas(gathered[2 * group], gathered[2 * group + 1], chunks, r)
+            moved[group] = self.ev.rotate_and_sum(self.ev.rotate(deltas, -self.layout.block),
+                                                  self.layout.strides_from(1, r // 2))
+        return self.shards.softmax_scatter(moved, placed, scale)
 
     def _logit_slots(self, gathered: ofhe.Ciphertext, chunks: int) -> ofhe.Ciphertext:
         """Only the step's logits (slot p r of each block for its chunks p), zero elsewhere."""

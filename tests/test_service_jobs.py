@@ -380,6 +380,8 @@ def test_dataset_must_follow_and_match_the_bundle(cloud, params, plan):
         (lambda p: {**p, "n_classes": 3, "compact_sigmoid": True,
                     "activation": {**p["activation"], "n_classes": 3}}, Unprocessable,
          "compact_sigmoid is for a binary head"),
+        (lambda p: {**p, "compact_softmax": True}, Unprocessable,
+         "compact_softmax is for a softmax head"),
         (lambda p: {**p, "n_features": 4 * p["n_features"]}, BadRequest,
          "bootstraps at .* but the bundle has bootstrapping keys for"),
     ]:

@@ -175,6 +175,7 @@ class PlanModel(_Strict):
     val_batch_sizes: list[Count]
     denominator_chunks: Annotated[int, Field(ge=1, le=1024)] | None = None
     compact_sigmoid: bool = False  # binary head, refresh mode: one sigmoid a step
+    compact_softmax: bool = False  # softmax head, refresh mode: one exponential a step
 
 
 class DatasetManifest(_Strict):
@@ -229,6 +230,9 @@ def _check_plan_bounds(plan: PlanModel, limits: ServiceLimits, what: str) -> Non
     if plan.compact_sigmoid and plan.n_classes != 2:
         raise Unprocessable(f"{what}: compact_sigmoid is for a binary head, the plan has "
                             f"{plan.n_classes} classes")
+    if plan.compact_softmax and plan.n_classes == 2:
+        raise Unprocessable(f"{what}: compact_softmax is for a softmax head, the plan has "
+                            "2 classes")
 
 
 def dataset_files(plan: TrainingPlan) -> set[str]:

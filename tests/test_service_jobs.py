@@ -382,6 +382,9 @@ def test_dataset_must_follow_and_match_the_bundle(cloud, params, plan):
          "compact_sigmoid is for a binary head"),
         (lambda p: {**p, "compact_softmax": True}, Unprocessable,
          "compact_softmax is for a softmax head"),
+        (lambda p: {**p, "n_classes": 3, "compact_softmax": True,
+                    "activation": {**p["activation"], "n_classes": 3}}, Unprocessable,
+         "takes one exponential a step, which these parameters"),
         (lambda p: {**p, "n_features": 4 * p["n_features"]}, BadRequest,
          "bootstraps at .* but the bundle has bootstrapping keys for"),
     ]:

@@ -303,6 +303,9 @@ class Uploads(Finalizing):
         params = CkksParams.from_dict(bundle["params"])
         if plan.slots != params.slots:
             raise BadRequest("training plan slot count differs from the bundle's parameters")
+        if plan.compact_softmax and not plan.compact_softmax_fits(params):
+            raise Unprocessable("the training plan takes one exponential a step, which these "
+                                "parameters (refresh mode, levels) or its width do not fit")
         if not params.refreshed_by_hospital and not set(needed) <= set(params.bootstrap_slots):
             raise BadRequest(f"the training plan bootstraps at {list(needed)} slots but the "
                              f"bundle has bootstrapping keys for {list(params.bootstrap_slots)}")

@@ -58,6 +58,9 @@ def test_one_exponential_a_step_matches_mirror(tmp_path, n_classes, n_train, n_v
     assert plan.chunks_per_step > 1 and plan.compact_softmax and plan.compact_validation
     assert (-(-plan.chunks_per_step // plan.softmax_group),
             -(-len(plan.val_batch_sizes) // plan.validation_group)) == groups
+    softmax = plan.softmax_layout  # no key for a validation chunk riding a step: none does
+    rides = set(softmax.place_moves([softmax.validation_place]))
+    assert not (rides - set(softmax.driver_rotation_indices(False))) & set(plan.rotation_indices)
 
 
 def check_against_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val, dim=7):

@@ -420,6 +420,11 @@ class SoftmaxLayout:
     def rotation_indices(self) -> list[int]:
         """The driver's: the kernel's, the validation place's moves, row extraction, period
         sums and folds."""
-        validation = self.place_moves([self.validation_place])
+        return self.driver_rotation_indices(validation_rides=True)
+
+    def driver_rotation_indices(self, validation_rides: bool) -> list[int]:
+        """`rotation_indices`, with the validation place's moves only where a validation
+        chunk can ride in a step's denominator group (not with one exponential a step)."""
+        validation = self.place_moves([self.validation_place]) if validation_rides else []
         return sorted(set(self.kernel_rotation_indices + validation + self.row_strides
                           + self.period_sum_strides + self.fold_strides) - {0})

@@ -283,7 +283,8 @@ class TrainingPlan:
     def rotation_indices(self) -> list[int]:
         """Every rotation the cloud's training uses (the driver's and the kernels')."""
         softmax = self.softmax_layout
-        extra = softmax.rotation_indices if softmax is not None else []
+        extra = [] if softmax is None else softmax.driver_rotation_indices(
+            validation_rides=not self.compact_softmax)
         if self.compact_softmax:  # the inverse's spread over a chunk's classes (rightwards)
             r = self.softmax_period
             extra = extra + [-s for s in self.layout.strides_from(r, r * softmax.class_slots // 2)]

@@ -205,13 +205,9 @@ class StepKernel:
         every window of d slots a whole logit); summed over the chunks, one level after the
         logits. The driver adds the last r slots once for the whole step."""
         r = self.plan.compact_period
-        strides = self.layout.strides_from(r, self.layout.block // 2)
-        return self.ev.add_many([
-            self.masked(self.ev.rotate_and_sum(self.ev.mul(self.chunks[index].x_dup, lookahead),
-                                               strides),
-                        ("compact", position, r),
-                        lambda p=position: self.layout.window_mask([p * r], r))
-            for position, index in placed])
+        return self.ev.add_many([self.windowed_logit(self.chunks[index].x_dup, lookahead,
+                                                     position, r)
+                                 for position, index in placed])
 
     def binary_backward(self, probabilities: ofhe.Ciphertext, placed: Sequence[PlacedChunk],
                         scale: float) -> ofhe.Ciphertext:
@@ -222,18 +218,38 @@ class StepKernel:
         chunk picks its window (one level) and spreads it over strides r .. d/2 and d, which
         covers the first half of its block once (the spill lands in second halves, where
         x_grad and the labels are zero), and adds the series' value at zero."""
-        d, r = self.layout.block, self.plan.compact_period
-        strides = self.layout.strides_from(r, d // 2) + [d]
+        r = self.plan.compact_period
         at_zero = self.plan.activation.sigmoid.scaled(scale).odd_part()[1]
         terms = []
         for position, index in placed:
             chunk = self.chunks[index]
-            start = d + position * r - r + 1
-            own = self.masked(probabilities, ("compact", position, r, "back"),
-                              lambda s=start: self.layout.window_mask([s], r))
-            spread = self.ev.add_scalar(self.ev.rotate_and_sum(own, strides), at_zero)
+            spread = self.ev.add_scalar(self.spread_window(probabilities, position, r), at_zero)
             terms.append(self._term(spread, chunk.labels[0], scale, chunk.x_grad))
         return self.ev.add_many(terms)
+
+    def windowed_logit(self, x_dup: ofhe.Ciphertext, weights: ofhe.Ciphertext, place: int,
+                       r: int) -> ofhe.Ciphertext:
+        """x_dup * weights summed over strides r .. d/2 and kept at slots place r .. place r
+        + r - 1 of each block (one level): there, the logit's r residue sums (the duplicated
+        x makes every window of d slots a whole logit). A gathered logit's part
+        (`binary_forward`, `gather_softmax_logits`); the driver adds the last r slots."""
+        partial = self.ev.rotate_and_sum(self.ev.mul(x_dup, weights),
+                                         self.layout.strides_from(r, self.layout.block // 2))
+        return self.masked(partial, ("window", place, r),
+                           lambda: self.layout.window_mask([place * r], r))
+
+    def spread_window(self, values: ofhe.Ciphertext, place: int, r: int,
+                      scale: float = 1.0) -> ofhe.Ciphertext:
+        """scale times the value of place in `values` (a gathered vector moved right by d and
+        summed over strides 1 .. r/2, so it fills slots d + place r - r + 1 .. d + place r of
+        each block) over the first half of each block: the window picked (one level) and
+        summed over strides r .. d/2 and d (the spill lands in second halves, where x_grad
+        and the labels are zero)."""
+        d = self.layout.block
+        start = d + place * r - r + 1
+        own = self.masked(values, ("spread", start, r, scale),
+                          lambda: scale * self.layout.window_mask([start], r))
+        return self.ev.rotate_and_sum(own, self.layout.strides_from(r, d // 2) + [d])
 
     def softmax_forward(self, model: Sequence[ofhe.Ciphertext], weights: Sequence[float],
                         placed: Sequence[PlacedChunk]) -> dict[int, ofhe.Ciphertext]:
@@ -271,16 +287,13 @@ class StepKernel:
         slots, `group` chunks a group (the driver gathers the validation chunks the same
         way)."""
         width = self.softmax.class_slots
-        strides = self.layout.strides_from(r, self.layout.block // 2)
         parts: dict[int, list[ofhe.Ciphertext]] = {}
         for position, chunk in chunks:
             key, place = 2 * (position // group), position % group
             for k, diagonal in enumerate(diagonals):
                 q = place * width + k
-                partial = self.ev.rotate_and_sum(self.ev.mul(chunk.x_dup, diagonal), strides)
-                parts.setdefault(key, []).append(self.masked(
-                    partial, ("softmax window", q, r),
-                    lambda q=q: self.layout.window_mask([q * r], r)))
+                parts.setdefault(key, []).append(self.windowed_logit(chunk.x_dup, diagonal,
+                                                                     q, r))
                 parts.setdefault(key + 1, []).append(self.masked(
                     chunk.labels[k], ("softmax label", q, r),
                     lambda q=q: self.layout.window_mask([q * r])))
@@ -294,17 +307,14 @@ class StepKernel:
         logit q fills slots d + q r - r + 1 .. d + q r of each block; each (chunk, diagonal)
         picks its window (times the step size), spreads it over strides r .. d/2 and d (the
         first half of its block, as `binary_backward`) and meets x_grad."""
-        d, r, width = self.layout.block, self.plan.softmax_period, self.softmax.class_slots
+        r, width = self.plan.softmax_period, self.softmax.class_slots
         group = self.plan.softmax_group
-        strides = self.layout.strides_from(r, d // 2) + [d]
         summed: list[ofhe.Ciphertext | None] = [None] * self.softmax.n_classes
         for position, index in placed:
             chunk, values = self.chunks[index], deltas[position // group]
             for k in range(self.softmax.n_classes):
-                start = d + ((position % group) * width + k) * r - r + 1
-                own = self.masked(values, ("softmax back", start, r, scale),
-                                  lambda s=start: scale * self.layout.window_mask([s], r))
-                term = self.ev.mul(self.ev.rotate_and_sum(own, strides), chunk.x_grad)
+                spread = self.spread_window(values, (position % group) * width + k, r, scale)
+                term = self.ev.mul(spread, chunk.x_grad)
                 summed[k] = term if summed[k] is None else self.ev.add(summed[k], term)
         return self.gather(summed)
 

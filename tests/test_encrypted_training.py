@@ -329,3 +329,14 @@ def test_softmax_step_over_several_chunks_matches_mirror(tmp_path, group, epochs
     assert plan.chunks_per_step == -(-n_train // plan.layout.samples_per_ct)
     assert softmax.group_compact_period == periods * softmax.compact_period
     assert trainer.ev.ops["bootstraps"] == bootstraps
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_preconditioned_bootstrap_mode_matches_mirror(tmp_path, n_classes):
+    """Bootstrap mode, each feature column stepping by lr p_j (`TrainConfig.preconditioned`):
+    the encrypted decay vector costs the look-ahead one level, which the step has spare."""
+    data = toy_problem(n_classes, n_train=64, n_val=30, seed=5)
+    config = TrainConfig(learning_rate=0.1, momentum=0.9, epochs=2, batch_size=64,
+                         patience=2, weight_decay=0.05, preconditioned=True)
+    plan, _, _ = train_and_check_mirror(n_classes, data, config, tmp_path)
+    assert plan.config.preconditioned

@@ -66,17 +66,7 @@ def check_within_a_point(features: FeatureSet) -> None:
     assert gap["acc"] >= -TOLERANCE and gap["auc"] >= -TOLERANCE, gap
 
 
-# Known gap (issue #25, open): 2,000 samples of 10 classes make 4 steps an epoch, and the
-# default time allowance buys 5 epochs of ~20 s steps (one exponential a step; 2 epochs
-# before it), 20 steps: the head is still short of the probe's optimum (-2.6 ACC points,
-# docs/results.md).
-KNOWN_GAPS = {"10 classes"}
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(reason="10-class softmax: 20 steps within the "
-                                            "default allowance (issue #25)", strict=True))
-    if c.name in KNOWN_GAPS else c for c in CASES], ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_mirror_within_a_point_of_the_probe(case: StressCase):
     check_within_a_point(make_features(case))
 

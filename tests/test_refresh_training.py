@@ -63,13 +63,25 @@ def test_one_exponential_a_step_matches_mirror(tmp_path, n_classes, n_train, n_v
     assert not (rides - set(softmax.driver_rotation_indices(False))) & set(plan.rotation_indices)
 
 
-def check_against_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val, dim=7):
+@pytest.mark.parametrize(("n_classes", "n_train", "batch"),
+                         [(2, 150, 64), (2, 150, 150), (5, 192, 192)])
+def test_preconditioned_steps_match_mirror(tmp_path, n_classes, n_train, batch):
+    """Each feature column steps by lr p_j (`TrainConfig.preconditioned`): the hospital
+    encrypts x_grad as x p and the decay 1 - lr wd p_j as a vector the cloud multiplies the
+    look-ahead by; a strong decay makes a wrong column visible."""
+    plan = check_against_mirror(tmp_path, n_classes, n_train, batch, 2, 30,
+                                learning_rate=0.1, weight_decay=0.05, preconditioned=True)
+    assert plan.config.preconditioned
+
+
+def check_against_mirror(tmp_path, n_classes, n_train, batch, epochs, n_val, dim=7,
+                         **config_fields):
     """Train in refresh mode on a toy problem; the weights and validation losses must match
     the mirror's and the refreshes and polynomials be the plan's. Returns the plan."""
     data = toy_problem(n_classes, n_train=n_train, n_val=n_val, seed=5, dim=dim)
     lr = 2.0 if n_classes == 2 else 1.0
-    config = TrainConfig(learning_rate=lr, momentum=0.9, epochs=epochs, batch_size=batch,
-                         patience=3)
+    config = TrainConfig(**{"learning_rate": lr, "momentum": 0.9, "epochs": epochs,
+                            "batch_size": batch, "patience": 3, **config_fields})
     plan, keys = plan_and_keys(n_classes, config, data, base=PARAMS)
     assert keys.params.bootstrap_slots == () and keys.params.refreshed_by_hospital
     mirror = plan.check_ranges(*data)

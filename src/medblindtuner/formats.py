@@ -24,6 +24,11 @@ def dataset_file_name(split: str, batch: int, kind: str) -> str:
     return f"{split}_{batch:04d}_{kind}.bin"
 
 
+# a preconditioned plan's per-feature decay of the look-ahead weights (`TrainConfig
+# .preconditioned`), encrypted by the hospital: its values follow the features' spread
+DECAY_FILE_NAME = "feature_decay.bin"
+
+
 def query_file_name(index: int) -> str:
     """Query ciphertext `index` of a query set."""
     return f"query_{index:04d}.bin"

@@ -282,8 +282,11 @@ class EncryptedTrainer:
             period = self.softmax.bootstrap_period
         failpoint("train.mid_step")
         decay = self.plan.config.decay_factor
-        decayed = lookahead if decay == 1.0 else self.ev.linear_combination(
-            self.model, [(1 + m) * decay, -m * decay])
+        if self.plan.config.preconditioned:  # 1 - lr wd p_j per feature, one level more
+            decayed = self.ev.mul(lookahead, self.data.decay)
+        else:
+            decayed = lookahead if decay == 1.0 else self.ev.linear_combination(
+                self.model, [(1 + m) * decay, -m * decay])
         updated = self.ev.bootstrap(self.ev.sub(decayed, gradient), period=period)
         self.model = [updated, self.model[0]]
         self.state.steps += 1

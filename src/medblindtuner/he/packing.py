@@ -146,6 +146,17 @@ class PackingLayout:
         row[: self.n_features] = w
         return np.tile(row, self.slots // self.block)
 
+    def encode_feature_scale(self, values: np.ndarray) -> np.ndarray:
+        """One factor per feature on every slot that holds that feature's weight, in the
+        binary and the softmax model layouts alike (slot s holds feature s mod d); 1 on the
+        slots past the features."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if len(values) != self.n_features:
+            raise ValueError(f"expected {self.n_features} factors, got {len(values)}")
+        row = np.ones(self.block)
+        row[: self.n_features] = values
+        return np.tile(row, self.slots // self.block)
+
     def logit_slots(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Every slot of the encrypted logit ciphertext, simulated in numpy.
 

@@ -26,7 +26,7 @@ from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import CkksParams, data_level
 from medblindtuner.training.approx import exact_probabilities
 from medblindtuner.training.artifacts import EncryptedChunk, EncryptedDataset, EncryptedQueries
-from medblindtuner.training.plain import make_batches, one_hot
+from medblindtuner.training.plain import jacobi_preconditioner, make_batches, one_hot
 from medblindtuner.training.plan import ChunkLevels, Decision, TrainingPlan
 
 
@@ -43,6 +43,7 @@ def encrypted_chunks(
     time as they are consumed, each ciphertext of a training chunk at the level the step
     first uses it (`TrainingPlan.train_chunk_levels`), validation at `he.params.data_level`."""
     layout = plan.layout
+    scale = feature_preconditioner(plan, x_train)
 
     def encrypt_chunk(x: np.ndarray, y: np.ndarray, levels: ChunkLevels) -> EncryptedChunk:
         labels = [keys.encrypt(vector, levels.labels)
@@ -50,7 +51,7 @@ def encrypted_chunks(
         chunk = EncryptedChunk(
             len(x),
             keys.encrypt(layout.encode_x_dup(x), levels.x_dup),
-            keys.encrypt(layout.encode_x_grad(x), levels.x_grad),
+            keys.encrypt(layout.encode_x_grad(x * scale), levels.x_grad),
             labels,
         )
         if progress:
@@ -68,13 +69,32 @@ def encrypted_chunks(
     return train, val
 
 
+def feature_preconditioner(plan: TrainingPlan, x_train: np.ndarray) -> np.ndarray:
+    """p_j of a preconditioned plan (`training.plain.jacobi_preconditioner`), 1 otherwise:
+    the hospital encrypts x_grad as x p, so the cloud's gradient is preconditioned as is."""
+    if not plan.config.preconditioned:
+        return np.ones(x_train.shape[1])
+    return jacobi_preconditioner(x_train, plan.n_classes, plan.config.weight_decay)
+
+
+def encrypted_decay(keys: HospitalKeys, plan: TrainingPlan,
+                    x_train: np.ndarray) -> ofhe.Ciphertext | None:
+    """A preconditioned plan's per-feature decay 1 - lr wd p_j in the model's slots
+    (`PackingLayout.encode_feature_scale`), at the data's level; None for a plain plan."""
+    if not plan.config.preconditioned:
+        return None
+    decay = plan.config.decay_vector(feature_preconditioner(plan, x_train))
+    return keys.encrypt(plan.layout.encode_feature_scale(decay), data_level(keys.params))
+
+
 def encrypt_dataset(keys: HospitalKeys, plan: TrainingPlan, x_train: np.ndarray,
                     y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                     progress: Callable[[int], None] | None = None) -> EncryptedDataset:
     """The whole encrypted dataset in memory (tests, benchmarks; the hospital streams it to
     disk with `write_encrypted_dataset`)."""
     train, val = encrypted_chunks(keys, plan, x_train, y_train, x_val, y_val, progress)
-    return EncryptedDataset(plan, list(train), list(val))
+    return EncryptedDataset(plan, list(train), list(val),
+                            decay=encrypted_decay(keys, plan, x_train))
 
 
 def write_encrypted_dataset(directory: Path, keys: HospitalKeys, plan: TrainingPlan,
@@ -83,7 +103,8 @@ def write_encrypted_dataset(directory: Path, keys: HospitalKeys, plan: TrainingP
                             progress: Callable[[int], None] | None = None) -> dict:
     """Encrypt and write chunk by chunk: memory stays one chunk whatever the dataset size."""
     train, val = encrypted_chunks(keys, plan, x_train, y_train, x_val, y_val, progress)
-    return EncryptedDataset.write(directory, keys.params, plan, train, val)
+    return EncryptedDataset.write(directory, keys.params, plan, train, val,
+                                  encrypted_decay(keys, plan, x_train))
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -16,10 +16,14 @@ test split is never read here) and is recorded with its reason:
   cannot see the difference the test split may).
 - **Weight decay** `wd = s^2 / (C n)`: the probe's penalty ||w||^2 / (2 C n) per sample,
   expressed in the scaled coordinates (features multiplied by `s`).
-- **Step size** `lr = STEP_SIZE_FRACTION / L`, `L = h * lambda_max(X^T X / n) + wd`, the
-  curvature bound of the loss (`h` = 1/4 for the sigmoid, 1/2 for softmax). The bias column is
-  balanced with the features (`FeatureScaler.bias_`), so L is set by the data, not the 1s.
-- **Momentum** `(1 - sqrt(q)) / (1 + sqrt(q))`, `q = wd / L` (Nesterov's constant for a
+- **Preconditioning**: each feature column steps by `lr p_j`, `p_j = 1 / (h mean x_j^2 + wd)`
+  (`training.plain.jacobi_preconditioner`; the same optimum, every principal direction at the
+  same pace: the 10-class stress set reaches the probe in 1 epoch instead of 11).
+- **Step size** `lr = STEP_SIZE_FRACTION / L`, `L = h * lambda_max(P^1/2 X^T X P^1/2 / n) +
+  wd max p`, the curvature bound of the loss in the preconditioned metric (`h` = 1/4 for the
+  sigmoid, 1/2 for softmax). The bias column is balanced with the features
+  (`FeatureScaler.bias_`), so L is set by the data, not the 1s.
+- **Momentum** `(1 - sqrt(q)) / (1 + sqrt(q))`, `q = wd min p / L` (Nesterov's constant for a
   q-conditioned problem), at most `MAX_MOMENTUM`.
 - **Batch**: whole data ciphertexts, >= `MIN_BATCH` samples, <= `MAX_STEPS_PER_EPOCH` steps.
 - **Epochs**: the exact head's early stop (the judge's rule, `patience`), capped by what the
@@ -60,7 +64,13 @@ from medblindtuner.hospital.reference import (
 )
 from medblindtuner.hospital.widths import choose_pca_dims
 from medblindtuner.training.approx import ActivationPlan, RangeError
-from medblindtuner.training.plain import TrainConfig, make_batches, train_head
+from medblindtuner.training.plain import (
+    TrainConfig,
+    curvature_weight,
+    jacobi_preconditioner,
+    make_batches,
+    train_head,
+)
 from medblindtuner.training.plan import RANGE_MARGIN, TrainingPlan, max_batch_size
 
 STEP_SIZE_FRACTION = 0.5
@@ -131,6 +141,9 @@ class Overrides:
     batch_size: int | None = None
     patience: int = 4
     seed: int = 0
+    # a step of lr p_j per feature column (`jacobi_preconditioner`); a given learning rate
+    # keeps the plain step, whose metric it was chosen in
+    preconditioned: bool = True
     time_allowance_h: float = TIME_ALLOWANCE_HOURS  # encrypted training the recipe plans for
 
     def command_line(self) -> str:
@@ -183,7 +196,6 @@ class _AtWidth:
     dims: int | None
     data: PreparedData
     layout: PackingLayout
-    curvature: float
     steps_per_epoch: int
     config: TrainConfig
     activation: ActivationPlan
@@ -270,15 +282,16 @@ def derive_recipe(
 def _note_settings(job: _Job, chosen: _AtWidth, note: Callable[..., None]) -> None:
     """Record every setting of the chosen width with its reason."""
     given, config, layout = job.given, chosen.config, chosen.layout
-    smoothness = chosen.curvature + config.weight_decay
+    smoothness, strong = step_bounds(chosen.data.x["train"], job.n_classes,
+                                     config.weight_decay, config.preconditioned)
     note("weight_decay", config.weight_decay, given.weight_decay is not None, chosen.wd_why)
     note("learning_rate", config.learning_rate, given.learning_rate is not None,
          f"{STEP_SIZE_FRACTION} / L, L = {smoothness:.4g} (curvature bound of the loss on "
-         "these features)")
-    q = config.weight_decay / smoothness
+         "these features" + (", each feature column preconditioned by 1 / (h mean x_j^2 + "
+                             "wd)" if config.preconditioned else "") + ")")
     note("momentum", config.momentum, given.momentum is not None,
-         f"Nesterov's (1 - sqrt q)/(1 + sqrt q) for q = wd / L = {q:.3g}, at most "
-         f"{MAX_MOMENTUM}")
+         f"Nesterov's (1 - sqrt q)/(1 + sqrt q) for q = mu / L = {strong / smoothness:.3g}, "
+         f"at most {MAX_MOMENTUM}")
     note("batch_size", config.batch_size, given.batch_size is not None,
          f"{-(-config.batch_size // layout.samples_per_ct)} whole data ciphertexts of "
          f"{layout.samples_per_ct} samples ({job.params.slots} slots / {2 * layout.block}): "
@@ -301,9 +314,8 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
     given, n_classes = job.given, job.n_classes
     data = prepare_features(job.features, dims)
     x_train, n = data.x["train"], len(data.x["train"])
-    curvature = (0.25 if n_classes == 2 else 0.5) * float(
-        np.linalg.norm(x_train, ord=2)**2 / n)
     layout = PackingLayout(job.params.slots, x_train.shape[1])
+    preconditioned = given.preconditioned and given.learning_rate is None
     batch = given.batch_size if given.batch_size is not None else derived_batch_size(
         n, layout, n_classes)
     batch = min(batch, max_batch_size(layout, n_classes))
@@ -312,17 +324,19 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
         n, len(data.x["val"]), layout, n_classes, given.time_allowance_h, job.params.refresh)
 
     def settings(wd: float) -> TrainConfig:
-        """Step size and momentum follow from the curvature and the weight decay."""
-        smoothness = curvature + wd
+        """Step size and momentum follow from the curvature and the weight decay (in the
+        preconditioned metric unless the user gave the step size)."""
+        smoothness, strong = step_bounds(x_train, n_classes, wd, preconditioned)
         lr = given.learning_rate if given.learning_rate is not None else (
             STEP_SIZE_FRACTION / smoothness)
-        q = wd / smoothness
+        q = strong / smoothness
         mom = given.momentum if given.momentum is not None else min(
             MAX_MOMENTUM, (1 - math.sqrt(q)) / (1 + math.sqrt(q)))
         try:
             return TrainConfig(learning_rate=float(lr), momentum=float(mom), epochs=int(cap),
                                batch_size=int(batch), patience=given.patience,
-                               seed=given.seed, weight_decay=float(wd)).checked()
+                               seed=given.seed, weight_decay=float(wd),
+                               preconditioned=preconditioned).checked()
         except ValueError as err:
             raise RecipeError(str(err)) from err
 
@@ -360,8 +374,20 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
         twin = train_head(data.x["train"], data.y["train"], data.x["val"], data.y["val"],
                           n_classes, config, layout=layout)
         capped_loss = min(record["val_loss"] for record in twin.history)
-    return _AtWidth(dims, data, layout, curvature, steps_per_epoch, config, activation, plan,
+    return _AtWidth(dims, data, layout, steps_per_epoch, config, activation, plan,
                     wd_why, raised, epochs_why, capped, capped_loss)
+
+
+def step_bounds(x_train: np.ndarray, n_classes: int, weight_decay: float,
+                preconditioned: bool) -> tuple[float, float]:
+    """(L, mu): bounds on the largest and smallest curvature of the penalised loss, in the
+    metric of the step (`jacobi_preconditioner` when `preconditioned`)."""
+    x, h = np.asarray(x_train, dtype=np.float64), curvature_weight(n_classes)
+    if not preconditioned:
+        return h * float(np.linalg.norm(x, ord=2)**2) / len(x) + weight_decay, weight_decay
+    p = jacobi_preconditioner(x, n_classes, weight_decay)
+    top = float(np.linalg.norm(x * np.sqrt(p), ord=2)**2) / len(x)
+    return h * top + weight_decay * float(p.max()), weight_decay * float(p.min())
 
 
 def _epochs_why(epochs: int, cap: int, steps_per_epoch: int, given: Overrides) -> str:

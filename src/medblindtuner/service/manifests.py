@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medblindtuner.formats import dataset_file_name
+from medblindtuner.formats import DECAY_FILE_NAME, dataset_file_name
 from medblindtuner.service.errors import BadRequest, TooLarge, Unprocessable
 from medblindtuner.service.limits import ServiceLimits
 from medblindtuner.training.plan import TrainingPlan
@@ -146,6 +146,7 @@ class TrainConfigModel(_Strict):
     patience: Annotated[int, Field(ge=1, le=10_000)]
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)]
     weight_decay: Annotated[float, Field(ge=0, le=1e6)]
+    preconditioned: bool = False
 
 
 class ApproxModel(BaseModel):
@@ -241,4 +242,5 @@ def dataset_files(plan: TrainingPlan) -> set[str]:
     return {dataset_file_name(split, index, kind)
             for split, count in (("train", len(plan.train_chunk_sizes)),
                                  ("val", len(plan.val_batch_sizes)))
-            for index in range(count) for kind in kinds}
+            for index in range(count) for kind in kinds} | (
+        {DECAY_FILE_NAME} if plan.config.preconditioned else set())

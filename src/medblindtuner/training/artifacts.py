@@ -21,6 +21,7 @@ import openfhe as ofhe
 from medblindtuner.failpoints import failpoint
 from medblindtuner.formats import (
     DATASET_FORMAT,
+    DECAY_FILE_NAME,
     MANIFEST_NAME,
     QUERIES_FORMAT,
     RESULT_FORMAT,
@@ -180,6 +181,8 @@ class EncryptedDataset:
     val: Sequence[EncryptedChunk]
     # what every ciphertext went through at load (`load(..., adopt=)`), if anything
     adopt: Callable[[ofhe.Ciphertext], ofhe.Ciphertext] | None = None
+    # a preconditioned plan's per-feature decay of the look-ahead weights (1 - lr wd p_j)
+    decay: ofhe.Ciphertext | None = None
 
     def batch(self, index: int) -> list[EncryptedChunk]:
         """The chunks of training batch `index` (one step)."""
@@ -196,16 +199,24 @@ class EncryptedDataset:
                 return chunks.adopted(adopt)
             return [c.adopted(adopt) for c in chunks]
 
-        return EncryptedDataset(self.plan, each(self.train), each(self.val), adopt)
+        decay = None if self.decay is None else adopt(self.decay)
+        return EncryptedDataset(self.plan, each(self.train), each(self.val), adopt, decay)
 
     def save(self, directory: Path, params: CkksParams) -> dict:
-        return self.write(directory, params, self.plan, self.train, self.val)
+        return self.write(directory, params, self.plan, self.train, self.val, self.decay)
 
     @staticmethod
     def write(directory: Path, params: CkksParams, plan: TrainingPlan,
-              train: Iterable[EncryptedChunk], val: Iterable[EncryptedChunk]) -> dict:
+              train: Iterable[EncryptedChunk], val: Iterable[EncryptedChunk],
+              decay: ofhe.Ciphertext | None = None) -> dict:
         """Write chunks as they come (an iterator keeps only one chunk in memory)."""
+        if (decay is not None) != plan.config.preconditioned:
+            raise ValueError("a preconditioned plan's dataset carries its feature decay, "
+                             "and only such a plan's")
+
         def files() -> Iterator[tuple[str, ofhe.Ciphertext]]:
+            if decay is not None:
+                yield DECAY_FILE_NAME, decay
             yield from _chunk_files("train", train)
             yield from _chunk_files("val", val)
 
@@ -229,7 +240,12 @@ class EncryptedDataset:
         train = StoredChunks.open(directory, manifest, plan, "train", sizes, resident, adopt)
         val = [load_chunk(directory, manifest, plan, "val", i, n)
                for i, n in enumerate(plan.val_batch_sizes)]
-        return cls(plan, train, [c.adopted(adopt) for c in val] if adopt else val, adopt)
+        decay = (load_listed(directory, manifest, DECAY_FILE_NAME)
+                 if plan.config.preconditioned else None)
+        if adopt:
+            val = [c.adopted(adopt) for c in val]
+            decay = None if decay is None else adopt(decay)
+        return cls(plan, train, val, adopt, decay)
 
 
 @dataclass

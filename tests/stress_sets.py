@@ -75,6 +75,19 @@ CASES: tuple[StressCase, ...] = (
                priors=(0.67, 0.11, 0.11, 0.05, 0.03, 0.02, 0.01)),
 )
 
+# Larger sets shaped like held-out MedMNIST ones (blood-, organ-, pneumonia-, path-like
+# sizes and classes, 768 to 1280 wide): 30-60 s each, too slow for the fast suite;
+# `python benchmarks/stress_extra.py` runs them.
+EXTRA_CASES: tuple[StressCase, ...] = (
+    StressCase("8 classes 12,000 CNN-like 1280-d", 12000, 1280, 8, 0.3, shape="relu_pooled"),
+    StressCase("11 classes 10,000 CNN-like 1280-d", 10000, 1280, 11, 0.35,
+               shape="relu_pooled", seed=3),
+    StressCase("pneumonia-like 74:26 1280-d", 4700, 1280, 2, 0.35, priors=(0.26, 0.74),
+               shape="relu_pooled", seed=4),
+    StressCase("9 classes 20,000 ViT 768-d", 20000, 768, 9, 0.3, shape="transformer",
+               scale=20.0, seed=5),
+)
+
 _INFO = BackboneInfo(name="synthetic", arch="none", feature_dim=0, weights_source="test",
                      weights_sha256="-", pretrained=False, input_size=28,
                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

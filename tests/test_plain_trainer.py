@@ -18,7 +18,12 @@ from medblindtuner.training.approx import (
     chebyshev_depth,
     unit_degree_for,
 )
-from medblindtuner.training.plain import TrainConfig, evaluate, train_head
+from medblindtuner.training.plain import (
+    TrainConfig,
+    evaluate,
+    jacobi_preconditioner,
+    train_head,
+)
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])
@@ -125,6 +130,37 @@ def test_weight_decay_converges_to_sklearn_on_real_features(breast_features_smal
         np.abs(reference.coef_)), (final[0][:5], reference.coef_[0][:5])
     ours_acc = evaluate(final, data.x["test"], data.y["test"], 2)["acc"]
     assert ours_acc == reference.score(data.x["test"], data.y["test"])
+
+
+def test_preconditioned_steps_reach_the_same_minimiser_sooner(breast_features_small):
+    """Each column stepping by lr p_j (with the decay 1 - lr wd p_j) keeps the minimiser of
+    the same objective, and reaches it in far fewer full-batch steps than one step size."""
+    from medblindtuner.hospital.recipe import step_bounds
+
+    data = prepare_features(breast_features_small, pca_dims=31)
+    x, y, n = data.x["train"], data.y["train"], len(data.y["train"])
+    wd = 0.01 * 0.25 * np.linalg.norm(x, ord=2) ** 2 / n
+    reference = LogisticRegression(C=1 / (wd * n), fit_intercept=False, tol=1e-10,
+                                   max_iter=20000).fit(x, y).coef_[0]
+
+    def error_after(epochs: int, preconditioned: bool) -> float:
+        smoothness, strong = step_bounds(x, 2, wd, preconditioned)
+        q = np.sqrt(strong / smoothness)
+        config = TrainConfig(learning_rate=0.5 / smoothness, momentum=(1 - q) / (1 + q),
+                             epochs=epochs, batch_size=n, patience=epochs, weight_decay=wd,
+                             preconditioned=preconditioned)
+        final = train_head(x, y, data.x["val"], data.y["val"], 2, config).final_weights[0]
+        return float(np.max(np.abs(final - reference)) / np.max(np.abs(reference)))
+
+    assert error_after(600, True) < 1e-3
+    assert error_after(40, True) < 0.5 * error_after(40, False)  # 0.011 against 0.036
+
+
+def test_preconditioner_is_finite_on_a_constant_column_without_a_penalty():
+    x = np.hstack([np.random.default_rng(0).normal(size=(50, 3)), np.zeros((50, 1))])
+    p = jacobi_preconditioner(x, 2, 0.0)
+    assert np.all(np.isfinite(p)) and np.all(p > 0)
+    assert p[3] == pytest.approx(1e6 * p[:3].min(), rel=0.5)
 
 
 def test_mirror_matches_exact_on_real_features(breast_features_small):

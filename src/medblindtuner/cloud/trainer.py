@@ -118,6 +118,8 @@ class EncryptedTrainer:
     def __init__(self, evaluator: Evaluator, dataset: EncryptedDataset, checkpoint_dir: Path,
                  shards: Shards | None = None):
         self.ev = evaluator
+        if dataset.plan.config.preconditioned and dataset.decay is None:
+            raise ValueError("a preconditioned plan's dataset must carry its feature decay")
         self.data = dataset.adopted(evaluator.adopt)  # ciphertexts read from disk: see adopt
         self.plan = dataset.plan
         # the driver's own kernel (validation, masks); `shards` computes the batches' chunks

@@ -80,6 +80,9 @@ class TrainConfig:
         return 1.0 - self.learning_rate * self.weight_decay * np.asarray(preconditioner)
 
 
+MIN_RELATIVE_MOMENT = 1e-6  # floor of a column's second moment in `jacobi_preconditioner`
+
+
 def curvature_weight(n_classes: int) -> float:
     """h: the largest second derivative of the loss per unit of squared logit (sigmoid 1/4,
     softmax 1/2), so that h X^T X / n bounds the loss's curvature."""
@@ -91,9 +94,13 @@ def jacobi_preconditioner(x_train: np.ndarray, n_classes: int,
     """p_j = 1 / (h mean_i x_ij^2 + wd), one per feature column (bias included): the inverse
     of the diagonal of the loss's curvature bound. On PCA coordinates the second moment is
     nearly diagonal, so the preconditioned problem is nearly as well conditioned as its
-    prior allows."""
+    prior allows. A column's moment counts as at least `MIN_RELATIVE_MOMENT` of the largest
+    (a constant column under no penalty would get an infinite step); any positive p keeps
+    the optimum, so the floor costs nothing but pace."""
     x = np.asarray(x_train, dtype=np.float64)
-    return 1.0 / (curvature_weight(n_classes) * np.mean(x * x, axis=0) + weight_decay)
+    moment = np.mean(x * x, axis=0)
+    moment = np.maximum(moment, MIN_RELATIVE_MOMENT * max(float(moment.max()), 1e-300))
+    return 1.0 / (curvature_weight(n_classes) * moment + weight_decay)
 
 
 def add_bias(x: np.ndarray, value: float = 1.0) -> np.ndarray:

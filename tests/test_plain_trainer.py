@@ -22,6 +22,7 @@ from medblindtuner.training.plain import (
     TrainConfig,
     evaluate,
     jacobi_preconditioner,
+    step_bounds,
     train_head,
 )
 
@@ -135,8 +136,6 @@ def test_weight_decay_converges_to_sklearn_on_real_features(breast_features_smal
 def test_preconditioned_steps_reach_the_same_minimiser_sooner(breast_features_small):
     """Each column stepping by lr p_j (with the decay 1 - lr wd p_j) keeps the minimiser of
     the same objective, and reaches it in far fewer full-batch steps than one step size."""
-    from medblindtuner.hospital.recipe import step_bounds
-
     data = prepare_features(breast_features_small, pca_dims=31)
     x, y, n = data.x["train"], data.y["train"], len(data.y["train"])
     wd = 0.01 * 0.25 * np.linalg.norm(x, ord=2) ** 2 / n

@@ -139,21 +139,20 @@ class PackingLayout:
         return out
 
     def encode_weights(self, w: np.ndarray) -> np.ndarray:
-        w = np.asarray(w, dtype=np.float64).reshape(-1)
-        if len(w) != self.n_features:
-            raise ValueError(f"expected {self.n_features} weights, got {len(w)}")
-        row = np.zeros(self.block)
-        row[: self.n_features] = w
-        return np.tile(row, self.slots // self.block)
+        return self._tiled_row(w, 0.0, "weights")
 
     def encode_feature_scale(self, values: np.ndarray) -> np.ndarray:
         """One factor per feature on every slot that holds that feature's weight, in the
         binary and the softmax model layouts alike (slot s holds feature s mod d); 1 on the
         slots past the features."""
+        return self._tiled_row(values, 1.0, "factors")
+
+    def _tiled_row(self, values: np.ndarray, fill: float, what: str) -> np.ndarray:
+        """One value per feature in every block of d slots, `fill` past the features."""
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if len(values) != self.n_features:
-            raise ValueError(f"expected {self.n_features} factors, got {len(values)}")
-        row = np.ones(self.block)
+            raise ValueError(f"expected {self.n_features} {what}, got {len(values)}")
+        row = np.full(self.block, fill)
         row[: self.n_features] = values
         return np.tile(row, self.slots // self.block)
 

@@ -64,13 +64,7 @@ from medblindtuner.hospital.reference import (
 )
 from medblindtuner.hospital.widths import choose_pca_dims
 from medblindtuner.training.approx import ActivationPlan, RangeError
-from medblindtuner.training.plain import (
-    TrainConfig,
-    curvature_weight,
-    jacobi_preconditioner,
-    make_batches,
-    train_head,
-)
+from medblindtuner.training.plain import TrainConfig, make_batches, step_bounds, train_head
 from medblindtuner.training.plan import RANGE_MARGIN, TrainingPlan, max_batch_size
 
 STEP_SIZE_FRACTION = 0.5
@@ -376,18 +370,6 @@ def _derive_at(job: _Job, dims: int | None) -> _AtWidth:
         capped_loss = min(record["val_loss"] for record in twin.history)
     return _AtWidth(dims, data, layout, steps_per_epoch, config, activation, plan,
                     wd_why, raised, epochs_why, capped, capped_loss)
-
-
-def step_bounds(x_train: np.ndarray, n_classes: int, weight_decay: float,
-                preconditioned: bool) -> tuple[float, float]:
-    """(L, mu): bounds on the largest and smallest curvature of the penalised loss, in the
-    metric of the step (`jacobi_preconditioner` when `preconditioned`)."""
-    x, h = np.asarray(x_train, dtype=np.float64), curvature_weight(n_classes)
-    if not preconditioned:
-        return h * float(np.linalg.norm(x, ord=2)**2) / len(x) + weight_decay, weight_decay
-    p = jacobi_preconditioner(x, n_classes, weight_decay)
-    top = float(np.linalg.norm(x * np.sqrt(p), ord=2)**2) / len(x)
-    return h * top + weight_decay * float(p.max()), weight_decay * float(p.min())
 
 
 def _epochs_why(epochs: int, cap: int, steps_per_epoch: int, given: Overrides) -> str:

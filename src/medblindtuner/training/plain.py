@@ -103,6 +103,18 @@ def jacobi_preconditioner(x_train: np.ndarray, n_classes: int,
     return 1.0 / (curvature_weight(n_classes) * moment + weight_decay)
 
 
+def step_bounds(x_train: np.ndarray, n_classes: int, weight_decay: float,
+                preconditioned: bool) -> tuple[float, float]:
+    """(L, mu): bounds on the largest and smallest curvature of the penalised loss, in the
+    metric of the step (`jacobi_preconditioner` when `preconditioned`)."""
+    x, h = np.asarray(x_train, dtype=np.float64), curvature_weight(n_classes)
+    if not preconditioned:
+        return h * float(np.linalg.norm(x, ord=2)**2) / len(x) + weight_decay, weight_decay
+    p = jacobi_preconditioner(x, n_classes, weight_decay)
+    top = float(np.linalg.norm(x * np.sqrt(p), ord=2)**2) / len(x)
+    return h * top + weight_decay * float(p.max()), weight_decay * float(p.min())
+
+
 def add_bias(x: np.ndarray, value: float = 1.0) -> np.ndarray:
     """Append the constant bias feature (the model is affine); see FeatureScaler.augment."""
     return np.hstack([np.asarray(x, dtype=np.float64), np.full((len(x), 1), float(value))])

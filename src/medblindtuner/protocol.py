@@ -124,3 +124,26 @@ def refresh_path(job_dir: Path, index: int, kind: str) -> Path:
 def query_dir(job_dir: Path, query_id: str) -> Path:
     """`<job>/queries/<query id>/`: `input/` (uploaded queries) and `scores/` (result)."""
     return Path(job_dir) / QUERIES_DIR / query_id
+
+
+# ---- consortium relay (n hospitals under a joint key; service/consortia.py) ---------------------
+# Two channels: "rounds" (broadcast: a key round's `RoundMessage` by party, readable by every
+# member; party CLOUD_PARTY = what the cloud publishes, e.g. a ciphertext to decrypt) and
+# "sealed" (an envelope from one hospital to another, readable by its recipient only).
+ROUNDS_CHANNEL = "rounds"
+SEALED_CHANNEL = "sealed"
+CONSORTIUM_CHANNELS = (ROUNDS_CHANNEL, SEALED_CHANNEL)
+CLOUD_PARTY = -1
+ROUND_FORMAT = "medblindtuner-threshold-round/1"  # he.threshold.RoundMessage
+SEALED_FORMAT = "medblindtuner-sealed-share/1"  # consortium.sealing envelopes
+# Long polls of the relay (`?wait=S`): the longest the service waits, the client's default.
+MAX_CONSORTIUM_WAIT_S = 60.0
+CONSORTIUM_WAIT_S = 25.0
+CONSORTIUM_DIR = "consortium"
+
+
+def consortium_message_path(consortium_dir: Path, channel: str, topic: str, sender: int,
+                            recipient: int) -> Path:
+    """One relayed message: `<consortium>/consortium/<channel>/<topic>/s<sender>_r<recipient>`
+    (recipient -1: a broadcast round message)."""
+    return Path(consortium_dir) / CONSORTIUM_DIR / channel / topic / f"s{sender}_r{recipient}.bin"

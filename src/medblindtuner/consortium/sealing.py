@@ -22,8 +22,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from medblindtuner.errors import MedBlindTunerError
-
-SEALED_FORMAT = "medblindtuner-sealed-share/1"
+from medblindtuner.protocol import SEALED_FORMAT
 
 
 class SealError(MedBlindTunerError, ValueError):

@@ -42,8 +42,9 @@ from medblindtuner.he.params import (
     data_level,
     level_budget_for,
 )
+from medblindtuner.protocol import ROUND_FORMAT
 
-MESSAGE_FORMAT = "medblindtuner-threshold-round/1"
+MESSAGE_FORMAT = ROUND_FORMAT  # the service reads this header (protocol)
 JOINT_SECRET_DIST = "UNIFORM_TERNARY"
 # Indices per automorphism round: ~90 MB a key at ring 2^16 (environment notes), so a round
 # holds a few hundred MB per party instead of all keys (killed at 21 GB).

@@ -32,6 +32,8 @@ from medblindtuner.protocol import (
     REFRESH_INDEX_HEADER,
     query_id_of,
 )
+from medblindtuner.service.consortia_http import consortium_router
+from medblindtuner.service.consortia_http import large_body_route as consortium_body_route
 from medblindtuner.service.errors import CloudError, TooLarge, printable
 from medblindtuner.service.jobs import CloudService
 from medblindtuner.service.limits import ServiceConfig
@@ -62,7 +64,8 @@ REFRESH_LOOK_S = 0.02
 def _large_body_route(path: str) -> bool:
     """Manifests, chunks and refresh answers carry their own, larger limits (read by
     `_read_body`)."""
-    return path.endswith(("/manifest", "/refresh")) or "/chunks/" in path
+    return (path.endswith(("/manifest", "/refresh")) or "/chunks/" in path
+            or consortium_body_route(path))
 
 
 class DecisionIn(BaseModel):
@@ -459,6 +462,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     _query_upload_routes(router, service, config)
     _scoring_routes(router, service)
     app.include_router(router)
+    app.include_router(consortium_router(), responses=JOB_ERRORS)  # n hospitals' relay
     return app
 
 

@@ -50,6 +50,7 @@ from medblindtuner.protocol import (
     query_kind,
 )
 from medblindtuner.service.blobs import BlobStore, is_safe_name
+from medblindtuner.service.consortia import ConsortiumRelay
 from medblindtuner.service.errors import (
     Conflict,
     Forbidden,
@@ -119,6 +120,8 @@ class CloudService:
         self.auth_failures = RateLimiter(limits.failed_auth_rate_per_s,
                                          limits.failed_auth_burst,
                                          "failed authentications from this address")
+        self.consortia = ConsortiumRelay(config, self.store, self.auth_failures,
+                                         self.token_rate, self.creation_rate)
         self._validating: set[str] = set()  # jobs (or query sets) being validated now
         self._claims = threading.Lock()
 

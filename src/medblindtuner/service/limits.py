@@ -62,6 +62,12 @@ class ServiceLimits:
     failed_auth_rate_per_s: float = 1.0  # wrong tokens / unknown jobs per client address ...
     failed_auth_burst: int = 100  # ... beyond which its every authentication is a 429
     max_jobs_per_client: int = 100  # jobs one client address may hold at once
+    # Consortium jobs (`consortia`): hospitals per consortium, one relayed message (an
+    # automorphism round of 4 keys is ~360 MB at ring 2^16), all messages of one consortium.
+    max_consortium_hospitals: int = 16
+    max_consortium_message_bytes: int = 1 * GIB
+    max_consortium_bytes: int = 64 * GIB
+    max_consortium_messages: int = 100_000
     # A job not started (or failed/cancelled) with no activity for this long is deleted when
     # the next job is created; its declared-but-unsent bytes stop counting towards
     # `max_total_bytes` after `upload_reservation_ttl_s` without a byte.

@@ -195,6 +195,48 @@ class RefreshRow(Base):
     answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class Consortium(Base):
+    """A consortium job: n hospitals relaying key rounds and sealed shares (`consortia`)."""
+
+    __tablename__ = "consortia"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    n_parties: Mapped[int] = mapped_column(Integer)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    messages: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_stored: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ConsortiumToken(Base):
+    """One hospital's bearer token (its SHA-256): the token decides the hospital's index."""
+
+    __tablename__ = "consortium_tokens"
+
+    consortium_id: Mapped[str] = mapped_column(
+        ForeignKey("consortia.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+
+
+class ConsortiumMessage(Base):
+    """One relayed message's slot (channel, topic, sender, recipient) and its SHA-256; the
+    bytes are a file in the consortium's folder (`protocol.consortium_message_path`)."""
+
+    __tablename__ = "consortium_messages"
+
+    consortium_id: Mapped[str] = mapped_column(
+        ForeignKey("consortia.id", ondelete="CASCADE"), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(8), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sender: Mapped[int] = mapped_column(Integer, primary_key=True)
+    recipient: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API object
     """WAL lets the web process read while a worker writes; busy_timeout instead of errors."""
     cursor = dbapi_connection.cursor()

@@ -98,6 +98,70 @@ def _joint_public_and_relinearisation_keys(
     return tag
 
 
+@dataclass(frozen=True)
+class KeySchedule:
+    """The automorphism rounds of a ceremony, in order, as (chunk number, indices): the
+    kernel's rotations (the shard workers' file), the other rotations, then the bootstrapping
+    keys not already made. Public: every party and the relay compute the same one."""
+
+    kernel: tuple[tuple[int, tuple[int, ...]], ...]
+    others: tuple[tuple[int, tuple[int, ...]], ...]
+    bootstrap: tuple[tuple[int, tuple[int, ...]], ...]
+    rotation_indices: tuple[int, ...]  # rotations (not automorphisms), 0 mod slots dropped
+    shard_rotation_indices: tuple[int, ...]
+
+    @property
+    def rounds(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        return self.kernel + self.others + self.bootstrap
+
+
+def key_schedule(context: ofhe.CryptoContext, params: CkksParams,
+                 rotation_indices: Sequence[int], kernel_rotation_indices: Sequence[int] = (),
+                 bootstrap_indices: Sequence[int] | None = None,
+                 chunk_size: int = AUTOMORPHISM_CHUNK) -> KeySchedule:
+    """The chunks of `run_key_ceremony`, numbered from 0 in the order they are joined."""
+    kernel = rotation_automorphism_indices(context, params, kernel_rotation_indices)
+    every = rotation_automorphism_indices(context, params, list(rotation_indices)
+                                          + list(kernel_rotation_indices))
+    rest = [i for i in (bootstrap_indices or ()) if i not in set(every)]
+    parts, number = [], 0
+    for indices in (kernel, sorted(set(every) - set(kernel)), rest):
+        chunks = chunks_of(indices, chunk_size)
+        parts.append(tuple((number + k, tuple(c)) for k, c in enumerate(chunks)))
+        number += len(chunks)
+
+    def nonzero(values: Sequence[int]) -> tuple[int, ...]:
+        return tuple(sorted({int(i) for i in values if int(i) % params.slots}))
+
+    return KeySchedule(*parts, nonzero(list(rotation_indices) + list(kernel_rotation_indices)),
+                       nonzero(kernel_rotation_indices))
+
+
+def install_schedule(context: ofhe.CryptoContext, schedule: KeySchedule, tag: str,
+                     join: Callable[[int, tuple[int, ...]], bytes]
+                     ) -> tuple[Path, tempfile.TemporaryDirectory]:
+    """Join every chunk (`join(number, indices)`: the joint key map's bytes) into `context`;
+    the kernel's keys are written first (the shard workers' file), then the others (the
+    driver's file: each shard key once in the bundle, as for one key holder). Returns (shard
+    file, its temporary folder)."""
+    for number, indices in schedule.kernel:
+        install_joint_keys(context, None, [join(number, indices)], tag)
+    shard_dir = tempfile.TemporaryDirectory(prefix="medblindtuner-joint-shard-keys-")
+    shard_file = Path(shard_dir.name) / "shard_keys.bin"
+    write_automorphism_keys(context, shard_file, tag, bool(schedule.kernel),
+                            "the shard workers' joint rotation keys")
+    context.ClearEvalAutomorphismKeys()
+    for number, indices in schedule.others + schedule.bootstrap:
+        install_joint_keys(context, None, [join(number, indices)], tag)
+    write_automorphism_keys(context, Path(shard_dir.name) / "rotation_keys.bin", tag,
+                            bool(schedule.others or schedule.bootstrap),
+                            "the driver's joint rotation keys")
+    if schedule.kernel and not context.DeserializeEvalAutomorphismKey(str(shard_file),
+                                                                      ofhe.BINARY):
+        raise BundleError("OpenFHE failed to reload the shard workers' joint rotation keys")
+    return shard_file, shard_dir
+
+
 def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
                      parties: Sequence[ThresholdParty], rotation_indices: Sequence[int],
                      kernel_rotation_indices: Sequence[int] = (),
@@ -119,44 +183,16 @@ def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
 
     tag = _joint_public_and_relinearisation_keys(context, parties, relay, seconds)
 
-    def join(indices: list[int], first_chunk: int) -> int:
-        for offset, chunk in enumerate(chunks_of(indices, chunk_size)):
-            number = first_chunk + offset
-            lead = parties[0].automorphism_share(number, chunk)
-            shares = relay([lead] + [p.automorphism_share(number, chunk, lead)
-                                     for p in parties[1:]])
-            joint = combine_automorphism_shares(context, shares, job_id, n, number, tag)
-            install_joint_keys(context, None, [joint], tag)
-        return first_chunk + len(chunks_of(indices, chunk_size))
+    def join(number: int, chunk: tuple[int, ...]) -> bytes:
+        lead = parties[0].automorphism_share(number, chunk)
+        shares = relay([lead] + [p.automorphism_share(number, chunk, lead)
+                                 for p in parties[1:]])
+        return combine_automorphism_shares(context, shares, job_id, n, number, tag)
 
     start = time.perf_counter()
-    kernel = rotation_automorphism_indices(context, params, kernel_rotation_indices)
-    every = rotation_automorphism_indices(context, params, list(rotation_indices)
-                                          + list(kernel_rotation_indices))
-    next_chunk = join(kernel, 0)
-    shard_dir = tempfile.TemporaryDirectory(prefix="medblindtuner-joint-shard-keys-")
-    shard_file = Path(shard_dir.name) / "shard_keys.bin"
-    write_automorphism_keys(context, shard_file, tag, bool(kernel),
-                            "the shard workers' joint rotation keys")
-    # the driver's file holds the other keys only (the cloud loads both files): each shard
-    # key once in the bundle, as for one key holder (`HospitalKeys.generate`)
-    context.ClearEvalAutomorphismKeys()
-    next_chunk = join(sorted(set(every) - set(kernel)), next_chunk)
-    seconds["rotations"] = time.perf_counter() - start
-    start = time.perf_counter()
-    done = set(every)
-    rest = [i for i in (bootstrap_indices or ()) if i not in done]
-    join(rest, next_chunk)
-    seconds["bootstrapping"] = time.perf_counter() - start
-    write_automorphism_keys(context, Path(shard_dir.name) / "rotation_keys.bin", tag,
-                            bool(set(every) - set(kernel) or rest),
-                            "the driver's joint rotation keys")
-    if kernel and not context.DeserializeEvalAutomorphismKey(str(shard_file), ofhe.BINARY):
-        raise BundleError("OpenFHE failed to reload the shard workers' joint rotation keys")
-
-    def nonzero(values: Sequence[int]) -> tuple[int, ...]:
-        return tuple(sorted({int(i) for i in values if int(i) % params.slots}))
-
-    return JointKeys(params, context, parties[-1].joint_public_key,
-                     nonzero(list(rotation_indices) + list(kernel_rotation_indices)),
-                     nonzero(kernel_rotation_indices), shard_file, seconds, carried, shard_dir)
+    schedule = key_schedule(context, params, rotation_indices, kernel_rotation_indices,
+                            bootstrap_indices, chunk_size)
+    shard_file, shard_dir = install_schedule(context, schedule, tag, join)
+    seconds["rotations"] = time.perf_counter() - start  # with the bootstrapping keys
+    return JointKeys(params, context, parties[-1].joint_public_key, schedule.rotation_indices,
+                     schedule.shard_rotation_indices, shard_file, seconds, carried, shard_dir)

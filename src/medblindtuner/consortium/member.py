@@ -17,14 +17,14 @@ from medblindtuner.he.threshold import ThresholdParty, fuse_decryption_shares, r
 from medblindtuner.hospital.crypto import HospitalJudge, JudgeRefusal, decrypt_weights
 from medblindtuner.training.plan import TrainingPlan
 
-from .sealing import Roster, SealedMailbox, open_share, seal_share
+from .sealing import Mailbox, Roster, open_share, seal_share
 
 
 class ConsortiumMember:
     """One hospital's side of threshold decryption (also the `keys` its judge decrypts with)."""
 
     def __init__(self, party: ThresholdParty, sealing_key, roster: Roster,
-                 mailbox: SealedMailbox):
+                 mailbox: Mailbox):
         if roster.job_id != party.job_id or len(roster.public_keys) != party.n_parties:
             raise ValueError("the roster does not describe this party's job")
         self.party = party

@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
@@ -102,6 +103,15 @@ def open_share(key: PrivateKey, roster: Roster, recipient: int, request_id: str,
                         f"{sealed_routing.get('request')!r} was handed in for job "
                         f"{roster.job_id!r}, request {request_id!r} (a replay?): refused")
     return sender, bytes(inner[4 + inner_size :])
+
+
+class Mailbox(Protocol):
+    """Where a hospital's envelopes go and those addressed to it come from: `SealedMailbox`
+    in one process, `remote.RemoteMailbox` over the service."""
+
+    def post(self, envelope: bytes) -> None: ...
+
+    def fetch(self, job_id: str, request_id: str, recipient: int) -> list[bytes]: ...
 
 
 @dataclass

@@ -261,7 +261,7 @@ class ConsortiumRelay:
 
     @staticmethod
     def _mismatch(name: str, got: object, expected: object, index: int) -> str:
-        shown = json.dumps(got)[:80]
+        shown = repr(got)[:80]
         if name in ("party", "sender"):
             return (f"hospital {index} may post only as itself; the message is hospital "
                     f"{shown}'s: refused")
@@ -269,7 +269,7 @@ class ConsortiumRelay:
             return f"a message of job {shown} was posted to consortium {expected!r}: refused"
         if name == "format":
             return f"not a {expected} message (format {shown})"
-        return f"the message's {name} is {shown}, its address says {json.dumps(expected)}"
+        return f"the message's {name} is {shown}, its address says {expected!r}"
 
     def _store(self, consortium_id: str, channel: str, topic: str, sender: int,
                recipient: int, staged: Path, sha256: str) -> dict[str, Any]:

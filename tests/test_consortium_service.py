@@ -306,3 +306,27 @@ def test_sizes_and_shapes_are_bounded(tmp_path):
         assert http.get("/rounds/..%2Fetc").status_code == 404
         staging = server.data_dir / "staging" / cid
         assert not list(staging.glob("*"))  # refused bodies leave nothing behind
+
+
+def test_idle_consortia_expire_and_each_address_holds_a_bounded_number(tmp_path):
+    """In-process (the domain without HTTP, on SQLite): a consortium idle for the jobs' TTL
+    is deleted when the next is created; one address holds at most the per-client cap."""
+    from dataclasses import replace
+
+    from medblindtuner.service.errors import TooManyRequests
+    from medblindtuner.service.limits import ServiceLimits
+
+    config = ServiceConfig(tmp_path, limits=replace(ServiceLimits(), idle_job_ttl_s=0.0,
+                                                    max_jobs_per_client=1))
+    store = Store(config.resolved_db_url)
+    store.create_all()
+    relay = ConsortiumRelay(config, store)
+    first = relay.create(2, "10.0.0.1")["consortium_id"]
+    second = relay.create(2, "10.0.0.1")["consortium_id"]  # the first one expired
+    assert not (tmp_path / "jobs" / first).exists() and (tmp_path / "jobs" / second).exists()
+    busy = ConsortiumRelay(replace(config, limits=replace(config.limits,
+                                                          idle_job_ttl_s=3600.0)), store)
+    with pytest.raises(TooManyRequests, match="per-client limit"):
+        busy.create(2, "10.0.0.1")
+    assert busy.create(2, "10.0.0.2")["n_hospitals"] == 2
+    store.dispose()

@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,13 @@ from medblindtuner.service.errors import (
 )
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import file_lock
+from medblindtuner.service.quotas import RateLimiter
 from medblindtuner.service.store import (
     Consortium,
     ConsortiumMessage,
     ConsortiumToken,
     Store,
+    aware,
     hash_token,
     new_job_id,
     new_token,
@@ -115,8 +118,10 @@ class ConsortiumRelay:
     `auth_failures`, `token_rate` and `creation_rate` are the service's own rate limiters
     (`quotas.RateLimiter`), shared with single-holder jobs."""
 
-    def __init__(self, config: ServiceConfig, store: Store, auth_failures=None,  # noqa: ANN001
-                 token_rate=None, creation_rate=None) -> None:  # noqa: ANN001
+    def __init__(self, config: ServiceConfig, store: Store,
+                 auth_failures: RateLimiter | None = None,
+                 token_rate: RateLimiter | None = None,
+                 creation_rate: RateLimiter | None = None) -> None:
         self.config = config
         self.store = store
         self.limits = config.limits
@@ -136,11 +141,17 @@ class ConsortiumRelay:
             raise Unprocessable(f"a consortium has 2 to {limit} hospitals, not {n_parties}")
         if self.creation_rate is not None:
             self.creation_rate.charge(client)
+        self.expire_idle()
         with self.store.session() as session:
             live = session.scalar(select(func.count()).select_from(Consortium)) or 0
+            held = session.scalar(select(func.count()).select_from(Consortium).where(
+                Consortium.client == client[:64])) or 0
         if live >= self.limits.max_live_jobs:
             raise TooManyRequests(f"the service holds {live} consortia, its limit",
                                   retry_after_s=60)
+        if held >= self.limits.max_jobs_per_client:
+            raise TooManyRequests(f"this address holds {held} consortia, the per-client "
+                                  "limit; delete some first", retry_after_s=60)
         consortium_id = new_job_id()
         tokens = [new_token() for _ in range(n_parties)]
         with out_of_space_is_507("creating the consortium"), self.store.session() as session:
@@ -204,6 +215,16 @@ class ConsortiumRelay:
             return {"consortium_id": row.id, "n_hospitals": row.n_parties, "you": index,
                     "messages": row.messages, "bytes": row.bytes_stored,
                     "rounds": sorted(rounds)}
+
+    def expire_idle(self, limit: int = 100) -> int:
+        """Delete consortia that relayed nothing for `idle_job_ttl_s` (as idle jobs are)."""
+        cutoff = utcnow() - timedelta(seconds=self.limits.idle_job_ttl_s)
+        with self.store.session() as session:
+            rows = session.execute(select(Consortium.id, Consortium.updated_at)).all()
+        idle = [cid for cid, seen in rows if aware(seen) < cutoff][:limit]
+        for consortium_id in idle:
+            self.delete(consortium_id)
+        return len(idle)
 
     def delete(self, consortium_id: str) -> None:
         """Drop the consortium's rows and files (any member may end it: n-of-n needs all)."""

@@ -3,9 +3,11 @@
     medblindtuner consortium run --features breast.npz --hospitals 3 --pca 31
     medblindtuner consortium run --dataset breastmnist --hospitals 3 --insecure-test-params
 
-All roles run in this process (n hospitals, the relay, the cloud: `consortium.run`); the
-service's per-hospital roles and tokens are not built (docs/security.md). `medblindtuner demo
---hospitals N` runs the same job on a MedMNIST dataset with a report.
+All roles run in this process (n hospitals, the relay, the cloud: `consortium.run`). The
+service relays a consortium's rounds with one token per hospital (`service/consortia.py`,
+`consortium/remote.py`), but no command runs one role against it yet (docs/design.md, "The
+service's side"). `medblindtuner demo --hospitals N` runs the same job on a MedMNIST dataset
+with a report.
 """
 
 from __future__ import annotations

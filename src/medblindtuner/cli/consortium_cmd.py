@@ -3,11 +3,17 @@
     medblindtuner consortium run --features breast.npz --hospitals 3 --pca 31
     medblindtuner consortium run --dataset breastmnist --hospitals 3 --insecure-test-params
 
-All roles run in this process (n hospitals, the relay, the cloud: `consortium.run`). The
-service relays a consortium's rounds with one token per hospital (`service/consortia.py`,
-`consortium/remote.py`), but no command runs one role against it yet (docs/design.md, "The
-service's side"). `medblindtuner demo --hospitals N` runs the same job on a MedMNIST dataset
-with a report.
+`run`: all roles in this process (n hospitals, the relay, the cloud: `consortium.run`).
+`medblindtuner demo --hospitals N` runs the same job on a MedMNIST dataset with a report.
+
+Over the service (one token per hospital, `service/consortia.py`), one role per process
+(`consortium.roles`); training a consortium job on the service is not built yet
+(docs/design.md, "The service's side"):
+
+    medblindtuner consortium create  --service URL --hospitals 3 --out members/
+    medblindtuner consortium keys    --member members/hospital-0.json --state h0/ --plan plan.json
+    medblindtuner consortium bundle  --data-dir cloud/ --consortium ID --plan plan.json --out b/
+    medblindtuner consortium refresh --member members/hospital-0.json --state h0/ --plan plan.json
 """
 
 from __future__ import annotations
@@ -115,3 +121,69 @@ def run(
     data = load_features(features, dataset, data_dir, backbone, limit, synthetic)
     run_and_print(data, hospitals, refresh, insecure_test_params, workdir, pca, epochs,
                   weight_decay, out)
+
+
+# ---- one role per process, over the service (`consortium.roles`) -----------------------------
+PlanOpt = Annotated[Path, typer.Option(help="The agreed public plan (TrainingPlan JSON).")]
+MemberOpt = Annotated[Path, typer.Option(help="This hospital's member file (from `create`).")]
+StateOpt = Annotated[Path, typer.Option(
+    help="This hospital's own folder: sealing key, roster, secret share, refresh ledger.")]
+TimeoutOpt = Annotated[float, typer.Option(min=1, help="Seconds to wait for the others.")]
+
+
+@app.command("create")
+def create(
+    service: Annotated[str, typer.Option(help="The service's URL.")],
+    hospitals: HospitalsOpt = 3,
+    out: Annotated[Path, typer.Option(help="Folder for the member files.")] = Path("members"),
+) -> None:
+    """Form a consortium on the service: one member file per hospital (its token; hand each
+    to its hospital only)."""
+    from medblindtuner.consortium import roles
+
+    for path in roles.create(service, hospitals, out):
+        Console().print(f"member file: {path}", soft_wrap=True, markup=False)
+
+
+@app.command("keys")
+def keys(member: MemberOpt, state: StateOpt, plan: PlanOpt,
+         insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0) -> None:
+    """This hospital's roster and key rounds; prints the roster's fingerprints (compare them
+    with the other hospitals out of band)."""
+    from medblindtuner.consortium import roles
+
+    made = roles.keys(member, state, roles.load_plan(plan), insecure_test_params, timeout)
+    console = Console()
+    console.print(f"hospital {made['index']}: joint key {made['joint_tag']}", markup=False)
+    for index, fingerprint in enumerate(made["fingerprints"]):
+        console.print(f"  roster hospital {index}: {fingerprint}", markup=False)
+
+
+@app.command("refresh")
+def refresh(member: MemberOpt, state: StateOpt, plan: PlanOpt,
+            count: Annotated[int, typer.Option(min=1, help="Refreshes to answer.")] = 1,
+            insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0) -> None:
+    """Answer the cloud's next joint refreshes (this hospital's ledger decides)."""
+    from medblindtuner.consortium import roles
+
+    done = roles.refresh(member, state, roles.load_plan(plan), insecure_test_params, count,
+                         timeout)
+    Console().print(f"answered {done} joint refreshes", markup=False)
+
+
+@app.command("bundle")
+def bundle(
+    data_dir: Annotated[Path, typer.Option(help="The service's data folder.")],
+    consortium: Annotated[str, typer.Option(help="The consortium id.")],
+    plan: PlanOpt,
+    out: Annotated[Path, typer.Option(help="Folder for the joint public bundle.")],
+    db_url: Annotated[str | None, typer.Option(help="The service's DB URL.")] = None,
+    insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0,
+) -> None:
+    """The cloud operator's: the joint public bundle from the rounds in the service's store."""
+    from medblindtuner.consortium import roles
+
+    manifest = roles.bundle(data_dir, consortium, roles.load_plan(plan), insecure_test_params,
+                            out, db_url, timeout)
+    Console().print(f"joint public bundle: {out} ({len(manifest['files'])} files)",
+                    markup=False)

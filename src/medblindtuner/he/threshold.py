@@ -29,6 +29,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import openfhe as ofhe
@@ -205,6 +206,9 @@ def _dump(obj) -> bytes:
     return ofhe.Serialize(obj, ofhe.BINARY)
 
 
+PARTY_FORMAT = "medblindtuner-threshold-party/1"
+PARTY_STATE, PARTY_SHARE, PARTY_PUBLIC_KEY = ("party.json", "secret_share.bin",
+                                              "joint_public_key.bin")
 RELAY = -1  # the party number of messages the relay makes (sums of shares)
 
 
@@ -235,6 +239,7 @@ class ThresholdParty:
         self._secret: ofhe.PrivateKey | None = None
         self.joint_public_key: ofhe.PublicKey | None = None
         self._answered: dict[str, tuple[str, bytes]] = {}
+        self._restored = False  # from `save`: answers no key round again
 
     @property
     def is_lead(self) -> bool:
@@ -252,6 +257,9 @@ class ThresholdParty:
         return self._secret
 
     def _answer(self, round_name: str, inputs: Sequence[bytes], make) -> bytes:
+        if self._restored and not round_name.startswith(round_of_decryption("")):
+            raise RoundError(f"party {self.index} was restored from its saved share: it "
+                             f"answers no key round ({round_name!r}) again: refused")
         digest = hashlib.sha256(b"".join(hashlib.sha256(i).digest() for i in inputs)).hexdigest()
         if round_name in self._answered:
             seen, output = self._answered[round_name]
@@ -267,6 +275,41 @@ class ThresholdParty:
         if message is None:
             raise RoundError(f"party {self.index} needs party {party}'s {round_name!r} message")
         return RoundMessage.from_bytes(message, self.job_id, round_name, party).payload
+
+    # saved between processes: the share and the joint public key, once the key rounds ended
+    def save(self, directory: Path) -> None:
+        """Write the secret share (mode 0600) and the joint public key into `directory`
+        (this hospital's own folder, 0700): what a restarted hospital needs (`restore`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        share = directory / PARTY_SHARE
+        share.touch(mode=0o600)
+        if not (ofhe.SerializeToFile(str(share), self._secret_key(), ofhe.BINARY)
+                and ofhe.SerializeToFile(str(directory / PARTY_PUBLIC_KEY),
+                                         self.joint_public_key, ofhe.BINARY)):
+            raise RoundError(f"OpenFHE could not write party {self.index}'s state")
+        (directory / PARTY_STATE).write_text(json.dumps({
+            "format": PARTY_FORMAT, "job_id": self.job_id, "index": self.index,
+            "n_parties": self.n_parties, "joint_tag": self.joint_tag}))
+
+    @classmethod
+    def restore(cls, directory: Path, context: ofhe.CryptoContext) -> ThresholdParty:
+        """The party `save` wrote. It answers decryptions and refreshes, never a key round
+        again (a second key share under the same round would be another key)."""
+        directory = Path(directory)
+        try:
+            state = json.loads((directory / PARTY_STATE).read_text())
+            party = cls(state["job_id"], int(state["index"]), int(state["n_parties"]), context)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RoundError(f"{directory}: no saved threshold party ({exc})") from exc
+        secret, ok = ofhe.DeserializePrivateKey(str(directory / PARTY_SHARE), ofhe.BINARY)
+        public, ok_public = ofhe.DeserializePublicKey(str(directory / PARTY_PUBLIC_KEY),
+                                                      ofhe.BINARY)
+        if not (ok and ok_public) or public.GetKeyTag() != state.get("joint_tag"):
+            raise RoundError(f"{directory}: the saved share or joint public key is unreadable "
+                             "or of another key")
+        party._secret, party.joint_public_key, party._restored = secret, public, True
+        return party
 
     # 1. the public-key chain
     def public_key_round(self, previous: bytes | None = None) -> bytes:

@@ -1,0 +1,177 @@
+"""The consortium's roles over the service, one process per role (`medblindtuner consortium
+create | keys | refresh | bundle`):
+
+    founder   create: a consortium of n on the service; one member file per hospital
+              (service address, consortium id, that hospital's token) to hand over privately
+    hospital  keys: roster + every key round; saves its sealing key, roster, secret share and
+              the joint public key in its own state folder (0700)
+    hospital  refresh: answers the cloud's next joint refreshes with its `MemberRefresher`
+              (ledger in the state folder), from the saved share
+    cloud     bundle: reads the rounds through the service's store, writes the joint public
+              bundle (`JointKeys.save_public_bundle`)
+
+Every role needs the agreed public plan (a `TrainingPlan` JSON): its rotations decide the key
+rounds, its job tag the refreshes. The `keys` role is all or nothing: interrupted, the
+consortium is formed anew (a half-made joint key cannot be resumed: a party's key shares are
+answered once).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nacl.public import PrivateKey
+
+from medblindtuner.errors import MedBlindTunerError
+from medblindtuner.he.params import HOSPITAL, CkksParams, params_for_mode
+from medblindtuner.he.threshold import ThresholdParty, joint_context, joint_params
+from medblindtuner.training.plan import TrainingPlan
+
+from .ceremony import JointKeys, key_schedule
+from .client import WAIT_TIMEOUT_S, ConsortiumClient
+from .refresher import MemberRefresher
+from .remote import answer_key_rounds, assemble_joint_keys, exchange_roster, serve_refreshes
+from .sealing import Roster
+
+MEMBER_FORMAT = "medblindtuner-consortium-member/1"
+SEALING_KEY, ROSTER, PARTY_DIR, LEDGER_DIR = ("sealing_key.bin", "roster.json", "party",
+                                              "refreshes")
+
+
+class RoleError(MedBlindTunerError, RuntimeError):
+    """A role cannot run: a missing or foreign member file, state folder or plan."""
+
+
+def load_plan(path: Path) -> TrainingPlan:
+    try:
+        return TrainingPlan.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RoleError(f"{path}: not a training plan ({exc})") from exc
+
+
+def consortium_params(plan: TrainingPlan, insecure: bool) -> CkksParams:
+    """The joint parameters of refresh mode "hospital" for `plan` (as `consortium.run`)."""
+    params = params_for_mode(HOSPITAL, insecure=insecure)
+    return joint_params(params.with_bootstrap_slots(plan.bootstrap_slots))
+
+
+# ---- founder -----------------------------------------------------------------------------
+def create(service: str, n_hospitals: int, out: Path) -> list[Path]:
+    """A consortium on `service`; writes `hospital-<i>.json` (mode 0600) per hospital."""
+    created = ConsortiumClient.create(service, n_hospitals)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths = []
+    for index, token in enumerate(created["tokens"]):
+        path = out / f"hospital-{index}.json"
+        path.touch(mode=0o600)
+        path.write_text(json.dumps({"format": MEMBER_FORMAT, "service": service,
+                                    "consortium_id": created["consortium_id"],
+                                    "index": index, "token": token}))
+        paths.append(path)
+    return paths
+
+
+def client_of(member_file: Path) -> ConsortiumClient:
+    try:
+        member = json.loads(Path(member_file).read_text())
+        if member.get("format") != MEMBER_FORMAT:
+            raise ValueError(f"format {member.get('format')!r}")
+        return ConsortiumClient(member["service"], member["consortium_id"], member["token"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RoleError(f"{member_file}: not a consortium member file ({exc})") from exc
+
+
+# ---- hospital ----------------------------------------------------------------------------
+def keys(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool,
+         timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
+    """Roster and key rounds for this hospital; saves its state. Returns the roster's
+    fingerprints (compare them out of band) and the joint key's tag."""
+    if (state / PARTY_DIR).exists():
+        raise RoleError(f"{state} already holds a key share: one consortium per folder")
+    client = client_of(member_file)
+    params = consortium_params(plan, insecure)
+    sealing_key = PrivateKey.generate()
+    roster = exchange_roster(client, sealing_key, timeout_s)
+    context = joint_context(params)
+    party = ThresholdParty(client.consortium_id, client.index, client.n_hospitals, context)
+    answer_key_rounds(party, client, key_schedule(context, params, plan.rotation_indices,
+                                                  plan.kernel_rotation_indices), timeout_s)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (state / SEALING_KEY).touch(mode=0o600)
+    (state / SEALING_KEY).write_bytes(bytes(sealing_key))
+    (state / ROSTER).write_text(json.dumps({"job_id": roster.job_id, "public_keys": [
+        k.hex() for k in roster.public_keys]}))
+    party.save(state / PARTY_DIR)
+    return {"index": party.index, "joint_tag": party.joint_tag,
+            "fingerprints": [roster.fingerprint(i) for i in range(len(roster.public_keys))]}
+
+
+def restore(state: Path, params: CkksParams) -> tuple[ThresholdParty, PrivateKey, Roster]:
+    """This hospital's saved party, sealing key and roster (`keys` wrote them)."""
+    try:
+        saved = json.loads((state / ROSTER).read_text())
+        roster = Roster(saved["job_id"], tuple(bytes.fromhex(k) for k in saved["public_keys"]))
+        sealing_key = PrivateKey((state / SEALING_KEY).read_bytes())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RoleError(f"{state}: no saved consortium state; run `keys` first ({exc})") from exc
+    return ThresholdParty.restore(state / PARTY_DIR, joint_context(params)), sealing_key, roster
+
+
+def refresh(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, count: int,
+            timeout_s: float = WAIT_TIMEOUT_S) -> int:
+    """Answer the cloud's next `count` joint refreshes (from the ledger's next index)."""
+    client = client_of(member_file)
+    params = consortium_params(plan, insecure)
+    party, _sealing_key, _roster = restore(state, params)
+    if (party.job_id, party.index) != (client.consortium_id, client.index):
+        raise RoleError(f"{state} is hospital {party.index} of {party.job_id!r}, the member "
+                        f"file hospital {client.index} of {client.consortium_id!r}")
+    ledger = MemberRefresher(party, params, plan, state / LEDGER_DIR)
+    return serve_refreshes(ledger, client, count, ledger.finished, timeout_s)
+
+
+# ---- cloud -------------------------------------------------------------------------------
+def store_reader(relay, consortium_id: str, n_parties: int,  # noqa: ANN001 - ConsortiumRelay
+                 timeout_s: float) -> Callable[[str], list[bytes]]:
+    """`read_round` through the service's store: all n messages of a round, by party."""
+    def read_round(name: str) -> list[bytes]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = relay.read(consortium_id, name)
+            if sorted(found) == list(range(n_parties)):
+                return [found[i] for i in range(n_parties)]
+            if time.monotonic() >= deadline:
+                missing = ", ".join(str(i) for i in range(n_parties) if i not in found)
+                raise RoleError(f"round {name!r}: waiting for hospitals {missing}")
+            time.sleep(0.05)
+    return read_round
+
+
+def bundle(data_dir: Path, consortium_id: str, plan: TrainingPlan, insecure: bool, out: Path,
+           db_url: str | None = None, timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
+    """The cloud operator's: the joint public bundle from the service's store."""
+    from medblindtuner.service.consortia import ConsortiumRelay
+    from medblindtuner.service.errors import CloudError
+    from medblindtuner.service.limits import ServiceConfig
+    from medblindtuner.service.store import Store
+
+    config = ServiceConfig(Path(data_dir), db_url)
+    store = Store(config.resolved_db_url)
+    try:
+        relay = ConsortiumRelay(config, store)
+        try:
+            n = relay.n_parties(consortium_id)
+        except CloudError as exc:
+            raise RoleError(f"consortium {consortium_id!r}: {exc.message}") from exc
+        params = consortium_params(plan, insecure)
+        context = joint_context(params)
+        joint: JointKeys = assemble_joint_keys(
+            context, params, consortium_id, n, store_reader(relay, consortium_id, n, timeout_s),
+            key_schedule(context, params, plan.rotation_indices, plan.kernel_rotation_indices))
+        return joint.save_public_bundle(out)
+    finally:
+        store.dispose()

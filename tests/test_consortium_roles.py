@@ -1,0 +1,123 @@
+"""`medblindtuner consortium create | keys | bundle | refresh` against a real service (insecure
+test ring): three hospital processes make the joint key through the service and save their
+own state; the cloud operator's `bundle` writes a verified joint public bundle from the
+store; later, `refresh` processes restore each saved share and answer a joint refresh that
+this process (the cloud) asks through the store; the restored shares decrypt its result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_consortium import LENGTH, refresh_plan
+from helpers_service import ServiceProcess
+from typer.testing import CliRunner
+
+from medblindtuner.cli.main import app
+from medblindtuner.consortium.remote import RelayedMember
+from medblindtuner.consortium.roles import PARTY_DIR, consortium_params
+from medblindtuner.he.joint_refresh import JointCloudRefresher
+from medblindtuner.he.keys import verify_public_bundle
+from medblindtuner.he.refresh import max_refresh_level
+from medblindtuner.he.threshold import RoundError, ThresholdParty, joint_context
+from medblindtuner.service.consortia import ConsortiumRelay
+from medblindtuner.service.limits import ServiceConfig
+from medblindtuner.service.store import Store
+
+N = 3
+HERE = Path(__file__).resolve().parent
+X = np.linspace(-0.5, 0.5, LENGTH)
+TIMEOUT = "240"
+
+
+def cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "medblindtuner.cli.main", "consortium",
+                             *args, "--insecure-test-params", "--timeout", TIMEOUT], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(processes: list[subprocess.Popen]) -> list[str]:
+    outputs = []
+    for process in processes:
+        out, _ = process.communicate(timeout=int(TIMEOUT))
+        assert process.returncode == 0, out[-3000:]
+        outputs.append(out)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def formed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("roles")
+    plan = refresh_plan()
+    (root / "plan.json").write_text(json.dumps(plan.to_dict()))
+    with ServiceProcess(root / "cloud") as server:
+        made = CliRunner().invoke(app, ["consortium", "create", "--service", server.url,
+                                        "--hospitals", str(N), "--out", str(root / "members")])
+        assert made.exit_code == 0, made.output
+        cid = json.loads((root / "members" / "hospital-0.json").read_text())["consortium_id"]
+        common = ["--plan", str(root / "plan.json")]
+        hospitals = [cli("keys", "--member", str(root / "members" / f"hospital-{i}.json"),
+                         "--state", str(root / f"state-{i}"), *common) for i in range(N)]
+        bundler = cli("bundle", "--data-dir", str(server.data_dir), "--consortium", cid,
+                      "--out", str(root / "bundle"), *common)
+        outputs = finished([*hospitals, bundler])
+        yield root, server, cid, plan, outputs
+
+
+def test_keys_and_bundle_roles_make_one_verified_joint_key(formed):
+    root, _server, _cid, _plan, outputs = formed
+    fingerprints = [[line.split()[-1] for line in out.splitlines() if "roster hospital" in line]
+                    for out in outputs[:N]]
+    assert len(fingerprints[0]) == N and all(f == fingerprints[0] for f in fingerprints)
+    tags = {line.split()[-1] for out in outputs[:N] for line in out.splitlines()
+            if "joint key" in line}
+    assert len(tags) == 1
+    manifest = verify_public_bundle(root / "bundle", allow_insecure=True)
+    assert "secret_key.bin" not in manifest["files"]
+    for i in range(N):
+        assert stat.S_IMODE((root / "members" / f"hospital-{i}.json").stat().st_mode) == 0o600
+        share = root / f"state-{i}" / PARTY_DIR / "secret_share.bin"
+        assert stat.S_IMODE(share.stat().st_mode) == 0o600
+    again = CliRunner().invoke(app, ["consortium", "keys", "--member",
+                                     str(root / "members" / "hospital-0.json"), "--state",
+                                     str(root / "state-0"), "--plan", str(root / "plan.json"),
+                                     "--insecure-test-params"])
+    assert again.exit_code == 2 and "already holds a key share" in again.output
+
+
+def test_refresh_role_answers_from_the_saved_share(formed):
+    root, server, cid, plan, _outputs = formed
+    params = consortium_params(plan, insecure=True)
+    context = joint_context(params)
+    parties = [ThresholdParty.restore(root / f"state-{i}" / PARTY_DIR, context)
+               for i in range(N)]
+    with pytest.raises(RoundError, match="restored"):
+        parties[1].relin_share(b"")
+    hospitals = [cli("refresh", "--member", str(root / "members" / f"hospital-{i}.json"),
+                     "--state", str(root / f"state-{i}"), "--plan", str(root / "plan.json"))
+                 for i in range(N)]
+    config = ServiceConfig(server.data_dir)
+    relay = ConsortiumRelay(config, Store(config.resolved_db_url))
+    public_key = parties[0].joint_public_key
+    cloud = JointCloudRefresher(context, params, public_key,
+                                [RelayedMember(relay, cid, i, 240) for i in range(N)],
+                                plan.job_tag(params))
+    plain = context.MakeCKKSPackedPlaintext(np.tile(X, params.slots // LENGTH), 1,
+                                            max_refresh_level(params) - 1, None, params.slots)
+    fresh = cloud.refresh(context.EvalMult(context.Encrypt(public_key, plain), 1.0), 0)
+    assert all("answered 1 joint refreshes" in out for out in finished(hospitals))
+    shares = [context.MultipartyDecryptLead([fresh], parties[0]._secret_key())[0]]
+    shares += [context.MultipartyDecryptMain([fresh], p._secret_key())[0] for p in parties[1:]]
+    decoded = context.MultipartyDecryptFusion(shares)
+    decoded.SetLength(LENGTH)
+    assert np.max(np.abs(np.asarray(decoded.GetRealPackedValue()) - X)) < 1e-4
+    assert fresh.GetLevel() == 0

@@ -145,9 +145,12 @@ def ceremony(service, tmp_path_factory):
     return created, learnt, keys
 
 
-def test_three_hospitals_make_joint_keys_and_decrypt_through_the_service(ceremony):
+def test_three_hospitals_make_joint_keys_and_decrypt_through_the_service(ceremony, service):
     created, learnt, keys = ceremony
     assert [h["index"] for h in learnt] == list(range(N))
+    status = ConsortiumClient(service.url, created["consortium_id"],
+                              created["tokens"][0]).status()
+    assert status["awaiting"] is None  # every request of the cloud was answered
     assert all(h["fingerprints"] == learnt[0]["fingerprints"] for h in learnt)  # one roster
     expected = {"x": X, "square": X * X, REFRESHED: X,
                 "rotated": np.roll(np.tile(X, PARAMS.slots // LENGTH), -1)[:LENGTH]}
@@ -188,6 +191,8 @@ def test_a_refresh_pauses_while_a_member_is_away(ceremony, service):
         cloud.refresh(low_ciphertext(keys), 0)
     hospital = ConsortiumClient(service.url, cid, created["tokens"][2])
     assert hospital.round_listing("refresh-0-commit")["missing"] == [0, 1, 2]
+    assert hospital.status()["awaiting"] == {"round": "refresh-0-commit", "missing": [0, 1, 2],
+                                             "detail": "waiting for hospitals 0, 1, 2"}
     assert hospital.cloud_message("refresh-0-commit", timeout_s=1)
 
 

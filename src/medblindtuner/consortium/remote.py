@@ -169,7 +169,7 @@ class RelayedMember:
         joint = JointMessage.from_bytes(message)
         topic = refresh_topic(joint.index, joint.phase)
         self.relay.publish(self.consortium_id, topic, RoundMessage(
-            self.consortium_id, topic, CLOUD_PARTY, message).to_bytes())
+            self.consortium_id, topic, CLOUD_PARTY, message).to_bytes(), awaits_answers=True)
         deadline = time.monotonic() + self.timeout_s
         while True:
             found = self.relay.read(self.consortium_id, topic)

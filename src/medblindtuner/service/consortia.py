@@ -204,7 +204,9 @@ class ConsortiumRelay:
             return row.n_parties
 
     def status(self, consortium_id: str, index: int) -> dict[str, Any]:
-        """What a member sees: its own index, the size, and the rounds relayed so far."""
+        """What a member sees: its own index, the size, the rounds relayed so far, and
+        `awaiting`: the cloud's latest request while hospitals have not answered it (the
+        pause state: `{"round", "missing", "detail"}`), else None."""
         with self.store.session() as session:
             row = session.get(Consortium, consortium_id)
             if row is None:
@@ -212,9 +214,21 @@ class ConsortiumRelay:
             rounds = session.scalars(select(ConsortiumMessage.topic).where(
                 ConsortiumMessage.consortium_id == consortium_id,
                 ConsortiumMessage.channel == ROUNDS_CHANNEL).distinct()).all()
-            return {"consortium_id": row.id, "n_hospitals": row.n_parties, "you": index,
-                    "messages": row.messages, "bytes": row.bytes_stored,
-                    "rounds": sorted(rounds)}
+            latest = session.scalars(select(ConsortiumMessage.topic).where(
+                ConsortiumMessage.consortium_id == consortium_id,
+                ConsortiumMessage.channel == ROUNDS_CHANNEL,
+                ConsortiumMessage.sender == CLOUD_PARTY, ConsortiumMessage.awaits_answers)
+                .order_by(ConsortiumMessage.created_at.desc()).limit(1)).first()
+            status = {"consortium_id": row.id, "n_hospitals": row.n_parties, "you": index,
+                      "messages": row.messages, "bytes": row.bytes_stored,
+                      "rounds": sorted(rounds)}
+        awaiting = None
+        if latest is not None:
+            listing = self.listing(consortium_id, index, ROUNDS_CHANNEL, latest)
+            if listing["missing"]:
+                awaiting = {"round": latest, "missing": listing["missing"],
+                            "detail": listing["detail"]}
+        return {**status, "awaiting": awaiting}
 
     def expire_idle(self, limit: int = 100) -> int:
         """Delete consortia that relayed nothing for `idle_job_ttl_s` (as idle jobs are)."""
@@ -243,7 +257,7 @@ class ConsortiumRelay:
         return staging / f"message-{secrets.token_hex(8)}.part"
 
     def post(self, consortium_id: str, index: int, channel: str, topic: str, recipient: int,
-             staged: Path, sha256: str) -> dict[str, Any]:
+             staged: Path, sha256: str, awaits_answers: bool = False) -> dict[str, Any]:
         """Store hospital `index`'s message (a staged file, its SHA-256) in its slot; the
         staged file is moved or removed. 422: not a message of this consortium, slot and
         poster; 409: the slot holds other bytes; 413: over the consortium's limits."""
@@ -252,7 +266,8 @@ class ConsortiumRelay:
             n = self.n_parties(consortium_id)
             sender = self._check_message(consortium_id, index, n, channel, topic, recipient,
                                          staged)
-            return self._store(consortium_id, channel, topic, sender, recipient, staged, sha256)
+            return self._store(consortium_id, channel, topic, sender, recipient, staged, sha256,
+                               awaits_answers)
         finally:
             staged.unlink(missing_ok=True)
 
@@ -293,7 +308,8 @@ class ConsortiumRelay:
         return f"the message's {name} is {shown}, its address says {expected!r}"
 
     def _store(self, consortium_id: str, channel: str, topic: str, sender: int,
-               recipient: int, staged: Path, sha256: str) -> dict[str, Any]:
+               recipient: int, staged: Path, sha256: str,
+               awaits_answers: bool = False) -> dict[str, Any]:
         """First writer wins the slot; the same bytes again are a retry (`again`)."""
         size = staged.stat().st_size
         path = consortium_message_path(self.folder(consortium_id), channel, topic, sender,
@@ -319,7 +335,8 @@ class ConsortiumRelay:
                 with self.store.session() as session:
                     session.add(ConsortiumMessage(
                         consortium_id=consortium_id, channel=channel, topic=topic,
-                        sender=sender, recipient=recipient, sha256=sha256, size=size))
+                        sender=sender, recipient=recipient, sha256=sha256, size=size,
+                        awaits_answers=awaits_answers))
                     consortium = session.get(Consortium, consortium_id)
                     consortium.messages += 1
                     consortium.bytes_stored += size
@@ -380,13 +397,15 @@ class ConsortiumRelay:
         return path, digest
 
     # ---- the cloud (a worker process): through the store, not over HTTP -------------------------
-    def publish(self, consortium_id: str, topic: str, message: bytes) -> dict[str, Any]:
+    def publish(self, consortium_id: str, topic: str, message: bytes,
+                awaits_answers: bool = False) -> dict[str, Any]:
         """A round message of the cloud (party -1, e.g. a ciphertext to decrypt), checked and
-        slotted like a hospital's."""
+        slotted like a hospital's. `awaits_answers`: every hospital answers it in the same
+        round (a refresh phase); until all have, the status shows it as `awaiting`."""
         staged = self.staging_file(consortium_id)
         atomic_write_bytes(staged, message)
         return self.post(consortium_id, CLOUD_PARTY, ROUNDS_CHANNEL, topic, BROADCAST, staged,
-                         sha256_file(staged))
+                         sha256_file(staged), awaits_answers)
 
     def read(self, consortium_id: str, topic: str) -> dict[int, bytes]:
         """Every message of round `topic` posted so far, by party (SHA-256s checked)."""

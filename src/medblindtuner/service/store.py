@@ -234,6 +234,8 @@ class ConsortiumMessage(Base):
     recipient: Mapped[int] = mapped_column(Integer, primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
+    # a request of the cloud that every hospital answers in the same round (a refresh phase)
+    awaits_answers: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

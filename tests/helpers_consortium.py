@@ -5,9 +5,11 @@
 Joins the roster, answers every key round (its secret share never leaves this process),
 decrypts each ciphertext the cloud publishes (rounds `ciphertext-<name>`, NAMES) with the
 others' sealed shares, answers one joint refresh (its `MemberRefresher`, ledger next to
-OUT.json) and decrypts the refreshed ciphertext. Writes what it learnt to OUT.json: the
-values, what its own share alone decodes to, and a window of its decryption share's bytes
-(the test looks for them in the service's files, where only sealed envelopes may be).
+OUT.json) and decrypts the refreshed ciphertext; then, with the plan attached, answers a
+training's validation losses by its own judge and decrypts the model. Writes what it learnt
+to OUT.json: the values, what its own share alone decodes to, a window of its decryption
+share's bytes (the test looks for them in the service's files, where only sealed envelopes
+may be), its judge's losses and the model's weights.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from medblindtuner.consortium.remote import (
     RemoteMailbox,
     answer_key_rounds,
     exchange_roster,
+    serve_decisions,
     serve_refreshes,
 )
 from medblindtuner.consortium.sealing import new_sealing_key
@@ -50,6 +53,7 @@ KERNEL_ROTATIONS = [1]
 CHUNK = 2
 NAMES = ("x", "square", "rotated")  # decrypted before the refresh
 REFRESHED = "refreshed"  # and after it
+N_VAL = 30  # the plan's validation rows (`refresh_plan`)
 LENGTH = 8
 TIMEOUT_S = 240.0
 
@@ -61,7 +65,7 @@ def schedule_of(context):  # noqa: ANN001, ANN201 - an OpenFHE context; a KeySch
 
 def refresh_plan() -> TrainingPlan:
     """The public plan the members' refresh ledgers follow (the same in every process)."""
-    x_train, _, x_val, _ = toy_problem(2, n_train=100, n_val=30, seed=2)
+    x_train, _, x_val, _ = toy_problem(2, n_train=100, n_val=N_VAL, seed=2)
     config = TrainConfig(learning_rate=1.0, momentum=0.5, epochs=2, batch_size=64, patience=3)
     return TrainingPlan.create(PARAMS, x_train, x_val, 2, config)
 
@@ -110,6 +114,9 @@ def main(url: str, consortium_id: str, token: str, out: Path) -> None:
         learnt["values"][name] = [float(v) for v in np.asarray(values)]
         learnt["alone"][name] = alone(party, data)
         learnt["shares"].append(share_window(party, data))
+    member.attach_plan(refresh_plan(), N_VAL)  # then a training's decryptions, by its judge
+    learnt["weights"] = [float(w) for w in np.ravel(serve_decisions(member, client, TIMEOUT_S))]
+    learnt["losses"] = {str(e): v for e, v in member.judge.losses.items()}
     learnt["fingerprints"] = [roster.fingerprint(i) for i in range(client.n_hospitals)]
     out.write_text(json.dumps(learnt))
     client.close()

@@ -27,6 +27,7 @@ import pytest
 from helpers_consortium import (
     KERNEL_ROTATIONS,
     LENGTH,
+    N_VAL,
     NAMES,
     PARAMS,
     REFRESHED,
@@ -37,7 +38,12 @@ from helpers_consortium import (
 from helpers_service import ServiceProcess
 
 from medblindtuner.consortium.client import ConsortiumClient
-from medblindtuner.consortium.remote import RelayedMember, assemble_joint_keys
+from medblindtuner.consortium.remote import (
+    RelayedDecide,
+    RelayedMember,
+    assemble_joint_keys,
+    publish_model,
+)
 from medblindtuner.consortium.sealing import Roster, new_sealing_key, seal_share
 from medblindtuner.he.joint_refresh import JointCloudRefresher, RefreshPaused
 from medblindtuner.he.refresh import max_refresh_level
@@ -51,6 +57,7 @@ from medblindtuner.service.store import Store
 N = 3
 HERE = Path(__file__).resolve().parent
 X = np.linspace(-0.5, 0.5, LENGTH)
+LOSSES = (0.6, 0.5)  # the validation losses of epochs 1 and 2 the cloud asks about
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +140,7 @@ def ceremony(service, tmp_path_factory):
             low_ciphertext(keys), 0)
         assert fresh.GetLevel() == 0
         publish(relay, consortium_id, REFRESHED, fresh)
+        decisions, weights = train_decisions(relay, consortium_id, keys)
         for process in hospitals:
             process.wait(timeout=TIMEOUT_S)
             assert process.returncode == 0, process.stdout.read().decode()[-3000:]
@@ -142,11 +150,26 @@ def ceremony(service, tmp_path_factory):
                 process.kill()
                 process.wait()
     learnt = [json.loads((out / f"hospital-{i}.json").read_text()) for i in range(N)]
-    return created, learnt, keys
+    return created, learnt, keys, decisions, weights
+
+
+def train_decisions(relay: ConsortiumRelay, consortium_id: str, keys):  # noqa: ANN001, ANN201
+    """What a training's cloud asks: each epoch's encrypted loss (`RelayedDecide`), then the
+    chosen epoch's model. Returns (decisions, the model's plaintext weights)."""
+    plan = refresh_plan()
+    padding = sum(plan.layout.samples_per_ct - n for n in plan.val_batch_sizes)
+    decide = RelayedDecide(relay, consortium_id, N, TIMEOUT_S)
+    decisions = [decide(epoch, keys.encrypt(np.array([loss * N_VAL
+                                                      + plan.padding_loss(padding)])))
+                 for epoch, loss in enumerate(LOSSES, start=1)]
+    weights = np.linspace(-1.0, 1.0, plan.layout.n_features)
+    publish_model(relay, consortium_id, decisions[-1].best_epoch,
+                  [keys.encrypt(plan.layout.encode_weights(weights))])
+    return decisions, weights
 
 
 def test_three_hospitals_make_joint_keys_and_decrypt_through_the_service(ceremony, service):
-    created, learnt, keys = ceremony
+    created, learnt, keys, _decisions, _weights = ceremony
     assert [h["index"] for h in learnt] == list(range(N))
     status = ConsortiumClient(service.url, created["consortium_id"],
                               created["tokens"][0]).status()
@@ -162,11 +185,20 @@ def test_three_hospitals_make_joint_keys_and_decrypt_through_the_service(ceremon
     assert keys.message_bytes > 0 and keys.rotation_indices == (-4, 1, 2)
 
 
+def test_every_hospital_judges_each_epoch_and_decrypts_the_model_it_chose(ceremony):
+    _created, learnt, _keys, decisions, weights = ceremony
+    assert decisions[0].continue_training and decisions[1].best_epoch == 2
+    for hospital in learnt:
+        assert [hospital["losses"][str(e)] for e in (1, 2)] == pytest.approx(LOSSES, abs=1e-4)
+        assert np.max(np.abs(np.asarray(hospital["weights"]) - weights)) < 1e-4
+
+
 def test_the_service_holds_only_sealed_shares_and_no_plaintext(ceremony, service):
-    created, learnt, _keys = ceremony
+    created, learnt, *_ = ceremony
     files = [p for p in service.data_dir.rglob("*") if p.is_file()]
     sealed = [p for p in files if "/sealed/" in str(p)]
-    assert len(sealed) == (len(NAMES) + 1) * N * (N - 1)  # every share went sealed, to each other
+    requests = len(NAMES) + 1 + len(LOSSES) + 1  # decryptions, losses, the model
+    assert len(sealed) == requests * N * (N - 1)  # every share went sealed, to each other
     windows = [bytes.fromhex(w) for h in learnt for w in h["shares"]]
     needles = [f"{v:.6f}" for v in X[np.abs(X) > 1e-3]] + [f"{v:.4f}" for v in X[1:-1]]
     for path in files:
@@ -182,7 +214,7 @@ def test_the_service_holds_only_sealed_shares_and_no_plaintext(ceremony, service
 def test_a_refresh_pauses_while_a_member_is_away(ceremony, service):
     """No member answers: the cloud's request waits on the relay and the refresh pauses,
     naming who is missing; the request is there for the members to fetch."""
-    _created, _learnt, keys = ceremony
+    keys = ceremony[2]
     created = ConsortiumClient.create(service.url, N)
     cid = created["consortium_id"]
     cloud = joint_refresher(store_of(service), cid, keys, timeout_s=0.3)

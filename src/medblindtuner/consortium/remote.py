@@ -11,6 +11,12 @@ Refresh mode "hospital": the cloud's `JointCloudRefresher` reaches member i thro
 `serve_refreshes`. A phase waits until member i answered, else the refresh pauses
 (`RefreshPaused`, naming the hospitals still missing) and a re-run resumes it.
 
+Decryptions: the cloud's `decide` is `RelayedDecide` (publishes epoch e's encrypted loss in
+round `loss-e`, waits for every hospital's decision in that round); each hospital runs
+`serve_decisions`: its sealed share only for the epoch its own judge expects, all n fused,
+its judge's decision posted; then the model (`publish_model`), shared only for the epoch its
+judge chose.
+
 Every message is the bytes the in-process relay carries (`RoundMessage`, sealed envelopes).
 Each hospital combines the relinearisation shares itself (public material, the same sum for
 all), so the service relays only what hospitals post; the cloud combines the products and
@@ -19,12 +25,19 @@ the automorphism shares into the joint bundle (`ceremony.install_schedule`).
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import openfhe as ofhe
 
+from medblindtuner.errors import MedBlindTunerError
+from medblindtuner.he.ciphertexts import ciphertext_from_bytes, ciphertext_to_bytes
 from medblindtuner.he.joint_refresh import PHASES, JointMessage
 from medblindtuner.he.threshold import (
     RoundError,
@@ -37,10 +50,13 @@ from medblindtuner.he.threshold import (
     install_joint_keys,
     round_of_automorphisms,
 )
+from medblindtuner.he.untrusted import run_isolated
 from medblindtuner.protocol import CLOUD_PARTY
+from medblindtuner.training.plan import Decision
 
 from .ceremony import JointKeys, KeySchedule, install_schedule
 from .client import WAIT_TIMEOUT_S, ConsortiumClient
+from .member import ConsortiumMember
 from .sealing import Roster, SealError
 
 if TYPE_CHECKING:  # the cloud's side only: a hospital's process needs no database
@@ -48,6 +64,12 @@ if TYPE_CHECKING:  # the cloud's side only: a hospital's process needs no databa
 
 ROSTER_ROUND = "roster"
 PUBLIC_KEY_ROUND = "public-key"
+MODEL_ROUND = "model"
+PARSE_TIMEOUT_S, PARSE_MEMORY_BYTES = 120.0, 4 << 30  # as `hospital.crypto.UntrustedParseLimits`
+
+
+class RelayError(MedBlindTunerError, RuntimeError):
+    """The hospitals' answers over the relay disagree or are malformed: training pauses."""
 
 
 class RemoteMailbox:
@@ -200,3 +222,104 @@ def serve_refreshes(member: Callable[[bytes], bytes], client: ConsortiumClient, 
             client.post_round(RoundMessage(job_id, topic, index, member(request)).to_bytes())
     return count
 
+
+
+def loss_topic(epoch: int) -> str:
+    return f"loss-{epoch}"
+
+
+def _published(relay: ConsortiumRelay, consortium_id: str, topic: str, data: bytes,
+               awaits_answers: bool = False) -> None:
+    relay.publish(consortium_id, topic, RoundMessage(consortium_id, topic, CLOUD_PARTY,
+                                                     data).to_bytes(), awaits_answers)
+
+
+class RelayedDecide:
+    """The cloud's `decide(epoch, loss)` through the store: publishes the encrypted loss in
+    round `loss-<epoch>` and waits for every hospital's decision in that round; all equal:
+    that decision; different: `RelayError`; not all in within `timeout_s`: `TimeoutError`
+    naming the hospitals missing (the job pauses, the status shows them as `awaiting`)."""
+
+    def __init__(self, relay: ConsortiumRelay, consortium_id: str, n_parties: int,
+                 timeout_s: float = WAIT_TIMEOUT_S, poll_s: float = 0.05) -> None:
+        self.relay, self.consortium_id, self.n = relay, consortium_id, n_parties
+        self.timeout_s, self.poll_s = timeout_s, poll_s
+
+    def __call__(self, epoch: int, loss: ofhe.Ciphertext) -> Decision:
+        topic = loss_topic(epoch)
+        _published(self.relay, self.consortium_id, topic, ciphertext_to_bytes(loss), True)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            found = {p: m for p, m in self.relay.read(self.consortium_id, topic).items()
+                     if p != CLOUD_PARTY}
+            if len(found) == self.n or time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_s)
+        missing = ", ".join(str(i) for i in range(self.n) if i not in found)
+        if missing:
+            raise TimeoutError(f"epoch {epoch}: waiting for hospitals {missing}")
+        decisions = [_decision(found[i], self.consortium_id, topic, i) for i in range(self.n)]
+        if any(d != decisions[0] for d in decisions):
+            raise RelayError(f"the hospitals decided differently at epoch {epoch}: "
+                             f"{decisions}; training pauses")
+        return decisions[0]
+
+
+def _decision(message: bytes, job_id: str, topic: str, party: int) -> Decision:
+    try:
+        data = json.loads(RoundMessage.from_bytes(message, job_id, topic, party).payload)
+        return Decision(bool(data["continue_training"]), int(data["best_epoch"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RelayError(f"hospital {party}'s decision in {topic!r} is malformed ({exc})") from exc
+
+
+def publish_model(relay: ConsortiumRelay, consortium_id: str, best_epoch: int,
+                  ciphertexts: Sequence[ofhe.Ciphertext]) -> None:
+    """The chosen epoch's encrypted model for the hospitals (`model-<k>`, then `model`)."""
+    for k, ct in enumerate(ciphertexts):
+        _published(relay, consortium_id, f"{MODEL_ROUND}-{k}", ciphertext_to_bytes(ct))
+    _published(relay, consortium_id, MODEL_ROUND, json.dumps(
+        {"best_epoch": best_epoch, "ciphertexts": len(ciphertexts)}).encode())
+
+
+def _cloud_ciphertext(client: ConsortiumClient, member: ConsortiumMember, topic: str,
+                      timeout_s: float) -> bytes:
+    """The cloud's ciphertext of round `topic`, parsed first in a limited subprocess."""
+    data = RoundMessage.from_bytes(client.cloud_message(topic, timeout_s),
+                                   client.consortium_id, topic, CLOUD_PARTY).payload
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ciphertext.bin"
+        path.write_bytes(data)
+        verdict = run_isolated([str(path), "--role", "ciphertext", "--ring-dim",
+                                str(member.party.context.GetRingDimension())],
+                               PARSE_TIMEOUT_S, PARSE_MEMORY_BYTES, f"the cloud's {topic!r}")
+    if not verdict.ok:
+        raise RelayError(f"hospital {member.index}: {topic!r} is refused: {verdict.error}")
+    return data
+
+
+def serve_decisions(member: ConsortiumMember, client: ConsortiumClient,
+                    timeout_s: float = WAIT_TIMEOUT_S) -> np.ndarray:
+    """A hospital's decryptions of one training job, by its own judge: epoch 1, 2, ...: its
+    sealed share of the loss only for the epoch its judge expects, all n fused, its decision
+    posted; after its judge stopped (or the plan's last epoch), the model, shared only for
+    the epoch its judge chose. Returns the decrypted weights."""
+    job_id, plan, epoch = client.consortium_id, member.plan, 1
+    if plan is None:
+        raise RelayError(f"hospital {member.index} has no plan: it decrypts nothing")
+    while True:
+        topic = loss_topic(epoch)
+        data = _cloud_ciphertext(client, member, topic, timeout_s)
+        member.share_validation_loss(epoch, data)
+        decision = member.judge(epoch, ciphertext_from_bytes(data))
+        client.post_round(RoundMessage(job_id, topic, member.index,
+                                       json.dumps(asdict(decision)).encode()).to_bytes())
+        if not decision.continue_training or epoch >= plan.config.epochs:
+            break
+        epoch += 1
+    info = json.loads(RoundMessage.from_bytes(client.cloud_message(MODEL_ROUND, timeout_s),
+                                              job_id, MODEL_ROUND, CLOUD_PARTY).payload)
+    model = [_cloud_ciphertext(client, member, f"{MODEL_ROUND}-{k}", timeout_s)
+             for k in range(int(info["ciphertexts"]))]
+    member.share_model(int(info["best_epoch"]), model)
+    return member.decrypt_model([ciphertext_from_bytes(ct) for ct in model])

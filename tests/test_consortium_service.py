@@ -367,3 +367,25 @@ def test_idle_consortia_expire_and_each_address_holds_a_bounded_number(tmp_path)
         busy.create(2, "10.0.0.1")
     assert busy.create(2, "10.0.0.2")["n_hospitals"] == 2
     store.dispose()
+
+
+def test_racing_posts_to_one_slot_one_wins_and_a_tampered_file_is_caught(service):
+    """Eight different messages raced into one slot: one is stored, the others are 409s
+    (never a 500); a stored file altered on disk is refused by the client's SHA-256 check."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    created = ConsortiumClient.create(service.url, 2)
+    cid = created["consortium_id"]
+    http = member_http(service.url, created, 0)
+    messages = [RoundMessage(cid, "race", 0, f"candidate {k}".encode()).to_bytes()
+                for k in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(lambda m: http.put("/rounds/race", content=m).status_code,
+                                messages))
+    assert codes == [200] + [409] * 7
+    stored = next((service.data_dir / "jobs" / cid).rglob("s0_r-1.bin"))
+    assert stored.read_bytes() in messages
+    stored.chmod(0o600)
+    stored.write_bytes(stored.read_bytes()[:-1] + b"!")
+    with pytest.raises(ServiceError, match="do not match their SHA-256"):
+        ConsortiumClient(service.url, cid, created["tokens"][1]).round_message("race", 0, 1)

@@ -330,6 +330,7 @@ class ConsortiumRelay:
                 self._check_room(consortium, size)
             with out_of_space_is_507("storing the message"):
                 path.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(staged, 0o400)  # a relayed message never changes
                 os.replace(staged, path)
                 fsync_dir(path.parent)
                 with self.store.session() as session:

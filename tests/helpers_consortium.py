@@ -99,7 +99,7 @@ def main(url: str, consortium_id: str, token: str, out: Path) -> None:
     roster = exchange_roster(client, sealing_key, TIMEOUT_S)
     context = joint_context(PARAMS)
     party = ThresholdParty(consortium_id, client.index, client.n_hospitals, context)
-    answer_key_rounds(party, client, schedule_of(context), TIMEOUT_S)
+    answer_key_rounds(party, client, schedule_of(context), sealing_key, roster, TIMEOUT_S)
     member = ConsortiumMember(party, sealing_key, roster, RemoteMailbox(client, TIMEOUT_S))
     learnt: dict = {"index": client.index, "values": {}, "alone": {}, "shares": []}
     refresher = MemberRefresher(party, PARAMS, refresh_plan(), out.with_suffix(".ledger"))

@@ -196,7 +196,9 @@ def test_every_hospital_judges_each_epoch_and_decrypts_the_model_it_chose(ceremo
 def test_the_service_holds_only_sealed_shares_and_no_plaintext(ceremony, service):
     created, learnt, *_ = ceremony
     files = [p for p in service.data_dir.rglob("*") if p.is_file()]
-    sealed = [p for p in files if "/sealed/" in str(p)]
+    sealed = [p for p in files if "/sealed/" in str(p) and "/sealed/attest-" not in str(p)]
+    attested = {p.parent.name for p in files if "/sealed/attest-" in str(p)}
+    assert {"attest-public-key", "attest-relin-1"} <= attested  # key rounds went attested
     requests = len(NAMES) + 1 + len(LOSSES) + 1  # decryptions, losses, the model
     assert len(sealed) == requests * N * (N - 1)  # every share went sealed, to each other
     windows = [bytes.fromhex(w) for h in learnt for w in h["shares"]]

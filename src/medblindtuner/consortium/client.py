@@ -170,13 +170,18 @@ class ConsortiumClient:
         """Who sent this hospital an envelope of `request_id`, who has not."""
         return self._listing(f"/sealed/{request_id}", wait_s)
 
+    def sealed_envelope(self, request_id: str, sender: int,
+                        timeout_s: float = WAIT_TIMEOUT_S) -> bytes:
+        """Hospital `sender`'s envelope of `request_id` to this hospital, waiting for it."""
+        return self._until(f"/sealed/{request_id}/from/{sender}", timeout_s)
+
     def sealed_envelopes(self, request_id: str,
                          timeout_s: float = WAIT_TIMEOUT_S) -> list[bytes]:
         """The n-1 envelopes of `request_id` addressed to this hospital, once all are in."""
         listing = self._listing(f"/sealed/{request_id}", timeout_s)
         if not listing["complete"]:
             raise ServiceError(408, f"request {request_id!r}: {listing['detail']}")
-        return [self._until(f"/sealed/{request_id}/from/{sender}", timeout_s)
+        return [self.sealed_envelope(request_id, sender, timeout_s)
                 for sender in sorted(int(s) for s in listing["posted"])]
 
 

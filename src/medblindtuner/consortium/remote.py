@@ -54,6 +54,7 @@ from medblindtuner.he.untrusted import run_isolated
 from medblindtuner.protocol import CLOUD_PARTY
 from medblindtuner.training.plan import Decision
 
+from .attest import AttestedRounds, check_chain, check_same_lead
 from .ceremony import JointKeys, KeySchedule, install_schedule
 from .client import WAIT_TIMEOUT_S, ConsortiumClient
 from .member import ConsortiumMember
@@ -111,28 +112,37 @@ def exchange_roster(client: ConsortiumClient, sealing_key,  # noqa: ANN001 - PyN
 
 
 def answer_key_rounds(party: ThresholdParty, client: ConsortiumClient, schedule: KeySchedule,
+                      sealing_key, roster: Roster,  # noqa: ANN001 - a PyNaCl PrivateKey
                       timeout_s: float = WAIT_TIMEOUT_S) -> None:
     """This hospital's side of every key round, in `run_key_ceremony`'s order: the public-key
     chain (after party i-1), relinearisation (sums the n shares itself) and each automorphism
-    chunk (after party 0). Only public bytes leave; the secret share stays in `party`."""
+    chunk (after party 0). Only public bytes leave; the secret share stays in `party`. Every
+    message it uses is attested by its author and checked to be the one all others used
+    (`attest`): an altering relay is refused before this hospital's share touches its
+    bytes."""
     if party.job_id != client.consortium_id or party.index != client.index:
         raise RoundError(f"party {party.index} of {party.job_id!r} is not this client's "
                          f"hospital {client.index} of {client.consortium_id!r}")
     i, n = party.index, party.n_parties
-    previous = None if i == 0 else client.round_message(PUBLIC_KEY_ROUND, i - 1, timeout_s)
-    client.post_round(party.public_key_round(previous))
-    party.accept_joint_public_key(client.round_message(PUBLIC_KEY_ROUND, n - 1, timeout_s))
+    rounds = AttestedRounds(client, sealing_key, roster, timeout_s)
+    previous = None if i == 0 else rounds.fetch(PUBLIC_KEY_ROUND, i - 1)[0]
+    rounds.post(party.public_key_round(previous), [previous] if previous else [])
+    chain = rounds.fetch_all(PUBLIC_KEY_ROUND)
+    check_chain(chain)
+    party.accept_joint_public_key(chain[-1][0])
 
-    lead = None if i == 0 else client.round_message("relin-1", 0, timeout_s)
-    client.post_round(party.relin_share(lead))
-    summed = combine_relin_shares(party.context, client.round_messages("relin-1", timeout_s),
-                                  party.job_id, n, party.joint_tag)
-    client.post_round(party.relin_product(summed))
+    lead = None if i == 0 else rounds.fetch("relin-1", 0)[0]
+    rounds.post(party.relin_share(lead), [lead] if lead else [])
+    shares = rounds.fetch_all("relin-1")
+    check_same_lead(shares, "relin-1")
+    summed = combine_relin_shares(party.context, [m for m, _ in shares], party.job_id, n,
+                                  party.joint_tag)
+    client.post_round(party.relin_product(summed))  # used by the cloud only
 
     for number, indices in schedule.rounds:
         name = round_of_automorphisms(number)
-        lead = None if i == 0 else client.round_message(name, 0, timeout_s)
-        client.post_round(party.automorphism_share(number, indices, lead))
+        lead = None if i == 0 else rounds.fetch(name, 0)[0]
+        rounds.post(party.automorphism_share(number, indices, lead), [lead] if lead else [])
 
 
 def assemble_joint_keys(context: ofhe.CryptoContext, params, job_id: str,  # noqa: ANN001

@@ -98,8 +98,9 @@ def keys(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool,
     roster = exchange_roster(client, sealing_key, timeout_s)
     context = joint_context(params)
     party = ThresholdParty(client.consortium_id, client.index, client.n_hospitals, context)
-    answer_key_rounds(party, client, key_schedule(context, params, plan.rotation_indices,
-                                                  plan.kernel_rotation_indices), timeout_s)
+    schedule = key_schedule(context, params, plan.rotation_indices,
+                            plan.kernel_rotation_indices)
+    answer_key_rounds(party, client, schedule, sealing_key, roster, timeout_s)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     (state / SEALING_KEY).touch(mode=0o600)
     (state / SEALING_KEY).write_bytes(bytes(sealing_key))

@@ -248,6 +248,9 @@ def test_a_hospital_posts_only_as_itself_and_a_slot_takes_one_message(service):
     assert refused.status_code == 409 and "a second, different one" in refused.json()["detail"]
     as_other = one.put("/rounds/roster", content=mine)  # hospital 1 posts hospital 0's
     assert as_other.status_code == 422 and "only as itself" in as_other.json()["detail"]
+    foreign = zero.put("/rounds/roster", content=RoundMessage("another-job", "roster", 0,
+                                                              b"k").to_bytes())
+    assert foreign.status_code == 422 and "'another-job'" in foreign.json()["detail"]
     wrong_round = zero.put("/rounds/relin-1", content=mine)
     assert wrong_round.status_code == 422 and "'roster'" in wrong_round.json()["detail"]
     listing = one.get("/rounds/roster").json()

@@ -26,13 +26,14 @@ import numpy as np
 
 from medblindtuner.cloud.cloud import Cloud
 from medblindtuner.consortium.__main__ import skewed_split, synthetic_features
-from medblindtuner.consortium.job import mirror_comparison
+from medblindtuner.consortium.job import mirror_comparison, report_of
 from medblindtuner.consortium.run import HospitalShard, run_consortium
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.keys import HospitalKeys
 from medblindtuner.he.params import BOOTSTRAP, REFRESH_MODES, CkksParams, params_for_mode
 from medblindtuner.he.refresh import CloudRefresher
 from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
+from medblindtuner.hospital.reference import fit_probe
 from medblindtuner.hospital.refresher import HospitalRefresher
 
 
@@ -66,7 +67,8 @@ def one_key_run(result, workdir: Path, base: CkksParams, insecure: bool) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hospitals", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="at most this many (default: the allowance's; judges stop)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--refresh", choices=REFRESH_MODES, default=BOOTSTRAP)
     parser.add_argument("--features", type=Path, default=None,
@@ -118,8 +120,16 @@ def main() -> None:
         "peak_rss_gib_end": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                                   2),
     }
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    scores = report_of(features, result)
+    union = {s: tuple(np.concatenate([getattr(p, f"{a}_{s}") for p in shards])
+                      for a in ("x", "y")) for s in ("train", "val")}
+    probe = fit_probe({**union, "test": features.splits["test"]}, features.n_classes)
+    report["test"] = {"consortium_encrypted": scores["consortium_encrypted"],
+                      "pooled_probe": {k: round(probe.test[k], 4) for k in ("acc", "auc")},
+                      "alone_plaintext": [h["alone_plaintext"] for h in scores["hospitals"]],
+                      "settings": result.settings_why}
+    args.out.write_text(json.dumps(report, indent=2, default=float))
+    print(json.dumps(report, indent=2, default=float))
 
 
 if __name__ == "__main__":

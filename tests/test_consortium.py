@@ -123,9 +123,13 @@ def test_relay_holds_only_sealed_shares_and_members_refuse_unplanned_decryptions
     _shards, result = consortium
     envelopes = list(result.mailbox.envelopes.values())
     requests = [read_routing(e)["request"] for e in envelopes]
-    # per value: 3 hospitals x 2 recipients; 3 statistics, 3 losses, the model's ciphertexts
-    assert sum(r.startswith("aggregate-") for r in requests) == 6 * 3
-    assert len(envelopes) == 6 * (3 + 3 + result.plan.rows)
+    # per value: 3 hospitals x 2 recipients; 7 aggregated sums (one width: no tie round),
+    # 3 losses, the model's ciphertexts
+    sums = {r.removeprefix("aggregate-") for r in requests if r.startswith("aggregate-")}
+    assert sums == {"counts", "sum", "outer", "class_sum", "val_loss", "scaled_outer",
+                    "interval"}
+    assert sum(r.startswith("aggregate-") for r in requests) == 6 * len(sums)
+    assert len(envelopes) == 6 * (len(sums) + 3 + result.plan.rows)
     for envelope in envelopes:
         routing = read_routing(envelope)
         assert routing["job_id"] == "job-c" and routing["sender"] != routing["recipient"]
@@ -139,12 +143,15 @@ def test_secure_aggregation_reveals_only_the_sum():
     keys = [new_sealing_key() for _ in range(3)]
     roster = Roster("job-s", tuple(bytes(k.public_key) for k in keys))
     shards = skewed_shards(seed=5)
-    stats = [local_statistics(s.x_train, len(s.y_val)) for s in shards]
+    stats = [local_statistics(s.x_train, s.y_train, len(s.y_val), 2) for s in shards]
     aggregators = [SecureAggregator(k, roster, i) for i, k in enumerate(keys)]
     masked = [{n: a.masked(n, v) for n, v in st.items()} for a, st in zip(aggregators, stats,
                                                                          strict=True)]
-    pooled = pool(masked, 6)
+    pooled = pool(masked, 6, 2)
     x = np.vstack([s.x_train for s in shards])
+    y = np.concatenate([s.y_train for s in shards])
+    np.testing.assert_allclose(pooled.class_sums[1], np.append(x[y == 1].sum(axis=0),
+                                                               np.sum(y == 1)), atol=1e-5)
     assert pooled.n_train == len(x)
     np.testing.assert_allclose(pooled.feature_sum, x.sum(axis=0), atol=1e-5)
     np.testing.assert_allclose(pooled.outer_sum, x.T @ x, atol=1e-4)

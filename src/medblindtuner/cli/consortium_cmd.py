@@ -69,7 +69,7 @@ def load_features(features: Path | None, dataset: str | None, data_dir: Path | N
 
 def run_and_print(features, hospitals: int, refresh: str, insecure: bool,
                   workdir: Path | None, pca: int | None, epochs: int | None,
-                  weight_decay: float, out: Path | None) -> dict:
+                  weight_decay: float | None, out: Path | None) -> dict:
     """Run the job, print its summary, write the report JSON (`out`); returns the report."""
     from medblindtuner.consortium.job import run_job, summary_lines
 
@@ -103,10 +103,12 @@ def run(
     limit: Annotated[int | None, typer.Option(help="First N images per split.")] = None,
     hospitals: HospitalsOpt = 3,
     pca: Annotated[int | None, typer.Option(
-        help="PCA width from the pooled covariance (secure aggregation).")] = None,
+        help="PCA width from the pooled covariance (default: chosen in the hospitals' "
+             "validation rounds; 0 keeps every feature).")] = None,
     epochs: Annotated[int | None, typer.Option(
         min=1, help="Maximum epochs (default: the time allowance's; judges stop early).")] = None,
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-3,
+    weight_decay: Annotated[float | None, typer.Option(
+        help="L2 weight decay (default: chosen in the hospitals' validation rounds).")] = None,
     refresh: RefreshOpt = HOSPITAL,
     workdir: Annotated[Path | None, typer.Option(
         help="Checkpoints, members' ledgers, refresh journal (default: a temp folder).")] = None,

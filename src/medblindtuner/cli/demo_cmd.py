@@ -43,7 +43,7 @@ def consortium_demo(dataset: str, data_dir: Path | None, backbone: str, weights:
     out = Path(report_dir or workdir / "report") / "consortium.json"
     run_and_print(features, hospitals, HOSPITAL, insecure, workdir / "consortium",
                   CONSORTIUM_DEMO_PCA if pca is None else pca, epochs,
-                  1e-3 if weight_decay is None else weight_decay, out)
+                  weight_decay, out)
 
 
 @app.command("demo")

@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--features", type=Path, help="a FeatureSet .npz (train/val/test)")
     source.add_argument("--synthetic", action="store_true", help="Gaussian blobs, 16 dims")
     parser.add_argument("--hospitals", type=int, default=3)
-    parser.add_argument("--pca", type=int, default=None, help="PCA width (pooled covariance)")
+    parser.add_argument("--pca", type=int, default=None,
+                        help="PCA width (default: chosen; 0: every feature)")
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--weight-decay", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="L2 weight decay (default: chosen in validation rounds)")
     parser.add_argument("--refresh", choices=REFRESH_MODES, default=HOSPITAL,
                         help="hospital: joint refresh by all members (fits 128-bit); "
                              "bootstrap: joint bootstrapping keys (insecure ring only)")

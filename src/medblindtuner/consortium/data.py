@@ -55,10 +55,15 @@ class ShareChunk:
 
 def encrypt_share(keys, plan: TrainingPlan, owned: Ownership, x_train: np.ndarray,
                   y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                  n_train: int, n_val: int) -> tuple[list[ShareChunk], list[ShareChunk]]:
+                  n_train: int, n_val: int, preconditioner: np.ndarray | None = None
+                  ) -> tuple[list[ShareChunk], list[ShareChunk]]:
     """Hospital side: its rows of each union chunk (others' rows zero) under the joint key
-    (`keys.encrypt`); chunks without any of its rows are skipped (public from the counts)."""
+    (`keys.encrypt`); chunks without any of its rows are skipped (public from the counts).
+    A preconditioned plan's x_grad is x p with the agreed `preconditioner` (required)."""
     layout, base = plan.layout, joint_data_level(keys.params)
+    if plan.config.preconditioned and preconditioner is None:
+        raise ValueError("a preconditioned plan needs the agreed preconditioner")
+    scale = preconditioner if plan.config.preconditioned else 1.0
     train_rows, val_rows = union_chunk_rows(plan, n_train, n_val)
     train_levels = plan.train_chunk_levels(keys.params, base)
 
@@ -75,7 +80,7 @@ def encrypt_share(keys, plan: TrainingPlan, owned: Ownership, x_train: np.ndarra
             t_chunk[mine] = targets[rows[mine] - offset]
             out.append(ShareChunk(
                 position, keys.encrypt(layout.encode_x_dup(x_chunk), levels.x_dup),
-                keys.encrypt(layout.encode_x_grad(x_chunk), levels.x_grad),
+                keys.encrypt(layout.encode_x_grad(x_chunk * scale), levels.x_grad),
                 [keys.encrypt(v, levels.labels) for v in plan.label_vectors(t_chunk)]))
         return out
 
@@ -85,10 +90,22 @@ def encrypt_share(keys, plan: TrainingPlan, owned: Ownership, x_train: np.ndarra
                    ChunkLevels.uniform(base)))
 
 
+def encrypt_decay(keys, plan: TrainingPlan, preconditioner: np.ndarray
+                  ) -> ofhe.Ciphertext | None:
+    """A preconditioned plan's per-feature decay 1 - lr wd p_j under the joint key (one
+    hospital sends it; every hospital can compute it), None for a plain plan."""
+    if not plan.config.preconditioned:
+        return None
+    decay = plan.config.decay_vector(preconditioner)
+    return keys.encrypt(plan.layout.encode_feature_scale(decay), joint_data_level(keys.params))
+
+
 def combine_shares(context: ofhe.CryptoContext, plan: TrainingPlan,
                    shares: Sequence[tuple[list[ShareChunk], list[ShareChunk]]],
-                   n_train: int, n_val: int) -> EncryptedDataset:
-    """Cloud side: the union's dataset, each chunk the slot-wise sum of the hospitals' parts."""
+                   n_train: int, n_val: int, decay: ofhe.Ciphertext | None = None
+                   ) -> EncryptedDataset:
+    """Cloud side: the union's dataset, each chunk the slot-wise sum of the hospitals' parts
+    (`decay`: the preconditioned plan's decay ciphertext)."""
     train_rows, val_rows = union_chunk_rows(plan, n_train, n_val)
 
     def combined(rows_list, parts_of) -> list[EncryptedChunk]:
@@ -109,7 +126,7 @@ def combine_shares(context: ofhe.CryptoContext, plan: TrainingPlan,
         return out
 
     return EncryptedDataset(plan, combined(train_rows, [s[0] for s in shares]),
-                            combined(val_rows, [s[1] for s in shares]))
+                            combined(val_rows, [s[1] for s in shares]), decay=decay)
 
 
 def _sum(context: ofhe.CryptoContext, cts: list[ofhe.Ciphertext]) -> ofhe.Ciphertext:

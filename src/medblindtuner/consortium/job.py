@@ -69,7 +69,7 @@ def split_among(features: FeatureSet, n_hospitals: int) -> list[HospitalShard]:
 
 def run_job(features: FeatureSet, n_hospitals: int, refresh: str, insecure: bool,
             workdir: Path | None = None, pca_dims: int | None = None,
-            epochs: int | None = None, weight_decay: float = 1e-3,
+            epochs: int | None = None, weight_decay: float | None = None,
             log: Callable[[str], None] | None = None) -> tuple[ConsortiumResult, dict]:
     """Split, run the consortium (all roles in this process), compare; (result, report)."""
     params = params_for_mode(refresh, insecure=insecure)

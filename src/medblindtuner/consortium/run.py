@@ -39,12 +39,12 @@ from medblindtuner.he.params import CkksParams, require_secure
 from medblindtuner.he.threshold import joint_params
 from medblindtuner.training.plan import Decision, TrainingPlan
 
+from .agreement import agree_settings
 from .ceremony import make_parties, run_key_ceremony
-from .data import Ownership, combine_shares, encrypt_share
+from .data import Ownership, combine_shares, encrypt_decay, encrypt_share
 from .member import ConsortiumMember
 from .refresher import MemberRefresher
-from .sealing import Roster, SealedMailbox, new_sealing_key, open_share, seal_share
-from .settings import SecureAggregator, agreed_config, local_statistics, pool
+from .sealing import Roster, SealedMailbox, new_sealing_key
 
 
 class ConsortiumError(MedBlindTunerError, RuntimeError):
@@ -78,6 +78,7 @@ class ConsortiumResult:
     # refresh mode "hospital": seconds waiting on each member, per joint refresh
     refresh_round_trips: list[list[float]] = field(default_factory=list)
     model: list[ofhe.Ciphertext] = field(default_factory=list)  # the best epoch's, encrypted
+    settings_why: dict = field(default_factory=dict)  # how width and decay were chosen
 
 
 def consortium_decide(members: Sequence[ConsortiumMember]
@@ -96,58 +97,9 @@ def consortium_decide(members: Sequence[ConsortiumMember]
     return decide
 
 
-def agree_settings(shards: Sequence[HospitalShard], roster: Roster, sealing_keys,
-                   n_classes: int, params: CkksParams, pca_dims: int | None,
-                   weight_decay: float, epochs: int | None, mailbox: SealedMailbox):
-    """Secure aggregation of counts and moments, then each hospital's scaler and the plan.
-
-    Each hospital masks its sums (other hospitals see uniform noise) and seals them to every
-    other hospital (the relay, which could add all masked vectors up, sees sealed bytes);
-    each hospital opens the others', adds, and computes the scaler and the plan, the same
-    for all. Returns (pooled statistics, scaler, plan)."""
-    dim = shards[0].x_train.shape[1]
-    n = len(shards)
-    masked = []
-    for index, (shard, key) in enumerate(zip(shards, sealing_keys, strict=True)):
-        aggregator = SecureAggregator(key, roster, index)
-        mine = {name: aggregator.masked(name, values) for name, values in
-                local_statistics(shard.x_train, len(shard.y_val)).items()}
-        masked.append(mine)
-        for name, values in mine.items():
-            for other in range(n):
-                if other != index:
-                    mailbox.post(seal_share(key, roster, index, other, f"aggregate-{name}",
-                                            values.astype("<u8").tobytes()))
-    pooled_by_hospital = []
-    for index, key in enumerate(sealing_keys):
-        received: dict[int, dict[str, np.ndarray]] = {index: masked[index]}
-        for name in masked[index]:
-            for envelope in mailbox.fetch(roster.job_id, f"aggregate-{name}", index):
-                sender, data = open_share(key, roster, index, f"aggregate-{name}", envelope)
-                received.setdefault(sender, {})[name] = np.frombuffer(data, dtype="<u8")
-        if sorted(received) != list(range(n)) or any(len(r) != len(masked[index])
-                                                     for r in received.values()):
-            raise ConsortiumError(f"hospital {index} is missing masked statistics: the "
-                                  "settings wait for every hospital")
-        pooled_by_hospital.append(pool([received[i] for i in range(n)], dim))
-    pooled = pooled_by_hospital[0]
-    if any(p.n_train != pooled.n_train
-           or not np.array_equal(p.outer_sum, pooled.outer_sum) for p in pooled_by_hospital):
-        raise ConsortiumError("the hospitals' pooled statistics differ: settings not agreed")
-    scaler = pooled.scaler(pca_dims)
-    n_features = scaler.n_features_out + 1
-    config = agreed_config(scaler, pooled.n_train, n_features, params.slots, n_classes,
-                           weight_decay)
-    if epochs is not None:
-        config = type(config)(**{**config.to_dict(), "epochs": epochs})
-    plan = TrainingPlan.create(params, np.empty((pooled.n_train, n_features)),
-                               np.empty((pooled.n_val, n_features)), n_classes, config)
-    return pooled, scaler, plan
-
-
 def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: CkksParams,
                    workdir: Path, job_id: str = "consortium", pca_dims: int | None = None,
-                   weight_decay: float = 1e-3, epochs: int | None = None,
+                   weight_decay: float | None = None, epochs: int | None = None,
                    allow_insecure: bool = False,
                    log: Callable[[str], None] | None = None) -> ConsortiumResult:
     """The whole job for n >= 2 hospitals (see the module docstring)."""
@@ -158,8 +110,9 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
     sealing_keys = [new_sealing_key() for _ in shards]
     roster = Roster(job_id, tuple(bytes(k.public_key) for k in sealing_keys))
     mailbox = SealedMailbox()
-    pooled, scaler, plan = agree_settings(shards, roster, sealing_keys, n_classes, params,
-                                          pca_dims, weight_decay, epochs, mailbox)
+    agreed = agree_settings(shards, roster, sealing_keys, n_classes, params, pca_dims,
+                            weight_decay, epochs, mailbox)
+    pooled, scaler, plan = agreed.pooled, agreed.scaler, agreed.plan
     scaled = [HospitalShard(scaler.augment(s.x_train), np.asarray(s.y_train),
                             scaler.augment(s.x_val), np.asarray(s.y_val)) for s in shards]
     seconds["settings"] = time.perf_counter() - start
@@ -187,11 +140,13 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
         owned = Ownership(int(offsets[i]), len(shard.y_train), int(val_offsets[i]),
                           len(shard.y_val))
         shares.append(encrypt_share(keys, plan, owned, shard.x_train, shard.y_train,
-                                    shard.x_val, shard.y_val, pooled.n_train, pooled.n_val))
+                                    shard.x_val, shard.y_val, pooled.n_train, pooled.n_val,
+                                    agreed.preconditioner))
     seconds["encrypt"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    dataset = combine_shares(context, plan, shares, pooled.n_train, pooled.n_val)
+    decay = encrypt_decay(keys, plan, agreed.preconditioner)  # hospital 0, the coordinator
+    dataset = combine_shares(context, plan, shares, pooled.n_train, pooled.n_val, decay)
     trainer, state, refresher = train_on_union(dataset, keys, members, Path(workdir),
                                                 seconds)
     seconds["training"] = time.perf_counter() - start
@@ -210,7 +165,8 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
     return ConsortiumResult(plan, keyed, scaler, state, weights,
                             [dict(m.judge.losses) for m in members], scaled, seconds,
                             keys.message_bytes, mailbox, members, keys.public_key,
-                            [] if refresher is None else refresher.round_trips, model)
+                            [] if refresher is None else refresher.round_trips, model,
+                            agreed.why)
 
 
 def train_on_union(dataset, keys, members: Sequence[ConsortiumMember], workdir: Path,

@@ -29,8 +29,9 @@ from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.packing import PackingLayout
 from medblindtuner.hospital.budget import affordable_epochs, derived_batch_size
 from medblindtuner.hospital.recipe import MAX_MOMENTUM, STEP_SIZE_FRACTION
-from medblindtuner.training.plain import TrainConfig
+from medblindtuner.training.plain import TrainConfig, step_bounds_of_moments
 
+from .choice import class_sums
 from .sealing import Roster
 
 FRACTION_BITS = 24  # fixed point: sums are exact to 2^-24 (and stay below 2^39 in size)
@@ -86,11 +87,14 @@ def unmask_sum(masked: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarr
     return (total.view(np.int64).astype(np.float64) / 2.0**FRACTION_BITS).reshape(shape)
 
 
-def local_statistics(x_train: np.ndarray, n_val: int) -> dict[str, np.ndarray]:
-    """What one hospital contributes (masked): counts, feature sums, outer-product sums."""
+def local_statistics(x_train: np.ndarray, y_train: np.ndarray, n_val: int,
+                     n_classes: int) -> dict[str, np.ndarray]:
+    """What one hospital contributes (masked): counts, feature sums, outer-product sums and
+    each class's feature sum and count (`choice.class_sums`)."""
     x = np.asarray(x_train, dtype=np.float64)
     return {"counts": np.array([len(x), n_val], dtype=np.float64),
-            "sum": x.sum(axis=0), "outer": x.T @ x}
+            "sum": x.sum(axis=0), "outer": x.T @ x,
+            "class_sum": class_sums(x, y_train, n_classes)}
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class PooledStatistics:
     n_val: int
     feature_sum: np.ndarray
     outer_sum: np.ndarray
+    class_sums: np.ndarray  # (classes, d + 1): each class's feature sum and row count
 
     def scaler(self, pca_dims: int | None) -> FeatureScaler:
         """The union's `FeatureScaler`: standardise, PCA on the pooled covariance, norm bound
@@ -132,30 +137,32 @@ class PooledStatistics:
         return scaler
 
 
-def pool(masked: Sequence[dict[str, np.ndarray]], dim: int) -> PooledStatistics:
+def pool(masked: Sequence[dict[str, np.ndarray]], dim: int, n_classes: int
+         ) -> PooledStatistics:
     """Pooled statistics from all hospitals' masked contributions (`SecureAggregator`)."""
     counts = unmask_sum([m["counts"] for m in masked], (2,))
     return PooledStatistics(int(round(counts[0])), int(round(counts[1])),
                             unmask_sum([m["sum"] for m in masked], (dim,)),
-                            unmask_sum([m["outer"] for m in masked], (dim, dim)))
+                            unmask_sum([m["outer"] for m in masked], (dim, dim)),
+                            unmask_sum([m["class_sum"] for m in masked],
+                                       (n_classes, dim + 1)))
 
 
-def agreed_config(scaler: FeatureScaler, n_train: int, n_features: int, slots: int,
-                  n_classes: int, weight_decay: float, seed: int = 0,
-                  patience: int = 3) -> TrainConfig:
-    """Step size, momentum, batch and epochs by the recipe's rules, from pooled quantities:
-    the curvature bound h * lambda_max of the pooled, scaled second moment, which is bias^2
-    (the features are centred on the pooled mean, and the bias is balanced with them); the
-    weight decay is the consortium's choice (no hospital can fit the pooled probe that sets it
-    for one hospital); epochs: what the time allowance affords (the judges' early stop ends
-    the run sooner)."""
-    curvature = (0.25 if n_classes == 2 else 0.5) * scaler.bias_**2
-    smoothness = curvature + weight_decay
-    q = weight_decay / smoothness
-    layout = PackingLayout(slots, n_features)
-    batch = derived_batch_size(n_train, layout, n_classes)
+def agreed_config(second_moment: np.ndarray, n_train: int, n_val: int, slots: int,
+                  n_classes: int, weight_decay: float, refresh: str, seed: int = 0,
+                  patience: int = 4) -> TrainConfig:
+    """The recipe's rules from pooled quantities (`hospital.recipe`): preconditioned steps
+    (p_j from the diagonal of the union's scaled second moment X^T X / n, securely
+    aggregated), step size STEP_SIZE_FRACTION / L and Nesterov's momentum for q = mu / L
+    (`training.plain.step_bounds_of_moments`), the derived batch, and the epochs the time
+    allowance affords in this refresh mode (the judges' early stop ends the run sooner)."""
+    smoothness, strong = step_bounds_of_moments(second_moment, n_classes, weight_decay)
+    q = strong / smoothness
+    layout = PackingLayout(slots, second_moment.shape[0])
     return TrainConfig(learning_rate=STEP_SIZE_FRACTION / smoothness,
                        momentum=min(MAX_MOMENTUM, (1 - math.sqrt(q)) / (1 + math.sqrt(q))),
-                       epochs=affordable_epochs(n_train, 0, layout, n_classes),
-                       batch_size=batch, patience=patience, seed=seed,
-                       weight_decay=weight_decay).checked()
+                       epochs=affordable_epochs(n_train, n_val, layout, n_classes,
+                                                refresh=refresh),
+                       batch_size=derived_batch_size(n_train, layout, n_classes),
+                       patience=patience, seed=seed, weight_decay=weight_decay,
+                       preconditioned=True).checked()

@@ -98,7 +98,14 @@ def jacobi_preconditioner(x_train: np.ndarray, n_classes: int,
     (a constant column under no penalty would get an infinite step); any positive p keeps
     the optimum, so the floor costs nothing but pace."""
     x = np.asarray(x_train, dtype=np.float64)
-    moment = np.mean(x * x, axis=0)
+    return preconditioner_of_moments(np.mean(x * x, axis=0), n_classes, weight_decay)
+
+
+def preconditioner_of_moments(moment: np.ndarray, n_classes: int,
+                              weight_decay: float) -> np.ndarray:
+    """`jacobi_preconditioner` from the columns' second moments mean_i x_ij^2 (what a
+    consortium learns by secure aggregation instead of the rows)."""
+    moment = np.asarray(moment, dtype=np.float64)
     moment = np.maximum(moment, MIN_RELATIVE_MOMENT * max(float(moment.max()), 1e-300))
     return 1.0 / (curvature_weight(n_classes) * moment + weight_decay)
 
@@ -113,6 +120,18 @@ def step_bounds(x_train: np.ndarray, n_classes: int, weight_decay: float,
     p = jacobi_preconditioner(x, n_classes, weight_decay)
     top = float(np.linalg.norm(x * np.sqrt(p), ord=2)**2) / len(x)
     return h * top + weight_decay * float(p.max()), weight_decay * float(p.min())
+
+
+def step_bounds_of_moments(second_moment: np.ndarray, n_classes: int, weight_decay: float
+                           ) -> tuple[float, float]:
+    """`step_bounds(x, ..., preconditioned=True)` from the rows' second-moment matrix
+    X^T X / n alone (a consortium's securely aggregated one)."""
+    moment = np.asarray(second_moment, dtype=np.float64)
+    p = preconditioner_of_moments(np.diag(moment), n_classes, weight_decay)
+    root = np.sqrt(p)
+    top = float(np.linalg.eigvalsh(root[:, None] * moment * root[None, :])[-1])
+    return (curvature_weight(n_classes) * top + weight_decay * float(p.max()),
+            weight_decay * float(p.min()))
 
 
 def add_bias(x: np.ndarray, value: float = 1.0) -> np.ndarray:

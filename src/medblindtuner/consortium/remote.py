@@ -308,28 +308,43 @@ def _cloud_ciphertext(client: ConsortiumClient, member: ConsortiumMember, topic:
     return data
 
 
-def serve_decisions(member: ConsortiumMember, client: ConsortiumClient,
-                    timeout_s: float = WAIT_TIMEOUT_S) -> np.ndarray:
-    """A hospital's decryptions of one training job, by its own judge: epoch 1, 2, ...: its
-    sealed share of the loss only for the epoch its judge expects, all n fused, its decision
-    posted; after its judge stopped (or the plan's last epoch), the model, shared only for
-    the epoch its judge chose. Returns the decrypted weights."""
-    job_id, plan, epoch = client.consortium_id, member.plan, 1
-    if plan is None:
-        raise RelayError(f"hospital {member.index} has no plan: it decrypts nothing")
-    while True:
-        topic = loss_topic(epoch)
-        data = _cloud_ciphertext(client, member, topic, timeout_s)
-        member.share_validation_loss(epoch, data)
-        decision = member.judge(epoch, ciphertext_from_bytes(data))
-        client.post_round(RoundMessage(job_id, topic, member.index,
-                                       json.dumps(asdict(decision)).encode()).to_bytes())
-        if not decision.continue_training or epoch >= plan.config.epochs:
-            break
-        epoch += 1
+def answer_loss(member: ConsortiumMember, client: ConsortiumClient, epoch: int,
+                timeout_s: float = WAIT_TIMEOUT_S) -> Decision:
+    """Epoch `epoch`'s loss: this hospital's sealed share only if its judge expects that
+    epoch, all n fused, its judge's decision posted in the loss round."""
+    topic = loss_topic(epoch)
+    data = _cloud_ciphertext(client, member, topic, timeout_s)
+    member.share_validation_loss(epoch, data)
+    decision = member.judge(epoch, ciphertext_from_bytes(data))
+    client.post_round(RoundMessage(client.consortium_id, topic, member.index,
+                                   json.dumps(asdict(decision)).encode()).to_bytes())
+    return decision
+
+
+def decrypt_published_model(member: ConsortiumMember, client: ConsortiumClient,
+                            timeout_s: float = WAIT_TIMEOUT_S) -> np.ndarray:
+    """The model the cloud published, shared and decrypted only for the epoch this
+    hospital's judge chose (after it stopped or the plan's last epoch)."""
+    job_id = client.consortium_id
     info = json.loads(RoundMessage.from_bytes(client.cloud_message(MODEL_ROUND, timeout_s),
                                               job_id, MODEL_ROUND, CLOUD_PARTY).payload)
     model = [_cloud_ciphertext(client, member, f"{MODEL_ROUND}-{k}", timeout_s)
              for k in range(int(info["ciphertexts"]))]
     member.share_model(int(info["best_epoch"]), model)
     return member.decrypt_model([ciphertext_from_bytes(ct) for ct in model])
+
+
+def serve_decisions(member: ConsortiumMember, client: ConsortiumClient,
+                    timeout_s: float = WAIT_TIMEOUT_S) -> np.ndarray:
+    """A hospital's decryptions of one training job, by its own judge: epoch 1, 2, ...
+    (`answer_loss`) until its judge stopped or the plan's last epoch, then the model
+    (`decrypt_published_model`). Returns the decrypted weights."""
+    plan, epoch = member.plan, 1
+    if plan is None:
+        raise RelayError(f"hospital {member.index} has no plan: it decrypts nothing")
+    while True:
+        decision = answer_loss(member, client, epoch, timeout_s)
+        if not decision.continue_training or epoch >= plan.config.epochs:
+            break
+        epoch += 1
+    return decrypt_published_model(member, client, timeout_s)

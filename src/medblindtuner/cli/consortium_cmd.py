@@ -7,13 +7,15 @@
 `medblindtuner demo --hospitals N` runs the same job on a MedMNIST dataset with a report.
 
 Over the service (one token per hospital, `service/consortia.py`), one role per process
-(`consortium.roles`); training a consortium job on the service is not built yet
-(docs/design.md, "The service's side"):
+(`consortium.roles`; the service's own worker does not run the cloud's side yet:
+docs/design.md, "The service's side"):
 
     medblindtuner consortium create  --service URL --hospitals 3 --out members/
     medblindtuner consortium keys    --member members/hospital-0.json --state h0/ --plan plan.json
     medblindtuner consortium bundle  --data-dir cloud/ --consortium ID --plan plan.json --out b/
     medblindtuner consortium refresh --member members/hospital-0.json --state h0/ --plan plan.json
+    medblindtuner consortium train   --member ... --state h0/ --plan plan.json --rows h0.npz ...
+    medblindtuner consortium cloud-train --data-dir cloud/ --consortium ID --plan plan.json ...
 """
 
 from __future__ import annotations
@@ -189,3 +191,46 @@ def bundle(
                             out, db_url, timeout)
     Console().print(f"joint public bundle: {out} ({len(manifest['files'])} files)",
                     markup=False)
+
+
+@app.command("train")
+def train(
+    member: MemberOpt, state: StateOpt, plan: PlanOpt,
+    rows: Annotated[Path, typer.Option(
+        help="This hospital's rows as agreed (.npz: x_train, y_train, x_val, y_val).")],
+    train_offset: Annotated[int, typer.Option(min=0, help="Its first training row in the "
+                                                          "union.")],
+    val_offset: Annotated[int, typer.Option(min=0, help="Its first validation row.")],
+    n_train: Annotated[int, typer.Option(min=1, help="The union's training rows.")],
+    n_val: Annotated[int, typer.Option(min=1, help="The union's validation rows.")],
+    out: Annotated[Path, typer.Option(help="Where to save the decrypted model (.npy).")],
+    insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0,
+) -> None:
+    """This hospital's side of the training: its rows under the joint key, every refresh
+    and epoch the cloud asks (its ledger, its judge), then the model its judge chose."""
+    from medblindtuner.consortium import roles
+
+    done = roles.train(member, state, roles.load_plan(plan), insecure_test_params, rows,
+                       (train_offset, val_offset), (n_train, n_val), out, timeout)
+    Console().print(f"best epoch {done['best_epoch']}, {done['refreshes']} joint refreshes; "
+                    f"model: {out}", markup=False)
+
+
+@app.command("cloud-train")
+def cloud_train(
+    data_dir: Annotated[Path, typer.Option(help="The service's data folder.")],
+    consortium: Annotated[str, typer.Option(help="The consortium id.")],
+    plan: PlanOpt,
+    n_train: Annotated[int, typer.Option(min=1, help="The union's training rows.")],
+    n_val: Annotated[int, typer.Option(min=1, help="The union's validation rows.")],
+    workdir: Annotated[Path, typer.Option(help="Checkpoints and the refresh journal.")],
+    db_url: Annotated[str | None, typer.Option(help="The service's DB URL.")] = None,
+    insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0,
+) -> None:
+    """The cloud operator's: train the consortium's union from the service's store."""
+    from medblindtuner.consortium import roles
+
+    done = roles.cloud_train(data_dir, consortium, roles.load_plan(plan),
+                             insecure_test_params, (n_train, n_val), workdir, db_url, timeout)
+    Console().print(f"trained {done['epochs']} epochs ({done['steps']} steps), best epoch "
+                    f"{done['best_epoch']}", markup=False)

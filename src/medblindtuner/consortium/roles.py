@@ -1,5 +1,5 @@
 """The consortium's roles over the service, one process per role (`medblindtuner consortium
-create | keys | refresh | bundle`):
+create | keys | refresh | bundle | train | cloud-train`):
 
     founder   create: a consortium of n on the service; one member file per hospital
               (service address, consortium id, that hospital's token) to hand over privately
@@ -7,8 +7,11 @@ create | keys | refresh | bundle`):
               the joint public key in its own state folder (0700)
     hospital  refresh: answers the cloud's next joint refreshes with its `MemberRefresher`
               (ledger in the state folder), from the saved share
+    hospital  train: sends its rows under the joint key, answers the cloud's refreshes and
+              epochs (ledger, judge), saves the model its judge chose
     cloud     bundle: reads the rounds through the service's store, writes the joint public
               bundle (`JointKeys.save_public_bundle`)
+    cloud     cloud-train: trains the union from the service's store (`train_over_relay`)
 
 Every role needs the agreed public plan (a `TrainingPlan` JSON): its rotations decide the key
 rounds, its job tag the refreshes. The `keys` role is all or nothing: interrupted, the
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from nacl.public import PrivateKey
 
 from medblindtuner.errors import MedBlindTunerError
@@ -33,8 +38,17 @@ from medblindtuner.training.plan import TrainingPlan
 
 from .ceremony import JointKeys, key_schedule
 from .client import WAIT_TIMEOUT_S, ConsortiumClient
+from .data import Ownership
+from .member import ConsortiumMember
 from .refresher import MemberRefresher
-from .remote import answer_key_rounds, assemble_joint_keys, exchange_roster, serve_refreshes
+from .relayed_training import JointEncryptor, TrainingAnswers, send_rows, train_over_relay
+from .remote import (
+    RemoteMailbox,
+    answer_key_rounds,
+    assemble_joint_keys,
+    exchange_roster,
+    serve_refreshes,
+)
 from .sealing import Roster
 
 MEMBER_FORMAT = "medblindtuner-consortium-member/1"
@@ -122,17 +136,56 @@ def restore(state: Path, params: CkksParams) -> tuple[ThresholdParty, PrivateKey
     return ThresholdParty.restore(state / PARTY_DIR, joint_context(params)), sealing_key, roster
 
 
-def refresh(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, count: int,
-            timeout_s: float = WAIT_TIMEOUT_S) -> int:
-    """Answer the cloud's next `count` joint refreshes (from the ledger's next index)."""
+def _member_state(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool):
+    """(client, params, party, sealing key, roster) of this hospital, from its member file
+    and the state `keys` saved (refused if they are of different hospitals or consortia)."""
     client = client_of(member_file)
     params = consortium_params(plan, insecure)
-    party, _sealing_key, _roster = restore(state, params)
+    party, sealing_key, roster = restore(state, params)
     if (party.job_id, party.index) != (client.consortium_id, client.index):
         raise RoleError(f"{state} is hospital {party.index} of {party.job_id!r}, the member "
                         f"file hospital {client.index} of {client.consortium_id!r}")
+    return client, params, party, sealing_key, roster
+
+
+def refresh(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, count: int,
+            timeout_s: float = WAIT_TIMEOUT_S) -> int:
+    """Answer the cloud's next `count` joint refreshes (from the ledger's next index)."""
+    client, params, party, _key, _roster = _member_state(member_file, state, plan, insecure)
     ledger = MemberRefresher(party, params, plan, state / LEDGER_DIR)
     return serve_refreshes(ledger, client, count, ledger.finished, timeout_s)
+
+
+def load_rows(path: Path) -> tuple[np.ndarray, ...]:
+    """This hospital's rows, scaled as agreed: x_train, y_train, x_val, y_val (.npz)."""
+    try:
+        with np.load(path) as rows:
+            return tuple(np.asarray(rows[k]) for k in ("x_train", "y_train", "x_val", "y_val"))
+    except (OSError, KeyError, ValueError) as exc:
+        raise RoleError(f"{path}: not a rows file with x_train, y_train, x_val, y_val "
+                        f"({exc})") from exc
+
+
+def train(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, rows: Path,
+          offsets: tuple[int, int], counts: tuple[int, int], out: Path,
+          timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
+    """This hospital's side of the training: its rows (union rows from `offsets`, of the
+    union's `counts`) under the joint key, every refresh and epoch the cloud asks, then the
+    model its judge chose, saved to `out` (.npy). Returns its losses and refreshes."""
+    client, params, party, sealing_key, roster = _member_state(member_file, state, plan,
+                                                              insecure)
+    shard = load_rows(rows)
+    owned = Ownership(offsets[0], len(shard[1]), offsets[1], len(shard[3]))
+    send_rows(client, JointEncryptor(params, party.context, party.joint_public_key), plan,
+              owned, shard, *counts)
+    member = ConsortiumMember(party, sealing_key, roster, RemoteMailbox(client, timeout_s))
+    member.attach_plan(plan, counts[1])
+    ledger = MemberRefresher(party, params, plan, state / LEDGER_DIR,
+                             stopped=lambda: member.judge.stopped)
+    weights = TrainingAnswers(member, ledger, client, timeout_s).run()
+    np.save(out, weights)
+    return {"losses": dict(member.judge.losses), "refreshes": ledger.finished,
+            "best_epoch": member.judge.best_epoch}
 
 
 # ---- cloud -------------------------------------------------------------------------------
@@ -152,27 +205,53 @@ def store_reader(relay, consortium_id: str, n_parties: int,  # noqa: ANN001 - Co
     return read_round
 
 
-def bundle(data_dir: Path, consortium_id: str, plan: TrainingPlan, insecure: bool, out: Path,
-           db_url: str | None = None, timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
-    """The cloud operator's: the joint public bundle from the service's store."""
+@contextmanager
+def service_store(data_dir: Path, db_url: str | None = None) -> Iterator[Any]:
+    """The service's consortium relay on its store (the cloud operator's side, no HTTP)."""
     from medblindtuner.service.consortia import ConsortiumRelay
-    from medblindtuner.service.errors import CloudError
     from medblindtuner.service.limits import ServiceConfig
     from medblindtuner.service.store import Store
 
     config = ServiceConfig(Path(data_dir), db_url)
     store = Store(config.resolved_db_url)
     try:
-        relay = ConsortiumRelay(config, store)
-        try:
-            n = relay.n_parties(consortium_id)
-        except CloudError as exc:
-            raise RoleError(f"consortium {consortium_id!r}: {exc.message}") from exc
-        params = consortium_params(plan, insecure)
-        context = joint_context(params)
-        joint: JointKeys = assemble_joint_keys(
-            context, params, consortium_id, n, store_reader(relay, consortium_id, n, timeout_s),
-            key_schedule(context, params, plan.rotation_indices, plan.kernel_rotation_indices))
-        return joint.save_public_bundle(out)
+        yield ConsortiumRelay(config, store)
     finally:
         store.dispose()
+
+
+def cloud_keys(relay, consortium_id: str, plan: TrainingPlan, insecure: bool,  # noqa: ANN001
+               timeout_s: float = WAIT_TIMEOUT_S) -> tuple[JointKeys, int]:
+    """The joint keys assembled from the store's rounds, and the consortium's size."""
+    from medblindtuner.service.errors import CloudError
+
+    try:
+        n = relay.n_parties(consortium_id)
+    except CloudError as exc:
+        raise RoleError(f"consortium {consortium_id!r}: {exc.message}") from exc
+    params = consortium_params(plan, insecure)
+    context = joint_context(params)
+    schedule = key_schedule(context, params, plan.rotation_indices,
+                            plan.kernel_rotation_indices)
+    return assemble_joint_keys(context, params, consortium_id, n,
+                               store_reader(relay, consortium_id, n, timeout_s), schedule), n
+
+
+def bundle(data_dir: Path, consortium_id: str, plan: TrainingPlan, insecure: bool, out: Path,
+           db_url: str | None = None, timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
+    """The cloud operator's: the joint public bundle from the service's store."""
+    with service_store(data_dir, db_url) as relay:
+        joint, _n = cloud_keys(relay, consortium_id, plan, insecure, timeout_s)
+        return joint.save_public_bundle(out)
+
+
+def cloud_train(data_dir: Path, consortium_id: str, plan: TrainingPlan, insecure: bool,
+                counts: tuple[int, int], workdir: Path, db_url: str | None = None,
+                timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
+    """The cloud operator's training of the consortium from the service's store
+    (`relayed_training.train_over_relay`); resumable from `workdir`."""
+    with service_store(data_dir, db_url) as relay:
+        joint, _n = cloud_keys(relay, consortium_id, plan, insecure, timeout_s)
+        state = train_over_relay(relay, consortium_id, joint, plan, *counts, workdir,
+                                 timeout_s=timeout_s)
+    return {"epochs": state.epoch, "best_epoch": state.best_epoch, "steps": state.steps}

@@ -15,6 +15,7 @@ may be), its judge's losses and the model's weights.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -91,6 +92,13 @@ def share_window(party: ThresholdParty, ciphertext: bytes) -> str:
                                     round_of_decryption(request)).payload
     middle = len(share) // 2
     return share[middle : middle + 48].hex()
+
+
+def plaintext_in(data: bytes, needles: list[str]) -> list[str]:
+    """The needles found where a number starts, not inside one (a log timestamp's
+    "12.0714293" holds "0.0714"; tests/test_service.py)."""
+    text = data.decode("latin-1")
+    return [n for n in needles if re.search(rf"(?<![\d.]){re.escape(n)}", text)]
 
 
 def main(url: str, consortium_id: str, token: str, out: Path) -> None:

@@ -123,11 +123,11 @@ def test_relay_holds_only_sealed_shares_and_members_refuse_unplanned_decryptions
     _shards, result = consortium
     envelopes = list(result.mailbox.envelopes.values())
     requests = [read_routing(e)["request"] for e in envelopes]
-    # per value: 3 hospitals x 2 recipients; 7 aggregated sums (one width: no tie round),
+    # per value: 3 hospitals x 2 recipients; 8 aggregated sums (one width: no tie round),
     # 3 losses, the model's ciphertexts
     sums = {r.removeprefix("aggregate-") for r in requests if r.startswith("aggregate-")}
-    assert sums == {"counts", "sum", "outer", "class_sum", "val_loss", "scaled_outer",
-                    "interval"}
+    assert sums == {"counts", "sum", "outer", "class_sum", "row_counts", "val_loss",
+                    "scaled_outer", "interval"}
     assert sum(r.startswith("aggregate-") for r in requests) == 6 * len(sums)
     assert len(envelopes) == 6 * (len(sums) + 3 + result.plan.rows)
     for envelope in envelopes:

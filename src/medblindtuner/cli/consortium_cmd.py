@@ -149,6 +149,36 @@ def create(
         Console().print(f"member file: {path}", soft_wrap=True, markup=False)
 
 
+@app.command("settings")
+def settings(
+    member: MemberOpt, state: StateOpt,
+    features: Annotated[Path, typer.Option(
+        help="This hospital's own FeatureSet .npz (train and val splits; never leaves it).")],
+    pca: Annotated[int | None, typer.Option(
+        help="PCA width (default: chosen in the validation rounds; 0 keeps every feature).")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        help="L2 weight decay (default: chosen in the validation rounds).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="At most this many epochs.")] = None,
+    insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0,
+) -> None:
+    """This hospital's side of the settings rounds (secure aggregation over the service);
+    writes the agreed plan (plan.json), its scaled rows (rows.npz) and their place in the
+    union (ownership.json) to its state folder. Run before `keys`."""
+    from medblindtuner.consortium.relayed_settings import agree_over_relay
+    from medblindtuner.consortium.roles import client_of
+    from medblindtuner.consortium.run import HospitalShard
+
+    data = load_features(features, None, None, "auto", None)
+    shard = HospitalShard(*data.splits["train"], *data.splits["val"])
+    with client_of(member) as client:
+        agreed = agree_over_relay(client, state, shard, data.n_classes, insecure_test_params,
+                                  pca, weight_decay, epochs, timeout)
+    why = {k: v for k, v in agreed.why.items() if k != "val_loss"}
+    Console().print(f"hospital {client.index}: agreed {json.dumps(why)}; "
+                    f"plan: {state / 'plan.json'}", soft_wrap=True, markup=False)
+
+
 @app.command("keys")
 def keys(member: MemberOpt, state: StateOpt, plan: PlanOpt,
          insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0) -> None:

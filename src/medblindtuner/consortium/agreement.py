@@ -4,8 +4,10 @@ Every round is a secure aggregation (`settings.SecureAggregator`): each hospital
 sums and seals them to every other hospital; each opens the others', adds, and all must get
 the same sums. Rounds, in order (each label once per job):
 
-1. `counts`, `sum`, `outer`, `class_sum`: row counts, feature sums, outer products, each
-   class's feature sum and count (the union's mean, covariance and class means).
+1. `counts`, `sum`, `outer`, `class_sum`, `row_counts`: row counts, feature sums, outer
+   products, each class's feature sum and count (the union's mean, covariance and class
+   means), and each hospital's training row count (public among the hospitals: the union's
+   order, hospital 0's rows first).
 2. `val_loss` (when the width or the weight decay is not given): each hospital's validation
    log-loss sums of the one-Newton-step stand-ins (`consortium.choice`), one per candidate.
 3. `val_ties` (when more than one width is left): sums and squares of the paired differences
@@ -25,7 +27,7 @@ the same sums. Rounds, in order (each label once per job):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -55,13 +57,13 @@ from .choice import (
     paired_sums,
     widest_tied,
 )
-from .sealing import Roster, SealedMailbox, open_share, seal_share
+from .data import Ownership
+from .sealing import Mailbox, Roster, open_share, seal_share
 from .settings import (
     PooledStatistics,
     SecureAggregator,
     agreed_config,
     local_statistics,
-    pool,
     unmask_sum,
 )
 
@@ -79,55 +81,100 @@ class AgreedSettings:
     plan: TrainingPlan
     preconditioner: np.ndarray  # p_j per scaled feature column (bias included)
     why: dict = field(default_factory=dict)  # how width and decay were chosen
+    # each hospital's training and validation rows (public among them): the union is
+    # hospital 0's rows, then 1's, ... (`ownership`)
+    train_counts: tuple[int, ...] = ()
+    val_counts: tuple[int, ...] = ()
+
+    def ownership(self, index: int) -> Ownership:
+        """Where hospital `index`'s rows sit in the union."""
+        return Ownership(sum(self.train_counts[:index]), self.train_counts[index],
+                         sum(self.val_counts[:index]), self.val_counts[index])
 
 
-def secure_round(contributions: Sequence[dict[str, np.ndarray]], roster: Roster,
-                 sealing_keys, mailbox: SealedMailbox) -> list[dict[str, np.ndarray]]:
-    """One aggregation round among all hospitals (hospital i gives `contributions[i]`):
-    masked, sealed to every other hospital, opened. Returns the n masked contributions in
-    hospital order (`unmask_sum` adds them); refuses if a hospital misses any."""
-    n = len(contributions)
-    masked = []
-    for index, (mine, key) in enumerate(zip(contributions, sealing_keys, strict=True)):
-        aggregator = SecureAggregator(key, roster, index)
-        masked.append({name: aggregator.masked(name, values) for name, values in mine.items()})
-        for name, values in masked[-1].items():
-            for other in range(n):
-                if other != index:
-                    mailbox.post(seal_share(key, roster, index, other, f"aggregate-{name}",
-                                            values.astype("<u8").tobytes()))
-    seen = None
-    for index, key in enumerate(sealing_keys):
-        received: dict[int, dict[str, np.ndarray]] = {index: masked[index]}
-        for name in masked[index]:
-            for envelope in mailbox.fetch(roster.job_id, f"aggregate-{name}", index):
-                sender, data = open_share(key, roster, index, f"aggregate-{name}", envelope)
-                received.setdefault(sender, {})[name] = np.frombuffer(data, dtype="<u8")
-        if sorted(received) != list(range(n)) or any(len(r) != len(masked[index])
-                                                     for r in received.values()):
-            raise SettingsError(f"hospital {index} is missing masked sums: the settings wait "
-                                "for every hospital")
-        ordered = [received[i] for i in range(n)]
-        if seen is not None and any(not np.array_equal(a[k], b[k]) for a, b in
-                                    zip(seen, ordered, strict=True) for k in a):
-            raise SettingsError("the hospitals received different sums: settings not agreed")
-        seen = ordered
-    return seen
+Sums = dict[str, np.ndarray]
+# One hospital's side of the rounds: yields its contribution to each round (label -> values),
+# is sent the union's sums of that round (same labels and shapes), returns the settings.
+SettingsRounds = Generator[Sums, Sums, "AgreedSettings"]
+
+
+def post_masked(index: int, aggregator: SecureAggregator, key, roster: Roster,  # noqa: ANN001
+                contribution: Sums, mailbox: Mailbox) -> Sums:
+    """Hospital `index`: mask each value (`SecureAggregator`, a label once per job) and seal
+    it to every other hospital; returns its own masked values."""
+    masked = {name: aggregator.masked(name, values) for name, values in contribution.items()}
+    for name, values in masked.items():
+        for other in range(len(roster.public_keys)):
+            if other != index:
+                mailbox.post(seal_share(key, roster, index, other, f"aggregate-{name}",
+                                        values.astype("<u8").tobytes()))
+    return masked
+
+
+def collect_sums(index: int, key, roster: Roster, contribution: Sums,  # noqa: ANN001
+                 mine: Sums, mailbox: Mailbox) -> Sums:
+    """Hospital `index`: open the other hospitals' masked values addressed to it, add them
+    to its own (`mine`): the union's sums, shaped like `contribution`. Refuses when one is
+    missing."""
+    n = len(roster.public_keys)
+    received: dict[int, Sums] = {index: mine}
+    for name in mine:
+        for envelope in mailbox.fetch(roster.job_id, f"aggregate-{name}", index):
+            sender, data = open_share(key, roster, index, f"aggregate-{name}", envelope)
+            received.setdefault(sender, {})[name] = np.frombuffer(data, dtype="<u8")
+    if sorted(received) != list(range(n)) or any(set(r) != set(mine)
+                                                 for r in received.values()):
+        raise SettingsError(f"hospital {index} is missing masked sums: the settings wait for "
+                            "every hospital")
+    return {name: unmask_sum([received[i][name] for i in range(n)],
+                             np.shape(contribution[name])) for name in mine}
 
 
 def agree_settings(shards, roster: Roster, sealing_keys, n_classes: int, params: CkksParams,
                    pca_dims: int | None, weight_decay: float | None, epochs: int | None,
-                   mailbox: SealedMailbox) -> AgreedSettings:
-    """The rounds of the module docstring. `pca_dims`: None = chosen, 0 = every feature;
-    `weight_decay`: None = chosen."""
-    def summed(label: str, values: Sequence[np.ndarray]) -> np.ndarray:
-        rows = secure_round([{label: v} for v in values], roster, sealing_keys, mailbox)
-        return unmask_sum([r[label] for r in rows], np.shape(values[0]))
+                   mailbox: Mailbox) -> AgreedSettings:
+    """All hospitals in one process: every hospital's `hospital_settings`, round by round
+    (all post, then all collect); refuses unless every hospital ends with the same plan."""
+    rounds = [hospital_settings(i, s, len(shards), n_classes, params, pca_dims, weight_decay,
+                                epochs) for i, s in enumerate(shards)]
+    aggregators = [SecureAggregator(k, roster, i) for i, k in enumerate(sealing_keys)]
+    contributions: list[Sums] = [next(r) for r in rounds]
+    while True:
+        masked = [post_masked(i, aggregators[i], sealing_keys[i], roster, c, mailbox)
+                  for i, c in enumerate(contributions)]
+        sums = [collect_sums(i, sealing_keys[i], roster, c, masked[i], mailbox)
+                for i, c in enumerate(contributions)]
+        steps = [_advance(r, s) for r, s in zip(rounds, sums, strict=True)]
+        done = [step for step in steps if isinstance(step, AgreedSettings)]
+        if not done:
+            contributions = steps
+            continue
+        if len(done) != len(steps) or any(a.plan != done[0].plan for a in done):
+            raise SettingsError("the hospitals derived different settings: not agreed")
+        return done[0]
 
-    dim = shards[0].x_train.shape[1]
-    pooled = pool(secure_round([local_statistics(s.x_train, s.y_train, len(s.y_val),
-                                                 n_classes) for s in shards],
-                               roster, sealing_keys, mailbox), dim, n_classes)
+
+def _advance(rounds: SettingsRounds, sums: Sums) -> Sums | AgreedSettings:
+    """The next round's contribution, or the settings when the rounds are over."""
+    try:
+        return rounds.send(sums)
+    except StopIteration as stop:
+        return stop.value
+
+
+def hospital_settings(index: int, shard, n_hospitals: int, n_classes: int,  # noqa: ANN001
+                      params: CkksParams, pca_dims: int | None, weight_decay: float | None,
+                      epochs: int | None) -> SettingsRounds:
+    """Hospital `index`'s side of the rounds of the module docstring (`pca_dims`: None =
+    chosen, 0 = every feature; `weight_decay`: None = chosen). Every hospital makes the same
+    rounds from the same sums, so all return the same settings."""
+    dim = shard.x_train.shape[1]
+    own_counts = np.zeros((2, n_hospitals))
+    own_counts[:, index] = len(shard.y_train), len(shard.y_val)
+    first = yield {**local_statistics(shard.x_train, shard.y_train, len(shard.y_val),
+                                      n_classes), "row_counts": own_counts}
+    pooled = PooledStatistics(int(round(first["counts"][0])), int(round(first["counts"][1])),
+                              first["sum"], first["outer"], first["class_sum"])
     widths = ([None if pca_dims == 0 else pca_dims] if pca_dims is not None else
               candidate_widths(dim, pooled.n_train, pooled.n_val, n_classes, params.slots,
                                params.refresh))
@@ -139,23 +186,22 @@ def agree_settings(shards, roster: Roster, sealing_keys, n_classes: int, params:
     candidates = list(models)
     chosen, why = candidates[0], {"candidates": len(candidates)}
     if len(candidates) > 1:
-        losses = [losses_by_candidate(scalers, models, s.x_val, s.y_val, n_classes)
-                  for s in shards]
-        sums = summed("val_loss", [np.array([mine[c].sum() for c in candidates])
-                                   for mine in losses])
+        losses = losses_by_candidate(scalers, models, shard.x_val, shard.y_val, n_classes)
+        sums = (yield {"val_loss": np.array([losses[c].sum() for c in candidates])})[
+            "val_loss"]
         finalists = list(best_per_width(candidates, sums).values())
         leader = min(finalists, key=lambda c: sums[candidates.index(c)])
         chosen = leader
         if len(finalists) > 1:
-            pairs = summed("val_ties", [paired_sums(mine, finalists, leader)
-                                        for mine in losses])
+            pairs = (yield {"val_ties": paired_sums(losses, finalists, leader)})["val_ties"]
             chosen = widest_tied(finalists, pairs, pooled.n_val)
         why["val_loss"] = {f"{c.width}/{c.weight_decay:.3g}": round(float(t) / pooled.n_val, 5)
                            for c, t in zip(candidates, sums, strict=True)}
     why.update(width=chosen.width, weight_decay=chosen.weight_decay)
     scaler = scalers[chosen.width]
-    scaled = [scaler.augment(s.x_train) for s in shards]
-    moment = summed("scaled_outer", [z.T @ z for z in scaled]) / pooled.n_train
+    z = scaler.augment(shard.x_train)
+    moment = (yield {"scaled_outer": z.T @ z})["scaled_outer"] / pooled.n_train
+
     def config_at(wd: float):
         config = agreed_config(moment, pooled.n_train, pooled.n_val, params.slots, n_classes,
                                wd, params.refresh)
@@ -163,9 +209,9 @@ def agree_settings(shards, roster: Roster, sealing_keys, n_classes: int, params:
 
     config = config_at(chosen.weight_decay)
     ladder = SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS + SATURATED_EXP_BOUNDS
-    rungs = summed("interval", [_rung_needed(z, s, scaler, config, n_classes, params, ladder)
-                                for z, s in zip(scaled, shards, strict=True)])
-    if rungs[-1] > 0:  # a hospital's logits outgrow the ladder: bound them by the prior
+    rungs = (yield {"interval": _rung_needed(z, shard, scaler, config, n_classes, params,
+                                             ladder)})["interval"]
+    if rungs[-1] > 0.5:  # a hospital's logits outgrow the ladder: bound them by the prior
         wd = max(config.weight_decay, logit_bounding_weight_decay(
             np.array([[1.0, scaler.bias_]]), n_classes, LOGIT_HEADROOM * ladder[-1]))
         config, why["raised_weight_decay"] = config_at(wd), wd
@@ -177,7 +223,9 @@ def agree_settings(shards, roster: Roster, sealing_keys, n_classes: int, params:
                                np.empty((pooled.n_val, moment.shape[0])), n_classes, config,
                                activation)
     p = preconditioner_of_moments(np.diag(moment), n_classes, config.weight_decay)
-    return AgreedSettings(pooled, scaler, plan, p, why)
+    counts = np.rint(first["row_counts"]).astype(int)
+    return AgreedSettings(pooled, scaler, plan, p, why, tuple(counts[0].tolist()),
+                          tuple(counts[1].tolist()))
 
 
 def _rung_needed(z_train: np.ndarray, shard, scaler: FeatureScaler, config, n_classes: int,

@@ -39,6 +39,10 @@ FAILPOINTS = {
     "disk.chunk": "an upload chunk about to be written into its staging file",
     "disk.finalize": "a verified upload about to be committed into the blob store",
     "disk.job": "a new job's folder about to be created",
+    "hospital.rows_saved": "a consortium hospital's row ciphertext kept, not yet posted",
+    "hospital.refresh_saved": "a consortium hospital's refresh answer kept, not yet posted",
+    "hospital.key_round_saved": "a consortium hospital's key-round message kept, not posted",
+    "hospital.decision_saved": "a consortium hospital's decision of an epoch kept, not posted",
 }
 
 _hits: dict[str, int] = {}

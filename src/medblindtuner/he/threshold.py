@@ -240,6 +240,7 @@ class ThresholdParty:
         self.joint_public_key: ofhe.PublicKey | None = None
         self._answered: dict[str, tuple[str, bytes]] = {}
         self._restored = False  # from `save`: answers no key round again
+        self._progress: Path | None = None  # `keep_progress`: key rounds kept mid-ceremony
 
     @property
     def is_lead(self) -> bool:
@@ -269,6 +270,9 @@ class ThresholdParty:
             return output
         output = RoundMessage(self.job_id, round_name, self.index, make()).to_bytes()
         self._answered[round_name] = (digest, output)
+        if self._progress is not None and not round_name.startswith(round_of_decryption("")):
+            from .threshold_progress import keep_answer
+            keep_answer(self, self._progress, round_name)
         return output
 
     def _input(self, message: bytes | None, round_name: str, party: int) -> bytes:
@@ -310,6 +314,13 @@ class ThresholdParty:
                              "or of another key")
         party._secret, party.joint_public_key, party._restored = secret, public, True
         return party
+
+    def keep_progress(self, directory: Path) -> None:
+        """From now on keep the secret share (0600) and each key round's answer in `directory`
+        before `_answer` returns it to be posted (`he.threshold_progress`): a party killed
+        mid-ceremony resumes from there with the same share and bytes."""
+        self._progress = Path(directory)
+        self._progress.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # 1. the public-key chain
     def public_key_round(self, previous: bytes | None = None) -> bytes:
@@ -380,7 +391,6 @@ class ThresholdParty:
                 share = self.context.MultipartyDecryptMain([ct], self._secret_key())[0]
             return _dump(share)
         return self._answer(round_of_decryption(request_id), [ciphertext], make)
-
 
     # 6. interactive refresh (he.joint_refresh), rules above this layer (consortium.refresher)
     def random_element(self) -> ofhe.Ciphertext:

@@ -87,11 +87,18 @@ def test_keys_and_bundle_roles_make_one_verified_joint_key(formed):
         assert stat.S_IMODE((root / "members" / f"hospital-{i}.json").stat().st_mode) == 0o600
         share = root / f"state-{i}" / PARTY_DIR / "secret_share.bin"
         assert stat.S_IMODE(share.stat().st_mode) == 0o600
-    again = CliRunner().invoke(app, ["consortium", "keys", "--member",
-                                     str(root / "members" / "hospital-0.json"), "--state",
-                                     str(root / "state-0"), "--plan", str(root / "plan.json"),
-                                     "--insecure-test-params"])
-    assert again.exit_code == 2 and "already holds a key share" in again.output
+        assert not (root / f"state-{i}" / "ceremony").exists()  # the share's copy is gone
+
+    def keys_again(member: int, state: int):  # noqa: ANN202 - a click Result
+        return CliRunner().invoke(app, ["consortium", "keys", "--member",
+                                        str(root / "members" / f"hospital-{member}.json"),
+                                        "--state", str(root / f"state-{state}"), "--plan",
+                                        str(root / "plan.json"), "--insecure-test-params"])
+
+    again = keys_again(0, 0)  # run again after it ended: reads back what it saved
+    assert again.exit_code == 0 and tags.pop() in again.output, again.output
+    foreign = keys_again(0, 1)  # another hospital's folder: refused
+    assert foreign.exit_code == 2 and "is hospital 1" in foreign.output
 
 
 def test_refresh_role_answers_from_the_saved_share(formed):

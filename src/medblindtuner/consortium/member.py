@@ -9,15 +9,20 @@ every hospital computes the decision itself; the cloud goes on only when all agr
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import openfhe as ofhe
 
-from medblindtuner.he.ciphertexts import ciphertext_to_bytes
+from medblindtuner.he.ciphertexts import atomic_write_json, ciphertext_to_bytes
 from medblindtuner.he.threshold import ThresholdParty, fuse_decryption_shares, request_id_of
 from medblindtuner.hospital.crypto import HospitalJudge, JudgeRefusal, decrypt_weights
 from medblindtuner.training.plan import TrainingPlan
 
 from .sealing import Mailbox, Roster, open_share, seal_share
+
+JUDGE_STATE, SHARED_STATE = "judge.json", "shared.json"
 
 
 class ConsortiumMember:
@@ -35,15 +40,37 @@ class ConsortiumMember:
         self.judge: HospitalJudge | None = None
         self.shared_losses: dict[int, str] = {}  # epoch -> request shared for it
         self.shared_model: tuple[str, ...] | None = None
+        self.state_dir: Path | None = None
 
     @property
     def index(self) -> int:
         return self.party.index
 
-    def attach_plan(self, plan: TrainingPlan, n_val: int) -> None:
-        """The agreed public plan and the union's validation count: this hospital's judge."""
+    def attach_plan(self, plan: TrainingPlan, n_val: int, state_dir: Path | None = None) -> None:
+        """The agreed public plan and the union's validation count: this hospital's judge.
+        `state_dir` (this hospital's own folder): the judge's state (`judge.json`: decrypted
+        losses, decisions, decryptions spent) and what this member shared (`shared.json`)
+        persist there, so a restarted hospital answers the same and shares nothing else."""
         self.plan = plan
-        self.judge = HospitalJudge(self, plan, n_val)
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        judge_path = None
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            judge_path = self.state_dir / JUDGE_STATE
+            shared = self.state_dir / SHARED_STATE
+            if shared.exists():
+                saved = json.loads(shared.read_text())
+                self.shared_losses = {int(e): str(r) for e, r in saved["losses"].items()}
+                model = saved.get("model")
+                self.shared_model = tuple(model) if model is not None else None
+        self.judge = HospitalJudge(self, plan, n_val, judge_path)
+
+    def _save_shared(self) -> None:
+        """Record what is about to be shared (before the shares leave)."""
+        if self.state_dir is not None:
+            atomic_write_json(self.state_dir / SHARED_STATE, {
+                "losses": {str(e): r for e, r in self.shared_losses.items()},
+                "model": list(self.shared_model) if self.shared_model is not None else None})
 
     # ---- what leaves this hospital: sealed shares, by its own judge's rules ------------------
     def post_shares(self, ciphertext: bytes) -> str:
@@ -70,6 +97,7 @@ class ConsortiumMember:
                                    f"of epoch {epoch}; this hospital expects epoch {expected}"
                                    f"{' (stopped)' if judge.stopped else ''}: refused")
         self.shared_losses[epoch] = request
+        self._save_shared()
         return self.post_shares(ciphertext)
 
     def share_model(self, best_epoch: int, ciphertexts: list[bytes]) -> list[str]:
@@ -86,6 +114,7 @@ class ConsortiumMember:
             raise JudgeRefusal(f"hospital {self.index}: the model was already decrypted; a "
                                "second, different one is refused")
         self.shared_model = requests
+        self._save_shared()
         return [self.post_shares(ct) for ct in ciphertexts]
 
     # ---- what this hospital learns: all n shares fused here ----------------------------------

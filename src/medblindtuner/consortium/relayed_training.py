@@ -152,12 +152,18 @@ def train_over_relay(relay, consortium_id: str, keys: JointKeys,  # noqa: ANN001
 class TrainingAnswers:
     """A hospital's side of one training over the relay: the cloud's joint refreshes (by the
     member's ledger) and epochs' losses (by its judge) in the order the cloud asks, then the
-    model. `run` returns the decrypted weights; no question for `timeout_s`: `RelayError`."""
+    model. `run` returns the decrypted weights; no question for `timeout_s`: `RelayError`.
+
+    Restarted with a persisted ledger and judge (a hospital killed midway), it goes on where
+    they stand: it first answers again the last refresh its ledger shared and the last epoch
+    its judge answered (their answers may have been recorded but not posted; the ledger, the
+    judge and a `JournaledClient` give the same bytes), then the cloud's next questions."""
 
     def __init__(self, member: ConsortiumMember, ledger: MemberRefresher,
                  client: ConsortiumClient, timeout_s: float = WAIT_TIMEOUT_S) -> None:
         self.member, self.ledger, self.client, self.timeout_s = member, ledger, client, timeout_s
-        self.epoch, self.phase = 1, 0
+        answered = max(member.judge.answers, default=0) if member.judge is not None else 0
+        self.epoch, self.phase = max(1, answered), 0
         self.decided = False  # the judge stopped or the plan's last epoch was answered
 
     def _cloud(self, topic: str) -> bytes | None:
@@ -169,6 +175,16 @@ class TrainingAnswers:
             raise
         return RoundMessage.from_bytes(message, self.client.consortium_id, topic,
                                        CLOUD_PARTY).payload
+
+    def _repost_last_refresh(self) -> None:
+        """The ledger's last shared refresh, answered again (the kept share, same bytes)."""
+        if self.ledger.finished:
+            topic = refresh_topic(self.ledger.finished - 1, PHASES[-1])
+            request = self._cloud(topic)
+            if request is not None:
+                self.client.post_round(RoundMessage(self.client.consortium_id, topic,
+                                                    self.member.index,
+                                                    self.ledger(request)).to_bytes())
 
     def _refresh(self) -> bool:
         topic = refresh_topic(self.ledger.finished, PHASES[self.phase])
@@ -190,6 +206,7 @@ class TrainingAnswers:
         return True
 
     def run(self) -> np.ndarray:
+        self._repost_last_refresh()
         last = time.monotonic()
         while not (self.decided and self._cloud(MODEL_ROUND) is not None):
             if self._refresh() or self._loss():

@@ -21,10 +21,12 @@ answered once).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +35,23 @@ from nacl.public import PrivateKey
 
 from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.he.params import HOSPITAL, CkksParams, params_for_mode
-from medblindtuner.he.threshold import ThresholdParty, joint_context, joint_params
+from medblindtuner.he.threshold import PARTY_STATE, ThresholdParty, joint_context, joint_params
+from medblindtuner.he.threshold_progress import resume_party
 from medblindtuner.training.plan import TrainingPlan
 
 from .ceremony import JointKeys, key_schedule
 from .client import WAIT_TIMEOUT_S, ConsortiumClient
 from .data import Ownership
+from .journal import JournaledClient, PostJournal, private_dir, write_private
 from .member import ConsortiumMember
 from .refresher import MemberRefresher
-from .relayed_training import JointEncryptor, TrainingAnswers, send_rows, train_over_relay
+from .relayed_training import (
+    JointEncryptor,
+    TrainingAnswers,
+    rows_topic,
+    send_rows,
+    train_over_relay,
+)
 from .remote import (
     RemoteMailbox,
     answer_key_rounds,
@@ -54,6 +64,7 @@ from .sealing import Roster
 MEMBER_FORMAT = "medblindtuner-consortium-member/1"
 SEALING_KEY, ROSTER, PARTY_DIR, LEDGER_DIR = ("sealing_key.bin", "roster.json", "party",
                                               "refreshes")
+CEREMONY_DIR, POSTED_DIR, TRAINING_DIR, KEYS_JOURNAL = "ceremony", "posted", "training", "keys"
 
 
 class RoleError(MedBlindTunerError, RuntimeError):
@@ -89,40 +100,72 @@ def create(service: str, n_hospitals: int, out: Path) -> list[Path]:
     return paths
 
 
-def client_of(member_file: Path) -> ConsortiumClient:
+def client_of(member_file: Path, journal: Path | None = None) -> ConsortiumClient:
+    """The member file's client; with `journal` (a folder of this hospital's state), every
+    message it posts is kept there first and posted again as kept (`JournaledClient`)."""
     try:
         member = json.loads(Path(member_file).read_text())
         if member.get("format") != MEMBER_FORMAT:
             raise ValueError(f"format {member.get('format')!r}")
-        return ConsortiumClient(member["service"], member["consortium_id"], member["token"])
+        found = (member["service"], member["consortium_id"], member["token"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RoleError(f"{member_file}: not a consortium member file ({exc})") from exc
+    if journal is None:
+        return ConsortiumClient(*found)
+    return JournaledClient(*found, PostJournal(journal))
 
 
 # ---- hospital ----------------------------------------------------------------------------
 def keys(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool,
          timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
     """Roster and key rounds for this hospital; saves its state. Returns the roster's
-    fingerprints (compare them out of band) and the joint key's tag."""
-    if (state / PARTY_DIR).exists():
-        raise RoleError(f"{state} already holds a key share: one consortium per folder")
-    client = client_of(member_file)
+    fingerprints (compare them out of band) and the joint key's tag.
+
+    Resumable: the sealing key is saved (0600) before its public half is posted, the share and
+    every key round's answer before they are posted (`ceremony/`, `ThresholdParty.
+    keep_progress`) and every message posted is kept (`posted/keys/`), so the same command
+    run again after a kill goes on with the same share and posts the same bytes. Run again
+    after it ended, it only reads back what it saved."""
+    if (state / PARTY_DIR / PARTY_STATE).exists():
+        party, _key, roster = _member_state(member_file, state, plan, insecure)[2:]
+    else:
+        private_dir(state)
+        client = client_of(member_file, state / POSTED_DIR / KEYS_JOURNAL)
+        party, roster = _key_ceremony(client, state, plan, insecure, timeout_s)
+    return {"index": party.index, "joint_tag": party.joint_tag,
+            "fingerprints": [roster.fingerprint(i) for i in range(len(roster.public_keys))]}
+
+
+def _sealing_key(state: Path) -> PrivateKey:
+    """This hospital's sealing key: the saved one, or a new one saved (0600) first."""
+    path = state / SEALING_KEY
+    if path.exists():
+        return PrivateKey(path.read_bytes())
+    key = PrivateKey.generate()
+    write_private(path, bytes(key))
+    return key
+
+
+def _key_ceremony(client: ConsortiumClient, state: Path, plan: TrainingPlan, insecure: bool,
+                  timeout_s: float) -> tuple[ThresholdParty, Roster]:
+    """Every key round of this hospital, kept as it goes; then its state saved."""
     params = consortium_params(plan, insecure)
-    sealing_key = PrivateKey.generate()
+    sealing_key = _sealing_key(state)
     roster = exchange_roster(client, sealing_key, timeout_s)
     context = joint_context(params)
-    party = ThresholdParty(client.consortium_id, client.index, client.n_hospitals, context)
+    party = resume_party(state / CEREMONY_DIR, client.consortium_id, client.index,
+                         client.n_hospitals, context)
     schedule = key_schedule(context, params, plan.rotation_indices,
                             plan.kernel_rotation_indices)
     answer_key_rounds(party, client, schedule, sealing_key, roster, timeout_s)
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (state / SEALING_KEY).touch(mode=0o600)
-    (state / SEALING_KEY).write_bytes(bytes(sealing_key))
     (state / ROSTER).write_text(json.dumps({"job_id": roster.job_id, "public_keys": [
         k.hex() for k in roster.public_keys]}))
-    party.save(state / PARTY_DIR)
-    return {"index": party.index, "joint_tag": party.joint_tag,
-            "fingerprints": [roster.fingerprint(i) for i in range(len(roster.public_keys))]}
+    party.save(state / PARTY_DIR)  # party.json last: the ceremony is over
+    shutil.rmtree(state / CEREMONY_DIR)  # its share copy: the saved party holds the share
+    shutil.rmtree(state / POSTED_DIR / KEYS_JOURNAL)  # all posted; never posted again
+    with suppress(OSError):
+        (state / POSTED_DIR).rmdir()  # if empty
+    return party, roster
 
 
 def restore(state: Path, params: CkksParams) -> tuple[ThresholdParty, PrivateKey, Roster]:
@@ -136,10 +179,12 @@ def restore(state: Path, params: CkksParams) -> tuple[ThresholdParty, PrivateKey
     return ThresholdParty.restore(state / PARTY_DIR, joint_context(params)), sealing_key, roster
 
 
-def _member_state(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool):
+def _member_state(member: Path | ConsortiumClient, state: Path, plan: TrainingPlan,
+                  insecure: bool):
     """(client, params, party, sealing key, roster) of this hospital, from its member file
-    and the state `keys` saved (refused if they are of different hospitals or consortia)."""
-    client = client_of(member_file)
+    (or its client) and the state `keys` saved (refused if they are of different hospitals
+    or consortia)."""
+    client = member if isinstance(member, ConsortiumClient) else client_of(member)
     params = consortium_params(plan, insecure)
     party, sealing_key, roster = restore(state, params)
     if (party.job_id, party.index) != (client.consortium_id, client.index):
@@ -151,7 +196,8 @@ def _member_state(member_file: Path, state: Path, plan: TrainingPlan, insecure: 
 def refresh(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, count: int,
             timeout_s: float = WAIT_TIMEOUT_S) -> int:
     """Answer the cloud's next `count` joint refreshes (from the ledger's next index)."""
-    client, params, party, _key, _roster = _member_state(member_file, state, plan, insecure)
+    client, params, party, _key, _roster = _member_state(
+        client_of(member_file, state / POSTED_DIR / "refreshes"), state, plan, insecure)
     ledger = MemberRefresher(party, params, plan, state / LEDGER_DIR)
     return serve_refreshes(ledger, client, count, ledger.finished, timeout_s)
 
@@ -171,21 +217,49 @@ def train(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, ro
           timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
     """This hospital's side of the training: its rows (union rows from `offsets`, of the
     union's `counts`) under the joint key, every refresh and epoch the cloud asks, then the
-    model its judge chose, saved to `out` (.npy). Returns its losses and refreshes."""
-    client, params, party, sealing_key, roster = _member_state(member_file, state, plan,
-                                                              insecure)
+    model its judge chose, saved to `out` (.npy). Returns its losses and refreshes.
+
+    Resumable: every message is kept before it is posted (`training/<job tag>/posted/`), the
+    judge's state and what it shared persist (`training/<job tag>/`), the refreshes in the
+    ledger; the same command run again after a kill posts the kept bytes, not new ones (its
+    rows are not encrypted anew), and answers as before. Other rows, offsets or counts than
+    the first run's are refused."""
+    folder = state / TRAINING_DIR / plan.job_tag(consortium_params(plan, insecure))
+    client, params, party, sealing_key, roster = _member_state(
+        client_of(member_file, folder / POSTED_DIR), state, plan, insecure)
+    _same_inputs(folder, rows, offsets, counts)
     shard = load_rows(rows)
-    owned = Ownership(offsets[0], len(shard[1]), offsets[1], len(shard[3]))
-    send_rows(client, JointEncryptor(params, party.context, party.joint_public_key), plan,
-              owned, shard, *counts)
+    manifest = f"round-{rows_topic(client.index)}-{client.index}"
+    if not client.repost(manifest):  # kept: every row was posted before it
+        owned = Ownership(offsets[0], len(shard[1]), offsets[1], len(shard[3]))
+        send_rows(client, JointEncryptor(params, party.context, party.joint_public_key), plan,
+                  owned, shard, *counts)
     member = ConsortiumMember(party, sealing_key, roster, RemoteMailbox(client, timeout_s))
-    member.attach_plan(plan, counts[1])
+    member.attach_plan(plan, counts[1], folder)
     ledger = MemberRefresher(party, params, plan, state / LEDGER_DIR,
                              stopped=lambda: member.judge.stopped)
     weights = TrainingAnswers(member, ledger, client, timeout_s).run()
     np.save(out, weights)
     return {"losses": dict(member.judge.losses), "refreshes": ledger.finished,
             "best_epoch": member.judge.best_epoch}
+
+
+def _same_inputs(folder: Path, rows: Path, offsets: tuple[int, int],
+                 counts: tuple[int, int]) -> None:
+    """Record this training's inputs (first run) or refuse other ones (a restart)."""
+    try:
+        digest = hashlib.sha256(Path(rows).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise RoleError(f"{rows}: cannot read the rows ({exc})") from exc
+    inputs = {"rows_sha256": digest, "offsets": list(offsets), "counts": list(counts)}
+    path = folder / "inputs.json"
+    if path.exists():
+        if json.loads(path.read_text()) != inputs:
+            raise RoleError(f"{folder} is a training of other rows, offsets or counts: this "
+                            "hospital already sent those; refused")
+        return
+    private_dir(folder)
+    write_private(path, json.dumps(inputs).encode())
 
 
 # ---- cloud -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from medblindtuner.formats import atomic_write_bytes, fsync_dir, sha256_file
 from medblindtuner.protocol import (
@@ -66,6 +67,7 @@ from medblindtuner.service.store import (
     ConsortiumToken,
     Store,
     aware,
+    bytes_held,
     hash_token,
     new_job_id,
     new_token,
@@ -327,7 +329,7 @@ class ConsortiumRelay:
                     raise Conflict(f"{_who(sender)} already posted a different message for "
                                    f"{_slot_name(channel, topic, recipient)}: a second, "
                                    "different one is refused")
-                self._check_room(consortium, size)
+                self._check_room(session, consortium, size)
             with out_of_space_is_507("storing the message"):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(staged, 0o400)  # a relayed message never changes
@@ -346,12 +348,20 @@ class ConsortiumRelay:
                  channel, topic, sender, size, sha256[:16])
         return {"stored": True, "again": False, "sha256": sha256}
 
-    def _check_room(self, consortium: Consortium, size: int) -> None:
+    def _check_room(self, session: Session, consortium: Consortium, size: int) -> None:
+        """413 beyond the consortium's own bounds or the service's disk bound
+        (`max_total_bytes`, shared with every job's uploads: `store.bytes_held`)."""
         if consortium.messages >= self.limits.max_consortium_messages:
             raise TooLarge(f"the consortium holds {consortium.messages} messages, its limit")
         if consortium.bytes_stored + size > self.limits.max_consortium_bytes:
             raise TooLarge(f"the consortium's messages would exceed "
                            f"{self.limits.max_consortium_bytes} bytes")
+        cutoff = utcnow() - timedelta(seconds=self.limits.upload_reservation_ttl_s)
+        held = bytes_held(session, cutoff)
+        if held + size > self.limits.max_total_bytes:
+            raise TooLarge(f"the service holds {held} bytes (uploads, consortia); {size} more "
+                           f"would pass its disk bound of {self.limits.max_total_bytes} "
+                           "bytes: try again later")
 
     def listing(self, consortium_id: str, index: int, channel: str,
                 topic: str) -> dict[str, Any]:

@@ -28,6 +28,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
+    select,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -237,6 +239,17 @@ class ConsortiumMessage(Base):
     # a request of the cloud that every hospital answers in the same round (a refresh phase)
     awaits_answers: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def bytes_held(session: Session, reservation_cutoff: datetime) -> int:
+    """What counts against the service's disk bound (`max_total_bytes`): every stored upload,
+    the declared uploads of jobs active since `reservation_cutoff`, and every consortium's
+    relayed messages."""
+    rows = session.execute(select(Upload.size, Upload.finalized, Job.updated_at).join(
+        Job, Job.id == Upload.job_id)).all()
+    uploads = sum(size for size, finalized, seen in rows
+                  if finalized or aware(seen) >= reservation_cutoff)
+    return uploads + int(session.scalar(select(func.sum(Consortium.bytes_stored))) or 0)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API object

@@ -58,7 +58,15 @@ from medblindtuner.service.finalize import Finalizing
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import file_lock
 from medblindtuner.service.manifests import dataset_files, parse_json, validate_manifest
-from medblindtuner.service.store import Job, QuerySet, Store, Upload, UploadChunk, aware, utcnow
+from medblindtuner.service.store import (
+    Job,
+    QuerySet,
+    Store,
+    Upload,
+    UploadChunk,
+    bytes_held,
+    utcnow,
+)
 from medblindtuner.service.validate import Validator
 from medblindtuner.training.artifacts import DATASET_FORMAT, QUERIES_FORMAT
 from medblindtuner.training.plan import TrainingPlan, max_batch_size
@@ -231,9 +239,9 @@ class Uploads(Finalizing):
                                f"{limits.max_job_bytes}")
             everyone = self._reserved_bytes(session)
             if declared + everyone > limits.max_total_bytes:
-                raise TooLarge(f"the service holds {everyone} bytes of uploads; {declared} more "
-                               f"would pass its disk bound of {limits.max_total_bytes} bytes: "
-                               "try again later")
+                raise TooLarge(f"the service holds {everyone} bytes (uploads, consortia); "
+                               f"{declared} more would pass its disk bound of "
+                               f"{limits.max_total_bytes} bytes: try again later")
             if kind == BUNDLE:
                 self._check_bundle_manifest(manifest, job)
             elif kind == DATASET:
@@ -253,14 +261,11 @@ class Uploads(Finalizing):
         return {"accepted": True, "resumed": False}
 
     def _reserved_bytes(self, session: Session) -> int:
-        """Bytes counted against the disk bound: every stored file, and the declared files
-        of jobs that sent something within `upload_reservation_ttl_s` (a declaration with
-        no bytes arriving stops reserving space)."""
+        """Bytes counted against the disk bound: every stored file, the declared files of
+        jobs that sent something within `upload_reservation_ttl_s` (a declaration with no
+        bytes arriving stops reserving space), and every consortium's messages."""
         cutoff = utcnow() - timedelta(seconds=self.config.limits.upload_reservation_ttl_s)
-        rows = session.execute(select(Upload.size, Upload.finalized, Job.updated_at).join(
-            Job, Job.id == Upload.job_id)).all()
-        return sum(size for size, finalized, seen in rows
-                   if finalized or aware(seen) >= cutoff)
+        return bytes_held(session, cutoff)
 
     def _check_bundle_manifest(self, manifest: dict, job: Job) -> None:
         """Secure (or allowed) parameters matching their fingerprint, exactly the public files."""

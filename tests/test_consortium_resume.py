@@ -6,7 +6,7 @@ refused) and goes on from its saved share, ledger and judge. Killed:
 
     keys    hospital 1 at its public-key message, hospital 2 at its relin-1 share (mid-ceremony)
     train   hospital 0 while it sends its rows, hospital 1 after it answered refresh 0 (at
-            refresh 1's reveal), hospital 2 at its judge's decision of epoch 1 (decrypted and
+            refresh 1's share: recorded in its ledger, not posted), hospital 2 at its judge's decision of epoch 1 (decrypted and
             recorded, not posted: answered again from its saved judge, not decrypted again)
 
 The job completes and every hospital's model equals the plaintext mirror's (the tolerance of
@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 TIMEOUT = 300
 WEIGHT_TOL = 3e-3
 KEY_KILLS = {1: "hospital.key_round_saved@2", 2: "hospital.key_round_saved@3"}
-TRAIN_KILLS = {0: "hospital.rows_saved@2", 1: "hospital.refresh_saved@5",
+TRAIN_KILLS = {0: "hospital.rows_saved@2", 1: "hospital.refresh_saved@6",
                2: "hospital.decision_saved@1"}
 
 

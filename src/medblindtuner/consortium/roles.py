@@ -14,9 +14,9 @@ create | keys | refresh | bundle | train | cloud-train`):
     cloud     cloud-train: trains the union from the service's store (`train_over_relay`)
 
 Every role needs the agreed public plan (a `TrainingPlan` JSON): its rotations decide the key
-rounds, its job tag the refreshes. The `keys` role is all or nothing: interrupted, the
-consortium is formed anew (a half-made joint key cannot be resumed: a party's key shares are
-answered once).
+rounds, its job tag the refreshes. A hospital's role killed midway resumes when the same
+command runs again: every message it posts is kept in its state folder first and posted again
+as kept (`journal`), its key ceremony, ledger and judge persist there (`keys`, `train`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,18 @@ import numpy as np
 from nacl.public import PrivateKey
 
 from medblindtuner.errors import MedBlindTunerError
+from medblindtuner.he.joint_refresh import PHASES
 from medblindtuner.he.params import HOSPITAL, CkksParams, params_for_mode
-from medblindtuner.he.threshold import PARTY_STATE, ThresholdParty, joint_context, joint_params
+from medblindtuner.he.threshold import (
+    PARTY_STATE,
+    RoundMessage,
+    ThresholdParty,
+    joint_context,
+    joint_params,
+)
 from medblindtuner.he.threshold_progress import resume_party
+from medblindtuner.hospital.client import ServiceError
+from medblindtuner.protocol import CLOUD_PARTY
 from medblindtuner.training.plan import TrainingPlan
 
 from .ceremony import JointKeys, key_schedule
@@ -57,6 +66,7 @@ from .remote import (
     answer_key_rounds,
     assemble_joint_keys,
     exchange_roster,
+    refresh_topic,
     serve_refreshes,
 )
 from .sealing import Roster
@@ -199,7 +209,25 @@ def refresh(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, 
     client, params, party, _key, _roster = _member_state(
         client_of(member_file, state / POSTED_DIR / "refreshes"), state, plan, insecure)
     ledger = MemberRefresher(party, params, plan, state / LEDGER_DIR)
+    _last_share_again(ledger, client)
     return serve_refreshes(ledger, client, count, ledger.finished, timeout_s)
+
+
+def _last_share_again(ledger: MemberRefresher, client: ConsortiumClient) -> None:
+    """Post the ledger's last shared answer again (a kill may have come after the ledger
+    recorded it, before it was posted; the ledger gives the kept bytes)."""
+    if not ledger.finished:
+        return
+    topic = refresh_topic(ledger.finished - 1, PHASES[-1])
+    try:
+        asked = client.round_message(topic, CLOUD_PARTY, 0.0)
+    except ServiceError as exc:
+        if exc.status_code == 404:
+            return
+        raise
+    request = RoundMessage.from_bytes(asked, client.consortium_id, topic, CLOUD_PARTY).payload
+    client.post_round(RoundMessage(client.consortium_id, topic, client.index,
+                                   ledger(request)).to_bytes())
 
 
 def load_rows(path: Path) -> tuple[np.ndarray, ...]:

@@ -1,4 +1,6 @@
-"""Consortia in-process: the service's disk bound counts their messages."""
+"""A consortium's training job, in-process: the service's disk bound counts consortia, the
+members' view of each state, the hospitals a paused worker names, and the supervisor's
+reference to a consortium worker (tests/test_consortium_service_worker.py: over HTTP)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,16 @@ from datetime import timedelta
 
 import pytest
 
+from medblindtuner.consortium.service_worker import waiting_of
+from medblindtuner.he.joint_refresh import RefreshPaused
 from medblindtuner.he.threshold import RoundMessage
 from medblindtuner.protocol import CLOUD_PARTY
 from medblindtuner.service.consortia import ConsortiumRelay
+from medblindtuner.service.consortium_jobs import job_view
 from medblindtuner.service.errors import TooLarge
 from medblindtuner.service.limits import ServiceConfig, ServiceLimits
-from medblindtuner.service.store import Store, bytes_held, utcnow
+from medblindtuner.service.store import ConsortiumJob, Store, bytes_held, utcnow
+from medblindtuner.service.supervisor import WorkerRef
 
 
 def relay_of(tmp_path, **limits) -> ConsortiumRelay:  # noqa: ANN001 - a pytest path
@@ -41,3 +47,43 @@ def test_consortia_count_in_the_services_disk_bound(tmp_path):
     publish(relay, second, "b", 4_000)
     relay.delete(first)
     publish(relay, second, "c", 8_000)
+
+
+def test_each_state_says_what_it_is():
+    job = ConsortiumJob(consortium_id="c", state="queued", plan_sha256="0" * 64, n_train=9,
+                        n_val=3, epoch=2, step_in_epoch=1, steps_per_epoch=2, steps=3,
+                        best_epoch=1, pauses=0, restarts=0)
+    assert job_view(None) is None
+    assert job_view(job)["detail"] == "queued"
+    job.state = "training"
+    assert job_view(job)["detail"] == "training: epoch 2, step 1/2 (3 steps)"
+    job.state, job.waiting_for = "paused", "0,2"
+    assert job_view(job)["detail"] == "paused: waiting for hospitals 0, 2"
+    assert job_view(job)["waiting_for"] == [0, 2]
+    job.state, job.waiting_for = "done", None
+    assert job_view(job)["detail"] == "done: model published (best epoch 1)"
+    job.state, job.error = "failed", "RuntimeError: boom"
+    assert job_view(job)["detail"] == "failed: RuntimeError: boom"
+
+
+def test_a_pause_names_the_hospitals_waited_for():
+    try:
+        try:
+            raise TimeoutError("no answer to 'refresh-3-reveal' within 6 s (waiting for "
+                               "hospitals 1, 2)")
+        except TimeoutError as exc:
+            raise RefreshPaused("refresh 3 paused in phase 'reveal': member 1 did not "
+                                "answer") from exc
+    except RefreshPaused as paused:
+        assert waiting_of(paused) == [1, 2]
+    assert waiting_of(TimeoutError("epoch 2: waiting for hospital 0")) == [0]
+    assert waiting_of(RuntimeError("the hospitals decided differently")) == []
+
+
+def test_the_supervisor_finds_a_consortium_worker_beside_its_messages(tmp_path):
+    config = ServiceConfig(tmp_path)
+    ref = WorkerRef("abc", consortium=True)
+    assert ref.directory(config) == config.job_dir("abc") / "cloud"
+    assert ref.model is ConsortiumJob and ref.key == "consortium/abc"
+    assert "paused" in ref.active_states and ref.failed_state == "failed"
+    assert WorkerRef("abc").key == "abc" and WorkerRef("abc", "q").key == "abc/q"

@@ -23,7 +23,7 @@ LAYERS = [
     {"store", "blobs", "validate", "manifests", "quotas"},
     {"finalize"},  # the upload protocol's last step, below the uploads that use it
     {"supervisor", "uploads", "views", "refreshes", "consortia"},
-    {"jobs"},
+    {"jobs", "consortium_jobs"},
     {"consortia_http"},  # the consortium relay's routes, mounted by the app
     {"app", "worker"},
     {"command", "local"},  # the `serve` Typer command; `local` starts it as a process

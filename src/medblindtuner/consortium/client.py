@@ -134,6 +134,14 @@ class ConsortiumClient:
     def delete(self) -> dict[str, Any]:
         return self._request("DELETE", "").json()
 
+    def start_training(self, plan: dict[str, Any], n_train: int, n_val: int,
+                       insecure: bool = False) -> dict[str, Any]:
+        """The coordinator's (hospital 0's) start of the service's training, once every
+        hospital's rows are in; the training job's state (`status()["job"]` later)."""
+        body = {"plan": plan, "n_train": n_train, "n_val": n_val,
+                "insecure_test_params": insecure}
+        return self._request("POST", "/start", json=body).json()["job"]
+
     # ---- rounds (broadcast) -----------------------------------------------------------------
     def post_round(self, message: bytes) -> dict[str, Any]:
         """Post this hospital's `RoundMessage` (the same bytes again: a harmless retry)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,9 +130,11 @@ def _message(relay, consortium_id: str, topic: str, party: int,  # noqa: ANN001
 def train_over_relay(relay, consortium_id: str, keys: JointKeys,  # noqa: ANN001
                      plan: TrainingPlan, n_train: int, n_val: int, workdir: Path,
                      decay: ofhe.Ciphertext | None = None,
-                     timeout_s: float = WAIT_TIMEOUT_S) -> EncryptedState:
+                     timeout_s: float = WAIT_TIMEOUT_S,
+                     on_step: Callable[[dict], None] | None = None) -> EncryptedState:
     """The cloud's whole training: the union's dataset from the store, the unchanged trainer
-    with every refresh and decision through the members, then the chosen model published."""
+    with every refresh and decision through the members, then the chosen model published.
+    `on_step`: the trainer's progress after each step (as `Cloud.train`'s)."""
     n = relay.n_parties(consortium_id)
     dataset = combine_shares(keys.context, plan, receive_rows(relay, consortium_id, n,
                                                               timeout_s), n_train, n_val, decay)
@@ -143,7 +146,8 @@ def train_over_relay(relay, consortium_id: str, keys: JointKeys,  # noqa: ANN001
             keys.context, params, keys.public_key, members, plan.job_tag(params),
             Path(workdir) / "refresh_journal")
     trainer = cloud.trainer(dataset, Path(workdir) / "checkpoints")
-    state = cloud.train(trainer, decide=RelayedDecide(relay, consortium_id, n, timeout_s))
+    state = cloud.train(trainer, decide=RelayedDecide(relay, consortium_id, n, timeout_s),
+                        on_step=on_step)
     publish_model(relay, consortium_id, state.best_epoch,
                   trainer.weights_of_epoch(state.best_epoch))
     return state

@@ -62,7 +62,9 @@ from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import file_lock
 from medblindtuner.service.quotas import RateLimiter
 from medblindtuner.service.store import (
+    C_ACTIVE_STATES,
     Consortium,
+    ConsortiumJob,
     ConsortiumMessage,
     ConsortiumToken,
     Store,
@@ -233,11 +235,14 @@ class ConsortiumRelay:
         return {**status, "awaiting": awaiting}
 
     def expire_idle(self, limit: int = 100) -> int:
-        """Delete consortia that relayed nothing for `idle_job_ttl_s` (as idle jobs are)."""
+        """Delete consortia that relayed nothing for `idle_job_ttl_s` (as idle jobs are),
+        except those whose training is queued, running or paused."""
         cutoff = utcnow() - timedelta(seconds=self.limits.idle_job_ttl_s)
         with self.store.session() as session:
             rows = session.execute(select(Consortium.id, Consortium.updated_at)).all()
-        idle = [cid for cid, seen in rows if aware(seen) < cutoff][:limit]
+            training = set(session.scalars(select(ConsortiumJob.consortium_id).where(
+                ConsortiumJob.state.in_(C_ACTIVE_STATES))).all())
+        idle = [cid for cid, seen in rows if aware(seen) < cutoff and cid not in training][:limit]
         for consortium_id in idle:
             self.delete(consortium_id)
         return len(idle)
@@ -245,7 +250,7 @@ class ConsortiumRelay:
     def delete(self, consortium_id: str) -> None:
         """Drop the consortium's rows and files (any member may end it: n-of-n needs all)."""
         with self.store.session() as session:
-            for table in (ConsortiumMessage, ConsortiumToken):
+            for table in (ConsortiumMessage, ConsortiumToken, ConsortiumJob):
                 session.execute(delete(table).where(table.consortium_id == consortium_id))
             session.execute(delete(Consortium).where(Consortium.id == consortium_id))
         shutil.rmtree(self.folder(consortium_id), ignore_errors=True)

@@ -1,8 +1,11 @@
 """The consortium relay's HTTP routes (`service.consortia`), mounted by `app.py`.
 
     POST   /consortia                                  {"hospitals": n} -> id, n tokens (once)
-    GET    /consortia/{id}                             the caller's index, rounds relayed
-    DELETE /consortia/{id}
+    GET    /consortia/{id}                             the caller's index, rounds relayed,
+                                                       the training job's state (`job`)
+    DELETE /consortia/{id}                             (stops the training's worker first)
+    POST   /consortia/{id}/start                       hospital 0: {"plan", "n_train",
+                                                       "n_val"} -> the training, queued
     PUT    /consortia/{id}/rounds/{round}              a RoundMessage of the caller
     GET    /consortia/{id}/rounds/{round}?wait=S       who posted, who is missing (long poll)
     GET    /consortia/{id}/rounds/{round}/parties/{p}?wait=S    party p's message (-1: cloud)
@@ -37,6 +40,7 @@ from medblindtuner.protocol import (
     SEALED_CHANNEL,
 )
 from medblindtuner.service.consortia import BROADCAST, ConsortiumRelay
+from medblindtuner.service.consortium_jobs import ConsortiumJobs
 from medblindtuner.service.errors import CloudError, NotFound, TooLarge
 
 PREFIX = "/consortia"
@@ -63,6 +67,17 @@ class ConsortiumCreated(BaseModel):
     max_message_bytes: int
 
 
+class TrainingIn(BaseModel):
+    """The coordinator's start: the agreed public plan and the union's counts."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    plan: dict[str, Any] = Field(description="The agreed TrainingPlan (its JSON).")
+    n_train: int = Field(ge=1, le=1 << 31, description="The union's training rows.")
+    n_val: int = Field(ge=1, le=1 << 31, description="The union's validation rows.")
+    insecure_test_params: bool = Field(default=False, description="The insecure test ring "
+                                       "(only where the service accepts it).")
+
+
 def large_body_route(path: str) -> bool:
     """Messages carry their own limit (`max_consortium_message_bytes`)."""
     return path.startswith(f"{PREFIX}/") and ("/rounds/" in path or "/sealed/" in path)
@@ -70,6 +85,11 @@ def large_body_route(path: str) -> bool:
 
 def _relay(request: Request) -> ConsortiumRelay:
     return request.app.state.service.consortia
+
+
+def _jobs(request: Request) -> ConsortiumJobs:
+    service = request.app.state.service
+    return ConsortiumJobs(service.config, service.store, service.consortia, service.supervisor)
 
 
 def member(consortium_id: str, request: Request,
@@ -151,13 +171,25 @@ def _access_routes(router: APIRouter) -> None:
     @router.get("/{consortium_id}")
     def consortium_status(consortium_id: str, index: Member, request: Request
                           ) -> dict[str, Any]:
-        return _relay(request).status(consortium_id, index)
+        """The relay's state for the caller, and `job`: the training's (None: not started)."""
+        return {**_relay(request).status(consortium_id, index),
+                "job": _jobs(request).status(consortium_id)}
 
     @router.delete("/{consortium_id}")
     def delete_consortium(consortium_id: str, index: Member, request: Request
                           ) -> dict[str, Any]:
+        _jobs(request).stop(consortium_id)
         _relay(request).delete(consortium_id)
         return {"deleted": True, "consortium_id": consortium_id, "by": index}
+
+    @router.post("/{consortium_id}/start", status_code=202)
+    def start_training(consortium_id: str, body: TrainingIn, index: Member, request: Request
+                       ) -> dict[str, Any]:
+        """Hospital 0 (the coordinator) starts the training once every hospital's rows are
+        in; the service's worker runs the cloud's side. 403 / 409 / 400 / 422 otherwise."""
+        job = _jobs(request).start(consortium_id, index, body.plan, body.n_train, body.n_val,
+                                   body.insecure_test_params)
+        return {"consortium_id": consortium_id, "job": job}
 
 
 def _round_routes(router: APIRouter) -> None:

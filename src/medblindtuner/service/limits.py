@@ -68,6 +68,10 @@ class ServiceLimits:
     max_consortium_message_bytes: int = 1 * GIB
     max_consortium_bytes: int = 64 * GIB
     max_consortium_messages: int = 100_000
+    # The consortium worker waits this long for the hospitals' answers (a refresh phase, an
+    # epoch's decisions) before it shows "paused: waiting for hospitals ..."; it keeps
+    # waiting and resumes when they answer.
+    consortium_wait_s: float = 600.0
     # A job not started (or failed/cancelled) with no activity for this long is deleted when
     # the next job is created; its declared-but-unsent bytes stop counting towards
     # `max_total_bytes` after `upload_reservation_ttl_s` without a byte.

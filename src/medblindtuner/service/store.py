@@ -241,6 +241,45 @@ class ConsortiumMessage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+# The states of a consortium's training job (`ConsortiumJob.state`), run by the service's
+# consortium worker (`consortium.service_worker`, started by the supervisor).
+C_QUEUED, C_TRAINING, C_PAUSED, C_DONE, C_FAILED = ("queued", "training", "paused", "done",
+                                                    "failed")
+C_ACTIVE_STATES = (C_QUEUED, C_TRAINING, C_PAUSED)
+
+
+class ConsortiumJob(Base):
+    """A consortium's training, started once by its coordinator (hospital 0): the public
+    plan's SHA-256 (the plan is a file beside the worker), the union's counts, the progress
+    and, while paused, the hospitals the worker waits for. No key material, no plaintext."""
+
+    __tablename__ = "consortium_jobs"
+
+    consortium_id: Mapped[str] = mapped_column(
+        ForeignKey("consortia.id", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default=C_QUEUED, index=True)
+    plan_sha256: Mapped[str] = mapped_column(String(64))
+    insecure: Mapped[bool] = mapped_column(Boolean, default=False)
+    n_train: Mapped[int] = mapped_column(Integer)
+    n_val: Mapped[int] = mapped_column(Integer)
+    max_epochs: Mapped[int] = mapped_column(Integer, default=0)
+    steps_per_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    step_in_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[int] = mapped_column(Integer, default=0)
+    best_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    waiting_for: Mapped[str | None] = mapped_column(String(256), nullable=True)  # "1,2"
+    pause_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pauses: Mapped[int] = mapped_column(Integer, default=0)
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 def bytes_held(session: Session, reservation_cutoff: datetime) -> int:
     """What counts against the service's disk bound (`max_total_bytes`): every stored upload,
     the declared uploads of jobs active since `reservation_cutoff`, and every consortium's

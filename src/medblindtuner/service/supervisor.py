@@ -1,11 +1,16 @@
-"""One supervisor for the worker processes of the cloud: training jobs and query-set scoring.
+"""One supervisor for the worker processes of the cloud: training jobs, query-set scoring and
+consortium training.
 
-Both kinds of worker are the same thing seen from the web process: a detached
+Every kind of worker is the same thing seen from the web process: a detached
 `python -m medblindtuner.service.worker` process that loads the job's keys (which the web process
 never does), holds a lock file while it lives and reports through the DB. So one class starts
 them, tells whether they still run, stops them, and restarts the ones that died (crash, OOM
 kill, service restart) until `max_worker_restarts`, after which the job or query set is marked
-failed. What differs between the two is data (`WorkerRef`).
+failed. What differs between them is data (`WorkerRef`).
+
+A consortium's training runs the cloud's side of `consortium.relayed_training`, a layer above
+this package: the supervisor starts it by module name (`CONSORTIUM_WORKER_MODULE`), never
+imports it. Its lock, pid file and log are in `<consortium>/cloud/`.
 """
 
 from __future__ import annotations
@@ -34,18 +39,30 @@ from medblindtuner.protocol import (
 )
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import worker_alive
-from medblindtuner.service.store import Job, QuerySet, Store, utcnow
+from medblindtuner.service.store import (
+    C_ACTIVE_STATES,
+    C_FAILED,
+    ConsortiumJob,
+    Job,
+    QuerySet,
+    Store,
+    utcnow,
+)
 
 log = logging.getLogger("medblindtuner.service")
 WORKER_MODULE = "medblindtuner.service.worker"
+CONSORTIUM_WORKER_MODULE = "medblindtuner.consortium.service_worker"
+CONSORTIUM_CLOUD_DIR = "cloud"  # <consortium>/cloud/: plan, lock, pid, log, checkpoints
 
 
 @dataclass(frozen=True)
 class WorkerRef:
-    """What one worker works on: a job's training, or (with `query_id`) scoring a query set."""
+    """What one worker works on: a job's training, (with `query_id`) scoring a query set, or
+    (with `consortium`, `job_id` being the consortium's id) a consortium's training."""
 
     job_id: str
     query_id: str | None = None
+    consortium: bool = False
 
     @property
     def scoring(self) -> bool:
@@ -54,17 +71,23 @@ class WorkerRef:
     @property
     def key(self) -> str:
         """Key of the child process table."""
+        if self.consortium:
+            return f"consortium/{self.job_id}"
         return self.job_id if self.query_id is None else f"{self.job_id}/{self.query_id}"
 
     @property
     def label(self) -> str:
         """How logs name it (ids only)."""
+        if self.consortium:
+            return f"consortium {self.job_id}"
         if self.query_id is None:
             return f"job {self.job_id}"
         return f"job {self.job_id} query set {self.query_id}"
 
     @property
     def noun(self) -> str:
+        if self.consortium:
+            return "consortium worker"
         return "scoring worker" if self.scoring else "worker"
 
     @property
@@ -72,8 +95,10 @@ class WorkerRef:
         return SCORE_LOCK if self.scoring else WORKER_LOCK
 
     @property
-    def model(self) -> type[Job] | type[QuerySet]:
+    def model(self) -> type[Job] | type[QuerySet] | type[ConsortiumJob]:
         """The DB row that carries its state, restarts and pid."""
+        if self.consortium:
+            return ConsortiumJob
         return QuerySet if self.scoring else Job
 
     @property
@@ -82,14 +107,20 @@ class WorkerRef:
 
     @property
     def active_states(self) -> tuple[str, ...]:
+        if self.consortium:
+            return C_ACTIVE_STATES
         return Q_ACTIVE_STATES if self.scoring else ACTIVE_STATES
 
     @property
     def failed_state(self) -> str:
+        if self.consortium:
+            return C_FAILED
         return Q_FAILED if self.scoring else FAILED
 
     def directory(self, config: ServiceConfig) -> Path:
         """Where its lock, pid file and log live."""
+        if self.consortium:
+            return config.job_dir(self.job_id) / CONSORTIUM_CLOUD_DIR
         if self.query_id is None:
             return config.job_dir(self.job_id)
         return config.query_dir(self.job_id, self.query_id)
@@ -99,10 +130,13 @@ def spawn_worker(config: ServiceConfig, ref: WorkerRef) -> subprocess.Popen:
     """Start a detached worker (own session: it survives a restart of the web service)."""
     directory = ref.directory(config)
     directory.mkdir(parents=True, exist_ok=True)
-    command = [
-        config.python, "-m", WORKER_MODULE, "--job", ref.job_id,
-        "--data-dir", str(Path(config.data_dir).resolve()), "--db-url", config.resolved_db_url,
-    ]
+    store = ["--data-dir", str(Path(config.data_dir).resolve()), "--db-url",
+             config.resolved_db_url]
+    if ref.consortium:
+        command = [config.python, "-m", CONSORTIUM_WORKER_MODULE, "--consortium", ref.job_id,
+                   *store, "--wait-s", str(config.limits.consortium_wait_s)]
+    else:
+        command = [config.python, "-m", WORKER_MODULE, "--job", ref.job_id, *store]
     if ref.query_id is not None:
         command += ["--score", ref.query_id]
     if config.allow_insecure:
@@ -185,19 +219,24 @@ class Supervisor:
 
     # ---- all workers -----------------------------------------------------------------------
     def check(self) -> None:
-        """Reap finished children; restart workers of active jobs and query sets that died."""
+        """Reap finished children; restart workers of active jobs, query sets and consortium
+        trainings that died."""
         for key, (process, _started) in list(self.children.items()):
             if process.poll() is not None:  # reap, so no zombies accumulate
                 self.children.pop(key, None)
-        for scoring in (True, False):
-            for ref in self._active(scoring):
+        for kind in ("scoring", "training", "consortium"):
+            for ref in self._active(kind):
                 if not self.running(ref):
                     self._revive(ref)
 
-    def _active(self, scoring: bool) -> list[WorkerRef]:
-        """Everything that should have a live worker now, according to the DB."""
+    def _active(self, kind: str) -> list[WorkerRef]:
+        """Everything of `kind` that should have a live worker now, according to the DB."""
         with self.store.session() as session:
-            if scoring:
+            if kind == "consortium":
+                ids = session.scalars(select(ConsortiumJob.consortium_id).where(
+                    ConsortiumJob.state.in_(C_ACTIVE_STATES))).all()
+                return [WorkerRef(cid, consortium=True) for cid in ids]
+            if kind == "scoring":
                 rows = session.execute(select(QuerySet.job_id, QuerySet.id).where(
                     QuerySet.state.in_(Q_ACTIVE_STATES))).all()
                 return [WorkerRef(job_id, query_id) for job_id, query_id in rows]
@@ -218,7 +257,7 @@ class Supervisor:
                 restart = False
             else:
                 row.restarts += 1
-                resume = "" if ref.scoring else " from the last checkpoint"
+                resume = "" if ref.scoring else " from the last checkpoint"  # and journal
                 log.warning("%s: %s gone in state %s; restarting%s (restart %d)", ref.label,
                             ref.noun, row.state, resume, row.restarts)
                 restart = True

@@ -7,8 +7,9 @@
 `medblindtuner demo --hospitals N` runs the same job on a MedMNIST dataset with a report.
 
 Over the service (one token per hospital, `service/consortia.py`), one role per process
-(`consortium.roles`; the service's own worker does not run the cloud's side yet:
-docs/design.md, "The service's side"):
+(`consortium.roles`); `cloud-train` is the cloud's side by hand: the service's own worker
+runs it once hospital 0 starts the training (`POST /consortia/{id}/start`,
+`ConsortiumClient.start_training`; docs/design.md, "The service's side"):
 
     medblindtuner consortium create  --service URL --hospitals 3 --out members/
     medblindtuner consortium keys    --member members/hospital-0.json --state h0/ --plan plan.json

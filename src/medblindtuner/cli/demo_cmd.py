@@ -25,9 +25,6 @@ from .options import (
 app = typer.Typer()
 
 # PCA width of the consortium demo: what the BreastMNIST consortium runs used (docs/security.md)
-CONSORTIUM_DEMO_PCA = 31
-
-
 def consortium_demo(dataset: str, data_dir: Path | None, backbone: str, weights: str | None,
                     limit: int | None, hospitals: int, pca: int | None, epochs: int | None,
                     weight_decay: float | None, workdir: Path, report_dir: Path | None,
@@ -42,8 +39,7 @@ def consortium_demo(dataset: str, data_dir: Path | None, backbone: str, weights:
     features = load_features(None, dataset, data_dir, backbone, limit, weights=weights)
     out = Path(report_dir or workdir / "report") / "consortium.json"
     run_and_print(features, hospitals, HOSPITAL, insecure, workdir / "consortium",
-                  CONSORTIUM_DEMO_PCA if pca is None else pca, epochs,
-                  weight_decay, out)
+                  pca, epochs, weight_decay, out)
 
 
 @app.command("demo")
@@ -75,8 +71,8 @@ def demo(
     refresh: RefreshOpt = None,
     hospitals: Annotated[int, typer.Option(
         min=1, max=16, help="2 or more: a consortium of that many hospitals (the training "
-        "split divided among them, joint key, joint refresh; all roles in this process; PCA "
-        f"{CONSORTIUM_DEMO_PCA} unless --pca).")] = 1,
+        "split divided among them, joint key, joint refresh; all roles in this process; "
+        "settings agreed by secure aggregation unless given).")] = 1,
 ) -> None:
     """Run the whole system: features, keys, encryption, cloud service, encrypted
     training, decryption, evaluation, encrypted inference and a report."""

@@ -22,9 +22,12 @@ import pytest
 from helpers_consortium import plaintext_in
 from helpers_consortium_training import TIMEOUT_S, N, train_plan, union
 from helpers_service import ServiceProcess
+from typer.testing import CliRunner
 
+from medblindtuner.cli.main import app
 from medblindtuner.consortium.client import ConsortiumClient
 from medblindtuner.consortium.relayed_training import rows_topic
+from medblindtuner.consortium.roles import MEMBER_FORMAT
 from medblindtuner.failpoints import FAILPOINT_ENV, MARKER_ENV
 from medblindtuner.hospital.client import ServiceError
 from medblindtuner.service.consortium_jobs import rows_manifest_round
@@ -110,6 +113,19 @@ def refused(call, status: int, *words: str) -> None:  # noqa: ANN001 - a callabl
         assert word in str(caught.value), caught.value
 
 
+def cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["consortium", *args])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def member_file(root: Path, url: str, created: dict, index: int) -> str:
+    path = root / f"member-{index}.json"
+    path.write_text(json.dumps({"format": MEMBER_FORMAT, "service": url, "index": index,
+                                "consortium_id": created["consortium_id"],
+                                "token": created["tokens"][index]}))
+    return str(path)
+
+
 def test_the_rows_round_is_the_hospitals():
     assert all(rows_manifest_round(i) == rows_topic(i) for i in range(4))
 
@@ -121,8 +137,16 @@ def test_the_worker_trains_the_consortium_and_refuses_other_starts(tmp_path):
         clients = [ConsortiumClient(server.url, created["consortium_id"], t)
                    for t in created["tokens"]]
         hospitals = hospitals_of(server.url, created, tmp_path)
+        plan_file = tmp_path / "plan.json"
+        plan_file.write_text(json.dumps(train_plan().to_dict()))
+        coordinator = member_file(tmp_path, server.url, created, 0)
         try:
             assert job_of(clients[1]) is None
+            assert cli("status", "--member", coordinator) == (0, "training: not started")
+            code, out = cli("start", "--member", coordinator, "--plan", str(plan_file),
+                            "--n-train", "96", "--n-val", "30", "--insecure-test-params",
+                            "--timeout", "1")
+            assert code == 2 and "rows are not all in" in out and "Traceback" not in out, out
             refused(lambda: start(clients[0]), 409, "rows are not all in", "waiting for")
             wait_rows(clients[0])
             refused(lambda: start(clients[1]), 403, "coordinator")
@@ -139,6 +163,8 @@ def test_the_worker_trains_the_consortium_and_refuses_other_starts(tmp_path):
             learnt = finish(hospitals, tmp_path)
         finally:
             stop_all(hospitals)
+        status = cli("status", "--member", member_file(tmp_path, server.url, created, 1))
+    assert status == (0, f"training: {job['detail']}"), status
     assert any(j["state"] == "training" and j["steps"] >= 1 for j in seen), seen
     assert job["detail"] == f"done: model published (best epoch {job['best_epoch']})"
     assert job["restarts"] == 0 and job["error"] is None

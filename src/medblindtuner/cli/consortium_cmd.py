@@ -17,6 +17,8 @@ runs it once hospital 0 starts the training (`POST /consortia/{id}/start`,
     medblindtuner consortium refresh --member members/hospital-0.json --state h0/ --plan plan.json
     medblindtuner consortium train   --member ... --state h0/ --plan plan.json --rows h0.npz ...
     medblindtuner consortium cloud-train --data-dir cloud/ --consortium ID --plan plan.json ...
+    medblindtuner consortium start   --member members/hospital-0.json --plan plan.json ...
+    medblindtuner consortium status  --member members/hospital-1.json
 """
 
 from __future__ import annotations
@@ -265,3 +267,52 @@ def cloud_train(
                              insecure_test_params, (n_train, n_val), workdir, db_url, timeout)
     Console().print(f"trained {done['epochs']} epochs ({done['steps']} steps), best epoch "
                     f"{done['best_epoch']}", markup=False)
+
+
+def _training_job(call, what: str) -> dict:  # noqa: ANN001 - a ConsortiumClient method
+    """The service's answer, its refusal as one `error:` line."""
+    from medblindtuner.hospital.client import ServiceError
+
+    try:
+        return call()
+    except ServiceError as exc:
+        raise MedBlindTunerError(f"{what}: {exc}") from exc
+
+
+def _print_job(job: dict | None) -> None:
+    Console().print("training: not started" if job is None else f"training: {job['detail']}",
+                    soft_wrap=True, markup=False)
+
+
+@app.command("start")
+def start(
+    member: MemberOpt, plan: PlanOpt,
+    n_train: Annotated[int, typer.Option(min=1, help="The union's training rows.")],
+    n_val: Annotated[int, typer.Option(min=1, help="The union's validation rows.")],
+    insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0,
+) -> None:
+    """Hospital 0 (the coordinator): once every hospital's rows are in (waits up to
+    --timeout), the service's worker trains the consortium (`POST /consortia/{id}/start`)."""
+    import time
+
+    from medblindtuner.consortium import roles
+    from medblindtuner.consortium.relayed_training import rows_topic
+
+    client = roles.client_of(member)
+    deadline = time.monotonic() + timeout
+    missing = list(range(client.n_hospitals))
+    while missing and time.monotonic() < deadline:
+        missing = [i for i in missing if str(i) not in _training_job(
+            lambda i=i: client.round_listing(rows_topic(i), 1.0), "rows")["posted"]]
+    _print_job(_training_job(lambda: client.start_training(
+        roles.load_plan(plan).to_dict(), n_train, n_val, insecure_test_params), "start"))
+
+
+@app.command("status")
+def status(member: MemberOpt) -> None:
+    """The consortium's training as the service shows it to this hospital (queued /
+    training / paused: waiting for hospitals ... / done / failed)."""
+    from medblindtuner.consortium import roles
+
+    client = roles.client_of(member)
+    _print_job(_training_job(client.status, "status").get("job"))

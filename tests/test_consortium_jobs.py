@@ -9,11 +9,12 @@ from datetime import timedelta
 
 import pytest
 
-from medblindtuner.consortium.service_worker import waiting_of
+from medblindtuner.consortium.service_worker import ConsortiumJobRunner, PauseWatch, waiting_of
 from medblindtuner.he.joint_refresh import RefreshPaused
 from medblindtuner.he.threshold import RoundMessage
-from medblindtuner.protocol import CLOUD_PARTY
-from medblindtuner.service.consortia import ConsortiumRelay
+from medblindtuner.protocol import CLOUD_PARTY, ROUNDS_CHANNEL
+from medblindtuner.service.blobs import sha256_bytes
+from medblindtuner.service.consortia import BROADCAST, ConsortiumRelay
 from medblindtuner.service.consortium_jobs import job_view
 from medblindtuner.service.errors import TooLarge
 from medblindtuner.service.limits import ServiceConfig, ServiceLimits
@@ -30,8 +31,17 @@ def relay_of(tmp_path, **limits) -> ConsortiumRelay:  # noqa: ANN001 - a pytest 
     return ConsortiumRelay(config, store)
 
 
-def publish(relay: ConsortiumRelay, cid: str, topic: str, size: int) -> None:
-    relay.publish(cid, topic, RoundMessage(cid, topic, CLOUD_PARTY, b"x" * size).to_bytes())
+def publish(relay: ConsortiumRelay, cid: str, topic: str, size: int,
+            awaits_answers: bool = False) -> None:
+    relay.publish(cid, topic, RoundMessage(cid, topic, CLOUD_PARTY, b"x" * size).to_bytes(),
+                  awaits_answers)
+
+
+def answer(relay: ConsortiumRelay, cid: str, topic: str, hospital: int) -> None:
+    data = RoundMessage(cid, topic, hospital, b"answer").to_bytes()
+    staged = relay.staging_file(cid)
+    staged.write_bytes(data)
+    relay.post(cid, hospital, ROUNDS_CHANNEL, topic, BROADCAST, staged, sha256_bytes(data))
 
 
 def test_consortia_count_in_the_services_disk_bound(tmp_path):
@@ -87,3 +97,30 @@ def test_the_supervisor_finds_a_consortium_worker_beside_its_messages(tmp_path):
     assert ref.model is ConsortiumJob and ref.key == "consortium/abc"
     assert "paused" in ref.active_states and ref.failed_state == "failed"
     assert WorkerRef("abc").key == "abc" and WorkerRef("abc", "q").key == "abc/q"
+
+
+def test_a_request_unanswered_for_the_wait_shows_the_job_paused(tmp_path):
+    relay = relay_of(tmp_path)
+    cid = relay.create(2)["consortium_id"]
+    with relay.store.session() as session:
+        session.add(ConsortiumJob(consortium_id=cid, state="training", plan_sha256="0" * 64,
+                                  n_train=9, n_val=3))
+    watch = PauseWatch(ConsortiumJobRunner(relay.config, relay.store, cid, wait_s=0.0))
+
+    def job() -> dict:
+        with relay.store.session() as session:
+            return job_view(session.get(ConsortiumJob, cid))
+
+    watch.tick()
+    assert job()["state"] == "training"  # nothing asked yet
+    publish(relay, cid, "refresh-0-reveal", 10, awaits_answers=True)
+    watch.tick()
+    assert (job()["state"], job()["waiting_for"], job()["pauses"]) == ("paused", [0, 1], 1)
+    assert job()["pause_reason"] == ("no answer to 'refresh-0-reveal' for 0 s (waiting for "
+                                     "hospitals 0, 1)")
+    answer(relay, cid, "refresh-0-reveal", 0)
+    watch.tick()
+    assert (job()["detail"], job()["pauses"]) == ("paused: waiting for hospital 1", 1)
+    answer(relay, cid, "refresh-0-reveal", 1)
+    watch.tick()
+    assert (job()["state"], job()["waiting_for"]) == ("training", [])

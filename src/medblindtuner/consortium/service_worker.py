@@ -10,13 +10,17 @@ It holds the consortium's worker lock (`<consortium>/cloud/worker.lock`), reads 
 coordinator started with (`<consortium>/cloud/plan.json`, checked against its SHA-256 in the
 `ConsortiumJob` row), assembles the joint public keys from the store's key rounds (no secret
 key exists here: each hospital keeps its own share; no plaintext either) and trains,
-writing its progress to the row. When hospitals do not answer within `--wait-s` (a refresh
-phase: `RefreshPaused`; an epoch's decisions: `TimeoutError`; disagreeing or malformed
-answers: `RelayError`) the job is `paused`, naming the hospitals it waits for, and the
-worker keeps asking: a re-run resumes from the trainer's checkpoints and the refresh journal
-(`<consortium>/cloud/work/`; the store's slots take the same bytes again), so the job goes
-on once they answer. Killed, it is restarted by the supervisor and resumes the same way.
-Any other error: `failed`, with its message.
+writing its progress to the row.
+
+Pauses. While the cloud's latest request (a refresh phase, an epoch's loss) has gone
+unanswered by some hospitals for `--wait-s`, the job shows `paused`, naming them
+(`PauseWatch`, a thread reading the store); the worker keeps waiting in place, nothing is
+recomputed, and the job is `training` again as soon as they answer. Past `PATIENCE` times
+that wait (`RefreshPaused`, `TimeoutError`), or at once for disagreeing or malformed answers
+(`RelayError`), the run stops and is run again after a wait: the re-run resumes from the
+trainer's checkpoints and the refresh journal (`<consortium>/cloud/work/`; the store's
+slots take the same bytes again). Killed, the worker is restarted by the supervisor and
+resumes the same way. Any other error: `failed`, with its message.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import select
+
 from medblindtuner.he.joint_refresh import RefreshPaused
-from medblindtuner.protocol import WORKER_PID
-from medblindtuner.service.consortia import ConsortiumRelay
+from medblindtuner.protocol import CLOUD_PARTY, ROUNDS_CHANNEL, WORKER_PID
+from medblindtuner.service.consortia import ConsortiumRelay, waiting_for
 from medblindtuner.service.consortium_jobs import plan_path
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import acquire_lock
@@ -44,6 +51,7 @@ from medblindtuner.service.store import (
     C_QUEUED,
     C_TRAINING,
     ConsortiumJob,
+    ConsortiumMessage,
     Store,
     utcnow,
 )
@@ -56,6 +64,7 @@ from .roles import cloud_keys
 
 log = logging.getLogger("medblindtuner.consortium.worker")
 PAUSES = (RefreshPaused, TimeoutError, RelayError)
+PATIENCE = 6  # the relay's waits last this many pause thresholds before a run stops
 WORK_DIR = "work"  # checkpoints and the refresh journal
 _WAITING = re.compile(r"waiting for hospitals? ([0-9][0-9, ]*)")
 
@@ -72,6 +81,67 @@ def waiting_of(exc: BaseException) -> list[int]:
         exc = exc.__cause__
     found = _WAITING.findall(" ".join(texts))
     return sorted({int(i) for group in found for i in group.split(",") if i.strip()})
+
+
+class PauseWatch:
+    """Shows the job `paused` while the cloud's latest request awaiting every hospital's
+    answer has gone unanswered by some for `wait_s`, and `training` again once it is
+    answered (`tick`, every `look_s` in a thread). A job deleted or ended under it ends this
+    process (a relay wait cannot be interrupted otherwise)."""
+
+    def __init__(self, runner: ConsortiumJobRunner, look_s: float = 1.0) -> None:
+        self.runner, self.look_s = runner, look_s
+        self.topic: str | None = None
+        self.since = time.monotonic()
+        self.shown: list[int] | None = None  # the hospitals the row names as missing
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pause-watch", daemon=True)
+
+    def awaited(self) -> tuple[str, list[int]] | None:
+        """The cloud's latest request awaiting answers, and the hospitals missing."""
+        relay, cid = self.runner.relay, self.runner.consortium_id
+        with relay.store.session() as session:
+            topic = session.scalars(select(ConsortiumMessage.topic).where(
+                ConsortiumMessage.consortium_id == cid,
+                ConsortiumMessage.channel == ROUNDS_CHANNEL,
+                ConsortiumMessage.sender == CLOUD_PARTY, ConsortiumMessage.awaits_answers)
+                .order_by(ConsortiumMessage.created_at.desc()).limit(1)).first()
+        if topic is None:
+            return None
+        return topic, relay.listing(cid, 0, ROUNDS_CHANNEL, topic)["missing"]
+
+    def tick(self) -> None:
+        awaited = self.awaited()
+        topic, missing = awaited if awaited else (None, [])
+        if topic != self.topic:
+            self.topic, self.since = topic, time.monotonic()
+        stalled = bool(missing) and time.monotonic() - self.since >= self.runner.wait_s
+        if stalled and missing != self.shown:
+            self.runner.show_pause(missing, f"no answer to {topic!r} for "
+                                            f"{self.runner.wait_s:g} s ({waiting_for(missing)})",
+                                   again=self.shown is not None)
+            self.shown = missing
+        elif not stalled and self.shown is not None:
+            self.runner.show_training()
+            self.shown = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.look_s):
+            try:
+                self.tick()
+            except JobGone as exc:
+                log.info("consortium %s: %s; worker exits", self.runner.consortium_id, exc)
+                os._exit(0)
+            except Exception:  # noqa: BLE001 - showing a pause must not end the training
+                log.exception("consortium %s: pause watch failed", self.runner.consortium_id)
+
+    def __enter__(self) -> PauseWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 class ConsortiumJobRunner:
@@ -94,6 +164,17 @@ class ConsortiumJobRunner:
                 setattr(job, key, value)
             job.updated_at = utcnow()
 
+    def show_pause(self, waiting: list[int], reason: str, again: bool = False) -> None:
+        """The job waits for `waiting` (`again`: the same pause, fewer missing)."""
+        self._update(state=C_PAUSED, waiting_for=",".join(str(i) for i in waiting) or None,
+                     pause_reason=reason[:2000],
+                     pauses=ConsortiumJob.pauses + (0 if again else 1))
+        log.warning("consortium %s paused: %s", self.consortium_id, reason)
+
+    def show_training(self) -> None:
+        self._update(state=C_TRAINING, waiting_for=None)
+        log.info("consortium %s: the hospitals answered; training", self.consortium_id)
+
     def _on_step(self, info: dict) -> None:
         self._update(state=C_TRAINING, waiting_for=None, epoch=int(info["epoch"]),
                      step_in_epoch=int(info["step_in_epoch"]),
@@ -101,14 +182,6 @@ class ConsortiumJobRunner:
         log.info("consortium %s epoch %d step %d/%d", self.consortium_id, info["epoch"],
                  info["step_in_epoch"], info["steps_per_epoch"])
 
-    def _pause(self, exc: BaseException) -> None:
-        """The job waits: state paused, the hospitals named, the reason kept."""
-        waiting = waiting_of(exc)
-        self._update(state=C_PAUSED, waiting_for=",".join(str(i) for i in waiting) or None,
-                     pause_reason=f"{type(exc).__name__}: {exc}"[:2000],
-                     pauses=ConsortiumJob.pauses + 1)
-        log.warning("consortium %s paused (waiting for %s): %s", self.consortium_id,
-                    waiting or "answers", exc)
 
     def _begin(self) -> tuple[TrainingPlan, bool, int, int] | None:
         """The plan, insecurity and counts of a job to run (None: nothing to do); the job
@@ -139,16 +212,18 @@ class ConsortiumJobRunner:
             return
         plan, insecure, n_train, n_val = begun
         keys, _n = cloud_keys(self.relay, self.consortium_id, plan, insecure, self.wait_s)
-        while True:
-            started = time.monotonic()
-            try:
-                state = train_over_relay(self.relay, self.consortium_id, keys, plan, n_train,
-                                         n_val, self.dir / WORK_DIR, timeout_s=self.wait_s,
-                                         on_step=self._on_step)
-                break
-            except PAUSES as exc:
-                self._pause(exc)
-                time.sleep(max(0.0, min(self.wait_s, 5.0) - (time.monotonic() - started)))
+        with PauseWatch(self):
+            while True:
+                started = time.monotonic()
+                try:
+                    state = train_over_relay(self.relay, self.consortium_id, keys, plan,
+                                             n_train, n_val, self.dir / WORK_DIR,
+                                             timeout_s=PATIENCE * self.wait_s,
+                                             on_step=self._on_step)
+                    break
+                except PAUSES as exc:
+                    self.show_pause(waiting_of(exc), f"{type(exc).__name__}: {exc}")
+                    time.sleep(max(0.0, self.wait_s - (time.monotonic() - started)))
         self._update(state=C_DONE, waiting_for=None, epoch=state.epoch, steps=state.steps,
                      best_epoch=state.best_epoch, finished_at=utcnow(), error=None)
         log.info("consortium %s: model published (%d epochs, best epoch %d)",

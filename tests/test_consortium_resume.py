@@ -5,9 +5,10 @@ posts the kept bytes (no 409: the service takes the same bytes again, other byte
 refused) and goes on from its saved share, ledger and judge. Killed:
 
     keys    hospital 1 at its public-key message, hospital 2 at its relin-1 share (mid-ceremony)
-    train   hospital 0 while it sends its rows, hospital 1 after it answered refresh 0 (at
-            refresh 1's share: recorded in its ledger, not posted), hospital 2 at its judge's decision of epoch 1 (decrypted and
-            recorded, not posted: answered again from its saved judge, not decrypted again)
+    train   hospital 0 while it sends its rows; hospital 1 after it answered refresh 0, at
+            refresh 1's share (recorded in its ledger, not posted); hospital 2 at its judge's
+            decision of epoch 1 (decrypted and recorded, not posted: answered again from its
+            saved judge, not decrypted again)
 
 The job completes and every hospital's model equals the plaintext mirror's (the tolerance of
 tests/test_consortium_roles_training.py).

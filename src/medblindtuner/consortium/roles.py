@@ -134,9 +134,10 @@ def keys(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool,
     Resumable: the sealing key is saved (0600) before its public half is posted, the share and
     every key round's answer before they are posted (`ceremony/`, `ThresholdParty.
     keep_progress`) and every message posted is kept (`posted/keys/`), so the same command
-    run again after a kill goes on with the same share and posts the same bytes. Run again
-    after it ended, it only reads back what it saved."""
-    if (state / PARTY_DIR / PARTY_STATE).exists():
+    run again after a kill goes on with the same share and posts the same bytes (`ceremony/`
+    is deleted last: while it is there the ceremony is not over). Run again after it ended,
+    it only reads back what it saved."""
+    if (state / PARTY_DIR / PARTY_STATE).exists() and not (state / CEREMONY_DIR).exists():
         party, _key, roster = _member_state(member_file, state, plan, insecure)[2:]
     else:
         private_dir(state)
@@ -189,12 +190,10 @@ def restore(state: Path, params: CkksParams) -> tuple[ThresholdParty, PrivateKey
     return ThresholdParty.restore(state / PARTY_DIR, joint_context(params)), sealing_key, roster
 
 
-def _member_state(member: Path | ConsortiumClient, state: Path, plan: TrainingPlan,
-                  insecure: bool):
+def _member_state(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool):
     """(client, params, party, sealing key, roster) of this hospital, from its member file
-    (or its client) and the state `keys` saved (refused if they are of different hospitals
-    or consortia)."""
-    client = member if isinstance(member, ConsortiumClient) else client_of(member)
+    and the state `keys` saved (refused if they are of different hospitals or consortia)."""
+    client = client_of(member_file)
     params = consortium_params(plan, insecure)
     party, sealing_key, roster = restore(state, params)
     if (party.job_id, party.index) != (client.consortium_id, client.index):
@@ -206,8 +205,8 @@ def _member_state(member: Path | ConsortiumClient, state: Path, plan: TrainingPl
 def refresh(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, count: int,
             timeout_s: float = WAIT_TIMEOUT_S) -> int:
     """Answer the cloud's next `count` joint refreshes (from the ledger's next index)."""
-    client, params, party, _key, _roster = _member_state(
-        client_of(member_file, state / POSTED_DIR / "refreshes"), state, plan, insecure)
+    params, party = _member_state(member_file, state, plan, insecure)[1:3]
+    client = client_of(member_file, state / POSTED_DIR / "refreshes")
     ledger = MemberRefresher(party, params, plan, state / LEDGER_DIR)
     _last_share_again(ledger, client)
     return serve_refreshes(ledger, client, count, ledger.finished, timeout_s)
@@ -253,8 +252,9 @@ def train(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, ro
     rows are not encrypted anew), and answers as before. Other rows, offsets or counts than
     the first run's are refused."""
     folder = state / TRAINING_DIR / plan.job_tag(consortium_params(plan, insecure))
-    client, params, party, sealing_key, roster = _member_state(
-        client_of(member_file, folder / POSTED_DIR), state, plan, insecure)
+    _client, params, party, sealing_key, roster = _member_state(member_file, state, plan,
+                                                               insecure)
+    client = client_of(member_file, folder / POSTED_DIR)
     _same_inputs(folder, rows, offsets, counts)
     shard = load_rows(rows)
     manifest = f"round-{rows_topic(client.index)}-{client.index}"

@@ -1,8 +1,9 @@
 """What a hospital keeps before it posts (`consortium.journal`) and a key ceremony kept as it
 goes (`he.threshold_progress`), without a service: the kept bytes win for a message made anew
 from the same content, other bytes of a deterministic message are refused, the files are the
-hospital's own (0600 in 0700 folders), and a resumed party answers its rounds with the same
-bytes and the same share."""
+hospital's own (0600 in 0700 folders), a resumed party answers its rounds with the same
+bytes and the same share, and a restarted `refresh` role posts its ledger's last share
+again."""
 
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ import stat
 import pytest
 
 from medblindtuner.consortium.journal import JournalError, PostJournal, kind_of
+from medblindtuner.consortium.roles import _last_share_again
 from medblindtuner.he.params import HOSPITAL, params_for_mode
-from medblindtuner.he.threshold import PARTY_SHARE, RoundError, joint_context, joint_params
+from medblindtuner.he.threshold import (
+    PARTY_SHARE,
+    RoundError,
+    RoundMessage,
+    joint_context,
+    joint_params,
+)
 from medblindtuner.he.threshold_progress import resume_party
+from medblindtuner.hospital.client import ServiceError
 
 
 def test_kept_bytes_win_for_remade_messages_and_others_must_match(tmp_path):
@@ -51,3 +60,46 @@ def test_a_resumed_party_answers_with_the_same_share_and_bytes(tmp_path):
     assert again._secret_key() is not None
     with pytest.raises(RoundError, match="not party 1"):
         resume_party(tmp_path / "ceremony", "job", 1, 2, context)
+
+
+class _Relay:
+    """A client stub: the cloud's share request of refresh 0, what the hospital posts."""
+
+    consortium_id, index = "job", 1
+
+    def __init__(self, asked: bool) -> None:
+        self.asked, self.posted = asked, []
+
+    def round_message(self, topic: str, party: int, timeout_s: float) -> bytes:
+        if not self.asked:
+            raise ServiceError(404, "not yet")
+        return RoundMessage("job", topic, party, b"request").to_bytes()
+
+    def post_round(self, message: bytes) -> None:
+        self.posted.append(message)
+
+
+def test_a_restarted_refresh_role_posts_its_ledgers_last_share_again():
+    answers = []
+
+    def answer(request: bytes) -> bytes:
+        answers.append(request)
+        return b"kept share"
+
+    relay = _Relay(asked=True)
+    _last_share_again(_Ledger(1, answer), relay)
+    assert answers == [b"request"]
+    posted = RoundMessage.from_bytes(relay.posted[0], "job", "refresh-0-share", 1)
+    assert posted.payload == b"kept share"
+    for finished, asked in ((0, True), (1, False)):  # nothing shared yet; not asked (404)
+        relay = _Relay(asked)
+        _last_share_again(_Ledger(finished, answer), relay)
+        assert relay.posted == []
+
+
+class _Ledger:
+    def __init__(self, finished: int, answer) -> None:  # noqa: ANN001 - a callable
+        self.finished, self.answer = finished, answer
+
+    def __call__(self, request: bytes) -> bytes:
+        return self.answer(request)

@@ -186,7 +186,8 @@ def settings(
 def keys(member: MemberOpt, state: StateOpt, plan: PlanOpt,
          insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0) -> None:
     """This hospital's roster and key rounds; prints the roster's fingerprints (compare them
-    with the other hospitals out of band)."""
+    with the other hospitals out of band). Killed midway: run the same command again, it goes
+    on with the same share."""
     from medblindtuner.consortium import roles
 
     made = roles.keys(member, state, roles.load_plan(plan), insecure_test_params, timeout)
@@ -240,7 +241,8 @@ def train(
     insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0,
 ) -> None:
     """This hospital's side of the training: its rows under the joint key, every refresh
-    and epoch the cloud asks (its ledger, its judge), then the model its judge chose."""
+    and epoch the cloud asks (its ledger, its judge), then the model its judge chose. Killed
+    midway: run the same command again, it posts what it kept and goes on."""
     from medblindtuner.consortium import roles
 
     done = roles.train(member, state, roles.load_plan(plan), insecure_test_params, rows,

@@ -15,8 +15,14 @@ from medblindtuner.he.threshold import RoundMessage
 from medblindtuner.protocol import CLOUD_PARTY, ROUNDS_CHANNEL
 from medblindtuner.service.blobs import sha256_bytes
 from medblindtuner.service.consortia import BROADCAST, ConsortiumRelay
-from medblindtuner.service.consortium_jobs import job_view
-from medblindtuner.service.errors import TooLarge
+from medblindtuner.service.consortium_jobs import ConsortiumJobs, job_view
+from medblindtuner.service.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    TooLarge,
+    Unprocessable,
+)
 from medblindtuner.service.limits import ServiceConfig, ServiceLimits
 from medblindtuner.service.store import ConsortiumJob, Store, bytes_held, utcnow
 from medblindtuner.service.supervisor import WorkerRef
@@ -124,3 +130,38 @@ def test_a_request_unanswered_for_the_wait_shows_the_job_paused(tmp_path):
     answer(relay, cid, "refresh-0-reveal", 1)
     watch.tick()
     assert (job()["state"], job()["waiting_for"]) == ("training", [])
+
+
+def good_plan() -> dict:
+    from helpers_consortium_training import train_plan
+
+    return train_plan().to_dict()
+
+
+@pytest.mark.parametrize("change", [
+    {"train_batch_sizes": "abc"}, {"train_batch_sizes": [64, "32"]},
+    {"train_batch_sizes": [64, -32, 64]}, {"config": {"epochs": "2"}}, {"config": []},
+    {"activation": []}, {"activation": None}, {"n_classes": "two"}, {"val_batch_sizes": None},
+])
+def test_a_hostile_plan_is_a_422(tmp_path, change):
+    relay = relay_of(tmp_path)
+    cid = relay.create(3)["consortium_id"]
+    jobs = ConsortiumJobs(relay.config, relay.store, relay, supervisor=None)
+    plan = {**good_plan(), **change}
+    with pytest.raises(Unprocessable, match="not a training plan|rows"):
+        jobs.start(cid, 0, plan, 96, 30, insecure=False)
+
+
+def test_start_refusals_before_any_worker(tmp_path):
+    relay = relay_of(tmp_path)
+    cid = relay.create(3)["consortium_id"]
+    jobs = ConsortiumJobs(relay.config, relay.store, relay, supervisor=None)
+    with pytest.raises(Forbidden, match="coordinator"):
+        jobs.start(cid, 1, good_plan(), 96, 30)
+    with pytest.raises(BadRequest, match="insecure"):
+        jobs.start(cid, 0, good_plan(), 96, 30, insecure=True)
+    with pytest.raises(Unprocessable, match="not the union's 90 and 30"):
+        jobs.start(cid, 0, good_plan(), 90, 30)
+    with pytest.raises(Conflict, match="waiting for hospitals 0, 1, 2"):
+        jobs.start(cid, 0, good_plan(), 96, 30)
+    assert jobs.status(cid) is None

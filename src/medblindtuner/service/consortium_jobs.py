@@ -109,7 +109,7 @@ class ConsortiumJobs:
                              "parameters")
         raw = self._checked_plan(plan, n_train, n_val)
         self._require_rows(consortium_id)
-        parsed = TrainingPlan.from_dict(plan)
+        parsed = TrainingPlan.from_dict(json.loads(raw))
         with file_lock(self.relay.folder(consortium_id) / ".lock"):
             self._refuse_started(consortium_id)
             path = plan_path(self.config, consortium_id)
@@ -141,7 +141,12 @@ class ConsortiumJobs:
         limits = self.config.limits
         try:
             parsed = TrainingPlan.from_dict(plan)
-        except (KeyError, TypeError, ValueError) as exc:
+            batches = parsed.train_batch_sizes + parsed.val_batch_sizes
+            if not all(type(b) is int and b > 0 for b in batches) or type(
+                    parsed.config.epochs) is not int:
+                raise ValueError("batch sizes and epochs are positive integers")
+            canonical = json.dumps(parsed.to_dict(), sort_keys=True).encode()
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise Unprocessable(f"not a training plan ({type(exc).__name__}: {exc})") from exc
         if (sum(parsed.train_batch_sizes), sum(parsed.val_batch_sizes)) != (n_train, n_val):
             raise Unprocessable(f"the plan's batches hold {sum(parsed.train_batch_sizes)} "
@@ -151,7 +156,7 @@ class ConsortiumJobs:
             raise Unprocessable(f"the plan's epochs must be 1 to {limits.max_epochs}")
         if len(parsed.train_batch_sizes) + len(parsed.val_batch_sizes) > limits.max_batches:
             raise Unprocessable(f"the plan has more than {limits.max_batches} batches")
-        return json.dumps(parsed.to_dict(), sort_keys=True).encode()
+        return canonical
 
     def _require_rows(self, consortium_id: str) -> None:
         """409 naming the hospitals whose rows manifest is not in yet."""

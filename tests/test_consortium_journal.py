@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import stat
 
+import httpx
 import pytest
 
-from medblindtuner.consortium.journal import JournalError, PostJournal, kind_of
+from medblindtuner.consortium.journal import (
+    JournaledClient,
+    JournalError,
+    PostJournal,
+    kind_of,
+)
 from medblindtuner.consortium.roles import _last_share_again
 from medblindtuner.he.params import HOSPITAL, params_for_mode
 from medblindtuner.he.threshold import (
@@ -103,3 +109,21 @@ class _Ledger:
 
     def __call__(self, request: bytes) -> bytes:
         return self.answer(request)
+
+
+def test_the_keys_journal_does_not_copy_what_the_party_keeps(tmp_path):
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        return httpx.Response(200, json={})
+
+    client = JournaledClient("http://relay", "job", "token", PostJournal(tmp_path / "keys"),
+                             ("public-key", "relin-", "automorphisms-"),
+                             transport=httpx.MockTransport(answer))
+    share = RoundMessage("job", "relin-1", 1, b"share").to_bytes()
+    roster = RoundMessage("job", "roster", 1, b"sealing public key").to_bytes()
+    client.post_round(share)
+    client.post_round(roster)
+    assert seen == [share, roster]
+    assert [p.name for p in (tmp_path / "keys").iterdir()] == ["round-roster-1.msg"]

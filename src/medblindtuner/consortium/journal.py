@@ -121,12 +121,19 @@ class JournaledClient(ConsortiumClient):
     """A `ConsortiumClient` whose every post is kept in `journal` first (see the module)."""
 
     def __init__(self, base_url: str, consortium_id: str, token: str,
-                 journal: PostJournal, **kwargs: Any) -> None:
+                 journal: PostJournal, kept_elsewhere: tuple[str, ...] = (),
+                 **kwargs: Any) -> None:
         super().__init__(base_url, consortium_id, token, **kwargs)
         self.journal = journal
+        self.kept_elsewhere = kept_elsewhere  # rounds whose maker keeps them before they leave
 
     def post_round(self, message: bytes) -> dict[str, Any]:
+        """Post a round message as kept (see the module); a round of `kept_elsewhere` (a
+        key round, kept by `ThresholdParty.keep_progress`) is posted as made, not copied."""
         name = round_of(message)
+        if name.startswith(self.kept_elsewhere) and self.kept_elsewhere:
+            failpoint(f"hospital.{kind_of(name)}_saved")
+            return super().post_round(message)
         kept = self.journal.keep(round_slot(message), message, name.startswith("rows-"),
                                  kind_of(name))
         return super().post_round(kept)

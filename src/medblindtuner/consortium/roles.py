@@ -74,6 +74,7 @@ from .sealing import Roster
 MEMBER_FORMAT = "medblindtuner-consortium-member/1"
 SEALING_KEY, ROSTER, PARTY_DIR, LEDGER_DIR = ("sealing_key.bin", "roster.json", "party",
                                               "refreshes")
+PARTY_ROUNDS = ("public-key", "relin-", "automorphisms-")  # kept by the party's progress
 CEREMONY_DIR, POSTED_DIR, TRAINING_DIR, KEYS_JOURNAL = "ceremony", "posted", "training", "keys"
 
 
@@ -110,9 +111,11 @@ def create(service: str, n_hospitals: int, out: Path) -> list[Path]:
     return paths
 
 
-def client_of(member_file: Path, journal: Path | None = None) -> ConsortiumClient:
+def client_of(member_file: Path, journal: Path | None = None,
+              kept_elsewhere: tuple[str, ...] = ()) -> ConsortiumClient:
     """The member file's client; with `journal` (a folder of this hospital's state), every
-    message it posts is kept there first and posted again as kept (`JournaledClient`)."""
+    message it posts is kept there first and posted again as kept (`JournaledClient`), but
+    the rounds `kept_elsewhere` (whose maker keeps them)."""
     try:
         member = json.loads(Path(member_file).read_text())
         if member.get("format") != MEMBER_FORMAT:
@@ -122,7 +125,7 @@ def client_of(member_file: Path, journal: Path | None = None) -> ConsortiumClien
         raise RoleError(f"{member_file}: not a consortium member file ({exc})") from exc
     if journal is None:
         return ConsortiumClient(*found)
-    return JournaledClient(*found, PostJournal(journal))
+    return JournaledClient(*found, PostJournal(journal), kept_elsewhere)
 
 
 # ---- hospital ----------------------------------------------------------------------------
@@ -133,15 +136,17 @@ def keys(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool,
 
     Resumable: the sealing key is saved (0600) before its public half is posted, the share and
     every key round's answer before they are posted (`ceremony/`, `ThresholdParty.
-    keep_progress`) and every message posted is kept (`posted/keys/`), so the same command
-    run again after a kill goes on with the same share and posts the same bytes (`ceremony/`
-    is deleted last: while it is there the ceremony is not over). Run again after it ended,
-    it only reads back what it saved."""
+    keep_progress`) and every other message posted is kept (`posted/keys/`: the roster's,
+    the attestations; the key shares are not copied twice), so the same command run again
+    after a kill goes on with the same share and posts the same bytes. The party saved and
+    `ceremony/` deleted, the ceremony is over (then `posted/keys/`); run again after that,
+    `keys` only reads back what it saved."""
     if (state / PARTY_DIR / PARTY_STATE).exists() and not (state / CEREMONY_DIR).exists():
+        shutil.rmtree(state / POSTED_DIR / KEYS_JOURNAL, ignore_errors=True)  # killed before
         party, _key, roster = _member_state(member_file, state, plan, insecure)[2:]
     else:
         private_dir(state)
-        client = client_of(member_file, state / POSTED_DIR / KEYS_JOURNAL)
+        client = client_of(member_file, state / POSTED_DIR / KEYS_JOURNAL, PARTY_ROUNDS)
         party, roster = _key_ceremony(client, state, plan, insecure, timeout_s)
     return {"index": party.index, "joint_tag": party.joint_tag,
             "fingerprints": [roster.fingerprint(i) for i in range(len(roster.public_keys))]}

@@ -3,8 +3,9 @@ hospital processes make the joint key and send their rows; hospital 0 starts the
 (`POST /consortia/{id}/start`); the supervisor's worker runs the cloud's side and publishes
 the model, which every hospital decrypts equal to the plaintext mirror's. A hospital that
 stops answering leaves the job "paused: waiting for hospital k" until it answers again; a
-worker killed mid-step is restarted and finishes the same model. Refusals: a non-coordinator,
-a foreign token, rows not all in, counts not the plan's, a second start.
+worker killed mid-step is restarted and finishes the same model; deleting the consortium
+stops its worker. Refusals: a non-coordinator, a foreign token, rows not all in, counts not
+the plan's, a second start.
 """
 
 from __future__ import annotations
@@ -225,3 +226,33 @@ def test_a_killed_worker_is_restarted_and_finishes_the_same_model(tmp_path):
     assert marker.exists(), "the failpoint never fired"
     assert job["restarts"] == 1 and job["error"] is None
     assert_mirror(learnt, job)
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_deleting_a_training_consortium_stops_its_worker(tmp_path):
+    with ServiceProcess(tmp_path / "cloud") as server:
+        created = ConsortiumClient.create(server.url, N)
+        client = ConsortiumClient(server.url, created["consortium_id"], created["tokens"][1])
+        hospitals = hospitals_of(server.url, created, tmp_path)
+        try:
+            wait_rows(client)
+            start(ConsortiumClient(server.url, created["consortium_id"], created["tokens"][0]))
+            wait_job(client, lambda j: j["steps"] >= 1, [])
+            folder = server.data_dir / "jobs" / created["consortium_id"]
+            pid = int((folder / "cloud" / "worker.pid").read_text())
+            assert client.delete()["deleted"]
+            assert not folder.exists()
+            deadline = time.monotonic() + 10
+            while running(pid):
+                assert time.monotonic() < deadline, "the worker still runs"
+                time.sleep(0.1)
+            refused(client.status, 404)
+        finally:
+            stop_all(hospitals)

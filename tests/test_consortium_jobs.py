@@ -73,6 +73,9 @@ def test_each_state_says_what_it_is():
     assert job_view(job)["detail"] == "queued"
     job.state = "training"
     assert job_view(job)["detail"] == "training: epoch 2, step 1/2 (3 steps)"
+    job.epoch = 0
+    assert job_view(job)["detail"].startswith("training: starting")
+    job.epoch = 2
     job.state, job.waiting_for = "paused", "0,2"
     assert job_view(job)["detail"] == "paused: waiting for hospitals 0, 2"
     assert job_view(job)["waiting_for"] == [0, 2]

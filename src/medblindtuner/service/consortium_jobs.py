@@ -29,7 +29,13 @@ from medblindtuner.formats import atomic_write_bytes
 from medblindtuner.protocol import ROUNDS_CHANNEL
 from medblindtuner.service.blobs import sha256_bytes
 from medblindtuner.service.consortia import ConsortiumRelay, waiting_for
-from medblindtuner.service.errors import BadRequest, Conflict, Forbidden, Unprocessable
+from medblindtuner.service.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Unprocessable,
+    out_of_space_is_507,
+)
 from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.locks import file_lock
 from medblindtuner.service.store import (
@@ -69,7 +75,8 @@ def job_view(job: ConsortiumJob | None) -> dict[str, Any] | None:
     details = {
         C_QUEUED: "queued",
         C_TRAINING: f"training: epoch {job.epoch}, step {job.step_in_epoch}/"
-                    f"{job.steps_per_epoch} ({job.steps} steps)",
+                    f"{job.steps_per_epoch} ({job.steps} steps)" if job.epoch else
+                    "training: starting (the joint keys and the union's rows)",
         C_PAUSED: f"paused: {waiting_for(waiting)}" if waiting else "paused",
         C_DONE: f"done: model published (best epoch {job.best_epoch})",
         C_FAILED: f"failed: {job.error}",
@@ -109,25 +116,32 @@ class ConsortiumJobs:
                              "parameters")
         raw = self._checked_plan(plan, n_train, n_val)
         self._require_rows(consortium_id)
-        parsed = TrainingPlan.from_dict(json.loads(raw))
-        with file_lock(self.relay.folder(consortium_id) / ".lock"):
-            self._refuse_started(consortium_id)
-            path = plan_path(self.config, consortium_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, raw)
-            try:
-                with self.store.session() as session:
-                    session.add(ConsortiumJob(
-                        consortium_id=consortium_id, state=C_QUEUED, insecure=insecure,
-                        plan_sha256=sha256_bytes(raw), n_train=n_train, n_val=n_val,
-                        max_epochs=parsed.config.epochs,
-                        steps_per_epoch=len(parsed.train_batch_sizes), started_at=utcnow()))
-            except IntegrityError as exc:
-                raise Conflict("the consortium's training was already started") from exc
+        self._queue(consortium_id, raw, (n_train, n_val), insecure)
         self.supervisor.launch(WorkerRef(consortium_id, consortium=True))
         log.info("consortium %s: training queued (plan sha256 %s)", consortium_id,
                  sha256_bytes(raw)[:16])
         return self.status(consortium_id)
+
+    def _queue(self, consortium_id: str, raw: bytes, counts: tuple[int, int],
+               insecure: bool) -> None:
+        """The plan file, then the job's row (queued), once, under the consortium's lock."""
+        parsed = TrainingPlan.from_dict(json.loads(raw))
+        path = plan_path(self.config, consortium_id)
+        with file_lock(self.relay.folder(consortium_id) / ".lock"):
+            self._refuse_started(consortium_id)
+            try:
+                with out_of_space_is_507("starting the training"):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(path, raw)
+                    with self.store.session() as session:
+                        session.add(ConsortiumJob(
+                            consortium_id=consortium_id, state=C_QUEUED, insecure=insecure,
+                            plan_sha256=sha256_bytes(raw), n_train=counts[0],
+                            n_val=counts[1], max_epochs=parsed.config.epochs,
+                            steps_per_epoch=len(parsed.train_batch_sizes),
+                            started_at=utcnow()))
+            except IntegrityError as exc:
+                raise Conflict("the consortium's training was already started") from exc
 
     def _refuse_started(self, consortium_id: str) -> None:
         with self.store.session() as session:

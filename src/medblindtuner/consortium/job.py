@@ -19,6 +19,7 @@ import numpy as np
 
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.he.params import params_for_mode
+from medblindtuner.hospital.reference import fit_probe
 from medblindtuner.training.plain import evaluate as _evaluate
 from medblindtuner.training.plain import train_head
 
@@ -102,6 +103,9 @@ def report_of(features: FeatureSet, result: ConsortiumResult) -> dict:
     pooled = train_head(*union, n_classes, config)
     report["pooled_plaintext_same_settings"] = evaluate(pooled.weights, x_test, y_test,
                                                         n_classes)
+    # the bar: scikit-learn's tuned probe on the union's rows (every row is some hospital's)
+    probe = fit_probe({s: features.splits[s] for s in ("train", "val", "test")}, n_classes)
+    report["pooled_probe"] = {k: round(probe.test[k], 4) for k in ("acc", "auc")}
     report["mirror"] = mirror_comparison(result, union)
     report["seconds"] = {k: round(v, 2) for k, v in result.seconds.items()}
     trips = np.asarray(result.refresh_round_trips)
@@ -185,7 +189,8 @@ def summary_lines(report: dict) -> list[str]:
     lines.append(f"  no single party could decrypt: every decryption and every refresh "
                  f"needed all {n} hospitals' shares; the cloud held none")
     lines.append(f"  consortium (encrypted): {report['consortium_encrypted']}; pooled in the "
-                 f"clear: {report['pooled_plaintext_same_settings']}")
+                 f"clear: {report['pooled_plaintext_same_settings']}; pooled probe "
+                 f"(scikit-learn on the union): {report['pooled_probe']}")
     for i, hospital in enumerate(report["hospitals"]):
         lines.append(f"  hospital {i} alone ({hospital['train_rows']} rows): "
                      f"{hospital['alone_plaintext']}")

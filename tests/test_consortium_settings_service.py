@@ -1,8 +1,8 @@
 """The settings rounds over a real service (issue #23): three hospitals, each with only its
 own rows and its own client, agree on the same plan, scaler and preconditioner as the same
-rounds in one process; a hospital killed mid-rounds resumes with the same state folder (its
-saved envelopes re-posted: no 409), and the service's files hold no hospital's statistics in
-the clear."""
+rounds in one process; a hospital killed mid-round resumes with the same state folder (its
+kept envelopes posted again: no 409), and the service's files hold no hospital's statistics
+in the clear."""
 
 from __future__ import annotations
 
@@ -15,15 +15,10 @@ import pytest
 from helpers_service import ServiceProcess
 from test_consortium import skewed_shards
 
+from medblindtuner.consortium import roles
 from medblindtuner.consortium.agreement import agree_settings
-from medblindtuner.consortium.client import ConsortiumClient
-from medblindtuner.consortium.relayed_settings import (
-    OWNERSHIP,
-    PLAN,
-    ROWS,
-    PersistedMailbox,
-    agree_over_relay,
-)
+from medblindtuner.consortium.journal import JournaledClient
+from medblindtuner.consortium.relayed_settings import OWNERSHIP, PLAN, ROWS
 from medblindtuner.consortium.sealing import Roster, SealedMailbox, new_sealing_key
 from medblindtuner.he.params import HOSPITAL, params_for_mode
 from medblindtuner.training.plan import TrainingPlan
@@ -46,18 +41,17 @@ def run_hospitals(url: str, root: Path, crash_after_posts: int | None = None) ->
     """Three hospitals in threads; hospital 2 dies after `crash_after_posts` envelopes and
     is run again with the same state folder. Returns each one's AgreedSettings."""
     shards = skewed_shards()
-    created = ConsortiumClient.create(url, N)
+    members = roles.create(url, N, root / "members")
     results: list = [None] * N
     errors: list = []
 
     def hospital(i: int) -> None:
         try:
-            with ConsortiumClient(url, created["consortium_id"], created["tokens"][i]) as c:
-                if i == 2 and crash_after_posts is not None:
-                    with pytest.raises(Crash):
-                        _crashing(c, root / f"h{i}", shards[i], crash_after_posts)
-                results[i] = agree_over_relay(c, root / f"h{i}", shards[i], 2, insecure=True,
-                                              timeout_s=TIMEOUT_S)
+            if i == 2 and crash_after_posts is not None:
+                with pytest.raises(Crash):
+                    _crashing(members[i], root / f"h{i}", shards[i], crash_after_posts)
+            results[i] = roles.settings(members[i], root / f"h{i}", shards[i], 2,
+                                        insecure=True, timeout_s=TIMEOUT_S)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append((i, exc))
 
@@ -71,23 +65,24 @@ def run_hospitals(url: str, root: Path, crash_after_posts: int | None = None) ->
     return results
 
 
-def _crashing(client, state: Path, shard, posts: int) -> None:
-    original = PersistedMailbox.post
+def _crashing(member: Path, state: Path, shard, posts: int) -> None:
+    """Hospital 2 dies after its `posts`-th sealed envelope left (kept and posted)."""
+    original = JournaledClient.post_sealed
     count = {"n": 0}
 
-    def post(self, envelope: bytes) -> None:
-        original(self, envelope)
-        if threading.current_thread().name != "hospital-2":
-            return
-        count["n"] += 1
-        if count["n"] >= posts:
-            raise Crash("killed mid-round")
+    def post_sealed(self, envelope: bytes):  # noqa: ANN202 - as the original
+        answer = original(self, envelope)
+        if threading.current_thread().name == "hospital-2":
+            count["n"] += 1
+            if count["n"] >= posts:
+                raise Crash("killed mid-round")
+        return answer
 
-    PersistedMailbox.post = post  # the other hospitals' threads post through it unharmed
+    JournaledClient.post_sealed = post_sealed  # the other hospitals' threads pass through
     try:
-        agree_over_relay(client, state, shard, 2, insecure=True, timeout_s=TIMEOUT_S)
+        roles.settings(member, state, shard, 2, insecure=True, timeout_s=TIMEOUT_S)
     finally:
-        PersistedMailbox.post = original
+        JournaledClient.post_sealed = original
 
 
 def in_process() -> TrainingPlan:

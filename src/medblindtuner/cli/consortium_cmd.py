@@ -132,6 +132,8 @@ def run(
 
 # ---- one role per process, over the service (`consortium.roles`) -----------------------------
 PlanOpt = Annotated[Path, typer.Option(help="The agreed public plan (TrainingPlan JSON).")]
+AgreedPlanOpt = Annotated[Path | None, typer.Option(
+    help="The agreed public plan (default: the one `settings` saved in --state).")]
 MemberOpt = Annotated[Path, typer.Option(help="This hospital's member file (from `create`).")]
 StateOpt = Annotated[Path, typer.Option(
     help="This hospital's own folder: sealing key, roster, secret share, refresh ledger.")]
@@ -167,30 +169,30 @@ def settings(
 ) -> None:
     """This hospital's side of the settings rounds (secure aggregation over the service);
     writes the agreed plan (plan.json), its scaled rows (rows.npz) and their place in the
-    union (ownership.json) to its state folder. Run before `keys`."""
-    from medblindtuner.consortium.relayed_settings import agree_over_relay
-    from medblindtuner.consortium.roles import client_of
+    union (ownership.json) to its state folder, where `keys`, `train` and `start` find them.
+    Killed midway: run the same command again."""
+    from medblindtuner.consortium import roles
     from medblindtuner.consortium.run import HospitalShard
 
     data = load_features(features, None, None, "auto", None)
     shard = HospitalShard(*data.splits["train"], *data.splits["val"])
-    with client_of(member) as client:
-        agreed = agree_over_relay(client, state, shard, data.n_classes, insecure_test_params,
-                                  pca, weight_decay, epochs, timeout)
+    agreed = roles.settings(member, state, shard, data.n_classes, insecure_test_params, pca,
+                            weight_decay, epochs, timeout)
     why = {k: v for k, v in agreed.why.items() if k != "val_loss"}
-    Console().print(f"hospital {client.index}: agreed {json.dumps(why)}; "
-                    f"plan: {state / 'plan.json'}", soft_wrap=True, markup=False)
+    Console().print(f"agreed {json.dumps(why, default=str)}; plan, rows, ownership: {state}",
+                    soft_wrap=True, markup=False)
 
 
 @app.command("keys")
-def keys(member: MemberOpt, state: StateOpt, plan: PlanOpt,
+def keys(member: MemberOpt, state: StateOpt, plan: AgreedPlanOpt = None,
          insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0) -> None:
     """This hospital's roster and key rounds; prints the roster's fingerprints (compare them
     with the other hospitals out of band). Killed midway: run the same command again, it goes
     on with the same share."""
     from medblindtuner.consortium import roles
 
-    made = roles.keys(member, state, roles.load_plan(plan), insecure_test_params, timeout)
+    made = roles.keys(member, state, roles.load_plan(plan or state / roles.PLAN),
+                      insecure_test_params, timeout)
     console = Console()
     console.print(f"hospital {made['index']}: joint key {made['joint_tag']}", markup=False)
     for index, fingerprint in enumerate(made["fingerprints"]):
@@ -198,14 +200,14 @@ def keys(member: MemberOpt, state: StateOpt, plan: PlanOpt,
 
 
 @app.command("refresh")
-def refresh(member: MemberOpt, state: StateOpt, plan: PlanOpt,
+def refresh(member: MemberOpt, state: StateOpt, plan: AgreedPlanOpt = None,
             count: Annotated[int, typer.Option(min=1, help="Refreshes to answer.")] = 1,
             insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0) -> None:
     """Answer the cloud's next joint refreshes (this hospital's ledger decides)."""
     from medblindtuner.consortium import roles
 
-    done = roles.refresh(member, state, roles.load_plan(plan), insecure_test_params, count,
-                         timeout)
+    done = roles.refresh(member, state, roles.load_plan(plan or state / roles.PLAN),
+                         insecure_test_params, count, timeout)
     Console().print(f"answered {done} joint refreshes", markup=False)
 
 
@@ -229,24 +231,39 @@ def bundle(
 
 @app.command("train")
 def train(
-    member: MemberOpt, state: StateOpt, plan: PlanOpt,
-    rows: Annotated[Path, typer.Option(
-        help="This hospital's rows as agreed (.npz: x_train, y_train, x_val, y_val).")],
-    train_offset: Annotated[int, typer.Option(min=0, help="Its first training row in the "
-                                                          "union.")],
-    val_offset: Annotated[int, typer.Option(min=0, help="Its first validation row.")],
-    n_train: Annotated[int, typer.Option(min=1, help="The union's training rows.")],
-    n_val: Annotated[int, typer.Option(min=1, help="The union's validation rows.")],
+    member: MemberOpt, state: StateOpt,
     out: Annotated[Path, typer.Option(help="Where to save the decrypted model (.npy).")],
+    plan: AgreedPlanOpt = None,
+    rows: Annotated[Path | None, typer.Option(
+        help="This hospital's rows as agreed (.npz: x_train, y_train, x_val, y_val; "
+             "default: `settings`').")] = None,
+    train_offset: Annotated[int | None, typer.Option(
+        min=0, help="Its first training row in the union (default: `settings`').")] = None,
+    val_offset: Annotated[int | None, typer.Option(min=0, help="Its first validation row.")
+                          ] = None,
+    n_train: Annotated[int | None, typer.Option(min=1, help="The union's training rows.")
+                       ] = None,
+    n_val: Annotated[int | None, typer.Option(min=1, help="The union's validation rows.")
+                     ] = None,
     insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0,
 ) -> None:
     """This hospital's side of the training: its rows under the joint key, every refresh
-    and epoch the cloud asks (its ledger, its judge), then the model its judge chose. Killed
-    midway: run the same command again, it posts what it kept and goes on."""
+    and epoch the cloud asks (its ledger, its judge), then the model its judge chose. What
+    is not given comes from `settings`' outputs in --state. Killed midway: run the same
+    command again, it posts what it kept and goes on."""
     from medblindtuner.consortium import roles
 
-    done = roles.train(member, state, roles.load_plan(plan), insecure_test_params, rows,
-                       (train_offset, val_offset), (n_train, n_val), out, timeout)
+    given = (rows, train_offset, val_offset, n_train, n_val)
+    if any(v is None for v in given):
+        if any(v is not None for v in given):
+            raise typer.BadParameter("give all of --rows, --train-offset, --val-offset, "
+                                     "--n-train, --n-val, or none (from --state)")
+        agreed = roles.agreed_inputs(state)
+        rows, (train_offset, val_offset), (n_train, n_val) = (
+            agreed["rows"], agreed["offsets"], agreed["counts"])
+    done = roles.train(member, state, roles.load_plan(plan or state / roles.PLAN),
+                       insecure_test_params, rows, (train_offset, val_offset),
+                       (n_train, n_val), out, timeout)
     Console().print(f"best epoch {done['best_epoch']}, {done['refreshes']} joint refreshes; "
                     f"model: {out}", markup=False)
 
@@ -288,17 +305,29 @@ def _print_job(job: dict | None) -> None:
 
 @app.command("start")
 def start(
-    member: MemberOpt, plan: PlanOpt,
-    n_train: Annotated[int, typer.Option(min=1, help="The union's training rows.")],
-    n_val: Annotated[int, typer.Option(min=1, help="The union's validation rows.")],
+    member: MemberOpt, plan: AgreedPlanOpt = None,
+    n_train: Annotated[int | None, typer.Option(min=1, help="The union's training rows.")
+                       ] = None,
+    n_val: Annotated[int | None, typer.Option(min=1, help="The union's validation rows.")
+                     ] = None,
+    state: Annotated[Path | None, typer.Option(
+        help="Hospital 0's state folder: the plan and counts `settings` saved.")] = None,
     insecure_test_params: InsecureOpt = False, timeout: TimeoutOpt = 600.0,
 ) -> None:
     """Hospital 0 (the coordinator): once every hospital's rows are in (waits up to
-    --timeout), the service's worker trains the consortium (`POST /consortia/{id}/start`)."""
+    --timeout), the service's worker trains the consortium (`POST /consortia/{id}/start`).
+    Give --plan, --n-train and --n-val, or --state (from `settings`)."""
     import time
 
     from medblindtuner.consortium import roles
     from medblindtuner.consortium.relayed_training import rows_topic
+
+    if plan is None or n_train is None or n_val is None:
+        if state is None:
+            raise typer.BadParameter("give --plan, --n-train and --n-val, or --state")
+        agreed = roles.agreed_inputs(state)
+        plan = plan or agreed["plan"]
+        n_train, n_val = (n_train or agreed["counts"][0], n_val or agreed["counts"][1])
 
     client = roles.client_of(member)
     deadline = time.monotonic() + timeout

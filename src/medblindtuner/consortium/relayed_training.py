@@ -11,8 +11,9 @@ service's store (what `consortium.run` does in one process):
                 trainer, refreshes through `RelayedMember`s, decisions through
                 `RelayedDecide`, the model published (`remote.publish_model`)
 
-The settings (scaler, plan, preconditioner) are agreed before, the same for all; their
-agreement over the relay is not built (`consortium.agreement` runs in one process).
+The settings (scaler, plan, preconditioner) are agreed before, the same for all
+(`relayed_settings`); with a preconditioned plan hospital 0 also sends the decay vector
+(`rows-0-decay`, named in its manifest).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openfhe as ofhe
@@ -38,7 +40,7 @@ from medblindtuner.training.plan import TrainingPlan
 
 from .ceremony import JointKeys
 from .client import WAIT_TIMEOUT_S, ConsortiumClient
-from .data import Ownership, ShareChunk, combine_shares, encrypt_share
+from .data import Ownership, ShareChunk, combine_shares, encrypt_decay, encrypt_share
 from .member import ConsortiumMember
 from .refresher import MemberRefresher
 from .remote import (
@@ -53,6 +55,7 @@ from .remote import (
     refresh_topic,
 )
 
+DECAY = "decay"  # a preconditioned plan's decay vector, sent by hospital 0 with its rows
 LOOK_S = 0.3  # one long poll per kind of question while a hospital waits for the next
 
 
@@ -71,6 +74,8 @@ class JointEncryptor:
 
 
 def rows_topic(hospital: int, split: str = "", position: int = 0, part: str = "") -> str:
+    if split == DECAY:
+        return f"rows-{hospital}-{DECAY}"
     return f"rows-{hospital}" + (f"-{split}-{position}-{part}" if split else "")
 
 
@@ -81,7 +86,12 @@ def send_rows(client: ConsortiumClient, encryptor: JointEncryptor, plan: Trainin
     `shard`), then the manifest naming them. Returns the ciphertexts posted."""
     job_id, index = client.consortium_id, client.index
     train, val = encrypt_share(encryptor, plan, owned, *shard, n_train, n_val, preconditioner)
-    manifest: dict[str, list] = {"train": [], "val": []}
+    manifest: dict[str, Any] = {"train": [], "val": []}
+    if index == 0 and plan.config.preconditioned:  # the coordinator sends the decay vector
+        decay = encrypt_decay(encryptor, plan, preconditioner)
+        client.post_round(RoundMessage(job_id, rows_topic(0, DECAY), 0,
+                                       ciphertext_to_bytes(decay)).to_bytes())
+        manifest[DECAY] = True
     for split, chunks in (("train", train), ("val", val)):
         for chunk in chunks:
             parts = {"x_dup": chunk.x_dup, "x_grad": chunk.x_grad,
@@ -93,16 +103,21 @@ def send_rows(client: ConsortiumClient, encryptor: JointEncryptor, plan: Trainin
             manifest[split].append([chunk.position, len(chunk.labels)])
     client.post_round(RoundMessage(job_id, rows_topic(index), index,
                                    json.dumps(manifest).encode()).to_bytes())
-    return sum(3 + n for split in manifest.values() for _p, n in split)
+    return sum(3 + n for split in ("train", "val") for _p, n in manifest[split])
 
 
 def receive_rows(relay, consortium_id: str, n_parties: int,  # noqa: ANN001 - ConsortiumRelay
-                 timeout_s: float = WAIT_TIMEOUT_S) -> list[tuple[list, list]]:
-    """The cloud's side of `send_rows`: every hospital's chunks, once its manifest is in."""
-    shares = []
+                 timeout_s: float = WAIT_TIMEOUT_S
+                 ) -> tuple[list[tuple[list, list]], ofhe.Ciphertext | None]:
+    """The cloud's side of `send_rows`: every hospital's chunks, once its manifest is in, and
+    the decay vector hospital 0 sent with a preconditioned plan's rows (else None)."""
+    shares, decay = [], None
     for hospital in range(n_parties):
         manifest = json.loads(_message(relay, consortium_id, rows_topic(hospital), hospital,
                                        timeout_s))
+        if hospital == 0 and manifest.get(DECAY):
+            decay = ciphertext_from_bytes(_message(relay, consortium_id, rows_topic(0, DECAY),
+                                                   0, 0))
 
         def part(split: str, position: int, name: str, i: int = hospital) -> ofhe.Ciphertext:
             return ciphertext_from_bytes(_message(relay, consortium_id,
@@ -112,7 +127,7 @@ def receive_rows(relay, consortium_id: str, n_parties: int,  # noqa: ANN001 - Co
             [ShareChunk(int(p), part(split, p, "x_dup"), part(split, p, "x_grad"),
                         [part(split, p, f"label{k}") for k in range(int(n))])
              for p, n in manifest[split]] for split in ("train", "val")))
-    return shares
+    return shares, decay
 
 
 def _message(relay, consortium_id: str, topic: str, party: int,  # noqa: ANN001
@@ -136,8 +151,9 @@ def train_over_relay(relay, consortium_id: str, keys: JointKeys,  # noqa: ANN001
     with every refresh and decision through the members, then the chosen model published.
     `on_step`: the trainer's progress after each step (as `Cloud.train`'s)."""
     n = relay.n_parties(consortium_id)
-    dataset = combine_shares(keys.context, plan, receive_rows(relay, consortium_id, n,
-                                                              timeout_s), n_train, n_val, decay)
+    shares, sent_decay = receive_rows(relay, consortium_id, n, timeout_s)
+    dataset = combine_shares(keys.context, plan, shares, n_train, n_val,
+                             decay if decay is not None else sent_decay)
     params = keys.params
     cloud = Cloud.sharing_context(keys.context, params, keys.public_key)
     if params.refreshed_by_hospital:

@@ -1,8 +1,11 @@
 """The consortium's roles over the service, one process per role (`medblindtuner consortium
-create | keys | refresh | bundle | train | cloud-train`):
+create | settings | keys | refresh | bundle | train | cloud-train`):
 
     founder   create: a consortium of n on the service; one member file per hospital
               (service address, consortium id, that hospital's token) to hand over privately
+    hospital  settings: its side of the settings rounds (`relayed_settings`); saves its
+              sealing key, the agreed plan, its scaled rows, their place in the union and the
+              preconditioner in its state folder, where the later roles find them
     hospital  keys: roster + every key round; saves its sealing key, roster, secret share and
               the joint public key in its own state folder (0700)
     hospital  refresh: answers the cloud's next joint refreshes with its `MemberRefresher`
@@ -13,10 +16,11 @@ create | keys | refresh | bundle | train | cloud-train`):
               bundle (`JointKeys.save_public_bundle`)
     cloud     cloud-train: trains the union from the service's store (`train_over_relay`)
 
-Every role needs the agreed public plan (a `TrainingPlan` JSON): its rotations decide the key
-rounds, its job tag the refreshes. A hospital's role killed midway resumes when the same
-command runs again: every message it posts is kept in its state folder first and posted again
-as kept (`journal`), its key ceremony, ledger and judge persist there (`keys`, `train`).
+Every role after `settings` needs the agreed public plan (a `TrainingPlan` JSON, by default
+the one `settings` saved): its rotations decide the key rounds, its job tag the refreshes. A
+hospital's role killed midway resumes when the same command runs again: every message it
+posts is kept in its state folder first and posted again as kept (`journal`), its key
+ceremony, ledger and judge persist there (`keys`, `train`).
 """
 
 from __future__ import annotations
@@ -48,12 +52,14 @@ from medblindtuner.hospital.client import ServiceError
 from medblindtuner.protocol import CLOUD_PARTY
 from medblindtuner.training.plan import TrainingPlan
 
+from .agreement import AgreedSettings
 from .ceremony import JointKeys, key_schedule
 from .client import WAIT_TIMEOUT_S, ConsortiumClient
 from .data import Ownership
 from .journal import JournaledClient, PostJournal, private_dir, write_private
 from .member import ConsortiumMember
 from .refresher import MemberRefresher
+from .relayed_settings import OWNERSHIP, PLAN, PRECONDITIONER, ROWS, agree_over_relay
 from .relayed_training import (
     JointEncryptor,
     TrainingAnswers,
@@ -129,6 +135,34 @@ def client_of(member_file: Path, journal: Path | None = None,
 
 
 # ---- hospital ----------------------------------------------------------------------------
+def settings(member_file: Path, state: Path, shard, n_classes: int,  # noqa: ANN001
+             insecure: bool, pca_dims: int | None = None, weight_decay: float | None = None,
+             epochs: int | None = None, timeout_s: float = WAIT_TIMEOUT_S) -> AgreedSettings:
+    """This hospital's side of the settings rounds (`relayed_settings.agree_over_relay`):
+    its sealing key saved first (the one `keys` reuses), every message kept before it is
+    posted (`posted/settings/`), so the same command resumes after a kill; the agreed plan,
+    its scaled rows, their place in the union and the preconditioner land in `state`."""
+    private_dir(state)
+    client = client_of(member_file, state / POSTED_DIR / "settings")
+    return agree_over_relay(client, _sealing_key(state), state, shard, n_classes, insecure,
+                            pca_dims, weight_decay, epochs, timeout_s)
+
+
+def agreed_inputs(state: Path) -> dict[str, Any]:
+    """What `settings` left in `state` for the later roles: plan and rows paths, offsets,
+    the union's counts, the preconditioner (refused, with what to run, if missing)."""
+    try:
+        owned = json.loads((state / OWNERSHIP).read_text())
+        return {"plan": state / PLAN, "rows": state / ROWS,
+                "offsets": (int(owned["train_offset"]), int(owned["val_offset"])),
+                "counts": (int(owned["n_train"]), int(owned["n_val"])),
+                "preconditioner": np.load(state / PRECONDITIONER)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RoleError(f"{state}: no agreed settings; run `medblindtuner consortium "
+                        f"settings` first, or give the plan, rows, offsets and counts "
+                        f"({exc})") from exc
+
+
 def keys(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool,
          timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
     """Roster and key rounds for this hospital; saves its state. Returns the roster's
@@ -246,7 +280,8 @@ def load_rows(path: Path) -> tuple[np.ndarray, ...]:
 
 def train(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, rows: Path,
           offsets: tuple[int, int], counts: tuple[int, int], out: Path,
-          timeout_s: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
+          timeout_s: float = WAIT_TIMEOUT_S,
+          preconditioner: np.ndarray | None = None) -> dict[str, Any]:
     """This hospital's side of the training: its rows (union rows from `offsets`, of the
     union's `counts`) under the joint key, every refresh and epoch the cloud asks, then the
     model its judge chose, saved to `out` (.npy). Returns its losses and refreshes.
@@ -266,7 +301,7 @@ def train(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, ro
     if not client.repost(manifest):  # kept: every row was posted before it
         owned = Ownership(offsets[0], len(shard[1]), offsets[1], len(shard[3]))
         send_rows(client, JointEncryptor(params, party.context, party.joint_public_key), plan,
-                  owned, shard, *counts)
+                  owned, shard, *counts, _preconditioner_of(plan, state, preconditioner))
     member = ConsortiumMember(party, sealing_key, roster, RemoteMailbox(client, timeout_s))
     member.attach_plan(plan, counts[1], folder)
     ledger = MemberRefresher(party, params, plan, state / LEDGER_DIR,
@@ -275,6 +310,15 @@ def train(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, ro
     np.save(out, weights)
     return {"losses": dict(member.judge.losses), "refreshes": ledger.finished,
             "best_epoch": member.judge.best_epoch}
+
+
+def _preconditioner_of(plan: TrainingPlan, state: Path,
+                       given: np.ndarray | None) -> np.ndarray | None:
+    """A preconditioned plan's p (given, else the one `settings` saved); None for a plain
+    plan."""
+    if not plan.config.preconditioned:
+        return None
+    return given if given is not None else agreed_inputs(state)["preconditioner"]
 
 
 def _same_inputs(folder: Path, rows: Path, offsets: tuple[int, int],

@@ -148,7 +148,7 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
     decay = encrypt_decay(keys, plan, agreed.preconditioner)  # hospital 0, the coordinator
     dataset = combine_shares(context, plan, shares, pooled.n_train, pooled.n_val, decay)
     trainer, state, refresher = train_on_union(dataset, keys, members, Path(workdir),
-                                                seconds)
+                                                seconds, say)
     seconds["training"] = time.perf_counter() - start
     say(f"trained: {state.epoch} epochs, best {state.best_epoch}, "
         f"{seconds['training']:.1f} s"
@@ -170,11 +170,12 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
 
 
 def train_on_union(dataset, keys, members: Sequence[ConsortiumMember], workdir: Path,
-                   seconds: dict[str, float]):
+                   seconds: dict[str, float], say: Callable[[str], None] = lambda _m: None):
     """The cloud trains on the union (`Cloud.sharing_context`). Refresh mode "hospital": its
     evaluator refreshes through every member (`JointCloudRefresher`), each member answering
     by its own ledger (`MemberRefresher`, none after its judge stopped). Adds the mean step
-    time to `seconds`. Returns (trainer, state, the joint refresher or None)."""
+    time to `seconds`, says a line a step (`say`). Returns (trainer, state, the joint
+    refresher or None)."""
     params = keys.params
     cloud = Cloud.sharing_context(keys.context, params, keys.public_key)
     refresher = None
@@ -187,8 +188,13 @@ def train_on_union(dataset, keys, members: Sequence[ConsortiumMember], workdir: 
         cloud.evaluator.refresher = refresher
     trainer = cloud.trainer(dataset, workdir / "checkpoints")
     steps: list[float] = []
-    state = cloud.train(trainer, decide=consortium_decide(members),
-                        on_step=lambda info: steps.append(info["step_seconds"]))
+
+    def on_step(info: dict) -> None:  # progress: a line a step
+        steps.append(info["step_seconds"])
+        say(f"  epoch {info['epoch']} step {info['step_in_epoch']}/{info['steps_per_epoch']}: "
+            f"{info['step_seconds']:.1f} s")
+
+    state = cloud.train(trainer, decide=consortium_decide(members), on_step=on_step)
     if steps:
         seconds["step_mean"] = float(np.mean(steps))
     return trainer, state, refresher

@@ -6,15 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medblindtuner.consortium.agreement import agree_settings
 from medblindtuner.consortium.choice import (
-    Candidate,
+    DECAY_GRID,
+    candidate_widths,
     class_sums,
     newton_models,
-    paired_sums,
     sample_losses,
-    widest_tied,
 )
+from medblindtuner.consortium.run import HospitalShard
+from medblindtuner.consortium.sealing import Roster, SealedMailbox, new_sealing_key
 from medblindtuner.consortium.settings import PooledStatistics
+from medblindtuner.he.params import HOSPITAL, params_for_mode
 from medblindtuner.training.plain import (
     curvature_weight,
     jacobi_preconditioner,
@@ -66,14 +69,30 @@ def test_preconditioner_and_step_bounds_from_moments_equal_the_rows(n_classes):
                                rtol=1e-9)
 
 
-def test_widest_tied_width_wins_and_a_worse_one_does_not():
-    rng = np.random.default_rng(1)
-    leader, close, far = Candidate(31, 1e-3), Candidate(63, 1e-4), Candidate(127, 1e-4)
-    base = rng.uniform(0.2, 0.8, 200)
-    losses = {leader: base, close: base + rng.normal(0, 0.05, 200),
-              far: base + 0.2 + rng.normal(0, 0.05, 200)}
-    halves = [{c: v[:120] for c, v in losses.items()}, {c: v[120:] for c, v in losses.items()}]
-    finalists = [leader, close, far]
-    pooled = sum(paired_sums(h, finalists, leader) for h in halves)  # the aggregation
-    assert widest_tied(finalists, pooled, 200) == close
-    assert widest_tied([leader, far], pooled[[0, 1, 4, 5]], 200) == leader
+def test_the_widest_affordable_width_and_the_pooled_validations_best_decay():
+    rng = np.random.default_rng(2)
+    shards = []
+    for n, mix in ((160, 0.8), (120, 0.5), (90, 0.2)):  # skewed class mixes
+        rows = []
+        for size in (n, n // 2):
+            y = (rng.random(size) > mix).astype(int)
+            x = rng.normal(size=(size, 90)) + 0.4 * y[:, None] * (np.arange(90) < 30)
+            rows += [x, y]
+        shards.append(HospitalShard(*rows))
+    keys = [new_sealing_key() for _ in shards]
+    roster = Roster("choice", tuple(bytes(k.public_key) for k in keys))
+    params = params_for_mode(HOSPITAL, insecure=True)
+    agreed = agree_settings(shards, roster, keys, 2, params, None, None, None,
+                            SealedMailbox())
+    union = [np.concatenate([getattr(s, f) for s in shards])
+             for f in ("x_train", "y_train", "x_val", "y_val")]
+    widths = candidate_widths(90, len(union[1]), len(union[3]), 2, params.slots,
+                              params.refresh)
+    assert agreed.why["width"] == widths[-1] == 63
+    # the decay the hospitals' aggregated sums chose is the one the union's rows would
+    pooled = pooled_of(union[0], union[1], 2)
+    models = newton_models(agreed.scaler, len(union[0]), pooled.feature_sum,
+                           pooled.outer_sum, pooled.class_sums, 2, DECAY_GRID)
+    z_val = agreed.scaler.augment(union[2])
+    losses = [sample_losses(w, z_val, union[3], 2).mean() for w in models]
+    assert agreed.why["weight_decay"] == DECAY_GRID[int(np.argmin(losses))]

@@ -8,14 +8,15 @@ the same sums. Rounds, in order (each label once per job):
    products, each class's feature sum and count (the union's mean, covariance and class
    means), and each hospital's training row count (public among the hospitals: the union's
    order, hospital 0's rows first).
-2. `val_loss` (when the width or the weight decay is not given): each hospital's validation
-   log-loss sums of the one-Newton-step stand-ins (`consortium.choice`), one per candidate.
-3. `val_ties` (when more than one width is left): sums and squares of the paired differences
-   to the best candidate; the widest tied width wins, with its best decay.
-4. `scaled_outer`: the scaled, clipped rows' second moments at the chosen width, from which
+   The width: the widest of `PCA_CANDIDATES` the time allowance affords (as the recipe,
+   wider is preferred: the probe uses every feature; the prior pays for the width).
+2. `val_loss` (when the weight decay is not given): each hospital's validation log-loss sums
+   of the one-Newton-step stand-ins at that width (`consortium.choice`), one per decay of
+   `DECAY_GRID`; the lowest pooled loss sets the decay.
+3. `scaled_outer`: the scaled, clipped rows' second moments at the chosen width, from which
    every hospital computes the same preconditioner p_j, step size and momentum
    (`settings.agreed_config`) and the hospitals encrypt x_grad as x p.
-5. `interval`: the activation interval. No hospital may train on the union in the clear (the
+4. `interval`: the activation interval. No hospital may train on the union in the clear (the
    single hospital's range check runs the plaintext twin), so each hospital trains the exact
    head on its own rows with the agreed settings and contributes a one-hot vector of the
    smallest rung of the recipe's ladder that holds its logits with `LOGIT_HEADROOM`; the
@@ -47,16 +48,7 @@ from medblindtuner.training.approx import ActivationPlan
 from medblindtuner.training.plain import preconditioner_of_moments, train_head
 from medblindtuner.training.plan import TrainingPlan
 
-from .choice import (
-    DECAY_GRID,
-    Candidate,
-    best_per_width,
-    candidate_widths,
-    losses_by_candidate,
-    newton_models,
-    paired_sums,
-    widest_tied,
-)
+from .choice import DECAY_GRID, candidate_widths, newton_models, sample_losses
 from .data import Ownership
 from .sealing import Mailbox, Roster, open_share, seal_share
 from .settings import (
@@ -175,30 +167,22 @@ def hospital_settings(index: int, shard, n_hospitals: int, n_classes: int,  # no
                                       n_classes), "row_counts": own_counts}
     pooled = PooledStatistics(int(round(first["counts"][0])), int(round(first["counts"][1])),
                               first["sum"], first["outer"], first["class_sum"])
-    widths = ([None if pca_dims == 0 else pca_dims] if pca_dims is not None else
-              candidate_widths(dim, pooled.n_train, pooled.n_val, n_classes, params.slots,
-                               params.refresh))
+    width = (None if pca_dims == 0 else pca_dims) if pca_dims is not None else (
+        candidate_widths(dim, pooled.n_train, pooled.n_val, n_classes, params.slots,
+                         params.refresh)[-1])
     decays = [weight_decay] if weight_decay is not None else list(DECAY_GRID)
-    scalers = {k: pooled.scaler(k) for k in widths}
-    models = {Candidate(k, wd): w for k in widths for wd, w in zip(decays, newton_models(
-        scalers[k], pooled.n_train, pooled.feature_sum, pooled.outer_sum, pooled.class_sums,
-        n_classes, decays), strict=True)}
-    candidates = list(models)
-    chosen, why = candidates[0], {"candidates": len(candidates)}
-    if len(candidates) > 1:
-        losses = losses_by_candidate(scalers, models, shard.x_val, shard.y_val, n_classes)
-        sums = (yield {"val_loss": np.array([losses[c].sum() for c in candidates])})[
-            "val_loss"]
-        finalists = list(best_per_width(candidates, sums).values())
-        leader = min(finalists, key=lambda c: sums[candidates.index(c)])
-        chosen = leader
-        if len(finalists) > 1:
-            pairs = (yield {"val_ties": paired_sums(losses, finalists, leader)})["val_ties"]
-            chosen = widest_tied(finalists, pairs, pooled.n_val)
-        why["val_loss"] = {f"{c.width}/{c.weight_decay:.3g}": round(float(t) / pooled.n_val, 5)
-                           for c, t in zip(candidates, sums, strict=True)}
-    why.update(width=chosen.width, weight_decay=chosen.weight_decay)
-    scaler = scalers[chosen.width]
+    scaler = pooled.scaler(width)
+    models = newton_models(scaler, pooled.n_train, pooled.feature_sum, pooled.outer_sum,
+                           pooled.class_sums, n_classes, decays)
+    chosen, why = decays[0], {"candidates": len(decays)}
+    if len(decays) > 1:
+        z_val = scaler.augment(shard.x_val)
+        sums = (yield {"val_loss": np.array([sample_losses(w, z_val, shard.y_val, n_classes)
+                                             .sum() for w in models])})["val_loss"]
+        chosen = decays[int(np.argmin(sums))]
+        why["val_loss"] = {f"{wd:.3g}": round(float(t) / pooled.n_val, 5)
+                           for wd, t in zip(decays, sums, strict=True)}
+    why.update(width=width, weight_decay=chosen)
     z = scaler.augment(shard.x_train)
     moment = (yield {"scaled_outer": z.T @ z})["scaled_outer"] / pooled.n_train
 
@@ -207,7 +191,7 @@ def hospital_settings(index: int, shard, n_hospitals: int, n_classes: int,  # no
                                wd, params.refresh)
         return config if epochs is None else replace(config, epochs=epochs)
 
-    config = config_at(chosen.weight_decay)
+    config = config_at(chosen)
     ladder = SIGMOID_BOUNDS if n_classes == 2 else EXP_BOUNDS + SATURATED_EXP_BOUNDS
     rungs = (yield {"interval": _rung_needed(z, shard, scaler, config, n_classes, params,
                                              ladder)})["interval"]

@@ -1,28 +1,25 @@
 """PCA width and weight decay a consortium agrees on without a pooled probe.
 
 One hospital picks its width and prior with a probe fitted on its own rows
-(`hospital.recipe`). No hospital can fit the union's probe, so the consortium scores a
-stand-in that every hospital computes from the pooled sums alone: the one-Newton-step
-logistic model from zero,
+(`hospital.recipe`). No hospital can fit the union's probe. The width is the widest of
+`PCA_CANDIDATES` the time allowance affords (`candidate_widths`; the recipe, too, prefers
+the widest its validation cannot tell apart). The decay is scored with a stand-in that every
+hospital computes from the pooled sums alone: the one-Newton-step logistic model from zero,
 
-    W(k, wd) = (h Z^T Z / n + wd I)^-1 Z^T (Y - 1/c) / n     (sigmoid: targets y - 1/2),
+    W(wd) = (h Z^T Z / n + wd I)^-1 Z^T (Y - 1/c) / n     (sigmoid: targets y - 1/2),
 
-on the union's features Z scaled at width k (`PooledStatistics.scaler`), for every width of
-`PCA_CANDIDATES` that the time allowance affords and every decay of `DECAY_GRID`. Z^T Z and
-Z^T Y follow from the pooled feature sums, outer products and per-class sums. Each hospital
-scores every candidate on its own validation rows; the sums are securely aggregated
-(`val_loss_sums`), so every hospital learns the union's mean validation loss per candidate
-and nothing per hospital. Per width the decay with the lowest loss; then the widest width
-whose losses are tied with the best width's (mean paired difference within one standard
-error, from securely aggregated sums and squares of the differences: `paired_sums`) — the
-recipe's tie rule, with the stand-in's losses.
+on the union's features Z scaled at that width (`PooledStatistics.scaler`), for every decay
+of `DECAY_GRID`. Z^T Z and Z^T Y follow from the pooled feature sums, outer products and
+per-class sums. Each hospital scores every stand-in on its own validation rows; the sums are
+securely aggregated, so every hospital learns the union's mean validation loss per decay and
+nothing per hospital; the lowest sets the decay. (Scoring widths by the stand-ins, with the
+recipe's tie rule, was tried: it disfavours widths near the row count, BreastMNIST -3.4 AUC;
+docs/results.md.)
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,18 +43,13 @@ def class_sums(x_train: np.ndarray, y_train: np.ndarray, n_classes: int) -> np.n
 
 def candidate_widths(dim: int, n_train: int, n_val: int, n_classes: int, slots: int,
                      refresh: str) -> list[int | None]:
-    """Widths to score: `PCA_CANDIDATES` below min(dim, n_train) whose `MIN_EPOCHS` encrypted
-    epochs fit the time allowance (the narrowest always); [None] when none is below."""
+    """`PCA_CANDIDATES` below min(dim, n_train) whose `MIN_EPOCHS` encrypted epochs fit the
+    time allowance (the narrowest always), narrowest first: the consortium takes the last;
+    [None] (every feature) when none is below."""
     usable = [k for k in PCA_CANDIDATES if k < min(dim, n_train)]
     fits = [k for k in usable if k == usable[0] or affordable_epochs(
         n_train, n_val, PackingLayout(slots, k + 1), n_classes, refresh=refresh) > MIN_EPOCHS]
     return fits or [None]
-
-
-@dataclass(frozen=True)
-class Candidate:
-    width: int | None
-    weight_decay: float
 
 
 def newton_models(scaler: FeatureScaler, n_train: int, feature_sum: np.ndarray,
@@ -93,45 +85,3 @@ def sample_losses(weights: np.ndarray, z: np.ndarray, y: np.ndarray,
         return np.where(y == 1, np.logaddexp(0, -logits[:, 0]), np.logaddexp(0, logits[:, 0]))
     shifted = logits - logits.max(axis=1, keepdims=True)
     return np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(y)), y]
-
-
-def losses_by_candidate(scalers: dict[int | None, FeatureScaler],
-                        models: dict[Candidate, np.ndarray], x_val: np.ndarray,
-                        y_val: np.ndarray, n_classes: int) -> dict[Candidate, np.ndarray]:
-    """One hospital: each candidate's per-row losses on its own validation rows."""
-    z = {width: scaler.augment(x_val) for width, scaler in scalers.items()}
-    return {c: sample_losses(w, z[c.width], y_val, n_classes) for c, w in models.items()}
-
-
-def best_per_width(candidates: Sequence[Candidate], loss_sums: np.ndarray
-                   ) -> dict[int | None, Candidate]:
-    """Per width, the decay with the lowest pooled validation loss."""
-    best: dict[int | None, tuple[float, Candidate]] = {}
-    for candidate, total in zip(candidates, loss_sums, strict=True):
-        if candidate.width not in best or total < best[candidate.width][0]:
-            best[candidate.width] = (float(total), candidate)
-    return {width: pair[1] for width, pair in best.items()}
-
-
-def paired_sums(losses: dict[Candidate, np.ndarray], finalists: Sequence[Candidate],
-                leader: Candidate) -> np.ndarray:
-    """One hospital's sums and sums of squares of (finalist - leader) per-row losses."""
-    out = []
-    for candidate in finalists:
-        diff = losses[candidate] - losses[leader]
-        out.extend([float(diff.sum()), float(np.sum(diff * diff))])
-    return np.asarray(out)
-
-
-def widest_tied(finalists: Sequence[Candidate], pooled_pairs: np.ndarray,
-                n_val: int) -> Candidate:
-    """The widest finalist whose mean paired difference to the leader is at most its
-    standard error (the leader itself always is)."""
-    tied = []
-    for i, candidate in enumerate(finalists):
-        total, squares = pooled_pairs[2 * i], pooled_pairs[2 * i + 1]
-        mean = total / n_val
-        variance = max(squares - n_val * mean**2, 0.0) / max(n_val - 1, 1)
-        if mean <= math.sqrt(variance / n_val) + 1e-12:
-            tied.append(candidate)
-    return max(tied, key=lambda c: math.inf if c.width is None else c.width)

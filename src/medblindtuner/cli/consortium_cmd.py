@@ -1,6 +1,6 @@
 """`medblindtuner consortium ...`: several hospitals train one head under a joint key.
 
-    medblindtuner consortium run --features breast.npz --hospitals 3 --pca 31
+    medblindtuner consortium run --features breast.npz --hospitals 3
     medblindtuner consortium run --dataset breastmnist --hospitals 3 --insecure-test-params
 
 `run`: all roles in this process (n hospitals, the relay, the cloud: `consortium.run`).
@@ -11,14 +11,18 @@ Over the service (one token per hospital, `service/consortia.py`), one role per 
 runs it once hospital 0 starts the training (`POST /consortia/{id}/start`,
 `ConsortiumClient.start_training`; docs/design.md, "The service's side"):
 
-    medblindtuner consortium create  --service URL --hospitals 3 --out members/
-    medblindtuner consortium keys    --member members/hospital-0.json --state h0/ --plan plan.json
-    medblindtuner consortium bundle  --data-dir cloud/ --consortium ID --plan plan.json --out b/
-    medblindtuner consortium refresh --member members/hospital-0.json --state h0/ --plan plan.json
-    medblindtuner consortium train   --member ... --state h0/ --plan plan.json --rows h0.npz ...
+    medblindtuner consortium create   --service URL --hospitals 3 --out members/
+    medblindtuner consortium settings --member members/hospital-0.json --state h0/ --features f0.npz
+    medblindtuner consortium keys     --member members/hospital-0.json --state h0/
+    medblindtuner consortium train    --member members/hospital-0.json --state h0/ --out m0.npy
+    medblindtuner consortium start    --member members/hospital-0.json --state h0/
+    medblindtuner consortium status   --member members/hospital-1.json
+    medblindtuner consortium refresh  --member members/hospital-0.json --state h0/
+    medblindtuner consortium bundle   --data-dir cloud/ --consortium ID --plan plan.json --out b/
     medblindtuner consortium cloud-train --data-dir cloud/ --consortium ID --plan plan.json ...
-    medblindtuner consortium start   --member members/hospital-0.json --plan plan.json ...
-    medblindtuner consortium status  --member members/hospital-1.json
+
+`keys`, `train`, `refresh` and `start` take the plan, rows, offsets and counts `settings` saved
+in the state folder unless they are given.
 """
 
 from __future__ import annotations

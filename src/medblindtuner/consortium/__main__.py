@@ -2,7 +2,7 @@
 "hospital", the default, runs at 128 bits; "bootstrap" does not fit the production ring,
 docs/security.md). The same as `medblindtuner consortium run`.
 
-    python -m medblindtuner.consortium --features breast.npz --hospitals 3 --pca 31
+    python -m medblindtuner.consortium --features breast.npz --hospitals 3
     python -m medblindtuner.consortium --synthetic --insecure-test-params
 
 Prints the job's report (`consortium.job.report_of`) as JSON.

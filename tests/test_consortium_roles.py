@@ -8,15 +8,14 @@ this process (the cloud) asks through the store; the restored shares decrypt its
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers_consortium import LENGTH, refresh_plan
+from helpers_consortium_cli import consortium_cli
+from helpers_consortium_cli import finished as finished_processes
 from helpers_service import ServiceProcess
 from typer.testing import CliRunner
 
@@ -32,26 +31,16 @@ from medblindtuner.service.limits import ServiceConfig
 from medblindtuner.service.store import Store
 
 N = 3
-HERE = Path(__file__).resolve().parent
 X = np.linspace(-0.5, 0.5, LENGTH)
 TIMEOUT = "240"
 
 
 def cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "medblindtuner.cli.main", "consortium",
-                             *args, "--insecure-test-params", "--timeout", TIMEOUT], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return consortium_cli(*args, timeout=TIMEOUT)
 
 
 def finished(processes: list[subprocess.Popen]) -> list[str]:
-    outputs = []
-    for process in processes:
-        out, _ = process.communicate(timeout=int(TIMEOUT))
-        assert process.returncode == 0, out[-3000:]
-        outputs.append(out)
-    return outputs
+    return finished_processes(processes, TIMEOUT)
 
 
 @pytest.fixture(scope="module")

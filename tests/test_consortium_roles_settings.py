@@ -9,13 +9,12 @@ on the union of the hospitals' scaled rows (tests/test_consortium.py tolerance).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_consortium_cli import consortium_cli
+from helpers_consortium_cli import finished as finished_processes
 from helpers_service import ServiceProcess
 from test_consortium import WEIGHT_TOL, skewed_shards
 from typer.testing import CliRunner
@@ -24,25 +23,15 @@ from medblindtuner.cli.main import app
 from medblindtuner.features.extract import FeatureSet
 from medblindtuner.training.plan import TrainingPlan
 
-HERE = Path(__file__).resolve().parent
 N, TIMEOUT = 3, "300"
 
 
 def cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "medblindtuner.cli.main", "consortium",
-                             *args, "--insecure-test-params", "--timeout", TIMEOUT], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return consortium_cli(*args, timeout=TIMEOUT)
 
 
 def finished(processes: list[subprocess.Popen]) -> list[str]:
-    outputs = []
-    for process in processes:
-        out, _ = process.communicate(timeout=int(TIMEOUT))
-        assert process.returncode == 0, out[-3000:]
-        outputs.append(out)
-    return outputs
+    return finished_processes(processes, TIMEOUT)
 
 
 @pytest.fixture(scope="module")

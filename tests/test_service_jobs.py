@@ -512,6 +512,29 @@ def test_dead_workers_are_restarted_then_the_job_fails(cloud, workers, params, p
     assert not cloud.supervisor.children  # reaped
 
 
+def test_a_check_while_a_job_starts_waits_for_its_worker(cloud, workers, params, plan):
+    """The monitor checking between a route's commit of "queued" and its worker's start saw
+    the job without a worker and started a second one (seen once in the HTTP tests): it now
+    waits for the route, then finds the one worker running."""
+    job_id = submitted(cloud, params, plan)
+    monitor: list[threading.Thread] = []
+    spawn = cloud.supervisor._spawn
+
+    def spawn_while_the_monitor_checks(config, ref):
+        if not monitor:
+            monitor.append(threading.Thread(target=cloud.supervisor.check))
+            monitor[0].start()
+            monitor[0].join(timeout=0.5)  # unguarded, the check revives the job here
+        return spawn(config, ref)
+
+    cloud.supervisor._spawn = spawn_while_the_monitor_checks
+    cloud.start_job(job_id)
+    monitor[0].join(timeout=10)
+    assert not monitor[0].is_alive()
+    assert len(workers.started) == 1
+    assert cloud.status(job_id)["restarts"] == 0
+
+
 def test_decisions_only_for_the_awaited_epoch(cloud, params, plan):
     job_id = submitted(cloud, params, plan)
     with refused(Conflict, "job is created, not awaiting a decision"):

@@ -116,8 +116,9 @@ class ConsortiumJobs:
                              "parameters")
         raw = self._checked_plan(plan, n_train, n_val)
         self._require_rows(consortium_id)
-        self._queue(consortium_id, raw, (n_train, n_val), insecure)
-        self.supervisor.launch(WorkerRef(consortium_id, consortium=True))
+        with self.supervisor.starting():
+            self._queue(consortium_id, raw, (n_train, n_val), insecure)
+            self.supervisor.launch(WorkerRef(consortium_id, consortium=True))
         log.info("consortium %s: training queued (plan sha256 %s)", consortium_id,
                  sha256_bytes(raw)[:16])
         return self.status(consortium_id)

@@ -261,14 +261,15 @@ class CloudService:
             self._check_state(job_id, CREATED)
             self.validator.check_job(self.job_dir(job_id))  # 400 "refusing to train: ..."
             self._check_state(job_id, CREATED)  # deleted or started while it was checked
-        with self.store.session() as session:
-            job = session.get(Job, job_id)
-            if job.state != CREATED:
-                raise Conflict(f"job is already {job.state}")
-            job.state = QUEUED
-            job.started_at = utcnow()
-            job.updated_at = utcnow()
-        self.supervisor.launch(WorkerRef(job_id))
+        with self.supervisor.starting():
+            with self.store.session() as session:
+                job = session.get(Job, job_id)
+                if job.state != CREATED:
+                    raise Conflict(f"job is already {job.state}")
+                job.state = QUEUED
+                job.started_at = utcnow()
+                job.updated_at = utcnow()
+            self.supervisor.launch(WorkerRef(job_id))
         return self.status(job_id)
 
     def _check_state(self, job_id: str, state: str) -> None:
@@ -414,17 +415,18 @@ class CloudService:
         self.uploads.require_complete(job_id, query_kind(query_id), "query")
         with self.validating(f"{job_id}/{query_id}"):
             self.validator.check_job(self.job_dir(job_id), query_id)  # 400 "refusing to score"
-        with self.store.session() as session:
-            query = session.get(QuerySet, query_id)
-            if query.state not in (Q_UPLOADING, Q_FAILED):
-                return query_status(query)
-            query.state = Q_QUEUED
-            query.error = None
-            query.restarts = 0
-            query.started_at = utcnow()
-            query.finished_at = None
-            query.updated_at = utcnow()
-        self.supervisor.launch(WorkerRef(job_id, query_id))
+        with self.supervisor.starting():
+            with self.store.session() as session:
+                query = session.get(QuerySet, query_id)
+                if query.state not in (Q_UPLOADING, Q_FAILED):
+                    return query_status(query)
+                query.state = Q_QUEUED
+                query.error = None
+                query.restarts = 0
+                query.started_at = utcnow()
+                query.finished_at = None
+                query.updated_at = utcnow()
+            self.supervisor.launch(WorkerRef(job_id, query_id))
         with self.store.session() as session:
             return query_status(session.get(QuerySet, query_id))
 

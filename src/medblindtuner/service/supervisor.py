@@ -21,7 +21,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,15 +161,25 @@ class Supervisor:
         self.config = config
         self.store = store
         self._spawn = spawn  # replaceable: in-process tests start stand-in processes
-        self._spawn_lock = threading.Lock()
+        # held while a worker is started and while the monitor checks: a route that commits a
+        # job's active state and launches its worker (`starting`) is never seen half-way
+        self._lock = threading.RLock()
         self.children: dict[str, tuple[subprocess.Popen, float]] = {}
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
 
     # ---- one worker ------------------------------------------------------------------------
+    @contextmanager
+    def starting(self) -> Iterator[None]:
+        """Hold while committing a job's active state and launching its worker: the monitor
+        (`check`) waits, so it never finds the job active without its worker and starts a
+        second one."""
+        with self._lock:
+            yield
+
     def launch(self, ref: WorkerRef) -> int:
         """Start the worker and record its pid on its DB row."""
-        with self._spawn_lock:
+        with self._lock:
             process = self._spawn(self.config, ref)
             self.children[ref.key] = (process, time.monotonic())
         log.info("%s: %s started (pid %d)", ref.label, ref.noun, process.pid)
@@ -220,14 +231,15 @@ class Supervisor:
     # ---- all workers -----------------------------------------------------------------------
     def check(self) -> None:
         """Reap finished children; restart workers of active jobs, query sets and consortium
-        trainings that died."""
-        for key, (process, _started) in list(self.children.items()):
-            if process.poll() is not None:  # reap, so no zombies accumulate
-                self.children.pop(key, None)
-        for kind in ("scoring", "training", "consortium"):
-            for ref in self._active(kind):
-                if not self.running(ref):
-                    self._revive(ref)
+        trainings that died (under the lock `starting` holds)."""
+        with self._lock:
+            for key, (process, _started) in list(self.children.items()):
+                if process.poll() is not None:  # reap, so no zombies accumulate
+                    self.children.pop(key, None)
+            for kind in ("scoring", "training", "consortium"):
+                for ref in self._active(kind):
+                    if not self.running(ref):
+                        self._revive(ref)
 
     def _active(self, kind: str) -> list[WorkerRef]:
         """Everything of `kind` that should have a live worker now, according to the DB."""

@@ -25,6 +25,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import openfhe as ofhe
+
 from medblindtuner.formats import atomic_write_bytes
 from medblindtuner.he.ciphertexts import atomic_write_json, ciphertext_to_bytes
 from medblindtuner.he.joint_refresh import (
@@ -61,6 +63,10 @@ class MemberRefresher:
         self.records: dict[int, dict] = {}  # index -> {digest, commits, shared}
         self.files: dict[str, bytes] = {}  # in memory when there is no state_dir
         self._levels: range | None = None
+        # in memory only, to spare parsing and hashing (a restart reads the files again):
+        # own a_i by index (bytes, element, commitment) and the last request's parsed c1
+        self._own: dict[int, tuple[bytes, ofhe.Ciphertext, bytes]] = {}
+        self._request: tuple[str, ofhe.Ciphertext] | None = None
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             if self._ledger.exists():
@@ -97,9 +103,7 @@ class MemberRefresher:
                                  "asked for another ciphertext: a refresh is answered once; "
                                  "refused")
         if message.phase == "commit":
-            return self._reply(message, [commitment(self.job, message.index, self.index,
-                                                    message.request_digest,
-                                                    self._read(message.index, "a"))])
+            return self._reply(message, [self._own_element(message)[2]])
         if message.phase == "reveal":
             return self._reveal(message, record)
         return self._share(message, record)
@@ -124,7 +128,11 @@ class MemberRefresher:
                                  f"only refresh {self.finished} next: refused")
         self._check_shape(message)
         record = {"digest": message.request_digest, "commits": None, "shared": False}
-        self._write(index, "a", ciphertext_to_bytes(self.party.random_element()))
+        element = self.party.random_element()
+        data = ciphertext_to_bytes(element)
+        self._write(index, "a", data)
+        self._own[index] = (data, element, commitment(self.job, index, self.index,
+                                                      message.request_digest, data))
         self.records[index] = record
         self._save()
         return record
@@ -135,8 +143,8 @@ class MemberRefresher:
                            message.request_digest, n)
         values = [c.parts[0].decode("ascii", "replace") if len(c.parts) == 1 else ""
                   for c in commits]
-        mine = commitment(self.job, message.index, self.index, message.request_digest,
-                          self._read(message.index, "a")).decode()
+        own, _element, mine_bytes = self._own_element(message)
+        mine = mine_bytes.decode()
         if values[self.index] != mine:
             raise RefreshRefusal(f"member {self.index}: the commitments of refresh "
                                  f"{message.index} do not hold this member's own: refused")
@@ -146,7 +154,7 @@ class MemberRefresher:
         elif record["commits"] != values:
             raise RefreshRefusal(f"member {self.index}: refresh {message.index} was revealed "
                                  "against other commitments: refused")
-        return self._reply(message, [self._read(message.index, "a")])
+        return self._reply(message, [own])
 
     def _share(self, message: JointMessage, record: dict) -> bytes:
         index = message.index
@@ -163,7 +171,8 @@ class MemberRefresher:
             check_reveals(reveals, recorded)
         except RefreshError as exc:
             raise RefreshRefusal(f"member {self.index}: {exc}") from exc
-        a = common_element(self.party.context, reveals)
+        a = common_element(self.party.context, reveals,
+                           {self.index: self._own_element(message)[1]})
         h0, h1 = self.party.refresh_share(self._check_shape(message), a)
         answer = self._reply(message, [ciphertext_to_bytes(h0), ciphertext_to_bytes(h1)])
         self._write(index, "share", answer)
@@ -171,13 +180,27 @@ class MemberRefresher:
         self.finished = index + 1
         for old in [k for k in self.records if k <= index - KEPT_ANSWERS]:
             del self.records[old]
+            self._own.pop(old, None)
             for kind in ("a", "share"):
                 self._delete(old, kind)
         self._save()
         return answer
 
     # ---- helpers ------------------------------------------------------------------------
+    def _own_element(self, message: JointMessage) -> tuple[bytes, ofhe.Ciphertext, bytes]:
+        """This member's a_i of the message's refresh: its bytes, the element and its
+        commitment (from memory, or after a restart from the kept file)."""
+        index = message.index
+        if index not in self._own:
+            data = self._read(index, "a")
+            self._own[index] = (data, _ciphertext(data, "this member's kept random element"),
+                                commitment(self.job, index, self.index,
+                                           message.request_digest, data))
+        return self._own[index]
+
     def _check_shape(self, message: JointMessage):
+        if self._request is not None and self._request[0] == message.request_digest:
+            return self._request[1]  # checked when this refresh began
         c1 = _ciphertext(message.c1, "the refresh request")
         if self._levels is None:
             self._levels = request_levels(self.party.context, self.party.joint_public_key,
@@ -187,6 +210,7 @@ class MemberRefresher:
                                  f"{c1.NumberCiphertextElements()} element(s) at level "
                                  f"{c1.GetLevel()}; a request is c1 alone at level "
                                  f"{self._levels.start} to {self._levels.stop - 1}: refused")
+        self._request = (message.request_digest, c1)
         return c1
 
     def _reply(self, message: JointMessage, parts: list[bytes]) -> bytes:

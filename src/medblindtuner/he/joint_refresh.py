@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,10 +142,14 @@ def check_reveals(reveals: Sequence[JointMessage], commits: Sequence[JointMessag
                                "does not match its commitment: refused")
 
 
-def common_element(context: ofhe.CryptoContext, reveals: Sequence[JointMessage]
-                   ) -> ofhe.Ciphertext:
-    """a = sum of the revealed a_i (`IntMPBootAdd` sums ring elements pairwise)."""
-    elements = [_ciphertext(r.parts[0], f"party {r.party}'s random element") for r in reveals]
+def common_element(context: ofhe.CryptoContext, reveals: Sequence[JointMessage],
+                   known: Mapping[int, ofhe.Ciphertext] | None = None) -> ofhe.Ciphertext:
+    """a = sum of the revealed a_i (`IntMPBootAdd` sums ring elements pairwise). `known`:
+    elements already parsed, by party (a party's own a_i: its reveal was checked against its
+    commitment, so it is the same element), used instead of parsing the reveal again."""
+    known = known or {}
+    elements = [known[r.party] if r.party in known else
+                _ciphertext(r.parts[0], f"party {r.party}'s random element") for r in reveals]
     for element in elements:
         if element.NumberCiphertextElements() != 1:
             raise RefreshError("a random element is one ring element")

@@ -117,3 +117,19 @@ def test_refresh_role_answers_from_the_saved_share(formed):
     decoded.SetLength(LENGTH)
     assert np.max(np.abs(np.asarray(decoded.GetRealPackedValue()) - X)) < 1e-4
     assert fresh.GetLevel() == 0
+
+
+def test_a_refused_token_is_one_error_line(formed, tmp_path):
+    """The service's refusal reaches a hospital's command as one `error:` line (exit 2), not a
+    traceback."""
+    root, *_ = formed
+    member = json.loads((root / "members" / "hospital-1.json").read_text())
+    member = {k: ("0" * len(v) if k == "token" else v) for k, v in member.items()}
+    (tmp_path / "forged.json").write_text(json.dumps(member))
+    out = CliRunner().invoke(app, ["consortium", "keys", "--member", str(tmp_path / "forged.json"),
+                                   "--state", str(tmp_path / "state"), "--plan",
+                                   str(root / "plan.json"), "--insecure-test-params",
+                                   "--timeout", "20"])
+    assert out.exit_code == 2, out.output
+    assert "error:" in out.output and "HTTP 40" in out.output
+    assert "Traceback" not in out.output

@@ -32,6 +32,7 @@ from medblindtuner.he.threshold import (
     rotation_automorphism_indices,
 )
 
+JOINT_KEYS_DIR = "joint-keys"  # in a job's folder: the joint rotation key files of its cloud
 
 @dataclass
 class JointKeys:
@@ -138,22 +139,28 @@ def key_schedule(context: ofhe.CryptoContext, params: CkksParams,
 
 
 def install_schedule(context: ofhe.CryptoContext, schedule: KeySchedule, tag: str,
-                     join: Callable[[int, tuple[int, ...]], bytes]
-                     ) -> tuple[Path, tempfile.TemporaryDirectory]:
+                     join: Callable[[int, tuple[int, ...]], bytes],
+                     keys_dir: Path | None = None
+                     ) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """Join every chunk (`join(number, indices)`: the joint key map's bytes) into `context`;
     the kernel's keys are written first (the shard workers' file), then the others (the
-    driver's file: each shard key once in the bundle, as for one key holder). Returns (shard
-    file, its temporary folder)."""
+    driver's file: each shard key once in the bundle, as for one key holder), into `keys_dir`
+    (the caller's job folder: a killed process leaves nothing elsewhere) or else a temporary
+    folder removed with the returned object. Returns (shard file, the temporary folder)."""
     for number, indices in schedule.kernel:
         install_joint_keys(context, None, [join(number, indices)], tag)
-    shard_dir = tempfile.TemporaryDirectory(prefix="medblindtuner-joint-shard-keys-")
-    shard_file = Path(shard_dir.name) / "shard_keys.bin"
+    shard_dir = None
+    if keys_dir is None:
+        shard_dir = tempfile.TemporaryDirectory(prefix="medblindtuner-joint-shard-keys-")
+        keys_dir = Path(shard_dir.name)
+    Path(keys_dir).mkdir(parents=True, exist_ok=True)
+    shard_file = Path(keys_dir) / "shard_keys.bin"
     write_automorphism_keys(context, shard_file, tag, bool(schedule.kernel),
                             "the shard workers' joint rotation keys")
     context.ClearEvalAutomorphismKeys()
     for number, indices in schedule.others + schedule.bootstrap:
         install_joint_keys(context, None, [join(number, indices)], tag)
-    write_automorphism_keys(context, Path(shard_dir.name) / "rotation_keys.bin", tag,
+    write_automorphism_keys(context, Path(keys_dir) / "rotation_keys.bin", tag,
                             bool(schedule.others or schedule.bootstrap),
                             "the driver's joint rotation keys")
     if schedule.kernel and not context.DeserializeEvalAutomorphismKey(str(shard_file),
@@ -166,9 +173,11 @@ def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
                      parties: Sequence[ThresholdParty], rotation_indices: Sequence[int],
                      kernel_rotation_indices: Sequence[int] = (),
                      bootstrap_indices: Sequence[int] | None = None,
-                     chunk_size: int = AUTOMORPHISM_CHUNK) -> JointKeys:
+                     chunk_size: int = AUTOMORPHISM_CHUNK,
+                     keys_dir: Path | None = None) -> JointKeys:
     """All rounds in order; the kernel's rotation keys are joined and written first (the
-    shard workers' file), then the other rotations and the bootstrapping keys.
+    shard workers' file), then the other rotations and the bootstrapping keys (files in
+    `keys_dir`, else a temporary folder: `install_schedule`).
 
     `bootstrap_indices`: from `bootstrap_automorphism_indices(params)`, computed before any
     joint key exists in the process (it clears OpenFHE's key maps)."""
@@ -192,7 +201,7 @@ def run_key_ceremony(context: ofhe.CryptoContext, params: CkksParams,
     start = time.perf_counter()
     schedule = key_schedule(context, params, rotation_indices, kernel_rotation_indices,
                             bootstrap_indices, chunk_size)
-    shard_file, shard_dir = install_schedule(context, schedule, tag, join)
+    shard_file, shard_dir = install_schedule(context, schedule, tag, join, keys_dir)
     seconds["rotations"] = time.perf_counter() - start  # with the bootstrapping keys
     return JointKeys(params, context, parties[-1].joint_public_key, schedule.rotation_indices,
                      schedule.shard_rotation_indices, shard_file, seconds, carried, shard_dir)

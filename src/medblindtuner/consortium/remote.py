@@ -147,10 +147,11 @@ def answer_key_rounds(party: ThresholdParty, client: ConsortiumClient, schedule:
 
 def assemble_joint_keys(context: ofhe.CryptoContext, params, job_id: str,  # noqa: ANN001
                         n_parties: int, read_round: Callable[[str], list[bytes]],
-                        schedule: KeySchedule) -> JointKeys:
+                        schedule: KeySchedule, keys_dir: Path | None = None) -> JointKeys:
     """The cloud's side: the joint public key, relinearisation key and every automorphism
     chunk, from the members' messages (`read_round(name)`: all n, by party), installed in
-    `context` and written like `run_key_ceremony`'s (`JointKeys.save_public_bundle`)."""
+    `context` and written like `run_key_ceremony`'s (`JointKeys.save_public_bundle`; files in
+    `keys_dir`, else a temporary folder)."""
     seconds: dict[str, float] = {}
     carried = 0
 
@@ -174,7 +175,7 @@ def assemble_joint_keys(context: ofhe.CryptoContext, params, job_id: str,  # noq
                                            job_id, n_parties, number, tag)
 
     start = time.perf_counter()
-    shard_file, shard_dir = install_schedule(context, schedule, tag, join)
+    shard_file, shard_dir = install_schedule(context, schedule, tag, join, keys_dir)
     seconds["rotations"] = time.perf_counter() - start
     return JointKeys(params, context, public_key, schedule.rotation_indices,
                      schedule.shard_rotation_indices, shard_file, seconds, carried, shard_dir)

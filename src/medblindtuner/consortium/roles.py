@@ -53,7 +53,7 @@ from medblindtuner.protocol import CLOUD_PARTY
 from medblindtuner.training.plan import TrainingPlan
 
 from .agreement import AgreedSettings
-from .ceremony import JointKeys, key_schedule
+from .ceremony import JOINT_KEYS_DIR, JointKeys, key_schedule
 from .client import WAIT_TIMEOUT_S, ConsortiumClient
 from .data import Ownership
 from .journal import JournaledClient, PostJournal, private_dir, write_private
@@ -372,8 +372,10 @@ def service_store(data_dir: Path, db_url: str | None = None) -> Iterator[Any]:
 
 
 def cloud_keys(relay, consortium_id: str, plan: TrainingPlan, insecure: bool,  # noqa: ANN001
-               timeout_s: float = WAIT_TIMEOUT_S) -> tuple[JointKeys, int]:
-    """The joint keys assembled from the store's rounds, and the consortium's size."""
+               timeout_s: float = WAIT_TIMEOUT_S,
+               keys_dir: Path | None = None) -> tuple[JointKeys, int]:
+    """The joint keys assembled from the store's rounds (key files in `keys_dir`, else a
+    temporary folder), and the consortium's size."""
     from medblindtuner.service.errors import CloudError
 
     try:
@@ -385,7 +387,8 @@ def cloud_keys(relay, consortium_id: str, plan: TrainingPlan, insecure: bool,  #
     schedule = key_schedule(context, params, plan.rotation_indices,
                             plan.kernel_rotation_indices)
     return assemble_joint_keys(context, params, consortium_id, n,
-                               store_reader(relay, consortium_id, n, timeout_s), schedule), n
+                               store_reader(relay, consortium_id, n, timeout_s), schedule,
+                               keys_dir), n
 
 
 def bundle(data_dir: Path, consortium_id: str, plan: TrainingPlan, insecure: bool, out: Path,
@@ -402,7 +405,8 @@ def cloud_train(data_dir: Path, consortium_id: str, plan: TrainingPlan, insecure
     """The cloud operator's training of the consortium from the service's store
     (`relayed_training.train_over_relay`); resumable from `workdir`."""
     with service_store(data_dir, db_url) as relay:
-        joint, _n = cloud_keys(relay, consortium_id, plan, insecure, timeout_s)
+        joint, _n = cloud_keys(relay, consortium_id, plan, insecure, timeout_s,
+                               Path(workdir) / JOINT_KEYS_DIR)
         state = train_over_relay(relay, consortium_id, joint, plan, *counts, workdir,
                                  timeout_s=timeout_s)
     return {"epochs": state.epoch, "best_epoch": state.best_epoch, "steps": state.steps}

@@ -58,6 +58,7 @@ from medblindtuner.service.store import (
 from medblindtuner.service.supervisor import CONSORTIUM_CLOUD_DIR
 from medblindtuner.training.plan import TrainingPlan
 
+from .ceremony import JOINT_KEYS_DIR
 from .relayed_training import train_over_relay
 from .remote import RelayError
 from .roles import cloud_keys
@@ -211,7 +212,8 @@ class ConsortiumJobRunner:
         if begun is None:
             return
         plan, insecure, n_train, n_val = begun
-        keys, _n = cloud_keys(self.relay, self.consortium_id, plan, insecure, self.wait_s)
+        keys, _n = cloud_keys(self.relay, self.consortium_id, plan, insecure, self.wait_s,
+                              self.dir / JOINT_KEYS_DIR)
         with PauseWatch(self):
             while True:
                 started = time.monotonic()

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from medblindtuner.errors import MedBlindTunerError
 from medblindtuner.protocol import (
     AWAITING_DECISION,
     CHUNK_SHA_HEADER,
@@ -57,8 +58,9 @@ MAX_BACKOFF_S = 15.0
 RETRY_STATUS = (429, 503)
 
 
-class ServiceError(RuntimeError):
-    """An HTTP error from the service, with its status code and message."""
+class ServiceError(MedBlindTunerError, RuntimeError):
+    """An HTTP error from the service, with its status code and message (a user-actionable
+    refusal: the CLI prints it as one line)."""
 
     def __init__(self, status_code: int, message: str) -> None:
         super().__init__(f"HTTP {status_code}: {message}")

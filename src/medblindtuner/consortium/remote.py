@@ -47,6 +47,7 @@ from medblindtuner.he.threshold import (
     combine_automorphism_shares,
     combine_relin_products,
     combine_relin_shares,
+    for_decryption,
     install_joint_keys,
     round_of_automorphisms,
 )
@@ -258,7 +259,8 @@ class RelayedDecide:
 
     def __call__(self, epoch: int, loss: ofhe.Ciphertext) -> Decision:
         topic = loss_topic(epoch)
-        _published(self.relay, self.consortium_id, topic, ciphertext_to_bytes(loss), True)
+        _published(self.relay, self.consortium_id, topic,
+                   ciphertext_to_bytes(for_decryption(loss)), True)
         deadline = time.monotonic() + self.timeout_s
         while True:
             found = {p: m for p, m in self.relay.read(self.consortium_id, topic).items()

@@ -36,7 +36,7 @@ from medblindtuner.features.preprocess import FeatureScaler
 from medblindtuner.he.ciphertexts import ciphertext_to_bytes
 from medblindtuner.he.joint_refresh import JointCloudRefresher
 from medblindtuner.he.params import CkksParams, require_secure
-from medblindtuner.he.threshold import joint_params
+from medblindtuner.he.threshold import for_decryption, joint_params
 from medblindtuner.training.plan import Decision, TrainingPlan
 
 from .agreement import agree_settings
@@ -86,6 +86,7 @@ def consortium_decide(members: Sequence[ConsortiumMember]
     """The cloud's `decide`: every hospital shares (sealed) and judges; go on only if all
     hospitals decided the same."""
     def decide(epoch: int, loss: ofhe.Ciphertext) -> Decision:
+        loss = for_decryption(loss)
         data = ciphertext_to_bytes(loss)
         for member in members:
             member.share_validation_loss(epoch, data)

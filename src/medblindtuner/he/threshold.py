@@ -463,6 +463,19 @@ def fuse_decryption_shares(context: ofhe.CryptoContext, messages: Sequence[bytes
     return np.asarray(plaintext.GetRealPackedValue(), dtype=np.float64)
 
 
+# Towers a ciphertext keeps when n parties decrypt it (`for_decryption`): the first modulus
+# and one scaling modulus hold every value the hospitals decrypt (a validation loss is below
+# 2^20 and the scale is 2^45 or 2^50, under 2^98).
+DECRYPTION_TOWERS = 2
+
+
+def for_decryption(ciphertext: ofhe.Ciphertext) -> ofhe.Ciphertext:
+    """`ciphertext` reduced to DECRYPTION_TOWERS towers (OpenFHE `Compress`: the same value)
+    before the cloud asks n parties to decrypt it: every share is a few times smaller to
+    compute, seal, relay and fuse (BreastMNIST at 128 bits: docs/results.md)."""
+    return ciphertext.GetCryptoContext().Compress(ciphertext, DECRYPTION_TOWERS)
+
+
 def request_id_of(ciphertext: bytes) -> str:
     """A decryption request's name: the ciphertext's hash (each party checks it itself)."""
     return hashlib.sha256(ciphertext).hexdigest()[:32]

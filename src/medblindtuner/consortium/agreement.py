@@ -165,8 +165,7 @@ def hospital_settings(index: int, shard, n_hospitals: int, n_classes: int,  # no
     own_counts[:, index] = len(shard.y_train), len(shard.y_val)
     first = yield {**local_statistics(shard.x_train, shard.y_train, len(shard.y_val),
                                       n_classes), "row_counts": own_counts}
-    pooled = PooledStatistics(int(round(first["counts"][0])), int(round(first["counts"][1])),
-                              first["sum"], first["outer"], first["class_sum"])
+    pooled = PooledStatistics.of_sums(first)
     width = (None if pca_dims == 0 else pca_dims) if pca_dims is not None else (
         candidate_widths(dim, pooled.n_train, pooled.n_val, n_classes, params.slots,
                          params.refresh)[-1])

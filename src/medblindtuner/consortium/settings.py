@@ -107,6 +107,14 @@ class PooledStatistics:
     outer_sum: np.ndarray
     class_sums: np.ndarray  # (classes, d + 1): each class's feature sum and row count
 
+    @classmethod
+    def of_sums(cls, sums: dict[str, np.ndarray]) -> PooledStatistics:
+        """From the unmasked sums of `local_statistics`' fields (counts, sum, outer,
+        class_sum)."""
+        counts = sums["counts"]
+        return cls(int(round(counts[0])), int(round(counts[1])), sums["sum"], sums["outer"],
+                   sums["class_sum"])
+
     def scaler(self, pca_dims: int | None) -> FeatureScaler:
         """The union's `FeatureScaler`: standardise, PCA on the pooled covariance, norm bound
         at NORM_CLIP_FACTOR x the pooled RMS norm (rows beyond are clipped), bias balanced
@@ -140,12 +148,10 @@ class PooledStatistics:
 def pool(masked: Sequence[dict[str, np.ndarray]], dim: int, n_classes: int
          ) -> PooledStatistics:
     """Pooled statistics from all hospitals' masked contributions (`SecureAggregator`)."""
-    counts = unmask_sum([m["counts"] for m in masked], (2,))
-    return PooledStatistics(int(round(counts[0])), int(round(counts[1])),
-                            unmask_sum([m["sum"] for m in masked], (dim,)),
-                            unmask_sum([m["outer"] for m in masked], (dim, dim)),
-                            unmask_sum([m["class_sum"] for m in masked],
-                                       (n_classes, dim + 1)))
+    shapes = {"counts": (2,), "sum": (dim,), "outer": (dim, dim),
+              "class_sum": (n_classes, dim + 1)}
+    return PooledStatistics.of_sums({name: unmask_sum([m[name] for m in masked], shape)
+                                     for name, shape in shapes.items()})
 
 
 def agreed_config(second_moment: np.ndarray, n_train: int, n_val: int, slots: int,

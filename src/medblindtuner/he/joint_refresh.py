@@ -32,6 +32,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,7 +226,13 @@ class JointCloudRefresher(CloudRefresher):
             adjusted, request, answers = journaled
         if answers is None:
             answers = self._ask_all(request.to_bytes())
-            self._write(index, "answer", answers)
+            # journaled while the answers are parsed and joined (a thread: file I/O only),
+            # done before the fresh ciphertext is handed back
+            with ThreadPoolExecutor(max_workers=1) as io:
+                written = io.submit(self._write, index, "answer", answers)
+                fresh = self.finish_joint(adjusted, request, answers)
+                written.result()
+            return fresh
         return self.finish_joint(adjusted, request, answers)
 
     def finish_joint(self, adjusted: ofhe.Ciphertext, request: RefreshRequest,

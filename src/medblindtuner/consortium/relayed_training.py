@@ -169,6 +169,30 @@ def train_over_relay(relay, consortium_id: str, keys: JointKeys,  # noqa: ANN001
     return state
 
 
+def cloud_question(client: ConsortiumClient, topic: str, look_s: float) -> bytes | None:
+    """The cloud's message in round `topic` (waiting up to `look_s`), None if not there."""
+    try:
+        message = client.round_message(topic, CLOUD_PARTY, look_s)
+    except ServiceError as exc:
+        if exc.status_code == 404:
+            return None
+        raise
+    return RoundMessage.from_bytes(message, client.consortium_id, topic, CLOUD_PARTY).payload
+
+
+def post_last_share_again(ledger: MemberRefresher, client: ConsortiumClient,
+                          look_s: float = 0.0) -> None:
+    """Post the ledger's last shared refresh answer again: a kill may have come after the
+    ledger recorded it, before it was posted (the ledger gives the kept bytes)."""
+    if not ledger.finished:
+        return
+    topic = refresh_topic(ledger.finished - 1, PHASES[-1])
+    request = cloud_question(client, topic, look_s)
+    if request is not None:
+        client.post_round(RoundMessage(client.consortium_id, topic, client.index,
+                                       ledger(request)).to_bytes())
+
+
 class TrainingAnswers:
     """A hospital's side of one training over the relay: the cloud's joint refreshes (by the
     member's ledger) and epochs' losses (by its judge) in the order the cloud asks, then the
@@ -187,24 +211,7 @@ class TrainingAnswers:
         self.decided = False  # the judge stopped or the plan's last epoch was answered
 
     def _cloud(self, topic: str) -> bytes | None:
-        try:
-            message = self.client.round_message(topic, CLOUD_PARTY, LOOK_S)
-        except ServiceError as exc:
-            if exc.status_code == 404:
-                return None
-            raise
-        return RoundMessage.from_bytes(message, self.client.consortium_id, topic,
-                                       CLOUD_PARTY).payload
-
-    def _repost_last_refresh(self) -> None:
-        """The ledger's last shared refresh, answered again (the kept share, same bytes)."""
-        if self.ledger.finished:
-            topic = refresh_topic(self.ledger.finished - 1, PHASES[-1])
-            request = self._cloud(topic)
-            if request is not None:
-                self.client.post_round(RoundMessage(self.client.consortium_id, topic,
-                                                    self.member.index,
-                                                    self.ledger(request)).to_bytes())
+        return cloud_question(self.client, topic, LOOK_S)
 
     def _refresh(self) -> bool:
         topic = refresh_topic(self.ledger.finished, PHASES[self.phase])
@@ -226,7 +233,7 @@ class TrainingAnswers:
         return True
 
     def run(self) -> np.ndarray:
-        self._repost_last_refresh()
+        post_last_share_again(self.ledger, self.client, LOOK_S)
         last = time.monotonic()
         while not (self.decided and self._cloud(MODEL_ROUND) is not None):
             if self._refresh() or self._loss():

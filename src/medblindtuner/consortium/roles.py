@@ -38,18 +38,14 @@ import numpy as np
 from nacl.public import PrivateKey
 
 from medblindtuner.errors import MedBlindTunerError
-from medblindtuner.he.joint_refresh import PHASES
 from medblindtuner.he.params import HOSPITAL, CkksParams, params_for_mode
 from medblindtuner.he.threshold import (
     PARTY_STATE,
-    RoundMessage,
     ThresholdParty,
     joint_context,
     joint_params,
 )
 from medblindtuner.he.threshold_progress import resume_party
-from medblindtuner.hospital.client import ServiceError
-from medblindtuner.protocol import CLOUD_PARTY
 from medblindtuner.training.plan import TrainingPlan
 
 from .agreement import AgreedSettings
@@ -63,6 +59,7 @@ from .relayed_settings import OWNERSHIP, PLAN, PRECONDITIONER, ROWS, agree_over_
 from .relayed_training import (
     JointEncryptor,
     TrainingAnswers,
+    post_last_share_again,
     rows_topic,
     send_rows,
     train_over_relay,
@@ -72,7 +69,6 @@ from .remote import (
     answer_key_rounds,
     assemble_joint_keys,
     exchange_roster,
-    refresh_topic,
     serve_refreshes,
 )
 from .sealing import Roster
@@ -229,7 +225,8 @@ def restore(state: Path, params: CkksParams) -> tuple[ThresholdParty, PrivateKey
     return ThresholdParty.restore(state / PARTY_DIR, joint_context(params)), sealing_key, roster
 
 
-def _member_state(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool):
+def _member_state(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool
+                  ) -> tuple[ConsortiumClient, CkksParams, ThresholdParty, PrivateKey, Roster]:
     """(client, params, party, sealing key, roster) of this hospital, from its member file
     and the state `keys` saved (refused if they are of different hospitals or consortia)."""
     client = client_of(member_file)
@@ -247,25 +244,8 @@ def refresh(member_file: Path, state: Path, plan: TrainingPlan, insecure: bool, 
     params, party = _member_state(member_file, state, plan, insecure)[1:3]
     client = client_of(member_file, state / POSTED_DIR / "refreshes")
     ledger = MemberRefresher(party, params, plan, state / LEDGER_DIR)
-    _last_share_again(ledger, client)
+    post_last_share_again(ledger, client)
     return serve_refreshes(ledger, client, count, ledger.finished, timeout_s)
-
-
-def _last_share_again(ledger: MemberRefresher, client: ConsortiumClient) -> None:
-    """Post the ledger's last shared answer again (a kill may have come after the ledger
-    recorded it, before it was posted; the ledger gives the kept bytes)."""
-    if not ledger.finished:
-        return
-    topic = refresh_topic(ledger.finished - 1, PHASES[-1])
-    try:
-        asked = client.round_message(topic, CLOUD_PARTY, 0.0)
-    except ServiceError as exc:
-        if exc.status_code == 404:
-            return
-        raise
-    request = RoundMessage.from_bytes(asked, client.consortium_id, topic, CLOUD_PARTY).payload
-    client.post_round(RoundMessage(client.consortium_id, topic, client.index,
-                                   ledger(request)).to_bytes())
 
 
 def load_rows(path: Path) -> tuple[np.ndarray, ...]:

@@ -11,12 +11,20 @@ reports both runs' key generation, encryption, training and decryption times, th
 ratio and this process's peak RSS. Bootstrap mode: insecure test ring only (the joint depth
 does not fit the production ring: docs/security.md); refresh mode "hospital" also at 128 bits
 (`--production`, under `flock /work/prod.lock`).
+
+`--profile DIR`: each half under cProfile (`consortium.prof`, `one_key.prof`) and, in the
+report, the cumulative seconds of the parts a training is made of (`PROFILED`): the steps,
+the refreshes (the members' answers, the cloud's joining), the validation losses and the
+decisions. cProfile slows the Python parts (the joint refresh protocol more than the HE
+operations): compare ratios of unprofiled runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import resource
 import tempfile
 import time
@@ -34,6 +42,37 @@ from medblindtuner.he.params import BOOTSTRAP, REFRESH_MODES, CkksParams, params
 from medblindtuner.he.refresh import CloudRefresher
 from medblindtuner.hospital.crypto import HospitalJudge, decrypt_weights, encrypt_dataset
 from medblindtuner.hospital.refresher import HospitalRefresher
+
+# function (file:name) -> what it is, for `--profile`'s summary
+PROFILED = {
+    "trainer.py:step": "training steps (with their refreshes)",
+    "joint_refresh.py:refresh": "joint refreshes (cloud side, members' answers included)",
+    "joint_refresh.py:_ask_all": "  the members' answers (3 phases)",
+    "joint_refresh.py:finish_joint": "  the cloud joining the answers",
+    "refresh.py:refresh": "one key holder's refreshes",
+    "trainer.py:validation_loss_ciphertext": "validation losses",
+    "run.py:decide": "the hospitals' decisions (threshold decryption)",
+    "engine.py:rotate": "rotations",
+    "engine.py:mul": "ciphertext products",
+    "engine.py:chebyshev": "Chebyshev series",
+}
+
+
+def profiled(directory: Path | None, name: str, run):
+    """`run()`, under cProfile when `directory` is given (stats in `<name>.prof`); returns
+    (its result, {PROFILED part: cumulative seconds})."""
+    if directory is None:
+        return run(), {}
+    profile = cProfile.Profile()
+    result = profile.runcall(run)
+    directory.mkdir(parents=True, exist_ok=True)
+    profile.dump_stats(directory / f"{name}.prof")
+    cumulative: dict[str, float] = {}
+    for (file, _line, function), row in pstats.Stats(profile).stats.items():
+        key = f"{Path(file).name}:{function}"
+        cumulative[key] = cumulative.get(key, 0.0) + row[3]
+    return result, {label: round(cumulative[key], 2) for key, label in PROFILED.items()
+                    if key in cumulative}
 
 
 def one_key_run(result, workdir: Path, base: CkksParams, insecure: bool) -> dict:
@@ -75,6 +114,8 @@ def main() -> None:
     parser.add_argument("--pca", type=int, default=None)
     parser.add_argument("--production", action="store_true",
                         help="128-bit (refresh mode hospital only; run under flock)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="a folder: each half under cProfile, a summary in the report")
     args = parser.parse_args()
     if args.production and args.refresh != "hospital":
         parser.error("--production needs --refresh hospital (joint bootstrapping does not fit "
@@ -87,11 +128,12 @@ def main() -> None:
     shards = [HospitalShard(xt, yt, xv, yv) for (xt, yt), (xv, yv) in zip(train, val,
                                                                         strict=True)]
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_consortium(shards, features.n_classes, base, Path(tmp),
-                                epochs=args.epochs, pca_dims=args.pca,
-                                allow_insecure=insecure, log=print)
+        result, consortium_profile = profiled(args.profile, "consortium", lambda: run_consortium(
+            shards, features.n_classes, base, Path(tmp), epochs=args.epochs,
+            pca_dims=args.pca, allow_insecure=insecure, log=print))
         peak_consortium = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        single = one_key_run(result, Path(tmp), base, insecure)
+        single, one_key_profile = profiled(args.profile, "one_key", lambda: one_key_run(
+            result, Path(tmp), base, insecure))
     report = {
         "params": (f"{result.params.name}, ring {result.params.ring_dim}, refresh "
                    f"{args.refresh}" + ("" if args.production else
@@ -119,6 +161,9 @@ def main() -> None:
         "peak_rss_gib_end": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                                   2),
     }
+    if args.profile is not None:
+        report["profile_cumulative_s"] = {"consortium": consortium_profile,
+                                          "one_key": one_key_profile}
     scores = report_of(features, result)  # its pooled probe: the union is every hospital's rows
     report["test"] = {"consortium_encrypted": scores["consortium_encrypted"],
                       "pooled_probe": scores["pooled_probe"],

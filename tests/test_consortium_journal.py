@@ -18,7 +18,7 @@ from medblindtuner.consortium.journal import (
     PostJournal,
     kind_of,
 )
-from medblindtuner.consortium.roles import _last_share_again
+from medblindtuner.consortium.relayed_training import post_last_share_again
 from medblindtuner.he.params import HOSPITAL, params_for_mode
 from medblindtuner.he.threshold import (
     PARTY_SHARE,
@@ -93,13 +93,13 @@ def test_a_restarted_refresh_role_posts_its_ledgers_last_share_again():
         return b"kept share"
 
     relay = _Relay(asked=True)
-    _last_share_again(_Ledger(1, answer), relay)
+    post_last_share_again(_Ledger(1, answer), relay)
     assert answers == [b"request"]
     posted = RoundMessage.from_bytes(relay.posted[0], "job", "refresh-0-share", 1)
     assert posted.payload == b"kept share"
     for finished, asked in ((0, True), (1, False)):  # nothing shared yet; not asked (404)
         relay = _Relay(asked)
-        _last_share_again(_Ledger(finished, answer), relay)
+        post_last_share_again(_Ledger(finished, answer), relay)
         assert relay.posted == []
 
 

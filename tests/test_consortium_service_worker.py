@@ -205,10 +205,12 @@ def test_a_silent_hospital_pauses_the_job_until_it_answers(tmp_path):
 
 
 def test_a_killed_worker_is_restarted_and_finishes_the_same_model(tmp_path):
-    marker = tmp_path / "killed"
+    marker, temporary = tmp_path / "killed", tmp_path / "tmp"
+    temporary.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAILPOINT_ENV, "train.mid_step@3")
         patch.setenv(MARKER_ENV, str(marker))
+        patch.setenv("TMPDIR", str(temporary))  # the service's and its workers' temp folder
         server = ServiceProcess(tmp_path / "cloud").start()
     try:
         created = ConsortiumClient.create(server.url, N)
@@ -226,6 +228,10 @@ def test_a_killed_worker_is_restarted_and_finishes_the_same_model(tmp_path):
     assert marker.exists(), "the failpoint never fired"
     assert job["restarts"] == 1 and job["error"] is None
     assert_mirror(learnt, job)
+    # the killed worker's joint key files were in the job's folder (not the temp folder),
+    # removed by the worker that finished
+    assert not list(temporary.glob("medblindtuner-joint-shard-keys-*"))
+    assert not list((tmp_path / "cloud").rglob("joint-keys"))
 
 
 def running(pid: int) -> bool:

@@ -8,9 +8,11 @@ trainer loads it unchanged.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,18 @@ from medblindtuner.he.threshold import (
 )
 
 JOINT_KEYS_DIR = "joint-keys"  # in a job's folder: the joint rotation key files of its cloud
+
+
+@contextmanager
+def key_files_in(folder: Path) -> Iterator[Path]:
+    """`folder` for a cloud's joint key files while it trains, removed when it is done (they
+    are made anew from the key rounds at every start; a killed process leaves them in its
+    job's folder, not in /tmp)."""
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 @dataclass
 class JointKeys:

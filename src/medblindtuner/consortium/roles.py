@@ -49,7 +49,7 @@ from medblindtuner.he.threshold_progress import resume_party
 from medblindtuner.training.plan import TrainingPlan
 
 from .agreement import AgreedSettings
-from .ceremony import JOINT_KEYS_DIR, JointKeys, key_schedule
+from .ceremony import JOINT_KEYS_DIR, JointKeys, key_files_in, key_schedule
 from .client import WAIT_TIMEOUT_S, ConsortiumClient
 from .data import Ownership
 from .journal import JournaledClient, PostJournal, private_dir, write_private
@@ -385,8 +385,8 @@ def cloud_train(data_dir: Path, consortium_id: str, plan: TrainingPlan, insecure
     """The cloud operator's training of the consortium from the service's store
     (`relayed_training.train_over_relay`); resumable from `workdir`."""
     with service_store(data_dir, db_url) as relay:
-        joint, _n = cloud_keys(relay, consortium_id, plan, insecure, timeout_s,
-                               Path(workdir) / JOINT_KEYS_DIR)
-        state = train_over_relay(relay, consortium_id, joint, plan, *counts, workdir,
-                                 timeout_s=timeout_s)
+        with key_files_in(Path(workdir) / JOINT_KEYS_DIR) as key_files:
+            joint, _n = cloud_keys(relay, consortium_id, plan, insecure, timeout_s, key_files)
+            state = train_over_relay(relay, consortium_id, joint, plan, *counts, workdir,
+                                     timeout_s=timeout_s)
     return {"epochs": state.epoch, "best_epoch": state.best_epoch, "steps": state.steps}

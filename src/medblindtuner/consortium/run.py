@@ -40,7 +40,7 @@ from medblindtuner.he.threshold import for_decryption, joint_params
 from medblindtuner.training.plan import Decision, TrainingPlan
 
 from .agreement import agree_settings
-from .ceremony import JOINT_KEYS_DIR, make_parties, run_key_ceremony
+from .ceremony import make_parties, run_key_ceremony
 from .data import Ownership, combine_shares, encrypt_decay, encrypt_share
 from .member import ConsortiumMember
 from .refresher import MemberRefresher
@@ -124,8 +124,7 @@ def run_consortium(shards: Sequence[HospitalShard], n_classes: int, params: Ckks
     keyed = joint_params(params.with_bootstrap_slots(plan.bootstrap_slots))
     context, parties, bootstrap = make_parties(job_id, keyed, len(shards))
     keys = run_key_ceremony(context, keyed, parties, plan.rotation_indices,
-                            plan.kernel_rotation_indices, bootstrap,
-                            keys_dir=Path(workdir) / JOINT_KEYS_DIR)
+                            plan.kernel_rotation_indices, bootstrap)  # files: a temp folder
     seconds["keys"] = time.perf_counter() - start
     seconds.update({f"keys_{k}": v for k, v in keys.seconds.items()})
     say(f"joint keys: {seconds['keys']:.1f} s, {keys.message_bytes / 2**20:.1f} MiB relayed")

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from medblindtuner.cloud.trainer import EncryptedState
 from medblindtuner.he.joint_refresh import RefreshPaused
 from medblindtuner.protocol import CLOUD_PARTY, ROUNDS_CHANNEL, WORKER_PID
 from medblindtuner.service.consortia import ConsortiumRelay, waiting_for
@@ -58,7 +59,7 @@ from medblindtuner.service.store import (
 from medblindtuner.service.supervisor import CONSORTIUM_CLOUD_DIR
 from medblindtuner.training.plan import TrainingPlan
 
-from .ceremony import JOINT_KEYS_DIR
+from .ceremony import JOINT_KEYS_DIR, JointKeys, key_files_in
 from .relayed_training import train_over_relay
 from .remote import RelayError
 from .roles import cloud_keys
@@ -212,24 +213,30 @@ class ConsortiumJobRunner:
         if begun is None:
             return
         plan, insecure, n_train, n_val = begun
-        keys, _n = cloud_keys(self.relay, self.consortium_id, plan, insecure, self.wait_s,
-                              self.dir / JOINT_KEYS_DIR)
-        with PauseWatch(self):
-            while True:
-                started = time.monotonic()
-                try:
-                    state = train_over_relay(self.relay, self.consortium_id, keys, plan,
-                                             n_train, n_val, self.dir / WORK_DIR,
-                                             timeout_s=PATIENCE * self.wait_s,
-                                             on_step=self._on_step)
-                    break
-                except PAUSES as exc:
-                    self.show_pause(waiting_of(exc), f"{type(exc).__name__}: {exc}")
-                    time.sleep(max(0.0, self.wait_s - (time.monotonic() - started)))
+        with key_files_in(self.dir / JOINT_KEYS_DIR) as key_files:
+            keys, _n = cloud_keys(self.relay, self.consortium_id, plan, insecure, self.wait_s,
+                                  key_files)
+            state = self._train(keys, plan, n_train, n_val)
         self._update(state=C_DONE, waiting_for=None, epoch=state.epoch, steps=state.steps,
                      best_epoch=state.best_epoch, finished_at=utcnow(), error=None)
         log.info("consortium %s: model published (%d epochs, best epoch %d)",
                  self.consortium_id, state.epoch, state.best_epoch)
+
+    def _train(self, keys: JointKeys, plan: TrainingPlan, n_train: int,
+               n_val: int) -> EncryptedState:
+        """`train_over_relay` until it finishes, showing a pause (and asking again) while
+        hospitals are missing."""
+        with PauseWatch(self):
+            while True:
+                started = time.monotonic()
+                try:
+                    return train_over_relay(self.relay, self.consortium_id, keys, plan,
+                                            n_train, n_val, self.dir / WORK_DIR,
+                                            timeout_s=PATIENCE * self.wait_s,
+                                            on_step=self._on_step)
+                except PAUSES as exc:
+                    self.show_pause(waiting_of(exc), f"{type(exc).__name__}: {exc}")
+                    time.sleep(max(0.0, self.wait_s - (time.monotonic() - started)))
 
 
 def _record_failure(store: Store, consortium_id: str, exc: BaseException) -> None:

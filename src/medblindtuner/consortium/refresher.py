@@ -64,7 +64,8 @@ class MemberRefresher:
         self.files: dict[str, bytes] = {}  # in memory when there is no state_dir
         self._levels: range | None = None
         # in memory only, to spare parsing and hashing (a restart reads the files again):
-        # own a_i by index (bytes, element, commitment) and the last request's parsed c1
+        # own a_i of the refreshes not yet shared (bytes, element, commitment) and the last
+        # request's parsed c1
         self._own: dict[int, tuple[bytes, ofhe.Ciphertext, bytes]] = {}
         self._request: tuple[str, ofhe.Ciphertext] | None = None
         if self.state_dir is not None:
@@ -178,9 +179,9 @@ class MemberRefresher:
         self._write(index, "share", answer)
         record["shared"] = True
         self.finished = index + 1
+        self._own.pop(index, None)  # a reveal asked again reads the kept file
         for old in [k for k in self.records if k <= index - KEPT_ANSWERS]:
             del self.records[old]
-            self._own.pop(old, None)
             for kind in ("a", "share"):
                 self._delete(old, kind)
         self._save()

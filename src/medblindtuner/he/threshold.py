@@ -464,8 +464,8 @@ def fuse_decryption_shares(context: ofhe.CryptoContext, messages: Sequence[bytes
 
 
 # Towers a ciphertext keeps when n parties decrypt it (`for_decryption`): the first modulus
-# and one scaling modulus hold every value the hospitals decrypt (a validation loss is below
-# 2^20 and the scale is 2^45 or 2^50, under 2^98).
+# and one scaling modulus (98 bits or more) hold every loss the hospitals decrypt: a sum of
+# squares over the validation rows, far below 2^40, at a scale of 2^45 or 2^50.
 DECRYPTION_TOWERS = 2
 
 
